@@ -1,0 +1,41 @@
+# bpfrouter: `make demo` and `make test` are the two set-up commands (README).
+CLANG ?= clang-19
+BPF_CFLAGS := -target bpf -O2 -g -Wall -Werror -I/usr/include/$(shell uname -m)-linux-gnu
+BPF_SRCS := $(wildcard bpf/*.bpf.c)
+BPF_HDRS := $(wildcard bpf/include/*.h)
+BPF_OBJS := $(patsubst bpf/%.bpf.c,build/%.bpf.o,$(BPF_SRCS))
+PY := .venv/bin/python
+
+.PHONY: all deps build test test-dataplane test-e2e test-unit demo bench clean
+
+all: build
+
+deps:
+	@scripts/install-deps.sh
+
+build/%.bpf.o: bpf/%.bpf.c $(BPF_HDRS) | build
+	$(CLANG) $(BPF_CFLAGS) -c $< -o $@
+
+build:
+	@mkdir -p build
+
+build: $(BPF_OBJS)
+
+test: deps
+	@$(MAKE) --no-print-directory build
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+test-unit test-dataplane test-e2e: deps
+	@$(MAKE) --no-print-directory build
+	$(PY) -m pytest tests/$(patsubst test-%,%,$@) $(PYTEST_ARGS)
+
+demo: deps
+	@$(MAKE) --no-print-directory build
+	$(PY) -m bpfrouter.demo $(if $(KEEP),--keep)
+
+bench: deps
+	@$(MAKE) --no-print-directory build
+	$(PY) bench/run.py $(ARGS)
+
+clean:
+	rm -rf build

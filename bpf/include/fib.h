@@ -1,0 +1,229 @@
+/* Stage 3: route lookup. Two interchangeable back ends chosen at load
+ * time: the BPF FIB (LPM tries + next-hop table, fed by the control plane)
+ * and the kernel FIB through bpf_fib_lookup. Both fill a struct fib_result
+ * and return a reason; REASON_FWD_* means "forward with res". */
+#ifndef BPFROUTER_FIB_H
+#define BPFROUTER_FIB_H
+
+#include "common.h"
+#include "consts.h"
+#include "parse.h"
+#include "iface.h"
+#include "neigh.h"
+
+struct route4_key {
+	__u32 prefixlen;
+	__be32 addr;
+};
+
+struct route6_key {
+	__u32 prefixlen;
+	__u8 addr[16];
+};
+
+struct route {
+	__u32 nh_id;            /* index into nexthops, for RTYPE_UNICAST */
+	__u8 type;              /* enum route_type */
+	__u8 prefixlen;         /* the matched prefix, reported by route get */
+	__u8 source;            /* enum route_source */
+	__u8 flags;
+};
+
+struct nexthop {
+	__u32 ifindex;
+	__u8 family;            /* family of gw; may differ from the route's */
+	__u8 flags;             /* NEXTHOP_F_GATEWAY: resolve gw, else the destination */
+	__u16 reserved;
+	__u8 gw[16];
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LPM_TRIE);
+	__uint(max_entries, MAX_ROUTES_V4);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, struct route4_key);
+	__type(value, struct route);
+} fib4 SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LPM_TRIE);
+	__uint(max_entries, MAX_ROUTES_V6);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, struct route6_key);
+	__type(value, struct route);
+} fib6 SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, MAX_NEXTHOPS);
+	__type(key, __u32);
+	__type(value, struct nexthop);
+} nexthops SEC(".maps");
+
+struct fib_result {
+	__u32 egress_ifindex;
+	__u32 nh_id;
+	__u8 smac[6];
+	__u8 dmac[6];
+	__u8 route_type;
+	__u8 prefixlen;
+	__u8 route_source;
+	__u8 neigh_found;
+};
+
+static __always_inline __u32 pkt_l3_len(const struct pkt *p)
+{
+	if (p->ip4)
+		return bpf_ntohs(p->ip4->tot_len);
+	if (p->ip6)
+		return bpf_ntohs(p->ip6->payload_len) + sizeof(struct ipv6hdr);
+	return 0;
+}
+
+static __always_inline __u8 pkt_ttl(const struct pkt *p)
+{
+	if (p->ip4)
+		return p->ip4->ttl;
+	if (p->ip6)
+		return p->ip6->hop_limit;
+	return 0;
+}
+
+static __always_inline int route_type_reason(__u8 type)
+{
+	switch (type) {
+	case RTYPE_LOCAL:
+		return REASON_PASS_LOCAL;
+	case RTYPE_BLACKHOLE:
+		return REASON_DROP_BLACKHOLE;
+	case RTYPE_UNREACHABLE:
+		return REASON_PASS_UNREACHABLE;
+	case RTYPE_PROHIBIT:
+		return REASON_PASS_PROHIBIT;
+	case RTYPE_MULTIPATH:
+		return REASON_PASS_MULTIPATH;
+	}
+	return REASON_PASS_FIB_MISS;
+}
+
+/* The kernel's forwarding order: route type, TTL, MTU, then neighbor. */
+static __always_inline int fib_lookup_bpf(const struct pkt *p, struct fib_result *res)
+{
+	struct route *rt;
+	struct nexthop *nh;
+	struct iface *out;
+	struct neigh_key nk = {};
+	struct neigh *n;
+	__u32 nh_id;
+
+	if (p->ip4) {
+		struct route4_key k = { .prefixlen = 32, .addr = p->ip4->daddr };
+		rt = bpf_map_lookup_elem(&fib4, &k);
+	} else if (p->ip6) {
+		struct route6_key k = { .prefixlen = 128 };
+		__builtin_memcpy(k.addr, &p->ip6->daddr, 16);
+		rt = bpf_map_lookup_elem(&fib6, &k);
+	} else {
+		return REASON_PASS_NON_IP;
+	}
+	if (!rt)
+		return REASON_PASS_FIB_MISS;
+	res->route_type = rt->type;
+	res->prefixlen = rt->prefixlen;
+	res->route_source = rt->source;
+	if (rt->type != RTYPE_UNICAST)
+		return route_type_reason(rt->type);
+
+	nh_id = rt->nh_id;
+	res->nh_id = nh_id;
+	nh = bpf_map_lookup_elem(&nexthops, &nh_id);
+	if (!nh || !nh->ifindex)
+		return REASON_PASS_NEXTHOP_INVALID;
+	res->egress_ifindex = nh->ifindex;
+	if (pkt_ttl(p) <= 1)
+		return REASON_PASS_TTL_EXCEEDED;
+	out = iface_lookup(nh->ifindex);
+	if (!out)
+		return REASON_PASS_EGRESS_UNMANAGED;
+	if (pkt_l3_len(p) > out->mtu)
+		return REASON_PASS_FRAG_NEEDED;
+
+	nk.ifindex = nh->ifindex;
+	if (nh->flags & NEXTHOP_F_GATEWAY) {
+		nk.family = nh->family;
+		__builtin_memcpy(nk.addr, nh->gw, 16);
+	} else if (p->ip4) {
+		nk.family = AF_INET;
+		__builtin_memcpy(nk.addr, &p->ip4->daddr, 4);
+	} else if (p->ip6) {
+		nk.family = AF_INET6;
+		__builtin_memcpy(nk.addr, &p->ip6->daddr, 16);
+	}
+	n = bpf_map_lookup_elem(&neighbors, &nk);
+	if (!n)
+		return REASON_PASS_NO_NEIGH;
+	res->neigh_found = 1;
+	__builtin_memcpy(res->dmac, n->mac, 6);
+	__builtin_memcpy(res->smac, out->mac, 6);
+	return p->ip4 ? REASON_FWD_IPV4 : REASON_FWD_IPV6;
+}
+
+static __always_inline int fib_lookup_kernel(struct xdp_md *ctx, const struct pkt *p,
+					     struct fib_result *res)
+{
+	struct bpf_fib_lookup params = {};
+	long rc;
+
+	params.ifindex = ctx->ingress_ifindex;
+	params.tot_len = pkt_l3_len(p);
+	if (p->ip4) {
+		params.family = AF_INET;
+		params.tos = p->ip4->tos;
+		params.l4_protocol = p->ip4->protocol;
+		params.ipv4_src = p->ip4->saddr;
+		params.ipv4_dst = p->ip4->daddr;
+	} else if (p->ip6) {
+		params.family = AF_INET6;
+		params.flowinfo = *(__be32 *)p->ip6 & bpf_htonl(0x0FFFFFFF);
+		params.l4_protocol = p->ip6->nexthdr;
+		__builtin_memcpy(params.ipv6_src, &p->ip6->saddr, 16);
+		__builtin_memcpy(params.ipv6_dst, &p->ip6->daddr, 16);
+	} else {
+		return REASON_PASS_NON_IP;
+	}
+	rc = bpf_fib_lookup(ctx, &params, sizeof(params), 0);
+	switch (rc) {
+	case BPF_FIB_LKUP_RET_SUCCESS:
+		break;
+	case BPF_FIB_LKUP_RET_BLACKHOLE:
+		res->route_type = RTYPE_BLACKHOLE;
+		return REASON_DROP_BLACKHOLE;
+	case BPF_FIB_LKUP_RET_UNREACHABLE:
+		res->route_type = RTYPE_UNREACHABLE;
+		return REASON_PASS_UNREACHABLE;
+	case BPF_FIB_LKUP_RET_PROHIBIT:
+		res->route_type = RTYPE_PROHIBIT;
+		return REASON_PASS_PROHIBIT;
+	case BPF_FIB_LKUP_RET_NO_NEIGH:
+		res->route_type = RTYPE_UNICAST;
+		res->egress_ifindex = params.ifindex;
+		return REASON_PASS_NO_NEIGH;
+	case BPF_FIB_LKUP_RET_FRAG_NEEDED:
+		res->route_type = RTYPE_UNICAST;
+		return REASON_PASS_FRAG_NEEDED;
+	default:        /* local delivery, no route, forwarding disabled, ... */
+		return REASON_PASS_KERNEL_NOT_FWDED;
+	}
+	res->route_type = RTYPE_UNICAST;
+	res->egress_ifindex = params.ifindex;
+	if (pkt_ttl(p) <= 1)
+		return REASON_PASS_TTL_EXCEEDED;
+	if (!iface_lookup(params.ifindex))
+		return REASON_PASS_EGRESS_UNMANAGED;
+	res->neigh_found = 1;
+	__builtin_memcpy(res->dmac, params.dmac, 6);
+	__builtin_memcpy(res->smac, params.smac, 6);
+	return p->ip4 ? REASON_FWD_IPV4 : REASON_FWD_IPV6;
+}
+
+#endif

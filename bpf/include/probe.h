@@ -1,0 +1,36 @@
+/* Probe packets: `bpfrouter route get` runs a crafted packet through the
+ * live program with BPF_PROG_TEST_RUN and puts this struct in the XDP
+ * metadata area in front of it. The program writes its decision back there
+ * (BPF_PROG_TEST_RUN returns data from data_meta on) and does not count
+ * the packet. Frames from the wire never carry metadata into this hook,
+ * so real traffic cannot take this path. */
+#ifndef BPFROUTER_PROBE_H
+#define BPFROUTER_PROBE_H
+
+#include "common.h"
+
+#define PROBE_MAGIC 0x4252504fU  /* "BRPO" */
+#define PROBE_F_NEIGH 1          /* a neighbor entry was found */
+
+struct probe_meta {
+	__u32 magic;
+	__u32 reason;
+	__u32 nh_id;
+	__u32 egress_ifindex;
+	__u8 route_type;
+	__u8 prefixlen;
+	__u8 route_source;
+	__u8 flags;
+	__u32 reserved;
+};
+
+static __always_inline struct probe_meta *probe_from_ctx(struct xdp_md *ctx)
+{
+	struct probe_meta *meta = (void *)(long)ctx->data_meta;
+
+	if ((void *)(meta + 1) > (void *)(long)ctx->data)
+		return NULL;
+	return meta->magic == PROBE_MAGIC ? meta : NULL;
+}
+
+#endif

@@ -1,0 +1,1 @@
+"""Layer 3: the agent (kernel sync, control API) and its client."""

@@ -1,0 +1,257 @@
+"""The agent: keeps one router's data plane in sync with the kernel and
+serves the control API (static routes) on a Unix socket.
+
+It is the only writer of the FIB, next-hop and neighbor maps. It holds no
+state that the pinned maps and the kernel cannot give back, so it can be
+killed and restarted at any time while the data plane keeps forwarding."""
+from __future__ import annotations
+
+import errno
+import ipaddress
+import json
+import logging
+import os
+import signal
+import socket
+import socketserver
+import threading
+import time
+from pathlib import Path
+
+from pyroute2 import IPRoute
+from pyroute2.netlink.rtnl import (RTMGRP_IPV4_ROUTE, RTMGRP_IPV6_ROUTE, RTMGRP_LINK, RTMGRP_NEIGH)
+
+from ..datapath import Datapath, RouterMeta, RUN_ROOT
+from ..fib import Fib, FibError, Nexthop, Route, RouteSource, RouteType, TABLE_MAIN
+from ..interfaces import Interfaces
+from ..neighbors import Neighbors
+from ..routespec import RouteSpec, RouteSpecError, parse_route
+from .kernel import link_from_msg, neigh_from_msg, route_from_msg, route_metric, route_prefix, route_table
+
+log = logging.getLogger("bpfrouter.agent")
+
+GROUPS = RTMGRP_LINK | RTMGRP_NEIGH | RTMGRP_IPV4_ROUTE | RTMGRP_IPV6_ROUTE
+
+
+def socket_path(name: str) -> Path:
+    return RUN_ROOT / name / "agent.sock"
+
+
+def pid_path(name: str) -> Path:
+    return RUN_ROOT / name / "agent.pid"
+
+
+class ApiError(Exception):
+    pass
+
+
+class Agent:
+    def __init__(self, name: str):
+        self.meta = RouterMeta.load(name)
+        self.name = name
+        self.dp = Datapath.open(name, self.meta.object_path)
+        self.fib = Fib(self.dp)
+        self.neighbors = Neighbors(self.dp)
+        self.interfaces = Interfaces(self.dp)
+        self.lock = threading.RLock()
+        self.stop = threading.Event()
+        self.ready = threading.Event()
+        self.stats = {"started": time.time(), "events": 0, "resyncs": 0, "enobufs": 0,
+                      "last_resync": None}
+
+    # --- kernel sync -------------------------------------------------------------
+    def full_sync(self, why: str) -> None:
+        t0 = time.monotonic()
+        with IPRoute() as ipr:
+            links = [link_from_msg(m) for m in ipr.link("dump")]
+            routes = [r for m in ipr.route("dump", family=0) if (r := route_from_msg(m))]
+            neighs = [n for m in ipr.neigh("dump") if (n := neigh_from_msg(m))]
+        with self.lock:
+            self._sync_links(links)
+            changed = self.fib.kernel_replace_all(routes)
+            self.neighbors.replace_all(neighs)
+            self.stats["resyncs"] += 1
+            self.stats["last_resync"] = time.time()
+        log.info("full resync (%s): %d routes, %d neighbors, %d prefixes changed in %.1f ms",
+                 why, len(routes), len(neighs), changed, (time.monotonic() - t0) * 1e3)
+
+    def _sync_links(self, links) -> None:
+        configured = self.interfaces.configured()
+        by_index = {li.ifindex: li for li in links}
+        for ifindex in configured:
+            li = by_index.get(ifindex)
+            if li is None:
+                log.warning("interface %d disappeared; removing it from the data plane", ifindex)
+                self.interfaces.remove(ifindex)
+                self.dp.detach(ifindex)
+            else:
+                self.interfaces.configure(ifindex, li.mac, li.mtu)
+
+    def handle(self, msg) -> None:
+        event = msg["event"]
+        with self.lock:
+            self.stats["events"] += 1
+            if event in ("RTM_NEWROUTE", "RTM_DELROUTE"):
+                if event == "RTM_NEWROUTE":
+                    route = route_from_msg(msg)
+                    if route:
+                        self.fib.kernel_update(route)
+                else:
+                    self.fib.kernel_delete(route_prefix(msg), route_table(msg), route_metric(msg))
+            elif event in ("RTM_NEWNEIGH", "RTM_DELNEIGH"):
+                n = neigh_from_msg(msg)
+                if n:
+                    if event == "RTM_DELNEIGH":
+                        self.neighbors.delete(n[0], n[1])
+                    else:
+                        self.neighbors.set(*n)
+            elif event in ("RTM_NEWLINK", "RTM_DELLINK"):
+                li = link_from_msg(msg)
+                if li.ifindex in self.interfaces.configured():
+                    if event == "RTM_DELLINK":
+                        self.interfaces.remove(li.ifindex)
+                        self.dp.detach(li.ifindex)
+                    else:
+                        self.interfaces.configure(li.ifindex, li.mac, li.mtu)
+
+    def monitor(self) -> None:
+        """Netlink event loop; an overrun (ENOBUFS) means events were lost, so resync."""
+        while not self.stop.is_set():
+            ipr = IPRoute()
+            try:
+                ipr.bind(groups=GROUPS)
+                self.full_sync("start" if not self.ready.is_set() else "monitor restart")
+                self.ready.set()
+                while not self.stop.is_set():
+                    for msg in ipr.get():
+                        try:
+                            self.handle(msg)
+                        except Exception:
+                            log.exception("failed to apply %s; resyncing", msg.get("event"))
+                            self.full_sync("apply error")
+            except OSError as e:
+                if e.errno != errno.ENOBUFS:
+                    log.exception("netlink monitor failed; restarting it")
+                    time.sleep(0.5)
+                else:
+                    self.stats["enobufs"] += 1
+                    log.warning("netlink overrun (ENOBUFS): events were lost, resyncing")
+            finally:
+                ipr.close()
+
+    # --- control API -------------------------------------------------------------
+    def _resolve(self, spec: RouteSpec) -> Route:
+        rtype = RouteType[spec.type.upper()]
+        nexthops = []
+        with IPRoute() as ipr:
+            for nh in spec.nexthops:
+                ifindex = 0
+                if nh.dev:
+                    found = ipr.link_lookup(ifname=nh.dev)
+                    if not found:
+                        raise ApiError(f"unknown interface {nh.dev!r} (see `ip link`)")
+                    ifindex = found[0]
+                elif nh.gateway is not None:
+                    ifindex = self._connected_ifindex(nh.gateway)
+                    if not ifindex:
+                        raise ApiError(f"gateway {nh.gateway} is not on a connected network; "
+                                       f"add `dev IFNAME`")
+                nexthops.append(Nexthop(ifindex, nh.gateway))
+        return Route(spec.prefix, rtype, tuple(nexthops), RouteSource.STATIC, spec.metric)
+
+    def _connected_ifindex(self, gw) -> int:
+        best = None
+        for prefix, routes in self.fib.kernel.items():
+            if prefix.version != gw.version or gw not in prefix:
+                continue
+            for (table, _), r in routes.items():
+                if table == TABLE_MAIN and r.type == RouteType.UNICAST and r.nexthops and \
+                        r.nexthops[0].gateway is None and (best is None or prefix.prefixlen > best[0]):
+                    best = (prefix.prefixlen, r.nexthops[0].ifindex)
+        return best[1] if best else 0
+
+    def api(self, req: dict) -> dict:
+        op = req.get("op")
+        args = req.get("args", [])
+        if not isinstance(args, list) or not all(isinstance(a, str) for a in args):
+            raise ApiError("args must be a list of strings")
+        with self.lock:
+            if op == "ping":
+                return {"pid": os.getpid(), "ready": self.ready.is_set(), **self.stats,
+                        "fib": self.fib.sizes()}
+            if op in ("route_add", "route_replace"):
+                route = self._resolve(parse_route(args, req.get("family")))
+                self.fib.add_static(route, replace=op == "route_replace")
+                return {"prefix": str(route.prefix)}
+            if op == "route_del":
+                spec = parse_route(args, req.get("family"), need_target=False)
+                self.fib.del_static(spec.prefix)
+                return {"prefix": str(spec.prefix)}
+            if op == "routes":
+                return {"routes": [route_json(r, self.fib.installed.get(r.prefix)) for r in self.fib.routes()]}
+            if op == "resync":
+                pass
+            else:
+                raise ApiError(f"unknown operation {op!r}")
+        self.full_sync("requested")
+        return {"resyncs": self.stats["resyncs"]}
+
+    def serve(self) -> socketserver.UnixStreamServer:
+        agent = self
+        path = socket_path(self.name)
+        path.unlink(missing_ok=True)
+
+        class Handler(socketserver.StreamRequestHandler):
+            def handle(self):
+                line = self.rfile.readline(1 << 20)
+                try:
+                    req = json.loads(line)
+                    if not isinstance(req, dict):
+                        raise ApiError("request must be a JSON object")
+                    resp = {"ok": True, **agent.api(req)}
+                except (ApiError, RouteSpecError, FibError) as e:
+                    resp = {"ok": False, "error": str(e)}
+                except json.JSONDecodeError as e:
+                    resp = {"ok": False, "error": f"bad request: {e}"}
+                except Exception as e:  # reported, never fatal for the agent
+                    log.exception("API request failed")
+                    resp = {"ok": False, "error": f"internal error: {e}"}
+                self.wfile.write(json.dumps(resp).encode() + b"\n")
+
+        server = socketserver.ThreadingUnixStreamServer(str(path), Handler)
+        os.chmod(path, 0o600)
+        threading.Thread(target=server.serve_forever, name="api", daemon=True).start()
+        return server
+
+    def run(self) -> None:
+        pid_path(self.name).write_text(f"{os.getpid()}\n")
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda *_: self.stop.set())
+        with self.lock:
+            self.fib.recover()
+        log.info("agent for router %s started (pid %d); recovered %d installed routes",
+                 self.name, os.getpid(), len(self.fib.installed))
+        threading.Thread(target=self.monitor, name="netlink", daemon=True).start()
+        self.ready.wait(30)
+        server = self.serve()
+        try:
+            while not self.stop.wait(1.0):
+                pass
+        finally:
+            server.shutdown()
+            server.server_close()
+            socket_path(self.name).unlink(missing_ok=True)
+            pid_path(self.name).unlink(missing_ok=True)
+            log.info("agent stopped; the data plane keeps forwarding with its last state")
+
+
+def route_json(r: Route, installed=None) -> dict:
+    return {
+        "prefix": str(r.prefix),
+        "type": r.installed_type.name.lower(),
+        "source": r.source.name.lower(),
+        "table": {254: "main", 255: "local"}.get(r.table, str(r.table)),
+        "nexthops": [{"ifindex": nh.ifindex, "gateway": str(nh.gateway) if nh.gateway else None}
+                     for nh in r.nexthops],
+        "selected": bool(installed and installed.route == r),
+    }

@@ -1,0 +1,370 @@
+"""The `bpfrouter` command."""
+from __future__ import annotations
+
+import ipaddress
+import json
+import logging
+import os
+import socket
+import sys
+import time
+
+import click
+from rich.console import Console
+from rich.table import Table
+
+from . import netns, router
+from .agent.client import AgentUnavailable, agent_pid, log_path, request, start_agent, stop_agent
+from .bpf import BpfError
+from .datapath import Datapath, DatapathError, RouterMeta, running_routers
+from .datapath.layout import LayoutMismatch
+from .fib import read_installed
+from .interfaces import Interfaces, InterfaceError
+from .lab import Lab, LabError, list_labs
+from .netns import NetnsError
+from .observe import probe
+from .routespec import RouteSpecError, parse_address
+
+console = Console(highlight=False)
+USER_ERRORS = (DatapathError, BpfError, AgentUnavailable, NetnsError, RouteSpecError, LayoutMismatch,
+               InterfaceError, LabError)
+
+
+def emit_json(data, pretty: bool) -> None:
+    click.echo(json.dumps(data, indent=2 if pretty else None, sort_keys=False))
+
+
+def json_options(f):
+    f = click.option("-p", "--pretty", is_flag=True, help="Pretty-print JSON (implies -j).")(f)
+    f = click.option("-j", "--json", "as_json", is_flag=True, help="Print JSON (keys: docs/cli.md).")(f)
+    return f
+
+
+name_option = click.option("--name", "-n", "name", default=None, metavar="NAME",
+                           help="Router to address (optional while only one runs).")
+
+
+class Group(click.Group):
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except USER_ERRORS as e:
+            raise click.ClickException(str(e).splitlines()[0] if str(e) else type(e).__name__) from None
+        except PermissionError as e:
+            raise click.ClickException(f"permission denied ({e.filename or e}): run bpfrouter as root") from None
+        except KeyboardInterrupt:
+            raise click.Abort() from None
+        except (click.ClickException, click.exceptions.Exit, click.Abort):
+            raise
+        except Exception as e:
+            if os.environ.get("BPFROUTER_DEBUG"):
+                raise
+            raise click.ClickException(f"internal error: {type(e).__name__}: {e} "
+                                       f"(set BPFROUTER_DEBUG=1 for a traceback)") from None
+
+
+@click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--netns", "netns_name", metavar="NS", default=None,
+              help="Run in network namespace NS (like `ip -n NS`).")
+@click.version_option(package_name="bpfrouter")
+def cli(netns_name):
+    """bpfrouter: an XDP fast path for Linux routing, fed by the kernel's FIB and its own routes."""
+    if os.environ.get("BPFROUTER_DEBUG"):
+        logging.basicConfig(level=logging.DEBUG)
+    if netns_name:
+        netns.enter(netns_name)
+
+
+# --- up / down / status -------------------------------------------------------------
+@cli.command()
+@click.argument("ifaces", nargs=-1, required=True, metavar="IFACE...")
+@click.option("--name", "-n", default=router.DEFAULT_NAME, show_default=True, help="Name of this router.")
+@click.option("--fib", "fib_mode", type=click.Choice(["bpf", "kernel"]), default="bpf", show_default=True,
+              help="bpf: routes mirrored into BPF maps; kernel: bpf_fib_lookup on the kernel FIB.")
+@click.option("--xdp-mode", type=click.Choice(["native", "generic"]), default="native", show_default=True,
+              help="native falls back to generic when the driver has no XDP support.")
+@click.option("--foreground", is_flag=True, help="Run the agent in this process instead of in the background.")
+def up(ifaces, name, fib_mode, xdp_mode, foreground):
+    """Attach the data plane to IFACE... and start the agent that keeps it in sync."""
+    meta = router.up(list(ifaces), name, fib_mode, xdp_mode, start=not foreground)
+    where = f" in netns {meta.netns}" if meta.netns else ""
+    console.print(f"router [bold]{meta.name}[/] up{where}: fib {meta.fib_mode}, "
+                  f"XDP {meta.xdp_mode} on {', '.join(meta.interfaces)}")
+    if foreground:
+        _run_agent(name)
+    else:
+        console.print(f"agent pid {agent_pid(name)}, log {log_path(name)}")
+
+
+@cli.command()
+@name_option
+def down(name):
+    """Stop the agent, detach XDP and remove the router's pinned state."""
+    meta = router.resolve(name)
+    router.down(meta.name)
+    console.print(f"router [bold]{meta.name}[/] down")
+
+
+@cli.command()
+@name_option
+@json_options
+def status(name, as_json, pretty):
+    """Interfaces, XDP mode, program, FIB sizes and counters."""
+    st = router.status(router.resolve(name))
+    if as_json or pretty:
+        return emit_json(st, pretty)
+    ag = st["agent"]
+    agent = f"agent pid {ag['pid']}" if ag["running"] else "[red]agent not running[/] (data plane keeps forwarding)"
+    where = f"netns {st['netns']}, " if st["netns"] else ""
+    console.print(f"router [bold]{st['name']}[/] ({where}fib {st['fib_mode']}, program id "
+                  f"{st['program']['id']}, {agent})")
+    t = Table("interface", "ifindex", "xdp", "mac", "mtu", box=None, pad_edge=False)
+    for i in st["interfaces"]:
+        t.add_row(i["name"], str(i["ifindex"]), i["xdp_mode"], i["mac"], str(i["mtu"]))
+    console.print(t)
+    f = st["fib"]
+    console.print(f"fib: {f['ipv4']} IPv4 + {f['ipv6']} IPv6 routes, {f['nexthops']} next hops, "
+                  f"{st['neighbors']} neighbors")
+    tot = st["totals"]
+    console.print(f"packets: {tot['redirect']} redirected by XDP, {tot['pass']} passed to the kernel, "
+                  f"{tot['drop']} dropped")
+    if st["counters"]:
+        t = Table("iface", "verdict", "reason", "packets", "bytes", box=None, pad_edge=False)
+        for c in st["counters"]:
+            t.add_row(c["iface"] or "?", c["verdict"], c["reason"], str(c["packets"]), str(c["bytes"]))
+        console.print(t)
+
+
+# --- routes ---------------------------------------------------------------------------
+@cli.group()
+def route():
+    """Routes, with iproute2's syntax: route add 10.0.0.0/8 via 192.0.2.1 dev eth1."""
+
+
+def _family(v4: bool, v6: bool) -> int | None:
+    return 6 if v6 else 4 if v4 else None
+
+
+def _route_change(op: str, name, args, v4, v6):
+    meta = router.resolve(name)
+    resp = request(meta.name, op, args=list(args), family=_family(v4, v6))
+    if not resp.get("ok"):
+        raise click.ClickException(resp.get("error", "request failed"))
+
+
+for _op, _help in (("add", "Add a route (fails if the prefix has a bpfrouter route)."),
+                   ("replace", "Add or replace a route."),
+                   ("del", "Delete a route added with bpfrouter.")):
+    def _make(op):
+        @route.command(op, help=_help, context_settings={"ignore_unknown_options": True})
+        @click.argument("args", nargs=-1, required=True)
+        @click.option("-4", "v4", is_flag=True, help="IPv4 (for `default`).")
+        @click.option("-6", "v6", is_flag=True, help="IPv6 (for `default`).")
+        @name_option
+        def cmd(args, v4, v6, name):
+            _route_change(f"route_{op}", name, args, v4, v6)
+        return cmd
+    _make(_op)
+
+
+@route.command("show")
+@click.option("-4", "v4", is_flag=True, help="IPv4 only.")
+@click.option("-6", "v6", is_flag=True, help="IPv6 only.")
+@name_option
+@json_options
+def route_show(v4, v6, name, as_json, pretty):
+    """Routes in the data plane's FIB, with their source (kernel or static)."""
+    meta = router.resolve(name)
+    dp = Datapath.open(meta.name)
+    try:
+        rows = []
+        for prefix, v, nh in read_installed(dp):
+            if (v4 and prefix.version != 4) or (v6 and prefix.version != 6):
+                continue
+            from .datapath.layout import RouteSource, RouteType
+            rows.append({"prefix": str(prefix), "type": RouteType(v.type).name.lower(),
+                         "source": RouteSource(v.source).name.lower(),
+                         "gateway": str(nh.gateway) if nh and nh.gateway else None,
+                         "dev": router.ifname(nh.ifindex) if nh else None,
+                         "nexthop_id": v.nh_id or None})
+    finally:
+        dp.close()
+    if as_json or pretty:
+        return emit_json(rows, pretty)
+    for r in rows:
+        words = [r["prefix"] if r["type"] == "unicast" else f"{r['type']} {r['prefix']}"]
+        if r["gateway"]:
+            words.append(f"via {r['gateway']}")
+        if r["dev"]:
+            words.append(f"dev {r['dev']}")
+        words.append(f"[dim]{r['source']}[/]")
+        console.print(" ".join(words))
+
+
+@route.command("get", context_settings={"ignore_unknown_options": True})
+@click.argument("address")
+@click.argument("extra", nargs=-1)
+@name_option
+@json_options
+def route_get(address, extra, name, as_json, pretty):
+    """Ask the loaded program what it does with a packet to ADDRESS.
+
+    Optional words: `from SRC`, `iif IFACE`, `ttl N`. The probe packet runs
+    through the live program (BPF_PROG_TEST_RUN) against the live maps; it is
+    not sent and not counted."""
+    dst = parse_address(address, "destination")
+    opts = dict(zip(extra[::2], extra[1::2]))
+    unknown = set(opts) - {"from", "iif", "ttl"} or (len(extra) % 2 and {extra[-1]})
+    if unknown:
+        raise click.UsageError(f"unexpected {sorted(unknown)[0]!r}: expected from SRC, iif IFACE, ttl N")
+    meta = router.resolve(name)
+    dp = Datapath.open(meta.name)
+    try:
+        configured = Interfaces(dp).configured()
+        if "iif" in opts:
+            try:
+                iif = socket.if_nametoindex(opts["iif"])
+            except OSError:
+                raise click.ClickException(f"unknown interface {opts['iif']!r}") from None
+            if iif not in configured:
+                raise click.ClickException(f"{opts['iif']} is not attached to router {meta.name}")
+        else:
+            iif = min(configured)
+        src = parse_address(opts["from"], "source") if "from" in opts else None
+        if src is not None and src.version != dst.version:
+            raise click.ClickException("source and destination are of different IP versions")
+        ttl = opts.get("ttl", "64")
+        if not ttl.isdigit() or not 0 <= int(ttl) <= 255:
+            raise click.ClickException(f"invalid ttl {ttl!r}: expected 0..255")
+        d = probe(dp, dst, iif, bytes(configured[iif].mac), src, int(ttl))
+    finally:
+        dp.close()
+    out = {
+        "dst": d.dst, "iif": router.ifname(d.iif), "verdict": d.verdict, "reason": d.reason.label,
+        "xdp_action": d.action, "route": None, "nexthop": None,
+        "egress": router.ifname(d.egress_ifindex) if d.egress_ifindex else None,
+        "neighbor": d.dmac if d.neigh_found else None, "smac": d.smac, "ttl": d.ttl_out,
+    }
+    if d.route_type:
+        out["route"] = {"prefix": d.prefix, "type": d.route_type, "source": d.source}
+    if d.nh_id or d.gateway:
+        out["nexthop"] = {"id": d.nh_id or None, "gateway": d.gateway}
+    if as_json or pretty:
+        return emit_json(out, pretty)
+    line = [d.dst]
+    if out["route"] and out["route"]["prefix"]:
+        line.append(f"route {out['route']['prefix']} ({out['route']['type']}, {out['route']['source']})")
+    elif out["route"]:
+        line.append(f"route {out['route']['type']}")
+    if d.gateway:
+        line.append(f"via {d.gateway}")
+    if out["egress"]:
+        line.append(f"dev {out['egress']}")
+    if out["neighbor"]:
+        line.append(f"lladdr {out['neighbor']}")
+    console.print(" ".join(line))
+    console.print(f"    verdict {d.verdict} ({out['reason']}), xdp {d.action}, iif {out['iif']}"
+                  + (f", ttl {d.ttl_in}->{d.ttl_out}" if d.ttl_out is not None else ""))
+
+
+@cli.group()
+def neigh():
+    """Neighbors mirrored into the data plane."""
+
+
+@neigh.command("show")
+@name_option
+@json_options
+def neigh_show(name, as_json, pretty):
+    from .neighbors import Neighbors
+    meta = router.resolve(name)
+    dp = Datapath.open(meta.name)
+    try:
+        rows = [{"dst": str(a), "dev": router.ifname(i), "lladdr": ":".join(f"{b:02x}" for b in mac),
+                 "state": state} for i, a, mac, state in Neighbors(dp).entries()]
+    finally:
+        dp.close()
+    if as_json or pretty:
+        return emit_json(rows, pretty)
+    for r in rows:
+        console.print(f"{r['dst']} dev {r['dev']} lladdr {r['lladdr']}")
+
+
+# --- agent --------------------------------------------------------------------------------
+@cli.group()
+def agent():
+    """The agent that mirrors the kernel's routes and neighbors into the data plane."""
+
+
+def _run_agent(name):
+    from .agent.agent import Agent
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    Agent(name).run()
+
+
+@agent.command("run")
+@name_option
+def agent_run(name):
+    """Run the agent in the foreground (what `up` starts in the background)."""
+    _run_agent(router.resolve(name).name)
+
+
+@agent.command("start")
+@name_option
+def agent_start(name):
+    """Start the agent in the background; it resyncs with the running data plane."""
+    meta = router.resolve(name)
+    pid = start_agent(meta.name, meta.netns)
+    console.print(f"agent of router {meta.name} running, pid {pid}")
+
+
+@agent.command("stop")
+@name_option
+def agent_stop(name):
+    """Stop the agent; the data plane keeps forwarding with its last state."""
+    meta = router.resolve(name)
+    if not stop_agent(meta.name):
+        raise click.ClickException(f"the agent of router {meta.name} is not running")
+    console.print(f"agent of router {meta.name} stopped; the data plane keeps forwarding")
+
+
+# --- lab ------------------------------------------------------------------------------------
+@cli.group()
+def lab():
+    """The built-in namespace lab: h1 -- r -- h2 (see docs/lab.md)."""
+
+
+lab_name = click.option("--lab", "lab_name", default="lab", show_default=True, help="Lab name (prefix of its namespaces).")
+
+
+@lab.command("up")
+@lab_name
+def lab_up(lab_name):
+    """Create the lab's namespaces and veth pairs (replacing a lab of the same name)."""
+    lb = Lab(lab_name)
+    lb.up()
+    console.print(f"lab {lab_name} up: h1 {lb.addr('h1')}/{lb.addr('h1', 6)} -- {lb.router_ns} -- "
+                  f"h2 {lb.addr('h2')}/{lb.addr('h2', 6)}")
+    console.print(f"start the router: bpfrouter --netns {lb.router_ns} up r-eth0 r-eth1 --name {lab_name}")
+
+
+@lab.command("down")
+@lab_name
+def lab_down(lab_name):
+    """Stop the lab's router and remove its namespaces."""
+    Lab(lab_name).down()
+    console.print(f"lab {lab_name} down")
+
+
+@lab.command("list")
+def lab_list():
+    """Labs present on this machine."""
+    for name in list_labs():
+        console.print(name)
+
+
+def main():
+    try:
+        cli(prog_name="bpfrouter")
+    except KeyboardInterrupt:
+        sys.exit(130)

@@ -1,0 +1,238 @@
+"""Load, pin, attach and re-open one router's data plane.
+
+Everything lives under /sys/fs/bpf/bpfrouter/<name>/: the maps, the program
+(so `route get` can run packets through the live program) and one XDP link
+per interface. Pinned links keep forwarding when no process holds them, so
+the control plane can stop, restart or upgrade at any time. Control-plane
+metadata (object path, FIB mode, namespace) is kept next to it in
+/run/bpfrouter/<name>/router.json."""
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import errno
+import json
+import os
+import re
+import shutil
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from .. import netns
+from ..bpf import (BpfError, BpfObject, Link, Map, Program, XDP_FLAGS_DRV_MODE, XDP_FLAGS_SKB_MODE, pin_object,
+                   xdp_query)
+from . import layout as lo
+
+PIN_ROOT = Path(os.environ.get("BPFROUTER_PIN_ROOT", "/sys/fs/bpf/bpfrouter"))
+RUN_ROOT = Path(os.environ.get("BPFROUTER_RUN_ROOT", "/run/bpfrouter"))
+PROGRAM = "bpfrouter_xdp"
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,31}$")
+
+# map name -> (key layout, value layout)
+MAPS: dict[str, tuple[type, type]] = {
+    "ifaces": (ctypes.c_uint32, lo.Iface),
+    "tx_ports": (ctypes.c_uint32, ctypes.c_uint32),
+    "counters": (ctypes.c_uint32, lo.Counter),
+    "neighbors": (lo.NeighKey, lo.Neigh),
+    "fib4": (lo.Route4Key, lo.RouteValue),
+    "fib6": (lo.Route6Key, lo.RouteValue),
+    "nexthops": (ctypes.c_uint32, lo.NexthopValue),
+}
+
+
+class DatapathError(Exception):
+    """A user-facing, one-line problem with the data plane."""
+
+
+def default_object() -> str:
+    here = Path(__file__).resolve().parents[2]
+    for cand in (os.environ.get("BPFROUTER_OBJECT"), here / "build" / "router.bpf.o"):
+        if cand and Path(cand).exists():
+            return str(cand)
+    raise DatapathError("data plane object build/router.bpf.o not found: run `make build`")
+
+
+def validate_name(name: str) -> str:
+    if not NAME_RE.match(name):
+        raise DatapathError(f"invalid router name {name!r}: use up to 32 letters, digits, '_', '-', '.'")
+    return name
+
+
+def check_bpffs() -> None:
+    if os.geteuid() != 0:
+        raise DatapathError("bpfrouter needs root (CAP_BPF and CAP_NET_ADMIN): run it with sudo")
+    with open("/proc/mounts") as f:
+        if not any(line.split()[1] == "/sys/fs/bpf" and line.split()[2] == "bpf" for line in f):
+            raise DatapathError("bpffs is not mounted at /sys/fs/bpf: run `mount -t bpf bpf /sys/fs/bpf`")
+
+
+@dataclass
+class RouterMeta:
+    name: str
+    object_path: str
+    fib_mode: str
+    netns: str | None
+    xdp_mode: str
+    interfaces: dict[str, int] = field(default_factory=dict)  # ifname -> ifindex
+
+    @staticmethod
+    def path(name: str) -> Path:
+        return RUN_ROOT / name / "router.json"
+
+    def save(self) -> None:
+        p = self.path(self.name)
+        p.parent.mkdir(parents=True, exist_ok=True)
+        tmp = p.with_suffix(".tmp")
+        tmp.write_text(json.dumps(asdict(self), indent=1))
+        tmp.replace(p)
+
+    @classmethod
+    def load(cls, name: str) -> "RouterMeta":
+        try:
+            return cls(**json.loads(cls.path(name).read_text()))
+        except FileNotFoundError:
+            raise DatapathError(f"no router named {name!r} is running (start one with `bpfrouter up`)") from None
+
+
+def running_routers() -> list[str]:
+    if not PIN_ROOT.is_dir():
+        return []
+    return sorted(p.name for p in PIN_ROOT.iterdir() if (p / PROGRAM).exists())
+
+
+class Datapath:
+    """Typed handles on one router's pinned program and maps."""
+
+    def __init__(self, name: str, program: Program, maps: dict[str, Map], object_path: str):
+        self.name = name
+        self.program = program
+        self.maps = maps
+        self.object_path = object_path
+
+    # typed accessors
+    ifaces = property(lambda self: self.maps["ifaces"])
+    tx_ports = property(lambda self: self.maps["tx_ports"])
+    counters = property(lambda self: self.maps["counters"])
+    neighbors = property(lambda self: self.maps["neighbors"])
+    fib4 = property(lambda self: self.maps["fib4"])
+    fib6 = property(lambda self: self.maps["fib6"])
+    nexthops = property(lambda self: self.maps["nexthops"])
+
+    @staticmethod
+    def pin_dir(name: str) -> Path:
+        return PIN_ROOT / name
+
+    @classmethod
+    def load(cls, name: str, object_path: str, fib_mode: lo.FibMode) -> "Datapath":
+        """Load and verify the program, pin it and its maps. All or nothing."""
+        check_bpffs()
+        validate_name(name)
+        pin_dir = cls.pin_dir(name)
+        if (pin_dir / PROGRAM).exists():
+            raise DatapathError(f"a router named {name!r} is already running: "
+                                f"pick another --name or stop it with `bpfrouter down --name {name}`")
+        lo.check_layouts(object_path)
+        obj = BpfObject(object_path)
+        try:
+            obj.only_programs(PROGRAM)
+            obj.set_rodata("fib_mode", ctypes.c_uint32(fib_mode))
+            try:
+                obj.load()
+            except BpfError as e:
+                raise DatapathError(f"the kernel rejected the data plane ({e}); "
+                                    f"verifier log: {e.detail.strip().splitlines()[-1:] }") from None
+            pin_dir.mkdir(parents=True, exist_ok=True)
+            try:
+                maps = {}
+                for m, (kt, vt) in MAPS.items():
+                    fd = os.dup(obj.map_fd(m))
+                    mp = Map(fd, kt, vt, m)
+                    _pin(fd, pin_dir / m)
+                    maps[m] = mp
+                prog_fd = os.dup(obj.program(PROGRAM).fd)
+                _pin(prog_fd, pin_dir / PROGRAM)
+            except Exception:
+                shutil.rmtree(pin_dir, ignore_errors=True)
+                raise
+        finally:
+            obj.close()
+        return cls(name, Program(prog_fd, PROGRAM, owns_fd=True), maps, object_path)
+
+    @classmethod
+    def open(cls, name: str, object_path: str | None = None) -> "Datapath":
+        check_bpffs()
+        pin_dir = cls.pin_dir(validate_name(name))
+        if not (pin_dir / PROGRAM).exists():
+            raise DatapathError(f"no router named {name!r} is running (start one with `bpfrouter up`)")
+        if object_path:
+            lo.check_layouts(object_path)
+        prog = Program.pinned(str(pin_dir / PROGRAM))
+        maps = {m: Map.pinned(str(pin_dir / m), kt, vt) for m, (kt, vt) in MAPS.items()}
+        return cls(name, prog, maps, object_path or "")
+
+    def close(self) -> None:
+        for m in self.maps.values():
+            m.close()
+        self.program.close()
+
+    # interfaces -----------------------------------------------------------
+    def link_path(self, ifindex: int) -> Path:
+        return self.pin_dir(self.name) / f"link_{ifindex}"
+
+    def attach(self, ifindex: int, mode: str = "native") -> str:
+        """Attach XDP as a pinned bpf_link; returns the mode in use."""
+        if self.link_path(ifindex).exists():
+            return xdp_query(ifindex)[0]
+        attempts = {"native": [XDP_FLAGS_DRV_MODE, XDP_FLAGS_SKB_MODE], "generic": [XDP_FLAGS_SKB_MODE]}[mode]
+        last: BpfError | None = None
+        for flags in attempts:
+            try:
+                link = Link.create_xdp(self.program, ifindex, flags)
+                break
+            except BpfError as e:
+                last = e
+                if e.errno == errno.EBUSY or e.errno == errno.EEXIST:
+                    raise DatapathError(f"interface {ifindex} already has an XDP program attached "
+                                        f"(see `ip link show`); detach it first") from None
+        else:
+            raise DatapathError(f"cannot attach XDP to interface {ifindex}: {last}")
+        try:
+            link.pin(str(self.link_path(ifindex)))
+        finally:
+            link.close()
+        return xdp_query(ifindex)[0]
+
+    def detach(self, ifindex: int) -> None:
+        p = self.link_path(ifindex)
+        if not p.exists():
+            return
+        with contextlib.suppress(BpfError):
+            link = Link.pinned(str(p))
+            link.detach()
+            link.close()
+        p.unlink(missing_ok=True)
+
+    def attached(self) -> dict[int, str]:
+        """ifindex -> XDP mode, for the links this router holds."""
+        out = {}
+        for p in self.pin_dir(self.name).glob("link_*"):
+            idx = int(p.name.split("_", 1)[1])
+            try:
+                mode, prog_id = xdp_query(idx)
+            except BpfError:
+                mode = "gone"
+            out[idx] = mode
+        return out
+
+    def destroy(self) -> None:
+        for idx in list(self.attached()):
+            self.detach(idx)
+        self.close()
+        shutil.rmtree(self.pin_dir(self.name), ignore_errors=True)
+
+
+def _pin(fd: int, path: Path) -> None:
+    try:
+        pin_object(fd, str(path))
+    except BpfError as e:
+        raise DatapathError(f"cannot pin {path}: {e}") from None

@@ -1,0 +1,192 @@
+"""Python mirrors of the data plane's map layouts and enums (bpf/include/*.h).
+
+The C headers are the definition; `check_layouts` compares every mirror with
+the BTF of the compiled object when it is loaded or opened, so a drift fails
+loudly instead of corrupting state."""
+from __future__ import annotations
+
+import ctypes
+import enum
+
+from ..bpf import Btf
+
+u8, u16, u32, u64 = ctypes.c_uint8, ctypes.c_uint16, ctypes.c_uint32, ctypes.c_uint64
+
+MAX_IFACES = 256
+MAX_NEXTHOPS = 65536
+PROBE_MAGIC = 0x4252504F
+PROBE_F_NEIGH = 1
+NEXTHOP_F_GATEWAY = 1
+AF_INET, AF_INET6 = 2, 10
+
+
+class Reason(enum.IntEnum):
+    FWD_IPV4 = 0
+    FWD_IPV6 = enum.auto()
+    PASS_ARP = enum.auto()
+    PASS_ND = enum.auto()
+    PASS_NON_IP = enum.auto()
+    PASS_VLAN = enum.auto()
+    PASS_L2_MULTICAST = enum.auto()
+    PASS_OTHERHOST = enum.auto()
+    PASS_IP_OPTIONS = enum.auto()
+    PASS_IPV6_HOP_BY_HOP = enum.auto()
+    PASS_L3_MULTICAST = enum.auto()
+    PASS_LINK_LOCAL = enum.auto()
+    PASS_LOCAL = enum.auto()
+    PASS_UNREACHABLE = enum.auto()
+    PASS_PROHIBIT = enum.auto()
+    PASS_FIB_MISS = enum.auto()
+    PASS_TTL_EXCEEDED = enum.auto()
+    PASS_NO_NEIGH = enum.auto()
+    PASS_FRAG_NEEDED = enum.auto()
+    PASS_MULTIPATH = enum.auto()
+    PASS_EGRESS_UNMANAGED = enum.auto()
+    PASS_KERNEL_NOT_FWDED = enum.auto()
+    PASS_UNKNOWN_IFACE = enum.auto()
+    PASS_NEXTHOP_INVALID = enum.auto()
+    DROP_BLACKHOLE = enum.auto()
+    DROP_TRUNC_L2 = enum.auto()
+    DROP_TRUNC_L3 = enum.auto()
+    DROP_BAD_IP_VERSION = enum.auto()
+    DROP_BAD_IHL = enum.auto()
+    DROP_BAD_TOTAL_LEN = enum.auto()
+    DROP_TRUNC_EXTHDR = enum.auto()
+    DROP_TOO_MANY_EXTHDRS = enum.auto()
+    DROP_TRUNC_L4 = enum.auto()
+    DROP_BAD_L4_HEADER = enum.auto()
+
+    @property
+    def verdict(self) -> str:
+        if self <= Reason.FWD_IPV6:
+            return "redirect"
+        return "drop" if self >= Reason.DROP_BLACKHOLE else "pass"
+
+    @property
+    def label(self) -> str:
+        """The reason without its verdict prefix, e.g. 'no_neigh'."""
+        return self.name.split("_", 1)[1].lower()
+
+
+REASON_MAX = len(Reason)
+
+
+class RouteType(enum.IntEnum):
+    NONE = 0
+    UNICAST = 1
+    LOCAL = 2
+    BLACKHOLE = 3
+    UNREACHABLE = 4
+    PROHIBIT = 5
+    MULTIPATH = 6
+
+
+class RouteSource(enum.IntEnum):
+    NONE = 0
+    KERNEL = 1
+    STATIC = 2
+
+
+class FibMode(enum.IntEnum):
+    BPF = 0
+    KERNEL = 1
+
+
+class Iface(ctypes.Structure):
+    _fields_ = [("slot", u32), ("mtu", u32), ("mac", u8 * 6), ("flags", u16)]
+
+
+class Counter(ctypes.Structure):
+    _fields_ = [("packets", u64), ("bytes", u64)]
+
+
+class NeighKey(ctypes.Structure):
+    _fields_ = [("ifindex", u32), ("family", u32), ("addr", u8 * 16)]
+
+
+class Neigh(ctypes.Structure):
+    _fields_ = [("mac", u8 * 6), ("state", u16)]
+
+
+class Route4Key(ctypes.Structure):
+    _fields_ = [("prefixlen", u32), ("addr", u8 * 4)]
+
+
+class Route6Key(ctypes.Structure):
+    _fields_ = [("prefixlen", u32), ("addr", u8 * 16)]
+
+
+class RouteValue(ctypes.Structure):
+    _fields_ = [("nh_id", u32), ("type", u8), ("prefixlen", u8), ("source", u8), ("flags", u8)]
+
+
+class NexthopValue(ctypes.Structure):
+    _fields_ = [("ifindex", u32), ("family", u8), ("flags", u8), ("reserved", u16), ("gw", u8 * 16)]
+
+
+class ProbeMeta(ctypes.Structure):
+    _fields_ = [("magic", u32), ("reason", u32), ("nh_id", u32), ("egress_ifindex", u32),
+                ("route_type", u8), ("prefixlen", u8), ("route_source", u8), ("flags", u8),
+                ("reserved", u32)]
+
+
+# C struct name -> Python mirror; C field names equal Python field names.
+STRUCTS: dict[str, type[ctypes.Structure]] = {
+    "iface": Iface,
+    "counter": Counter,
+    "neigh_key": NeighKey,
+    "neigh": Neigh,
+    "route4_key": Route4Key,
+    "route6_key": Route6Key,
+    "route": RouteValue,
+    "nexthop": NexthopValue,
+    "probe_meta": ProbeMeta,
+}
+
+# C enum name -> (Python enum, prefix of the C constants)
+ENUMS: dict[str, tuple[type[enum.IntEnum], str]] = {
+    "reason": (Reason, "REASON_"),
+    "route_type": (RouteType, "RTYPE_"),
+    "route_source": (RouteSource, "RSOURCE_"),
+}
+
+
+class LayoutMismatch(Exception):
+    """The Python mirrors disagree with the compiled data plane."""
+
+
+def check_layouts(object_path: str) -> None:
+    problems: list[str] = []
+    with Btf(object_path) as btf:
+        for cname, py in STRUCTS.items():
+            try:
+                size, members = btf.struct(cname)
+            except KeyError:
+                problems.append(f"struct {cname} missing from BTF")
+                continue
+            if size != ctypes.sizeof(py):
+                problems.append(f"struct {cname}: {size} bytes in C, {ctypes.sizeof(py)} in Python")
+            py_fields = {name: getattr(py, name) for name, *_ in py._fields_}
+            c_names = [m.name for m in members]
+            if c_names != list(py_fields):
+                problems.append(f"struct {cname}: fields {c_names} in C, {list(py_fields)} in Python")
+                continue
+            for m in members:
+                f = py_fields[m.name]
+                if f.offset != m.offset or f.size != m.size:
+                    problems.append(f"struct {cname}.{m.name}: offset/size {m.offset}/{m.size} in C, "
+                                    f"{f.offset}/{f.size} in Python")
+        for cname, (py, prefix) in ENUMS.items():
+            try:
+                values = btf.enum(cname)
+            except KeyError:
+                problems.append(f"enum {cname} missing from BTF")
+                continue
+            want = {prefix + m.name: m.value for m in py}
+            if cname == "reason":
+                want["REASON_MAX"] = REASON_MAX
+            if values != want:
+                diff = set(values.items()) ^ set(want.items())
+                problems.append(f"enum {cname} differs: {sorted(diff)[:4]}")
+    if problems:
+        raise LayoutMismatch(f"data plane layout mismatch in {object_path}: " + "; ".join(problems))

@@ -1,0 +1,290 @@
+"""Routes and next hops: the RIB of both sources and its image in the BPF FIB.
+
+Route sources and precedence for one prefix (like administrative distance):
+  1. the kernel's local table (the router's own addresses)
+  2. static routes added through bpfrouter (CLI / API)
+  3. the kernel's main table (`ip route`, BIRD, FRR), lowest metric first
+
+The BPF FIB holds exactly the best route per prefix. Updates are
+make-before-break: a new next hop is written before the route that uses it,
+and an old next hop is cleared only after no route points at it, so a packet
+always sees a complete old or new entry. The pinned maps are the durable
+state: a restarted agent reads static routes and next-hop ids back from them."""
+from __future__ import annotations
+
+import ipaddress
+from collections import deque
+from dataclasses import dataclass, field
+
+from .datapath import Datapath
+from .datapath import layout as lo
+from .routespec import IPAddress, IPNetwork
+
+RouteType, RouteSource = lo.RouteType, lo.RouteSource
+TABLE_MAIN, TABLE_LOCAL = 254, 255
+
+
+@dataclass(frozen=True)
+class Nexthop:
+    ifindex: int
+    gateway: IPAddress | None = None
+
+
+@dataclass(frozen=True)
+class Route:
+    prefix: IPNetwork
+    type: RouteType
+    nexthops: tuple[Nexthop, ...] = ()
+    source: RouteSource = RouteSource.STATIC
+    metric: int = 0
+    table: int = TABLE_MAIN
+
+    @property
+    def installed_type(self) -> RouteType:
+        if self.type == RouteType.UNICAST and len(self.nexthops) > 1:
+            return RouteType.MULTIPATH
+        return self.type
+
+    def same_forwarding(self, other: "Route | None") -> bool:
+        return other is not None and (self.installed_type, self.nexthops, self.source) == \
+            (other.installed_type, other.nexthops, other.source)
+
+
+class FibError(Exception):
+    pass
+
+
+def _fib_key(prefix: IPNetwork):
+    if prefix.version == 4:
+        return lo.Route4Key(prefix.prefixlen, (lo.u8 * 4)(*prefix.network_address.packed))
+    return lo.Route6Key(prefix.prefixlen, (lo.u8 * 16)(*prefix.network_address.packed))
+
+
+def _key_prefix(key) -> IPNetwork:
+    raw = bytes(key.addr)
+    addr = ipaddress.ip_address(raw)
+    return ipaddress.ip_network(f"{addr}/{key.prefixlen}")
+
+
+def _nh_value(nh: Nexthop) -> lo.NexthopValue:
+    v = lo.NexthopValue(ifindex=nh.ifindex)
+    if nh.gateway is not None:
+        v.flags = lo.NEXTHOP_F_GATEWAY
+        v.family = lo.AF_INET if nh.gateway.version == 4 else lo.AF_INET6
+        packed = nh.gateway.packed
+        v.gw = (lo.u8 * 16)(*packed.ljust(16, b"\0"))
+    return v
+
+
+def _nh_from_value(v: lo.NexthopValue) -> Nexthop:
+    gw = None
+    if v.flags & lo.NEXTHOP_F_GATEWAY:
+        raw = bytes(v.gw)
+        gw = ipaddress.ip_address(raw[:4] if v.family == lo.AF_INET else raw)
+    return Nexthop(v.ifindex, gw)
+
+
+class NexthopTable:
+    """Reference-counted next-hop ids in the `nexthops` array map (id 0 unused).
+
+    Freed ids go to the back of a FIFO, so an id is reused as late as possible."""
+
+    def __init__(self, dp: Datapath):
+        self.dp = dp
+        self.ids: dict[Nexthop, int] = {}
+        self.by_id: dict[int, Nexthop] = {}
+        self.refs: dict[int, int] = {}
+        self.free: deque[int] = deque()
+        self.next_id = 1
+
+    def acquire(self, nh: Nexthop) -> int:
+        nid = self.ids.get(nh)
+        if nid is None:
+            if self.free:
+                nid = self.free.popleft()
+            elif self.next_id < self.dp.nexthops.max_entries:
+                nid = self.next_id
+                self.next_id += 1
+            else:
+                raise FibError(f"next-hop table full ({self.dp.nexthops.max_entries} entries)")
+            self.dp.nexthops.update(lo.u32(nid), _nh_value(nh))
+            self.ids[nh], self.by_id[nid], self.refs[nid] = nid, nh, 0
+        self.refs[nid] += 1
+        return nid
+
+    def release(self, nid: int) -> None:
+        if nid not in self.refs:
+            return
+        self.refs[nid] -= 1
+        if self.refs[nid] <= 0:
+            nh = self.by_id.pop(nid)
+            del self.ids[nh], self.refs[nid]
+            self.dp.nexthops.update(lo.u32(nid), lo.NexthopValue())
+            self.free.append(nid)
+
+    def recover(self) -> None:
+        """Rebuild ids from the pinned map (refcounts are rebuilt by Fib.recover)."""
+        for k, v in self.dp.nexthops.lookup_batch():
+            if v.ifindex:
+                nh = _nh_from_value(v)
+                self.ids[nh], self.by_id[k.value], self.refs[k.value] = k.value, nh, 0
+        self.next_id = max(self.by_id, default=0) + 1
+        self.free = deque(i for i in range(1, self.next_id) if i not in self.by_id)
+
+    def collect_unused(self) -> None:
+        for nid in [i for i, r in self.refs.items() if r <= 0]:
+            self.refs[nid] = 1
+            self.release(nid)
+
+
+@dataclass
+class Installed:
+    route: Route
+    nh_id: int = 0
+
+
+class Fib:
+    def __init__(self, dp: Datapath):
+        self.dp = dp
+        self.nexthops = NexthopTable(dp)
+        self.static: dict[IPNetwork, Route] = {}
+        self.kernel: dict[IPNetwork, dict[tuple[int, int], Route]] = {}
+        self.installed: dict[IPNetwork, Installed] = {}
+
+    # --- selection --------------------------------------------------------
+    def best(self, prefix: IPNetwork) -> Route | None:
+        kroutes = self.kernel.get(prefix, {})
+        local = [r for (table, _), r in kroutes.items() if table == TABLE_LOCAL]
+        if local:
+            return local[0]
+        if prefix in self.static:
+            return self.static[prefix]
+        main = sorted(kroutes.items(), key=lambda kv: kv[0][1])
+        return main[0][1] if main else None
+
+    def _sync(self, prefix: IPNetwork) -> None:
+        want = self.best(prefix)
+        have = self.installed.get(prefix)
+        if want is None:
+            if have is not None:
+                self._delete(prefix, have)
+            return
+        if have is not None and want.same_forwarding(have.route):
+            have.route = want
+            return
+        self._write(prefix, want, have)
+
+    def _write(self, prefix: IPNetwork, route: Route, old: Installed | None) -> None:
+        rtype = route.installed_type
+        nh_id = self.nexthops.acquire(route.nexthops[0]) if rtype == RouteType.UNICAST else 0
+        value = lo.RouteValue(nh_id=nh_id, type=rtype, prefixlen=prefix.prefixlen, source=route.source)
+        try:
+            self._map(prefix).update(_fib_key(prefix), value)
+        except Exception:
+            if nh_id:
+                self.nexthops.release(nh_id)
+            raise
+        self.installed[prefix] = Installed(route, nh_id)
+        if old is not None and old.nh_id:
+            self.nexthops.release(old.nh_id)
+
+    def _delete(self, prefix: IPNetwork, old: Installed) -> None:
+        self._map(prefix).delete(_fib_key(prefix))
+        del self.installed[prefix]
+        if old.nh_id:
+            self.nexthops.release(old.nh_id)
+
+    def _map(self, prefix: IPNetwork):
+        return self.dp.fib4 if prefix.version == 4 else self.dp.fib6
+
+    # --- static routes (CLI / API) -----------------------------------------
+    def add_static(self, route: Route, replace: bool = False) -> None:
+        if route.prefix in self.static and not replace:
+            raise FibError(f"route {route.prefix} already exists (use `route replace`)")
+        self.static[route.prefix] = route
+        self._sync(route.prefix)
+
+    def del_static(self, prefix: IPNetwork) -> None:
+        if prefix not in self.static:
+            src = "the kernel (remove it with `ip route del`)" if prefix in self.kernel else "nowhere"
+            raise FibError(f"no bpfrouter route for {prefix}; it comes from {src}")
+        del self.static[prefix]
+        self._sync(prefix)
+
+    # --- kernel routes -------------------------------------------------------
+    def kernel_update(self, route: Route) -> None:
+        self.kernel.setdefault(route.prefix, {})[(route.table, route.metric)] = route
+        self._sync(route.prefix)
+
+    def kernel_delete(self, prefix: IPNetwork, table: int, metric: int) -> None:
+        routes = self.kernel.get(prefix)
+        if not routes or routes.pop((table, metric), None) is None:
+            return
+        if not routes:
+            del self.kernel[prefix]
+        self._sync(prefix)
+
+    def kernel_replace_all(self, routes: list[Route]) -> int:
+        """Full resync with a fresh kernel dump; returns the number of prefixes changed."""
+        fresh: dict[IPNetwork, dict[tuple[int, int], Route]] = {}
+        for r in routes:
+            fresh.setdefault(r.prefix, {})[(r.table, r.metric)] = r
+        touched = set(self.kernel) | set(fresh)
+        self.kernel = fresh
+        changed = 0
+        for prefix in touched | set(self.installed):
+            before = self.installed.get(prefix)
+            before_route = before.route if before else None
+            self._sync(prefix)
+            after = self.installed.get(prefix)
+            if (before_route is None) != (after is None) or \
+                    (after and not after.route.same_forwarding(before_route)):
+                changed += 1
+        self.nexthops.collect_unused()
+        return changed
+
+    # --- restart --------------------------------------------------------------
+    def recover(self) -> None:
+        """Read what the pinned maps hold: installed routes, static routes, next hops."""
+        self.nexthops.recover()
+        for m in (self.dp.fib4, self.dp.fib6):
+            for k, v in m.lookup_batch():
+                prefix = _key_prefix(k)
+                nhs: tuple[Nexthop, ...] = ()
+                if v.type == RouteType.UNICAST and v.nh_id in self.nexthops.by_id:
+                    nhs = (self.nexthops.by_id[v.nh_id],)
+                    self.nexthops.refs[v.nh_id] += 1
+                route = Route(prefix, RouteType(v.type), nhs, RouteSource(v.source))
+                self.installed[prefix] = Installed(route, v.nh_id if nhs else 0)
+                if route.source == RouteSource.STATIC:
+                    # Multipath static routes lose their next hops here: the FIB
+                    # does not store them until ECMP lands.
+                    self.static[prefix] = route
+
+    # --- views ------------------------------------------------------------------
+    def routes(self) -> list[Route]:
+        """Every route of every source, best first within a prefix."""
+        out = []
+        for prefix in sorted(set(self.static) | set(self.kernel), key=_sort_key):
+            out.extend(r for r in [self.static.get(prefix)] if r)
+            out.extend(self.kernel.get(prefix, {}).values())
+        return out
+
+    def sizes(self) -> dict[str, int]:
+        v4 = sum(1 for p in self.installed if p.version == 4)
+        return {"ipv4": v4, "ipv6": len(self.installed) - v4, "nexthops": len(self.nexthops.by_id)}
+
+
+def _sort_key(p: IPNetwork):
+    return (p.version, p.network_address.packed, p.prefixlen)
+
+
+def read_installed(dp: Datapath) -> list[tuple[IPNetwork, lo.RouteValue, Nexthop | None]]:
+    """The BPF FIB as the data plane sees it (for `route show` without the agent)."""
+    nhs = {k.value: _nh_from_value(v) for k, v in dp.nexthops.lookup_batch() if v.ifindex}
+    out = []
+    for m in (dp.fib4, dp.fib6):
+        for k, v in m.lookup_batch():
+            out.append((_key_prefix(k), v, nhs.get(v.nh_id)))
+    out.sort(key=lambda t: _sort_key(t[0]))
+    return out

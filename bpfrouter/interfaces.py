@@ -1,0 +1,37 @@
+"""Interfaces the data plane is attached to: the `ifaces` map and the devmap."""
+from __future__ import annotations
+
+from .datapath import Datapath
+from .datapath import layout as lo
+
+
+class InterfaceError(Exception):
+    pass
+
+
+class Interfaces:
+    def __init__(self, dp: Datapath):
+        self.dp = dp
+
+    def configured(self) -> dict[int, lo.Iface]:
+        return {k.value: v for k, v in self.dp.ifaces.lookup_batch()}
+
+    def configure(self, ifindex: int, mac: bytes, mtu: int) -> int:
+        """Add or refresh one interface; returns its counter slot."""
+        current = self.configured()
+        if ifindex in current:
+            slot = current[ifindex].slot
+        else:
+            used = {v.slot for v in current.values()}
+            free = [s for s in range(1, lo.MAX_IFACES) if s not in used]
+            if not free:
+                raise InterfaceError(f"at most {lo.MAX_IFACES - 1} interfaces per router")
+            slot = free[0]
+        # devmap first: once `ifaces` lists it, the program may redirect to it.
+        self.dp.tx_ports.update(lo.u32(ifindex), lo.u32(ifindex))
+        self.dp.ifaces.update(lo.u32(ifindex), lo.Iface(slot=slot, mtu=mtu, mac=(lo.u8 * 6)(*mac)))
+        return slot
+
+    def remove(self, ifindex: int) -> None:
+        self.dp.ifaces.delete(lo.u32(ifindex))
+        self.dp.tx_ports.delete(lo.u32(ifindex))

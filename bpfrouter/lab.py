@@ -1,0 +1,164 @@
+"""The namespace lab: two hosts on different IPv4/IPv6 subnets and a router
+between them, built from network namespaces and veth pairs.
+
+    h1 (10.0.1.2, fd00:1::2) --h1-eth0 == r-eth0-- r --r-eth1 == h2-eth0-- h2 (10.0.2.2, fd00:2::2)
+
+Namespaces are named <lab>-h1, <lab>-r, <lab>-h2, so labs with different
+names coexist. `up` first clears leftovers of a lab of the same name, and
+`down` kills what still runs inside and removes everything, so both are safe
+after a failed or interrupted run."""
+from __future__ import annotations
+
+import ipaddress
+import os
+import shutil
+import signal
+import subprocess
+import time
+from dataclasses import dataclass
+
+from pyroute2 import IPRoute
+from pyroute2 import netns as pr_netns
+
+from . import netns
+from .agent.client import stop_agent
+from .datapath import Datapath, DatapathError, RouterMeta, running_routers
+
+IFA_F_NODAD = 0x02
+
+# node -> list of (ifname, peer node, peer ifname, [addresses])
+TOPOLOGY = {
+    "r": [("r-eth0", "h1", "h1-eth0", ["10.0.1.1/24", "fd00:1::1/64"]),
+          ("r-eth1", "h2", "h2-eth0", ["10.0.2.1/24", "fd00:2::1/64"])],
+}
+HOSTS = {
+    "h1": {"ifname": "h1-eth0", "addrs": ["10.0.1.2/24", "fd00:1::2/64"],
+           "gateways": ["10.0.1.1", "fd00:1::1"]},
+    "h2": {"ifname": "h2-eth0", "addrs": ["10.0.2.2/24", "fd00:2::2/64"],
+           "gateways": ["10.0.2.1", "fd00:2::1"]},
+}
+NODES = ("h1", "r", "h2")
+
+
+class LabError(Exception):
+    pass
+
+
+def _sysctl(values: dict[str, str]) -> None:
+    for key, value in values.items():
+        with open("/proc/sys/" + key.replace(".", "/"), "w") as f:
+            f.write(value)
+
+
+@dataclass
+class Lab:
+    name: str = "lab"
+
+    def ns(self, node: str) -> str:
+        return f"{self.name}-{node}"
+
+    @property
+    def router_ns(self) -> str:
+        return self.ns("r")
+
+    def addr(self, node: str, version: int = 4) -> str:
+        """The main address of a host (h1, h2) for an IP version."""
+        for a in HOSTS[node]["addrs"]:
+            ip = ipaddress.ip_interface(a).ip
+            if ip.version == version:
+                return str(ip)
+        raise KeyError(node)
+
+    def exists(self) -> bool:
+        return any(netns.exists(self.ns(n)) for n in NODES)
+
+    def up(self) -> None:
+        if os.geteuid() != 0:
+            raise LabError("the lab needs root: run it with sudo")
+        if len(self.router_ns) > 28 or not self.name.replace("-", "").replace("_", "").isalnum():
+            raise LabError(f"invalid lab name {self.name!r}: use up to 25 letters, digits, '-' or '_'")
+        self.down()
+        try:
+            self._build()
+        except Exception:
+            self.down()
+            raise
+
+    def _build(self) -> None:
+        for node in NODES:
+            pr_netns.create(self.ns(node))
+            netns.run_in(self.ns(node), _sysctl, {
+                "net.ipv6.conf.all.accept_dad": "0", "net.ipv6.conf.default.accept_dad": "0",
+                "net.ipv6.conf.default.accept_ra": "0",
+            })
+        netns.run_in(self.router_ns, _sysctl, {"net.ipv4.ip_forward": "1",
+                                               "net.ipv6.conf.all.forwarding": "1"})
+        with IPRoute(netns=self.router_ns) as ipr:
+            for ifname, peer_node, peer_ifname, addrs in TOPOLOGY["r"]:
+                ipr.link("add", ifname=ifname, kind="veth",
+                         peer={"ifname": peer_ifname, "net_ns_fd": self.ns(peer_node)})
+                idx = ipr.link_lookup(ifname=ifname)[0]
+                _add_addrs(ipr, idx, addrs)
+                ipr.link("set", index=idx, state="up")
+            ipr.link("set", index=ipr.link_lookup(ifname="lo")[0], state="up")
+        for host, cfg in HOSTS.items():
+            with IPRoute(netns=self.ns(host)) as ipr:
+                idx = ipr.link_lookup(ifname=cfg["ifname"])[0]
+                _add_addrs(ipr, idx, cfg["addrs"])
+                ipr.link("set", index=idx, state="up")
+                ipr.link("set", index=ipr.link_lookup(ifname="lo")[0], state="up")
+                for gw in cfg["gateways"]:
+                    ipr.route("add", dst="::/0" if ":" in gw else "0.0.0.0/0", gateway=gw)
+            # A veth accepts XDP-redirected frames only when its receive side
+            # runs NAPI: GRO (or an XDP program) turns it on.
+            self.run(host, ["ethtool", "-K", cfg["ifname"], "gro", "on"], check=True)
+
+    def down(self) -> None:
+        for router in running_routers():
+            try:
+                meta = RouterMeta.load(router)
+            except DatapathError:
+                continue
+            if meta.netns == self.router_ns:
+                stop_agent(router)
+                try:
+                    Datapath.open(router).destroy()
+                except DatapathError:
+                    pass
+                shutil.rmtree(RouterMeta.path(router).parent, ignore_errors=True)
+        for node in NODES:
+            ns = self.ns(node)
+            for pid in netns.pids_in(ns):
+                if pid != os.getpid():
+                    try:
+                        os.kill(pid, signal.SIGKILL)
+                    except ProcessLookupError:
+                        pass
+            if netns.exists(ns):
+                pr_netns.remove(ns)
+
+    def cmd(self, node: str, argv: list[str]) -> list[str]:
+        return netns.command_prefix(self.ns(node)) + argv
+
+    def run(self, node: str, argv: list[str], check: bool = False, timeout: float = 60,
+            **kw) -> subprocess.CompletedProcess:
+        return subprocess.run(self.cmd(node, argv), capture_output=True, text=True, check=check,
+                              timeout=timeout, **kw)
+
+    def popen(self, node: str, argv: list[str], **kw) -> subprocess.Popen:
+        return subprocess.Popen(self.cmd(node, argv), **kw)
+
+
+def _add_addrs(ipr: IPRoute, idx: int, addrs: list[str]) -> None:
+    for a in addrs:
+        iface = ipaddress.ip_interface(a)
+        kw = {"flags": IFA_F_NODAD} if iface.version == 6 else {}
+        ipr.addr("add", index=idx, address=str(iface.ip), prefixlen=iface.network.prefixlen, **kw)
+
+
+def list_labs() -> list[str]:
+    try:
+        names = set(os.listdir(netns.NETNS_RUN_DIR))
+    except FileNotFoundError:
+        return []
+    return sorted(n[:-2] for n in names if n.endswith("-r") and f"{n[:-2]}-h1" in names)

@@ -1,0 +1,144 @@
+"""Router lifecycle: bring a data plane up on interfaces, report, tear down.
+
+Used by the CLI; every step that fails undoes the ones before it, so a
+failed `up` leaves nothing behind."""
+from __future__ import annotations
+
+import shutil
+import socket
+import time
+
+from pyroute2 import IPRoute
+
+from . import netns
+from .agent.client import AgentUnavailable, agent_pid, request, start_agent, stop_agent
+from .agent.kernel import link_from_msg
+from .bpf import BpfError, prog_info, xdp_query
+from .datapath import (Datapath, DatapathError, RouterMeta, check_bpffs, default_object,
+                       running_routers, validate_name)
+from .datapath import layout as lo
+from .interfaces import Interfaces
+from .observe import clear_slot, read_counters
+
+DEFAULT_NAME = "default"
+
+
+def resolve(name: str | None) -> RouterMeta:
+    """Find the router to address and enter its network namespace."""
+    if name is None:
+        routers = running_routers()
+        if not routers:
+            raise DatapathError("no router is running (start one with `bpfrouter up IFACE...`)")
+        if len(routers) > 1:
+            raise DatapathError(f"several routers are running ({', '.join(routers)}): pick one with --name")
+        name = routers[0]
+    meta = RouterMeta.load(validate_name(name))
+    if meta.netns and netns.current_name() != meta.netns:
+        netns.enter(meta.netns)
+    return meta
+
+
+def _read_links(ifnames: list[str]):
+    with IPRoute() as ipr:
+        links = {li.name: li for li in (link_from_msg(m) for m in ipr.link("dump"))}
+    missing = [n for n in ifnames if n not in links]
+    if missing:
+        raise DatapathError(f"unknown interface {missing[0]!r} in "
+                            f"{'namespace ' + repr(netns.current_name()) if netns.current_name() else 'this namespace'}"
+                            f" (see `ip link`)")
+    return [links[n] for n in ifnames]
+
+
+def up(ifnames: list[str], name: str = DEFAULT_NAME, fib_mode: str = "bpf",
+       xdp_mode: str = "native", start: bool = True) -> RouterMeta:
+    check_bpffs()
+    validate_name(name)
+    if not ifnames:
+        raise DatapathError("name at least one interface: `bpfrouter up eth0 eth1`")
+    if len(set(ifnames)) != len(ifnames):
+        raise DatapathError("an interface is named twice")
+    if name in running_routers():
+        raise DatapathError(f"a router named {name!r} is already running: pick another --name "
+                            f"or stop it with `bpfrouter down --name {name}`")
+    links = _read_links(ifnames)
+    for li in links:
+        mode, prog_id = xdp_query(li.ifindex)
+        if prog_id:
+            raise DatapathError(f"interface {li.name} already runs XDP program {prog_id} ({mode}); "
+                                f"detach it first (`ip link set {li.name} xdp off`)")
+    object_path = default_object()
+    meta = RouterMeta(name, object_path, fib_mode, netns.current_name(), xdp_mode)
+    dp = Datapath.load(name, object_path, lo.FibMode[fib_mode.upper()])
+    try:
+        ifaces = Interfaces(dp)
+        modes = []
+        for li in links:
+            slot = ifaces.configure(li.ifindex, li.mac, li.mtu)
+            clear_slot(dp, slot)
+            modes.append(dp.attach(li.ifindex, xdp_mode))
+            meta.interfaces[li.name] = li.ifindex
+        meta.xdp_mode = ",".join(sorted(set(modes)))
+        meta.save()
+        if start:
+            start_agent(name, meta.netns)
+    except BaseException:
+        stop_agent(name)
+        dp.destroy()
+        shutil.rmtree(RouterMeta.path(name).parent, ignore_errors=True)
+        raise
+    dp.close()
+    return meta
+
+
+def down(name: str) -> None:
+    stop_agent(name)
+    try:
+        Datapath.open(name).destroy()
+    finally:
+        shutil.rmtree(RouterMeta.path(name).parent, ignore_errors=True)
+
+
+def ifname(ifindex: int) -> str:
+    try:
+        return socket.if_indextoname(ifindex)
+    except OSError:
+        return f"if{ifindex}"
+
+
+def status(meta: RouterMeta) -> dict:
+    dp = Datapath.open(meta.name)
+    try:
+        pid = agent_pid(meta.name)
+        agent: dict = {"running": pid is not None, "pid": pid}
+        if pid is not None:
+            try:
+                info = request(meta.name, "ping", timeout=5)
+                agent.update({k: info.get(k) for k in ("events", "resyncs", "enobufs", "last_resync")})
+            except AgentUnavailable:
+                agent["running"] = False
+        pinfo = prog_info(dp.program.fd)
+        ifaces = Interfaces(dp).configured()
+        attached = dp.attached()
+        interfaces = []
+        for idx, v in sorted(ifaces.items()):
+            interfaces.append({"name": ifname(idx), "ifindex": idx, "xdp_mode": attached.get(idx, "detached"),
+                               "mac": ":".join(f"{b:02x}" for b in v.mac), "mtu": v.mtu})
+        counters = []
+        totals = {"redirect": 0, "pass": 0, "drop": 0}
+        for (idx, reason), (pk, by) in sorted(read_counters(dp).items(), key=lambda kv: (kv[0][0], kv[0][1])):
+            counters.append({"iface": ifname(idx) if idx else None, "ifindex": idx,
+                             "verdict": reason.verdict, "reason": reason.label,
+                             "packets": pk, "bytes": by})
+            totals[reason.verdict] += pk
+        v4, v6 = dp.fib4.count(), dp.fib6.count()
+        return {
+            "name": meta.name, "netns": meta.netns, "fib_mode": meta.fib_mode,
+            "program": {"id": pinfo.id, "name": pinfo.name.decode(), "jited_bytes": pinfo.jited_prog_len},
+            "agent": agent, "interfaces": interfaces,
+            "fib": {"ipv4": v4, "ipv6": v6,
+                    "nexthops": sum(1 for _, v in dp.nexthops.lookup_batch() if v.ifindex)},
+            "neighbors": dp.neighbors.count(),
+            "totals": totals, "counters": counters,
+        }
+    finally:
+        dp.close()
