@@ -13,13 +13,11 @@ all: build
 deps:
 	@scripts/install-deps.sh
 
-build/%.bpf.o: bpf/%.bpf.c $(BPF_HDRS) | build
-	$(CLANG) $(BPF_CFLAGS) -c $< -o $@
-
-build:
-	@mkdir -p build
-
 build: $(BPF_OBJS)
+
+build/%.bpf.o: bpf/%.bpf.c $(BPF_HDRS)
+	@mkdir -p build
+	$(CLANG) $(BPF_CFLAGS) -c $< -o $@
 
 test: deps
 	@$(MAKE) --no-print-directory build

@@ -95,3 +95,23 @@ def pids_in(name: str) -> list[int]:
         if st.st_ino == target.st_ino and st.st_dev == target.st_dev:
             pids.append(int(entry))
     return pids
+
+
+class entered:
+    """Context manager: run the calling thread in namespace `name`, then return."""
+
+    def __init__(self, name: str):
+        self.name = name
+        self._orig = -1
+
+    def __enter__(self):
+        self._orig = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
+        enter(self.name)
+        return self
+
+    def __exit__(self, *exc):
+        try:
+            if _libc.setns(self._orig, CLONE_NEWNET) != 0:
+                raise NetnsError(f"cannot return to the original namespace: {os.strerror(ctypes.get_errno())}")
+        finally:
+            os.close(self._orig)

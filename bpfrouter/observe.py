@@ -14,20 +14,26 @@ from .packet import mac_str, udp_probe
 Reason = lo.Reason
 
 
-def read_counters(dp: Datapath) -> dict[tuple[int, Reason], tuple[int, int]]:
+def read_counters(dp: Datapath, ifindex: int | None = None) -> dict[tuple[int, Reason], tuple[int, int]]:
     """(ingress ifindex, reason) -> (packets, bytes), summed over CPUs.
-    Ingress 0 stands for packets on an interface the router does not know."""
+    Ingress 0 stands for packets on an interface the router does not know.
+    With `ifindex`, only that interface's counters are read."""
     slot_to_ifindex = {v.slot: k.value for k, v in dp.ifaces.lookup_batch()}
+    if ifindex is None:
+        entries = dp.counters.lookup_batch()
+    else:
+        slot = next((s for s, i in slot_to_ifindex.items() if i == ifindex), 0)
+        keys = [lo.u32(slot * lo.REASON_MAX + r) for r in range(lo.REASON_MAX)]
+        entries = [(k, dp.counters.lookup(k)) for k in keys]
     out: dict[tuple[int, Reason], tuple[int, int]] = {}
-    for k, per_cpu in dp.counters.lookup_batch():
+    for k, per_cpu in entries:
         pk = sum(c.packets for c in per_cpu)
         if not pk:
             continue
         slot, reason = divmod(k.value, lo.REASON_MAX)
         if reason >= lo.REASON_MAX or (slot and slot not in slot_to_ifindex):
             continue
-        ifindex = slot_to_ifindex.get(slot, 0)
-        out[(ifindex, Reason(reason))] = (pk, sum(c.bytes for c in per_cpu))
+        out[(slot_to_ifindex.get(slot, 0), Reason(reason))] = (pk, sum(c.bytes for c in per_cpu))
     return out
 
 
