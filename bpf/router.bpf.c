@@ -20,7 +20,6 @@ const volatile __u32 fib_mode = FIB_MODE_BPF;
 /* Anchors so the enums reach BTF; the loader checks Python's copies. */
 const volatile enum reason btf_anchor_reason = REASON_MAX;
 const volatile enum route_type btf_anchor_route_type = RTYPE_NONE;
-const volatile enum route_source btf_anchor_route_source = RSOURCE_NONE;
 const volatile struct probe_meta btf_anchor_probe_meta = {};
 
 static __always_inline int reason_action(int reason)
@@ -42,7 +41,7 @@ static __always_inline void record(struct probe_meta *probe, __u32 slot, int rea
 	probe->egress_ifindex = res->egress_ifindex;
 	probe->route_type = res->route_type;
 	probe->prefixlen = res->prefixlen;
-	probe->route_source = res->route_source;
+	probe->route_proto = res->route_proto;
 	probe->flags = res->neigh_found ? PROBE_F_NEIGH : 0;
 }
 

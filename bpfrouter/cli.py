@@ -17,7 +17,7 @@ from . import netns, router
 from .agent.client import AgentUnavailable, agent_pid, log_path, request, start_agent, stop_agent
 from .bpf import BpfError
 from .datapath import Datapath, DatapathError, RouterMeta, running_routers
-from .datapath.layout import LayoutMismatch
+from .datapath.layout import LayoutMismatch, RouteType, proto_name
 from .fib import read_installed
 from .interfaces import Interfaces, InterfaceError
 from .lab import Lab, LabError, list_labs
@@ -25,7 +25,7 @@ from .netns import NetnsError
 from .observe import probe
 from .routespec import RouteSpecError, parse_address
 
-console = Console(highlight=False)
+console = Console(highlight=False, soft_wrap=True)
 USER_ERRORS = (DatapathError, BpfError, AgentUnavailable, NetnsError, RouteSpecError, LayoutMismatch,
                InterfaceError, LabError)
 
@@ -152,8 +152,8 @@ def _route_change(op: str, name, args, v4, v6):
         raise click.ClickException(resp.get("error", "request failed"))
 
 
-for _op, _help in (("add", "Add a route (fails if the prefix has a bpfrouter route)."),
-                   ("replace", "Add or replace a route."),
+for _op, _help in (("add", "Add a route to the kernel FIB (proto bpfrouter); the data plane gets it at once."),
+                   ("replace", "Add or replace a bpfrouter route."),
                    ("del", "Delete a route added with bpfrouter.")):
     def _make(op):
         @route.command(op, help=_help, context_settings={"ignore_unknown_options": True})
@@ -173,7 +173,7 @@ for _op, _help in (("add", "Add a route (fails if the prefix has a bpfrouter rou
 @name_option
 @json_options
 def route_show(v4, v6, name, as_json, pretty):
-    """Routes in the data plane's FIB, with their source (kernel or static)."""
+    """Routes in the data plane's FIB, with the protocol that installed each (its source)."""
     meta = router.resolve(name)
     dp = Datapath.open(meta.name)
     try:
@@ -181,9 +181,8 @@ def route_show(v4, v6, name, as_json, pretty):
         for prefix, v, nh in read_installed(dp):
             if (v4 and prefix.version != 4) or (v6 and prefix.version != 6):
                 continue
-            from .datapath.layout import RouteSource, RouteType
             rows.append({"prefix": str(prefix), "type": RouteType(v.type).name.lower(),
-                         "source": RouteSource(v.source).name.lower(),
+                         "proto": proto_name(v.proto),
                          "gateway": str(nh.gateway) if nh and nh.gateway else None,
                          "dev": router.ifname(nh.ifindex) if nh else None,
                          "nexthop_id": v.nh_id or None})
@@ -197,7 +196,7 @@ def route_show(v4, v6, name, as_json, pretty):
             words.append(f"via {r['gateway']}")
         if r["dev"]:
             words.append(f"dev {r['dev']}")
-        words.append(f"[dim]{r['source']}[/]")
+        words.append(f"proto {r['proto']}")
         console.print(" ".join(words))
 
 
@@ -246,14 +245,14 @@ def route_get(address, extra, name, as_json, pretty):
         "neighbor": d.dmac if d.neigh_found else None, "smac": d.smac, "ttl": d.ttl_out,
     }
     if d.route_type:
-        out["route"] = {"prefix": d.prefix, "type": d.route_type, "source": d.source}
+        out["route"] = {"prefix": d.prefix, "type": d.route_type, "proto": d.proto}
     if d.nh_id or d.gateway:
         out["nexthop"] = {"id": d.nh_id or None, "gateway": d.gateway}
     if as_json or pretty:
         return emit_json(out, pretty)
     line = [d.dst]
     if out["route"] and out["route"]["prefix"]:
-        line.append(f"route {out['route']['prefix']} ({out['route']['type']}, {out['route']['source']})")
+        line.append(f"route {out['route']['prefix']} ({out['route']['type']}, proto {out['route']['proto']})")
     elif out["route"]:
         line.append(f"route {out['route']['type']}")
     if d.gateway:

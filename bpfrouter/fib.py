@@ -1,26 +1,29 @@
-"""Routes and next hops: the RIB of both sources and its image in the BPF FIB.
+"""Routes and next hops: the kernel's routing table and its image in the BPF FIB.
 
-Route sources and precedence for one prefix (like administrative distance):
-  1. the kernel's local table (the router's own addresses)
-  2. static routes added through bpfrouter (CLI / API)
-  3. the kernel's main table (`ip route`, BIRD, FRR), lowest metric first
+The kernel FIB is the one RIB. Routes from `ip route`, routing daemons (BIRD,
+FRR) and bpfrouter itself (`bpfrouter route add`, installed with protocol
+`bpfrouter`) all live there, so the fast path and the kernel's slow path,
+which handles every packet XDP passes up, always agree. This module mirrors
+the best route per prefix into the BPF FIB:
+  1. a route of the kernel's local table (the router's own addresses)
+  2. else the main table's route with the lowest metric
 
-The BPF FIB holds exactly the best route per prefix. Updates are
-make-before-break: a new next hop is written before the route that uses it,
-and an old next hop is cleared only after no route points at it, so a packet
-always sees a complete old or new entry. The pinned maps are the durable
-state: a restarted agent reads static routes and next-hop ids back from them."""
+Updates are make-before-break: a new next hop is written before the route
+that uses it, and an old next hop is cleared only after no route points at
+it, so a packet always sees a complete old or new entry. A restarted agent
+reads the installed routes and next-hop ids back from the pinned maps and
+then applies only the differences with a fresh kernel dump."""
 from __future__ import annotations
 
 import ipaddress
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from .datapath import Datapath
 from .datapath import layout as lo
 from .routespec import IPAddress, IPNetwork
 
-RouteType, RouteSource = lo.RouteType, lo.RouteSource
+RouteType = lo.RouteType
 TABLE_MAIN, TABLE_LOCAL = 254, 255
 
 
@@ -35,7 +38,7 @@ class Route:
     prefix: IPNetwork
     type: RouteType
     nexthops: tuple[Nexthop, ...] = ()
-    source: RouteSource = RouteSource.STATIC
+    proto: int = lo.RTPROT_BPFROUTER
     metric: int = 0
     table: int = TABLE_MAIN
 
@@ -45,9 +48,16 @@ class Route:
             return RouteType.MULTIPATH
         return self.type
 
+    @property
+    def key(self) -> tuple[int, int, int]:
+        """What tells kernel routes of one prefix apart: table and metric, plus
+        the device for IPv6, where one prefix (fe80::/64) exists per interface."""
+        oif = self.nexthops[0].ifindex if self.prefix.version == 6 and len(self.nexthops) == 1 else 0
+        return (self.table, self.metric, oif)
+
     def same_forwarding(self, other: "Route | None") -> bool:
-        return other is not None and (self.installed_type, self.nexthops, self.source) == \
-            (other.installed_type, other.nexthops, other.source)
+        return other is not None and (self.installed_type, self.nexthops, self.proto) == \
+            (other.installed_type, other.nexthops, other.proto)
 
 
 class FibError(Exception):
@@ -147,20 +157,15 @@ class Fib:
     def __init__(self, dp: Datapath):
         self.dp = dp
         self.nexthops = NexthopTable(dp)
-        self.static: dict[IPNetwork, Route] = {}
-        self.kernel: dict[IPNetwork, dict[tuple[int, int], Route]] = {}
+        self.kernel: dict[IPNetwork, dict[tuple[int, int, int], Route]] = {}
         self.installed: dict[IPNetwork, Installed] = {}
 
     # --- selection --------------------------------------------------------
     def best(self, prefix: IPNetwork) -> Route | None:
-        kroutes = self.kernel.get(prefix, {})
-        local = [r for (table, _), r in kroutes.items() if table == TABLE_LOCAL]
-        if local:
-            return local[0]
-        if prefix in self.static:
-            return self.static[prefix]
-        main = sorted(kroutes.items(), key=lambda kv: kv[0][1])
-        return main[0][1] if main else None
+        routes = self.kernel.get(prefix)
+        if not routes:
+            return None
+        return min(routes.values(), key=lambda r: (r.table != TABLE_LOCAL, r.metric, r.key))
 
     def _sync(self, prefix: IPNetwork) -> None:
         want = self.best(prefix)
@@ -177,7 +182,7 @@ class Fib:
     def _write(self, prefix: IPNetwork, route: Route, old: Installed | None) -> None:
         rtype = route.installed_type
         nh_id = self.nexthops.acquire(route.nexthops[0]) if rtype == RouteType.UNICAST else 0
-        value = lo.RouteValue(nh_id=nh_id, type=rtype, prefixlen=prefix.prefixlen, source=route.source)
+        value = lo.RouteValue(nh_id=nh_id, type=rtype, prefixlen=prefix.prefixlen, proto=route.proto)
         try:
             self._map(prefix).update(_fib_key(prefix), value)
         except Exception:
@@ -197,42 +202,28 @@ class Fib:
     def _map(self, prefix: IPNetwork):
         return self.dp.fib4 if prefix.version == 4 else self.dp.fib6
 
-    # --- static routes (CLI / API) -----------------------------------------
-    def add_static(self, route: Route, replace: bool = False) -> None:
-        if route.prefix in self.static and not replace:
-            raise FibError(f"route {route.prefix} already exists (use `route replace`)")
-        self.static[route.prefix] = route
-        self._sync(route.prefix)
-
-    def del_static(self, prefix: IPNetwork) -> None:
-        if prefix not in self.static:
-            src = "the kernel (remove it with `ip route del`)" if prefix in self.kernel else "nowhere"
-            raise FibError(f"no bpfrouter route for {prefix}; it comes from {src}")
-        del self.static[prefix]
-        self._sync(prefix)
-
     # --- kernel routes -------------------------------------------------------
-    def kernel_update(self, route: Route) -> None:
-        self.kernel.setdefault(route.prefix, {})[(route.table, route.metric)] = route
+    def update(self, route: Route) -> None:
+        self.kernel.setdefault(route.prefix, {})[route.key] = route
         self._sync(route.prefix)
 
-    def kernel_delete(self, prefix: IPNetwork, table: int, metric: int) -> None:
-        routes = self.kernel.get(prefix)
-        if not routes or routes.pop((table, metric), None) is None:
+    def delete(self, route: Route) -> None:
+        routes = self.kernel.get(route.prefix)
+        if not routes or routes.pop(route.key, None) is None:
             return
         if not routes:
-            del self.kernel[prefix]
-        self._sync(prefix)
+            del self.kernel[route.prefix]
+        self._sync(route.prefix)
 
-    def kernel_replace_all(self, routes: list[Route]) -> int:
+    def replace_all(self, routes: list[Route]) -> int:
         """Full resync with a fresh kernel dump; returns the number of prefixes changed."""
-        fresh: dict[IPNetwork, dict[tuple[int, int], Route]] = {}
+        fresh: dict[IPNetwork, dict[tuple[int, int, int], Route]] = {}
         for r in routes:
-            fresh.setdefault(r.prefix, {})[(r.table, r.metric)] = r
-        touched = set(self.kernel) | set(fresh)
+            fresh.setdefault(r.prefix, {})[r.key] = r
+        touched = set(self.kernel) | set(fresh) | set(self.installed)
         self.kernel = fresh
         changed = 0
-        for prefix in touched | set(self.installed):
+        for prefix in touched:
             before = self.installed.get(prefix)
             before_route = before.route if before else None
             self._sync(prefix)
@@ -245,7 +236,7 @@ class Fib:
 
     # --- restart --------------------------------------------------------------
     def recover(self) -> None:
-        """Read what the pinned maps hold: installed routes, static routes, next hops."""
+        """Read what the pinned maps hold, so a resync rewrites only differences."""
         self.nexthops.recover()
         for m in (self.dp.fib4, self.dp.fib6):
             for k, v in m.lookup_batch():
@@ -254,21 +245,13 @@ class Fib:
                 if v.type == RouteType.UNICAST and v.nh_id in self.nexthops.by_id:
                     nhs = (self.nexthops.by_id[v.nh_id],)
                     self.nexthops.refs[v.nh_id] += 1
-                route = Route(prefix, RouteType(v.type), nhs, RouteSource(v.source))
+                route = Route(prefix, RouteType(v.type), nhs, v.proto)
                 self.installed[prefix] = Installed(route, v.nh_id if nhs else 0)
-                if route.source == RouteSource.STATIC:
-                    # Multipath static routes lose their next hops here: the FIB
-                    # does not store them until ECMP lands.
-                    self.static[prefix] = route
 
     # --- views ------------------------------------------------------------------
-    def routes(self) -> list[Route]:
-        """Every route of every source, best first within a prefix."""
-        out = []
-        for prefix in sorted(set(self.static) | set(self.kernel), key=_sort_key):
-            out.extend(r for r in [self.static.get(prefix)] if r)
-            out.extend(self.kernel.get(prefix, {}).values())
-        return out
+    def routes(self, prefix: IPNetwork | None = None) -> list[Route]:
+        prefixes = [prefix] if prefix is not None else sorted(self.kernel, key=_sort_key)
+        return [r for p in prefixes for r in sorted(self.kernel.get(p, {}).values(), key=lambda r: r.key)]
 
     def sizes(self) -> dict[str, int]:
         v4 = sum(1 for p in self.installed if p.version == 4)

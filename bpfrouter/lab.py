@@ -110,8 +110,11 @@ class Lab:
                 for gw in cfg["gateways"]:
                     ipr.route("add", dst="::/0" if ":" in gw else "0.0.0.0/0", gateway=gw)
             # A veth accepts XDP-redirected frames only when its receive side
-            # runs NAPI: GRO (or an XDP program) turns it on.
-            self.run(host, ["ethtool", "-K", cfg["ifname"], "gro", "on"], check=True)
+            # runs NAPI: GRO (or an XDP program) turns it on. And a host must
+            # send complete checksums, as frames from a real NIC have: with TX
+            # checksum offload a veth sends TCP/UDP with a partial checksum and
+            # skb metadata that an XDP redirect does not carry across.
+            self.run(host, ["ethtool", "-K", cfg["ifname"], "gro", "on", "tx", "off"], check=True)
 
     def down(self) -> None:
         for router in running_routers():

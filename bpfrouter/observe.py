@@ -53,7 +53,7 @@ class Decision:
     action: str
     route_type: str | None = None
     prefix: str | None = None
-    source: str | None = None
+    proto: str | None = None
     nh_id: int = 0
     gateway: str | None = None
     egress_ifindex: int = 0
@@ -84,9 +84,9 @@ def probe(dp: Datapath, dst, iif: int, iif_mac: bytes, src=None, ttl: int = 64) 
                  ttl_in=ttl)
     if out.route_type:
         d.route_type = lo.RouteType(out.route_type).name.lower()
-        if out.route_source:
+        if out.route_proto:  # BPF FIB mode: the matched entry is known
             d.prefix = str(ipaddress.ip_network(f"{dst}/{out.prefixlen}", strict=False))
-            d.source = lo.RouteSource(out.route_source).name.lower()
+            d.proto = lo.proto_name(out.route_proto)
     d.nh_id = out.nh_id
     if out.nh_id:
         v = dp.nexthops.lookup(lo.u32(out.nh_id))

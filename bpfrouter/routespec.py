@@ -122,8 +122,9 @@ def parse_route(tokens: list[str] | tuple[str, ...], family: int | None = None,
         else:
             raise RouteSpecError(f"unexpected {word!r}: expected via, dev, nexthop or metric")
     for nh in nexthops:
-        if nh.gateway is not None and nh.gateway.version != prefix.version and prefix.version == 6:
-            raise RouteSpecError(f"an IPv6 route cannot use IPv4 gateway {nh.gateway}")
+        if nh.gateway is not None and nh.gateway.version != prefix.version:
+            raise RouteSpecError(f"an IPv{prefix.version} route via IPv{nh.gateway.version} gateway "
+                                 f"{nh.gateway} is not supported")
     if rtype == "unicast" and need_target and not nexthops:
         raise RouteSpecError(f"route to {prefix} needs 'via ADDR' or 'dev IFNAME' "
                              f"(or a type: blackhole, unreachable, prohibit, local)")

@@ -64,12 +64,6 @@ enum route_type {
 	RTYPE_MULTIPATH,
 };
 
-enum route_source {
-	RSOURCE_NONE = 0,
-	RSOURCE_KERNEL,
-	RSOURCE_STATIC,
-};
-
 enum fib_mode {
 	FIB_MODE_BPF = 0,
 	FIB_MODE_KERNEL,

@@ -25,7 +25,7 @@ struct route {
 	__u32 nh_id;            /* index into nexthops, for RTYPE_UNICAST */
 	__u8 type;              /* enum route_type */
 	__u8 prefixlen;         /* the matched prefix, reported by route get */
-	__u8 source;            /* enum route_source */
+	__u8 proto;             /* rtm_protocol of the kernel route: who installed it */
 	__u8 flags;
 };
 
@@ -67,7 +67,7 @@ struct fib_result {
 	__u8 dmac[6];
 	__u8 route_type;
 	__u8 prefixlen;
-	__u8 route_source;
+	__u8 route_proto;
 	__u8 neigh_found;
 };
 
@@ -130,7 +130,7 @@ static __always_inline int fib_lookup_bpf(const struct pkt *p, struct fib_result
 		return REASON_PASS_FIB_MISS;
 	res->route_type = rt->type;
 	res->prefixlen = rt->prefixlen;
-	res->route_source = rt->source;
+	res->route_proto = rt->proto;
 	if (rt->type != RTYPE_UNICAST)
 		return route_type_reason(rt->type);
 

@@ -19,7 +19,7 @@ struct probe_meta {
 	__u32 egress_ifindex;
 	__u8 route_type;
 	__u8 prefixlen;
-	__u8 route_source;
+	__u8 route_proto;
 	__u8 flags;
 	__u32 reserved;
 };

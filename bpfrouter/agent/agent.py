@@ -6,6 +6,7 @@ state that the pinned maps and the kernel cannot give back, so it can be
 killed and restarted at any time while the data plane keeps forwarding."""
 from __future__ import annotations
 
+import contextlib
 import errno
 import ipaddress
 import json
@@ -21,16 +22,22 @@ from pathlib import Path
 from pyroute2 import IPRoute
 from pyroute2.netlink.rtnl import (RTMGRP_IPV4_ROUTE, RTMGRP_IPV6_ROUTE, RTMGRP_LINK, RTMGRP_NEIGH)
 
+from pyroute2.netlink.exceptions import NetlinkError
+
 from ..datapath import Datapath, RouterMeta, RUN_ROOT
-from ..fib import Fib, FibError, Nexthop, Route, RouteSource, RouteType, TABLE_MAIN
+from ..datapath.layout import RTPROT_BPFROUTER, proto_name
+from ..fib import Fib, FibError, Route, RouteType, TABLE_MAIN
 from ..interfaces import Interfaces
 from ..neighbors import Neighbors
 from ..routespec import RouteSpec, RouteSpecError, parse_route
-from .kernel import link_from_msg, neigh_from_msg, route_from_msg, route_metric, route_prefix, route_table
+from .kernel import link_from_msg, neigh_from_msg, route_from_msg
 
 log = logging.getLogger("bpfrouter.agent")
 
 GROUPS = RTMGRP_LINK | RTMGRP_NEIGH | RTMGRP_IPV4_ROUTE | RTMGRP_IPV6_ROUTE
+# Receive buffer of the monitor socket. The kernel caps it at net.core.rmem_max;
+# a small value makes overruns (and the resync they trigger) easy to test.
+NETLINK_RCVBUF = int(os.environ.get("BPFROUTER_NETLINK_RCVBUF", 1 << 20))
 
 
 def socket_path(name: str) -> Path:
@@ -68,7 +75,7 @@ class Agent:
             neighs = [n for m in ipr.neigh("dump") if (n := neigh_from_msg(m))]
         with self.lock:
             self._sync_links(links)
-            changed = self.fib.kernel_replace_all(routes)
+            changed = self.fib.replace_all(routes)
             self.neighbors.replace_all(neighs)
             self.stats["resyncs"] += 1
             self.stats["last_resync"] = time.time()
@@ -92,12 +99,9 @@ class Agent:
         with self.lock:
             self.stats["events"] += 1
             if event in ("RTM_NEWROUTE", "RTM_DELROUTE"):
-                if event == "RTM_NEWROUTE":
-                    route = route_from_msg(msg)
-                    if route:
-                        self.fib.kernel_update(route)
-                else:
-                    self.fib.kernel_delete(route_prefix(msg), route_table(msg), route_metric(msg))
+                route = route_from_msg(msg)
+                if route is not None:
+                    (self.fib.update if event == "RTM_NEWROUTE" else self.fib.delete)(route)
             elif event in ("RTM_NEWNEIGH", "RTM_DELNEIGH"):
                 n = neigh_from_msg(msg)
                 if n:
@@ -117,7 +121,7 @@ class Agent:
     def monitor(self) -> None:
         """Netlink event loop; an overrun (ENOBUFS) means events were lost, so resync."""
         while not self.stop.is_set():
-            ipr = IPRoute()
+            ipr = IPRoute(rcvbuf=NETLINK_RCVBUF)
             try:
                 ipr.bind(groups=GROUPS)
                 self.full_sync("start" if not self.ready.is_set() else "monitor restart")
@@ -136,39 +140,47 @@ class Agent:
                 else:
                     self.stats["enobufs"] += 1
                     log.warning("netlink overrun (ENOBUFS): events were lost, resyncing")
+            except Exception:
+                log.exception("netlink monitor failed; restarting it")
+                time.sleep(0.5)
             finally:
-                ipr.close()
+                # pyroute2 re-raises the socket's pending error on close
+                with contextlib.suppress(Exception):
+                    ipr.close()
 
     # --- control API -------------------------------------------------------------
-    def _resolve(self, spec: RouteSpec) -> Route:
-        rtype = RouteType[spec.type.upper()]
-        nexthops = []
-        with IPRoute() as ipr:
-            for nh in spec.nexthops:
-                ifindex = 0
-                if nh.dev:
-                    found = ipr.link_lookup(ifname=nh.dev)
-                    if not found:
-                        raise ApiError(f"unknown interface {nh.dev!r} (see `ip link`)")
-                    ifindex = found[0]
-                elif nh.gateway is not None:
-                    ifindex = self._connected_ifindex(nh.gateway)
-                    if not ifindex:
-                        raise ApiError(f"gateway {nh.gateway} is not on a connected network; "
-                                       f"add `dev IFNAME`")
-                nexthops.append(Nexthop(ifindex, nh.gateway))
-        return Route(spec.prefix, rtype, tuple(nexthops), RouteSource.STATIC, spec.metric)
+    def _kernel_route_args(self, spec: RouteSpec, ipr: IPRoute) -> dict:
+        args: dict = {"dst": str(spec.prefix), "table": TABLE_MAIN, "proto": RTPROT_BPFROUTER,
+                      "priority": spec.metric, "type": spec.type}
+        hops = []
+        for nh in spec.nexthops:
+            hop: dict = {}
+            if nh.dev:
+                found = ipr.link_lookup(ifname=nh.dev)
+                if not found:
+                    raise ApiError(f"unknown interface {nh.dev!r} (see `ip link`)")
+                hop["oif"] = found[0]
+            if nh.gateway is not None:
+                hop["gateway"] = str(nh.gateway)
+            hops.append(hop)
+        if len(hops) == 1:
+            args.update(hops[0])
+        elif hops:
+            args["multipath"] = hops
+        return args
 
-    def _connected_ifindex(self, gw) -> int:
-        best = None
-        for prefix, routes in self.fib.kernel.items():
-            if prefix.version != gw.version or gw not in prefix:
-                continue
-            for (table, _), r in routes.items():
-                if table == TABLE_MAIN and r.type == RouteType.UNICAST and r.nexthops and \
-                        r.nexthops[0].gateway is None and (best is None or prefix.prefixlen > best[0]):
-                    best = (prefix.prefixlen, r.nexthops[0].ifindex)
-        return best[1] if best else 0
+    def _same_slot(self, spec: RouteSpec) -> list[Route]:
+        return [r for r in self.fib.routes(spec.prefix) if r.table == TABLE_MAIN and r.metric == spec.metric]
+
+    def _kernel(self, op: str, args: dict) -> None:
+        """Change the kernel FIB and mirror the kernel's echo of it at once, so the
+        change is in the data plane when the API call returns."""
+        with IPRoute(nlm_echo=True) as ipr:
+            try:
+                for msg in ipr.route(op, **args):
+                    self.handle(msg)
+            except NetlinkError as e:
+                raise ApiError(kernel_error(e, args)) from None
 
     def api(self, req: dict) -> dict:
         op = req.get("op")
@@ -180,18 +192,33 @@ class Agent:
                 return {"pid": os.getpid(), "ready": self.ready.is_set(), **self.stats,
                         "fib": self.fib.sizes()}
             if op in ("route_add", "route_replace"):
-                route = self._resolve(parse_route(args, req.get("family")))
-                self.fib.add_static(route, replace=op == "route_replace")
-                return {"prefix": str(route.prefix)}
+                spec = parse_route(args, req.get("family"))
+                others = [r for r in self._same_slot(spec) if r.proto != RTPROT_BPFROUTER or op == "route_add"]
+                if others:
+                    raise ApiError(f"route {spec.prefix} metric {spec.metric} already exists (proto "
+                                   f"{proto_name(others[0].proto)})"
+                                   + ("; use `route replace`" if others[0].proto == RTPROT_BPFROUTER
+                                      else "; pick another metric"))
+                with IPRoute() as ipr:
+                    kargs = self._kernel_route_args(spec, ipr)
+                self._kernel("replace" if op == "route_replace" else "add", kargs)
+                return {"prefix": str(spec.prefix)}
             if op == "route_del":
                 spec = parse_route(args, req.get("family"), need_target=False)
-                self.fib.del_static(spec.prefix)
+                mine = [r for r in self.fib.routes(spec.prefix)
+                        if r.proto == RTPROT_BPFROUTER and ("metric" not in args or r.metric == spec.metric)]
+                if not mine:
+                    theirs = sorted({proto_name(r.proto) for r in self.fib.routes(spec.prefix)})
+                    where = (f"it comes from proto {', '.join(theirs)}: remove it with `ip route del` "
+                             f"or its routing daemon") if theirs else "there is none"
+                    raise ApiError(f"no bpfrouter route for {spec.prefix}; {where}")
+                for r in mine:
+                    self._kernel("del", {"dst": str(r.prefix), "table": r.table, "proto": r.proto,
+                                         "priority": r.metric, "type": r.type.name.lower()})
                 return {"prefix": str(spec.prefix)}
             if op == "routes":
                 return {"routes": [route_json(r, self.fib.installed.get(r.prefix)) for r in self.fib.routes()]}
-            if op == "resync":
-                pass
-            else:
+            if op != "resync":
                 raise ApiError(f"unknown operation {op!r}")
         self.full_sync("requested")
         return {"resyncs": self.stats["resyncs"]}
@@ -245,11 +272,22 @@ class Agent:
             log.info("agent stopped; the data plane keeps forwarding with its last state")
 
 
+def kernel_error(e: NetlinkError, args: dict) -> str:
+    what = f"route {args['dst']}"
+    known = {
+        17: f"{what} already exists in the kernel FIB",
+        101: f"{what}: gateway {args.get('gateway')} is not on a connected network (add `dev IFNAME`?)",
+        19: f"{what}: no such device",
+        3: f"{what}: no such route",
+    }
+    return known.get(e.code, f"the kernel refused {what}: {e.args[1] if len(e.args) > 1 else e}")
+
+
 def route_json(r: Route, installed=None) -> dict:
     return {
         "prefix": str(r.prefix),
         "type": r.installed_type.name.lower(),
-        "source": r.source.name.lower(),
+        "proto": proto_name(r.proto),
         "table": {254: "main", 255: "local"}.get(r.table, str(r.table)),
         "nexthops": [{"ifindex": nh.ifindex, "gateway": str(nh.gateway) if nh.gateway else None}
                      for nh in r.nexthops],

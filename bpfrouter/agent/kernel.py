@@ -4,19 +4,12 @@ from __future__ import annotations
 import ipaddress
 from dataclasses import dataclass
 
-from ..fib import TABLE_LOCAL, TABLE_MAIN, Nexthop, Route, RouteSource, RouteType
+from ..fib import TABLE_LOCAL, TABLE_MAIN, Nexthop, Route, RouteType
 from ..routespec import IPAddress
 
 RTN = {1: RouteType.UNICAST, 2: RouteType.LOCAL, 3: RouteType.LOCAL, 4: RouteType.LOCAL,
        6: RouteType.BLACKHOLE, 7: RouteType.UNREACHABLE, 8: RouteType.PROHIBIT}
 RTM_F_CLONED = 0x200
-
-
-@dataclass(frozen=True)
-class KernelRouteKey:
-    prefix: object
-    table: int
-    metric: int
 
 
 def route_table(msg) -> int:
@@ -28,15 +21,6 @@ def route_prefix(msg):
     if dst is None:
         dst = "0.0.0.0" if msg["family"] == 2 else "::"
     return ipaddress.ip_network(f"{dst}/{msg['dst_len']}", strict=False)
-
-
-def route_metric(msg) -> int:
-    """Key that tells apart kernel routes of one prefix: metric, plus the device
-    for IPv6, where one prefix (fe80::/64) lives once per interface."""
-    metric = msg.get_attr("RTA_PRIORITY") or 0
-    if msg["family"] == 10:
-        metric = (metric << 24) | (msg.get_attr("RTA_OIF") or 0)
-    return metric
 
 
 def _gateway(attrs_get) -> IPAddress | None:
@@ -68,8 +52,8 @@ def route_from_msg(msg) -> Route | None:
         if not oif:
             return None
         nexthops.append(Nexthop(oif, _gateway(msg.get_attr)))
-    return Route(route_prefix(msg), rtype, tuple(nexthops), RouteSource.KERNEL,
-                 route_metric(msg), table)
+    return Route(route_prefix(msg), rtype, tuple(nexthops), msg["proto"],
+                 msg.get_attr("RTA_PRIORITY") or 0, table)
 
 
 def neigh_from_msg(msg) -> tuple[int, IPAddress, bytes | None, int] | None:

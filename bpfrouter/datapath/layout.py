@@ -81,10 +81,16 @@ class RouteType(enum.IntEnum):
     MULTIPATH = 6
 
 
-class RouteSource(enum.IntEnum):
-    NONE = 0
-    KERNEL = 1
-    STATIC = 2
+# rtm_protocol values: who installed a route (iproute2's rt_protos).
+RTPROT_BPFROUTER = 250
+PROTO_NAMES = {0: "unspec", 1: "redirect", 2: "kernel", 3: "boot", 4: "static", 8: "gated", 9: "ra",
+               10: "mrt", 11: "zebra", 12: "bird", 13: "dnrouted", 14: "xorp", 15: "ntk", 16: "dhcp",
+               17: "keepalived", 18: "babel", 42: "openr", 99: "openr", 186: "bgp", 187: "isis",
+               188: "ospf", 189: "rip", 192: "eigrp", RTPROT_BPFROUTER: "bpfrouter"}
+
+
+def proto_name(proto: int) -> str:
+    return PROTO_NAMES.get(proto, str(proto))
 
 
 class FibMode(enum.IntEnum):
@@ -117,7 +123,7 @@ class Route6Key(ctypes.Structure):
 
 
 class RouteValue(ctypes.Structure):
-    _fields_ = [("nh_id", u32), ("type", u8), ("prefixlen", u8), ("source", u8), ("flags", u8)]
+    _fields_ = [("nh_id", u32), ("type", u8), ("prefixlen", u8), ("proto", u8), ("flags", u8)]
 
 
 class NexthopValue(ctypes.Structure):
@@ -126,7 +132,7 @@ class NexthopValue(ctypes.Structure):
 
 class ProbeMeta(ctypes.Structure):
     _fields_ = [("magic", u32), ("reason", u32), ("nh_id", u32), ("egress_ifindex", u32),
-                ("route_type", u8), ("prefixlen", u8), ("route_source", u8), ("flags", u8),
+                ("route_type", u8), ("prefixlen", u8), ("route_proto", u8), ("flags", u8),
                 ("reserved", u32)]
 
 
@@ -147,7 +153,6 @@ STRUCTS: dict[str, type[ctypes.Structure]] = {
 ENUMS: dict[str, tuple[type[enum.IntEnum], str]] = {
     "reason": (Reason, "REASON_"),
     "route_type": (RouteType, "RTYPE_"),
-    "route_source": (RouteSource, "RSOURCE_"),
 }
 
 

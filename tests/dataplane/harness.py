@@ -18,7 +18,7 @@ from typing import Callable
 from bpfrouter import netns
 from bpfrouter.datapath import Datapath
 from bpfrouter.datapath import layout as lo
-from bpfrouter.fib import Fib, Nexthop, Route, RouteSource, RouteType
+from bpfrouter.fib import Fib, Nexthop, Route, RouteType
 from bpfrouter.interfaces import Interfaces
 from bpfrouter.neighbors import Neighbors
 from bpfrouter.observe import read_counters
@@ -73,10 +73,10 @@ class Env:
         return ":".join(f"{b:02x}" for b in self.mac["dpt1"])
 
 
-def _static_routes(ifx: dict[str, int]) -> list[Route]:
+def _bpf_routes(ifx: dict[str, int]) -> list[Route]:
     n = ipaddress.ip_network
     a = ipaddress.ip_address
-    U, S = RouteType.UNICAST, RouteSource.STATIC
+    U = RouteType.UNICAST
     return [
         Route(n("10.2.0.0/24"), U, (Nexthop(ifx["dpt1"]),)),
         Route(n("10.3.0.0/24"), U, (Nexthop(ifx["dpt2"]),)),
@@ -114,8 +114,8 @@ def setup_env(object_path: str) -> Env:
                 ifaces.configure(ifindex[d], mac[d], mtu)
             if mode == "bpf":
                 fib = Fib(dp)
-                for r in _static_routes(ifindex):
-                    fib.add_static(r)
+                for r in _bpf_routes(ifindex):
+                    fib.update(r)
                 nb = Neighbors(dp)
                 for addr, m, dev in (("10.2.0.2", MAC_GW, "dpt1"), ("10.2.0.3", MAC_GW, "dpt1"),
                                      ("10.2.0.9", MAC_H9, "dpt1"), ("10.3.0.2", MAC_UNMANAGED, "dpt2"),

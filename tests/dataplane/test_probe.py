@@ -18,7 +18,7 @@ def _probe(env, mode, dst, **kw):
 def test_probe_forwarded_bpf(env):
     d = _probe(env, "bpf", "10.20.9.9")
     assert (d.verdict, d.reason.name, d.action) == ("redirect", "FWD_IPV4", "redirect")
-    assert d.prefix == "10.20.0.0/16" and d.source == "static" and d.route_type == "unicast"
+    assert d.prefix == "10.20.0.0/16" and d.proto == "bpfrouter" and d.route_type == "unicast"
     assert d.gateway == "10.2.0.2" and d.neigh_found and d.dmac == MAC_GW
     assert d.egress_ifindex == env.ifindex["dpt1"] and d.ttl_out == 63
 

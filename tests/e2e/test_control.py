@@ -1,0 +1,105 @@
+"""Control plane against a running BPF-FIB router: CLI routes, sources and
+precedence, agent restart, netlink overrun resync."""
+import os
+import signal
+
+from .conftest import wait_for
+
+
+def test_cli_route_add_del(bpf_router):
+    r, lab = bpf_router, bpf_router.lab
+    lab.run("h2", ["ip", "addr", "add", "10.99.0.1/32", "dev", "lo"], check=True)
+    assert r.ping("h1", "10.0.2.2", count=1)
+    r.cli("route", "add", "10.99.0.0/16", "via", "10.0.2.2")
+    got = r.json("route", "get", "10.99.0.1")
+    assert got["route"] == {"prefix": "10.99.0.0/16", "type": "unicast", "proto": "bpfrouter"}
+    kernel = lab.run("r", ["ip", "route", "show", "10.99.0.0/16"], check=True).stdout
+    assert "via 10.0.2.2" in kernel and "proto 250" in kernel, "the kernel FIB must hold the route too"
+    assert got["nexthop"]["gateway"] == "10.0.2.2" and got["egress"] == "r-eth1" and got["verdict"] == "redirect"
+    before = r.forwarded()
+    assert r.ping("h1", "10.99.0.1", count=3)
+    assert r.forwarded() - before >= 6
+    shown = [x for x in r.json("route", "show") if x["prefix"] == "10.99.0.0/16"]
+    assert shown == [{"prefix": "10.99.0.0/16", "type": "unicast", "proto": "bpfrouter",
+                      "gateway": "10.0.2.2", "dev": "r-eth1", "nexthop_id": shown[0]["nexthop_id"]}]
+    dup = r.cli("route", "add", "10.99.0.0/16", "via", "10.0.2.2", check=False)
+    assert dup.returncode != 0 and "already exists" in dup.stderr
+    r.cli("route", "replace", "10.99.0.0/16", "dev", "r-eth1")
+    assert r.json("route", "get", "10.99.0.1")["nexthop"]["gateway"] is None
+    r.cli("route", "del", "10.99.0.0/16")
+    assert r.json("route", "get", "10.99.0.1")["reason"] == "fib_miss"
+    assert not r.ping("h1", "10.99.0.1", count=1)
+
+
+def test_bpfrouter_route_with_lower_metric_wins_and_blackhole_counts_drops(bpf_router):
+    r, lab = bpf_router, bpf_router.lab
+    lab.run("h2", ["ip", "addr", "add", "10.93.0.1/32", "dev", "lo"], check=True)
+    # a routing daemon's route, as `ip route` installs it
+    lab.run("r", ["ip", "route", "add", "10.93.0.0/16", "via", "10.0.2.2", "metric", "100"], check=True)
+    assert r.ping("h1", "10.93.0.1", count=1)
+    r.cli("route", "add", "blackhole", "10.93.0.0/16")
+    assert r.json("route", "get", "10.93.0.1")["route"] == {"prefix": "10.93.0.0/16", "type": "blackhole",
+                                                            "proto": "bpfrouter"}
+    before = r.counter("r-eth0", "blackhole")
+    assert not r.ping("h1", "10.93.0.1", count=3)
+    assert r.counter("r-eth0", "blackhole") - before == 3
+    r.cli("route", "del", "10.93.0.0/16")
+    got = r.json("route", "get", "10.93.0.1")
+    assert got["route"]["proto"] == "boot" and got["route"]["type"] == "unicast"
+    assert r.ping("h1", "10.93.0.1", count=1)
+    theirs = r.cli("route", "del", "10.93.0.0/16", check=False)
+    assert theirs.returncode != 0 and "proto boot" in theirs.stderr and "ip route del" in theirs.stderr
+    same_slot = r.cli("route", "add", "10.0.2.0/24", "dev", "r-eth1", check=False)
+    assert same_slot.returncode != 0 and "already exists (proto kernel)" in same_slot.stderr
+    lab.run("r", ["ip", "route", "del", "10.93.0.0/16"], check=True)
+
+
+def test_ipv6_static_route(bpf_router):
+    r, lab = bpf_router, bpf_router.lab
+    lab.run("h2", ["ip", "-6", "addr", "add", "fd99::1/128", "dev", "lo"], check=True)
+    r.cli("route", "add", "fd99::/64", "via", "fd00:2::2")
+    assert r.ping("h1", "fd99::1", count=2)
+    assert r.json("route", "get", "fd99::1")["route"]["proto"] == "bpfrouter"
+    r.cli("route", "add", "-6", "default", "via", "fd00:2::2")
+    assert r.json("route", "get", "2001:db8::1")["route"]["prefix"] == "::/0"
+    r.cli("route", "del", "-6", "default")
+    r.cli("route", "del", "fd99::/64")
+
+
+def test_agent_restart_keeps_forwarding_and_resyncs(bpf_router):
+    r, lab = bpf_router, bpf_router.lab
+    r.cli("route", "add", "10.95.0.0/16", "via", "10.0.2.2")
+    pid = r.json("status")["agent"]["pid"]
+    os.kill(pid, signal.SIGKILL)
+    assert wait_for(lambda: not r.json("status")["agent"]["running"])
+    before = r.forwarded()
+    assert r.ping("h1", "10.0.2.2", count=3), "forwarding stopped with the agent"
+    assert r.forwarded() - before >= 6
+    lab.run("r", ["ip", "route", "add", "10.94.0.0/16", "via", "10.0.2.2"], check=True)
+    assert r.json("route", "get", "10.94.0.1")["reason"] == "fib_miss"  # nobody mirrors it yet
+    r.cli("agent", "start")
+    assert r.json("route", "get", "10.94.0.1")["route"]["proto"] == "boot"
+    assert r.json("route", "get", "10.95.0.1")["route"]["proto"] == "bpfrouter", "bpfrouter route lost on restart"
+    r.cli("route", "del", "10.95.0.0/16")
+    lab.run("r", ["ip", "route", "del", "10.94.0.0/16"], check=True)
+
+
+def test_netlink_overrun_triggers_full_resync(bpf_router, tmp_path):
+    r, lab = bpf_router, bpf_router.lab
+    r.cli("agent", "stop")
+    env = dict(os.environ, BPFROUTER_NETLINK_RCVBUF="4096")
+    import subprocess, sys
+    subprocess.run([sys.executable, "-m", "bpfrouter", "agent", "start", "--name", r.name], env=env,
+                   check=True, capture_output=True)
+    base = r.json("status")["fib"]["ipv4"]
+    batch = tmp_path / "routes"
+    batch.write_text("".join(f"route add 10.{200 + i // 250}.{i % 250}.0/24 via 10.0.2.2\n" for i in range(3000)))
+    lab.run("r", ["ip", "-batch", str(batch)], check=True)
+    assert wait_for(lambda: r.json("status")["fib"]["ipv4"] == base + 3000, timeout=10)
+    st = r.json("status")
+    assert st["agent"]["enobufs"] >= 1, "the overrun did not happen; the test proves nothing"
+    assert r.json("route", "get", "10.211.5.1")["route"]["prefix"] == "10.211.5.0/24"
+    lab.run("r", ["ip", "route", "flush", "proto", "boot"], check=True)
+    assert wait_for(lambda: r.json("status")["fib"]["ipv4"] == base, timeout=10)
+    r.cli("agent", "stop")
+    r.cli("agent", "start")
