@@ -23,7 +23,7 @@ from .interfaces import Interfaces, InterfaceError
 from .lab import Lab, LabError, list_labs
 from .netns import NetnsError
 from .observe import probe
-from .routespec import RouteSpecError, parse_address
+from .routespec import RouteSpecError, parse_address, parse_route
 
 console = Console(highlight=False, soft_wrap=True)
 USER_ERRORS = (DatapathError, BpfError, AgentUnavailable, NetnsError, RouteSpecError, LayoutMismatch,
@@ -146,6 +146,7 @@ def _family(v4: bool, v6: bool) -> int | None:
 
 
 def _route_change(op: str, name, args, v4, v6):
+    parse_route(list(args), _family(v4, v6), need_target=op != "route_del")  # syntax first
     meta = router.resolve(name)
     resp = request(meta.name, op, args=list(args), family=_family(v4, v6))
     if not resp.get("ok"):
@@ -215,7 +216,7 @@ def route_get(address, extra, name, as_json, pretty):
     opts = dict(zip(extra[::2], extra[1::2]))
     unknown = set(opts) - {"from", "iif", "ttl"} or (len(extra) % 2 and {extra[-1]})
     if unknown:
-        raise click.UsageError(f"unexpected {sorted(unknown)[0]!r}: expected from SRC, iif IFACE, ttl N")
+        raise click.ClickException(f"unexpected {sorted(unknown)[0]!r}: expected from SRC, iif IFACE, ttl N")
     meta = router.resolve(name)
     dp = Datapath.open(meta.name)
     try:
@@ -364,6 +365,17 @@ def lab_list():
 
 def main():
     try:
-        cli(prog_name="bpfrouter")
-    except KeyboardInterrupt:
+        cli.main(prog_name="bpfrouter", standalone_mode=False)
+    except click.UsageError as e:  # one line, not click's usage block
+        where = f"bpfrouter {e.ctx.command_path.split(' ', 1)[1]} --help" if e.ctx and ' ' in e.ctx.command_path \
+            else "bpfrouter --help"
+        click.echo(f"Error: {e.format_message()} (see `{where}`)", err=True)
+        sys.exit(2)
+    except click.ClickException as e:
+        e.show()
+        sys.exit(e.exit_code)
+    except (click.Abort, KeyboardInterrupt):
+        click.echo("Aborted.", err=True)
         sys.exit(130)
+    except click.exceptions.Exit as e:
+        sys.exit(e.exit_code)

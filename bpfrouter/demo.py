@@ -1,0 +1,117 @@
+"""`make demo`: a tour of bpfrouter on the built-in namespace lab.
+
+Builds the lab, starts bpfrouter in the router namespace, sends real traffic
+(ping and TCP, IPv4 and IPv6), and shows from the counters that XDP
+redirected the packets while the kernel forwarded none of them."""
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import subprocess
+import sys
+import time
+
+from rich.console import Console
+from rich.rule import Rule
+
+from .lab import Lab
+
+console = Console(highlight=False, soft_wrap=True)
+LAB = "demo"
+
+
+def sh(argv: list[str], show: bool = True, check: bool = True, display: list[str] | None = None) -> str:
+    if show:
+        console.print(f"[bold cyan]$ {shlex.join(display or argv)}[/]")
+    proc = subprocess.run(argv, capture_output=True, text=True)
+    out = (proc.stdout + proc.stderr).rstrip()
+    if show and out:
+        console.print(out, markup=False)
+    if check and proc.returncode != 0:
+        raise SystemExit(f"demo step failed: {shlex.join(argv)}\n{out}")
+    return proc.stdout
+
+
+def bpfrouter(*args: str, show: bool = True) -> str:
+    return sh([sys.executable, "-m", "bpfrouter", *args], show, display=["bpfrouter", *args])
+
+
+def in_ns(lab: Lab, node: str, argv: list[str], show: bool = True, check: bool = True) -> str:
+    return sh(["ip", "netns", "exec", lab.ns(node), *argv], show, check)
+
+
+def kernel_forwarded(lab: Lab) -> int:
+    snmp = in_ns(lab, "r", ["cat", "/proc/net/snmp"], show=False).splitlines()
+    hdr, val = [l.split() for l in snmp if l.startswith("Ip:")][:2]
+    six = dict(l.split() for l in in_ns(lab, "r", ["cat", "/proc/net/snmp6"], show=False).splitlines())
+    return int(val[hdr.index("ForwDatagrams")]) + int(six["Ip6OutForwDatagrams"])
+
+
+def iperf(lab: Lab, dst: str) -> str:
+    server = subprocess.Popen(lab.cmd("h2", ["iperf3", "-s", "-1", "-B", dst]), stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL)
+    try:
+        for _ in range(50):
+            if in_ns(lab, "h2", ["ss", "-ltn"], show=False).count(":5201"):
+                break
+            time.sleep(0.1)
+        console.print(f"[bold cyan]$ ip netns exec {lab.ns('h1')} iperf3 -c {dst} -t 2[/]")
+        out = json.loads(in_ns(lab, "h1", ["iperf3", "-c", dst, "-t", "2", "-J"], show=False))
+        bps = out["end"]["sum_received"]["bits_per_second"]
+        sent = out["end"]["sum_received"]["bytes"]
+        console.print(f"TCP {lab.addr('h1', 6 if ':' in dst else 4)} -> {dst}: "
+                      f"{sent / 1e6:.0f} MB in 2 s, {bps / 1e9:.2f} Gbit/s")
+    finally:
+        server.kill()
+    return ""
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--keep", action="store_true", help="leave the lab and router up at the end")
+    args = ap.parse_args()
+    lab = Lab(LAB)
+    console.print(Rule("bpfrouter demo"))
+    console.print("A lab of three network namespaces: h1 -- router -- h2, on two IPv4/IPv6 subnets.\n")
+    bpfrouter("lab", "up", "--lab", LAB)
+    try:
+        console.print(Rule("start the router: XDP on both router interfaces"))
+        bpfrouter("--netns", lab.router_ns, "up", "r-eth0", "r-eth1", "--name", LAB)
+        console.print(Rule("real traffic across the router"))
+        fwd0 = kernel_forwarded(lab)
+        in_ns(lab, "h1", ["ping", "-c", "3", "-i", "0.2", lab.addr("h2")])
+        in_ns(lab, "h1", ["ping", "-c", "3", "-i", "0.2", lab.addr("h2", 6)])
+        iperf(lab, lab.addr("h2"))
+        iperf(lab, lab.addr("h2", 6))
+        console.print(Rule("what the XDP path did"))
+        bpfrouter("status", "--name", LAB)
+        st = json.loads(bpfrouter("status", "--name", LAB, "-j", show=False))
+        kernel = kernel_forwarded(lab) - fwd0
+        console.print(f"\n[bold green]{st['totals']['redirect']}[/] packets were forwarded by XDP "
+                      f"(XDP_REDIRECT); the router's kernel forwarded [bold]{kernel}[/] "
+                      f"(its ForwDatagrams counters in /proc/net/snmp and snmp6).")
+        console.print("The first packet to each neighbor goes to the kernel ('no_neigh') so it resolves "
+                      "the MAC; the rest take the fast path.\n")
+        console.print(Rule("ask the data plane itself"))
+        bpfrouter("route", "get", lab.addr("h2"), "--name", LAB)
+        bpfrouter("route", "get", lab.addr("h2", 6), "--name", LAB)
+        console.print(Rule("routes: from the kernel (any routing daemon) and from bpfrouter"))
+        in_ns(lab, "h2", ["ip", "addr", "add", "10.99.0.1/32", "dev", "lo"], show=False)
+        bpfrouter("route", "add", "10.99.0.0/16", "via", lab.addr("h2"), "--name", LAB)
+        bpfrouter("route", "get", "10.99.0.1", "--name", LAB)
+        in_ns(lab, "h1", ["ping", "-c", "2", "-i", "0.2", "10.99.0.1"])
+        bpfrouter("route", "add", "blackhole", "10.66.0.0/16", "--name", LAB)
+        bpfrouter("route", "show", "-4", "--name", LAB)
+    finally:
+        if args.keep:
+            console.print(Rule("left running"))
+            console.print(f"explore: bpfrouter status --name {LAB}; ip netns exec {lab.ns('h1')} ping {lab.addr('h2')}\n"
+                          f"tear down: bpfrouter lab down --lab {LAB}")
+        else:
+            console.print(Rule("tear down"))
+            bpfrouter("lab", "down", "--lab", LAB)
+
+
+if __name__ == "__main__":
+    main()
