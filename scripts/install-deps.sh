@@ -4,7 +4,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-PKGS=(clang-19 llvm-19 libbpf-dev libbpf1 bpftool iproute2 iputils-ping ethtool iperf3 netsniff-ng
+PKGS=(clang-19 llvm-19 libbpf-dev libbpf1 bpftool iproute2 iputils-ping ethtool iperf3
       util-linux python3-venv)
 missing=()
 for p in "${PKGS[@]}"; do

@@ -5,6 +5,8 @@ from scapy.layers.inet6 import ICMPv6ND_NS, IPv6, IPv6ExtHdrHopByHop, ICMPv6Echo
 from scapy.layers.l2 import ARP, Dot1AD, Dot1Q, Ether
 from scapy.packet import Raw
 
+from bpfrouter.datapath.layout import Reason
+
 from .harness import (MAC_GW, MAC_GW6, MAC_H9, XDP_DROP, XDP_PASS, XDP_REDIRECT, Case, run_packet)
 
 SRC = "10.1.0.2"
@@ -127,3 +129,33 @@ def test_payload_untouched_by_forwarding(env, mode):
     # only TTL and checksum change in the IPv4 header
     diff = [i for i in range(14, 34) if res.out[i] != frame[i]]
     assert set(diff) <= {14 + 8, 14 + 10, 14 + 11}
+
+
+def test_unknown_ingress_interface_is_passed_and_counted(env):
+    """dpt2 runs no bpfrouter configuration: counted under ingress 0."""
+    from bpfrouter import netns
+    from bpfrouter.observe import read_counters
+    from .harness import NS
+    dp = env.dps["bpf"]
+    frame = v4("10.20.1.2")(env)
+    with netns.entered(NS):
+        before = read_counters(dp).get((0, Reason.PASS_UNKNOWN_IFACE), (0, 0))[0]
+        res = dp.program.test_run(frame, ingress_ifindex=env.ifindex["dpt2"])
+        after = read_counters(dp).get((0, Reason.PASS_UNKNOWN_IFACE), (0, 0))[0]
+    assert res.retval == XDP_PASS and res.data == frame and after - before == 1
+
+
+def test_route_to_an_empty_nexthop_is_passed(env):
+    """A route whose next hop was cleared (a transient during updates) goes to the kernel."""
+    import ipaddress
+    from bpfrouter import netns
+    from bpfrouter.datapath import layout as lo
+    from bpfrouter.fib import _fib_key
+    dp = env.dps["bpf"]
+    key = _fib_key(ipaddress.ip_network("10.55.0.0/16"))
+    dp.fib4.update(key, lo.RouteValue(nh_id=60000, type=lo.RouteType.UNICAST, prefixlen=16))
+    try:
+        res = run_packet(env, "bpf", v4("10.55.0.1")(env))
+        assert (res.action, res.reason.name) == (XDP_PASS, "PASS_NEXTHOP_INVALID")
+    finally:
+        dp.fib4.delete(key)
