@@ -48,25 +48,13 @@ def cli(*args, netns_name=None):
     return subprocess.run(argv, check=True, capture_output=True, text=True, cwd=ROOT).stdout
 
 
-def link_info(lab: Lab, node: str, ifname: str) -> tuple[int, bytes]:
-    def read():
-        import socket
-        idx = socket.if_nametoindex(ifname)
-        with open(f"/sys/class/net/{ifname}/address") as f:
-            return idx, mac_bytes(f.read().strip())
-    # /sys/class/net reflects the mounting namespace; read via ip instead
-    out = lab.run(node, ["ip", "-j", "link", "show", ifname], check=True).stdout
-    d = json.loads(out)[0]
-    return d["ifindex"], mac_bytes(d["address"])
-
-
 def ns_per_packet(prog, frame: bytes, ifindex: int, repeat: int, rounds: int) -> float:
     runs = [prog.test_run(frame, ingress_ifindex=ifindex, repeat=repeat).duration_ns for _ in range(rounds)]
     return statistics.median(runs)
 
 
 def bench_prog_test_run(lab: Lab, repeat: int, rounds: int) -> list[dict]:
-    r_eth0, r_mac = link_info(lab, "r", "r-eth0")
+    r_eth0, r_mac = lab.link("r", "r-eth0")
     v4 = udp_probe(lab.addr("h1"), lab.addr("h2"), r_mac)
     v6 = udp_probe(lab.addr("h1", 6), lab.addr("h2", 6), r_mac)
     miss = udp_probe(lab.addr("h1"), "198.51.100.1", r_mac)
@@ -82,7 +70,7 @@ def bench_prog_test_run(lab: Lab, repeat: int, rounds: int) -> list[dict]:
         try:
             ifaces = Interfaces(kernel_dp)
             for name in ("r-eth0", "r-eth1"):
-                idx, mac = link_info(lab, "r", name)
+                idx, mac = lab.link("r", name)
                 ifaces.configure(idx, mac, 1500)
             for label, prog, frame, want in (
                     ("bpfrouter, BPF FIB, IPv4 forward", dp.program, v4, 4),
@@ -125,9 +113,9 @@ def load_baseline(prog: str, frame: bytes | None = None):
 def bench_forwarding(lab: Lab, packets: int, rounds: int) -> list[dict]:
     """Kernel forwarding vs XDP: the same live-frames generator in h1, the same
     topology, a counting XDP sink at h2 (packets that really arrived)."""
-    r_idx, r_mac = link_info(lab, "r", "r-eth0")
-    h1_idx, h1_mac = link_info(lab, "h1", "h1-eth0")
-    h2_idx, _ = link_info(lab, "h2", "h2-eth0")
+    r_idx, r_mac = lab.link("r", "r-eth0")
+    h1_idx, h1_mac = lab.link("h1", "h1-eth0")
+    h2_idx, _ = lab.link("h2", "h2-eth0")
     for v in (4, 6):
         lab.run("h1", ["ping", "-c", "2", "-i", "0.2", lab.addr("h2", v)], check=True)
     # A veth takes XDP frames only into NAPI: GRO on the router port gives the
@@ -166,14 +154,14 @@ def bench_forwarding(lab: Lab, packets: int, rounds: int) -> list[dict]:
         floor_link.close()
         floor_obj.close()
         far_map = far.map("sink_packets", lo.u32, lo.u64)
-        fwd0 = _forw(lab)
+        fwd0 = lab.kernel_forwarded()
         rows.append(measure("kernel forwarding (no XDP on the router)", far_map))
-        rows[-1]["kernel_forwarded"] = _forw(lab) - fwd0
+        rows[-1]["kernel_forwarded"] = lab.kernel_forwarded() - fwd0
         cli("up", "r-eth0", "r-eth1", "--name", "bench-fwd", netns_name=lab.router_ns)
         try:
-            fwd0 = _forw(lab)
+            fwd0 = lab.kernel_forwarded()
             rows.append(measure("bpfrouter XDP, BPF FIB", far_map))
-            rows[-1]["kernel_forwarded"] = _forw(lab) - fwd0
+            rows[-1]["kernel_forwarded"] = lab.kernel_forwarded() - fwd0
         finally:
             cli("down", "--name", "bench-fwd")
     finally:
@@ -184,12 +172,6 @@ def bench_forwarding(lab: Lab, packets: int, rounds: int) -> list[dict]:
     for r in rows:
         r["minus_floor_ns"] = r["cpu_ns_per_packet"] - floor_ns
     return rows
-
-
-def _forw(lab: Lab) -> int:
-    snmp = lab.run("r", ["cat", "/proc/net/snmp"], check=True).stdout.splitlines()
-    hdr, val = [l.split() for l in snmp if l.startswith("Ip:")][:2]
-    return int(val[hdr.index("ForwDatagrams")])
 
 
 def main() -> None:

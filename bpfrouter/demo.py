@@ -41,13 +41,6 @@ def in_ns(lab: Lab, node: str, argv: list[str], show: bool = True, check: bool =
     return sh(["ip", "netns", "exec", lab.ns(node), *argv], show, check)
 
 
-def kernel_forwarded(lab: Lab) -> int:
-    snmp = in_ns(lab, "r", ["cat", "/proc/net/snmp"], show=False).splitlines()
-    hdr, val = [l.split() for l in snmp if l.startswith("Ip:")][:2]
-    six = dict(l.split() for l in in_ns(lab, "r", ["cat", "/proc/net/snmp6"], show=False).splitlines())
-    return int(val[hdr.index("ForwDatagrams")]) + int(six["Ip6OutForwDatagrams"])
-
-
 def iperf(lab: Lab, dst: str) -> str:
     server = subprocess.Popen(lab.cmd("h2", ["iperf3", "-s", "-1", "-B", dst]), stdout=subprocess.DEVNULL,
                               stderr=subprocess.DEVNULL)
@@ -79,7 +72,7 @@ def main() -> None:
         console.print(Rule("start the router: XDP on both router interfaces"))
         bpfrouter("--netns", lab.router_ns, "up", "r-eth0", "r-eth1", "--name", LAB)
         console.print(Rule("real traffic across the router"))
-        fwd0 = kernel_forwarded(lab)
+        fwd0 = lab.kernel_forwarded()
         in_ns(lab, "h1", ["ping", "-c", "3", "-i", "0.2", lab.addr("h2")])
         in_ns(lab, "h1", ["ping", "-c", "3", "-i", "0.2", lab.addr("h2", 6)])
         iperf(lab, lab.addr("h2"))
@@ -87,7 +80,7 @@ def main() -> None:
         console.print(Rule("what the XDP path did"))
         bpfrouter("status", "--name", LAB)
         st = json.loads(bpfrouter("status", "--name", LAB, "-j", show=False))
-        kernel = kernel_forwarded(lab) - fwd0
+        kernel = lab.kernel_forwarded() - fwd0
         console.print(f"\n[bold green]{st['totals']['redirect']}[/] packets were forwarded by XDP "
                       f"(XDP_REDIRECT); the router's kernel forwarded [bold]{kernel}[/] "
                       f"(its ForwDatagrams counters in /proc/net/snmp and snmp6).")

@@ -140,6 +140,20 @@ class Lab:
             if netns.exists(ns):
                 pr_netns.remove(ns)
 
+    def link(self, node: str, ifname: str) -> tuple[int, bytes]:
+        """(ifindex, MAC) of an interface of a node."""
+        with IPRoute(netns=self.ns(node)) as ipr:
+            msg = ipr.link("get", index=ipr.link_lookup(ifname=ifname)[0])[0]
+        return msg["index"], bytes.fromhex(msg.get_attr("IFLA_ADDRESS").replace(":", ""))
+
+    def kernel_forwarded(self, node: str = "r") -> int:
+        """Datagrams the node's kernel forwarded, IPv4 and IPv6 (ForwDatagrams):
+        what proves whether XDP or the kernel forwarded a flow."""
+        snmp = self.run(node, ["cat", "/proc/net/snmp"], check=True).stdout.splitlines()
+        hdr, val = [line.split() for line in snmp if line.startswith("Ip:")][:2]
+        snmp6 = dict(line.split() for line in self.run(node, ["cat", "/proc/net/snmp6"], check=True).stdout.splitlines())
+        return int(val[hdr.index("ForwDatagrams")]) + int(snmp6["Ip6OutForwDatagrams"])
+
     def cmd(self, node: str, argv: list[str]) -> list[str]:
         return netns.command_prefix(self.ns(node)) + argv
 

@@ -39,12 +39,7 @@ class LabRouter:
         return self.lab.run(src, ["ping", "-c", str(count), "-i", "0.2", "-W", "2", dst]).returncode == 0
 
     def kernel_forwarded(self) -> int:
-        """Datagrams the router namespace's kernel forwarded (IPv4 + IPv6)."""
-        snmp = self.lab.run("r", ["cat", "/proc/net/snmp"], check=True).stdout.splitlines()
-        hdr, val = [l.split() for l in snmp if l.startswith("Ip:")][:2]
-        v4 = int(val[hdr.index("ForwDatagrams")])
-        snmp6 = dict(l.split() for l in self.lab.run("r", ["cat", "/proc/net/snmp6"], check=True).stdout.splitlines())
-        return v4 + int(snmp6["Ip6OutForwDatagrams"])
+        return self.lab.kernel_forwarded()
 
     def transfer(self, dst_node: str, dst_addr: str, size: int, port: int = 5001) -> tuple[str, str]:
         server = self.lab.popen(dst_node, [sys.executable, str(HERE / "tcp_transfer.py"), "server", dst_addr, str(port)],
