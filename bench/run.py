@@ -23,7 +23,6 @@ import os
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -36,7 +35,7 @@ from bpfrouter.datapath import Datapath  # noqa: E402
 from bpfrouter.datapath import layout as lo  # noqa: E402
 from bpfrouter.interfaces import Interfaces  # noqa: E402
 from bpfrouter.lab import Lab  # noqa: E402
-from bpfrouter.packet import mac_bytes, udp_probe  # noqa: E402
+from bpfrouter.packet import udp_probe  # noqa: E402
 
 BASELINE = str(ROOT / "build" / "baseline.bpf.o")
 OBJECT = str(ROOT / "build" / "router.bpf.o")
@@ -141,7 +140,7 @@ def bench_forwarding(lab: Lab, packets: int, rounds: int) -> list[dict]:
             dt = netns.run_in(lab.ns("h1"), send, packets)
             got, jiffies = sink_count(sink_map) - n0, busy_jiffies() - j0
             samples.append((got / dt, jiffies * (1e9 / os.sysconf("SC_CLK_TCK")) / max(got, 1), got / packets))
-        pps, cpu, delivered = (statistics.median(x) for x in zip(*samples))
+        pps, cpu, delivered = (statistics.median(x) for x in zip(*samples, strict=True))
         return {"case": case, "delivered_pps": pps, "cpu_ns_per_packet": cpu, "delivered_fraction": delivered}
 
     rows = []

@@ -1,13 +1,11 @@
 """The `bpfrouter` command."""
 from __future__ import annotations
 
-import ipaddress
 import json
 import logging
 import os
 import socket
 import sys
-import time
 
 import click
 from rich.console import Console
@@ -16,7 +14,7 @@ from rich.table import Table
 from . import netns, router
 from .agent.client import AgentUnavailable, agent_pid, log_path, request, start_agent, stop_agent
 from .bpf import BpfError
-from .datapath import Datapath, DatapathError, RouterMeta, running_routers
+from .datapath import Datapath, DatapathError
 from .datapath.layout import LayoutMismatch, RouteType, proto_name
 from .fib import read_installed
 from .interfaces import Interfaces, InterfaceError
@@ -153,29 +151,33 @@ def _route_change(op: str, name, args, v4, v6):
         raise click.ClickException(resp.get("error", "request failed"))
 
 
-for _op, _help in (("add", "Add a route to the kernel FIB (proto bpfrouter); the data plane gets it at once."),
-                   ("replace", "Add or replace a bpfrouter route."),
-                   ("del", "Delete a route added with bpfrouter.")):
-    def _make(op):
-        @route.command(op, help=_help, context_settings={"ignore_unknown_options": True})
-        @click.argument("args", nargs=-1, required=True)
-        @click.option("-4", "v4", is_flag=True, help="IPv4 (for `default`).")
-        @click.option("-6", "v6", is_flag=True, help="IPv6 (for `default`).")
-        @name_option
-        def cmd(args, v4, v6, name):
-            _route_change(f"route_{op}", name, args, v4, v6)
-        return cmd
-    _make(_op)
+def _route_change_command(op: str, help_text: str) -> None:
+    @route.command(op, help=help_text, context_settings={"ignore_unknown_options": True})
+    @click.argument("args", nargs=-1, required=True)
+    @click.option("-4", "v4", is_flag=True, help="IPv4 (for `default`).")
+    @click.option("-6", "v6", is_flag=True, help="IPv6 (for `default`).")
+    @name_option
+    def cmd(args, v4, v6, name):
+        _route_change(f"route_{op}", name, args, v4, v6)
+
+
+_route_change_command("add", "Add a route to the kernel FIB (proto bpfrouter); the data plane has it on return.")
+_route_change_command("replace", "Add or replace a bpfrouter route.")
+_route_change_command("del", "Delete a route added with bpfrouter.")
 
 
 @route.command("show")
 @click.option("-4", "v4", is_flag=True, help="IPv4 only.")
 @click.option("-6", "v6", is_flag=True, help="IPv6 only.")
+@click.option("--all", "show_all", is_flag=True,
+              help="Every route the agent mirrors, also those not selected (asks the agent).")
 @name_option
 @json_options
-def route_show(v4, v6, name, as_json, pretty):
+def route_show(v4, v6, show_all, name, as_json, pretty):
     """Routes in the data plane's FIB, with the protocol that installed each (its source)."""
     meta = router.resolve(name)
+    if show_all:
+        return _route_show_all(meta, v4, v6, as_json, pretty)
     dp = Datapath.open(meta.name)
     try:
         rows = []
@@ -201,6 +203,23 @@ def route_show(v4, v6, name, as_json, pretty):
         console.print(" ".join(words))
 
 
+def _route_show_all(meta, v4, v6, as_json, pretty):
+    resp = request(meta.name, "routes")
+    rows = [r for r in resp["routes"] if not ((v4 and ":" in r["prefix"]) or (v6 and ":" not in r["prefix"]))]
+    for r in rows:
+        for nh in r["nexthops"]:
+            nh["dev"] = router.ifname(nh.pop("ifindex"))
+    if as_json or pretty:
+        return emit_json(rows, pretty)
+    for r in rows:
+        words = ["*" if r["selected"] else " ", r["prefix"] if r["type"] == "unicast" else f"{r['type']} {r['prefix']}"]
+        for nh in r["nexthops"]:
+            words += (["nexthop"] if len(r["nexthops"]) > 1 else []) + \
+                ([f"via {nh['gateway']}"] if nh["gateway"] else []) + [f"dev {nh['dev']}"]
+        words += [f"proto {r['proto']}", f"metric {r['metric']}"] + (["table local"] if r["table"] == "local" else [])
+        console.print(" ".join(words))
+
+
 @route.command("get", context_settings={"ignore_unknown_options": True})
 @click.argument("address")
 @click.argument("extra", nargs=-1)
@@ -213,7 +232,7 @@ def route_get(address, extra, name, as_json, pretty):
     through the live program (BPF_PROG_TEST_RUN) against the live maps; it is
     not sent and not counted."""
     dst = parse_address(address, "destination")
-    opts = dict(zip(extra[::2], extra[1::2]))
+    opts = dict(zip(extra[::2], extra[1::2], strict=False))  # an odd word is reported below
     unknown = set(opts) - {"from", "iif", "ttl"} or (len(extra) % 2 and {extra[-1]})
     if unknown:
         raise click.ClickException(f"unexpected {sorted(unknown)[0]!r}: expected from SRC, iif IFACE, ttl N")

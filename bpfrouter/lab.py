@@ -14,7 +14,6 @@ import os
 import shutil
 import signal
 import subprocess
-import time
 from dataclasses import dataclass
 
 from pyroute2 import IPRoute

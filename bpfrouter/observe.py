@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import ctypes
 import ipaddress
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from .datapath import Datapath
 from .datapath import layout as lo
-from .fib import _key_prefix, _nh_from_value
+from .fib import _nh_from_value
 from .packet import mac_str, udp_probe
 
 Reason = lo.Reason

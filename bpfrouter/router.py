@@ -6,14 +6,13 @@ from __future__ import annotations
 
 import shutil
 import socket
-import time
 
 from pyroute2 import IPRoute
 
 from . import netns
 from .agent.client import AgentUnavailable, agent_pid, request, start_agent, stop_agent
 from .agent.kernel import link_from_msg
-from .bpf import BpfError, prog_info, xdp_query
+from .bpf import prog_info, xdp_query
 from .datapath import (Datapath, DatapathError, RouterMeta, check_bpffs, default_object,
                        running_routers, validate_name)
 from .datapath import layout as lo

@@ -8,12 +8,10 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import ipaddress
 import json
 import logging
 import os
 import signal
-import socket
 import socketserver
 import threading
 import time
@@ -26,7 +24,7 @@ from pyroute2.netlink.exceptions import NetlinkError
 
 from ..datapath import Datapath, RouterMeta, RUN_ROOT
 from ..datapath.layout import RTPROT_BPFROUTER, proto_name
-from ..fib import Fib, FibError, Route, RouteType, TABLE_MAIN
+from ..fib import Fib, FibError, Route, TABLE_MAIN
 from ..interfaces import Interfaces
 from ..neighbors import Neighbors
 from ..routespec import RouteSpec, RouteSpecError, parse_route
@@ -288,6 +286,7 @@ def route_json(r: Route, installed=None) -> dict:
         "prefix": str(r.prefix),
         "type": r.installed_type.name.lower(),
         "proto": proto_name(r.proto),
+        "metric": r.metric,
         "table": {254: "main", 255: "local"}.get(r.table, str(r.table)),
         "nexthops": [{"ifindex": nh.ifindex, "gateway": str(nh.gateway) if nh.gateway else None}
                      for nh in r.nexthops],

@@ -10,7 +10,6 @@ import sys
 import time
 
 from ..datapath import RUN_ROOT
-from .. import netns
 from .agent import pid_path, socket_path
 
 

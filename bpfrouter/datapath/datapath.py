@@ -18,7 +18,6 @@ import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from .. import netns
 from ..bpf import (BpfError, BpfObject, Link, Map, Program, XDP_FLAGS_DRV_MODE, XDP_FLAGS_SKB_MODE, pin_object,
                    xdp_query)
 from . import layout as lo

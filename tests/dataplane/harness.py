@@ -12,7 +12,7 @@ from __future__ import annotations
 import ipaddress
 import os
 import subprocess
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable
 
 from bpfrouter import netns

@@ -148,7 +148,6 @@ def test_unknown_ingress_interface_is_passed_and_counted(env):
 def test_route_to_an_empty_nexthop_is_passed(env):
     """A route whose next hop was cleared (a transient during updates) goes to the kernel."""
     import ipaddress
-    from bpfrouter import netns
     from bpfrouter.datapath import layout as lo
     from bpfrouter.fib import _fib_key
     dp = env.dps["bpf"]

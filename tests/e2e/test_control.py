@@ -40,6 +40,9 @@ def test_bpfrouter_route_with_lower_metric_wins_and_blackhole_counts_drops(bpf_r
     r.cli("route", "add", "blackhole", "10.93.0.0/16")
     assert r.json("route", "get", "10.93.0.1")["route"] == {"prefix": "10.93.0.0/16", "type": "blackhole",
                                                             "proto": "bpfrouter"}
+    rib = [(x["type"], x["proto"], x["metric"], x["selected"]) for x in r.json("route", "show", "--all")
+           if x["prefix"] == "10.93.0.0/16"]
+    assert sorted(rib) == [("blackhole", "bpfrouter", 0, True), ("unicast", "boot", 100, False)]
     before = r.counter("r-eth0", "blackhole")
     assert not r.ping("h1", "10.93.0.1", count=3)
     assert r.counter("r-eth0", "blackhole") - before == 3

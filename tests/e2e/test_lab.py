@@ -1,8 +1,6 @@
 """The lab: two labs coexist; tear-down is reliable after an interrupted run."""
 import os
-import subprocess
 
-from bpfrouter import netns
 from bpfrouter.lab import Lab, list_labs
 from tests.conftest import bpfrouter_cmd
 
