@@ -20,6 +20,7 @@ const volatile __u32 fib_mode = FIB_MODE_BPF;
 /* Anchors so the enums reach BTF; the loader checks Python's copies. */
 const volatile enum reason btf_anchor_reason = REASON_MAX;
 const volatile enum route_type btf_anchor_route_type = RTYPE_NONE;
+const volatile enum fib_impl btf_anchor_fib_impl = FIB_IMPL_DIR;
 const volatile struct probe_meta btf_anchor_probe_meta = {};
 
 static __always_inline int reason_action(int reason)

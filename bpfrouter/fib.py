@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 from .datapath import Datapath
 from .datapath import layout as lo
+from .dirfib import DirFull, DirTable
 from .routespec import IPAddress, IPNetwork
 
 RouteType = lo.RouteType
@@ -153,9 +154,44 @@ class Installed:
     nh_id: int = 0
 
 
+class LpmTable:
+    """One family's BPF_MAP_TYPE_LPM_TRIE (`--fib-impl lpm`)."""
+
+    def __init__(self, m):
+        self.map = m
+
+    def set(self, prefix: IPNetwork, value: lo.RouteValue) -> None:
+        self.map.update(_fib_key(prefix), value)
+
+    def set_many(self, items: list[tuple[IPNetwork, lo.RouteValue]]) -> None:
+        self.map.update_batch([(_fib_key(p), v) for p, v in items])
+
+    def delete(self, prefix: IPNetwork) -> bool:
+        return self.map.delete(_fib_key(prefix))
+
+    def installed(self) -> list[tuple[IPNetwork, lo.RouteValue]]:
+        return [(_key_prefix(k), v) for k, v in self.map.lookup_batch()]
+
+    def memory(self) -> dict[str, int]:
+        return {"routes": self.map.count()}
+
+    def close(self) -> None:
+        pass
+
+
+def make_tables(dp: Datapath, recover: bool = True) -> dict[int, "DirTable | LpmTable"]:
+    """The FIB structure the router was loaded with (the loader shrinks the unused one)."""
+    m = dp.maps
+    if m["dir4_root"].max_entries > 1:
+        return {4: DirTable(m["dir4_root"], m["dir4_groups"], m["dir4_leaves"], 32, recover),
+                6: DirTable(m["dir6_root"], m["dir6_groups"], m["dir6_leaves"], 128, recover)}
+    return {4: LpmTable(dp.fib4), 6: LpmTable(dp.fib6)}
+
+
 class Fib:
     def __init__(self, dp: Datapath):
         self.dp = dp
+        self.tables = make_tables(dp)
         self.nexthops = NexthopTable(dp)
         self.kernel: dict[IPNetwork, dict[tuple[int, int, int], Route]] = {}
         self.installed: dict[IPNetwork, Installed] = {}
@@ -184,7 +220,7 @@ class Fib:
         nh_id = self.nexthops.acquire(route.nexthops[0]) if rtype == RouteType.UNICAST else 0
         value = lo.RouteValue(nh_id=nh_id, type=rtype, prefixlen=prefix.prefixlen, proto=route.proto)
         try:
-            self._map(prefix).update(_fib_key(prefix), value)
+            self.tables[prefix.version].set(prefix, value)
         except Exception:
             if nh_id:
                 self.nexthops.release(nh_id)
@@ -194,13 +230,30 @@ class Fib:
             self.nexthops.release(old.nh_id)
 
     def _delete(self, prefix: IPNetwork, old: Installed) -> None:
-        self._map(prefix).delete(_fib_key(prefix))
+        self.tables[prefix.version].delete(prefix)
         del self.installed[prefix]
         if old.nh_id:
             self.nexthops.release(old.nh_id)
 
-    def _map(self, prefix: IPNetwork):
-        return self.dp.fib4 if prefix.version == 4 else self.dp.fib6
+    def _write_many(self, writes: list[tuple[IPNetwork, Route, "Installed | None"]]) -> None:
+        """Bulk version of _write (a full load or resync): one vectorized table write."""
+        batches: dict[int, list] = {4: [], 6: []}
+        for prefix, route, _ in writes:
+            rtype = route.installed_type
+            nh_id = self.nexthops.acquire(route.nexthops[0]) if rtype == RouteType.UNICAST else 0
+            batches[prefix.version].append((prefix, lo.RouteValue(nh_id=nh_id, type=rtype,
+                                                                  prefixlen=prefix.prefixlen, proto=route.proto)))
+            self.installed[prefix] = Installed(route, nh_id)
+        for version, items in batches.items():
+            if items:
+                self.tables[version].set_many(items)
+        for _, _, old in writes:
+            if old is not None and old.nh_id:
+                self.nexthops.release(old.nh_id)
+
+    def close(self) -> None:
+        for t in self.tables.values():
+            t.close()
 
     # --- kernel routes -------------------------------------------------------
     def update(self, route: Route) -> None:
@@ -222,25 +275,29 @@ class Fib:
             fresh.setdefault(r.prefix, {})[r.key] = r
         touched = set(self.kernel) | set(fresh) | set(self.installed)
         self.kernel = fresh
-        changed = 0
+        writes = []
+        deleted = 0
         for prefix in touched:
-            before = self.installed.get(prefix)
-            before_route = before.route if before else None
-            self._sync(prefix)
-            after = self.installed.get(prefix)
-            if (before_route is None) != (after is None) or \
-                    (after and not after.route.same_forwarding(before_route)):
-                changed += 1
+            want = self.best(prefix)
+            have = self.installed.get(prefix)
+            if want is None:
+                if have is not None:
+                    self._delete(prefix, have)
+                    deleted += 1
+            elif have is not None and want.same_forwarding(have.route):
+                have.route = want
+            else:
+                writes.append((prefix, want, have))
+        self._write_many(writes)
         self.nexthops.collect_unused()
-        return changed
+        return len(writes) + deleted
 
     # --- restart --------------------------------------------------------------
     def recover(self) -> None:
         """Read what the pinned maps hold, so a resync rewrites only differences."""
         self.nexthops.recover()
-        for m in (self.dp.fib4, self.dp.fib6):
-            for k, v in m.lookup_batch():
-                prefix = _key_prefix(k)
+        for table in self.tables.values():
+            for prefix, v in table.installed():
                 nhs: tuple[Nexthop, ...] = ()
                 if v.type == RouteType.UNICAST and v.nh_id in self.nexthops.by_id:
                     nhs = (self.nexthops.by_id[v.nh_id],)
@@ -257,6 +314,9 @@ class Fib:
         v4 = sum(1 for p in self.installed if p.version == 4)
         return {"ipv4": v4, "ipv6": len(self.installed) - v4, "nexthops": len(self.nexthops.by_id)}
 
+    def memory(self) -> dict[str, dict[str, int]]:
+        return {f"ipv{v}": t.memory() for v, t in self.tables.items()}
+
 
 def _sort_key(p: IPNetwork):
     return (p.version, p.network_address.packed, p.prefixlen)
@@ -266,8 +326,12 @@ def read_installed(dp: Datapath) -> list[tuple[IPNetwork, lo.RouteValue, Nexthop
     """The BPF FIB as the data plane sees it (for `route show` without the agent)."""
     nhs = {k.value: _nh_from_value(v) for k, v in dp.nexthops.lookup_batch() if v.ifindex}
     out = []
-    for m in (dp.fib4, dp.fib6):
-        for k, v in m.lookup_batch():
-            out.append((_key_prefix(k), v, nhs.get(v.nh_id)))
+    tables = make_tables(dp, recover=False)
+    try:
+        for table in tables.values():
+            out.extend((prefix, v, nhs.get(v.nh_id)) for prefix, v in table.installed())
+    finally:
+        for t in tables.values():
+            t.close()
     out.sort(key=lambda t: _sort_key(t[0]))
     return out

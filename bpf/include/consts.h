@@ -69,6 +69,20 @@ enum fib_mode {
 	FIB_MODE_KERNEL,
 };
 
+/* Structure of the BPF FIB (FIB_MODE_BPF). */
+enum fib_impl {
+	FIB_IMPL_DIR = 0,       /* multibit trie: 24-bit root + 8-bit groups (DIR-24-8 for IPv4) */
+	FIB_IMPL_LPM,           /* BPF_MAP_TYPE_LPM_TRIE, kept for comparison */
+};
+
+#define DIR_ROOT_BITS 24
+#define DIR_CHUNK 16            /* root entries per array element: one cache line */
+#define DIR_EXT 0x80000000U     /* entry points to a group, not a leaf */
+#define DIR_GROUPS_V4 16384     /* default; the loader may resize */
+#define DIR_GROUPS_V6 65536
+#define DIR_LEAVES_V4 (1 << 21)
+#define DIR_LEAVES_V6 (1 << 19)
+
 #define NEXTHOP_F_GATEWAY 1
 
 #endif

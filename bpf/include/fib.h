@@ -10,6 +10,7 @@
 #include "parse.h"
 #include "iface.h"
 #include "neigh.h"
+#include "dirfib.h"
 
 struct route4_key {
 	__u32 prefixlen;
@@ -19,14 +20,6 @@ struct route4_key {
 struct route6_key {
 	__u32 prefixlen;
 	__u8 addr[16];
-};
-
-struct route {
-	__u32 nh_id;            /* index into nexthops, for RTYPE_UNICAST */
-	__u8 type;              /* enum route_type */
-	__u8 prefixlen;         /* the matched prefix, reported by route get */
-	__u8 proto;             /* rtm_protocol of the kernel route: who installed it */
-	__u8 flags;
 };
 
 struct nexthop {
@@ -106,6 +99,28 @@ static __always_inline int route_type_reason(__u8 type)
 	return REASON_PASS_FIB_MISS;
 }
 
+/* Set by the loader, like fib_mode. */
+const volatile __u32 fib_impl = FIB_IMPL_DIR;
+
+static __always_inline struct route *fib_route4(__be32 daddr)
+{
+	if (fib_impl == FIB_IMPL_LPM) {
+		struct route4_key k = { .prefixlen = 32, .addr = daddr };
+		return bpf_map_lookup_elem(&fib4, &k);
+	}
+	return dir4_lookup(daddr);
+}
+
+static __always_inline struct route *fib_route6(const __u8 *daddr)
+{
+	if (fib_impl == FIB_IMPL_LPM) {
+		struct route6_key k = { .prefixlen = 128 };
+		__builtin_memcpy(k.addr, daddr, 16);
+		return bpf_map_lookup_elem(&fib6, &k);
+	}
+	return dir6_lookup(daddr);
+}
+
 /* The kernel's forwarding order: route type, TTL, MTU, then neighbor. */
 static __always_inline int fib_lookup_bpf(const struct pkt *p, struct fib_result *res)
 {
@@ -116,16 +131,12 @@ static __always_inline int fib_lookup_bpf(const struct pkt *p, struct fib_result
 	struct neigh *n;
 	__u32 nh_id;
 
-	if (p->ip4) {
-		struct route4_key k = { .prefixlen = 32, .addr = p->ip4->daddr };
-		rt = bpf_map_lookup_elem(&fib4, &k);
-	} else if (p->ip6) {
-		struct route6_key k = { .prefixlen = 128 };
-		__builtin_memcpy(k.addr, &p->ip6->daddr, 16);
-		rt = bpf_map_lookup_elem(&fib6, &k);
-	} else {
+	if (p->ip4)
+		rt = fib_route4(p->ip4->daddr);
+	else if (p->ip6)
+		rt = fib_route6(p->ip6->daddr.in6_u.u6_addr8);
+	else
 		return REASON_PASS_NON_IP;
-	}
 	if (!rt)
 		return REASON_PASS_FIB_MISS;
 	res->route_type = rt->type;

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import mmap
 import os
 import threading
 from dataclasses import dataclass
@@ -194,6 +195,15 @@ class Map(Generic[K, V]):
 
     def count(self) -> int:
         return sum(1 for _ in self.keys())
+
+    def mmap(self) -> mmap.mmap:
+        """The values of a BPF_F_MMAPABLE array, shared with the kernel."""
+        size = self.info.max_entries * ((self.info.value_size + 7) & ~7)
+        size = (size + mmap.PAGESIZE - 1) & ~(mmap.PAGESIZE - 1)
+        try:
+            return mmap.mmap(self.fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        except OSError as e:
+            raise BpfError(f"mmap map {self.name}", e.errno or 22) from None
 
 
 def map_info(fd: int) -> L.BpfMapInfo:
@@ -389,6 +399,13 @@ class BpfObject:
                                ctypes.byref(value), infos[i].size)
                 return
         raise KeyError(var)
+
+    def set_max_entries(self, name: str, n: int) -> None:
+        for mname, m in self._maps_raw():
+            if mname == name:
+                L.check(L.bpf_map__set_max_entries(m, n), f"resize map {name}")
+                return
+        raise KeyError(name)
 
     def reuse_map(self, name: str, fd: int) -> None:
         for n, m in self._maps_raw():

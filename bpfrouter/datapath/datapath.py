@@ -36,7 +36,14 @@ MAPS: dict[str, tuple[type, type]] = {
     "fib4": (lo.Route4Key, lo.RouteValue),
     "fib6": (lo.Route6Key, lo.RouteValue),
     "nexthops": (ctypes.c_uint32, lo.NexthopValue),
+    "dir4_root": (ctypes.c_uint32, lo.DirChunk),
+    "dir4_groups": (ctypes.c_uint32, lo.DirGroup),
+    "dir4_leaves": (ctypes.c_uint32, lo.DirLeaf4),
+    "dir6_root": (ctypes.c_uint32, lo.DirChunk),
+    "dir6_groups": (ctypes.c_uint32, lo.DirGroup),
+    "dir6_leaves": (ctypes.c_uint32, lo.DirLeaf6),
 }
+DIR_MAPS = [m for m in MAPS if m.startswith("dir")]
 
 
 class DatapathError(Exception):
@@ -73,6 +80,7 @@ class RouterMeta:
     netns: str | None
     xdp_mode: str
     interfaces: dict[str, int] = field(default_factory=dict)  # ifname -> ifindex
+    fib_impl: str = "dir"
 
     @staticmethod
     def path(name: str) -> Path:
@@ -122,8 +130,11 @@ class Datapath:
         return PIN_ROOT / name
 
     @classmethod
-    def load(cls, name: str, object_path: str, fib_mode: lo.FibMode) -> "Datapath":
-        """Load and verify the program, pin it and its maps. All or nothing."""
+    def load(cls, name: str, object_path: str, fib_mode: lo.FibMode,
+             fib_impl: lo.FibImpl = lo.FibImpl.DIR, groups: tuple[int, int] | None = None) -> "Datapath":
+        """Load and verify the program, pin it and its maps. All or nothing.
+
+        groups: (IPv4, IPv6) group counts of the DIR FIB (1 KiB each)."""
         check_bpffs()
         validate_name(name)
         pin_dir = cls.pin_dir(name)
@@ -135,6 +146,13 @@ class Datapath:
         try:
             obj.only_programs(PROGRAM)
             obj.set_rodata("fib_mode", ctypes.c_uint32(fib_mode))
+            obj.set_rodata("fib_impl", ctypes.c_uint32(fib_impl))
+            if fib_mode == lo.FibMode.KERNEL or fib_impl != lo.FibImpl.DIR:
+                for m in DIR_MAPS:  # unused: don't allocate their 64 MiB tables
+                    obj.set_max_entries(m, 1)
+            elif groups:
+                obj.set_max_entries("dir4_groups", groups[0])
+                obj.set_max_entries("dir6_groups", groups[1])
             try:
                 obj.load()
             except BpfError as e:

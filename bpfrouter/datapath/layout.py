@@ -98,6 +98,18 @@ class FibMode(enum.IntEnum):
     KERNEL = 1
 
 
+class FibImpl(enum.IntEnum):
+    DIR = 0
+    LPM = 1
+
+
+DIR_ROOT_BITS = 24
+DIR_CHUNK = 16
+DIR_EXT = 0x80000000
+DIR_GROUPS_V4 = 16384
+DIR_GROUPS_V6 = 65536
+
+
 class Iface(ctypes.Structure):
     _fields_ = [("slot", u32), ("mtu", u32), ("mac", u8 * 6), ("flags", u16)]
 
@@ -130,6 +142,22 @@ class NexthopValue(ctypes.Structure):
     _fields_ = [("ifindex", u32), ("family", u8), ("flags", u8), ("reserved", u16), ("gw", u8 * 16)]
 
 
+class DirChunk(ctypes.Structure):
+    _fields_ = [("e", u32 * DIR_CHUNK)]
+
+
+class DirGroup(ctypes.Structure):
+    _fields_ = [("e", u32 * 256)]
+
+
+class DirLeaf4(ctypes.Structure):
+    _fields_ = [("r", RouteValue), ("addr", u8 * 4), ("reserved", u32)]
+
+
+class DirLeaf6(ctypes.Structure):
+    _fields_ = [("r", RouteValue), ("addr", u8 * 16)]
+
+
 class ProbeMeta(ctypes.Structure):
     _fields_ = [("magic", u32), ("reason", u32), ("nh_id", u32), ("egress_ifindex", u32),
                 ("route_type", u8), ("prefixlen", u8), ("route_proto", u8), ("flags", u8),
@@ -147,12 +175,17 @@ STRUCTS: dict[str, type[ctypes.Structure]] = {
     "route": RouteValue,
     "nexthop": NexthopValue,
     "probe_meta": ProbeMeta,
+    "dir_chunk": DirChunk,
+    "dir_group": DirGroup,
+    "dir_leaf4": DirLeaf4,
+    "dir_leaf6": DirLeaf6,
 }
 
 # C enum name -> (Python enum, prefix of the C constants)
 ENUMS: dict[str, tuple[type[enum.IntEnum], str]] = {
     "reason": (Reason, "REASON_"),
     "route_type": (RouteType, "RTYPE_"),
+    "fib_impl": (FibImpl, "FIB_IMPL_"),
 }
 
 

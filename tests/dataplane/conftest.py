@@ -13,6 +13,6 @@ def env():
     teardown_env(e)
 
 
-@pytest.fixture(params=["bpf", "kernel"])
+@pytest.fixture(params=["bpf", "lpm", "kernel"])
 def mode(request):
     return request.param

@@ -54,6 +54,11 @@ SETUP = [
 ]
 
 
+# data planes under test: (name, FIB mode, BPF FIB structure)
+MODES = [("bpf", lo.FibMode.BPF, lo.FibImpl.DIR), ("lpm", lo.FibMode.BPF, lo.FibImpl.LPM),
+         ("kernel", lo.FibMode.KERNEL, lo.FibImpl.LPM)]
+
+
 def ip(*args: str) -> None:
     subprocess.run(["ip", "-n", NS, *args], check=True, capture_output=True, text=True)
 
@@ -107,15 +112,16 @@ def setup_env(object_path: str) -> Env:
         ifindex = {n: m["index"] for n, m in links.items()}
         mac = {n: bytes.fromhex(m.get_attr("IFLA_ADDRESS").replace(":", "")) for n, m in links.items()}
         dps = {}
-        for mode in ("bpf", "kernel"):
-            dp = Datapath.load(f"{NS}-{mode}", object_path, lo.FibMode[mode.upper()])
+        for mode, fib_mode, impl in MODES:
+            dp = Datapath.load(f"{NS}-{mode}", object_path, fib_mode, impl, groups=(256, 1024))
             ifaces = Interfaces(dp)
             for d, mtu in (("dpt0", 1500), ("dpt1", 1400)):
                 ifaces.configure(ifindex[d], mac[d], mtu)
-            if mode == "bpf":
+            if fib_mode == lo.FibMode.BPF:
                 fib = Fib(dp)
                 for r in _bpf_routes(ifindex):
                     fib.update(r)
+                fib.close()
                 nb = Neighbors(dp)
                 for addr, m, dev in (("10.2.0.2", MAC_GW, "dpt1"), ("10.2.0.3", MAC_GW, "dpt1"),
                                      ("10.2.0.9", MAC_H9, "dpt1"), ("10.3.0.2", MAC_UNMANAGED, "dpt2"),
@@ -132,7 +138,7 @@ def _sysctls():
 
 
 def teardown_env(env: Env | None = None) -> None:
-    for mode in ("bpf", "kernel"):
+    for mode, _, _ in MODES:
         try:
             Datapath.open(f"{NS}-{mode}").destroy()
         except Exception:
@@ -167,9 +173,9 @@ def run_packet(env: Env, mode: str, frame: bytes, iif: str = "dpt0") -> Result:
 class Case:
     desc: str
     frame: Callable[[Env], bytes]
-    bpf: tuple[int, str]             # (XDP action, reason name) in BPF FIB mode
+    bpf: tuple[int, str]             # (XDP action, reason name) with the BPF FIB (dir or lpm)
     kernel: tuple[int, str] | None = None   # same in kernel mode; None: same as bpf
     check: Callable[[Env, bytes], None] | None = None
 
     def expect(self, mode: str) -> tuple[int, str]:
-        return self.bpf if mode == "bpf" or self.kernel is None else self.kernel
+        return self.bpf if mode != "kernel" or self.kernel is None else self.kernel

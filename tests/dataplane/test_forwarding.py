@@ -149,12 +149,14 @@ def test_route_to_an_empty_nexthop_is_passed(env):
     """A route whose next hop was cleared (a transient during updates) goes to the kernel."""
     import ipaddress
     from bpfrouter.datapath import layout as lo
-    from bpfrouter.fib import _fib_key
-    dp = env.dps["bpf"]
-    key = _fib_key(ipaddress.ip_network("10.55.0.0/16"))
-    dp.fib4.update(key, lo.RouteValue(nh_id=60000, type=lo.RouteType.UNICAST, prefixlen=16))
-    try:
-        res = run_packet(env, "bpf", v4("10.55.0.1")(env))
-        assert (res.action, res.reason.name) == (XDP_PASS, "PASS_NEXTHOP_INVALID")
-    finally:
-        dp.fib4.delete(key)
+    from bpfrouter.fib import make_tables
+    prefix = ipaddress.ip_network("10.55.0.0/16")
+    for mode in ("bpf", "lpm"):
+        table = make_tables(env.dps[mode])[4]
+        table.set(prefix, lo.RouteValue(nh_id=60000, type=lo.RouteType.UNICAST, prefixlen=16))
+        try:
+            res = run_packet(env, mode, v4("10.55.0.1")(env))
+            assert (res.action, res.reason.name) == (XDP_PASS, "PASS_NEXTHOP_INVALID"), mode
+        finally:
+            table.delete(prefix)
+            table.close()

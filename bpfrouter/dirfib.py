@@ -1,0 +1,317 @@
+"""The DIR FIB's writer: a multibit trie (24-bit root, 8-bit groups) in the
+mmapable arrays of bpf/include/dirfib.h, written through numpy views of them.
+
+Entries follow DPDK's rte_lpm rules. Every entry remembers the length of
+the prefix that set it (its depth; kept here, in Python memory). A prefix of
+length L writes only the entries in its range whose depth is <= L, so more
+specific routes are never overwritten. Deleting it rewrites only the entries
+of depth == L, with its longest covering prefix. Ranges that contain a group
+carry the rule into the group.
+
+What a packet can see during a change:
+  - a new group is filled completely before the entry that points to it,
+  - every entry is one aligned 32-bit store, a leaf's route one aligned
+    64-bit store (so `replace` of a route is a single store),
+  - freed leaves and groups are reused last (FIFO), and a freed leaf's route
+    word is cleared (a late reader sees no route and passes to the kernel).
+"""
+from __future__ import annotations
+
+import ipaddress
+from collections import deque
+
+import numpy as np
+
+from .datapath import layout as lo
+from .routespec import IPNetwork
+
+EXT = np.uint32(lo.DIR_EXT)
+ROOT_BITS = lo.DIR_ROOT_BITS
+
+
+class DirFull(Exception):
+    """The DIR FIB ran out of groups or leaves."""
+
+
+def route_word(value: lo.RouteValue) -> int:
+    """struct route as the little-endian 64-bit word it is in memory."""
+    return int.from_bytes(bytes(value), "little")
+
+
+def word_route(word: int) -> lo.RouteValue:
+    return lo.RouteValue.from_buffer_copy(int(word).to_bytes(8, "little"))
+
+
+def _plen_of(words: np.ndarray) -> np.ndarray:
+    return ((words >> np.uint64(40)) & np.uint64(0xFF)).astype(np.uint8)
+
+
+class DirTable:
+    """One family's DIR FIB (IPv4: DIR-24-8; IPv6: up to 13 levels)."""
+
+    def __init__(self, root_map, groups_map, leaves_map, width: int, recover: bool = True):
+        self.width = width
+        self._mmaps = [root_map.mmap(), groups_map.mmap(), leaves_map.mmap()]
+        n_root = root_map.max_entries * lo.DIR_CHUNK
+        self.ngroups = groups_map.max_entries
+        self.nleaves = leaves_map.max_entries
+        words = leaves_map.info.value_size // 8
+        self.root = np.frombuffer(self._mmaps[0], np.uint32, n_root)
+        self.groups = np.frombuffer(self._mmaps[1], np.uint32, self.ngroups * 256).reshape(self.ngroups, 256)
+        self.leaves = np.frombuffer(self._mmaps[2], np.uint64, self.nleaves * words).reshape(self.nleaves, words)
+        self.root_depth = np.zeros(n_root, np.uint8)
+        self.group_depth = np.zeros((self.ngroups, 256), np.uint8)
+        self.rules: dict[tuple[int, int], int] = {}  # (address as int, length) -> leaf
+        self.free_groups: deque[int] = deque()
+        self.free_leaves: deque[int] = deque()
+        if recover:
+            self._recover()
+
+    @property
+    def usable(self) -> bool:
+        return len(self.root) == 1 << ROOT_BITS
+
+    def close(self) -> None:
+        self.root = self.groups = self.leaves = None  # type: ignore[assignment]
+        for m in self._mmaps:
+            m.close()
+
+    # --- helpers ----------------------------------------------------------------
+    def _network(self, addr: int, length: int) -> IPNetwork:
+        cls = ipaddress.IPv4Network if self.width == 32 else ipaddress.IPv6Network
+        return cls((addr, length))
+
+    def _top(self, addr: int) -> int:
+        return addr >> (self.width - ROOT_BITS)
+
+    def _byte(self, addr: int, level: int) -> int:
+        return (addr >> (self.width - ROOT_BITS - 8 * (level + 1))) & 0xFF
+
+    def _alloc_leaf(self) -> int:
+        if not self.free_leaves:
+            raise DirFull(f"IPv{4 if self.width == 32 else 6} DIR FIB full: {self.nleaves - 1} routes")
+        return self.free_leaves.popleft()
+
+    def _new_group(self, fill: int, depth: int) -> int:
+        if not self.free_groups:
+            raise DirFull(f"IPv{4 if self.width == 32 else 6} DIR FIB out of groups ({self.ngroups - 1}); "
+                          f"raise --fib-groups")
+        g = self.free_groups.popleft()
+        self.group_depth[g] = depth
+        self.groups[g] = fill  # filled before anything points to it
+        return g
+
+    def _write_leaf(self, leaf: int, addr: int, word: int) -> None:
+        raw = addr.to_bytes(self.width // 8, "big").ljust((self.leaves.shape[1] - 1) * 8, b"\0")
+        self.leaves[leaf, 1:] = np.frombuffer(raw, np.uint64)
+        self.leaves[leaf, 0] = np.uint64(word)  # the route last: one 64-bit store
+
+    # --- range rules --------------------------------------------------------------
+    def _apply(self, arr: np.ndarray, depth: np.ndarray, leaf: int, new_depth: int, length: int,
+               deleting: bool) -> None:
+        """Apply a prefix of `length` to entries `arr` (a view) and the groups below."""
+        cur = arr.copy()
+        ext = (cur & EXT) != 0
+        d = depth
+        hit = ~ext & ((d == length) if deleting else (d <= length))
+        if hit.any():
+            cur[hit] = leaf
+            depth[hit] = new_depth
+            arr[hit] = cur[hit]
+        if ext.any():
+            self._apply_groups(cur[ext] & ~EXT, leaf, new_depth, length, deleting)
+
+    def _apply_groups(self, gids: np.ndarray, leaf: int, new_depth: int, length: int, deleting: bool) -> None:
+        while len(gids):
+            block = self.groups[gids]
+            dblock = self.group_depth[gids]
+            ext = (block & EXT) != 0
+            hit = ~ext & ((dblock == length) if deleting else (dblock <= length))
+            if hit.any():
+                block[hit] = leaf
+                dblock[hit] = new_depth
+                self.group_depth[gids] = dblock
+                self.groups[gids] = block
+            gids = block[ext] & ~EXT
+
+    def _path(self, addr: int, length: int, create: bool) -> list[tuple[int, int]]:
+        """Groups on the way to a prefix longer than the root: [(group, byte), ...]."""
+        path = []
+        idx = self._top(addr)
+        e = self.root[idx]
+        if not e & EXT:
+            if not create:
+                return []
+            g = self._new_group(int(e), int(self.root_depth[idx]))
+            self.root[idx] = EXT | np.uint32(g)
+        else:
+            g = int(e & ~EXT)
+        level = 0
+        while True:
+            byte = self._byte(addr, level)
+            path.append((g, byte))
+            if length <= ROOT_BITS + 8 * (level + 1):
+                return path
+            e = self.groups[g, byte]
+            if not e & EXT:
+                if not create:
+                    return path
+                ng = self._new_group(int(e), int(self.group_depth[g, byte]))
+                self.groups[g, byte] = EXT | np.uint32(ng)
+                g = ng
+            else:
+                g = int(e & ~EXT)
+            level += 1
+
+    def _range(self, addr: int, length: int, create: bool):
+        """(entries view, depth view) covered by the prefix at its own level."""
+        if length <= ROOT_BITS:
+            start = self._top(addr) & ~((1 << (ROOT_BITS - length)) - 1)
+            n = 1 << (ROOT_BITS - length)
+            return self.root[start:start + n], self.root_depth[start:start + n], []
+        path = self._path(addr, length, create)
+        if not path or len(path) < (length - ROOT_BITS + 7) // 8:
+            return None, None, path
+        g, byte = path[-1]
+        level_end = ROOT_BITS + 8 * len(path)
+        start = byte & ~((1 << (level_end - length)) - 1)
+        n = 1 << (level_end - length)
+        return self.groups[g, start:start + n], self.group_depth[g, start:start + n], path
+
+    # --- public ------------------------------------------------------------------------
+    def set(self, prefix: IPNetwork, value: lo.RouteValue) -> None:
+        addr, length = int(prefix.network_address), prefix.prefixlen
+        word = route_word(value)
+        leaf = self.rules.get((addr, length))
+        if leaf is not None:  # same prefix, new route: one store
+            self.leaves[leaf, 0] = np.uint64(word)
+            return
+        leaf = self._alloc_leaf()
+        self._write_leaf(leaf, addr, word)
+        try:
+            arr, depth, _ = self._range(addr, length, create=True)
+        except DirFull:
+            self.leaves[leaf, 0] = 0
+            self.free_leaves.appendleft(leaf)
+            raise
+        self.rules[(addr, length)] = leaf
+        self._apply(arr, depth, leaf, length, length, deleting=False)
+
+    def delete(self, prefix: IPNetwork) -> bool:
+        addr, length = int(prefix.network_address), prefix.prefixlen
+        leaf = self.rules.pop((addr, length), None)
+        if leaf is None:
+            return False
+        parent_leaf, parent_len = self._parent(addr, length)
+        arr, depth, path = self._range(addr, length, create=False)
+        if arr is not None:
+            self._apply(arr, depth, parent_leaf, parent_len, length, deleting=True)
+        self._collapse(addr, path)
+        self.leaves[leaf, 0] = 0
+        self.free_leaves.append(leaf)
+        return True
+
+    def _parent(self, addr: int, length: int) -> tuple[int, int]:
+        for plen in range(length - 1, -1, -1):
+            masked = addr & ~((1 << (self.width - plen)) - 1) if plen else 0
+            leaf = self.rules.get((masked, plen))
+            if leaf is not None:
+                return leaf, plen
+        return 0, 0
+
+    def _collapse(self, addr: int, path: list[tuple[int, int]]) -> None:
+        """Fold groups that became uniform back into their parent entry, deepest first."""
+        for i in range(len(path) - 1, -1, -1):
+            g, _ = path[i]
+            row, drow = self.groups[g], self.group_depth[g]
+            if (row[0] & EXT) or not (row == row[0]).all() or not (drow == drow[0]).all():
+                return
+            if i == 0:
+                idx = self._top(addr)
+                self.root_depth[idx] = drow[0]
+                self.root[idx] = row[0]
+            else:
+                pg, pbyte = path[i - 1]
+                self.group_depth[pg, pbyte] = drow[0]
+                self.groups[pg, pbyte] = row[0]
+            self.free_groups.append(g)
+
+    def set_many(self, items: list[tuple[IPNetwork, lo.RouteValue]]) -> None:
+        """Bulk insert. Prefixes up to the root length are written vectorized,
+        shortest first, so longer ones land on top; the rest go one by one."""
+        fresh = [(int(p.network_address), p.prefixlen, route_word(v)) for p, v in items]
+        known = [(a, ln, w) for a, ln, w in fresh if (a, ln) in self.rules]
+        for a, ln, w in known:
+            self.leaves[self.rules[(a, ln)], 0] = np.uint64(w)
+        fresh = [t for t in fresh if (t[0], t[1]) not in self.rules]
+        if len(fresh) > len(self.free_leaves):
+            raise DirFull(f"IPv{4 if self.width == 32 else 6} DIR FIB full: {self.nleaves - 1} routes")
+        short = [t for t in fresh if t[1] <= ROOT_BITS]
+        if short:
+            addrs = np.array([t[0] >> (self.width - ROOT_BITS) for t in short], np.int64)
+            lens = np.array([t[1] for t in short], np.int64)
+            words = np.array([t[2] for t in short], np.uint64)
+            leaves = np.array([self.free_leaves.popleft() for _ in short], np.int64)
+            raw = b"".join(t[0].to_bytes(self.width // 8, "big").ljust((self.leaves.shape[1] - 1) * 8, b"\0")
+                           for t in short)
+            self.leaves[leaves, 1:] = np.frombuffer(raw, np.uint64).reshape(len(short), -1)
+            self.leaves[leaves, 0] = words
+            for (a, ln, _), leaf in zip(short, leaves.tolist(), strict=True):
+                self.rules[(a, ln)] = leaf
+            for length in np.unique(lens).tolist():
+                sel = lens == length
+                span = 1 << (ROOT_BITS - length)
+                starts = addrs[sel] & ~(span - 1)
+                pos = (starts[:, None] + np.arange(span)).ravel()
+                lv = np.repeat(leaves[sel], span).astype(np.uint32)
+                cur = self.root[pos]
+                ext = (cur & EXT) != 0
+                hit = ~ext & (self.root_depth[pos] <= length)
+                self.root_depth[pos[hit]] = length
+                self.root[pos[hit]] = lv[hit]
+                for gid, leaf in zip((cur[ext] & ~EXT).tolist(), lv[ext].tolist(), strict=True):
+                    self._apply_groups(np.array([gid]), leaf, length, length, deleting=False)
+        for a, ln, w in fresh:
+            if ln > ROOT_BITS:
+                self.set(self._network(a, ln), word_route(w))
+
+    def installed(self) -> list[tuple[IPNetwork, lo.RouteValue]]:
+        live = np.nonzero(self.leaves[:, 0])[0]
+        out = []
+        for leaf in live.tolist():
+            word = int(self.leaves[leaf, 0])
+            value = word_route(word)
+            raw = self.leaves[leaf, 1:].tobytes()[: self.width // 8]
+            out.append((self._network(int.from_bytes(raw, "big"), value.prefixlen), value))
+        return out
+
+    def _recover(self) -> None:
+        """Rebuild the Python side (rules, depths, free lists) from the maps."""
+        words = self.leaves[:, 0]
+        plen = _plen_of(words)
+        live = np.nonzero(words)[0]
+        for leaf in live.tolist():
+            raw = self.leaves[leaf, 1:].tobytes()[: self.width // 8]
+            self.rules[(int.from_bytes(raw, "big"), int(plen[leaf]))] = leaf
+        used = np.zeros(self.nleaves, bool)
+        used[live] = True
+        used[0] = True
+        self.free_leaves = deque(np.nonzero(~used)[0].tolist())
+        ext = (self.root & EXT) != 0
+        self.root_depth[:] = np.where(ext, 0, plen[np.where(ext, 0, self.root)])
+        in_use = np.zeros(self.ngroups, bool)
+        in_use[0] = True
+        gids = np.unique(self.root[ext] & ~EXT)
+        while len(gids):
+            in_use[gids] = True
+            block = self.groups[gids]
+            gext = (block & EXT) != 0
+            self.group_depth[gids] = np.where(gext, 0, plen[np.where(gext, 0, block)])
+            gids = np.unique(block[gext] & ~EXT)
+        self.free_groups = deque(np.nonzero(~in_use)[0].tolist())
+
+    def memory(self) -> dict[str, int]:
+        groups_used = self.ngroups - 1 - len(self.free_groups)
+        return {"root_bytes": self.root.nbytes, "group_bytes": self.groups.nbytes,
+                "leaf_bytes": self.leaves.nbytes, "groups_used": groups_used,
+                "groups_total": self.ngroups - 1, "routes": len(self.rules)}
