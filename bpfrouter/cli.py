@@ -81,12 +81,26 @@ def cli(netns_name):
               help="bpf: routes mirrored into BPF maps; kernel: bpf_fib_lookup on the kernel FIB.")
 @click.option("--xdp-mode", type=click.Choice(["native", "generic"]), default="native", show_default=True,
               help="native falls back to generic when the driver has no XDP support.")
+@click.option("--fib-impl", type=click.Choice(["dir", "lpm"]), default="dir", show_default=True,
+              help="Structure of the BPF FIB: dir (multibit trie, DIR-24-8 for IPv4) or lpm (LPM trie).")
+@click.option("--fib-groups", default=None, metavar="V4,V6",
+              help="DIR FIB groups of 1 KiB for IPv4 and IPv6 (default 16384,65536).")
 @click.option("--foreground", is_flag=True, help="Run the agent in this process instead of in the background.")
-def up(ifaces, name, fib_mode, xdp_mode, foreground):
+def up(ifaces, name, fib_mode, xdp_mode, fib_impl, fib_groups, foreground):
     """Attach the data plane to IFACE... and start the agent that keeps it in sync."""
-    meta = router.up(list(ifaces), name, fib_mode, xdp_mode, start=not foreground)
+    groups = None
+    if fib_groups is not None:
+        try:
+            groups = tuple(int(x) for x in fib_groups.split(","))
+            if len(groups) != 2 or min(groups) < 2 or max(groups) > (1 << 31) - 1:
+                raise ValueError
+        except ValueError:
+            raise click.ClickException(f"invalid --fib-groups {fib_groups!r}: expected two counts, e.g. 16384,65536") from None
+    meta = router.up(list(ifaces), name, fib_mode, xdp_mode, start=not foreground, fib_impl=fib_impl,
+                     groups=groups)
     where = f" in netns {meta.netns}" if meta.netns else ""
-    console.print(f"router [bold]{meta.name}[/] up{where}: fib {meta.fib_mode}, "
+    impl = f" ({meta.fib_impl})" if meta.fib_mode == "bpf" else ""
+    console.print(f"router [bold]{meta.name}[/] up{where}: fib {meta.fib_mode}{impl}, "
                   f"XDP {meta.xdp_mode} on {', '.join(meta.interfaces)}")
     if foreground:
         _run_agent(name)
@@ -284,6 +298,49 @@ def route_get(address, extra, name, as_json, pretty):
     console.print(" ".join(line))
     console.print(f"    verdict {d.verdict} ({out['reason']}), xdp {d.action}, iif {out['iif']}"
                   + (f", ttl {d.ttl_in}->{d.ttl_out}" if d.ttl_out is not None else ""))
+
+
+@cli.command()
+@click.option("--count", "-c", default=2000, show_default=True, help="Destinations per IP version.")
+@click.option("--seed", default=None, type=int, help="Random seed (to repeat a run).")
+@click.option("-4", "v4", is_flag=True, help="IPv4 only.")
+@click.option("-6", "v6", is_flag=True, help="IPv6 only.")
+@name_option
+@json_options
+def verify(count, seed, v4, v6, name, as_json, pretty):
+    """Check that the data plane forwards like the kernel FIB.
+
+    For sampled destinations (half inside installed prefixes), compare the
+    decision of the loaded program (as `route get`) with `ip route get`.
+    Exits 1 on any difference."""
+    import numpy as np
+    from pyroute2 import IPRoute
+    from .fibcheck import sample_destinations, verify as run_verify
+    meta = router.resolve(name)
+    dp = Datapath.open(meta.name)
+    rng = np.random.default_rng(seed)
+    try:
+        configured = Interfaces(dp).configured()
+        iif = min(configured)
+        prefixes = [p for p, _, _ in read_installed(dp)]
+        result = {"checked": 0, "mismatches": []}
+        with IPRoute() as ipr:
+            for version in ([4] if v4 else [6] if v6 else [4, 6]):
+                dests = sample_destinations(rng, [p for p in prefixes if p.version == version], count, version)
+                n, bad = run_verify(dp, dests, iif, bytes(configured[iif].mac), ipr)
+                result["checked"] += n
+                result["mismatches"] += [{"dst": m.dst, "kernel": str(m.kernel), "dataplane": str(m.dataplane)}
+                                         for m in bad]
+    finally:
+        dp.close()
+    if as_json or pretty:
+        emit_json(result, pretty)
+    else:
+        for m in result["mismatches"][:20]:
+            console.print(f"{m['dst']}: kernel {m['kernel']}, data plane {m['dataplane']}")
+        console.print(f"{result['checked']} destinations checked, {len(result['mismatches'])} differ")
+    if result["mismatches"]:
+        sys.exit(1)
 
 
 @cli.group()

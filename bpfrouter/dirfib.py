@@ -310,8 +310,22 @@ class DirTable:
             gids = np.unique(block[gext] & ~EXT)
         self.free_groups = deque(np.nonzero(~in_use)[0].tolist())
 
+    def count(self) -> int:
+        return int(np.count_nonzero(self.leaves[:, 0]))
+
     def memory(self) -> dict[str, int]:
-        groups_used = self.ngroups - 1 - len(self.free_groups)
-        return {"root_bytes": self.root.nbytes, "group_bytes": self.groups.nbytes,
-                "leaf_bytes": self.leaves.nbytes, "groups_used": groups_used,
-                "groups_total": self.ngroups - 1, "routes": len(self.rules)}
+        """Bytes the structure holds in the kernel, and how full it is."""
+        ext_root = self.root[(self.root & EXT) != 0] & ~EXT
+        used = self._reachable_groups(ext_root)
+        return {"impl": "dir", "bytes": int(self.root.nbytes + self.groups.nbytes + self.leaves.nbytes),
+                "routes": self.count(), "groups_used": used, "groups_total": self.ngroups - 1,
+                "routes_total": self.nleaves - 1}
+
+    def _reachable_groups(self, gids: np.ndarray) -> int:
+        total = 0
+        gids = np.unique(gids)
+        while len(gids):
+            total += len(gids)
+            block = self.groups[gids]
+            gids = np.unique(block[(block & EXT) != 0] & ~EXT)
+        return total

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 from .datapath import Datapath
 from .datapath import layout as lo
-from .dirfib import DirFull, DirTable
+from .dirfib import DirTable
 from .routespec import IPAddress, IPNetwork
 
 RouteType = lo.RouteType
@@ -172,11 +172,24 @@ class LpmTable:
     def installed(self) -> list[tuple[IPNetwork, lo.RouteValue]]:
         return [(_key_prefix(k), v) for k, v in self.map.lookup_batch()]
 
+    def count(self) -> int:
+        return self.map.count()
+
     def memory(self) -> dict[str, int]:
-        return {"routes": self.map.count()}
+        """LPM trie nodes are allocated per route; the kernel reports them in fdinfo."""
+        return {"impl": "lpm", "bytes": map_memlock(self.map.fd), "routes": self.count()}
 
     def close(self) -> None:
         pass
+
+
+def map_memlock(fd: int) -> int:
+    """Memory the kernel charges to a map (memlock in /proc/self/fdinfo)."""
+    with open(f"/proc/self/fdinfo/{fd}") as f:
+        for line in f:
+            if line.startswith("memlock:"):
+                return int(line.split()[1])
+    return 0
 
 
 def make_tables(dp: Datapath, recover: bool = True) -> dict[int, "DirTable | LpmTable"]:
@@ -256,8 +269,15 @@ class Fib:
             t.close()
 
     # --- kernel routes -------------------------------------------------------
-    def update(self, route: Route) -> None:
-        self.kernel.setdefault(route.prefix, {})[route.key] = route
+    def update(self, route: Route, replace: bool = False) -> None:
+        """A kernel route appeared. With replace (NLM_F_REPLACE), it takes the place
+        of the routes with the same table and metric, as the kernel does; for IPv6
+        those may be on other devices and no deletion is announced for them."""
+        routes = self.kernel.setdefault(route.prefix, {})
+        if replace:
+            for key in [k for k in routes if k[:2] == route.key[:2]]:
+                del routes[key]
+        routes[route.key] = route
         self._sync(route.prefix)
 
     def delete(self, route: Route) -> None:

@@ -17,6 +17,7 @@ from .datapath import (Datapath, DatapathError, RouterMeta, check_bpffs, default
                        running_routers, validate_name)
 from .datapath import layout as lo
 from .interfaces import Interfaces
+from .fib import make_tables
 from .observe import clear_slot, read_counters
 
 DEFAULT_NAME = "default"
@@ -49,7 +50,8 @@ def _read_links(ifnames: list[str]):
 
 
 def up(ifnames: list[str], name: str = DEFAULT_NAME, fib_mode: str = "bpf",
-       xdp_mode: str = "native", start: bool = True) -> RouterMeta:
+       xdp_mode: str = "native", start: bool = True, fib_impl: str = "dir",
+       groups: tuple[int, int] | None = None) -> RouterMeta:
     check_bpffs()
     validate_name(name)
     if not ifnames:
@@ -66,8 +68,10 @@ def up(ifnames: list[str], name: str = DEFAULT_NAME, fib_mode: str = "bpf",
             raise DatapathError(f"interface {li.name} already runs XDP program {prog_id} ({mode}); "
                                 f"detach it first (`ip link set {li.name} xdp off`)")
     object_path = default_object()
-    meta = RouterMeta(name, object_path, fib_mode, netns.current_name(), xdp_mode)
-    dp = Datapath.load(name, object_path, lo.FibMode[fib_mode.upper()])
+    if fib_mode == "kernel":
+        fib_impl = "lpm"  # the BPF FIB only mirrors, for `route show`: keep it small
+    meta = RouterMeta(name, object_path, fib_mode, netns.current_name(), xdp_mode, fib_impl=fib_impl)
+    dp = Datapath.load(name, object_path, lo.FibMode[fib_mode.upper()], lo.FibImpl[fib_impl.upper()], groups)
     try:
         ifaces = Interfaces(dp)
         modes = []
@@ -129,13 +133,20 @@ def status(meta: RouterMeta) -> dict:
                              "verdict": reason.verdict, "reason": reason.label,
                              "packets": pk, "bytes": by})
             totals[reason.verdict] += pk
-        v4, v6 = dp.fib4.count(), dp.fib6.count()
+        tables = make_tables(dp, recover=False)
+        try:
+            memory = {f"ipv{v}": t.memory() for v, t in tables.items()}
+        finally:
+            for t in tables.values():
+                t.close()
+        v4, v6 = memory["ipv4"]["routes"], memory["ipv6"]["routes"]
         return {
             "name": meta.name, "netns": meta.netns, "fib_mode": meta.fib_mode,
             "program": {"id": pinfo.id, "name": pinfo.name.decode(), "jited_bytes": pinfo.jited_prog_len},
             "agent": agent, "interfaces": interfaces,
-            "fib": {"ipv4": v4, "ipv6": v6,
-                    "nexthops": sum(1 for _, v in dp.nexthops.lookup_batch() if v.ifindex)},
+            "fib": {"ipv4": v4, "ipv6": v6, "impl": meta.fib_impl,
+                    "nexthops": sum(1 for _, v in dp.nexthops.lookup_batch() if v.ifindex),
+                    "memory": memory},
             "neighbors": dp.neighbors.count(),
             "totals": totals, "counters": counters,
         }

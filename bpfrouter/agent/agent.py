@@ -32,6 +32,7 @@ from .kernel import link_from_msg, neigh_from_msg, route_from_msg
 
 log = logging.getLogger("bpfrouter.agent")
 
+NLM_F_REPLACE = 0x100
 GROUPS = RTMGRP_LINK | RTMGRP_NEIGH | RTMGRP_IPV4_ROUTE | RTMGRP_IPV6_ROUTE
 # Receive buffer of the monitor socket. The kernel caps it at net.core.rmem_max;
 # a small value makes overruns (and the resync they trigger) easy to test.
@@ -98,8 +99,12 @@ class Agent:
             self.stats["events"] += 1
             if event in ("RTM_NEWROUTE", "RTM_DELROUTE"):
                 route = route_from_msg(msg)
-                if route is not None:
-                    (self.fib.update if event == "RTM_NEWROUTE" else self.fib.delete)(route)
+                if route is None:
+                    pass
+                elif event == "RTM_NEWROUTE":
+                    self.fib.update(route, replace=bool(msg["header"]["flags"] & NLM_F_REPLACE))
+                else:
+                    self.fib.delete(route)
             elif event in ("RTM_NEWNEIGH", "RTM_DELNEIGH"):
                 n = neigh_from_msg(msg)
                 if n:
