@@ -6,7 +6,7 @@ BPF_HDRS := $(wildcard bpf/include/*.h)
 BPF_OBJS := $(patsubst bpf/%.bpf.c,build/%.bpf.o,$(BPF_SRCS))
 PY := .venv/bin/python
 
-.PHONY: all deps build test test-dataplane test-e2e test-unit demo bench clean
+.PHONY: all deps build test test-dataplane test-e2e test-unit demo bench bench-fib clean
 
 all: build
 
@@ -37,3 +37,7 @@ bench: deps
 
 clean:
 	rm -rf build
+
+bench-fib: deps
+	@$(MAKE) --no-print-directory build
+	$(PY) bench/fib.py $(ARGS)

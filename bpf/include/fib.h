@@ -11,40 +11,7 @@
 #include "iface.h"
 #include "neigh.h"
 #include "dirfib.h"
-
-struct route4_key {
-	__u32 prefixlen;
-	__be32 addr;
-};
-
-struct route6_key {
-	__u32 prefixlen;
-	__u8 addr[16];
-};
-
-struct nexthop {
-	__u32 ifindex;
-	__u8 family;            /* family of gw; may differ from the route's */
-	__u8 flags;             /* NEXTHOP_F_GATEWAY: resolve gw, else the destination */
-	__u16 reserved;
-	__u8 gw[16];
-};
-
-struct {
-	__uint(type, BPF_MAP_TYPE_LPM_TRIE);
-	__uint(max_entries, MAX_ROUTES_V4);
-	__uint(map_flags, BPF_F_NO_PREALLOC);
-	__type(key, struct route4_key);
-	__type(value, struct route);
-} fib4 SEC(".maps");
-
-struct {
-	__uint(type, BPF_MAP_TYPE_LPM_TRIE);
-	__uint(max_entries, MAX_ROUTES_V6);
-	__uint(map_flags, BPF_F_NO_PREALLOC);
-	__type(key, struct route6_key);
-	__type(value, struct route);
-} fib6 SEC(".maps");
+#include "lpmfib.h"
 
 struct {
 	__uint(type, BPF_MAP_TYPE_ARRAY);
@@ -99,26 +66,18 @@ static __always_inline int route_type_reason(__u8 type)
 	return REASON_PASS_FIB_MISS;
 }
 
-/* Set by the loader, like fib_mode. */
+/* Set by the loader before verification, so unused code is removed. */
+const volatile __u32 fib_mode = FIB_MODE_BPF;
 const volatile __u32 fib_impl = FIB_IMPL_DIR;
 
 static __always_inline struct route *fib_route4(__be32 daddr)
 {
-	if (fib_impl == FIB_IMPL_LPM) {
-		struct route4_key k = { .prefixlen = 32, .addr = daddr };
-		return bpf_map_lookup_elem(&fib4, &k);
-	}
-	return dir4_lookup(daddr);
+	return fib_impl == FIB_IMPL_LPM ? lpm4_lookup(daddr) : dir4_lookup(daddr);
 }
 
 static __always_inline struct route *fib_route6(const __u8 *daddr)
 {
-	if (fib_impl == FIB_IMPL_LPM) {
-		struct route6_key k = { .prefixlen = 128 };
-		__builtin_memcpy(k.addr, daddr, 16);
-		return bpf_map_lookup_elem(&fib6, &k);
-	}
-	return dir6_lookup(daddr);
+	return fib_impl == FIB_IMPL_LPM ? lpm6_lookup(daddr) : dir6_lookup(daddr);
 }
 
 /* The kernel's forwarding order: route type, TTL, MTU, then neighbor. */

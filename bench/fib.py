@@ -1,0 +1,329 @@
+#!/usr/bin/env python3
+"""FIB benchmark (`make bench-fib`, `ARGS=--json`, `ARGS=--quick`).
+
+In one run, on one machine:
+  - lookups inside the kernel over >= 1M distinct random destinations that
+    hit the table, for Internet-shaped tables of 1k, 100k and 1M IPv4 and
+    230k IPv6 prefixes: the DIR FIB next to the LPM trie, bpf_fib_lookup on
+    the kernel FIB loaded with the same routes, and an empty loop (the floor);
+  - the whole XDP pipeline per packet with those tables and varying
+    destinations;
+  - full-table load time into the BPF FIB next to `ip -batch` into the kernel;
+  - incremental route updates per second;
+  - the time from an API call returning to the change being visible.
+Kernel sync at scale is measured by bench/fibsync.py."""
+from __future__ import annotations
+
+import argparse
+import ctypes
+import ipaddress
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from bpfrouter import netns  # noqa: E402
+from bpfrouter.bpf import BpfObject  # noqa: E402
+from bpfrouter.datapath import Datapath  # noqa: E402
+from bpfrouter.datapath import layout as lo  # noqa: E402
+from bpfrouter.fib import Fib, Nexthop, Route, RouteType, map_memlock  # noqa: E402
+from bpfrouter.interfaces import Interfaces  # noqa: E402
+from bpfrouter.labroutes import internet_routes4, internet_routes6  # noqa: E402
+from bpfrouter.neighbors import Neighbors  # noqa: E402
+from bpfrouter.packet import mac_bytes  # noqa: E402
+
+OBJECT = str(ROOT / "build" / "router.bpf.o")
+BENCH = str(ROOT / "build" / "fibbench.bpf.o")
+NS = "bpfr-fibbench"
+GW4 = ["10.254.0.2", "10.254.0.3"]
+GW6 = ["fd02::2", "fd02::3"]
+
+
+def sh(*args: str) -> None:
+    subprocess.run(list(args), check=True, capture_output=True, text=True)
+
+
+def setup_netns() -> dict:
+    subprocess.run(["ip", "netns", "del", NS], capture_output=True)
+    sh("ip", "netns", "add", NS)
+    for cmd in ("link add fb0 type veth peer name fb0p", "link add fb1 type veth peer name fb1p",
+                "link set lo up", "link set fb0 up", "link set fb0p up", "link set fb1 up", "link set fb1p up",
+                "addr add 10.255.0.1/24 dev fb0", "addr add 10.254.0.1/24 dev fb1",
+                "addr add fd01::1/64 dev fb0 nodad", "addr add fd02::1/64 dev fb1 nodad"):
+        sh("ip", "-n", NS, *cmd.split())
+    for i, gw in enumerate(GW4 + GW6):
+        sh("ip", "-n", NS, "neigh", "add", gw, "lladdr", f"02:00:00:00:00:{i + 1:02x}", "dev", "fb1",
+           "nud", "permanent")
+    for key in ("net.ipv4.ip_forward", "net.ipv6.conf.all.forwarding"):
+        sh("ip", "netns", "exec", NS, "sysctl", "-qw", f"{key}=1")
+    links = {}
+    for dev in ("fb0", "fb1"):
+        d = json.loads(subprocess.run(["ip", "-n", NS, "-j", "link", "show", dev], check=True,
+                                      capture_output=True, text=True).stdout)[0]
+        links[dev] = (d["ifindex"], mac_bytes(d["address"]))
+    return links
+
+
+def kernel_load(prefixes, gws) -> float:
+    """Install into the namespace's kernel FIB with `ip -batch`; returns seconds."""
+    with tempfile.NamedTemporaryFile("w", suffix=".batch", delete=False) as f:
+        for i, p in enumerate(prefixes):
+            f.write(f"route add {p} via {gws[i % len(gws)]}\n")
+    try:
+        t = time.perf_counter()
+        sh("ip", "-n", NS, "-batch", f.name)
+        return time.perf_counter() - t
+    finally:
+        os.unlink(f.name)
+
+
+def kernel_flush(version: int) -> None:
+    sh("ip", "-n", NS, f"-{version}", "route", "flush", "proto", "boot")
+
+
+def make_routes(prefixes, gws, ifindex: int) -> list[Route]:
+    hops = [Nexthop(ifindex, ipaddress.ip_address(g)) for g in gws]
+    return [Route(p, RouteType.UNICAST, (hops[i % len(hops)],), proto=3, metric=1024)
+            for i, p in enumerate(prefixes)]
+
+
+def destinations(rng, prefixes, n: int, version: int) -> bytes:
+    """n addresses, each inside a random prefix of the table, as network-order bytes."""
+    idx = rng.integers(0, len(prefixes), n)
+    if version == 4:
+        nets = np.array([int(p.network_address) for p in prefixes], np.uint64)[idx]
+        lens = np.array([p.prefixlen for p in prefixes], np.uint64)[idx]
+        host = rng.integers(0, 1 << 32, n, dtype=np.uint64) & ((np.uint64(1) << (np.uint64(32) - lens)) - 1)
+        return (nets | host).astype(">u4").tobytes()
+    hi = np.array([int(p.network_address) >> 64 for p in prefixes], np.uint64)[idx]
+    lo_ = np.array([int(p.network_address) & ((1 << 64) - 1) for p in prefixes], np.uint64)[idx]
+    lens = np.array([p.prefixlen for p in prefixes], np.int64)[idx]
+    r_hi = rng.integers(0, 1 << 63, n, dtype=np.uint64) << np.uint64(1)
+    r_lo = rng.integers(0, 1 << 63, n, dtype=np.uint64) << np.uint64(1)
+    hi_host = np.where(lens >= 64, 0, (np.uint64(1) << np.clip(64 - lens, 0, 63).astype(np.uint64)) - 1)
+    hi_host = np.where(lens == 0, np.uint64(~np.uint64(0)), hi_host).astype(np.uint64)
+    lo_host = np.where(lens <= 64, np.uint64(~np.uint64(0)),
+                       (np.uint64(1) << np.clip(128 - lens, 0, 63).astype(np.uint64)) - 1).astype(np.uint64)
+    out = np.empty((n, 2), ">u8")
+    out[:, 0] = hi | (r_hi & hi_host)
+    out[:, 1] = lo_ | (r_lo & lo_host)
+    return out.tobytes()
+
+
+class Bench:
+    """fibbench.bpf.o bound to one data plane's maps."""
+
+    def __init__(self, dp: Datapath, fib_mode: lo.FibMode, impl: lo.FibImpl, n: int, ifindex: int,
+                 eth: bytes, dests: dict[int, bytes]):
+        self.obj = BpfObject(BENCH)
+        for name, m in dp.maps.items():
+            try:
+                self.obj.reuse_map(name, m.fd)
+            except KeyError:
+                pass
+        self.obj.set_rodata("fib_mode", ctypes.c_uint32(fib_mode))
+        self.obj.set_rodata("fib_impl", ctypes.c_uint32(impl))
+        self.obj.set_rodata("bench_n", ctypes.c_uint32(n))
+        self.obj.set_rodata("bench_ifindex", ctypes.c_uint32(ifindex))
+        self.obj.load()
+        self.ifindex = ifindex
+        for version, raw in dests.items():
+            m = self.obj.map(f"bench_dst{version}", ctypes.c_uint32,
+                             ctypes.c_uint32 if version == 4 else ctypes.c_uint8 * 16)
+            mm = m.mmap()
+            mm[: len(raw)] = raw
+            mm.close()
+        self.obj.map("bench_eth", ctypes.c_uint32, ctypes.c_uint8 * 14).update(
+            ctypes.c_uint32(0), (ctypes.c_uint8 * 14)(*eth))
+        self.frame = eth + bytes.fromhex("450000200000400040110000") + bytes([10, 255, 0, 2]) + bytes(4) + \
+            bytes.fromhex("9c40829a000c0000") + bytes(4)
+        self.n = n
+
+    def ns(self, prog: str, rounds: int) -> float:
+        p = self.obj.program(prog)
+        runs = [p.test_run(self.frame, ingress_ifindex=self.ifindex).duration_ns / self.n for _ in range(rounds)]
+        return statistics.median(runs)
+
+    def close(self) -> None:
+        self.obj.close()
+
+
+def incremental_rate(fib: Fib, rng, count: int, ifindex: int) -> float:
+    """Routes added one by one, as the agent applies netlink events."""
+    nets = internet_routes4(rng, count)
+    hop = Nexthop(ifindex, ipaddress.ip_address(GW4[0]))
+    routes = [Route(p, RouteType.UNICAST, (hop,), proto=3, metric=7) for p in nets]
+    t = time.perf_counter()
+    for r in routes:
+        fib.update(r)
+    dt = time.perf_counter() - t
+    for r in routes:
+        fib.delete(r)
+    return count / dt
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--json", action="store_true", help="print one JSON object only")
+    ap.add_argument("--quick", action="store_true", help="reduced sizes (about a minute)")
+    args = ap.parse_args()
+    say = (lambda *a, **k: None) if args.json else (lambda *a, **k: print(*a, **k, flush=True))
+    sizes4 = [1000, 100_000] if args.quick else [1000, 100_000, 1_000_000]
+    size6 = 23_000 if args.quick else 230_000
+    n = 200_000 if args.quick else 1_000_000
+    rounds = 3
+    rng = np.random.default_rng(42)
+    links = setup_netns()
+    fb0, fb0_mac = links["fb0"]
+    fb1, _ = links["fb1"]
+    eth = fb0_mac + bytes.fromhex("020000000101") + b"\x08\x00"
+    result: dict = {"destinations": n, "rounds": rounds, "statistic": "median", "lookups": [], "pipeline": [],
+                    "load": {}, "memory": {}}
+    dps: dict[str, Datapath] = {}
+    try:
+        with netns.entered(NS):
+            for name, mode, impl in (("dir", lo.FibMode.BPF, lo.FibImpl.DIR), ("lpm", lo.FibMode.BPF, lo.FibImpl.LPM),
+                                     ("kernel", lo.FibMode.KERNEL, lo.FibImpl.LPM)):
+                dp = Datapath.load(f"fibbench-{name}", OBJECT, mode, impl, groups=(65536, 262144))
+                ifs = Interfaces(dp)
+                for dev in ("fb0", "fb1"):
+                    ifs.configure(links[dev][0], links[dev][1], 1500)
+                nb = Neighbors(dp)
+                for i, gw in enumerate(GW4 + GW6):
+                    nb.set(fb1, ipaddress.ip_address(gw), bytes([2, 0, 0, 0, 0, i + 1]), 0x80)
+                dps[name] = dp
+            fibs = {k: Fib(dps[k]) for k in ("dir", "lpm")}
+            tables = [(4, s) for s in sizes4] + [(6, size6)]
+            for version, size in tables:
+                say(f"IPv{version} {size} prefixes: generating, loading", end="")
+                prefixes = internet_routes4(rng, size) if version == 4 else internet_routes6(rng, size)
+                gws = GW4 if version == 4 else GW6
+                routes = make_routes(prefixes, gws, fb1)
+                load = {"routes": size}
+                for k, fib in fibs.items():
+                    t = time.perf_counter()
+                    fib.replace_all(routes)
+                    load[f"{k}_s"] = time.perf_counter() - t
+                    say(".", end="")
+                load["kernel_ip_batch_s"] = kernel_load(prefixes, gws)
+                say(". measuring")
+                dests = {version: destinations(rng, prefixes, n, version)}
+                benches = {k: Bench(dps[k], m, impl, n, fb0, eth, dests) for k, m, impl in
+                           (("dir", lo.FibMode.BPF, lo.FibImpl.DIR), ("lpm", lo.FibMode.BPF, lo.FibImpl.LPM),
+                            ("kernel", lo.FibMode.KERNEL, lo.FibImpl.LPM))}
+                v = version
+                row = {"table": f"IPv{v} {size}", "routes": size,
+                       "empty_ns": benches["dir"].ns(f"bench_empty{v}", rounds),
+                       "dir_ns": benches["dir"].ns(f"bench_dir{v}", rounds),
+                       "lpm_ns": benches["lpm"].ns(f"bench_lpm{v}", rounds),
+                       "fib_lookup_ns": benches["kernel"].ns(f"bench_kernel{v}", rounds)}
+                result["lookups"].append(row)
+                if version == 4:
+                    result["pipeline"].append({
+                        "table": row["table"],
+                        "reset_only_ns": benches["dir"].ns("bench_pipeline_reset4", rounds),
+                        "dir_ns": benches["dir"].ns("bench_pipeline4", rounds),
+                        "lpm_ns": benches["lpm"].ns("bench_pipeline4", rounds),
+                        "kernel_ns": benches["kernel"].ns("bench_pipeline4", rounds)})
+                for b in benches.values():
+                    b.close()
+                result["load"][row["table"]] = load
+                result["memory"][row["table"]] = {
+                    "dir_bytes": fibs["dir"].tables[version].memory()["bytes"],
+                    "dir_groups_used": fibs["dir"].tables[version].memory()["groups_used"],
+                    "lpm_bytes": map_memlock((dps["lpm"].fib4 if version == 4 else dps["lpm"].fib6).fd)}
+                if version == 4 and size == sizes4[-1]:
+                    result["incremental_routes_per_s"] = {
+                        k: incremental_rate(fib, rng, 20_000 if args.quick else 50_000, fb1)
+                        for k, fib in fibs.items()}
+                for fib in fibs.values():
+                    fib.replace_all([])
+                kernel_flush(version)
+            for fib in fibs.values():
+                fib.close()
+    finally:
+        for dp in dps.values():
+            dp.destroy()
+        subprocess.run(["ip", "netns", "del", NS], capture_output=True)
+    result["api_visible"] = api_visibility()
+    out_dir = ROOT / "bench" / "results"
+    out_dir.mkdir(exist_ok=True)
+    (out_dir / "fib.json").write_text(json.dumps(result, indent=1))
+    if args.json:
+        print(json.dumps(result))
+        return
+    report(result)
+
+
+def api_visibility(samples: int = 20) -> dict:
+    """`bpfrouter route add` through the agent's API on a lab router, then
+    probes of the data plane straight after the call returns."""
+    from bpfrouter.agent.client import request
+    from bpfrouter.lab import Lab
+    from bpfrouter.observe import probe
+    lab = Lab("fibapi")
+    lab.up()
+    try:
+        subprocess.run([sys.executable, "-m", "bpfrouter", "--netns", lab.router_ns, "up", "r-eth0", "r-eth1",
+                        "--name", "fibapi"], check=True, capture_output=True)
+        lab.run("h1", ["ping", "-c", "1", lab.addr("h2")], check=True)
+        call_ms, first_probe_ok, probe_us = [], 0, []
+        with netns.entered(lab.router_ns):
+            dp = Datapath.open("fibapi")
+            iif, mac = lab.link("r", "r-eth0")
+            for i in range(samples):
+                prefix = f"10.{100 + i}.0.0/16"
+                t0 = time.perf_counter()
+                resp = request("fibapi", "route_add", args=[prefix, "via", lab.addr("h2")])
+                t1 = time.perf_counter()
+                d = probe(dp, f"10.{100 + i}.1.1", iif, mac)
+                t2 = time.perf_counter()
+                assert resp.get("ok"), resp
+                call_ms.append((t1 - t0) * 1e3)
+                probe_us.append((t2 - t1) * 1e6)
+                first_probe_ok += d.prefix == prefix
+            dp.close()
+        return {"samples": samples, "api_call_ms_median": statistics.median(call_ms),
+                "visible_on_first_probe": first_probe_ok, "first_probe_done_us_median": statistics.median(probe_us)}
+    finally:
+        lab.down()
+
+
+def report(r: dict) -> None:
+    print(f"\nFIB lookups in the kernel, {r['destinations']} random destinations hitting the table, "
+          f"ns per lookup ({r['statistic']} of {r['rounds']}):")
+    print(f"  {'table':13} {'empty':>6} {'DIR':>6} {'LPM':>7} {'fib_lkp':>8} {'DIR-empty':>9} "
+          f"{'LPM/DIR':>8} {'fibl/DIR':>8}")
+    for x in r["lookups"]:
+        d = x["dir_ns"]
+        print(f"  {x['table']:13} {x['empty_ns']:6.1f} {d:6.1f} {x['lpm_ns']:7.1f} {x['fib_lookup_ns']:8.1f} "
+              f"{d - x['empty_ns']:9.1f} {x['lpm_ns'] / d:7.1f}x {x['fib_lookup_ns'] / d:7.1f}x")
+    print("\nwhole XDP pipeline, varying destinations, ns per packet:")
+    print(f"  {'table':13} {'reset':>6} {'DIR':>6} {'LPM':>7} {'kernel':>7}")
+    for x in r["pipeline"]:
+        print(f"  {x['table']:13} {x['reset_only_ns']:6.1f} {x['dir_ns']:6.1f} {x['lpm_ns']:7.1f} {x['kernel_ns']:7.1f}")
+    print("\nfull-table load (seconds) and memory:")
+    print(f"  {'table':13} {'DIR':>6} {'LPM':>6} {'ip -batch':>9} {'DIR MiB':>8} {'groups':>7} {'LPM MiB':>8}")
+    for table, ld in r["load"].items():
+        m = r["memory"][table]
+        print(f"  {table:13} {ld['dir_s']:6.2f} {ld['lpm_s']:6.2f} {ld['kernel_ip_batch_s']:9.2f} "
+              f"{m['dir_bytes'] / 2**20:8.1f} {m['dir_groups_used']:7} {m['lpm_bytes'] / 2**20:8.1f}")
+    inc = r.get("incremental_routes_per_s", {})
+    print(f"\nincremental updates (one route at a time): DIR {inc.get('dir', 0):,.0f}/s, LPM {inc.get('lpm', 0):,.0f}/s")
+    a = r["api_visible"]
+    print(f"API route add: {a['api_call_ms_median']:.2f} ms per call (median); change visible on the first "
+          f"probe after return in {a['visible_on_first_probe']}/{a['samples']} calls "
+          f"(probe done {a['first_probe_done_us_median']:.0f} us after return)")
+
+
+if __name__ == "__main__":
+    main()

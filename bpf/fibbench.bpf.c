@@ -1,0 +1,124 @@
+// SPDX-License-Identifier: GPL-2.0
+/* FIB benchmark programs (bench/fib.py). Each runs once through
+ * BPF_PROG_TEST_RUN and loops with bpf_loop over `bench_n` destinations in an
+ * mmapable array, so every lookup sees a different address: duration / n is
+ * the cost per lookup. The loader points the FIB maps at a router's pinned
+ * maps. Variants: an empty loop (the floor), the DIR FIB, the LPM trie,
+ * bpf_fib_lookup on the kernel FIB, and the whole router pipeline on a packet
+ * whose destination changes every iteration. */
+#include "include/pipeline.h"
+
+#define BENCH_MAX (1 << 21)
+
+struct dst6 {
+	__u8 a[16];
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, BENCH_MAX);
+	__uint(map_flags, BPF_F_MMAPABLE);
+	__type(key, __u32);
+	__type(value, __u32);   /* network order */
+} bench_dst4 SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, BENCH_MAX);
+	__uint(map_flags, BPF_F_MMAPABLE);
+	__type(key, __u32);
+	__type(value, struct dst6);
+} bench_dst6 SEC(".maps");
+
+/* The Ethernet header the pipeline variant restores before each run. */
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct ethhdr);
+} bench_eth SEC(".maps");
+
+const volatile __u32 bench_n = 0;
+const volatile __u32 bench_ifindex = 0;  /* ingress for bpf_fib_lookup */
+__u64 bench_sink = 0;                    /* keeps results alive */
+
+struct loop_ctx {
+	struct xdp_md *xdp;
+	__u64 acc;
+};
+
+#define LOOKUP_LOOP(name, map, type, body)                                      \
+	static long name##_cb(__u32 i, struct loop_ctx *c)                      \
+	{                                                                       \
+		type *d = bpf_map_lookup_elem(&map, &i);                        \
+		if (!d)                                                         \
+			return 1;                                               \
+		body;                                                           \
+		return 0;                                                       \
+	}                                                                       \
+	SEC("xdp")                                                              \
+	int name(struct xdp_md *ctx)                                            \
+	{                                                                       \
+		struct loop_ctx c = { .xdp = ctx };                             \
+		bpf_loop(bench_n, name##_cb, &c, 0);                            \
+		bench_sink += c.acc;                                            \
+		return XDP_PASS;                                                \
+	}
+
+static __always_inline __u64 route_value(struct route *r)
+{
+	return r ? r->nh_id + 1 : 0;
+}
+
+static __always_inline __u64 kernel4(struct xdp_md *ctx, __be32 dst)
+{
+	struct bpf_fib_lookup p = { .family = AF_INET, .ifindex = bench_ifindex, .ipv4_dst = dst };
+
+	return bpf_fib_lookup(ctx, &p, sizeof(p), 0) + p.ifindex;
+}
+
+static __always_inline __u64 kernel6(struct xdp_md *ctx, const __u8 *dst)
+{
+	struct bpf_fib_lookup p = { .family = AF_INET6, .ifindex = bench_ifindex };
+
+	__builtin_memcpy(p.ipv6_dst, dst, 16);
+	return bpf_fib_lookup(ctx, &p, sizeof(p), 0) + p.ifindex;
+}
+
+LOOKUP_LOOP(bench_empty4, bench_dst4, __u32, c->acc += *d)
+LOOKUP_LOOP(bench_dir4, bench_dst4, __u32, c->acc += route_value(dir4_lookup(*d)))
+LOOKUP_LOOP(bench_lpm4, bench_dst4, __u32, c->acc += route_value(lpm4_lookup(*d)))
+LOOKUP_LOOP(bench_kernel4, bench_dst4, __u32, c->acc += kernel4(c->xdp, *d))
+LOOKUP_LOOP(bench_empty6, bench_dst6, struct dst6, c->acc += d->a[15])
+LOOKUP_LOOP(bench_dir6, bench_dst6, struct dst6, c->acc += route_value(dir6_lookup(d->a)))
+LOOKUP_LOOP(bench_lpm6, bench_dst6, struct dst6, c->acc += route_value(lpm6_lookup(d->a)))
+LOOKUP_LOOP(bench_kernel6, bench_dst6, struct dst6, c->acc += kernel6(c->xdp, d->a))
+
+/* The whole pipeline, IPv4: the test-run packet gets destination i, its
+ * Ethernet header and TTL restored (the pipeline rewrote them), then is
+ * routed as if it had just arrived. */
+static __always_inline int reset_packet(struct xdp_md *ctx, __be32 dst)
+{
+	void *data = (void *)(long)ctx->data;
+	void *end = (void *)(long)ctx->data_end;
+	struct ethhdr *eth = data;
+	struct iphdr *iph = data + sizeof(*eth);
+	struct ethhdr *orig;
+	__u32 k = 0;
+
+	if ((void *)(iph + 1) > end)
+		return -1;
+	orig = bpf_map_lookup_elem(&bench_eth, &k);
+	if (!orig)
+		return -1;
+	__builtin_memcpy(eth, orig, sizeof(*eth));
+	iph->ttl = 64;
+	iph->daddr = dst;
+	return 0;
+}
+
+LOOKUP_LOOP(bench_pipeline_reset4, bench_dst4, __u32, c->acc += reset_packet(c->xdp, *d))
+LOOKUP_LOOP(bench_pipeline4, bench_dst4, __u32,
+	    if (reset_packet(c->xdp, *d) == 0) c->acc += bpfrouter_pipeline(c->xdp))
+
+char _license[] SEC("license") = "GPL";
