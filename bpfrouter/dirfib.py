@@ -180,8 +180,9 @@ class DirTable:
 
     # --- public ------------------------------------------------------------------------
     def set(self, prefix: IPNetwork, value: lo.RouteValue) -> None:
-        addr, length = int(prefix.network_address), prefix.prefixlen
-        word = route_word(value)
+        self._set(int(prefix.network_address), prefix.prefixlen, route_word(value))
+
+    def _set(self, addr: int, length: int, word: int) -> None:
         leaf = self.rules.get((addr, length))
         if leaf is not None:  # same prefix, new route: one store
             self.leaves[leaf, 0] = np.uint64(word)
@@ -236,10 +237,10 @@ class DirTable:
                 self.groups[pg, pbyte] = row[0]
             self.free_groups.append(g)
 
-    def set_many(self, items: list[tuple[IPNetwork, lo.RouteValue]]) -> None:
-        """Bulk insert. Prefixes up to the root length are written vectorized,
-        shortest first, so longer ones land on top; the rest go one by one."""
-        fresh = [(int(p.network_address), p.prefixlen, route_word(v)) for p, v in items]
+    def set_many(self, fresh: list[tuple[int, int, int]], version: int | None = None) -> None:
+        """Bulk insert of (address as int, length, route word). Prefixes up to the
+        root length are written vectorized, shortest first, so longer ones land on
+        top; the rest go one by one."""
         known = [(a, ln, w) for a, ln, w in fresh if (a, ln) in self.rules]
         for a, ln, w in known:
             self.leaves[self.rules[(a, ln)], 0] = np.uint64(w)
@@ -273,7 +274,7 @@ class DirTable:
                     self._apply_groups(np.array([gid]), leaf, length, length, deleting=False)
         for a, ln, w in fresh:
             if ln > ROOT_BITS:
-                self.set(self._network(a, ln), word_route(w))
+                self._set(a, ln, w)
 
     def installed(self) -> list[tuple[IPNetwork, lo.RouteValue]]:
         live = np.nonzero(self.leaves[:, 0])[0]

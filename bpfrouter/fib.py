@@ -28,10 +28,28 @@ RouteType = lo.RouteType
 TABLE_MAIN, TABLE_LOCAL = 254, 255
 
 
+PrefixKey = tuple[int, int, int]  # (IP version, address as int, length): cheap to hash
+
+
+def prefix_key(prefix: IPNetwork) -> PrefixKey:
+    return (prefix.version, int(prefix.network_address), prefix.prefixlen)
+
+
+def key_network(k: PrefixKey) -> IPNetwork:
+    return (ipaddress.IPv4Network if k[0] == 4 else ipaddress.IPv6Network)((k[1], k[2]))
+
+
 @dataclass(frozen=True)
 class Nexthop:
     ifindex: int
     gateway: IPAddress | None = None
+
+    def __post_init__(self):
+        # ipaddress objects do not cache their hash; this one is hashed per route
+        object.__setattr__(self, "_hash", hash((self.ifindex, int(self.gateway) if self.gateway is not None else -1)))
+
+    def __hash__(self) -> int:
+        return self._hash
 
 
 @dataclass(frozen=True)
@@ -42,6 +60,9 @@ class Route:
     proto: int = lo.RTPROT_BPFROUTER
     metric: int = 0
     table: int = TABLE_MAIN
+
+    def __post_init__(self):
+        object.__setattr__(self, "pkey", prefix_key(self.prefix))
 
     @property
     def installed_type(self) -> RouteType:
@@ -59,6 +80,10 @@ class Route:
     def same_forwarding(self, other: "Route | None") -> bool:
         return other is not None and (self.installed_type, self.nexthops, self.proto) == \
             (other.installed_type, other.nexthops, other.proto)
+
+    def word(self, nh_id: int) -> int:
+        """struct route as its 64-bit little-endian word (see dirfib.route_word)."""
+        return nh_id | int(self.installed_type) << 32 | self.prefix.prefixlen << 40 | self.proto << 48
 
 
 class FibError(Exception):
@@ -163,8 +188,13 @@ class LpmTable:
     def set(self, prefix: IPNetwork, value: lo.RouteValue) -> None:
         self.map.update(_fib_key(prefix), value)
 
-    def set_many(self, items: list[tuple[IPNetwork, lo.RouteValue]]) -> None:
-        self.map.update_batch([(_fib_key(p), v) for p, v in items])
+    def set_many(self, entries: list[tuple[int, int, int]], version: int) -> None:
+        """entries: (address as int, length, route word)."""
+        pairs = []
+        for addr, length, word in entries:
+            pairs.append((_fib_key(key_network((version, addr, length))),
+                          lo.RouteValue.from_buffer_copy(word.to_bytes(8, "little"))))
+        self.map.update_batch(pairs)
 
     def delete(self, prefix: IPNetwork) -> bool:
         return self.map.delete(_fib_key(prefix))
@@ -202,65 +232,70 @@ def make_tables(dp: Datapath, recover: bool = True) -> dict[int, "DirTable | Lpm
 
 
 class Fib:
+    """The kernel's routes by prefix, and the best of each written to the BPF FIB.
+    Indexed by PrefixKey: at a million routes, hashing ipaddress objects costs seconds."""
+
     def __init__(self, dp: Datapath):
         self.dp = dp
         self.tables = make_tables(dp)
         self.nexthops = NexthopTable(dp)
-        self.kernel: dict[IPNetwork, dict[tuple[int, int, int], Route]] = {}
-        self.installed: dict[IPNetwork, Installed] = {}
+        self.kernel: dict[PrefixKey, dict[tuple[int, int, int], Route]] = {}
+        self.installed: dict[PrefixKey, Installed] = {}
 
     # --- selection --------------------------------------------------------
-    def best(self, prefix: IPNetwork) -> Route | None:
-        routes = self.kernel.get(prefix)
+    def best(self, pk: PrefixKey) -> Route | None:
+        routes = self.kernel.get(pk)
         if not routes:
             return None
+        if len(routes) == 1:
+            return next(iter(routes.values()))
         return min(routes.values(), key=lambda r: (r.table != TABLE_LOCAL, r.metric, r.key))
 
-    def _sync(self, prefix: IPNetwork) -> None:
-        want = self.best(prefix)
-        have = self.installed.get(prefix)
+    def _sync(self, pk: PrefixKey) -> None:
+        want = self.best(pk)
+        have = self.installed.get(pk)
         if want is None:
             if have is not None:
-                self._delete(prefix, have)
+                self._delete(pk, have)
             return
         if have is not None and want.same_forwarding(have.route):
             have.route = want
             return
-        self._write(prefix, want, have)
+        self._write(want, have)
 
-    def _write(self, prefix: IPNetwork, route: Route, old: Installed | None) -> None:
+    def _write(self, route: Route, old: Installed | None) -> None:
         rtype = route.installed_type
         nh_id = self.nexthops.acquire(route.nexthops[0]) if rtype == RouteType.UNICAST else 0
-        value = lo.RouteValue(nh_id=nh_id, type=rtype, prefixlen=prefix.prefixlen, proto=route.proto)
+        value = lo.RouteValue(nh_id=nh_id, type=rtype, prefixlen=route.prefix.prefixlen, proto=route.proto)
         try:
-            self.tables[prefix.version].set(prefix, value)
+            self.tables[route.prefix.version].set(route.prefix, value)
         except Exception:
             if nh_id:
                 self.nexthops.release(nh_id)
             raise
-        self.installed[prefix] = Installed(route, nh_id)
+        self.installed[route.pkey] = Installed(route, nh_id)
         if old is not None and old.nh_id:
             self.nexthops.release(old.nh_id)
 
-    def _delete(self, prefix: IPNetwork, old: Installed) -> None:
-        self.tables[prefix.version].delete(prefix)
-        del self.installed[prefix]
+    def _delete(self, pk: PrefixKey, old: Installed) -> None:
+        self.tables[pk[0]].delete(old.route.prefix)
+        del self.installed[pk]
         if old.nh_id:
             self.nexthops.release(old.nh_id)
 
-    def _write_many(self, writes: list[tuple[IPNetwork, Route, "Installed | None"]]) -> None:
+    def _write_many(self, writes: list[tuple[Route, "Installed | None"]]) -> None:
         """Bulk version of _write (a full load or resync): one vectorized table write."""
         batches: dict[int, list] = {4: [], 6: []}
-        for prefix, route, _ in writes:
-            rtype = route.installed_type
-            nh_id = self.nexthops.acquire(route.nexthops[0]) if rtype == RouteType.UNICAST else 0
-            batches[prefix.version].append((prefix, lo.RouteValue(nh_id=nh_id, type=rtype,
-                                                                  prefixlen=prefix.prefixlen, proto=route.proto)))
-            self.installed[prefix] = Installed(route, nh_id)
-        for version, items in batches.items():
-            if items:
-                self.tables[version].set_many(items)
-        for _, _, old in writes:
+        installed = self.installed
+        for route, _ in writes:
+            nh_id = self.nexthops.acquire(route.nexthops[0]) if route.installed_type == RouteType.UNICAST else 0
+            pk = route.pkey
+            batches[pk[0]].append((pk[1], pk[2], route.word(nh_id)))
+            installed[pk] = Installed(route, nh_id)
+        for version, entries in batches.items():
+            if entries:
+                self.tables[version].set_many(entries, version)
+        for _, old in writes:
             if old is not None and old.nh_id:
                 self.nexthops.release(old.nh_id)
 
@@ -273,41 +308,81 @@ class Fib:
         """A kernel route appeared. With replace (NLM_F_REPLACE), it takes the place
         of the routes with the same table and metric, as the kernel does; for IPv6
         those may be on other devices and no deletion is announced for them."""
-        routes = self.kernel.setdefault(route.prefix, {})
+        routes = self.kernel.setdefault(route.pkey, {})
         if replace:
             for key in [k for k in routes if k[:2] == route.key[:2]]:
                 del routes[key]
         routes[route.key] = route
-        self._sync(route.prefix)
+        self._sync(route.pkey)
 
     def delete(self, route: Route) -> None:
-        routes = self.kernel.get(route.prefix)
+        pk = route.pkey
+        routes = self.kernel.get(pk)
         if not routes or routes.pop(route.key, None) is None:
             return
         if not routes:
-            del self.kernel[route.prefix]
-        self._sync(route.prefix)
+            del self.kernel[pk]
+        self._sync(pk)
+
+    def apply_batch(self, events) -> int:
+        """Apply route notifications (objects with .new, .replace, .route) in one
+        go: the RIB first, then one vectorized FIB write. Returns prefixes touched."""
+        touched: set[PrefixKey] = set()
+        kernel = self.kernel
+        for ev in events:
+            r = ev.route
+            if r is None:
+                continue
+            pk = r.pkey
+            if ev.new:
+                routes = kernel.setdefault(pk, {})
+                if ev.replace:
+                    for key in [k for k in routes if k[:2] == r.key[:2]]:
+                        del routes[key]
+                routes[r.key] = r
+            else:
+                routes = kernel.get(pk)
+                if not routes or routes.pop(r.key, None) is None:
+                    continue
+                if not routes:
+                    del kernel[pk]
+            touched.add(pk)
+        writes = []
+        for pk in touched:
+            want = self.best(pk)
+            have = self.installed.get(pk)
+            if want is None:
+                if have is not None:
+                    self._delete(pk, have)
+            elif have is not None and want.same_forwarding(have.route):
+                have.route = want
+            else:
+                writes.append((want, have))
+        self._write_many(writes)
+        return len(touched)
 
     def replace_all(self, routes: list[Route]) -> int:
         """Full resync with a fresh kernel dump; returns the number of prefixes changed."""
-        fresh: dict[IPNetwork, dict[tuple[int, int, int], Route]] = {}
+        fresh: dict[PrefixKey, dict[tuple[int, int, int], Route]] = {}
         for r in routes:
-            fresh.setdefault(r.prefix, {})[r.key] = r
-        touched = set(self.kernel) | set(fresh) | set(self.installed)
+            fresh.setdefault(r.pkey, {})[r.key] = r
+        touched = set(self.kernel) | set(fresh) | set(self.installed) if self.installed else fresh.keys()
         self.kernel = fresh
         writes = []
         deleted = 0
-        for prefix in touched:
-            want = self.best(prefix)
-            have = self.installed.get(prefix)
+        installed = self.installed
+        for pk in touched:
+            routes = fresh.get(pk)
+            want = (next(iter(routes.values())) if len(routes) == 1 else self.best(pk)) if routes else None
+            have = installed.get(pk)
             if want is None:
                 if have is not None:
-                    self._delete(prefix, have)
+                    self._delete(pk, have)
                     deleted += 1
             elif have is not None and want.same_forwarding(have.route):
                 have.route = want
             else:
-                writes.append((prefix, want, have))
+                writes.append((want, have))
         self._write_many(writes)
         self.nexthops.collect_unused()
         return len(writes) + deleted
@@ -323,15 +398,19 @@ class Fib:
                     nhs = (self.nexthops.by_id[v.nh_id],)
                     self.nexthops.refs[v.nh_id] += 1
                 route = Route(prefix, RouteType(v.type), nhs, v.proto)
-                self.installed[prefix] = Installed(route, v.nh_id if nhs else 0)
+                self.installed[route.pkey] = Installed(route, v.nh_id if nhs else 0)
 
     # --- views ------------------------------------------------------------------
     def routes(self, prefix: IPNetwork | None = None) -> list[Route]:
-        prefixes = [prefix] if prefix is not None else sorted(self.kernel, key=_sort_key)
-        return [r for p in prefixes for r in sorted(self.kernel.get(p, {}).values(), key=lambda r: r.key)]
+        keys = [prefix_key(prefix)] if prefix is not None else sorted(self.kernel)
+        return [r for k in keys for r in sorted(self.kernel.get(k, {}).values(), key=lambda r: r.key)]
+
+    def installed_route(self, prefix: IPNetwork) -> Route | None:
+        inst = self.installed.get(prefix_key(prefix))
+        return inst.route if inst else None
 
     def sizes(self) -> dict[str, int]:
-        v4 = sum(1 for p in self.installed if p.version == 4)
+        v4 = sum(1 for p in self.installed if p[0] == 4)
         return {"ipv4": v4, "ipv6": len(self.installed) - v4, "nexthops": len(self.nexthops.by_id)}
 
     def memory(self) -> dict[str, dict[str, int]]:

@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 from pyroute2 import IPRoute
-from pyroute2.netlink.rtnl import (RTMGRP_IPV4_ROUTE, RTMGRP_IPV6_ROUTE, RTMGRP_LINK, RTMGRP_NEIGH)
+from pyroute2.netlink.rtnl import RTMGRP_LINK, RTMGRP_NEIGH
 
 from pyroute2.netlink.exceptions import NetlinkError
 
@@ -29,14 +29,18 @@ from ..interfaces import Interfaces
 from ..neighbors import Neighbors
 from ..routespec import RouteSpec, RouteSpecError, parse_route
 from .kernel import link_from_msg, neigh_from_msg, route_from_msg
+from .rtnl import Decoder, RouteMonitor, dump_routes
 
 log = logging.getLogger("bpfrouter.agent")
 
 NLM_F_REPLACE = 0x100
-GROUPS = RTMGRP_LINK | RTMGRP_NEIGH | RTMGRP_IPV4_ROUTE | RTMGRP_IPV6_ROUTE
-# Receive buffer of the monitor socket. The kernel caps it at net.core.rmem_max;
-# a small value makes overruns (and the resync they trigger) easy to test.
-NETLINK_RCVBUF = int(os.environ.get("BPFROUTER_NETLINK_RCVBUF", 1 << 20))
+LINK_NEIGH_GROUPS = RTMGRP_LINK | RTMGRP_NEIGH
+# Receive buffer of the monitor sockets (SO_RCVBUFFORCE, so it may exceed
+# net.core.rmem_max): a full table arriving at once fits. A small value makes
+# overruns, and the resync they trigger, easy to test.
+NETLINK_RCVBUF = int(os.environ.get("BPFROUTER_NETLINK_RCVBUF", 256 << 20))
+BATCH_ROUTES = 20000      # apply at most this many route events at once...
+BATCH_SECONDS = 0.05      # ...and never hold one back longer than this
 
 
 def socket_path(name: str) -> Path:
@@ -62,22 +66,27 @@ class Agent:
         self.lock = threading.RLock()
         self.stop = threading.Event()
         self.ready = threading.Event()
+        self.decoder = Decoder()
+
         self.stats = {"started": time.time(), "events": 0, "resyncs": 0, "enobufs": 0,
-                      "last_resync": None}
+                      "last_resync": None, "sync": None}
 
     # --- kernel sync -------------------------------------------------------------
     def full_sync(self, why: str) -> None:
         t0 = time.monotonic()
+        self.stats["sync"] = {"phase": "dump", "routes": 0}
         with IPRoute() as ipr:
             links = [link_from_msg(m) for m in ipr.link("dump")]
-            routes = [r for m in ipr.route("dump", family=0) if (r := route_from_msg(m))]
             neighs = [n for m in ipr.neigh("dump") if (n := neigh_from_msg(m))]
+        routes = dump_routes(self.decoder)
+        self.stats["sync"] = {"phase": "apply", "routes": len(routes)}
         with self.lock:
             self._sync_links(links)
             changed = self.fib.replace_all(routes)
             self.neighbors.replace_all(neighs)
             self.stats["resyncs"] += 1
             self.stats["last_resync"] = time.time()
+            self.stats["sync"] = None
         log.info("full resync (%s): %d routes, %d neighbors, %d prefixes changed in %.1f ms",
                  why, len(routes), len(neighs), changed, (time.monotonic() - t0) * 1e3)
 
@@ -122,13 +131,70 @@ class Agent:
                         self.interfaces.configure(li.ifindex, li.mac, li.mtu)
 
     def monitor(self) -> None:
-        """Netlink event loop; an overrun (ENOBUFS) means events were lost, so resync."""
+        """Both monitor sockets are bound before the first dump, so no change
+        falls between them. Route events are applied in batches, at most
+        BATCH_SECONDS late. An overrun (ENOBUFS) means events were lost: resync."""
+        bound, synced = threading.Event(), threading.Event()
+        # pyroute2's IPRoute belongs to the thread that creates it
+        threading.Thread(target=self._link_neigh_loop, args=(bound, synced), name="links", daemon=True).start()
+        if not bound.wait(10):
+            log.error("link/neighbor monitor did not start")
+        first = True
+        while not self.stop.is_set():
+            routes = RouteMonitor(NETLINK_RCVBUF)
+            try:
+                self.full_sync("start" if first else "monitor restart")
+                first = False
+                self.ready.set()
+                synced.set()
+                self._route_loop(routes)
+            except Exception:
+                log.exception("route monitor failed; restarting it")
+                time.sleep(0.5)
+            finally:
+                routes.close()
+        synced.set()
+
+    def _overrun(self, which: str) -> None:
+        self.stats["enobufs"] += 1
+        log.warning("netlink overrun (ENOBUFS) on the %s socket: events were lost, resyncing", which)
+        self.full_sync(f"{which} overrun")
+
+    def _route_loop(self, mon: RouteMonitor) -> None:
+        pending: list = []
+        first = 0.0
+        while not self.stop.is_set():
+            wait = max(0.0, first + BATCH_SECONDS - time.monotonic()) if pending else 0.5
+            try:
+                data = mon.recv(wait)
+            except OSError as e:
+                if e.errno != errno.ENOBUFS:
+                    raise
+                pending = []  # superseded by the dump
+                mon.drain()
+                self._overrun("route")
+                continue
+            if data is not None:
+                if not pending:
+                    first = time.monotonic()
+                pending.extend(self.decoder.events(data))
+            if pending and (data is None or len(pending) >= BATCH_ROUTES
+                            or time.monotonic() - first >= BATCH_SECONDS):
+                with self.lock:
+                    self.stats["events"] += len(pending)
+                    self.fib.apply_batch(pending)
+                pending = []
+
+    def _link_neigh_loop(self, bound: threading.Event, synced: threading.Event) -> None:
+        resync = False
         while not self.stop.is_set():
             ipr = IPRoute(rcvbuf=NETLINK_RCVBUF)
             try:
-                ipr.bind(groups=GROUPS)
-                self.full_sync("start" if not self.ready.is_set() else "monitor restart")
-                self.ready.set()
+                ipr.bind(groups=LINK_NEIGH_GROUPS)
+                bound.set()
+                synced.wait()  # events queue in the socket during the first dump
+                if resync:
+                    self._overrun("link/neighbor")
                 while not self.stop.is_set():
                     for msg in ipr.get():
                         try:
@@ -137,18 +203,16 @@ class Agent:
                             log.exception("failed to apply %s; resyncing", msg.get("event"))
                             self.full_sync("apply error")
             except OSError as e:
+                resync = True  # a fresh socket, then a dump
                 if e.errno != errno.ENOBUFS:
-                    log.exception("netlink monitor failed; restarting it")
+                    log.exception("link/neighbor monitor failed; restarting it")
                     time.sleep(0.5)
-                else:
-                    self.stats["enobufs"] += 1
-                    log.warning("netlink overrun (ENOBUFS): events were lost, resyncing")
             except Exception:
-                log.exception("netlink monitor failed; restarting it")
+                resync = True
+                log.exception("link/neighbor monitor failed; restarting it")
                 time.sleep(0.5)
             finally:
-                # pyroute2 re-raises the socket's pending error on close
-                with contextlib.suppress(Exception):
+                with contextlib.suppress(Exception):  # pyroute2 re-raises a pending error on close
                     ipr.close()
 
     # --- control API -------------------------------------------------------------
@@ -220,7 +284,7 @@ class Agent:
                                          "priority": r.metric, "type": r.type.name.lower()})
                 return {"prefix": str(spec.prefix)}
             if op == "routes":
-                return {"routes": [route_json(r, self.fib.installed.get(r.prefix)) for r in self.fib.routes()]}
+                return {"routes": [route_json(r, self.fib.installed_route(r.prefix)) for r in self.fib.routes()]}
             if op != "resync":
                 raise ApiError(f"unknown operation {op!r}")
         self.full_sync("requested")
@@ -295,5 +359,5 @@ def route_json(r: Route, installed=None) -> dict:
         "table": {254: "main", 255: "local"}.get(r.table, str(r.table)),
         "nexthops": [{"ifindex": nh.ifindex, "gateway": str(nh.gateway) if nh.gateway else None}
                      for nh in r.nexthops],
-        "selected": bool(installed and installed.route == r),
+        "selected": installed == r,
     }

@@ -1,0 +1,215 @@
+"""A lean rtnetlink route reader for the agent's hot path.
+
+pyroute2 decodes every attribute of every message into Python objects, about
+30 us per route here; a routing daemon installs a full table at 60k+ routes
+per second, so the mirror fell behind and overran. This module reads only what
+the FIB needs (RTM_NEWROUTE / RTM_DELROUTE: family, prefix, table, type,
+protocol, metric, next hops) with struct, from a raw socket with a large
+receive buffer. pyroute2 still handles links, neighbors and all requests."""
+from __future__ import annotations
+
+import ipaddress
+import os
+import socket
+import struct
+
+from ..fib import TABLE_LOCAL, TABLE_MAIN, Nexthop, Route, RouteType
+
+NETLINK_ROUTE = 0
+SOL_NETLINK = 270
+SO_RCVBUFFORCE = 33
+NLMSG_ERROR, NLMSG_DONE = 2, 3
+RTM_NEWROUTE, RTM_DELROUTE, RTM_GETROUTE = 24, 25, 26
+NLM_F_REQUEST, NLM_F_MULTI, NLM_F_REPLACE, NLM_F_DUMP = 0x1, 0x2, 0x100, 0x300
+RTA_DST, RTA_OIF, RTA_GATEWAY, RTA_PRIORITY, RTA_MULTIPATH, RTA_TABLE, RTA_VIA = 1, 4, 5, 6, 9, 15, 18
+RTMGRP_IPV4_ROUTE, RTMGRP_IPV6_ROUTE = 0x40, 0x400
+RTM_F_CLONED = 0x200
+RTN = {1: RouteType.UNICAST, 2: RouteType.LOCAL, 3: RouteType.LOCAL, 4: RouteType.LOCAL,
+       6: RouteType.BLACKHOLE, 7: RouteType.UNREACHABLE, 8: RouteType.PROHIBIT}
+AF_INET, AF_INET6 = 2, 10
+
+_hdr = struct.Struct("=IHHII")          # nlmsghdr
+_rtmsg = struct.Struct("=BBBBBBBBI")    # rtmsg
+_rta = struct.Struct("=HH")
+_u32 = struct.Struct("=I")
+_rtnh = struct.Struct("=HBBi")          # rtnexthop: len, flags, hops, ifindex
+
+
+class RouteEvent:
+    """A parsed route message: `route` is None for routes the FIB ignores."""
+    __slots__ = ("new", "replace", "route")
+
+    def __init__(self, new: bool, replace: bool, route: Route | None):
+        self.new, self.replace, self.route = new, replace, route
+
+
+class Decoder:
+    """Parses route messages; interns next hops so repeated gateways cost nothing."""
+
+    def __init__(self):
+        self._hops: dict[tuple, Nexthop] = {}
+
+    def _hop(self, oif: int, gw: bytes | None) -> Nexthop:
+        key = (oif, gw)
+        hop = self._hops.get(key)
+        if hop is None:
+            hop = Nexthop(oif, ipaddress.ip_address(gw) if gw else None)
+            self._hops[key] = hop
+        return hop
+
+    def messages(self, buf: bytes | memoryview):
+        """Yield (type, flags, offset, length) of each message in a datagram."""
+        off, end = 0, len(buf)
+        while off + 16 <= end:
+            length, mtype, flags, _, _ = _hdr.unpack_from(buf, off)
+            if length < 16:
+                break
+            yield mtype, flags, off, length
+            off += (length + 3) & ~3
+
+    def route(self, buf, off: int, length: int) -> Route | None:
+        family, dst_len, _, _, table, proto, _, rtype, rflags = _rtmsg.unpack_from(buf, off + 16)
+        if rflags & RTM_F_CLONED:
+            return None
+        kind = RTN.get(rtype)
+        if kind is None:
+            return None
+        dst = gw = mp = None
+        oif = metric = 0
+        pos, end = off + 28, off + length
+        while pos + 4 <= end:
+            alen, atype = _rta.unpack_from(buf, pos)
+            if alen < 4:
+                break
+            if atype == RTA_DST:
+                dst = bytes(buf[pos + 4:pos + alen])
+            elif atype == RTA_OIF:
+                oif = _u32.unpack_from(buf, pos + 4)[0]
+            elif atype == RTA_GATEWAY:
+                gw = bytes(buf[pos + 4:pos + alen])
+            elif atype == RTA_PRIORITY:
+                metric = _u32.unpack_from(buf, pos + 4)[0]
+            elif atype == RTA_TABLE:
+                table = _u32.unpack_from(buf, pos + 4)[0]
+            elif atype == RTA_MULTIPATH:
+                mp = (pos + 4, pos + alen)
+            elif atype == RTA_VIA:
+                gw = bytes(buf[pos + 6:pos + alen])  # rtvia: family (2 bytes), address
+            pos += (alen + 3) & ~3
+        if table not in (TABLE_MAIN, TABLE_LOCAL):
+            return None
+        addr = int.from_bytes(dst, "big") if dst else 0
+        prefix = (ipaddress.IPv4Network if family == AF_INET else ipaddress.IPv6Network)((addr, dst_len))
+        hops: tuple[Nexthop, ...] = ()
+        if mp:
+            hops = tuple(self._multipath(buf, *mp))
+        elif kind == RouteType.UNICAST:
+            if not oif:
+                return None
+            hops = (self._hop(oif, gw if gw and len(gw) in (4, 16) else None),)
+        return Route(prefix, kind, hops, proto, metric, table)
+
+    def _multipath(self, buf, pos: int, end: int):
+        while pos + 8 <= end:
+            nlen, _, _, ifindex = _rtnh.unpack_from(buf, pos)
+            if nlen < 8:
+                return
+            gw = None
+            apos = pos + 8
+            while apos + 4 <= pos + nlen:
+                alen, atype = _rta.unpack_from(buf, apos)
+                if alen < 4:
+                    break
+                if atype == RTA_GATEWAY:
+                    gw = bytes(buf[apos + 4:apos + alen])
+                elif atype == RTA_VIA:
+                    gw = bytes(buf[apos + 6:apos + alen])
+                apos += (alen + 3) & ~3
+            yield self._hop(ifindex, gw)
+            pos += (nlen + 3) & ~3
+
+    def events(self, buf) -> list[RouteEvent]:
+        out = []
+        for mtype, flags, off, length in self.messages(buf):
+            if mtype in (RTM_NEWROUTE, RTM_DELROUTE):
+                out.append(RouteEvent(mtype == RTM_NEWROUTE, bool(flags & NLM_F_REPLACE),
+                                      self.route(buf, off, length)))
+        return out
+
+
+def _socket(groups: int, rcvbuf: int) -> socket.socket:
+    s = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC, NETLINK_ROUTE)
+    try:
+        s.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, rcvbuf)
+    except PermissionError:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+    s.bind((0, groups))
+    return s
+
+
+class RouteMonitor:
+    """Route notifications of both families. recv() raises OSError(ENOBUFS)
+    when the kernel had to drop notifications: the caller must resync."""
+
+    def __init__(self, rcvbuf: int):
+        self.sock = _socket(RTMGRP_IPV4_ROUTE | RTMGRP_IPV6_ROUTE, rcvbuf)
+        self.buf = bytearray(1 << 20)
+        self.view = memoryview(self.buf)
+
+    def recv(self, timeout: float | None) -> memoryview | None:
+        self.sock.settimeout(timeout)
+        try:
+            n = self.sock.recv_into(self.buf)
+        except (socket.timeout, BlockingIOError):
+            return None
+        return self.view[:n]
+
+    def drain(self) -> None:
+        """Discard everything queued. After an overrun the kernel keeps the socket
+        'congested' and drops further notifications silently until the queue has
+        been emptied once (NETLINK_S_CONGESTED): drain, then dump."""
+        self.sock.setblocking(False)
+        try:
+            while True:
+                try:
+                    self.sock.recv_into(self.buf)
+                except BlockingIOError:
+                    return
+                except OSError as e:
+                    if e.errno != 105:  # a further ENOBUFS while draining is expected
+                        raise
+        finally:
+            self.sock.setblocking(True)
+
+    def fileno(self) -> int:
+        return self.sock.fileno()
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def dump_routes(decoder: Decoder, rcvbuf: int = 32 << 20) -> list[Route]:
+    """All routes of both families (main and local tables) from a fresh dump."""
+    s = _socket(0, rcvbuf)
+    try:
+        req = _hdr.pack(16 + 12, RTM_GETROUTE, NLM_F_REQUEST | NLM_F_DUMP, 1, 0) + _rtmsg.pack(
+            0, 0, 0, 0, 0, 0, 0, 0, 0)
+        s.send(req)
+        buf = bytearray(1 << 20)
+        routes: list[Route] = []
+        while True:
+            n = s.recv_into(buf)
+            view = memoryview(buf)[:n]
+            for mtype, _, off, length in decoder.messages(view):
+                if mtype == NLMSG_DONE:
+                    return routes
+                if mtype == NLMSG_ERROR:
+                    code = -struct.unpack_from("=i", view, off + 16)[0]
+                    raise OSError(code, f"route dump failed: {os.strerror(code)}")
+                if mtype == RTM_NEWROUTE:
+                    r = decoder.route(view, off, length)
+                    if r is not None:
+                        routes.append(r)
+    finally:
+        s.close()
+
