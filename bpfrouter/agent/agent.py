@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import gc
 import json
 import logging
 import os
@@ -87,6 +88,7 @@ class Agent:
             self.stats["resyncs"] += 1
             self.stats["last_resync"] = time.time()
             self.stats["sync"] = None
+        gc.freeze()  # the mirror's million objects: out of every later collection
         log.info("full resync (%s): %d routes, %d neighbors, %d prefixes changed in %.1f ms",
                  why, len(routes), len(neighs), changed, (time.monotonic() - t0) * 1e3)
 
@@ -318,6 +320,10 @@ class Agent:
         return server
 
     def run(self) -> None:
+        # The RIB holds one small acyclic object graph per route; default GC
+        # thresholds would walk all of them every few thousand allocations,
+        # stalling the agent for a second at a time with a full table.
+        gc.set_threshold(200_000, 50, 1000)
         pid_path(self.name).write_text(f"{os.getpid()}\n")
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: self.stop.set())
