@@ -11,7 +11,8 @@ In one run, on one machine:
   - full-table load time into the BPF FIB next to `ip -batch` into the kernel;
   - incremental route updates per second;
   - the time from an API call returning to the change being visible.
-Kernel sync at scale is measured by bench/fibsync.py."""
+  - kernel sync at scale: a routing daemon's full table installed into the
+    kernel while the agent mirrors it; lag, completion and responsiveness."""
 from __future__ import annotations
 
 import argparse
@@ -255,6 +256,8 @@ def main() -> None:
             dp.destroy()
         subprocess.run(["ip", "netns", "del", NS], capture_output=True)
     result["api_visible"] = api_visibility()
+    say("kernel sync at scale: installing into a lab router's kernel FIB")
+    result["sync"] = sync_at_scale(100_000 if args.quick else 1_000_000)
     out_dir = ROOT / "bench" / "results"
     out_dir.mkdir(exist_ok=True)
     (out_dir / "fib.json").write_text(json.dumps(result, indent=1))
@@ -298,6 +301,69 @@ def api_visibility(samples: int = 20) -> dict:
         lab.down()
 
 
+def sync_at_scale(n: int, chunks: int = 20) -> dict:
+    """Install n routes into a lab router's kernel FIB in chunks (as a routing
+    daemon would), while sampling the agent: how far behind the data plane is,
+    when the mirror completes, and how fast status and route get answer."""
+    import threading
+    from bpfrouter.agent.client import request
+    from bpfrouter.lab import Lab
+    from bpfrouter.observe import probe
+    lab = Lab("fibsync")
+    lab.up()
+    try:
+        subprocess.run([sys.executable, "-m", "bpfrouter", "--netns", lab.router_ns, "up", "r-eth0", "r-eth1",
+                        "--name", "fibsync"], check=True, capture_output=True)
+        lab.run("h1", ["ping", "-c", "1", lab.addr("h2")], check=True)
+        prefixes = internet_routes4(np.random.default_rng(7), n)
+        files = []
+        for k in range(chunks):
+            f = tempfile.NamedTemporaryFile("w", suffix=".batch", delete=False)
+            f.write("".join(f"route add {p} via {lab.addr('h2')}\n" for p in prefixes[k::chunks]))
+            f.close()
+            files.append(f.name)
+        base = request("fibsync", "ping")["fib"]["ipv4"]
+        done: list[tuple[float, int]] = []
+        t0 = time.perf_counter()
+
+        def install():
+            for k, name in enumerate(files):
+                subprocess.run(lab.cmd("r", ["ip", "-batch", name]), check=True)
+                done.append((time.perf_counter() - t0, sum(len(prefixes[j::chunks]) for j in range(k + 1))))
+
+        th = threading.Thread(target=install)
+        th.start()
+        samples, ping_s, probe_s = [], [], []
+        with netns.entered(lab.router_ns):
+            dp = Datapath.open("fibsync")
+            iif, mac = lab.link("r", "r-eth0")
+            while True:
+                t = time.perf_counter()
+                st = request("fibsync", "ping", timeout=60)
+                ping_s.append(time.perf_counter() - t)
+                t = time.perf_counter()
+                probe(dp, lab.addr("h2"), iif, mac)
+                probe_s.append(time.perf_counter() - t)
+                samples.append((time.perf_counter() - t0, st["fib"]["ipv4"] - base))
+                if samples[-1][1] >= n:
+                    break
+                time.sleep(0.05)
+            dp.close()
+        th.join()
+        for name in files:
+            os.unlink(name)
+        lags = []
+        for t_done, count in done:
+            caught = next((t for t, c in samples if c >= count), samples[-1][0])
+            lags.append(max(0.0, caught - t_done))
+        return {"routes": n, "kernel_install_s": done[-1][0], "mirror_complete_s": samples[-1][0],
+                "mirror_after_kernel_s": samples[-1][0] - done[-1][0], "max_lag_s": max(lags),
+                "status_max_s": max(ping_s), "route_get_max_s": max(probe_s),
+                "sample_interval_s": 0.05}
+    finally:
+        lab.down()
+
+
 def report(r: dict) -> None:
     print(f"\nFIB lookups in the kernel, {r['destinations']} random destinations hitting the table, "
           f"ns per lookup ({r['statistic']} of {r['rounds']}):")
@@ -323,6 +389,11 @@ def report(r: dict) -> None:
     print(f"API route add: {a['api_call_ms_median']:.2f} ms per call (median); change visible on the first "
           f"probe after return in {a['visible_on_first_probe']}/{a['samples']} calls "
           f"(probe done {a['first_probe_done_us_median']:.0f} us after return)")
+    y = r["sync"]
+    print(f"\nkernel sync at scale, {y['routes']} routes installed with ip -batch in 20 chunks:")
+    print(f"  kernel install {y['kernel_install_s']:.1f} s; mirror complete {y['mirror_complete_s']:.1f} s "
+          f"({y['mirror_after_kernel_s']:+.2f} s); worst lag behind the kernel {y['max_lag_s']:.2f} s; "
+          f"slowest status {y['status_max_s'] * 1e3:.0f} ms, slowest route get {y['route_get_max_s'] * 1e3:.0f} ms")
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ import logging
 import os
 import socket
 import sys
+import time
 
 import click
 from rich.console import Console
@@ -36,6 +37,40 @@ def json_options(f):
     f = click.option("-p", "--pretty", is_flag=True, help="Pretty-print JSON (implies -j).")(f)
     f = click.option("-j", "--json", "as_json", is_flag=True, help="Print JSON (keys: docs/cli.md).")(f)
     return f
+
+
+class SyncProgress:
+    """A progress line for long operations, on a terminal only (quiet for
+    JSON output and when stdout is not a terminal)."""
+
+    def __init__(self, description: str, total: int | None = None, quiet: bool = False):
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+        self.enabled = console.is_terminal and not quiet
+        columns = [SpinnerColumn(), TextColumn("{task.description}")]
+        if total is not None:
+            columns += [BarColumn(), MofNCompleteColumn()]
+        self.progress = Progress(*columns, TimeElapsedColumn(), console=console, transient=True,
+                                 disable=not self.enabled)
+        self.task = self.progress.add_task(description, total=total)
+
+    def __enter__(self):
+        self.progress.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.progress.stop()
+
+    def update(self, completed: int | None = None, description: str | None = None) -> None:
+        kw = {k: v for k, v in (("completed", completed), ("description", description)) if v is not None}
+        self.progress.update(self.task, **kw)
+
+    def agent(self, answer: dict) -> None:
+        """Callback for start_agent: the agent's first sync with the kernel."""
+        sync = answer.get("sync") or {}
+        if sync.get("phase") == "dump":
+            self.update(description=f"agent: reading the kernel's routes ({sync.get('routes', 0):,})")
+        elif sync.get("phase") == "apply":
+            self.update(description=f"agent: writing {sync.get('routes', 0):,} routes to the data plane")
 
 
 name_option = click.option("--name", "-n", "name", default=None, metavar="NAME",
@@ -96,8 +131,9 @@ def up(ifaces, name, fib_mode, xdp_mode, fib_impl, fib_groups, foreground):
                 raise ValueError
         except ValueError:
             raise click.ClickException(f"invalid --fib-groups {fib_groups!r}: expected two counts, e.g. 16384,65536") from None
-    meta = router.up(list(ifaces), name, fib_mode, xdp_mode, start=not foreground, fib_impl=fib_impl,
-                     groups=groups)
+    with SyncProgress("loading the data plane") as bar:
+        meta = router.up(list(ifaces), name, fib_mode, xdp_mode, start=not foreground, fib_impl=fib_impl,
+                         groups=groups, progress=bar.agent)
     where = f" in netns {meta.netns}" if meta.netns else ""
     impl = f" ({meta.fib_impl})" if meta.fib_mode == "bpf" else ""
     console.print(f"router [bold]{meta.name}[/] up{where}: fib {meta.fib_mode}{impl}, "
@@ -178,6 +214,69 @@ def _route_change_command(op: str, help_text: str) -> None:
 _route_change_command("add", "Add a route to the kernel FIB (proto bpfrouter); the data plane has it on return.")
 _route_change_command("replace", "Add or replace a bpfrouter route.")
 _route_change_command("del", "Delete a route added with bpfrouter.")
+
+
+@route.command("load")
+@click.argument("file", type=click.File("r"))
+@name_option
+def route_load(file, name):
+    """Install many routes from FILE ('-' for stdin), one per line, in
+    `route add` syntax (`10.0.0.0/8 via 192.0.2.1`, `blackhole 10.66.0.0/16`;
+    a leading `route add` and '#' comments are allowed).
+
+    All or nothing: every line is checked first, and if the kernel refuses one,
+    the routes already installed are removed again. Routes go into the kernel
+    FIB with protocol bpfrouter through `ip -batch`; a progress bar follows the
+    data plane's mirror on a terminal."""
+    import subprocess
+    import tempfile
+    from .datapath.layout import RTPROT_BPFROUTER
+    lines = []
+    for i, raw in enumerate(file, 1):
+        words = raw.split("#", 1)[0].split()
+        if not words:
+            continue
+        if words[:2] == ["route", "add"]:
+            words = words[2:]
+        if "proto" in words or "table" in words:
+            raise click.ClickException(f"{file.name}:{i}: 'proto' and 'table' are set by route load")
+        try:
+            parse_route(words)
+        except RouteSpecError as e:
+            raise click.ClickException(f"{file.name}:{i}: {e}") from None
+        lines.append((i, words))
+    if not lines:
+        raise click.ClickException(f"{file.name}: no routes")
+    meta = router.resolve(name)
+    base = request(meta.name, "ping")["fib"]
+    base_n = base["ipv4"] + base["ipv6"]
+    with tempfile.NamedTemporaryFile("w", suffix=".batch") as batch:
+        batch.write("".join(f"route add {' '.join(w)} proto {RTPROT_BPFROUTER}\n" for _, w in lines))
+        batch.flush()
+        t0 = time.monotonic()
+        proc = subprocess.Popen(["ip", "-batch", batch.name], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                text=True)
+        with SyncProgress("installing routes", total=len(lines)) as bar:
+            last, stable_since = -1, time.monotonic()
+            while True:
+                fib = request(meta.name, "ping")["fib"]
+                now = fib["ipv4"] + fib["ipv6"] - base_n
+                bar.update(completed=max(0, min(now, len(lines))))
+                if now != last:
+                    last, stable_since = now, time.monotonic()
+                if proc.poll() is not None and (now >= len(lines) or time.monotonic() - stable_since > 0.5):
+                    break
+                time.sleep(0.1)
+        _, err = proc.communicate()
+        if proc.returncode != 0:
+            failed = next((int(x.rsplit(":", 1)[1]) for x in err.splitlines()
+                           if x.startswith("Command failed") and x.rsplit(":", 1)[1].isdigit()), len(lines))
+            undo = "".join(f"route del {' '.join(w)} proto {RTPROT_BPFROUTER}\n" for _, w in lines[:failed - 1])
+            subprocess.run(["ip", "-force", "-batch", "-"], input=undo, capture_output=True, text=True)
+            reason = next((x for x in err.splitlines() if x and not x.startswith("Command failed")), err.strip())
+            raise click.ClickException(f"{file.name}:{lines[failed - 1][0]}: the kernel refused the route "
+                                       f"({reason.strip()}); nothing was loaded")
+    console.print(f"loaded {len(lines)} routes in {time.monotonic() - t0:.1f} s")
 
 
 @route.command("show")
@@ -324,10 +423,13 @@ def verify(count, seed, v4, v6, name, as_json, pretty):
         iif = min(configured)
         prefixes = [p for p, _, _ in read_installed(dp)]
         result = {"checked": 0, "mismatches": []}
-        with IPRoute() as ipr:
-            for version in ([4] if v4 else [6] if v6 else [4, 6]):
+        versions = [4] if v4 else [6] if v6 else [4, 6]
+        with IPRoute() as ipr, SyncProgress("comparing with the kernel", total=count * len(versions),
+                                            quiet=as_json or pretty) as bar:
+            for version in versions:
                 dests = sample_destinations(rng, [p for p in prefixes if p.version == version], count, version)
-                n, bad = run_verify(dp, dests, iif, bytes(configured[iif].mac), ipr)
+                n, bad = run_verify(dp, dests, iif, bytes(configured[iif].mac), ipr,
+                                    progress=lambda i: bar.update(completed=result["checked"] + i))
                 result["checked"] += n
                 result["mismatches"] += [{"dst": m.dst, "kernel": str(m.kernel), "dataplane": str(m.dataplane)}
                                          for m in bad]
@@ -390,7 +492,8 @@ def agent_run(name):
 def agent_start(name):
     """Start the agent in the background; it resyncs with the running data plane."""
     meta = router.resolve(name)
-    pid = start_agent(meta.name, meta.netns)
+    with SyncProgress("starting the agent") as bar:
+        pid = start_agent(meta.name, meta.netns, progress=bar.agent)
     console.print(f"agent of router {meta.name} running, pid {pid}")
 
 

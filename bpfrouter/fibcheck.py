@@ -87,10 +87,12 @@ def sample_destinations(rng: np.random.Generator, prefixes: list[IPNetwork], n: 
 
 
 def verify(dp: Datapath, dests: list[IPAddress], iif: int, iif_mac: bytes,
-           ipr: IPRoute) -> tuple[int, list[Mismatch]]:
+           ipr: IPRoute, progress=None) -> tuple[int, list[Mismatch]]:
     """Compare every destination; returns (how many compared, mismatches)."""
     bad = []
-    for dst in dests:
+    for i, dst in enumerate(dests):
+        if progress and not i % 256:
+            progress(i)
         k = kernel_answer(ipr, dst)
         d = dataplane_answer(dp, dst, iif, iif_mac)
         if k != d:

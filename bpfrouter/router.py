@@ -51,7 +51,7 @@ def _read_links(ifnames: list[str]):
 
 def up(ifnames: list[str], name: str = DEFAULT_NAME, fib_mode: str = "bpf",
        xdp_mode: str = "native", start: bool = True, fib_impl: str = "dir",
-       groups: tuple[int, int] | None = None) -> RouterMeta:
+       groups: tuple[int, int] | None = None, progress=None) -> RouterMeta:
     check_bpffs()
     validate_name(name)
     if not ifnames:
@@ -83,7 +83,7 @@ def up(ifnames: list[str], name: str = DEFAULT_NAME, fib_mode: str = "bpf",
         meta.xdp_mode = ",".join(sorted(set(modes)))
         meta.save()
         if start:
-            start_agent(name, meta.netns)
+            start_agent(name, meta.netns, progress=progress)
     except BaseException:
         stop_agent(name)
         dp.destroy()

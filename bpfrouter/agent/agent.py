@@ -79,7 +79,8 @@ class Agent:
         with IPRoute() as ipr:
             links = [link_from_msg(m) for m in ipr.link("dump")]
             neighs = [n for m in ipr.neigh("dump") if (n := neigh_from_msg(m))]
-        routes = dump_routes(self.decoder)
+        routes = dump_routes(self.decoder, progress=lambda n: self.stats.__setitem__(
+            "sync", {"phase": "dump", "routes": n}))
         self.stats["sync"] = {"phase": "apply", "routes": len(routes)}
         with self.lock:
             self._sync_links(links)
@@ -256,10 +257,13 @@ class Agent:
         args = req.get("args", [])
         if not isinstance(args, list) or not all(isinstance(a, str) for a in args):
             raise ApiError("args must be a list of strings")
+        if op == "ping" and not self.ready.is_set():
+            return {"pid": os.getpid(), "ready": False, **self.stats}
+        if not self.ready.wait(300):
+            raise ApiError("the agent is still syncing with the kernel; try again shortly")
         with self.lock:
             if op == "ping":
-                return {"pid": os.getpid(), "ready": self.ready.is_set(), **self.stats,
-                        "fib": self.fib.sizes()}
+                return {"pid": os.getpid(), "ready": True, **self.stats, "fib": self.fib.sizes()}
             if op in ("route_add", "route_replace"):
                 spec = parse_route(args, req.get("family"))
                 others = [r for r in self._same_slot(spec) if r.proto != RTPROT_BPFROUTER or op == "route_add"]
@@ -331,9 +335,8 @@ class Agent:
             self.fib.recover()
         log.info("agent for router %s started (pid %d); recovered %d installed routes",
                  self.name, os.getpid(), len(self.fib.installed))
+        server = self.serve()  # answers pings (with sync progress) during the first sync
         threading.Thread(target=self.monitor, name="netlink", daemon=True).start()
-        self.ready.wait(30)
-        server = self.serve()
         try:
             while not self.stop.wait(1.0):
                 pass

@@ -53,8 +53,9 @@ def log_path(name: str):
     return RUN_ROOT / name / "agent.log"
 
 
-def start_agent(name: str, netns_name: str | None, timeout: float = 30.0) -> int:
-    """Start the agent in the background and wait until it has synced."""
+def start_agent(name: str, netns_name: str | None, timeout: float = 300.0, progress=None) -> int:
+    """Start the agent in the background and wait until it has synced.
+    progress(ping answer) is called while it syncs."""
     if (pid := agent_pid(name)) is not None:
         return pid
     logf = open(log_path(name), "ab")
@@ -71,8 +72,11 @@ def start_agent(name: str, netns_name: str | None, timeout: float = 30.0) -> int
             raise AgentUnavailable(f"the agent exited at start (code {proc.returncode}); "
                                    f"see {log_path(name)}")
         try:
-            if request(name, "ping", timeout=2).get("ready"):
+            answer = request(name, "ping", timeout=2)
+            if answer.get("ready"):
                 return proc.pid
+            if progress:
+                progress(answer)
         except (AgentUnavailable, json.JSONDecodeError):
             pass
         time.sleep(0.05)

@@ -188,8 +188,9 @@ class RouteMonitor:
         self.sock.close()
 
 
-def dump_routes(decoder: Decoder, rcvbuf: int = 32 << 20) -> list[Route]:
-    """All routes of both families (main and local tables) from a fresh dump."""
+def dump_routes(decoder: Decoder, rcvbuf: int = 32 << 20, progress=None) -> list[Route]:
+    """All routes of both families (main and local tables) from a fresh dump.
+    progress(n) is called every 65536 routes."""
     s = _socket(0, rcvbuf)
     try:
         req = _hdr.pack(16 + 12, RTM_GETROUTE, NLM_F_REQUEST | NLM_F_DUMP, 1, 0) + _rtmsg.pack(
@@ -210,6 +211,8 @@ def dump_routes(decoder: Decoder, rcvbuf: int = 32 << 20) -> list[Route]:
                     r = decoder.route(view, off, length)
                     if r is not None:
                         routes.append(r)
+                        if progress and not len(routes) & 0xFFFF:
+                            progress(len(routes))
     finally:
         s.close()
 
