@@ -106,3 +106,35 @@ def test_netlink_overrun_triggers_full_resync(bpf_router, tmp_path):
     assert wait_for(lambda: r.json("status")["fib"]["ipv4"] == base, timeout=10)
     r.cli("agent", "stop")
     r.cli("agent", "start")
+
+
+def test_route_load_all_or_nothing_with_progress_on_a_terminal(bpf_router, tmp_path):
+    import subprocess
+    import sys
+    r = bpf_router
+    base = r.json("status")["fib"]["ipv4"]
+    good = tmp_path / "routes"
+    good.write_text("# a table\n" + "".join(f"route add 10.{150 + i // 200}.{i % 200}.0/24 via 10.0.2.2\n"
+                                             for i in range(2000)) + "blackhole 10.149.0.0/16\n")
+    # on a pseudo-terminal (script), the progress bar is drawn
+    cmd = f"{sys.executable} -m bpfrouter route load {good} --name {r.name}"
+    tty = subprocess.run(["script", "-qec", cmd, "/dev/null"], capture_output=True, text=True, timeout=120)
+    assert tty.returncode == 0 and "installing routes" in tty.stdout and "loaded 2001 routes" in tty.stdout
+    assert r.json("status")["fib"]["ipv4"] == base + 2001
+    assert r.json("route", "get", "10.159.3.1")["route"]["proto"] == "bpfrouter"
+    assert r.json("route", "get", "10.149.1.1")["verdict"] == "drop"
+    # a refused line: nothing stays; and piped output has no progress drawing
+    bad = tmp_path / "bad"
+    bad.write_text("10.148.0.0/16 via 10.0.2.2\n10.147.0.0/16 via 10.66.66.66\n")
+    proc = r.cli("route", "load", str(bad), check=False)
+    assert proc.returncode != 0 and f"{bad}:2" in proc.stderr and "nothing was loaded" in proc.stderr
+    assert "installing" not in proc.stdout
+    assert r.json("route", "get", "10.148.0.1")["route"] is None or \
+        r.json("route", "get", "10.148.0.1")["route"]["prefix"] != "10.148.0.0/16"
+    syntax = tmp_path / "syntax"
+    syntax.write_text("10.146.0.0/16 via 10.0.2.2\n10.145.0.0/40 via 10.0.2.2\n")
+    proc = r.cli("route", "load", str(syntax), check=False)
+    assert proc.returncode != 0 and f"{syntax}:2: invalid prefix" in proc.stderr
+    assert r.json("route", "get", "10.146.0.1")["route"] is None or \
+        r.json("route", "get", "10.146.0.1")["route"]["prefix"] != "10.146.0.0/16"
+    r.lab.run("r", ["ip", "route", "flush", "proto", "250"], check=True)
