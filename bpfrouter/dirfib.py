@@ -180,9 +180,9 @@ class DirTable:
 
     # --- public ------------------------------------------------------------------------
     def set(self, prefix: IPNetwork, value: lo.RouteValue) -> None:
-        self._set(int(prefix.network_address), prefix.prefixlen, route_word(value))
+        self.set_key(int(prefix.network_address), prefix.prefixlen, route_word(value))
 
-    def _set(self, addr: int, length: int, word: int) -> None:
+    def set_key(self, addr: int, length: int, word: int, version: int | None = None) -> None:
         leaf = self.rules.get((addr, length))
         if leaf is not None:  # same prefix, new route: one store
             self.leaves[leaf, 0] = np.uint64(word)
@@ -198,8 +198,9 @@ class DirTable:
         self.rules[(addr, length)] = leaf
         self._apply(arr, depth, leaf, length, length, deleting=False)
 
-    def delete(self, prefix: IPNetwork) -> bool:
-        addr, length = int(prefix.network_address), prefix.prefixlen
+    def delete(self, pk: tuple[int, int, int]) -> bool:
+        """Remove the prefix with key (version, address as int, length)."""
+        _, addr, length = pk
         leaf = self.rules.pop((addr, length), None)
         if leaf is None:
             return False
@@ -274,7 +275,7 @@ class DirTable:
                     self._apply_groups(np.array([gid]), leaf, length, length, deleting=False)
         for a, ln, w in fresh:
             if ln > ROOT_BITS:
-                self._set(a, ln, w)
+                self.set_key(a, ln, w)
 
     def installed(self) -> list[tuple[IPNetwork, lo.RouteValue]]:
         live = np.nonzero(self.leaves[:, 0])[0]

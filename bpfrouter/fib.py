@@ -52,6 +52,11 @@ class Nexthop:
         return self._hash
 
 
+def _installed_type(rtype: RouteType, nexthops: tuple) -> RouteType:
+    """What the data plane stores: ECMP routes are MULTIPATH until ECMP lands."""
+    return RouteType.MULTIPATH if rtype == RouteType.UNICAST and len(nexthops) > 1 else rtype
+
+
 @dataclass(frozen=True)
 class Route:
     prefix: IPNetwork
@@ -63,18 +68,29 @@ class Route:
 
     def __post_init__(self):
         object.__setattr__(self, "pkey", prefix_key(self.prefix))
+        object.__setattr__(self, "installed_type", _installed_type(self.type, self.nexthops))
 
-    @property
-    def installed_type(self) -> RouteType:
-        if self.type == RouteType.UNICAST and len(self.nexthops) > 1:
-            return RouteType.MULTIPATH
-        return self.type
+    @classmethod
+    def from_key(cls, pkey: PrefixKey, type: RouteType, nexthops: tuple[Nexthop, ...], proto: int,
+                 metric: int, table: int) -> "Route":
+        """Fast constructor for the netlink hot path: `prefix` is built only when read."""
+        r = object.__new__(cls)
+        r.__dict__.update(pkey=pkey, type=type, nexthops=nexthops, proto=proto, metric=metric, table=table,
+                          installed_type=_installed_type(type, nexthops))
+        return r
+
+    def __getattr__(self, name: str):
+        if name == "prefix":  # only routes made by from_key lack it
+            prefix = key_network(self.__dict__["pkey"])
+            self.__dict__["prefix"] = prefix
+            return prefix
+        raise AttributeError(name)
 
     @property
     def key(self) -> tuple[int, int, int]:
         """What tells kernel routes of one prefix apart: table and metric, plus
         the device for IPv6, where one prefix (fe80::/64) exists per interface."""
-        oif = self.nexthops[0].ifindex if self.prefix.version == 6 and len(self.nexthops) == 1 else 0
+        oif = self.nexthops[0].ifindex if self.pkey[0] == 6 and len(self.nexthops) == 1 else 0
         return (self.table, self.metric, oif)
 
     def same_forwarding(self, other: "Route | None") -> bool:
@@ -83,7 +99,7 @@ class Route:
 
     def word(self, nh_id: int) -> int:
         """struct route as its 64-bit little-endian word (see dirfib.route_word)."""
-        return nh_id | int(self.installed_type) << 32 | self.prefix.prefixlen << 40 | self.proto << 48
+        return nh_id | int(self.installed_type) << 32 | self.pkey[2] << 40 | self.proto << 48
 
 
 class FibError(Exception):
@@ -173,10 +189,12 @@ class NexthopTable:
             self.release(nid)
 
 
-@dataclass
 class Installed:
-    route: Route
-    nh_id: int = 0
+    """What the BPF FIB holds for a prefix: the route and its next-hop id."""
+    __slots__ = ("route", "nh_id")
+
+    def __init__(self, route: Route, nh_id: int = 0):
+        self.route, self.nh_id = route, nh_id
 
 
 class LpmTable:
@@ -188,6 +206,10 @@ class LpmTable:
     def set(self, prefix: IPNetwork, value: lo.RouteValue) -> None:
         self.map.update(_fib_key(prefix), value)
 
+    def set_key(self, addr: int, length: int, word: int, version: int) -> None:
+        self.map.update(_fib_key(key_network((version, addr, length))),
+                        lo.RouteValue.from_buffer_copy(word.to_bytes(8, "little")))
+
     def set_many(self, entries: list[tuple[int, int, int]], version: int) -> None:
         """entries: (address as int, length, route word)."""
         pairs = []
@@ -196,8 +218,8 @@ class LpmTable:
                           lo.RouteValue.from_buffer_copy(word.to_bytes(8, "little"))))
         self.map.update_batch(pairs)
 
-    def delete(self, prefix: IPNetwork) -> bool:
-        return self.map.delete(_fib_key(prefix))
+    def delete(self, pk: PrefixKey) -> bool:
+        return self.map.delete(_fib_key(key_network(pk)))
 
     def installed(self) -> list[tuple[IPNetwork, lo.RouteValue]]:
         return [(_key_prefix(k), v) for k, v in self.map.lookup_batch()]
@@ -241,6 +263,7 @@ class Fib:
         self.nexthops = NexthopTable(dp)
         self.kernel: dict[PrefixKey, dict[tuple[int, int, int], Route]] = {}
         self.installed: dict[PrefixKey, Installed] = {}
+        self.counts = {4: 0, 6: 0}  # installed prefixes per family, kept as they change
 
     # --- selection --------------------------------------------------------
     def best(self, pk: PrefixKey) -> Route | None:
@@ -266,20 +289,23 @@ class Fib:
     def _write(self, route: Route, old: Installed | None) -> None:
         rtype = route.installed_type
         nh_id = self.nexthops.acquire(route.nexthops[0]) if rtype == RouteType.UNICAST else 0
-        value = lo.RouteValue(nh_id=nh_id, type=rtype, prefixlen=route.prefix.prefixlen, proto=route.proto)
         try:
-            self.tables[route.prefix.version].set(route.prefix, value)
+            version, addr, length = route.pkey
+            self.tables[version].set_key(addr, length, route.word(nh_id), version)
         except Exception:
             if nh_id:
                 self.nexthops.release(nh_id)
             raise
         self.installed[route.pkey] = Installed(route, nh_id)
-        if old is not None and old.nh_id:
+        if old is None:
+            self.counts[route.pkey[0]] += 1
+        elif old.nh_id:
             self.nexthops.release(old.nh_id)
 
     def _delete(self, pk: PrefixKey, old: Installed) -> None:
-        self.tables[pk[0]].delete(old.route.prefix)
+        self.tables[pk[0]].delete(pk)
         del self.installed[pk]
+        self.counts[pk[0]] -= 1
         if old.nh_id:
             self.nexthops.release(old.nh_id)
 
@@ -287,16 +313,29 @@ class Fib:
         """Bulk version of _write (a full load or resync): one vectorized table write."""
         batches: dict[int, list] = {4: [], 6: []}
         installed = self.installed
+        acquire = self.nexthops.acquire
+        last_nh, last_id = None, 0
         for route, _ in writes:
-            nh_id = self.nexthops.acquire(route.nexthops[0]) if route.installed_type == RouteType.UNICAST else 0
+            nh_id = 0
+            if route.installed_type == RouteType.UNICAST:
+                nh = route.nexthops[0]
+                if nh is last_nh:  # the decoder interns next hops: skip hashing
+                    nh_id = last_id
+                    self.nexthops.refs[nh_id] += 1
+                else:
+                    nh_id = last_id = acquire(nh)
+                    last_nh = nh
             pk = route.pkey
-            batches[pk[0]].append((pk[1], pk[2], route.word(nh_id)))
+            batches[pk[0]].append((pk[1], pk[2], nh_id | int(route.installed_type) << 32 | pk[2] << 40
+                                   | route.proto << 48))
             installed[pk] = Installed(route, nh_id)
         for version, entries in batches.items():
             if entries:
                 self.tables[version].set_many(entries, version)
-        for _, old in writes:
-            if old is not None and old.nh_id:
+        for route, old in writes:
+            if old is None:
+                self.counts[route.pkey[0]] += 1
+            elif old.nh_id:
                 self.nexthops.release(old.nh_id)
 
     def close(self) -> None:
@@ -348,9 +387,11 @@ class Fib:
                     del kernel[pk]
             touched.add(pk)
         writes = []
+        installed = self.installed
         for pk in touched:
-            want = self.best(pk)
-            have = self.installed.get(pk)
+            routes = kernel.get(pk)
+            want = (next(iter(routes.values())) if len(routes) == 1 else self.best(pk)) if routes else None
+            have = installed.get(pk)
             if want is None:
                 if have is not None:
                     self._delete(pk, have)
@@ -399,6 +440,7 @@ class Fib:
                     self.nexthops.refs[v.nh_id] += 1
                 route = Route(prefix, RouteType(v.type), nhs, v.proto)
                 self.installed[route.pkey] = Installed(route, v.nh_id if nhs else 0)
+                self.counts[route.pkey[0]] += 1
 
     # --- views ------------------------------------------------------------------
     def routes(self, prefix: IPNetwork | None = None) -> list[Route]:
@@ -410,8 +452,7 @@ class Fib:
         return inst.route if inst else None
 
     def sizes(self) -> dict[str, int]:
-        v4 = sum(1 for p in self.installed if p[0] == 4)
-        return {"ipv4": v4, "ipv6": len(self.installed) - v4, "nexthops": len(self.nexthops.by_id)}
+        return {"ipv4": self.counts[4], "ipv6": self.counts[6], "nexthops": len(self.nexthops.by_id)}
 
     def memory(self) -> dict[str, dict[str, int]]:
         return {f"ipv{v}": t.memory() for v, t in self.tables.items()}

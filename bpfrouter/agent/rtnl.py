@@ -33,6 +33,11 @@ _rtmsg = struct.Struct("=BBBBBBBBI")    # rtmsg
 _rta = struct.Struct("=HH")
 _u32 = struct.Struct("=I")
 _rtnh = struct.Struct("=HBBi")          # rtnexthop: len, flags, hops, ifindex
+# The kernel's layout of an IPv4 route via a gateway, without and with a metric:
+# rtmsg, RTA_TABLE, RTA_DST, [RTA_PRIORITY,] RTA_GATEWAY, RTA_OIF. One unpack
+# instead of a loop: most of a full table looks like this.
+_v4gw = struct.Struct("=BBBBBBBBI HHI HH4s HH4s HHI")
+_v4gw_metric = struct.Struct("=BBBBBBBBI HHI HH4s HHI HH4s HHI")
 
 
 class RouteEvent:
@@ -68,6 +73,24 @@ class Decoder:
             off += (length + 3) & ~3
 
     def route(self, buf, off: int, length: int) -> Route | None:
+        if length == 60:
+            (family, dst_len, _, _, _, proto, _, rtype, rflags, _, t_tab, table, _, t_dst, dst,
+             _, t_gw, gw, _, t_oif, oif) = _v4gw.unpack_from(buf, off + 16)
+            if family == AF_INET and (t_tab, t_dst, t_gw, t_oif) == (RTA_TABLE, RTA_DST, RTA_GATEWAY, RTA_OIF) \
+                    and rtype == 1 and not rflags & RTM_F_CLONED and table in (TABLE_MAIN, TABLE_LOCAL):
+                return Route.from_key((4, int.from_bytes(dst, "big"), dst_len), RouteType.UNICAST,
+                                      (self._hop(oif, gw),), proto, 0, table)
+        elif length == 68:
+            (family, dst_len, _, _, _, proto, _, rtype, rflags, _, t_tab, table, _, t_dst, dst,
+             _, t_pri, metric, _, t_gw, gw, _, t_oif, oif) = _v4gw_metric.unpack_from(buf, off + 16)
+            if family == AF_INET and (t_tab, t_dst, t_pri, t_gw, t_oif) == \
+                    (RTA_TABLE, RTA_DST, RTA_PRIORITY, RTA_GATEWAY, RTA_OIF) \
+                    and rtype == 1 and not rflags & RTM_F_CLONED and table in (TABLE_MAIN, TABLE_LOCAL):
+                return Route.from_key((4, int.from_bytes(dst, "big"), dst_len), RouteType.UNICAST,
+                                      (self._hop(oif, gw),), proto, metric, table)
+        return self._route_general(buf, off, length)
+
+    def _route_general(self, buf, off: int, length: int) -> Route | None:
         family, dst_len, _, _, table, proto, _, rtype, rflags = _rtmsg.unpack_from(buf, off + 16)
         if rflags & RTM_F_CLONED:
             return None
@@ -98,8 +121,7 @@ class Decoder:
             pos += (alen + 3) & ~3
         if table not in (TABLE_MAIN, TABLE_LOCAL):
             return None
-        addr = int.from_bytes(dst, "big") if dst else 0
-        prefix = (ipaddress.IPv4Network if family == AF_INET else ipaddress.IPv6Network)((addr, dst_len))
+        pkey = (4 if family == AF_INET else 6, int.from_bytes(dst, "big") if dst else 0, dst_len)
         hops: tuple[Nexthop, ...] = ()
         if mp:
             hops = tuple(self._multipath(buf, *mp))
@@ -107,7 +129,7 @@ class Decoder:
             if not oif:
                 return None
             hops = (self._hop(oif, gw if gw and len(gw) in (4, 16) else None),)
-        return Route(prefix, kind, hops, proto, metric, table)
+        return Route.from_key(pkey, kind, hops, proto, metric, table)
 
     def _multipath(self, buf, pos: int, end: int):
         while pos + 8 <= end:

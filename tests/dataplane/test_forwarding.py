@@ -158,5 +158,5 @@ def test_route_to_an_empty_nexthop_is_passed(env):
             res = run_packet(env, mode, v4("10.55.0.1")(env))
             assert (res.action, res.reason.name) == (XDP_PASS, "PASS_NEXTHOP_INVALID"), mode
         finally:
-            table.delete(prefix)
+            table.delete((4, int(prefix.network_address), 16))
             table.close()
