@@ -364,18 +364,17 @@ class Fib:
         self._sync(pk)
 
     def apply_batch(self, events) -> int:
-        """Apply route notifications (objects with .new, .replace, .route) in one
-        go: the RIB first, then one vectorized FIB write. Returns prefixes touched."""
+        """Apply route notifications, (new, replace, route) tuples, in one go:
+        the RIB first, then one vectorized FIB write. Returns prefixes touched."""
         touched: set[PrefixKey] = set()
         kernel = self.kernel
-        for ev in events:
-            r = ev.route
+        for new, replace, r in events:
             if r is None:
                 continue
             pk = r.pkey
-            if ev.new:
+            if new:
                 routes = kernel.setdefault(pk, {})
-                if ev.replace:
+                if replace:
                     for key in [k for k in routes if k[:2] == r.key[:2]]:
                         del routes[key]
                 routes[r.key] = r

@@ -180,7 +180,7 @@ class Agent:
             if data is not None:
                 if not pending:
                     first = time.monotonic()
-                pending.extend(self.decoder.events(data))
+                self.decoder.events(data, pending)
             if pending and (data is None or len(pending) >= BATCH_ROUTES
                             or time.monotonic() - first >= BATCH_SECONDS):
                 with self.lock:

@@ -40,14 +40,6 @@ _v4gw = struct.Struct("=BBBBBBBBI HHI HH4s HH4s HHI")
 _v4gw_metric = struct.Struct("=BBBBBBBBI HHI HH4s HHI HH4s HHI")
 
 
-class RouteEvent:
-    """A parsed route message: `route` is None for routes the FIB ignores."""
-    __slots__ = ("new", "replace", "route")
-
-    def __init__(self, new: bool, replace: bool, route: Route | None):
-        self.new, self.replace, self.route = new, replace, route
-
-
 class Decoder:
     """Parses route messages; interns next hops so repeated gateways cost nothing."""
 
@@ -150,13 +142,17 @@ class Decoder:
             yield self._hop(ifindex, gw)
             pos += (nlen + 3) & ~3
 
-    def events(self, buf) -> list[RouteEvent]:
-        out = []
-        for mtype, flags, off, length in self.messages(buf):
-            if mtype in (RTM_NEWROUTE, RTM_DELROUTE):
-                out.append(RouteEvent(mtype == RTM_NEWROUTE, bool(flags & NLM_F_REPLACE),
-                                      self.route(buf, off, length)))
-        return out
+    def events(self, buf, out: list) -> None:
+        """Append (new, replace, route) for each route message in a datagram."""
+        off, end = 0, len(buf)
+        route = self.route
+        while off + 16 <= end:
+            length, mtype, flags, _, _ = _hdr.unpack_from(buf, off)
+            if length < 16:
+                break
+            if mtype == RTM_NEWROUTE or mtype == RTM_DELROUTE:
+                out.append((mtype == RTM_NEWROUTE, flags & NLM_F_REPLACE, route(buf, off, length)))
+            off += (length + 3) & ~3
 
 
 def _socket(groups: int, rcvbuf: int) -> socket.socket:
