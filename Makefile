@@ -31,13 +31,14 @@ demo: deps
 	@$(MAKE) --no-print-directory build
 	$(PY) -m bpfrouter.demo $(if $(KEEP),--keep)
 
+# quiet recipes: with ARGS=--json, stdout is one JSON object
 bench: deps
-	@$(MAKE) --no-print-directory build
-	$(PY) bench/run.py $(ARGS)
+	@$(MAKE) -s --no-print-directory build
+	@$(PY) bench/run.py $(ARGS)
 
 clean:
 	rm -rf build
 
 bench-fib: deps
-	@$(MAKE) --no-print-directory build
-	$(PY) bench/fib.py $(ARGS)
+	@$(MAKE) -s --no-print-directory build
+	@$(PY) bench/fib.py $(ARGS)

@@ -41,6 +41,7 @@ from bpfrouter.interfaces import Interfaces  # noqa: E402
 from bpfrouter.labroutes import internet_routes4, internet_routes6  # noqa: E402
 from bpfrouter.neighbors import Neighbors  # noqa: E402
 from bpfrouter.packet import mac_bytes  # noqa: E402
+from common import save, start_lab_router  # noqa: E402
 
 OBJECT = str(ROOT / "build" / "router.bpf.o")
 BENCH = str(ROOT / "build" / "fibbench.bpf.o")
@@ -258,9 +259,7 @@ def main() -> None:
     result["api_visible"] = api_visibility()
     say("kernel sync at scale: installing into a lab router's kernel FIB")
     result["sync"] = sync_at_scale(100_000 if args.quick else 1_000_000)
-    out_dir = ROOT / "bench" / "results"
-    out_dir.mkdir(exist_ok=True)
-    (out_dir / "fib.json").write_text(json.dumps(result, indent=1))
+    save("fib.json", result)
     if args.json:
         print(json.dumps(result))
         return
@@ -276,8 +275,7 @@ def api_visibility(samples: int = 20) -> dict:
     lab = Lab("fibapi")
     lab.up()
     try:
-        subprocess.run([sys.executable, "-m", "bpfrouter", "--netns", lab.router_ns, "up", "r-eth0", "r-eth1",
-                        "--name", "fibapi"], check=True, capture_output=True)
+        start_lab_router(lab, "fibapi")
         lab.run("h1", ["ping", "-c", "1", lab.addr("h2")], check=True)
         call_ms, first_probe_ok, probe_us = [], 0, []
         with netns.entered(lab.router_ns):
@@ -312,8 +310,7 @@ def sync_at_scale(n: int, chunks: int = 20) -> dict:
     lab = Lab("fibsync")
     lab.up()
     try:
-        subprocess.run([sys.executable, "-m", "bpfrouter", "--netns", lab.router_ns, "up", "r-eth0", "r-eth1",
-                        "--name", "fibsync"], check=True, capture_output=True)
+        start_lab_router(lab, "fibsync")
         lab.run("h1", ["ping", "-c", "1", lab.addr("h2")], check=True)
         prefixes = internet_routes4(np.random.default_rng(7), n)
         files = []

@@ -21,7 +21,6 @@ import ctypes
 import json
 import os
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -36,15 +35,11 @@ from bpfrouter.datapath import layout as lo  # noqa: E402
 from bpfrouter.interfaces import Interfaces  # noqa: E402
 from bpfrouter.lab import Lab  # noqa: E402
 from bpfrouter.packet import udp_probe  # noqa: E402
+from common import bpfrouter, save, start_lab_router  # noqa: E402
 
 BASELINE = str(ROOT / "build" / "baseline.bpf.o")
 OBJECT = str(ROOT / "build" / "router.bpf.o")
-CLI = [sys.executable, "-m", "bpfrouter"]
-
-
-def cli(*args, netns_name=None):
-    argv = CLI + (["--netns", netns_name] if netns_name else []) + list(args)
-    return subprocess.run(argv, check=True, capture_output=True, text=True, cwd=ROOT).stdout
+cli = bpfrouter
 
 
 def ns_per_packet(prog, frame: bytes, ifindex: int, repeat: int, rounds: int) -> float:
@@ -183,7 +178,7 @@ def main() -> None:
     lab = Lab("bench")
     lab.up()
     try:
-        cli("up", "r-eth0", "r-eth1", "--name", "bench", netns_name=lab.router_ns)
+        start_lab_router(lab, "bench")
         for v in (4, 6):
             lab.run("h1", ["ping", "-c", "1", lab.addr("h2", v)], check=True)
         prog_rows = bench_prog_test_run(lab, repeat, rounds)
@@ -199,9 +194,7 @@ def main() -> None:
                                         "batch 64, pinned to cpu0",
                            "rows": fwd_rows},
     }
-    out_dir = ROOT / "bench" / "results"
-    out_dir.mkdir(exist_ok=True)
-    (out_dir / "latest.json").write_text(json.dumps(result, indent=1))
+    saved = save("latest.json", result)
     if args.json:
         print(json.dumps(result))
         return
@@ -217,7 +210,7 @@ def main() -> None:
     _, k, x = fwd_rows
     print(f"\nXDP forwarding: {x['delivered_pps'] / k['delivered_pps']:.2f}x the kernel's packet rate, "
           f"{k['minus_floor_ns'] / x['minus_floor_ns']:.2f}x less CPU per packet above the generator floor")
-    print(f"(saved to {out_dir / 'latest.json'})")
+    print(f"(saved to {saved})")
 
 
 if __name__ == "__main__":

@@ -385,34 +385,17 @@ class Fib:
                 if not routes:
                     del kernel[pk]
             touched.add(pk)
-        writes = []
-        installed = self.installed
-        for pk in touched:
-            routes = kernel.get(pk)
-            want = (next(iter(routes.values())) if len(routes) == 1 else self.best(pk)) if routes else None
-            have = installed.get(pk)
-            if want is None:
-                if have is not None:
-                    self._delete(pk, have)
-            elif have is not None and want.same_forwarding(have.route):
-                have.route = want
-            else:
-                writes.append((want, have))
-        self._write_many(writes)
+        self._reconcile(touched)
         return len(touched)
 
-    def replace_all(self, routes: list[Route]) -> int:
-        """Full resync with a fresh kernel dump; returns the number of prefixes changed."""
-        fresh: dict[PrefixKey, dict[tuple[int, int, int], Route]] = {}
-        for r in routes:
-            fresh.setdefault(r.pkey, {})[r.key] = r
-        touched = set(self.kernel) | set(fresh) | set(self.installed) if self.installed else fresh.keys()
-        self.kernel = fresh
+    def _reconcile(self, touched) -> int:
+        """Make the BPF FIB hold the best route of each touched prefix, with one
+        vectorized write; returns the number of prefixes changed."""
         writes = []
         deleted = 0
         installed = self.installed
         for pk in touched:
-            routes = fresh.get(pk)
+            routes = self.kernel.get(pk)
             want = (next(iter(routes.values())) if len(routes) == 1 else self.best(pk)) if routes else None
             have = installed.get(pk)
             if want is None:
@@ -424,8 +407,18 @@ class Fib:
             else:
                 writes.append((want, have))
         self._write_many(writes)
-        self.nexthops.collect_unused()
         return len(writes) + deleted
+
+    def replace_all(self, routes: list[Route]) -> int:
+        """Full resync with a fresh kernel dump; returns the number of prefixes changed."""
+        fresh: dict[PrefixKey, dict[tuple[int, int, int], Route]] = {}
+        for r in routes:
+            fresh.setdefault(r.pkey, {})[r.key] = r
+        touched = set(self.kernel) | set(fresh) | set(self.installed) if self.installed else fresh.keys()
+        self.kernel = fresh
+        changed = self._reconcile(touched)
+        self.nexthops.collect_unused()
+        return changed
 
     # --- restart --------------------------------------------------------------
     def recover(self) -> None:
