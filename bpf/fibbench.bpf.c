@@ -65,9 +65,33 @@ struct loop_ctx {
 		return XDP_PASS;                                                \
 	}
 
-static __always_inline __u64 route_value(struct route *r)
+static __always_inline __u64 route_value(int found, struct route *r)
 {
-	return r ? r->nh_id + 1 : 0;
+	return found ? r->nh_id + 1 : 0;
+}
+
+static __always_inline __u64 dir4(__be32 d)
+{
+	struct route r;
+	return route_value(dir4_lookup(d, &r, 0), &r);
+}
+
+static __always_inline __u64 dir6(const __u8 *d)
+{
+	struct route r;
+	return route_value(dir6_lookup(d, &r, 0), &r);
+}
+
+static __always_inline __u64 lpm4(__be32 d)
+{
+	struct route r;
+	return route_value(lpm4_lookup(d, &r), &r);
+}
+
+static __always_inline __u64 lpm6(const __u8 *d)
+{
+	struct route r;
+	return route_value(lpm6_lookup(d, &r), &r);
 }
 
 static __always_inline __u64 kernel4(struct xdp_md *ctx, __be32 dst)
@@ -86,12 +110,12 @@ static __always_inline __u64 kernel6(struct xdp_md *ctx, const __u8 *dst)
 }
 
 LOOKUP_LOOP(bench_empty4, bench_dst4, __u32, c->acc += *d)
-LOOKUP_LOOP(bench_dir4, bench_dst4, __u32, c->acc += route_value(dir4_lookup(*d)))
-LOOKUP_LOOP(bench_lpm4, bench_dst4, __u32, c->acc += route_value(lpm4_lookup(*d)))
+LOOKUP_LOOP(bench_dir4, bench_dst4, __u32, c->acc += dir4(*d))
+LOOKUP_LOOP(bench_lpm4, bench_dst4, __u32, c->acc += lpm4(*d))
 LOOKUP_LOOP(bench_kernel4, bench_dst4, __u32, c->acc += kernel4(c->xdp, *d))
 LOOKUP_LOOP(bench_empty6, bench_dst6, struct dst6, c->acc += d->a[15])
-LOOKUP_LOOP(bench_dir6, bench_dst6, struct dst6, c->acc += route_value(dir6_lookup(d->a)))
-LOOKUP_LOOP(bench_lpm6, bench_dst6, struct dst6, c->acc += route_value(lpm6_lookup(d->a)))
+LOOKUP_LOOP(bench_dir6, bench_dst6, struct dst6, c->acc += dir6(d->a))
+LOOKUP_LOOP(bench_lpm6, bench_dst6, struct dst6, c->acc += lpm6(d->a))
 LOOKUP_LOOP(bench_kernel6, bench_dst6, struct dst6, c->acc += kernel6(c->xdp, d->a))
 
 /* The whole pipeline, IPv4: the test-run packet gets destination i, its

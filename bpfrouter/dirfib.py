@@ -1,6 +1,10 @@
 """The DIR FIB's writer: a multibit trie (24-bit root, 8-bit groups) in the
 mmapable arrays of bpf/include/dirfib.h, written through numpy views of them.
 
+Each entry holds what forwarding needs (route type and next-hop id); a
+parallel array holds the entry's leaf (the prefix, its length and protocol),
+read by probes, restarts and this module only.
+
 Entries follow DPDK's rte_lpm rules. Every entry remembers the length of
 the prefix that set it (its depth; kept here, in Python memory). A prefix of
 length L writes only the entries in its range whose depth is <= L, so more
@@ -10,10 +14,10 @@ carry the rule into the group.
 
 What a packet can see during a change:
   - a new group is filled completely before the entry that points to it,
-  - every entry is one aligned 32-bit store, a leaf's route one aligned
-    64-bit store (so `replace` of a route is a single store),
-  - freed leaves and groups are reused last (FIFO), and a freed leaf's route
-    word is cleared (a late reader sees no route and passes to the kernel).
+  - every entry is one aligned 32-bit store (a leaf is written before the
+    entries that name it), and a route change rewrites its entries one store
+    each,
+  - freed leaves and groups are reused last (FIFO).
 """
 from __future__ import annotations
 
@@ -42,6 +46,16 @@ def word_route(word: int) -> lo.RouteValue:
     return lo.RouteValue.from_buffer_copy(int(word).to_bytes(8, "little"))
 
 
+def entry_of(word: int) -> int:
+    """A route word's table entry: type in bits 28-30, next-hop id below."""
+    return ((word >> 32) & 0x7) << lo.DIR_TYPE_SHIFT | (word & lo.DIR_NH_MASK)
+
+
+def entries_of(words: np.ndarray) -> np.ndarray:
+    return ((((words >> np.uint64(32)) & np.uint64(0x7)) << np.uint64(lo.DIR_TYPE_SHIFT))
+            | (words & np.uint64(lo.DIR_NH_MASK))).astype(np.uint32)
+
+
 def _plen_of(words: np.ndarray) -> np.ndarray:
     return ((words >> np.uint64(40)) & np.uint64(0xFF)).astype(np.uint8)
 
@@ -49,9 +63,10 @@ def _plen_of(words: np.ndarray) -> np.ndarray:
 class DirTable:
     """One family's DIR FIB (IPv4: DIR-24-8; IPv6: up to 13 levels)."""
 
-    def __init__(self, root_map, groups_map, leaves_map, width: int, recover: bool = True):
+    def __init__(self, root_map, groups_map, leaves_map, root_leaf_map, group_leaf_map, width: int,
+                 recover: bool = True):
         self.width = width
-        self._mmaps = [root_map.mmap(), groups_map.mmap(), leaves_map.mmap()]
+        self._mmaps = [m.mmap() for m in (root_map, groups_map, leaves_map, root_leaf_map, group_leaf_map)]
         n_root = root_map.max_entries * lo.DIR_CHUNK
         self.ngroups = groups_map.max_entries
         self.nleaves = leaves_map.max_entries
@@ -59,6 +74,8 @@ class DirTable:
         self.root = np.frombuffer(self._mmaps[0], np.uint32, n_root)
         self.groups = np.frombuffer(self._mmaps[1], np.uint32, self.ngroups * 256).reshape(self.ngroups, 256)
         self.leaves = np.frombuffer(self._mmaps[2], np.uint64, self.nleaves * words).reshape(self.nleaves, words)
+        self.root_leaf = np.frombuffer(self._mmaps[3], np.uint32, n_root)
+        self.group_leaf = np.frombuffer(self._mmaps[4], np.uint32, self.ngroups * 256).reshape(self.ngroups, 256)
         self.root_depth = np.zeros(n_root, np.uint8)
         self.group_depth = np.zeros((self.ngroups, 256), np.uint8)
         self.rules: dict[tuple[int, int], int] = {}  # (address as int, length) -> leaf
@@ -67,12 +84,8 @@ class DirTable:
         if recover:
             self._recover()
 
-    @property
-    def usable(self) -> bool:
-        return len(self.root) == 1 << ROOT_BITS
-
     def close(self) -> None:
-        self.root = self.groups = self.leaves = None  # type: ignore[assignment]
+        self.root = self.groups = self.leaves = self.root_leaf = self.group_leaf = None  # type: ignore[assignment]
         for m in self._mmaps:
             m.close()
 
@@ -87,50 +100,57 @@ class DirTable:
     def _byte(self, addr: int, level: int) -> int:
         return (addr >> (self.width - ROOT_BITS - 8 * (level + 1))) & 0xFF
 
+    def _entry(self, leaf: int) -> int:
+        """The table entry of a leaf's route: type and next-hop id (0: no route)."""
+        return entry_of(int(self.leaves[leaf, 0])) if leaf else 0
+
     def _alloc_leaf(self) -> int:
         if not self.free_leaves:
             raise DirFull(f"IPv{4 if self.width == 32 else 6} DIR FIB full: {self.nleaves - 1} routes")
         return self.free_leaves.popleft()
 
-    def _new_group(self, fill: int, depth: int) -> int:
+    def _new_group(self, entry: int, leaf: int, depth: int) -> int:
         if not self.free_groups:
             raise DirFull(f"IPv{4 if self.width == 32 else 6} DIR FIB out of groups ({self.ngroups - 1}); "
                           f"raise --fib-groups")
         g = self.free_groups.popleft()
         self.group_depth[g] = depth
-        self.groups[g] = fill  # filled before anything points to it
+        self.group_leaf[g] = leaf
+        self.groups[g] = entry  # filled before anything points to it
         return g
 
     def _write_leaf(self, leaf: int, addr: int, word: int) -> None:
         raw = addr.to_bytes(self.width // 8, "big").ljust((self.leaves.shape[1] - 1) * 8, b"\0")
         self.leaves[leaf, 1:] = np.frombuffer(raw, np.uint64)
-        self.leaves[leaf, 0] = np.uint64(word)  # the route last: one 64-bit store
+        self.leaves[leaf, 0] = np.uint64(word)
 
     # --- range rules --------------------------------------------------------------
-    def _apply(self, arr: np.ndarray, depth: np.ndarray, leaf: int, new_depth: int, length: int,
-               deleting: bool) -> None:
-        """Apply a prefix of `length` to entries `arr` (a view) and the groups below."""
+    def _apply(self, arr: np.ndarray, larr: np.ndarray, depth: np.ndarray, entry: int, leaf: int,
+               new_depth: int, length: int, deleting: bool) -> None:
+        """Apply a prefix of `length` to entries `arr` (a view) and the groups below.
+        deleting: rewrite the entries the prefix set (depth == length), else the
+        ones it covers (depth <= length)."""
         cur = arr.copy()
         ext = (cur & EXT) != 0
-        d = depth
-        hit = ~ext & ((d == length) if deleting else (d <= length))
+        hit = ~ext & ((depth == length) if deleting else (depth <= length))
         if hit.any():
-            cur[hit] = leaf
             depth[hit] = new_depth
-            arr[hit] = cur[hit]
+            larr[hit] = leaf
+            arr[hit] = entry
         if ext.any():
-            self._apply_groups(cur[ext] & ~EXT, leaf, new_depth, length, deleting)
+            self._apply_groups(cur[ext] & ~EXT, entry, leaf, new_depth, length, deleting)
 
-    def _apply_groups(self, gids: np.ndarray, leaf: int, new_depth: int, length: int, deleting: bool) -> None:
+    def _apply_groups(self, gids: np.ndarray, entry: int, leaf: int, new_depth: int, length: int,
+                      deleting: bool) -> None:
         while len(gids):
             block = self.groups[gids]
-            dblock = self.group_depth[gids]
+            lblock, dblock = self.group_leaf[gids], self.group_depth[gids]
             ext = (block & EXT) != 0
             hit = ~ext & ((dblock == length) if deleting else (dblock <= length))
             if hit.any():
-                block[hit] = leaf
-                dblock[hit] = new_depth
+                block[hit], lblock[hit], dblock[hit] = entry, leaf, new_depth
                 self.group_depth[gids] = dblock
+                self.group_leaf[gids] = lblock
                 self.groups[gids] = block
             gids = block[ext] & ~EXT
 
@@ -142,7 +162,7 @@ class DirTable:
         if not e & EXT:
             if not create:
                 return []
-            g = self._new_group(int(e), int(self.root_depth[idx]))
+            g = self._new_group(int(e), int(self.root_leaf[idx]), int(self.root_depth[idx]))
             self.root[idx] = EXT | np.uint32(g)
         else:
             g = int(e & ~EXT)
@@ -156,7 +176,7 @@ class DirTable:
             if not e & EXT:
                 if not create:
                     return path
-                ng = self._new_group(int(e), int(self.group_depth[g, byte]))
+                ng = self._new_group(int(e), int(self.group_leaf[g, byte]), int(self.group_depth[g, byte]))
                 self.groups[g, byte] = EXT | np.uint32(ng)
                 g = ng
             else:
@@ -164,39 +184,43 @@ class DirTable:
             level += 1
 
     def _range(self, addr: int, length: int, create: bool):
-        """(entries view, depth view) covered by the prefix at its own level."""
+        """(entries, leaves, depths) views covered by the prefix at its own level, and the path."""
         if length <= ROOT_BITS:
             start = self._top(addr) & ~((1 << (ROOT_BITS - length)) - 1)
-            n = 1 << (ROOT_BITS - length)
-            return self.root[start:start + n], self.root_depth[start:start + n], []
+            sl = slice(start, start + (1 << (ROOT_BITS - length)))
+            return self.root[sl], self.root_leaf[sl], self.root_depth[sl], []
         path = self._path(addr, length, create)
         if not path or len(path) < (length - ROOT_BITS + 7) // 8:
-            return None, None, path
+            return None, None, None, path
         g, byte = path[-1]
         level_end = ROOT_BITS + 8 * len(path)
         start = byte & ~((1 << (level_end - length)) - 1)
-        n = 1 << (level_end - length)
-        return self.groups[g, start:start + n], self.group_depth[g, start:start + n], path
+        sl = slice(start, start + (1 << (level_end - length)))
+        return self.groups[g, sl], self.group_leaf[g, sl], self.group_depth[g, sl], path
 
     # --- public ------------------------------------------------------------------------
     def set(self, prefix: IPNetwork, value: lo.RouteValue) -> None:
         self.set_key(int(prefix.network_address), prefix.prefixlen, route_word(value))
 
     def set_key(self, addr: int, length: int, word: int, version: int | None = None) -> None:
+        entry = entry_of(word)
         leaf = self.rules.get((addr, length))
-        if leaf is not None:  # same prefix, new route: one store
+        if leaf is not None:  # same prefix, new route: rewrite its entries
             self.leaves[leaf, 0] = np.uint64(word)
+            arr, larr, depth, _ = self._range(addr, length, create=False)
+            if arr is not None:
+                self._apply(arr, larr, depth, entry, leaf, length, length, deleting=True)
             return
         leaf = self._alloc_leaf()
         self._write_leaf(leaf, addr, word)
         try:
-            arr, depth, _ = self._range(addr, length, create=True)
+            arr, larr, depth, _ = self._range(addr, length, create=True)
         except DirFull:
             self.leaves[leaf, 0] = 0
             self.free_leaves.appendleft(leaf)
             raise
         self.rules[(addr, length)] = leaf
-        self._apply(arr, depth, leaf, length, length, deleting=False)
+        self._apply(arr, larr, depth, entry, leaf, length, length, deleting=False)
 
     def delete(self, pk: tuple[int, int, int]) -> bool:
         """Remove the prefix with key (version, address as int, length)."""
@@ -205,9 +229,10 @@ class DirTable:
         if leaf is None:
             return False
         parent_leaf, parent_len = self._parent(addr, length)
-        arr, depth, path = self._range(addr, length, create=False)
+        arr, larr, depth, path = self._range(addr, length, create=False)
         if arr is not None:
-            self._apply(arr, depth, parent_leaf, parent_len, length, deleting=True)
+            self._apply(arr, larr, depth, self._entry(parent_leaf), parent_leaf, parent_len, length,
+                        deleting=True)
         self._collapse(addr, path)
         self.leaves[leaf, 0] = 0
         self.free_leaves.append(leaf)
@@ -225,16 +250,17 @@ class DirTable:
         """Fold groups that became uniform back into their parent entry, deepest first."""
         for i in range(len(path) - 1, -1, -1):
             g, _ = path[i]
-            row, drow = self.groups[g], self.group_depth[g]
-            if (row[0] & EXT) or not (row == row[0]).all() or not (drow == drow[0]).all():
+            row, lrow, drow = self.groups[g], self.group_leaf[g], self.group_depth[g]
+            if (row[0] & EXT) or not (row == row[0]).all() or not (lrow == lrow[0]).all() \
+                    or not (drow == drow[0]).all():
                 return
             if i == 0:
                 idx = self._top(addr)
-                self.root_depth[idx] = drow[0]
+                self.root_depth[idx], self.root_leaf[idx] = drow[0], lrow[0]
                 self.root[idx] = row[0]
             else:
                 pg, pbyte = path[i - 1]
-                self.group_depth[pg, pbyte] = drow[0]
+                self.group_depth[pg, pbyte], self.group_leaf[pg, pbyte] = drow[0], lrow[0]
                 self.groups[pg, pbyte] = row[0]
             self.free_groups.append(g)
 
@@ -244,7 +270,7 @@ class DirTable:
         top; the rest go one by one."""
         known = [(a, ln, w) for a, ln, w in fresh if (a, ln) in self.rules]
         for a, ln, w in known:
-            self.leaves[self.rules[(a, ln)], 0] = np.uint64(w)
+            self.set_key(a, ln, w)
         fresh = [t for t in fresh if (t[0], t[1]) not in self.rules]
         if len(fresh) > len(self.free_leaves):
             raise DirFull(f"IPv{4 if self.width == 32 else 6} DIR FIB full: {self.nleaves - 1} routes")
@@ -253,6 +279,7 @@ class DirTable:
             addrs = np.array([t[0] >> (self.width - ROOT_BITS) for t in short], np.int64)
             lens = np.array([t[1] for t in short], np.int64)
             words = np.array([t[2] for t in short], np.uint64)
+            entries = entries_of(words)
             leaves = np.array([self.free_leaves.popleft() for _ in short], np.int64)
             raw = b"".join(t[0].to_bytes(self.width // 8, "big").ljust((self.leaves.shape[1] - 1) * 8, b"\0")
                            for t in short)
@@ -266,13 +293,16 @@ class DirTable:
                 starts = addrs[sel] & ~(span - 1)
                 pos = (starts[:, None] + np.arange(span)).ravel()
                 lv = np.repeat(leaves[sel], span).astype(np.uint32)
+                ev = np.repeat(entries[sel], span)
                 cur = self.root[pos]
                 ext = (cur & EXT) != 0
                 hit = ~ext & (self.root_depth[pos] <= length)
                 self.root_depth[pos[hit]] = length
-                self.root[pos[hit]] = lv[hit]
-                for gid, leaf in zip((cur[ext] & ~EXT).tolist(), lv[ext].tolist(), strict=True):
-                    self._apply_groups(np.array([gid]), leaf, length, length, deleting=False)
+                self.root_leaf[pos[hit]] = lv[hit]
+                self.root[pos[hit]] = ev[hit]
+                for gid, entry, leaf in zip((cur[ext] & ~EXT).tolist(), ev[ext].tolist(), lv[ext].tolist(),
+                                            strict=True):
+                    self._apply_groups(np.array([gid]), entry, leaf, length, length, deleting=False)
         for a, ln, w in fresh:
             if ln > ROOT_BITS:
                 self.set_key(a, ln, w)
@@ -281,8 +311,7 @@ class DirTable:
         live = np.nonzero(self.leaves[:, 0])[0]
         out = []
         for leaf in live.tolist():
-            word = int(self.leaves[leaf, 0])
-            value = word_route(word)
+            value = word_route(int(self.leaves[leaf, 0]))
             raw = self.leaves[leaf, 1:].tobytes()[: self.width // 8]
             out.append((self._network(int.from_bytes(raw, "big"), value.prefixlen), value))
         return out
@@ -300,7 +329,7 @@ class DirTable:
         used[0] = True
         self.free_leaves = deque(np.nonzero(~used)[0].tolist())
         ext = (self.root & EXT) != 0
-        self.root_depth[:] = np.where(ext, 0, plen[np.where(ext, 0, self.root)])
+        self.root_depth[:] = np.where(ext, 0, plen[np.where(ext, 0, self.root_leaf)])
         in_use = np.zeros(self.ngroups, bool)
         in_use[0] = True
         gids = np.unique(self.root[ext] & ~EXT)
@@ -308,7 +337,7 @@ class DirTable:
             in_use[gids] = True
             block = self.groups[gids]
             gext = (block & EXT) != 0
-            self.group_depth[gids] = np.where(gext, 0, plen[np.where(gext, 0, block)])
+            self.group_depth[gids] = np.where(gext, 0, plen[np.where(gext, 0, self.group_leaf[gids])])
             gids = np.unique(block[gext] & ~EXT)
         self.free_groups = deque(np.nonzero(~in_use)[0].tolist())
 
@@ -317,11 +346,10 @@ class DirTable:
 
     def memory(self) -> dict[str, int]:
         """Bytes the structure holds in the kernel, and how full it is."""
-        ext_root = self.root[(self.root & EXT) != 0] & ~EXT
-        used = self._reachable_groups(ext_root)
-        return {"impl": "dir", "bytes": int(self.root.nbytes + self.groups.nbytes + self.leaves.nbytes),
-                "routes": self.count(), "groups_used": used, "groups_total": self.ngroups - 1,
-                "routes_total": self.nleaves - 1}
+        nbytes = sum(a.nbytes for a in (self.root, self.groups, self.leaves, self.root_leaf, self.group_leaf))
+        return {"impl": "dir", "bytes": int(nbytes), "routes": self.count(),
+                "groups_used": self._reachable_groups(self.root[(self.root & EXT) != 0] & ~EXT),
+                "groups_total": self.ngroups - 1, "routes_total": self.nleaves - 1}
 
     def _reachable_groups(self, gids: np.ndarray) -> int:
         total = 0

@@ -248,8 +248,8 @@ def make_tables(dp: Datapath, recover: bool = True) -> dict[int, "DirTable | Lpm
     """The FIB structure the router was loaded with (the loader shrinks the unused one)."""
     m = dp.maps
     if m["dir4_root"].max_entries > 1:
-        return {4: DirTable(m["dir4_root"], m["dir4_groups"], m["dir4_leaves"], 32, recover),
-                6: DirTable(m["dir6_root"], m["dir6_groups"], m["dir6_leaves"], 128, recover)}
+        return {v: DirTable(m[f"dir{v}_root"], m[f"dir{v}_groups"], m[f"dir{v}_leaves"], m[f"dir{v}_root_leaf"],
+                            m[f"dir{v}_group_leaf"], 32 if v == 4 else 128, recover) for v in (4, 6)}
     return {4: LpmTable(dp.fib4), 6: LpmTable(dp.fib6)}
 
 

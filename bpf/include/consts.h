@@ -77,7 +77,9 @@ enum fib_impl {
 
 #define DIR_ROOT_BITS 24
 #define DIR_CHUNK 16            /* root entries per array element: one cache line */
-#define DIR_EXT 0x80000000U     /* entry points to a group, not a leaf */
+#define DIR_EXT 0x80000000U     /* entry points to a group */
+#define DIR_TYPE_SHIFT 28       /* else: route type in bits 28-30, next-hop id in 0-27 */
+#define DIR_NH_MASK 0x0FFFFFFFU
 #define DIR_GROUPS_V4 16384     /* default; the loader may resize */
 #define DIR_GROUPS_V6 65536
 #define DIR_LEAVES_V4 (1 << 21)

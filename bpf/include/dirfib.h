@@ -1,14 +1,15 @@
 /* The DIR FIB: a multibit trie in mmapable BPF arrays, written by the
  * control plane through mmap (bpfrouter/dirfib.py).
  *
- *   root[addr >> (W-24)]    -> leaf index, or DIR_EXT | group index
- *   group[g][next 8 bits]   -> leaf index, or DIR_EXT | deeper group
- *   leaf[i]                 -> struct route (+ its prefix, for the control plane)
+ *   root[addr >> (W-24)]    -> route type | next-hop id, or DIR_EXT | group
+ *   group[g][next 8 bits]   -> the same, one level deeper
  *
- * IPv4 is DIR-24-8: at most two table reads and the leaf. IPv6 walks at most
- * 13 groups after the root; a /48 needs three. Entry 0 means "no route".
- * Every entry is one aligned 32-bit word and a leaf's route one aligned
- * 64-bit word, so a packet reads either the old or the new value. */
+ * The entry holds what forwarding needs, so IPv4 (DIR-24-8) costs one or two
+ * table reads. Parallel arrays (root_leaf, group_leaf) give each entry's leaf:
+ * the prefix and its protocol, which only probes (`route get`) and the
+ * control plane read. IPv6 walks at most 13 groups after the root. Entry 0
+ * means "no route". Every entry is one aligned 32-bit store, so a packet reads
+ * either the old or the new value. */
 #ifndef BPFROUTER_DIRFIB_H
 #define BPFROUTER_DIRFIB_H
 
@@ -65,8 +66,26 @@ struct dir_leaf6 {
 		__type(value, leaf_t);                                           \
 	} dir##fam##_leaves SEC(".maps");
 
+#define DIR_LEAF_MAPS(fam, groups)                                              \
+	struct {                                                                \
+		__uint(type, BPF_MAP_TYPE_ARRAY);                                \
+		__uint(max_entries, (1 << DIR_ROOT_BITS) / DIR_CHUNK);          \
+		__uint(map_flags, BPF_F_MMAPABLE);                               \
+		__type(key, __u32);                                              \
+		__type(value, struct dir_chunk);                                 \
+	} dir##fam##_root_leaf SEC(".maps");                                     \
+	struct {                                                                \
+		__uint(type, BPF_MAP_TYPE_ARRAY);                                \
+		__uint(max_entries, groups);                                     \
+		__uint(map_flags, BPF_F_MMAPABLE);                               \
+		__type(key, __u32);                                              \
+		__type(value, struct dir_group);                                 \
+	} dir##fam##_group_leaf SEC(".maps");
+
 DIR_MAPS(4, struct dir_leaf4, DIR_GROUPS_V4, DIR_LEAVES_V4)
 DIR_MAPS(6, struct dir_leaf6, DIR_GROUPS_V6, DIR_LEAVES_V6)
+DIR_LEAF_MAPS(4, DIR_GROUPS_V4)
+DIR_LEAF_MAPS(6, DIR_GROUPS_V6)
 
 static __always_inline __u32 dir_root_entry(void *root, __u32 top24)
 {
@@ -76,46 +95,69 @@ static __always_inline __u32 dir_root_entry(void *root, __u32 top24)
 	return c ? c->e[top24 & (DIR_CHUNK - 1)] : 0;
 }
 
-static __always_inline __u32 dir_group_entry(void *groups, __u32 e, __u8 byte)
+static __always_inline __u32 dir_group_entry(void *groups, __u32 g, __u8 byte)
 {
-	__u32 g = e & ~DIR_EXT;
 	struct dir_group *grp = bpf_map_lookup_elem(groups, &g);
 
 	return grp ? grp->e[byte] : 0;
 }
 
-static __always_inline struct route *dir4_lookup(__be32 daddr)
+/* Fill *rt from an entry (and, for probes, from its leaf). 0 = no route. */
+static __always_inline int dir_route(__u32 e, __u32 leaf, void *leaves, struct route *rt)
+{
+	struct route *lr;
+
+	if (!e || (e & DIR_EXT))
+		return 0;
+	rt->type = e >> DIR_TYPE_SHIFT;
+	rt->nh_id = e & DIR_NH_MASK;
+	if (leaf && (lr = bpf_map_lookup_elem(leaves, &leaf))) {
+		rt->prefixlen = lr->prefixlen;
+		rt->proto = lr->proto;
+	}
+	return 1;
+}
+
+/* detail: also read the leaf (prefix length, protocol), for probes only. */
+static __always_inline int dir4_lookup(__be32 daddr, struct route *rt, int detail)
 {
 	__u32 a = bpf_ntohl(daddr);
 	__u32 e = dir_root_entry(&dir4_root, a >> 8);
-	struct dir_leaf4 *leaf;
+	__u32 leaf = 0;
 
-	if (e & DIR_EXT)
-		e = dir_group_entry(&dir4_groups, e, a & 0xff);
-	if (!e || (e & DIR_EXT))
-		return NULL;
-	leaf = bpf_map_lookup_elem(&dir4_leaves, &e);
-	return leaf ? &leaf->r : NULL;
+	if (detail)
+		leaf = dir_root_entry(&dir4_root_leaf, a >> 8);
+	if (e & DIR_EXT) {
+		__u32 g = e & ~DIR_EXT;
+
+		e = dir_group_entry(&dir4_groups, g, a & 0xff);
+		if (detail)
+			leaf = dir_group_entry(&dir4_group_leaf, g, a & 0xff);
+	}
+	return dir_route(e, leaf, &dir4_leaves, rt);
 }
 
-static __always_inline struct route *dir6_lookup(const __u8 *daddr)
+static __always_inline int dir6_lookup(const __u8 *daddr, struct route *rt, int detail)
 {
 	__u8 a[16];
-	struct dir_leaf6 *leaf;
-	__u32 e;
+	__u32 top, e, leaf = 0;
 
 	__builtin_memcpy(a, daddr, 16);
-	e = dir_root_entry(&dir6_root, (__u32)a[0] << 16 | (__u32)a[1] << 8 | a[2]);
-#pragma unroll
-	for (int i = 3; i < 16; i++) {
+	top = (__u32)a[0] << 16 | (__u32)a[1] << 8 | a[2];
+	e = dir_root_entry(&dir6_root, top);
+	if (detail)
+		leaf = dir_root_entry(&dir6_root_leaf, top);
+	for (int i = 3; i < 16; i++) {  /* bounded: the verifier walks it */
+		__u32 g;
+
 		if (!(e & DIR_EXT))
 			break;
-		e = dir_group_entry(&dir6_groups, e, a[i]);
+		g = e & ~DIR_EXT;
+		e = dir_group_entry(&dir6_groups, g, a[i]);
+		if (detail)
+			leaf = dir_group_entry(&dir6_group_leaf, g, a[i]);
 	}
-	if (!e || (e & DIR_EXT))
-		return NULL;
-	leaf = bpf_map_lookup_elem(&dir6_leaves, &e);
-	return leaf ? &leaf->r : NULL;
+	return dir_route(e, leaf, &dir6_leaves, rt);
 }
 
 #endif

@@ -70,20 +70,22 @@ static __always_inline int route_type_reason(__u8 type)
 const volatile __u32 fib_mode = FIB_MODE_BPF;
 const volatile __u32 fib_impl = FIB_IMPL_DIR;
 
-static __always_inline struct route *fib_route4(__be32 daddr)
+static __always_inline int fib_route4(__be32 daddr, struct route *rt, int detail)
 {
-	return fib_impl == FIB_IMPL_LPM ? lpm4_lookup(daddr) : dir4_lookup(daddr);
+	return fib_impl == FIB_IMPL_LPM ? lpm4_lookup(daddr, rt) : dir4_lookup(daddr, rt, detail);
 }
 
-static __always_inline struct route *fib_route6(const __u8 *daddr)
+static __always_inline int fib_route6(const __u8 *daddr, struct route *rt, int detail)
 {
-	return fib_impl == FIB_IMPL_LPM ? lpm6_lookup(daddr) : dir6_lookup(daddr);
+	return fib_impl == FIB_IMPL_LPM ? lpm6_lookup(daddr, rt) : dir6_lookup(daddr, rt, detail);
 }
 
-/* The kernel's forwarding order: route type, TTL, MTU, then neighbor. */
-static __always_inline int fib_lookup_bpf(const struct pkt *p, struct fib_result *res)
+/* The kernel's forwarding order: route type, TTL, MTU, then neighbor.
+ * detail: a probe wants the matched prefix length and protocol too. */
+static __always_inline int fib_lookup_bpf(const struct pkt *p, struct fib_result *res, int detail)
 {
-	struct route *rt;
+	struct route route = {}, *rt = &route;
+	int found;
 	struct nexthop *nh;
 	struct iface *out;
 	struct neigh_key nk = {};
@@ -91,12 +93,12 @@ static __always_inline int fib_lookup_bpf(const struct pkt *p, struct fib_result
 	__u32 nh_id;
 
 	if (p->ip4)
-		rt = fib_route4(p->ip4->daddr);
+		found = fib_route4(p->ip4->daddr, rt, detail);
 	else if (p->ip6)
-		rt = fib_route6(p->ip6->daddr.in6_u.u6_addr8);
+		found = fib_route6(p->ip6->daddr.in6_u.u6_addr8, rt, detail);
 	else
 		return REASON_PASS_NON_IP;
-	if (!rt)
+	if (!found || rt->type == RTYPE_NONE)
 		return REASON_PASS_FIB_MISS;
 	res->route_type = rt->type;
 	res->prefixlen = rt->prefixlen;

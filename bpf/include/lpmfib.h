@@ -41,19 +41,28 @@ struct {
 	__type(value, struct route);
 } fib6 SEC(".maps");
 
-static __always_inline struct route *lpm4_lookup(__be32 daddr)
+static __always_inline int lpm4_lookup(__be32 daddr, struct route *rt)
 {
 	struct route4_key k = { .prefixlen = 32, .addr = daddr };
+	struct route *r = bpf_map_lookup_elem(&fib4, &k);
 
-	return bpf_map_lookup_elem(&fib4, &k);
+	if (!r)
+		return 0;
+	*rt = *r;
+	return 1;
 }
 
-static __always_inline struct route *lpm6_lookup(const __u8 *daddr)
+static __always_inline int lpm6_lookup(const __u8 *daddr, struct route *rt)
 {
 	struct route6_key k = { .prefixlen = 128 };
+	struct route *r;
 
 	__builtin_memcpy(k.addr, daddr, 16);
-	return bpf_map_lookup_elem(&fib6, &k);
+	r = bpf_map_lookup_elem(&fib6, &k);
+	if (!r)
+		return 0;
+	*rt = *r;
+	return 1;
 }
 
 #endif

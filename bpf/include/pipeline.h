@@ -68,7 +68,7 @@ static __always_inline int bpfrouter_pipeline(struct xdp_md *ctx)
 	if (fib_mode == FIB_MODE_KERNEL)
 		reason = fib_lookup_kernel(ctx, &p, &res);
 	else
-		reason = fib_lookup_bpf(&p, &res);
+		reason = fib_lookup_bpf(&p, &res, probe != NULL);
 	if (reason > REASON_FWD_IPV6)
 		goto out;
 

@@ -42,6 +42,10 @@ MAPS: dict[str, tuple[type, type]] = {
     "dir6_root": (ctypes.c_uint32, lo.DirChunk),
     "dir6_groups": (ctypes.c_uint32, lo.DirGroup),
     "dir6_leaves": (ctypes.c_uint32, lo.DirLeaf6),
+    "dir4_root_leaf": (ctypes.c_uint32, lo.DirChunk),
+    "dir4_group_leaf": (ctypes.c_uint32, lo.DirGroup),
+    "dir6_root_leaf": (ctypes.c_uint32, lo.DirChunk),
+    "dir6_group_leaf": (ctypes.c_uint32, lo.DirGroup),
 }
 DIR_MAPS = [m for m in MAPS if m.startswith("dir")]
 
@@ -151,8 +155,9 @@ class Datapath:
                 for m in DIR_MAPS:  # unused: don't allocate their 64 MiB tables
                     obj.set_max_entries(m, 1)
             elif groups:
-                obj.set_max_entries("dir4_groups", groups[0])
-                obj.set_max_entries("dir6_groups", groups[1])
+                for fam, n in (("4", groups[0]), ("6", groups[1])):
+                    obj.set_max_entries(f"dir{fam}_groups", n)
+                    obj.set_max_entries(f"dir{fam}_group_leaf", n)
             try:
                 obj.load()
             except BpfError as e:
