@@ -43,49 +43,26 @@ struct dir_leaf6 {
 	__u8 addr[16];
 };
 
-#define DIR_MAPS(fam, leaf_t, groups, leaves)                                   \
+/* One mmapable array of the DIR FIB. */
+#define DIR_ARRAY(name, entries, value_t)                                       \
 	struct {                                                                \
 		__uint(type, BPF_MAP_TYPE_ARRAY);                                \
-		__uint(max_entries, (1 << DIR_ROOT_BITS) / DIR_CHUNK);          \
+		__uint(max_entries, entries);                                    \
 		__uint(map_flags, BPF_F_MMAPABLE);                               \
 		__type(key, __u32);                                              \
-		__type(value, struct dir_chunk);                                 \
-	} dir##fam##_root SEC(".maps");                                          \
-	struct {                                                                \
-		__uint(type, BPF_MAP_TYPE_ARRAY);                                \
-		__uint(max_entries, groups);                                     \
-		__uint(map_flags, BPF_F_MMAPABLE);                               \
-		__type(key, __u32);                                              \
-		__type(value, struct dir_group);                                 \
-	} dir##fam##_groups SEC(".maps");                                        \
-	struct {                                                                \
-		__uint(type, BPF_MAP_TYPE_ARRAY);                                \
-		__uint(max_entries, leaves);                                     \
-		__uint(map_flags, BPF_F_MMAPABLE);                               \
-		__type(key, __u32);                                              \
-		__type(value, leaf_t);                                           \
-	} dir##fam##_leaves SEC(".maps");
+		__type(value, value_t);                                          \
+	} name SEC(".maps");
 
-#define DIR_LEAF_MAPS(fam, groups)                                              \
-	struct {                                                                \
-		__uint(type, BPF_MAP_TYPE_ARRAY);                                \
-		__uint(max_entries, (1 << DIR_ROOT_BITS) / DIR_CHUNK);          \
-		__uint(map_flags, BPF_F_MMAPABLE);                               \
-		__type(key, __u32);                                              \
-		__type(value, struct dir_chunk);                                 \
-	} dir##fam##_root_leaf SEC(".maps");                                     \
-	struct {                                                                \
-		__uint(type, BPF_MAP_TYPE_ARRAY);                                \
-		__uint(max_entries, groups);                                     \
-		__uint(map_flags, BPF_F_MMAPABLE);                               \
-		__type(key, __u32);                                              \
-		__type(value, struct dir_group);                                 \
-	} dir##fam##_group_leaf SEC(".maps");
+/* A family's tables; root_leaf and group_leaf mirror root and groups. */
+#define DIR_MAPS(fam, leaf_t, groups, leaves)                                   \
+	DIR_ARRAY(dir##fam##_root, (1 << DIR_ROOT_BITS) / DIR_CHUNK, struct dir_chunk) \
+	DIR_ARRAY(dir##fam##_groups, groups, struct dir_group)                  \
+	DIR_ARRAY(dir##fam##_leaves, leaves, leaf_t)                            \
+	DIR_ARRAY(dir##fam##_root_leaf, (1 << DIR_ROOT_BITS) / DIR_CHUNK, struct dir_chunk) \
+	DIR_ARRAY(dir##fam##_group_leaf, groups, struct dir_group)
 
 DIR_MAPS(4, struct dir_leaf4, DIR_GROUPS_V4, DIR_LEAVES_V4)
 DIR_MAPS(6, struct dir_leaf6, DIR_GROUPS_V6, DIR_LEAVES_V6)
-DIR_LEAF_MAPS(4, DIR_GROUPS_V4)
-DIR_LEAF_MAPS(6, DIR_GROUPS_V6)
 
 static __always_inline __u32 dir_root_entry(void *root, __u32 top24)
 {
