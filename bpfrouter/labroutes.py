@@ -14,7 +14,6 @@ V4_LENGTHS = {8: 0.0002, 12: 0.001, 13: 0.002, 14: 0.003, 15: 0.005, 16: 0.013, 
               19: 0.025, 20: 0.040, 21: 0.046, 22: 0.110, 23: 0.100, 24: 0.6328}
 # IPv6: blocks of RIRs, LIRs' allocations inside them, customers' more-specifics inside those.
 V6_LENGTHS = {29: 0.04, 32: 0.12, 33: 0.01, 36: 0.05, 40: 0.07, 44: 0.08, 46: 0.02, 47: 0.03, 48: 0.58}
-V4_MARTIANS = [ipaddress.ip_network(n) for n in ("0.0.0.0/8", "10.0.0.0/8", "127.0.0.0/8", "224.0.0.0/3")]
 
 
 @dataclass(frozen=True)
