@@ -168,8 +168,9 @@ class Agent:
         first = 0.0
         while not self.stop.is_set():
             wait = max(0.0, first + BATCH_SECONDS - time.monotonic()) if pending else 0.5
+            was_empty = not pending
             try:
-                data = mon.recv(wait)
+                got = mon.read(self.decoder, pending, wait, BATCH_ROUTES)
             except OSError as e:
                 if e.errno != errno.ENOBUFS:
                     raise
@@ -177,12 +178,9 @@ class Agent:
                 mon.drain()
                 self._overrun("route")
                 continue
-            if data is not None:
-                if not pending:
-                    first = time.monotonic()
-                self.decoder.events(data, pending)
-            if pending and (data is None or len(pending) >= BATCH_ROUTES
-                            or time.monotonic() - first >= BATCH_SECONDS):
+            if was_empty and pending:
+                first = time.monotonic()
+            if pending and (not got or len(pending) >= BATCH_ROUTES or time.monotonic() - first >= BATCH_SECONDS):
                 with self.lock:
                     self.stats["events"] += len(pending)
                     self.fib.apply_batch(pending)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import select
 import socket
 import struct
 
@@ -166,41 +167,48 @@ def _socket(groups: int, rcvbuf: int) -> socket.socket:
 
 
 class RouteMonitor:
-    """Route notifications of both families. recv() raises OSError(ENOBUFS)
-    when the kernel had to drop notifications: the caller must resync."""
+    """Route notifications of both families, read without blocking: queued
+    messages are read in a tight loop (one syscall each), and poll() waits only
+    when nothing is queued. read() raises OSError(ENOBUFS) when the kernel had
+    to drop notifications: the caller must drain() and resync."""
 
     def __init__(self, rcvbuf: int):
         self.sock = _socket(RTMGRP_IPV4_ROUTE | RTMGRP_IPV6_ROUTE, rcvbuf)
+        self.sock.setblocking(False)
+        self.poller = select.poll()
+        self.poller.register(self.sock.fileno(), select.POLLIN)
         self.buf = bytearray(1 << 20)
         self.view = memoryview(self.buf)
 
-    def recv(self, timeout: float | None) -> memoryview | None:
-        self.sock.settimeout(timeout)
-        try:
-            n = self.sock.recv_into(self.buf)
-        except (socket.timeout, BlockingIOError):
-            return None
-        return self.view[:n]
+    def read(self, decoder: "Decoder", out: list, timeout: float, limit: int) -> int:
+        """Decode up to `limit` queued datagrams into `out`; if none is queued,
+        wait up to `timeout` seconds for one. Returns the number read."""
+        n = 0
+        recv_into, view, events = self.sock.recv_into, self.view, decoder.events
+        while n < limit:
+            try:
+                size = recv_into(self.buf)
+            except BlockingIOError:
+                if n or timeout <= 0 or not self.poller.poll(timeout * 1000):
+                    return n
+                timeout = 0
+                continue
+            events(view[:size], out)
+            n += 1
+        return n
 
     def drain(self) -> None:
         """Discard everything queued. After an overrun the kernel keeps the socket
         'congested' and drops further notifications silently until the queue has
         been emptied once (NETLINK_S_CONGESTED): drain, then dump."""
-        self.sock.setblocking(False)
-        try:
-            while True:
-                try:
-                    self.sock.recv_into(self.buf)
-                except BlockingIOError:
-                    return
-                except OSError as e:
-                    if e.errno != 105:  # a further ENOBUFS while draining is expected
-                        raise
-        finally:
-            self.sock.setblocking(True)
-
-    def fileno(self) -> int:
-        return self.sock.fileno()
+        while True:
+            try:
+                self.sock.recv_into(self.buf)
+            except BlockingIOError:
+                return
+            except OSError as e:
+                if e.errno != 105:  # a further ENOBUFS while draining is expected
+                    raise
 
     def close(self) -> None:
         self.sock.close()
