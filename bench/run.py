@@ -39,7 +39,7 @@ from common import bpfrouter, save, start_lab_router  # noqa: E402
 
 BASELINE = str(ROOT / "build" / "baseline.bpf.o")
 OBJECT = str(ROOT / "build" / "router.bpf.o")
-cli = bpfrouter
+
 
 
 def ns_per_packet(prog, frame: bytes, ifindex: int, repeat: int, rounds: int) -> float:
@@ -151,13 +151,13 @@ def bench_forwarding(lab: Lab, packets: int, rounds: int) -> list[dict]:
         fwd0 = lab.kernel_forwarded()
         rows.append(measure("kernel forwarding (no XDP on the router)", far_map))
         rows[-1]["kernel_forwarded"] = lab.kernel_forwarded() - fwd0
-        cli("up", "r-eth0", "r-eth1", "--name", "bench-fwd", netns_name=lab.router_ns)
+        bpfrouter("up", "r-eth0", "r-eth1", "--name", "bench-fwd", netns_name=lab.router_ns)
         try:
             fwd0 = lab.kernel_forwarded()
             rows.append(measure("bpfrouter XDP, BPF FIB", far_map))
             rows[-1]["kernel_forwarded"] = lab.kernel_forwarded() - fwd0
         finally:
-            cli("down", "--name", "bench-fwd")
+            bpfrouter("down", "--name", "bench-fwd")
     finally:
         far_link.close()
         far.close()
@@ -182,7 +182,7 @@ def main() -> None:
         for v in (4, 6):
             lab.run("h1", ["ping", "-c", "1", lab.addr("h2", v)], check=True)
         prog_rows = bench_prog_test_run(lab, repeat, rounds)
-        cli("down", "--name", "bench")
+        bpfrouter("down", "--name", "bench")
         fwd_rows = bench_forwarding(lab, packets, rounds)
     finally:
         lab.down()

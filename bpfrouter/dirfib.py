@@ -268,6 +268,10 @@ class DirTable:
         """Bulk insert of (address as int, length, route word). Prefixes up to the
         root length are written vectorized, shortest first, so longer ones land on
         top; the rest go one by one."""
+        if len(fresh) <= 16:  # numpy's per-call overhead outweighs vectorizing
+            for a, ln, w in fresh:
+                self.set_key(a, ln, w)
+            return
         known = [(a, ln, w) for a, ln, w in fresh if (a, ln) in self.rules]
         for a, ln, w in known:
             self.set_key(a, ln, w)

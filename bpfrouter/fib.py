@@ -284,23 +284,7 @@ class Fib:
         if have is not None and want.same_forwarding(have.route):
             have.route = want
             return
-        self._write(want, have)
-
-    def _write(self, route: Route, old: Installed | None) -> None:
-        rtype = route.installed_type
-        nh_id = self.nexthops.acquire(route.nexthops[0]) if rtype == RouteType.UNICAST else 0
-        try:
-            version, addr, length = route.pkey
-            self.tables[version].set_key(addr, length, route.word(nh_id), version)
-        except Exception:
-            if nh_id:
-                self.nexthops.release(nh_id)
-            raise
-        self.installed[route.pkey] = Installed(route, nh_id)
-        if old is None:
-            self.counts[route.pkey[0]] += 1
-        elif old.nh_id:
-            self.nexthops.release(old.nh_id)
+        self._write_many([(want, have)])
 
     def _delete(self, pk: PrefixKey, old: Installed) -> None:
         self.tables[pk[0]].delete(pk)
@@ -310,10 +294,12 @@ class Fib:
             self.nexthops.release(old.nh_id)
 
     def _write_many(self, writes: list[tuple[Route, "Installed | None"]]) -> None:
-        """Bulk version of _write (a full load or resync): one vectorized table write."""
+        """Write routes (new, or replacing `old`) with one table write per family.
+        Make-before-break: next hops first, old ones released after."""
         batches: dict[int, list] = {4: [], 6: []}
         installed = self.installed
         acquire = self.nexthops.acquire
+        ids: list[int] = []  # next-hop id of each write, 0 for none
         last_nh, last_id = None, 0
         for route, _ in writes:
             nh_id = 0
@@ -325,14 +311,20 @@ class Fib:
                 else:
                     nh_id = last_id = acquire(nh)
                     last_nh = nh
+            ids.append(nh_id)
             pk = route.pkey
-            batches[pk[0]].append((pk[1], pk[2], nh_id | int(route.installed_type) << 32 | pk[2] << 40
-                                   | route.proto << 48))
-            installed[pk] = Installed(route, nh_id)
-        for version, entries in batches.items():
-            if entries:
-                self.tables[version].set_many(entries, version)
-        for route, old in writes:
+            batches[pk[0]].append((pk[1], pk[2], route.word(nh_id)))
+        try:
+            for version, entries in batches.items():
+                if entries:
+                    self.tables[version].set_many(entries, version)
+        except Exception:  # e.g. table full: the RIB view stays as it was
+            for nh_id in ids:
+                if nh_id:
+                    self.nexthops.release(nh_id)
+            raise
+        for (route, old), nh_id in zip(writes, ids, strict=True):
+            installed[route.pkey] = Installed(route, nh_id)
             if old is None:
                 self.counts[route.pkey[0]] += 1
             elif old.nh_id:
@@ -445,9 +437,6 @@ class Fib:
 
     def sizes(self) -> dict[str, int]:
         return {"ipv4": self.counts[4], "ipv6": self.counts[6], "nexthops": len(self.nexthops.by_id)}
-
-    def memory(self) -> dict[str, dict[str, int]]:
-        return {f"ipv{v}": t.memory() for v, t in self.tables.items()}
 
 
 def _sort_key(p: IPNetwork):

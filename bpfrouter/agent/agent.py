@@ -29,7 +29,7 @@ from ..fib import Fib, FibError, Route, TABLE_MAIN
 from ..interfaces import Interfaces
 from ..neighbors import Neighbors
 from ..routespec import RouteSpec, RouteSpecError, parse_route
-from .kernel import link_from_msg, neigh_from_msg, route_from_msg
+from .kernel import link_from_msg, neigh_from_msg
 from .rtnl import Decoder, RouteMonitor, dump_routes
 
 log = logging.getLogger("bpfrouter.agent")
@@ -110,7 +110,8 @@ class Agent:
         with self.lock:
             self.stats["events"] += 1
             if event in ("RTM_NEWROUTE", "RTM_DELROUTE"):
-                route = route_from_msg(msg)
+                # the same decoder as the route monitor, on the message's raw bytes
+                route = self.decoder.route(msg.data, getattr(msg, "offset", 0), msg["header"]["length"])
                 if route is None:
                     pass
                 elif event == "RTM_NEWROUTE":

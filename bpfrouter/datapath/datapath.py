@@ -240,7 +240,7 @@ class Datapath:
         for p in self.pin_dir(self.name).glob("link_*"):
             idx = int(p.name.split("_", 1)[1])
             try:
-                mode, prog_id = xdp_query(idx)
+                mode = xdp_query(idx)[0]
             except BpfError:
                 mode = "gone"
             out[idx] = mode
