@@ -3,6 +3,8 @@ precedence, agent restart, netlink overrun resync."""
 import os
 import signal
 
+from bpfrouter.agent.client import agent_pid
+
 from .conftest import wait_for
 
 
@@ -97,7 +99,14 @@ def test_netlink_overrun_triggers_full_resync(bpf_router, tmp_path):
     base = r.json("status")["fib"]["ipv4"]
     batch = tmp_path / "routes"
     batch.write_text("".join(f"route add 10.{200 + i // 250}.{i % 250}.0/24 via 10.0.2.2\n" for i in range(3000)))
-    lab.run("r", ["ip", "-batch", str(batch)], check=True)
+    # A stopped agent (descheduled, swapped out, stuck in a long write) is how a real overrun happens;
+    # a reader that keeps up would make the overrun depend on the machine's speed.
+    pid = agent_pid(r.name)
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        lab.run("r", ["ip", "-batch", str(batch)], check=True)
+    finally:
+        os.kill(pid, signal.SIGCONT)
     assert wait_for(lambda: r.json("status")["fib"]["ipv4"] == base + 3000, timeout=10)
     st = r.json("status")
     assert st["agent"]["enobufs"] >= 1, "the overrun did not happen; the test proves nothing"
