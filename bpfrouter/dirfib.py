@@ -272,25 +272,40 @@ class DirTable:
             for a, ln, w in fresh:
                 self.set_key(a, ln, w)
             return
-        known = [(a, ln, w) for a, ln, w in fresh if (a, ln) in self.rules]
-        for a, ln, w in known:
-            self.set_key(a, ln, w)
-        fresh = [t for t in fresh if (t[0], t[1]) not in self.rules]
-        if len(fresh) > len(self.free_leaves):
+        rules = self.rules
+        short_keys, short_words, long_ = [], [], []
+        for a, ln, w in fresh:
+            k = (a, ln)
+            if k in rules:  # a new route for a known prefix rewrites its entries
+                self.set_key(a, ln, w)
+            elif ln <= ROOT_BITS:
+                short_keys.append(k)
+                short_words.append(w)
+            else:
+                long_.append((a, ln, w))
+        if len(short_keys) + len(long_) > len(self.free_leaves):
             raise DirFull(f"IPv{4 if self.width == 32 else 6} DIR FIB full: {self.nleaves - 1} routes")
-        short = [t for t in fresh if t[1] <= ROOT_BITS]
-        if short:
-            addrs = np.array([t[0] >> (self.width - ROOT_BITS) for t in short], np.int64)
-            lens = np.array([t[1] for t in short], np.int64)
-            words = np.array([t[2] for t in short], np.uint64)
+        if short_keys:
+            n = len(short_keys)
+            shift = self.width - ROOT_BITS
+            if self.width == 32:
+                full = np.fromiter((k[0] for k in short_keys), np.uint32, n)
+                addrs = (full >> np.uint32(shift)).astype(np.int64)
+                # the leaf stores the address in network order, zero-padded
+                addr_words = np.zeros((n, self.leaves.shape[1] - 1), np.uint64)
+                addr_words[:, 0] = full.astype(">u4").view(np.uint32)
+            else:
+                addrs = np.fromiter((k[0] >> shift for k in short_keys), np.int64, n)
+                addr_words = np.frombuffer(b"".join(k[0].to_bytes(16, "big") for k in short_keys),
+                                           np.uint64).reshape(n, 2)
+            lens = np.fromiter((k[1] for k in short_keys), np.int64, n)
+            words = np.array(short_words, np.uint64)
             entries = entries_of(words)
-            leaves = np.array([self.free_leaves.popleft() for _ in short], np.int64)
-            raw = b"".join(t[0].to_bytes(self.width // 8, "big").ljust((self.leaves.shape[1] - 1) * 8, b"\0")
-                           for t in short)
-            self.leaves[leaves, 1:] = np.frombuffer(raw, np.uint64).reshape(len(short), -1)
+            popleft = self.free_leaves.popleft
+            leaves = np.array([popleft() for _ in range(n)], np.int64)
+            self.leaves[leaves, 1:] = addr_words
             self.leaves[leaves, 0] = words
-            for (a, ln, _), leaf in zip(short, leaves.tolist(), strict=True):
-                self.rules[(a, ln)] = leaf
+            rules.update(zip(short_keys, leaves.tolist()))
             for length in np.unique(lens).tolist():
                 sel = lens == length
                 span = 1 << (ROOT_BITS - length)
@@ -307,9 +322,8 @@ class DirTable:
                 for gid, entry, leaf in zip((cur[ext] & ~EXT).tolist(), ev[ext].tolist(), lv[ext].tolist(),
                                             strict=True):
                     self._apply_groups(np.array([gid]), entry, leaf, length, length, deleting=False)
-        for a, ln, w in fresh:
-            if ln > ROOT_BITS:
-                self.set_key(a, ln, w)
+        for a, ln, w in long_:
+            self.set_key(a, ln, w)
 
     def installed(self) -> list[tuple[IPNetwork, lo.RouteValue]]:
         live = np.nonzero(self.leaves[:, 0])[0]

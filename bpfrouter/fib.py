@@ -57,6 +57,12 @@ def _installed_type(rtype: RouteType, nexthops: tuple) -> RouteType:
     return RouteType.MULTIPATH if rtype == RouteType.UNICAST and len(nexthops) > 1 else rtype
 
 
+def _route_key(pkey: PrefixKey, table: int, metric: int, nexthops: tuple) -> tuple[int, int, int]:
+    """What tells kernel routes of one prefix apart (Route.key): table and metric, plus
+    the device for IPv6, where one prefix (fe80::/64) exists per interface."""
+    return (table, metric, nexthops[0].ifindex if pkey[0] == 6 and len(nexthops) == 1 else 0)
+
+
 @dataclass(frozen=True)
 class Route:
     prefix: IPNetwork
@@ -69,6 +75,7 @@ class Route:
     def __post_init__(self):
         object.__setattr__(self, "pkey", prefix_key(self.prefix))
         object.__setattr__(self, "installed_type", _installed_type(self.type, self.nexthops))
+        object.__setattr__(self, "key", _route_key(self.pkey, self.table, self.metric, self.nexthops))
 
     @classmethod
     def from_key(cls, pkey: PrefixKey, type: RouteType, nexthops: tuple[Nexthop, ...], proto: int,
@@ -76,7 +83,8 @@ class Route:
         """Fast constructor for the netlink hot path: `prefix` is built only when read."""
         r = object.__new__(cls)
         r.__dict__.update(pkey=pkey, type=type, nexthops=nexthops, proto=proto, metric=metric, table=table,
-                          installed_type=_installed_type(type, nexthops))
+                          installed_type=_installed_type(type, nexthops),
+                          key=_route_key(pkey, table, metric, nexthops))
         return r
 
     def __getattr__(self, name: str):
@@ -85,13 +93,6 @@ class Route:
             self.__dict__["prefix"] = prefix
             return prefix
         raise AttributeError(name)
-
-    @property
-    def key(self) -> tuple[int, int, int]:
-        """What tells kernel routes of one prefix apart: table and metric, plus
-        the device for IPv6, where one prefix (fe80::/64) exists per interface."""
-        oif = self.nexthops[0].ifindex if self.pkey[0] == 6 and len(self.nexthops) == 1 else 0
-        return (self.table, self.metric, oif)
 
     def same_forwarding(self, other: "Route | None") -> bool:
         return other is not None and (self.installed_type, self.nexthops, self.proto) == \
