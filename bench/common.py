@@ -1,13 +1,21 @@
 """Helpers shared by the benchmarks."""
 from __future__ import annotations
 
+import ctypes
 import json
+import statistics
 import subprocess
 import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
+BENCH = str(ROOT / "build" / "fibbench.bpf.o")
+sys.path.insert(0, str(ROOT))
+
+from bpfrouter.bpf import BpfObject  # noqa: E402
+from bpfrouter.datapath import Datapath  # noqa: E402
+from bpfrouter.datapath import layout as lo  # noqa: E402
 
 
 def bpfrouter(*args: str, netns_name: str | None = None) -> str:
@@ -25,3 +33,43 @@ def save(name: str, result: dict) -> Path:
     path = RESULTS / name
     path.write_text(json.dumps(result, indent=1))
     return path
+
+
+class Bench:
+    """fibbench.bpf.o bound to one data plane's maps."""
+
+    def __init__(self, dp: Datapath, fib_mode: lo.FibMode, impl: lo.FibImpl, n: int, ifindex: int,
+                 eth: bytes, dests: dict[int, bytes], observe: int | None = None, frame: bytes | None = None):
+        self.obj = BpfObject(BENCH)
+        for name, m in dp.maps.items():
+            try:
+                self.obj.reuse_map(name, m.fd)
+            except KeyError:
+                pass
+        self.obj.set_rodata("fib_mode", ctypes.c_uint32(fib_mode))
+        self.obj.set_rodata("fib_impl", ctypes.c_uint32(impl))
+        self.obj.set_rodata("bench_n", ctypes.c_uint32(n))
+        self.obj.set_rodata("bench_ifindex", ctypes.c_uint32(ifindex))
+        if observe is not None:
+            self.obj.set_rodata("observe_flags", ctypes.c_uint32(observe))
+        self.obj.load()
+        self.ifindex = ifindex
+        for version, raw in dests.items():
+            m = self.obj.map(f"bench_dst{version}", ctypes.c_uint32,
+                             ctypes.c_uint32 if version == 4 else ctypes.c_uint8 * 16)
+            mm = m.mmap()
+            mm[: len(raw)] = raw
+            mm.close()
+        self.obj.map("bench_eth", ctypes.c_uint32, ctypes.c_uint8 * 14).update(
+            ctypes.c_uint32(0), (ctypes.c_uint8 * 14)(*eth))
+        self.frame = frame or eth + bytes.fromhex("450000200000400040110000") + bytes([10, 255, 0, 2]) + \
+            bytes(4) + bytes.fromhex("9c40829a000c0000") + bytes(4)
+        self.n = n
+
+    def ns(self, prog: str, rounds: int) -> float:
+        p = self.obj.program(prog)
+        runs = [p.test_run(self.frame, ingress_ifindex=self.ifindex).duration_ns / self.n for _ in range(rounds)]
+        return statistics.median(runs)
+
+    def close(self) -> None:
+        self.obj.close()

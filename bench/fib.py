@@ -16,7 +16,6 @@ In one run, on one machine:
 from __future__ import annotations
 
 import argparse
-import ctypes
 import ipaddress
 import json
 import os
@@ -33,7 +32,6 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bpfrouter import netns  # noqa: E402
-from bpfrouter.bpf import BpfObject  # noqa: E402
 from bpfrouter.datapath import Datapath  # noqa: E402
 from bpfrouter.datapath import layout as lo  # noqa: E402
 from bpfrouter.fib import Fib, Nexthop, Route, RouteType, map_memlock  # noqa: E402
@@ -41,10 +39,9 @@ from bpfrouter.interfaces import Interfaces  # noqa: E402
 from bpfrouter.labroutes import internet_routes4, internet_routes6  # noqa: E402
 from bpfrouter.neighbors import Neighbors  # noqa: E402
 from bpfrouter.packet import mac_bytes  # noqa: E402
-from common import save, start_lab_router  # noqa: E402
+from common import Bench, save, start_lab_router  # noqa: E402
 
 OBJECT = str(ROOT / "build" / "router.bpf.o")
-BENCH = str(ROOT / "build" / "fibbench.bpf.o")
 NS = "bpfr-fibbench"
 GW4 = ["10.254.0.2", "10.254.0.3"]
 GW6 = ["fd02::2", "fd02::3"]
@@ -119,44 +116,6 @@ def destinations(rng, prefixes, n: int, version: int) -> bytes:
     out[:, 0] = hi | (r_hi & hi_host)
     out[:, 1] = lo_ | (r_lo & lo_host)
     return out.tobytes()
-
-
-class Bench:
-    """fibbench.bpf.o bound to one data plane's maps."""
-
-    def __init__(self, dp: Datapath, fib_mode: lo.FibMode, impl: lo.FibImpl, n: int, ifindex: int,
-                 eth: bytes, dests: dict[int, bytes]):
-        self.obj = BpfObject(BENCH)
-        for name, m in dp.maps.items():
-            try:
-                self.obj.reuse_map(name, m.fd)
-            except KeyError:
-                pass
-        self.obj.set_rodata("fib_mode", ctypes.c_uint32(fib_mode))
-        self.obj.set_rodata("fib_impl", ctypes.c_uint32(impl))
-        self.obj.set_rodata("bench_n", ctypes.c_uint32(n))
-        self.obj.set_rodata("bench_ifindex", ctypes.c_uint32(ifindex))
-        self.obj.load()
-        self.ifindex = ifindex
-        for version, raw in dests.items():
-            m = self.obj.map(f"bench_dst{version}", ctypes.c_uint32,
-                             ctypes.c_uint32 if version == 4 else ctypes.c_uint8 * 16)
-            mm = m.mmap()
-            mm[: len(raw)] = raw
-            mm.close()
-        self.obj.map("bench_eth", ctypes.c_uint32, ctypes.c_uint8 * 14).update(
-            ctypes.c_uint32(0), (ctypes.c_uint8 * 14)(*eth))
-        self.frame = eth + bytes.fromhex("450000200000400040110000") + bytes([10, 255, 0, 2]) + bytes(4) + \
-            bytes.fromhex("9c40829a000c0000") + bytes(4)
-        self.n = n
-
-    def ns(self, prog: str, rounds: int) -> float:
-        p = self.obj.program(prog)
-        runs = [p.test_run(self.frame, ingress_ifindex=self.ifindex).duration_ns / self.n for _ in range(rounds)]
-        return statistics.median(runs)
-
-    def close(self) -> None:
-        self.obj.close()
 
 
 def incremental_rate(fib: Fib, rng, count: int, ifindex: int) -> float:

@@ -8,11 +8,13 @@ const volatile enum reason btf_anchor_reason = REASON_MAX;
 const volatile enum route_type btf_anchor_route_type = RTYPE_NONE;
 const volatile enum fib_impl btf_anchor_fib_impl = FIB_IMPL_DIR;
 const volatile struct probe_meta btf_anchor_probe_meta = {};
+const volatile enum obs_stat btf_anchor_obs_stat = OBS_STAT_MAX;
+const volatile struct event btf_anchor_event = {};
 
 SEC("xdp")
 int bpfrouter_xdp(struct xdp_md *ctx)
 {
-	return bpfrouter_pipeline(ctx);
+	return bpfrouter_observed(ctx);
 }
 
 char _license[] SEC("license") = "GPL";

@@ -26,6 +26,8 @@ struct pkt {
 	struct ipv6hdr *ip6;
 	void *l4;                 /* NULL: no L4 header (non-first fragment, other proto) */
 	__u32 len;                /* frame length */
+	__u16 l3_off;             /* offsets of the IP and L4 headers, 0: none; */
+	__u16 l4_off;             /* scalars, for the observers (observe.h) */
 	__u16 l3_proto;           /* host order ethertype after VLAN tags */
 	__u16 vlan_id[MAX_VLAN_DEPTH];
 	__u8 vlan_depth;
@@ -71,6 +73,7 @@ static __always_inline int parse_l4(struct pkt *p, void *l4, __u8 proto)
 		return -1;     /* other protocols are forwarded unparsed */
 	}
 	p->l4 = l4;
+	p->l4_off = l4 - p->data;
 	return -1;
 }
 
@@ -93,6 +96,7 @@ static __always_inline int parse_ipv4(struct pkt *p, void *l3)
 	if (tot < hlen || l3 + tot > end)
 		return REASON_DROP_BAD_TOTAL_LEN;
 	p->ip4 = iph;
+	p->l3_off = l3 - p->data;
 	p->ip_options = hlen > sizeof(*iph);
 	/* Only the first fragment carries the L4 header. */
 	if (iph->frag_off & bpf_htons(0x1FFF))
@@ -114,6 +118,7 @@ static __always_inline int parse_ipv6(struct pkt *p, void *l3)
 	if ((void *)(ip6h + 1) + bpf_ntohs(ip6h->payload_len) > end)
 		return REASON_DROP_BAD_TOTAL_LEN;
 	p->ip6 = ip6h;
+	p->l3_off = l3 - p->data;
 	cur = ip6h + 1;
 	nexthdr = ip6h->nexthdr;
 

@@ -1,6 +1,7 @@
 /* The router's per-packet pipeline: parse -> classify -> fib -> rewrite ->
- * verdict. The XDP entry program (router.bpf.c) only calls it; the FIB
- * benchmark (fibbench.bpf.c) runs it in a loop over many destinations. */
+ * verdict, then the observers (capture, flows, events). The XDP entry
+ * program (router.bpf.c) only calls it; the FIB benchmark (fibbench.bpf.c)
+ * runs it in a loop over many destinations. */
 #ifndef BPFROUTER_PIPELINE_H
 #define BPFROUTER_PIPELINE_H
 
@@ -14,6 +15,10 @@
 #include "rewrite.h"
 #include "counters.h"
 #include "probe.h"
+#include "observe.h"
+#include "events.h"
+#include "flows.h"
+#include "capture.h"
 
 static __always_inline int reason_action(int reason)
 {
@@ -38,46 +43,87 @@ static __always_inline void record(struct probe_meta *probe, __u32 slot, int rea
 	probe->flags = res->neigh_found ? PROBE_F_NEIGH : 0;
 }
 
-static __always_inline int bpfrouter_pipeline(struct xdp_md *ctx)
+/* The decision, without observers: d records what it found for them. */
+static __always_inline int bpfrouter_pipeline(struct xdp_md *ctx, struct decision *d)
 {
 	struct probe_meta *probe = probe_from_ctx(ctx);
-	struct fib_result res = {};
-	struct pkt p = {
-		.data = (void *)(long)ctx->data,
-		.data_end = (void *)(long)ctx->data_end,
-	};
+	struct pkt *p = &d->p;
 	struct iface *in;
-	__u32 slot = 0;
 	int reason;
 
+	p->data = (void *)(long)ctx->data;
+	p->data_end = (void *)(long)ctx->data_end;
+	d->probe = probe != NULL;
 	in = iface_lookup(ctx->ingress_ifindex);
 	if (in && in->slot < MAX_IFACES)
-		slot = in->slot;
+		d->slot = in->slot;
 
-	reason = parse_packet(&p);
+	reason = parse_packet(p);
 	if (reason >= 0)
 		goto out;
 	if (!in) {
 		reason = REASON_PASS_UNKNOWN_IFACE;
 		goto out;
 	}
-	reason = classify(&p, in);
+	reason = classify(p, in);
 	if (reason >= 0)
 		goto out;
 
 	if (fib_mode == FIB_MODE_KERNEL)
-		reason = fib_lookup_kernel(ctx, &p, &res);
+		reason = fib_lookup_kernel(ctx, p, &d->res);
 	else
-		reason = fib_lookup_bpf(&p, &res, probe != NULL);
+		reason = fib_lookup_bpf(p, &d->res, probe != NULL);
 	if (reason > REASON_FWD_IPV6)
 		goto out;
 
-	rewrite_forward(&p, &res);
-	record(probe, slot, reason, p.len, &res);
-	return bpf_redirect_map(&tx_ports, res.egress_ifindex, 0);
+	rewrite_forward(p, &d->res);
+	d->reason = reason;
+	record(probe, d->slot, reason, p->len, &d->res);
+	return bpf_redirect_map(&tx_ports, d->res.egress_ifindex, 0);
 out:
-	record(probe, slot, reason, p.len, &res);
+	d->reason = reason;
+	record(probe, d->slot, reason, p->len, &d->res);
 	return reason_action(reason);
+}
+
+/* Flows, events and the end of a capture, for every packet that is not a
+ * probe. A global function: the verifier checks it once, not once per
+ * path through the pipeline. */
+__attribute__((noinline)) int bpfrouter_observe(struct xdp_md *ctx, struct obs_input *in)
+{
+	struct pkt p = {};
+
+	if (!ctx || !in)
+		return 0;
+	obs_pkt(ctx, in, &p);
+	if ((observe_flags & OBS_F_FLOWS) && in->reason < REASON_DROP_TRUNC_L2)
+		flow_account(ctx, in, &p);
+	if ((observe_flags & OBS_F_EVENTS) && in->reason > REASON_FWD_IPV6)
+		event_emit(ctx, in, &p);
+	return 0;
+}
+
+/* The pipeline with its observers: capture copies the frame before the
+ * pipeline may rewrite it and sends it once the verdict is known; flows and
+ * events see the decision. */
+static __always_inline int bpfrouter_observed(struct xdp_md *ctx)
+{
+	struct decision d = {};
+	struct obs_input in = {};
+	int action;
+
+	if (observe_flags & OBS_F_CAPTURE)
+		capture_begin(ctx);
+	action = bpfrouter_pipeline(ctx, &d);
+	if (d.probe)
+		return action;
+	if (observe_flags & (OBS_F_FLOWS | OBS_F_EVENTS)) {
+		obs_input_of(&in, &d, action);
+		bpfrouter_observe(ctx, &in);
+	}
+	if (observe_flags & OBS_F_CAPTURE)
+		capture_end(d.reason, action, d.res.egress_ifindex);
+	return action;
 }
 
 #endif

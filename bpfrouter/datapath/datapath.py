@@ -46,6 +46,13 @@ MAPS: dict[str, tuple[type, type]] = {
     "dir4_group_leaf": (ctypes.c_uint32, lo.DirGroup),
     "dir6_root_leaf": (ctypes.c_uint32, lo.DirChunk),
     "dir6_group_leaf": (ctypes.c_uint32, lo.DirGroup),
+    "obs_stats": (ctypes.c_uint32, ctypes.c_uint64),
+    "events": (lo.Nothing, lo.Nothing),
+    "event_windows": (ctypes.c_uint32, lo.EventWindow),
+    "flows": (lo.FlowKey, lo.Flow),
+    "capture_cfg": (ctypes.c_uint32, lo.CaptureCfg),
+    "capture_scratch": (ctypes.c_uint32, lo.CaptureRec),
+    "capture_ring": (lo.Nothing, lo.Nothing),
 }
 DIR_MAPS = [m for m in MAPS if m.startswith("dir")]
 

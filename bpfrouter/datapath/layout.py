@@ -166,6 +166,58 @@ class ProbeMeta(ctypes.Structure):
                 ("reserved", u32)]
 
 
+class ObsStat(enum.IntEnum):
+    EVENTS_SENT = 0
+    EVENTS_SUPPRESSED = enum.auto()
+    EVENTS_LOST = enum.auto()
+    FLOWS_CREATED = enum.auto()
+    FLOWS_FAILED = enum.auto()
+    CAPTURED = enum.auto()
+    CAPTURE_LOST = enum.auto()
+
+
+OBS_F_EVENTS, OBS_F_FLOWS, OBS_F_CAPTURE = 1, 2, 4
+FLOW_TABLE_SIZE = 65536
+CAPTURE_MAX = 2048
+
+
+class Event(ctypes.Structure):
+    _fields_ = [("ts_ns", u64), ("ifindex", u32), ("len", u32), ("reason", u32), ("action", u32),
+                ("nh_id", u32), ("egress_ifindex", u32), ("vlan_id", u16), ("l3_proto", u16),
+                ("family", u8), ("l4_proto", u8), ("ttl", u8), ("tcp_flags", u8), ("route_type", u8),
+                ("prefixlen", u8), ("route_proto", u8), ("vlan_depth", u8), ("src_mac", u8 * 6),
+                ("dst_mac", u8 * 6), ("saddr", u8 * 16), ("daddr", u8 * 16), ("sport", u16), ("dport", u16),
+                ("reserved", u32)]
+
+
+class EventWindow(ctypes.Structure):
+    _fields_ = [("start_ns", u64), ("sent", u64)]
+
+
+class FlowKey(ctypes.Structure):
+    _fields_ = [("saddr", u8 * 16), ("daddr", u8 * 16), ("sport", u16), ("dport", u16), ("vlan_id", u16),
+                ("l4_proto", u8), ("family", u8)]
+
+
+class Flow(ctypes.Structure):
+    _fields_ = [("packets", u64), ("bytes", u64), ("first_ns", u64), ("last_ns", u64), ("ifindex", u32),
+                ("egress_ifindex", u32), ("reason", u16), ("action", u8), ("tcp_flags", u8), ("reserved", u32)]
+
+
+class CaptureCfg(ctypes.Structure):
+    _fields_ = [("active", u32), ("ifindex", u32), ("actions", u32), ("snaplen", u32), ("expires_ns", u64)]
+
+
+class CaptureRec(ctypes.Structure):
+    _fields_ = [("ts_ns", u64), ("ifindex", u32), ("len", u32), ("caplen", u32), ("reason", u32),
+                ("action", u32), ("egress_ifindex", u32), ("data", u8 * CAPTURE_MAX)]
+
+
+class Nothing(ctypes.Structure):
+    """Key and value of maps that have none (ring buffers)."""
+    _fields_ = []
+
+
 # C struct name -> Python mirror; C field names equal Python field names.
 STRUCTS: dict[str, type[ctypes.Structure]] = {
     "iface": Iface,
@@ -181,6 +233,12 @@ STRUCTS: dict[str, type[ctypes.Structure]] = {
     "dir_group": DirGroup,
     "dir_leaf4": DirLeaf4,
     "dir_leaf6": DirLeaf6,
+    "event": Event,
+    "event_window": EventWindow,
+    "flow_key": FlowKey,
+    "flow": Flow,
+    "capture_cfg": CaptureCfg,
+    "capture_rec": CaptureRec,
 }
 
 # C enum name -> (Python enum, prefix of the C constants)
@@ -188,7 +246,11 @@ ENUMS: dict[str, tuple[type[enum.IntEnum], str]] = {
     "reason": (Reason, "REASON_"),
     "route_type": (RouteType, "RTYPE_"),
     "fib_impl": (FibImpl, "FIB_IMPL_"),
+    "obs_stat": (ObsStat, "OBS_"),
 }
+
+
+ENUM_SENTINELS = {"reason": "REASON_MAX", "obs_stat": "OBS_STAT_MAX"}
 
 
 class LayoutMismatch(Exception):
@@ -223,8 +285,8 @@ def check_layouts(object_path: str) -> None:
                 problems.append(f"enum {cname} missing from BTF")
                 continue
             want = {prefix + m.name: m.value for m in py}
-            if cname == "reason":
-                want["REASON_MAX"] = REASON_MAX
+            if cname in ENUM_SENTINELS:  # the C enum's count, e.g. REASON_MAX
+                want[ENUM_SENTINELS[cname]] = len(py)
             if values != want:
                 diff = set(values.items()) ^ set(want.items())
                 problems.append(f"enum {cname} differs: {sorted(diff)[:4]}")

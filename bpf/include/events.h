@@ -1,0 +1,119 @@
+/* Events: one ring-buffer record per dropped or passed packet, with what
+ * the pipeline knew about it. A fixed window per (CPU, reason) caps the
+ * rate, so a flood costs the fast path a counter increment, never a copy;
+ * what the cap holds back and what a full ring refuses are both counted. */
+#ifndef BPFROUTER_EVENTS_H
+#define BPFROUTER_EVENTS_H
+
+#include "observe.h"
+
+#define EVENT_RING_BYTES (1 << 20)
+
+/* Events per second per reason and CPU; set by the loader. */
+const volatile __u32 event_rate = 100;
+
+struct event {
+	__u64 ts_ns;            /* bpf_ktime_get_ns() */
+	__u32 ifindex;          /* ingress */
+	__u32 len;              /* frame length */
+	__u32 reason;
+	__u32 action;           /* XDP action */
+	__u32 nh_id;
+	__u32 egress_ifindex;
+	__u16 vlan_id;          /* outer tag, 0 when untagged */
+	__u16 l3_proto;         /* ethertype after VLAN tags, host order */
+	__u8 family;            /* 4, 6 or 0 */
+	__u8 l4_proto;
+	__u8 ttl;
+	__u8 tcp_flags;
+	__u8 route_type;
+	__u8 prefixlen;         /* of the matched route (BPF FIB) */
+	__u8 route_proto;
+	__u8 vlan_depth;
+	__u8 src_mac[6];
+	__u8 dst_mac[6];
+	__u8 saddr[16];
+	__u8 daddr[16];
+	__u16 sport;
+	__u16 dport;
+	__u32 reserved;
+};
+
+struct event_window {
+	__u64 start_ns;
+	__u64 sent;
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_RINGBUF);
+	__uint(max_entries, EVENT_RING_BYTES);
+} events SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, REASON_MAX);
+	__type(key, __u32);
+	__type(value, struct event_window);
+} event_windows SEC(".maps");
+
+static __always_inline int event_allowed(__u32 reason)
+{
+	struct event_window *w = bpf_map_lookup_elem(&event_windows, &reason);
+	__u64 now;
+
+	if (!w)
+		return 0;
+	now = bpf_ktime_get_ns();
+	if (now - w->start_ns >= 1000000000ULL) {
+		w->start_ns = now;
+		w->sent = 0;
+	}
+	if (w->sent >= event_rate)
+		return 0;
+	w->sent++;
+	return 1;
+}
+
+static __always_inline void event_emit(struct xdp_md *ctx, const struct obs_input *in,
+				       const struct pkt *p)
+{
+	struct event *e;
+
+	if (!event_allowed(in->reason)) {
+		obs_count(OBS_EVENTS_SUPPRESSED);
+		return;
+	}
+	e = bpf_ringbuf_reserve(&events, sizeof(*e), 0);
+	if (!e) {
+		obs_count(OBS_EVENTS_LOST);
+		return;
+	}
+	__builtin_memset(e, 0, sizeof(*e));
+	e->ts_ns = bpf_ktime_get_ns();
+	e->ifindex = ctx->ingress_ifindex;
+	e->len = p->len;
+	e->reason = in->reason;
+	e->action = in->action;
+	e->nh_id = in->nh_id;
+	e->egress_ifindex = in->egress_ifindex;
+	e->vlan_id = p->vlan_id[0];
+	e->vlan_depth = p->vlan_depth;
+	e->l3_proto = p->l3_proto;
+	e->l4_proto = p->l4_proto;
+	e->route_type = in->route_type;
+	e->prefixlen = in->prefixlen;
+	e->route_proto = in->route_proto;
+	if (p->eth && (void *)(p->eth + 1) <= p->data_end) {
+		__builtin_memcpy(e->src_mac, p->eth->h_source, 6);
+		__builtin_memcpy(e->dst_mac, p->eth->h_dest, 6);
+	}
+	e->family = pkt_addrs(p, e->saddr, e->daddr);
+	if (e->family)
+		e->ttl = pkt_ttl(p);
+	e->tcp_flags = pkt_tcp_flags(p);
+	pkt_ports(p, &e->sport, &e->dport);
+	bpf_ringbuf_submit(e, 0);
+	obs_count(OBS_EVENTS_SENT);
+}
+
+#endif
