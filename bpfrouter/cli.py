@@ -18,13 +18,15 @@ from .bpf import BpfError
 from .datapath import Datapath, DatapathError
 from .datapath.layout import LayoutMismatch, RouteType, proto_name
 from .fib import read_installed
-from .interfaces import Interfaces, InterfaceError
+from .interfaces import Interfaces, InterfaceError, ifname
 from .lab import Lab, LabError, list_labs
 from .netns import NetnsError
 from .observe import probe
 from .routespec import RouteSpecError, parse_address, parse_route
 
-console = Console(highlight=False, soft_wrap=True)
+# Not on a terminal (a pipe, a log), tables keep their rows on one line.
+console = Console(highlight=False, soft_wrap=True,
+                  width=None if sys.stdout.isatty() else int(os.environ.get("COLUMNS", "160")))
 USER_ERRORS = (DatapathError, BpfError, AgentUnavailable, NetnsError, RouteSpecError, LayoutMismatch,
                InterfaceError, LabError)
 
@@ -120,8 +122,10 @@ def cli(netns_name):
               help="Structure of the BPF FIB: dir (multibit trie, DIR-24-8 for IPv4) or lpm (LPM trie).")
 @click.option("--fib-groups", default=None, metavar="V4,V6",
               help="DIR FIB groups of 1 KiB for IPv4 and IPv6 (default 16384,65536).")
+@click.option("--metrics", "metrics_listen", default=None, metavar="ADDR:PORT",
+              help="The agent serves Prometheus metrics here (inside the router's namespace).")
 @click.option("--foreground", is_flag=True, help="Run the agent in this process instead of in the background.")
-def up(ifaces, name, fib_mode, xdp_mode, fib_impl, fib_groups, foreground):
+def up(ifaces, name, fib_mode, xdp_mode, fib_impl, fib_groups, metrics_listen, foreground):
     """Attach the data plane to IFACE... and start the agent that keeps it in sync."""
     groups = None
     if fib_groups is not None:
@@ -131,9 +135,15 @@ def up(ifaces, name, fib_mode, xdp_mode, fib_impl, fib_groups, foreground):
                 raise ValueError
         except ValueError:
             raise click.ClickException(f"invalid --fib-groups {fib_groups!r}: expected two counts, e.g. 16384,65536") from None
+    if metrics_listen is not None:
+        from .metrics import parse_listen
+        try:
+            parse_listen(metrics_listen)
+        except ValueError as e:
+            raise click.ClickException(str(e)) from None
     with SyncProgress("loading the data plane") as bar:
         meta = router.up(list(ifaces), name, fib_mode, xdp_mode, start=not foreground, fib_impl=fib_impl,
-                         groups=groups, progress=bar.agent)
+                         groups=groups, progress=bar.agent, metrics=metrics_listen)
     where = f" in netns {meta.netns}" if meta.netns else ""
     impl = f" ({meta.fib_impl})" if meta.fib_mode == "bpf" else ""
     console.print(f"router [bold]{meta.name}[/] up{where}: fib {meta.fib_mode}{impl}, "
@@ -141,7 +151,8 @@ def up(ifaces, name, fib_mode, xdp_mode, fib_impl, fib_groups, foreground):
     if foreground:
         _run_agent(name)
     else:
-        console.print(f"agent pid {agent_pid(name)}, log {log_path(name)}")
+        console.print(f"agent pid {agent_pid(name)}, log {log_path(name)}" +
+                      (f", metrics http://{meta.metrics}/metrics" if meta.metrics else ""))
 
 
 @cli.command()
@@ -181,6 +192,12 @@ def status(name, as_json, pretty):
         for c in st["counters"]:
             t.add_row(c["iface"] or "?", c["verdict"], c["reason"], str(c["packets"]), str(c["bytes"]))
         console.print(t)
+    ob, ft = st["observers"], st["observers"]["flow_table"]
+    console.print(f"events: {ob['events_sent']} sent, {ob['events_suppressed']} over the rate cap, "
+                  f"{ob['events_lost']} lost (ring full); flows: {ft['entries']} of {ft['capacity']}, "
+                  f"{ft['evicted']} evicted")
+    for w in st["warnings"]:
+        console.print(f"[yellow]warning:[/] {w}")
 
 
 # --- routes ---------------------------------------------------------------------------
@@ -300,7 +317,7 @@ def route_show(v4, v6, show_all, name, as_json, pretty):
             rows.append({"prefix": str(prefix), "type": RouteType(v.type).name.lower(),
                          "proto": proto_name(v.proto),
                          "gateway": str(nh.gateway) if nh and nh.gateway else None,
-                         "dev": router.ifname(nh.ifindex) if nh else None,
+                         "dev": ifname(nh.ifindex) if nh else None,
                          "nexthop_id": v.nh_id or None})
     finally:
         dp.close()
@@ -321,7 +338,7 @@ def _route_show_all(meta, v4, v6, as_json, pretty):
     rows = [r for r in resp["routes"] if not ((v4 and ":" in r["prefix"]) or (v6 and ":" not in r["prefix"]))]
     for r in rows:
         for nh in r["nexthops"]:
-            nh["dev"] = router.ifname(nh.pop("ifindex"))
+            nh["dev"] = ifname(nh.pop("ifindex"))
     if as_json or pretty:
         return emit_json(rows, pretty)
     for r in rows:
@@ -372,9 +389,9 @@ def route_get(address, extra, name, as_json, pretty):
     finally:
         dp.close()
     out = {
-        "dst": d.dst, "iif": router.ifname(d.iif), "verdict": d.verdict, "reason": d.reason.label,
+        "dst": d.dst, "iif": ifname(d.iif), "verdict": d.verdict, "reason": d.reason.label,
         "xdp_action": d.action, "route": None, "nexthop": None,
-        "egress": router.ifname(d.egress_ifindex) if d.egress_ifindex else None,
+        "egress": ifname(d.egress_ifindex) if d.egress_ifindex else None,
         "neighbor": d.dmac if d.neigh_found else None, "smac": d.smac, "ttl": d.ttl_out,
     }
     if d.route_type:
@@ -458,7 +475,7 @@ def neigh_show(name, as_json, pretty):
     meta = router.resolve(name)
     dp = Datapath.open(meta.name)
     try:
-        rows = [{"dst": str(a), "dev": router.ifname(i), "lladdr": ":".join(f"{b:02x}" for b in mac),
+        rows = [{"dst": str(a), "dev": ifname(i), "lladdr": ":".join(f"{b:02x}" for b in mac),
                  "state": state} for i, a, mac, state in Neighbors(dp).entries()]
     finally:
         dp.close()
@@ -540,6 +557,10 @@ def lab_list():
     """Labs present on this machine."""
     for name in list_labs():
         console.print(name)
+
+
+
+from . import cli_observe  # noqa: E402,F401  (registers events, flows, top, capture, explain, metrics)
 
 
 def main():

@@ -230,7 +230,8 @@ class LpmTable:
 
     def memory(self) -> dict[str, int]:
         """LPM trie nodes are allocated per route; the kernel reports them in fdinfo."""
-        return {"impl": "lpm", "bytes": map_memlock(self.map.fd), "routes": self.count()}
+        return {"impl": "lpm", "bytes": map_memlock(self.map.fd), "routes": self.count(),
+                "routes_total": self.map.max_entries}
 
     def close(self) -> None:
         pass

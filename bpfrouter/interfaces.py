@@ -1,6 +1,8 @@
 """Interfaces the data plane is attached to: the `ifaces` map and the devmap."""
 from __future__ import annotations
 
+import socket
+
 from .datapath import Datapath
 from .datapath import layout as lo
 
@@ -35,3 +37,11 @@ class Interfaces:
     def remove(self, ifindex: int) -> None:
         self.dp.ifaces.delete(lo.u32(ifindex))
         self.dp.tx_ports.delete(lo.u32(ifindex))
+
+
+def ifname(ifindex: int) -> str:
+    """The interface's name in the current namespace, or if<N> when it has none."""
+    try:
+        return socket.if_indextoname(ifindex)
+    except OSError:
+        return f"if{ifindex}"

@@ -13,6 +13,45 @@ from .packet import mac_str, udp_probe
 
 Reason = lo.Reason
 
+# What each reason means (docs/reasons.md has the same table).
+REASON_TEXT: dict[Reason, str] = {
+    Reason.FWD_IPV4: 'forwarded by XDP: MACs rewritten, TTL/hop limit decremented, redirected out of the egress port',
+    Reason.FWD_IPV6: 'forwarded by XDP: MACs rewritten, TTL/hop limit decremented, redirected out of the egress port',
+    Reason.PASS_ARP: 'ARP, for the kernel',
+    Reason.PASS_ND: 'IPv6 neighbor discovery / router advertisement (ICMPv6 133-137)',
+    Reason.PASS_NON_IP: 'another EtherType',
+    Reason.PASS_VLAN: "802.1Q/802.1ad tagged: for the kernel's VLAN sub-interfaces",
+    Reason.PASS_L2_MULTICAST: 'broadcast or multicast destination MAC',
+    Reason.PASS_OTHERHOST: "destination MAC is not the port's (promiscuous receive); the kernel drops it",
+    Reason.PASS_IP_OPTIONS: 'IPv4 options, which routers must process',
+    Reason.PASS_IPV6_HOP_BY_HOP: 'IPv6 hop-by-hop header, which routers must process',
+    Reason.PASS_L3_MULTICAST: 'multicast or limited-broadcast destination',
+    Reason.PASS_LINK_LOCAL: 'IPv6 link-local source or destination: never forwarded',
+    Reason.PASS_LOCAL: 'to the router itself (local table)',
+    Reason.PASS_UNREACHABLE: 'route of that type: the kernel answers with ICMP',
+    Reason.PASS_PROHIBIT: 'route of that type: the kernel answers with ICMP',
+    Reason.PASS_FIB_MISS: 'no route (BPF FIB): the kernel answers',
+    Reason.PASS_TTL_EXCEEDED: 'TTL or hop limit <= 1: the kernel sends time-exceeded',
+    Reason.PASS_NO_NEIGH: "next hop's MAC unknown: the kernel resolves it; later packets take the fast path",
+    Reason.PASS_FRAG_NEEDED: 'larger than the egress MTU: the kernel fragments or sends packet-too-big',
+    Reason.PASS_MULTIPATH: 'ECMP route, until ECMP lands in the fast path',
+    Reason.PASS_EGRESS_UNMANAGED: 'egress port is not attached to this router',
+    Reason.PASS_KERNEL_NOT_FWDED: '--fib kernel: bpf_fib_lookup says local delivery, no route, or forwarding disabled',
+    Reason.PASS_UNKNOWN_IFACE: 'arrived on a port the router has no entry for',
+    Reason.PASS_NEXTHOP_INVALID: 'route points at an empty next hop (a transient during updates)',
+    Reason.DROP_BLACKHOLE: 'blackhole route',
+    Reason.DROP_TRUNC_L2: 'frame shorter than its Ethernet/VLAN headers',
+    Reason.DROP_TRUNC_L3: 'shorter than its IPv4/IPv6 header (options included)',
+    Reason.DROP_BAD_IP_VERSION: 'version field does not match the EtherType',
+    Reason.DROP_BAD_IHL: 'IPv4 header length below 5 words',
+    Reason.DROP_BAD_TOTAL_LEN: 'IPv4 total length / IPv6 payload length inconsistent with header or frame',
+    Reason.DROP_TRUNC_EXTHDR: 'IPv6 extension header cut short',
+    Reason.DROP_TOO_MANY_EXTHDRS: 'more than 8 IPv6 extension headers',
+    Reason.DROP_TRUNC_L4: 'TCP/UDP/ICMP header cut short',
+    Reason.DROP_BAD_L4_HEADER: 'TCP data offset below 5, UDP length below 8',
+}
+XDP_ACTIONS = {0: "aborted", 1: "drop", 2: "pass", 3: "tx", 4: "redirect"}
+
 
 def read_counters(dp: Datapath, ifindex: int | None = None) -> dict[tuple[int, Reason], tuple[int, int]]:
     """(ingress ifindex, reason) -> (packets, bytes), summed over CPUs.
@@ -68,7 +107,14 @@ class Decision:
         return self.reason.verdict
 
 
-XDP_ACTIONS = {0: "aborted", 1: "drop", 2: "pass", 3: "tx", 4: "redirect"}
+
+def run_probe(dp: Datapath, frame: bytes, iif: int):
+    """Run `frame`, arriving on `iif`, through the live program with a probe
+    header in the XDP metadata: the program reports its decision there and
+    neither counts nor observes the packet. Returns (ProbeMeta, test-run result)."""
+    meta = lo.ProbeMeta(magic=lo.PROBE_MAGIC, reason=0xFFFFFFFF)
+    res = dp.program.test_run(frame, ingress_ifindex=iif, meta=bytes(meta))
+    return lo.ProbeMeta.from_buffer_copy(res.meta.ljust(ctypes.sizeof(lo.ProbeMeta), b"\0")), res
 
 
 def probe(dp: Datapath, dst, iif: int, iif_mac: bytes, src=None, ttl: int = 64) -> Decision:
@@ -77,9 +123,7 @@ def probe(dp: Datapath, dst, iif: int, iif_mac: bytes, src=None, ttl: int = 64) 
     if src is None:
         src = ipaddress.ip_address("192.0.2.1" if dst.version == 4 else "2001:db8::1")
     frame = udp_probe(src, dst, iif_mac, ttl=ttl)
-    meta = lo.ProbeMeta(magic=lo.PROBE_MAGIC, reason=0xFFFFFFFF)
-    res = dp.program.test_run(frame, ingress_ifindex=iif, meta=bytes(meta))
-    out = lo.ProbeMeta.from_buffer_copy(res.meta.ljust(ctypes.sizeof(lo.ProbeMeta), b"\0"))
+    out, res = run_probe(dp, frame, iif)
     d = Decision(str(dst), iif, Reason(out.reason), XDP_ACTIONS.get(res.retval, str(res.retval)),
                  ttl_in=ttl)
     if out.route_type:

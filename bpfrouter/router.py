@@ -5,7 +5,6 @@ failed `up` leaves nothing behind."""
 from __future__ import annotations
 
 import shutil
-import socket
 
 from pyroute2 import IPRoute
 
@@ -16,9 +15,10 @@ from .bpf import prog_info, xdp_query
 from .datapath import (Datapath, DatapathError, RouterMeta, check_bpffs, default_object,
                        running_routers, validate_name)
 from .datapath import layout as lo
-from .interfaces import Interfaces
+from .interfaces import Interfaces, ifname
 from .fib import make_tables
 from .observe import clear_slot, read_counters
+from .telemetry import fill_warnings, flow_table_stats, map_fill, obs_stats
 
 DEFAULT_NAME = "default"
 
@@ -51,7 +51,7 @@ def _read_links(ifnames: list[str]):
 
 def up(ifnames: list[str], name: str = DEFAULT_NAME, fib_mode: str = "bpf",
        xdp_mode: str = "native", start: bool = True, fib_impl: str = "dir",
-       groups: tuple[int, int] | None = None, progress=None) -> RouterMeta:
+       groups: tuple[int, int] | None = None, progress=None, metrics: str | None = None) -> RouterMeta:
     check_bpffs()
     validate_name(name)
     if not ifnames:
@@ -70,7 +70,8 @@ def up(ifnames: list[str], name: str = DEFAULT_NAME, fib_mode: str = "bpf",
     object_path = default_object()
     if fib_mode == "kernel":
         fib_impl = "lpm"  # the BPF FIB only mirrors, for `route show`: keep it small
-    meta = RouterMeta(name, object_path, fib_mode, netns.current_name(), xdp_mode, fib_impl=fib_impl)
+    meta = RouterMeta(name, object_path, fib_mode, netns.current_name(), xdp_mode, fib_impl=fib_impl,
+                      metrics=metrics)
     dp = Datapath.load(name, object_path, lo.FibMode[fib_mode.upper()], lo.FibImpl[fib_impl.upper()], groups)
     try:
         ifaces = Interfaces(dp)
@@ -99,13 +100,6 @@ def down(name: str) -> None:
         Datapath.open(name).destroy()
     finally:
         shutil.rmtree(RouterMeta.path(name).parent, ignore_errors=True)
-
-
-def ifname(ifindex: int) -> str:
-    try:
-        return socket.if_indextoname(ifindex)
-    except OSError:
-        return f"if{ifindex}"
 
 
 def status(meta: RouterMeta) -> dict:
@@ -140,6 +134,7 @@ def status(meta: RouterMeta) -> dict:
             for t in tables.values():
                 t.close()
         v4, v6 = memory["ipv4"]["routes"], memory["ipv6"]["routes"]
+        fill = map_fill(dp, {4: memory["ipv4"], 6: memory["ipv6"]})
         return {
             "name": meta.name, "netns": meta.netns, "fib_mode": meta.fib_mode,
             "program": {"id": pinfo.id, "name": pinfo.name.decode(), "jited_bytes": pinfo.jited_prog_len},
@@ -149,6 +144,8 @@ def status(meta: RouterMeta) -> dict:
                     "memory": memory},
             "neighbors": dp.neighbors.count(),
             "totals": totals, "counters": counters,
+            "observers": {**obs_stats(dp), "flow_table": flow_table_stats(dp, fill["flows"]["entries"])},
+            "maps": fill, "warnings": fill_warnings(fill),
         }
     finally:
         dp.close()

@@ -4,8 +4,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+# libpcap0.8: `bpfrouter capture` compiles tcpdump filters with it; tshark reads captures in tests
 PKGS=(clang-19 llvm-19 libbpf-dev libbpf1 bpftool iproute2 iputils-ping ethtool iperf3
-      util-linux python3-venv)
+      util-linux python3-venv libpcap0.8 tshark)
 missing=()
 for p in "${PKGS[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing+=("$p")
@@ -17,6 +18,7 @@ if [ ${#missing[@]} -gt 0 ]; then
   fi
   echo "installing: ${missing[*]}"
   apt-get update -q >/dev/null
+  echo "wireshark-common wireshark-common/install-setuid boolean false" | debconf-set-selections
   DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${missing[@]}" >/dev/null
 fi
 

@@ -28,12 +28,17 @@ static __always_inline int reason_action(int reason)
 }
 
 static __always_inline void record(struct probe_meta *probe, __u32 slot, int reason,
-				   __u32 len, const struct fib_result *res)
+				   const struct pkt *p, const struct fib_result *res)
 {
 	if (!probe) {
-		count(slot, reason, len);
+		count(slot, reason, p->len);
 		return;
 	}
+	probe->l3_off = p->l3_off;
+	probe->l4_off = p->l4_off;
+	probe->l3_proto = p->l3_proto;
+	probe->l4_proto = p->l4_proto;
+	probe->vlan_depth = p->vlan_depth;
 	probe->reason = reason;
 	probe->nh_id = res->nh_id;
 	probe->egress_ifindex = res->egress_ifindex;
@@ -78,11 +83,11 @@ static __always_inline int bpfrouter_pipeline(struct xdp_md *ctx, struct decisio
 
 	rewrite_forward(p, &d->res);
 	d->reason = reason;
-	record(probe, d->slot, reason, p->len, &d->res);
+	record(probe, d->slot, reason, p, &d->res);
 	return bpf_redirect_map(&tx_ports, d->res.egress_ifindex, 0);
 out:
 	d->reason = reason;
-	record(probe, d->slot, reason, p->len, &d->res);
+	record(probe, d->slot, reason, p, &d->res);
 	return reason_action(reason);
 }
 

@@ -21,7 +21,12 @@ struct probe_meta {
 	__u8 prefixlen;
 	__u8 route_proto;
 	__u8 flags;
-	__u32 reserved;
+	/* what the parser found */
+	__u16 l3_off;           /* 0: no IP header */
+	__u16 l4_off;           /* 0: no L4 header */
+	__u16 l3_proto;
+	__u8 l4_proto;
+	__u8 vlan_depth;
 };
 
 static __always_inline struct probe_meta *probe_from_ctx(struct xdp_md *ctx)

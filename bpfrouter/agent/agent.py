@@ -19,16 +19,17 @@ import time
 from pathlib import Path
 
 from pyroute2 import IPRoute
+from pyroute2.netlink.exceptions import NetlinkError
 from pyroute2.netlink.rtnl import RTMGRP_LINK, RTMGRP_NEIGH
 
-from pyroute2.netlink.exceptions import NetlinkError
-
-from ..datapath import Datapath, RouterMeta, RUN_ROOT
+from .. import metrics
+from ..datapath import RUN_ROOT, Datapath, RouterMeta
 from ..datapath.layout import RTPROT_BPFROUTER, proto_name
-from ..fib import Fib, FibError, Route, TABLE_MAIN
+from ..fib import TABLE_MAIN, Fib, FibError, Route
 from ..interfaces import Interfaces
 from ..neighbors import Neighbors
 from ..routespec import RouteSpec, RouteSpecError, parse_route
+from ..telemetry import fill_warnings, map_fill
 from .kernel import link_from_msg, neigh_from_msg
 from .rtnl import Decoder, RouteMonitor, dump_routes
 
@@ -42,6 +43,7 @@ LINK_NEIGH_GROUPS = RTMGRP_LINK | RTMGRP_NEIGH
 NETLINK_RCVBUF = int(os.environ.get("BPFROUTER_NETLINK_RCVBUF", 256 << 20))
 BATCH_ROUTES = 20000      # apply at most this many route events at once...
 BATCH_SECONDS = 0.05      # ...and never hold one back longer than this
+FILL_CHECK_SECONDS = 60    # how often the agent checks how full the maps are
 BURST_ROUTES = 2000       # a batch this large pauses the garbage collector until idle
 
 
@@ -334,6 +336,16 @@ class Agent:
         threading.Thread(target=server.serve_forever, name="api", daemon=True).start()
         return server
 
+    def _warn_full_maps(self) -> None:
+        """Log a warning for every map close to full, before it refuses entries."""
+        try:
+            with self.lock:
+                sizes = {v: t.memory() for v, t in self.fib.tables.items()}
+            for w in fill_warnings(map_fill(self.dp, sizes)):
+                log.warning("%s", w)
+        except Exception:  # a check, never fatal for the agent
+            log.exception("map fill check failed")
+
     def run(self) -> None:
         # The RIB holds one small acyclic object graph per route; default GC
         # thresholds would walk all of them every few thousand allocations,
@@ -348,9 +360,18 @@ class Agent:
                  self.name, os.getpid(), len(self.fib.installed))
         server = self.serve()  # answers pings (with sync progress) during the first sync
         threading.Thread(target=self.monitor, name="netlink", daemon=True).start()
+        if self.meta.metrics:
+            try:
+                metrics.serve(self.name, self.meta.metrics)
+                log.info("metrics on http://%s/metrics", self.meta.metrics)
+            except ValueError as e:
+                log.error("%s", e)
+        checked = 0.0
         try:
             while not self.stop.wait(1.0):
-                pass
+                if time.monotonic() - checked >= FILL_CHECK_SECONDS:
+                    checked = time.monotonic()
+                    self._warn_full_maps()
         finally:
             server.shutdown()
             server.server_close()

@@ -92,6 +92,7 @@ class RouterMeta:
     xdp_mode: str
     interfaces: dict[str, int] = field(default_factory=dict)  # ifname -> ifindex
     fib_impl: str = "dir"
+    metrics: str | None = None  # ADDR:PORT the agent serves Prometheus metrics on
 
     @staticmethod
     def path(name: str) -> Path:

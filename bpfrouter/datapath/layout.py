@@ -163,7 +163,7 @@ class DirLeaf6(ctypes.Structure):
 class ProbeMeta(ctypes.Structure):
     _fields_ = [("magic", u32), ("reason", u32), ("nh_id", u32), ("egress_ifindex", u32),
                 ("route_type", u8), ("prefixlen", u8), ("route_proto", u8), ("flags", u8),
-                ("reserved", u32)]
+                ("l3_off", u16), ("l4_off", u16), ("l3_proto", u16), ("l4_proto", u8), ("vlan_depth", u8)]
 
 
 class ObsStat(enum.IntEnum):

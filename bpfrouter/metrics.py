@@ -1,0 +1,158 @@
+"""Prometheus metrics, read from the pinned maps at every scrape.
+
+Served by `bpfrouter metrics --listen ADDR:PORT` and, with
+`bpfrouter up --metrics ADDR:PORT`, by the agent. Names follow Prometheus
+conventions: `_total` counters, base units (bytes, seconds), and labels
+for router, interface, verdict and reason."""
+from __future__ import annotations
+
+import logging
+import os
+import time
+
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector, CollectorRegistry
+
+from .bpf import prog_info
+from .datapath import Datapath
+from .fib import make_tables
+from .interfaces import ifname
+from .observe import read_counters
+from .telemetry import fill_warnings, flow_table_stats, map_fill, obs_stats
+
+log = logging.getLogger("bpfrouter.metrics")
+BPF_STATS = "/proc/sys/kernel/bpf_stats_enabled"
+
+
+def parse_listen(text: str) -> tuple[str, int]:
+    """ADDR:PORT (IPv6 as [ADDR]:PORT, or :PORT for every address)."""
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"invalid listen address {text!r}: expected ADDR:PORT, e.g. 127.0.0.1:9469")
+    return host.strip("[]") or "0.0.0.0", int(port)
+
+
+def bpf_stats_enabled() -> bool:
+    try:
+        with open(BPF_STATS) as f:
+            return f.read().strip() == "1"
+    except OSError:
+        return False
+
+
+class RouterCollector(Collector):
+    """Every metric of one router, collected from its maps on each scrape."""
+
+    def __init__(self, name: str, warn_every: float = 60.0):
+        self.name = name
+        self.warn_every = warn_every
+        self._warned = 0.0
+
+    def collect(self):
+        dp = Datapath.open(self.name)
+        try:
+            yield from self._collect(dp)
+        finally:
+            dp.close()
+
+    def _collect(self, dp: Datapath):
+        r = self.name
+        pk = CounterMetricFamily("bpfrouter_packets", "Packets the XDP program decided on, by ingress "
+                                 "interface, verdict and reason.", labels=["router", "interface", "verdict", "reason"])
+        by = CounterMetricFamily("bpfrouter_bytes", "Bytes the XDP program decided on, by ingress interface, "
+                                 "verdict and reason.", labels=["router", "interface", "verdict", "reason"])
+        for (idx, reason), (p, b) in read_counters(dp).items():
+            labels = [r, ifname(idx) if idx else "unknown", reason.verdict, reason.label]
+            pk.add_metric(labels, p)
+            by.add_metric(labels, b)
+        yield pk
+        yield by
+
+        tables = make_tables(dp, recover=False)
+        try:
+            memory = {v: t.memory() for v, t in tables.items()}
+        finally:
+            for t in tables.values():
+                t.close()
+        routes = GaugeMetricFamily("bpfrouter_fib_routes", "Routes in the data plane's FIB.",
+                                   labels=["router", "family"])
+        mem = GaugeMetricFamily("bpfrouter_fib_memory_bytes", "Memory the FIB structure holds in the kernel.",
+                                labels=["router", "family"])
+        for v, m in memory.items():
+            routes.add_metric([r, f"ipv{v}"], m["routes"])
+            mem.add_metric([r, f"ipv{v}"], m["bytes"])
+        yield routes
+        yield mem
+
+        fill = map_fill(dp, memory)
+        entries = GaugeMetricFamily("bpfrouter_map_entries", "Entries in a BPF map.", labels=["router", "map"])
+        cap = GaugeMetricFamily("bpfrouter_map_capacity", "Capacity of a BPF map.", labels=["router", "map"])
+        ratio = GaugeMetricFamily("bpfrouter_map_fill_ratio", "Entries over capacity (0..1).",
+                                  labels=["router", "map"])
+        for m, v in fill.items():
+            entries.add_metric([r, m], v["entries"])
+            cap.add_metric([r, m], v["capacity"])
+            ratio.add_metric([r, m], v["entries"] / v["capacity"] if v["capacity"] else 0.0)
+        yield entries
+        yield cap
+        yield ratio
+        yield _gauge("bpfrouter_neighbors", "Neighbor entries mirrored from the kernel.", r,
+                     fill["neighbors"]["entries"])
+        warnings = fill_warnings(fill)
+        if warnings and time.monotonic() - self._warned > self.warn_every:
+            self._warned = time.monotonic()
+            for w in warnings:
+                log.warning("router %s: %s", r, w)
+
+        st = obs_stats(dp)
+        ev = CounterMetricFamily("bpfrouter_events", "Drop and pass events: sent to user space, held back by "
+                                 "the per-reason rate cap, or lost to a full ring buffer.",
+                                 labels=["router", "outcome"])
+        for outcome in ("sent", "suppressed", "lost"):
+            ev.add_metric([r, outcome], st[f"events_{outcome}"])
+        yield ev
+        ft = flow_table_stats(dp, fill["flows"]["entries"])
+        yield _counter("bpfrouter_flows_created", "Flows inserted into the flow table.", r, ft["created"])
+        yield _counter("bpfrouter_flows_evicted", "Flows the LRU flow table evicted (created minus present).",
+                       r, ft["evicted"])
+        cp = CounterMetricFamily("bpfrouter_capture_packets", "Packets copied to a running capture, or lost "
+                                 "to a full capture ring.", labels=["router", "outcome"])
+        cp.add_metric([r, "captured"], st["captured"])
+        cp.add_metric([r, "lost"], st["capture_lost"])
+        yield cp
+
+        info = prog_info(dp.program.fd)
+        yield _gauge("bpfrouter_program_stats_enabled", "1 when kernel.bpf_stats_enabled=1, which the run "
+                     "count and time below need.", r, 1 if bpf_stats_enabled() else 0)
+        yield _counter("bpfrouter_program_runs", "Runs of the XDP program (kernel.bpf_stats_enabled=1).",
+                       r, info.run_cnt)
+        yield _counter("bpfrouter_program_run_seconds", "Time spent in the XDP program "
+                       "(kernel.bpf_stats_enabled=1).", r, info.run_time_ns / 1e9)
+
+
+def _counter(name: str, doc: str, router_name: str, value: float) -> CounterMetricFamily:
+    m = CounterMetricFamily(name, doc, labels=["router"])
+    m.add_metric([router_name], value)
+    return m
+
+
+def _gauge(name: str, doc: str, router_name: str, value: float) -> GaugeMetricFamily:
+    m = GaugeMetricFamily(name, doc, labels=["router"])
+    m.add_metric([router_name], value)
+    return m
+
+
+def registry_for(name: str) -> CollectorRegistry:
+    reg = CollectorRegistry()
+    reg.register(RouterCollector(name))
+    return reg
+
+
+def serve(name: str, listen: str):
+    """Start the HTTP endpoint in a background thread; returns (server, thread)."""
+    from prometheus_client import start_http_server
+    host, port = parse_listen(listen)
+    try:
+        return start_http_server(port, addr=host, registry=registry_for(name))
+    except OSError as e:
+        raise ValueError(f"cannot listen on {listen}: {os.strerror(e.errno) if e.errno else e}") from None

@@ -1,0 +1,219 @@
+"""Read what the data plane's observers recorded: events from the ring
+buffer, the flow table, their own counters, and how full every map is."""
+from __future__ import annotations
+
+import ctypes
+import ipaddress
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Iterator
+
+from .bpf import RingBuffer
+from .datapath import Datapath
+from .datapath import layout as lo
+from .interfaces import ifname
+from .observe import XDP_ACTIONS
+from .packet import mac_str
+
+L4_NAMES = {1: "icmp", 6: "tcp", 17: "udp", 58: "icmp6"}
+TCP_FLAGS = "FSRPAUEC"  # bit 0 (FIN) first, as tcpdump's letters
+
+
+def tcp_flags_str(bits: int) -> str:
+    return "".join(c for i, c in enumerate(TCP_FLAGS) if bits & (1 << i))
+
+
+def monotonic_to_wall(ns: int) -> float:
+    """bpf_ktime_get_ns() (CLOCK_MONOTONIC) as Unix time."""
+    return time.time() - (time.monotonic_ns() - ns) / 1e9
+
+
+def _addr(raw, family: int) -> str | None:
+    if family == 4:
+        return str(ipaddress.IPv4Address(bytes(raw[:4])))
+    if family == 6:
+        return str(ipaddress.IPv6Address(bytes(raw)))
+    return None
+
+
+def obs_stats(dp: Datapath) -> dict[str, int]:
+    """The observers' own counters, summed over CPUs (names: ObsStat, lower case)."""
+    return {s.name.lower(): sum(v.value for v in dp.maps["obs_stats"].lookup(lo.u32(s))) for s in lo.ObsStat}
+
+
+# --- events ---------------------------------------------------------------------------
+def decode_event(raw: bytes) -> dict:
+    e = lo.Event.from_buffer_copy(raw[:ctypes.sizeof(lo.Event)])
+    reason = lo.Reason(e.reason) if e.reason < lo.REASON_MAX else None
+    out = {
+        "time": round(monotonic_to_wall(e.ts_ns), 6),
+        "iface": ifname(e.ifindex), "reason": reason.label if reason else str(e.reason),
+        "verdict": reason.verdict if reason else "unknown", "xdp_action": XDP_ACTIONS.get(e.action, str(e.action)),
+        "len": e.len, "vlan": e.vlan_id if e.vlan_depth else None,
+        "src_mac": mac_str(bytes(e.src_mac)), "dst_mac": mac_str(bytes(e.dst_mac)),
+        "ethertype": f"0x{e.l3_proto:04x}", "family": e.family or None,
+        "src": _addr(e.saddr, e.family), "dst": _addr(e.daddr, e.family),
+        "proto": L4_NAMES.get(e.l4_proto, e.l4_proto) if e.family else None,
+        "sport": e.sport if e.l4_proto in (6, 17) else None, "dport": e.dport if e.l4_proto in (6, 17) else None,
+        "ttl": e.ttl if e.family else None, "tcp_flags": tcp_flags_str(e.tcp_flags) if e.l4_proto == 6 else None,
+        "route": None, "nexthop_id": e.nh_id or None,
+        "egress": ifname(e.egress_ifindex) if e.egress_ifindex else None,
+    }
+    if e.l4_proto in (1, 58) and e.family:
+        out["icmp_type"], out["icmp_code"] = e.sport >> 8, e.sport & 0xFF
+    if e.route_type:
+        route = {"type": lo.RouteType(e.route_type).name.lower()}
+        if e.route_proto and out["dst"]:
+            route["prefix"] = str(ipaddress.ip_network(f"{out['dst']}/{e.prefixlen}", strict=False))
+            route["proto"] = lo.proto_name(e.route_proto)
+        out["route"] = route
+    return out
+
+
+def event_line(ev: dict) -> str:
+    """One event the way tcpdump users read packets."""
+    when = time.strftime("%H:%M:%S", time.localtime(ev["time"])) + f".{int(ev['time'] * 1e6) % 1000000:06d}"
+    head = f"{when} {ev['iface']} {ev['verdict']} {ev['reason']}"
+    if ev["vlan"] is not None:
+        head += f" vlan {ev['vlan']}"
+    if ev["src"]:
+        ports = ev["sport"] is not None
+        src = f"{ev['src']}.{ev['sport']}" if ports else ev["src"]
+        dst = f"{ev['dst']}.{ev['dport']}" if ports else ev["dst"]
+        body = f"{ev['proto']} {src} > {dst} ttl {ev['ttl']}"
+        if ev.get("tcp_flags"):
+            body += f" [{ev['tcp_flags']}]"
+        if "icmp_type" in ev:
+            body += f" type {ev['icmp_type']} code {ev['icmp_code']}"
+    else:
+        body = f"{ev['src_mac']} > {ev['dst_mac']} ethertype {ev['ethertype']}"
+    tail = f" len {ev['len']}"
+    if ev["route"]:
+        tail += f" route {ev['route'].get('prefix') or ev['route']['type']}"
+    if ev["egress"]:
+        tail += f" egress {ev['egress']}"
+    return f"{head}: {body}{tail}"
+
+
+class EventStream:
+    """Consumes the events ring buffer. A ring buffer has one consumer
+    position: two readers at once would each see part of the events."""
+
+    def __init__(self, dp: Datapath, callback: Callable[[bytes], None]):
+        self.rb = RingBuffer(dp.maps["events"].fd, callback)
+
+    def poll(self, timeout_ms: int = 200) -> int:
+        return self.rb.poll(timeout_ms)
+
+    def close(self) -> None:
+        self.rb.close()
+
+
+# --- flows ----------------------------------------------------------------------------
+@dataclass
+class FlowRecord:
+    key: tuple
+    iface: int
+    egress: int
+    family: int
+    proto: int
+    src: str
+    dst: str
+    sport: int
+    dport: int
+    vlan: int
+    packets: int
+    bytes: int
+    first_ns: int
+    last_ns: int
+    tcp_flags: int
+    reason: lo.Reason
+    action: int
+    extra: dict = field(default_factory=dict)
+
+    def as_json(self) -> dict:
+        ports = self.proto in (6, 17)
+        return {
+            "src": self.src, "dst": self.dst, "proto": L4_NAMES.get(self.proto, self.proto),
+            "sport": self.sport if ports else None, "dport": self.dport if ports else None,
+            "vlan": self.vlan or None, "iface": ifname(self.iface),
+            "egress": ifname(self.egress) if self.egress else None,
+            "packets": self.packets, "bytes": self.bytes,
+            "first_seen": round(monotonic_to_wall(self.first_ns), 3),
+            "last_seen": round(monotonic_to_wall(self.last_ns), 3),
+            "tcp_flags": tcp_flags_str(self.tcp_flags) if self.proto == 6 else None,
+            "verdict": self.reason.verdict, "reason": self.reason.label,
+            "xdp_action": XDP_ACTIONS.get(self.action, str(self.action)), **self.extra,
+        }
+
+
+def read_flows(dp: Datapath) -> list[FlowRecord]:
+    """Every flow in the table, its per-CPU values merged: sums for counts,
+    first and last seen across CPUs, the last packet's verdict."""
+    out = []
+    for k, per_cpu in dp.maps["flows"].lookup_batch():
+        seen = [v for v in per_cpu if v.packets]
+        if not seen:
+            continue
+        last = max(seen, key=lambda v: v.last_ns)
+        flags = 0
+        for v in seen:
+            flags |= v.tcp_flags
+        out.append(FlowRecord(
+            key=(bytes(k.saddr), bytes(k.daddr), k.sport, k.dport, k.vlan_id, k.l4_proto, k.family),
+            iface=last.ifindex, egress=last.egress_ifindex, family=k.family, proto=k.l4_proto,
+            src=_addr(k.saddr, k.family) or "", dst=_addr(k.daddr, k.family) or "", sport=k.sport, dport=k.dport,
+            vlan=k.vlan_id, packets=sum(v.packets for v in seen), bytes=sum(v.bytes for v in seen),
+            first_ns=min(v.first_ns for v in seen), last_ns=last.last_ns, tcp_flags=flags,
+            reason=lo.Reason(last.reason) if last.reason < lo.REASON_MAX else lo.Reason.PASS_NON_IP,
+            action=last.action))
+    return out
+
+
+def flow_table_stats(dp: Datapath, entries: int | None = None) -> dict[str, int]:
+    """Size, entries and evictions (flows created minus flows present)."""
+    if entries is None:
+        entries = sum(1 for _ in dp.maps["flows"].keys())
+    created = obs_stats(dp)["flows_created"]
+    return {"capacity": dp.maps["flows"].max_entries, "entries": entries,
+            "created": created, "evicted": max(0, created - entries)}
+
+
+# --- map fill ---------------------------------------------------------------------------
+FILL_WARNING = 0.9
+
+
+def _count(m) -> int:
+    return sum(1 for _ in m.keys())
+
+
+def map_fill(dp: Datapath, fib_sizes: dict[int, dict] | None = None) -> dict[str, dict[str, int]]:
+    """Entries and capacity of every map that fills up. fib_sizes: each FIB
+    table's own accounting (its memory() by IP version)."""
+    out: dict[str, dict[str, int]] = {}
+    for name in ("ifaces", "neighbors", "nexthops", "flows"):
+        m = dp.maps[name]
+        if name == "nexthops":  # an array: an entry is used when it names an interface
+            used = sum(1 for _, v in m.lookup_batch() if v.ifindex)
+        else:
+            used = _count(m)
+        out[name] = {"entries": used, "capacity": m.max_entries}
+    for family, sizes in (fib_sizes or {}).items():
+        out[f"fib{family}"] = {"entries": sizes["routes"], "capacity": sizes["routes_total"]}
+        if "groups_used" in sizes:
+            out[f"fib{family}_groups"] = {"entries": sizes["groups_used"], "capacity": sizes["groups_total"]}
+    return out
+
+
+def fill_warnings(fill: dict[str, dict[str, int]]) -> list[str]:
+    """One line per map at or above FILL_WARNING of its capacity. The flow
+    table is an LRU: full is its normal state, so it is left out."""
+    return [f"map {name} is {v['entries'] / v['capacity']:.0%} full ({v['entries']} of {v['capacity']})"
+            for name, v in fill.items()
+            if name != "flows" and v["capacity"] and v["entries"] / v["capacity"] >= FILL_WARNING]
+
+
+def iter_flows_sorted(flows: list[FlowRecord], key: str) -> Iterator[FlowRecord]:
+    keyf = {"packets": lambda f: f.packets, "bytes": lambda f: f.bytes, "last": lambda f: f.last_ns,
+            "first": lambda f: f.first_ns}[key]
+    return iter(sorted(flows, key=keyf, reverse=True))
