@@ -25,8 +25,7 @@ from .observe import probe
 from .routespec import RouteSpecError, parse_address, parse_route
 
 # Not on a terminal (a pipe, a log), tables keep their rows on one line.
-console = Console(highlight=False, soft_wrap=True,
-                  width=None if sys.stdout.isatty() else int(os.environ.get("COLUMNS", "160")))
+console = Console(highlight=False, soft_wrap=True, width=None if sys.stdout.isatty() else 200)
 USER_ERRORS = (DatapathError, BpfError, AgentUnavailable, NetnsError, RouteSpecError, LayoutMismatch,
                InterfaceError, LabError)
 

@@ -89,9 +89,8 @@ def events(reasons, iface, count, duration, name, as_json, pretty):
             sys.stdout.flush()
 
         stream = EventStream(dp, on_event)
-        if not (as_json or pretty):
-            err_console.print(f"events of router {meta.name}" + (f" on {iface}" if iface else "") +
-                              (f", reasons {', '.join(reasons)}" if reasons else "") + "; Ctrl-C to stop")
+        err_console.print(f"events of router {meta.name}" + (f" on {iface}" if iface else "") +
+                          (f", reasons {', '.join(reasons)}" if reasons else "") + "; Ctrl-C to stop")
         try:
             while not done(seen):
                 stream.poll(100)

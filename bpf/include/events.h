@@ -74,6 +74,28 @@ static __always_inline int event_allowed(__u32 reason)
 	return 1;
 }
 
+/* The fast path reads only a route's type and next hop; an event, rare by
+ * design, looks the route up again for its prefix length and protocol. */
+static __always_inline void event_route_detail(struct event *e)
+{
+	struct route rt = {};
+	__be32 d4;
+	int found = 0;
+
+	if (fib_mode != FIB_MODE_BPF || !e->route_type || e->route_proto)
+		return;
+	if (e->family == 4) {
+		__builtin_memcpy(&d4, e->daddr, 4);
+		found = fib_route4(d4, &rt, 1);
+	} else if (e->family == 6) {
+		found = fib_route6(e->daddr, &rt, 1);
+	}
+	if (found) {
+		e->prefixlen = rt.prefixlen;
+		e->route_proto = rt.proto;
+	}
+}
+
 static __always_inline void event_emit(struct xdp_md *ctx, const struct obs_input *in,
 				       const struct pkt *p)
 {
@@ -112,6 +134,7 @@ static __always_inline void event_emit(struct xdp_md *ctx, const struct obs_inpu
 		e->ttl = pkt_ttl(p);
 	e->tcp_flags = pkt_tcp_flags(p);
 	pkt_ports(p, &e->sport, &e->dport);
+	event_route_detail(e);
 	bpf_ringbuf_submit(e, 0);
 	obs_count(OBS_EVENTS_SENT);
 }

@@ -143,10 +143,12 @@ class Datapath:
 
     @classmethod
     def load(cls, name: str, object_path: str, fib_mode: lo.FibMode,
-             fib_impl: lo.FibImpl = lo.FibImpl.DIR, groups: tuple[int, int] | None = None) -> "Datapath":
+             fib_impl: lo.FibImpl = lo.FibImpl.DIR, groups: tuple[int, int] | None = None,
+             event_rate: int | None = None) -> "Datapath":
         """Load and verify the program, pin it and its maps. All or nothing.
 
-        groups: (IPv4, IPv6) group counts of the DIR FIB (1 KiB each)."""
+        groups: (IPv4, IPv6) group counts of the DIR FIB (1 KiB each).
+        event_rate: events per second per reason and CPU (default 100)."""
         check_bpffs()
         validate_name(name)
         pin_dir = cls.pin_dir(name)
@@ -159,6 +161,8 @@ class Datapath:
             obj.only_programs(PROGRAM)
             obj.set_rodata("fib_mode", ctypes.c_uint32(fib_mode))
             obj.set_rodata("fib_impl", ctypes.c_uint32(fib_impl))
+            if event_rate is not None:
+                obj.set_rodata("event_rate", ctypes.c_uint32(event_rate))
             if fib_mode == lo.FibMode.KERNEL or fib_impl != lo.FibImpl.DIR:
                 for m in DIR_MAPS:  # unused: don't allocate their 64 MiB tables
                     obj.set_max_entries(m, 1)

@@ -111,24 +111,30 @@ def setup_env(object_path: str) -> Env:
             links = {m.get_attr("IFLA_IFNAME"): m for m in ipr.link("dump")}
         ifindex = {n: m["index"] for n, m in links.items()}
         mac = {n: bytes.fromhex(m.get_attr("IFLA_ADDRESS").replace(":", "")) for n, m in links.items()}
-        dps = {}
-        for mode, fib_mode, impl in MODES:
-            dp = Datapath.load(f"{NS}-{mode}", object_path, fib_mode, impl, groups=(256, 1024))
-            ifaces = Interfaces(dp)
-            for d, mtu in (("dpt0", 1500), ("dpt1", 1400)):
-                ifaces.configure(ifindex[d], mac[d], mtu)
-            if fib_mode == lo.FibMode.BPF:
-                fib = Fib(dp)
-                for r in _bpf_routes(ifindex):
-                    fib.update(r)
-                fib.close()
-                nb = Neighbors(dp)
-                for addr, m, dev in (("10.2.0.2", MAC_GW, "dpt1"), ("10.2.0.3", MAC_GW, "dpt1"),
-                                     ("10.2.0.9", MAC_H9, "dpt1"), ("10.3.0.2", MAC_UNMANAGED, "dpt2"),
-                                     ("fd02::2", MAC_GW6, "dpt1")):
-                    nb.set(ifindex[dev], ipaddress.ip_address(addr), bytes.fromhex(m.replace(":", "")), 0x80)
-            dps[mode] = dp
+        dps = {mode: load_datapath(f"{NS}-{mode}", object_path, fib_mode, impl, ifindex, mac)
+               for mode, fib_mode, impl in MODES}
     return Env(dps, ifindex, mac)
+
+
+def load_datapath(name: str, object_path: str, fib_mode: lo.FibMode, impl: lo.FibImpl, ifindex: dict[str, int],
+                  mac: dict[str, bytes], **load_args) -> Datapath:
+    """A data plane in the harness namespace (the caller is inside it) with the
+    fixture interfaces, routes and neighbors."""
+    dp = Datapath.load(name, object_path, fib_mode, impl, groups=(256, 1024), **load_args)
+    ifaces = Interfaces(dp)
+    for d, mtu in (("dpt0", 1500), ("dpt1", 1400)):
+        ifaces.configure(ifindex[d], mac[d], mtu)
+    if fib_mode == lo.FibMode.BPF:
+        fib = Fib(dp)
+        for r in _bpf_routes(ifindex):
+            fib.update(r)
+        fib.close()
+        nb = Neighbors(dp)
+        for addr, m, dev in (("10.2.0.2", MAC_GW, "dpt1"), ("10.2.0.3", MAC_GW, "dpt1"),
+                             ("10.2.0.9", MAC_H9, "dpt1"), ("10.3.0.2", MAC_UNMANAGED, "dpt2"),
+                             ("fd02::2", MAC_GW6, "dpt1")):
+            nb.set(ifindex[dev], ipaddress.ip_address(addr), bytes.fromhex(m.replace(":", "")), 0x80)
+    return dp
 
 
 def _sysctls():

@@ -65,11 +65,11 @@ def wait_for(predicate, timeout: float = 5.0, interval: float = 0.05):
     return predicate()
 
 
-def _make(fib: str, tag: str):
+def _make(fib: str, tag: str, *up_args: str):
     name = f"e{os.getpid() % 10000}{tag}"
     lab = Lab(name)
     lab.up()
-    proc = bpfrouter_cmd("up", "r-eth0", "r-eth1", "--name", name, "--fib", fib, netns=lab.router_ns)
+    proc = bpfrouter_cmd("up", "r-eth0", "r-eth1", "--name", name, "--fib", fib, *up_args, netns=lab.router_ns)
     if proc.returncode != 0:
         lab.down()
         raise RuntimeError(f"bpfrouter up failed: {proc.stderr}")
@@ -90,5 +90,18 @@ def bpf_router():
     if BPF_SKIP:
         pytest.skip(BPF_SKIP)
     lr = _make("bpf", "s")
+    yield lr
+    lr.lab.down()
+
+
+METRICS_LISTEN = "127.0.0.1:9469"  # inside the lab's router namespace
+
+
+@pytest.fixture(scope="module")
+def observed_router():
+    """A BPF-FIB router whose agent serves Prometheus metrics."""
+    if BPF_SKIP:
+        pytest.skip(BPF_SKIP)
+    lr = _make("bpf", "o", "--metrics", METRICS_LISTEN)
     yield lr
     lr.lab.down()

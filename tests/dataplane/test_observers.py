@@ -1,0 +1,140 @@
+"""The data plane's observers through BPF_PROG_TEST_RUN: events for drops and
+passes (fields, rate cap), the flow table, and the capture hook. Each test
+gets its own data plane, so no other test's packets or rate windows leak in."""
+import pytest
+from scapy.layers.inet import IP, TCP, UDP
+from scapy.layers.l2 import Ether
+from scapy.packet import Raw
+
+from bpfrouter import netns
+from bpfrouter.bpf import RingBuffer
+from bpfrouter.capture import Capture, decode
+from bpfrouter.datapath import layout as lo
+from bpfrouter.observe import run_probe
+from bpfrouter.telemetry import decode_event, obs_stats, read_flows
+from tests.conftest import OBJECT
+
+from .harness import MAC_GW, NS, XDP_REDIRECT, load_datapath
+
+SRC_MAC = "02:00:00:00:00:aa"
+
+
+@pytest.fixture
+def dp(env, request):
+    with netns.entered(NS):
+        d = load_datapath(f"{NS}-obs", str(OBJECT), lo.FibMode.BPF, lo.FibImpl.DIR, env.ifindex, env.mac,
+                          **getattr(request, "param", {}))
+    yield d
+    d.destroy()
+
+
+def frame(env, dst, l4, ttl=64, src="10.1.0.5", **ip):
+    return bytes(Ether(dst=env.if0_mac, src=SRC_MAC) / IP(src=src, dst=dst, ttl=ttl, **ip) / l4)
+
+
+def run(env, dp, pkt, repeat=1):
+    with netns.entered(NS):
+        return dp.program.test_run(pkt, ingress_ifindex=env.ifindex["dpt0"], repeat=repeat)
+
+
+def drain(dp, ring="events", decoder=None):
+    got = []
+    with netns.entered(NS):  # interface names resolve in the harness namespace
+        rb = RingBuffer(dp.maps[ring].fd, lambda raw: got.append((decoder or decode_event)(raw)))
+        rb.poll(0)
+        rb.close()
+    return got
+
+
+def test_drop_and_pass_events_carry_what_the_pipeline_knew(env, dp):
+    drain(dp)
+    run(env, dp, frame(env, "10.66.1.1", TCP(sport=1234, dport=80, flags="S")))       # blackhole
+    run(env, dp, frame(env, "10.99.9.9", UDP(sport=5000, dport=53)))                  # no route
+    run(env, dp, frame(env, "10.20.1.1", UDP(sport=5000, dport=53), ttl=1))          # TTL expires here
+    run(env, dp, frame(env, "10.20.1.1", Raw(b"\x13\x88\x00\x35"), proto=17))      # UDP header cut short
+    run(env, dp, frame(env, "10.20.1.1", UDP(sport=5000, dport=53)))                  # forwarded: no event
+    ev = drain(dp)
+    assert [e["reason"] for e in ev] == ["blackhole", "fib_miss", "ttl_exceeded", "trunc_l4"]
+    bh = ev[0]
+    assert (bh["verdict"], bh["xdp_action"], bh["iface"], bh["proto"]) == ("drop", "drop", "dpt0", "tcp")
+    assert (bh["src"], bh["dst"], bh["sport"], bh["dport"], bh["tcp_flags"], bh["ttl"]) == \
+        ("10.1.0.5", "10.66.1.1", 1234, 80, "S", 64)
+    assert bh["route"] == {"type": "blackhole", "prefix": "10.66.0.0/16", "proto": "bpfrouter"}
+    assert bh["src_mac"] == SRC_MAC and bh["len"] == 54 and bh["vlan"] is None
+    assert ev[1]["verdict"] == "pass" and ev[1]["route"] is None and ev[1]["dport"] == 53
+    ttl = ev[2]
+    assert ttl["route"]["prefix"] == "10.20.0.0/16" and ttl["nexthop_id"] and ttl["egress"] == "dpt1"
+    assert ev[3]["verdict"] == "drop" and ev[3]["len"] == 38
+    assert obs_stats(dp)["events_sent"] == 4
+
+
+@pytest.mark.parametrize("dp", [{"event_rate": 5}], indirect=True)
+def test_events_are_capped_per_reason_and_the_rest_counted(env, dp):
+    drain(dp)
+    miss = frame(env, "10.99.9.9", UDP(sport=5000, dport=53))
+    run(env, dp, miss, repeat=50)          # the same packet 50 times, within one window
+    run(env, dp, frame(env, "10.66.1.1", UDP(sport=1, dport=2)))   # another reason has its own budget
+    ev = drain(dp)
+    assert [e["reason"] for e in ev].count("fib_miss") == 5
+    assert [e["reason"] for e in ev].count("blackhole") == 1
+    st = obs_stats(dp)
+    assert (st["events_sent"], st["events_suppressed"], st["events_lost"]) == (6, 45, 0)
+
+
+def test_flow_counts_packets_bytes_flags_and_verdict(env, dp):
+    syn = frame(env, "10.20.1.1", TCP(sport=40000, dport=80, flags="S"))
+    ack = frame(env, "10.20.1.1", TCP(sport=40000, dport=80, flags="A") / (b"x" * 100))
+    for pkt in (syn, ack, ack):
+        assert run(env, dp, pkt).retval == XDP_REDIRECT
+    run(env, dp, frame(env, "10.66.1.1", UDP(sport=7, dport=9)))
+    with netns.entered(NS):
+        flows = {(f.src, f.dst, f.sport, f.dport): f for f in read_flows(dp)}
+    f = flows[("10.1.0.5", "10.20.1.1", 40000, 80)]
+    assert (f.packets, f.bytes, f.proto) == (3, len(syn) + 2 * len(ack), 6)
+    assert f.reason == lo.Reason.FWD_IPV4 and f.action == XDP_REDIRECT and f.egress == env.ifindex["dpt1"]
+    assert f.as_json()["tcp_flags"] == "SA" and f.first_ns <= f.last_ns
+    dropped = flows[("10.1.0.5", "10.66.1.1", 7, 9)]
+    assert dropped.packets == 1 and dropped.reason.verdict == "drop"
+    assert obs_stats(dp)["flows_created"] == 2
+
+
+def test_probes_are_neither_observed_nor_captured(env, dp):
+    with netns.entered(NS):
+        Capture(dp).renew()
+        out, res = run_probe(dp, frame(env, "10.66.1.1", UDP(sport=1, dport=2)), env.ifindex["dpt0"])
+    assert lo.Reason(out.reason) == lo.Reason.DROP_BLACKHOLE
+    assert drain(dp) == [] and drain(dp, "capture_ring", decode) == []
+    with netns.entered(NS):
+        assert read_flows(dp) == []
+
+
+def test_capture_records_the_frame_before_rewrite_with_its_verdict(env, dp):
+    fwd = frame(env, "10.20.1.1", UDP(sport=5000, dport=53))
+    bh = frame(env, "10.66.1.1", UDP(sport=5000, dport=53))
+    run(env, dp, fwd)                                   # idle hook: nothing recorded
+    assert drain(dp, "capture_ring", decode) == []
+    with netns.entered(NS):
+        cap = Capture(dp, verdict="any")
+        cap.renew()
+    res = run(env, dp, fwd)
+    assert res.data[:6] == bytes.fromhex(MAC_GW.replace(":", "")), "the program rewrote the packet it forwarded"
+    run(env, dp, bh)
+    got = drain(dp, "capture_ring", decode)
+    assert [(c.data, c.verdict, c.reason.label) for c in got] == [(fwd, "redirect", "ipv4"), (bh, "drop", "blackhole")]
+    assert got[0].egress_ifindex == env.ifindex["dpt1"] and got[0].wirelen == len(fwd)
+    with netns.entered(NS):
+        cap.stop()
+        Capture(dp, verdict="drop").renew()
+    run(env, dp, fwd)
+    run(env, dp, bh)
+    assert [c.verdict for c in drain(dp, "capture_ring", decode)] == ["drop"]
+    assert obs_stats(dp)["captured"] == 3
+
+
+def test_capture_expires_when_its_reader_stops_renewing(env, dp):
+    with netns.entered(NS):
+        cap = Capture(dp)
+        cap.cfg.expires_ns = 1  # a lease in the past: the reader is gone
+        dp.maps["capture_cfg"].update(lo.u32(0), cap.cfg)
+    run(env, dp, frame(env, "10.20.1.1", UDP(sport=5000, dport=53)))
+    assert drain(dp, "capture_ring", decode) == []
