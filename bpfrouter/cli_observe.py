@@ -146,6 +146,8 @@ def flows(sort_key, limit, proto, host, verdict, iface, name, as_json, pretty):
             j = f.as_json()
             src = f"{j['src']}:{j['sport']}" if j["sport"] is not None else j["src"]
             dst = f"{j['dst']}:{j['dport']}" if j["dport"] is not None else j["dst"]
+            if "icmp_id" in j:  # one flow per type and echo id, as ping runs differ by id
+                dst += f" type {j['icmp_type']} id {j['icmp_id']}"
             t.add_row(str(j["proto"]), src, dst, j["iface"], str(j["packets"]), str(j["bytes"]),
                       j["tcp_flags"] or "", f"{j['verdict']} {j['reason']}", f"{now - j['last_seen']:.0f}s")
         console.print(t)

@@ -2,12 +2,15 @@
 
 Builds the lab, starts bpfrouter in the router namespace, sends real traffic
 (ping and TCP, IPv4 and IPv6), and shows from the counters that XDP
-redirected the packets while the kernel forwarded none of them."""
+redirected the packets while the kernel forwarded none of them; then what
+happened to individual packets: events, a capture at the XDP hook, flows,
+top, explain and metrics."""
 from __future__ import annotations
 
 import argparse
 import json
 import shlex
+import shutil
 import subprocess
 import sys
 import time
@@ -60,6 +63,50 @@ def iperf(lab: Lab, dst: str) -> str:
     return ""
 
 
+def background(*args: str) -> subprocess.Popen:
+    """A streaming bpfrouter command, returned once it is listening."""
+    console.print(f"[bold cyan]$ {shlex.join(['bpfrouter', *args])} &[/]")
+    proc = subprocess.Popen([sys.executable, "-m", "bpfrouter", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    console.print(proc.stderr.readline().rstrip(), markup=False)
+    return proc
+
+
+def observe(lab: Lab) -> None:
+    """Every packet's fate: events, capture at the XDP hook, flows, top, explain, metrics."""
+    console.print(Rule("see every packet's fate (tcpdump runs after XDP: it never sees these)"))
+    pcap = f"/tmp/bpfrouter-{LAB}.pcapng"
+    events = background("events", "--name", LAB, "--count", "3", "--duration", "10", "--reason", "blackhole",
+                        "--reason", "fib_miss")
+    capture = background("capture", "--name", LAB, "-w", pcap, "--count", "6", "--duration", "10", "icmp")
+    in_ns(lab, "h1", ["ping", "-c", "2", "-i", "0.2", "10.99.0.1"])                     # forwarded by XDP
+    in_ns(lab, "h1", ["ping", "-c", "2", "-i", "0.2", "-W", "1", "10.66.0.1"], check=False)  # blackhole: dropped
+    in_ns(lab, "h1", ["ping", "-c", "1", "-W", "1", "198.51.100.1"], check=False)   # no route: to the kernel
+    for proc in (events, capture):
+        out, err = proc.communicate(timeout=30)
+        for text in (out.rstrip(), err.rstrip()):
+            if text:
+                console.print(text, markup=False)
+    if shutil.which("tshark"):
+        sh(["tshark", "-r", pcap, "-T", "fields", "-e", "frame.interface_name", "-e", "ip.src", "-e", "ip.dst",
+            "-e", "ip.ttl", "-e", "frame.comment"])
+    bpfrouter("flows", "--name", LAB, "--proto", "icmp", "--limit", "6")
+    bpfrouter("explain", "tcp", f"{lab.addr('h1')}:40000", ">", "10.99.0.1:80", "iif", "r-eth0", "--name", LAB)
+    bpfrouter("explain", "udp", f"{lab.addr('h1')}:5000", ">", "10.66.0.1:53", "--name", LAB)
+    server = subprocess.Popen(lab.cmd("h2", ["iperf3", "-s", "-1", "-B", lab.addr("h2")]),
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    time.sleep(0.5)
+    client = subprocess.Popen(lab.cmd("h1", ["iperf3", "-c", lab.addr("h2"), "-t", "3"]),
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    bpfrouter("top", "--name", LAB, "--count", "1", "--interval", "1", "--limit", "4")
+    client.wait(timeout=30)
+    server.kill()
+    console.print("[bold cyan]$ bpfrouter metrics --once | grep redirect[/]")
+    for line in bpfrouter("metrics", "--once", "--name", LAB, show=False).splitlines():
+        if 'verdict="redirect"' in line and line.startswith("bpfrouter_packets_total"):
+            console.print(line, markup=False)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--keep", action="store_true", help="leave the lab and router up at the end")
@@ -96,6 +143,7 @@ def main() -> None:
         in_ns(lab, "h1", ["ping", "-c", "2", "-i", "0.2", "10.99.0.1"])
         bpfrouter("route", "add", "blackhole", "10.66.0.0/16", "--name", LAB)
         bpfrouter("route", "show", "-4", "--name", LAB)
+        observe(lab)
     finally:
         if args.keep:
             console.print(Rule("left running"))

@@ -143,7 +143,10 @@ class FlowRecord:
             "last_seen": round(monotonic_to_wall(self.last_ns), 3),
             "tcp_flags": tcp_flags_str(self.tcp_flags) if self.proto == 6 else None,
             "verdict": self.reason.verdict, "reason": self.reason.label,
-            "xdp_action": XDP_ACTIONS.get(self.action, str(self.action)), **self.extra,
+            "xdp_action": XDP_ACTIONS.get(self.action, str(self.action)),
+            **({"icmp_type": self.sport >> 8, "icmp_code": self.sport & 0xFF, "icmp_id": self.dport}
+               if self.proto in (1, 58) else {}),
+            **self.extra,
         }
 
 

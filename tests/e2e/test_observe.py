@@ -4,6 +4,7 @@ metrics scraped from the agent and parsed with Prometheus's own parser."""
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 import urllib.request
@@ -150,6 +151,10 @@ def test_metrics_endpoint_parses_and_counts(observed_router):
     assert redirected >= 3 and redirected <= st["totals"]["redirect"]
     fill = {s.labels["map"]: s.value for s in families["bpfrouter_map_fill_ratio"].samples}
     assert {"neighbors", "nexthops", "flows", "fib4", "fib6"} <= set(fill) and all(0 <= v <= 1 for v in fill.values())
+    names = {s.name for f in families.values() for s in f.samples}
+    dashboard = (ROOT / "docs" / "grafana" / "bpfrouter.json").read_text()
+    used = set(re.findall(r"bpfrouter_[a-z_]+", dashboard)) - {"bpfrouter_"}
+    assert used and used <= names, f"the Grafana dashboard queries metrics nobody exports: {used - names}"
     once = r.cli("metrics", "--once").stdout
     assert "bpfrouter_packets_total{" in once
     assert st["warnings"] == [] and st["maps"]["neighbors"]["capacity"] == 65536
