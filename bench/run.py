@@ -129,12 +129,16 @@ def bench_forwarding(lab: Lab, packets: int, rounds: int) -> list[dict]:
     topology, a counting XDP sink at h2 (packets that really arrived)."""
     r_idx, r_mac = lab.link("r", "r-eth0")
     h1_idx, h1_mac = lab.link("h1", "h1-eth0")
-    h2_idx, _ = lab.link("h2", "h2-eth0")
+    h2_idx, h2_mac = lab.link("h2", "h2-eth0")
     for v in (4, 6):
         lab.run("h1", ["ping", "-c", "2", "-i", "0.2", lab.addr("h2", v)], check=True)
     # A veth takes XDP frames only into NAPI: GRO on the router port gives the
     # kernel-forwarding run the same receive path the XDP run has.
     lab.run("r", ["ethtool", "-K", "r-eth0", "gro", "on"], check=True)
+    # The sink on h2 drops everything, ARP too: were the router's entry for h2
+    # to expire mid-run, it could never be resolved again. Pin it.
+    lab.run("r", ["ip", "neigh", "replace", lab.addr("h2"), "lladdr", ":".join(f"{b:02x}" for b in h2_mac),
+                  "dev", "r-eth1", "nud", "permanent"], check=True)
     frame = udp_probe(lab.addr("h1"), lab.addr("h2"), r_mac, src_mac=h1_mac, payload=bytes(18))
     gen_obj = load_baseline("xdp_tx", frame)
     gen = gen_obj.program("xdp_tx")
@@ -156,6 +160,8 @@ def bench_forwarding(lab: Lab, packets: int, rounds: int) -> list[dict]:
             got, jiffies = sink_count(sink_map) - n0, busy_jiffies() - j0
             samples.append((got / dt, jiffies * (1e9 / os.sysconf("SC_CLK_TCK")) / max(got, 1), got / packets))
         pps, cpu, delivered = (statistics.median(x) for x in zip(*samples, strict=True))
+        if delivered < 0.5:
+            raise SystemExit(f"bench setup wrong: {case}: only {delivered:.0%} of the packets arrived")
         return {"case": case, "delivered_pps": pps, "cpu_ns_per_packet": cpu, "delivered_fraction": delivered}
 
     rows = []

@@ -122,7 +122,10 @@ static __always_inline int bpfrouter_observed(struct xdp_md *ctx)
 	action = bpfrouter_pipeline(ctx, &d);
 	if (d.probe)
 		return action;
-	if (observe_flags & (OBS_F_FLOWS | OBS_F_EVENTS)) {
+	/* A call costs several ns (return thunks): forwarded packets make it
+	 * only for the flow table; events are for drops and passes. */
+	if ((observe_flags & OBS_F_FLOWS) ||
+	    ((observe_flags & OBS_F_EVENTS) && d.reason > REASON_FWD_IPV6)) {
 		obs_input_of(&in, &d, action);
 		bpfrouter_observe(ctx, &in);
 	}
