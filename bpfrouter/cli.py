@@ -123,8 +123,11 @@ def cli(netns_name):
               help="DIR FIB groups of 1 KiB for IPv4 and IPv6 (default 16384,65536).")
 @click.option("--metrics", "metrics_listen", default=None, metavar="ADDR:PORT",
               help="The agent serves Prometheus metrics here (inside the router's namespace).")
+@click.option("--observers", default="events,flows,capture", show_default=True, metavar="LIST",
+              help="Observers compiled into the data plane: any of events, flows, capture, or none "
+                   "(the flow table costs a hash lookup per packet; docs/observability.md).")
 @click.option("--foreground", is_flag=True, help="Run the agent in this process instead of in the background.")
-def up(ifaces, name, fib_mode, xdp_mode, fib_impl, fib_groups, metrics_listen, foreground):
+def up(ifaces, name, fib_mode, xdp_mode, fib_impl, fib_groups, metrics_listen, observers, foreground):
     """Attach the data plane to IFACE... and start the agent that keeps it in sync."""
     groups = None
     if fib_groups is not None:
@@ -134,6 +137,10 @@ def up(ifaces, name, fib_mode, xdp_mode, fib_impl, fib_groups, metrics_listen, f
                 raise ValueError
         except ValueError:
             raise click.ClickException(f"invalid --fib-groups {fib_groups!r}: expected two counts, e.g. 16384,65536") from None
+    chosen = [] if observers.strip() == "none" else [o.strip() for o in observers.split(",") if o.strip()]
+    unknown = [o for o in chosen if o not in router.OBSERVER_FLAGS]
+    if unknown or len(set(chosen)) != len(chosen):
+        raise click.ClickException(f"invalid --observers {observers!r}: a list of events, flows, capture, or none")
     if metrics_listen is not None:
         from .metrics import parse_listen
         try:
@@ -142,7 +149,7 @@ def up(ifaces, name, fib_mode, xdp_mode, fib_impl, fib_groups, metrics_listen, f
             raise click.ClickException(str(e)) from None
     with SyncProgress("loading the data plane") as bar:
         meta = router.up(list(ifaces), name, fib_mode, xdp_mode, start=not foreground, fib_impl=fib_impl,
-                         groups=groups, progress=bar.agent, metrics=metrics_listen)
+                         groups=groups, progress=bar.agent, metrics=metrics_listen, observers=chosen)
     where = f" in netns {meta.netns}" if meta.netns else ""
     impl = f" ({meta.fib_impl})" if meta.fib_mode == "bpf" else ""
     console.print(f"router [bold]{meta.name}[/] up{where}: fib {meta.fib_mode}{impl}, "

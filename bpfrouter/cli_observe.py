@@ -41,6 +41,12 @@ def _attached_iface(dp: Datapath, name: str | None, router_name: str) -> int:
     return idx
 
 
+def _require(meta, observer: str) -> None:
+    if observer not in meta.observers:
+        raise click.ClickException(f"router {meta.name} runs without the {observer} observer "
+                                   f"(bpfrouter up --observers ...)")
+
+
 def _until(count: int, duration: float | None):
     """A stop predicate: after `count` items (0: never) or `duration` seconds."""
     end = time.monotonic() + duration if duration else None
@@ -67,6 +73,7 @@ def events(reasons, iface, count, duration, name, as_json, pretty):
     if bad:
         raise click.ClickException(f"unknown reason {bad[0]!r}: one of {', '.join(REASON_LABELS)}")
     meta = router.resolve(name)
+    _require(meta, "events")
     dp = Datapath.open(meta.name)
     try:
         iif = _attached_iface(dp, iface, meta.name)
@@ -129,6 +136,7 @@ def flows(sort_key, limit, proto, host, verdict, iface, name, as_json, pretty):
     """Flows the data plane has seen: packets, bytes, first and last seen,
     TCP flags and the last verdict per 5-tuple and VLAN."""
     meta = router.resolve(name)
+    _require(meta, "flows")
     dp = Datapath.open(meta.name)
     try:
         iif = _attached_iface(dp, iface, meta.name)
@@ -185,6 +193,7 @@ def _top_view(meta, counters_rate: dict, flow_rates: list, interval: float, tabl
 def top(interval, count, limit, name):
     """Live view of rates per interface and verdict, and the busiest flows."""
     meta = router.resolve(name)
+    _require(meta, "flows")
     dp = Datapath.open(meta.name)
 
     def snapshot():
@@ -249,6 +258,7 @@ def capture(expression, iface, path, count, verdict, snaplen, duration, name):
     here they do. A full capture ring skips packets (counted), never slows
     forwarding."""
     meta = router.resolve(name)
+    _require(meta, "capture")
     dp = Datapath.open(meta.name)
     flt = writer = None
     try:

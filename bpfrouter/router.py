@@ -51,7 +51,8 @@ def _read_links(ifnames: list[str]):
 
 def up(ifnames: list[str], name: str = DEFAULT_NAME, fib_mode: str = "bpf",
        xdp_mode: str = "native", start: bool = True, fib_impl: str = "dir",
-       groups: tuple[int, int] | None = None, progress=None, metrics: str | None = None) -> RouterMeta:
+       groups: tuple[int, int] | None = None, progress=None, metrics: str | None = None,
+       observers: list[str] | None = None) -> RouterMeta:
     check_bpffs()
     validate_name(name)
     if not ifnames:
@@ -72,7 +73,10 @@ def up(ifnames: list[str], name: str = DEFAULT_NAME, fib_mode: str = "bpf",
         fib_impl = "lpm"  # the BPF FIB only mirrors, for `route show`: keep it small
     meta = RouterMeta(name, object_path, fib_mode, netns.current_name(), xdp_mode, fib_impl=fib_impl,
                       metrics=metrics)
-    dp = Datapath.load(name, object_path, lo.FibMode[fib_mode.upper()], lo.FibImpl[fib_impl.upper()], groups)
+    if observers is not None:
+        meta.observers = observers
+    dp = Datapath.load(name, object_path, lo.FibMode[fib_mode.upper()], lo.FibImpl[fib_impl.upper()], groups,
+                       observe=sum(OBSERVER_FLAGS[o] for o in meta.observers))
     try:
         ifaces = Interfaces(dp)
         modes = []
@@ -92,6 +96,9 @@ def up(ifnames: list[str], name: str = DEFAULT_NAME, fib_mode: str = "bpf",
         raise
     dp.close()
     return meta
+
+
+OBSERVER_FLAGS = {"events": lo.OBS_F_EVENTS, "flows": lo.OBS_F_FLOWS, "capture": lo.OBS_F_CAPTURE}
 
 
 def down(name: str) -> None:
@@ -144,7 +151,7 @@ def status(meta: RouterMeta) -> dict:
                     "memory": memory},
             "neighbors": dp.neighbors.count(),
             "totals": totals, "counters": counters,
-            "observers": {**obs_stats(dp), "flow_table": flow_table_stats(dp, fill["flows"]["entries"])},
+            "observers": {"enabled": meta.observers, **obs_stats(dp), "flow_table": flow_table_stats(dp, fill["flows"]["entries"])},
             "maps": fill, "warnings": fill_warnings(fill),
         }
     finally:

@@ -93,6 +93,7 @@ class RouterMeta:
     interfaces: dict[str, int] = field(default_factory=dict)  # ifname -> ifindex
     fib_impl: str = "dir"
     metrics: str | None = None  # ADDR:PORT the agent serves Prometheus metrics on
+    observers: list[str] = field(default_factory=lambda: ["events", "flows", "capture"])
 
     @staticmethod
     def path(name: str) -> Path:
@@ -144,11 +145,12 @@ class Datapath:
     @classmethod
     def load(cls, name: str, object_path: str, fib_mode: lo.FibMode,
              fib_impl: lo.FibImpl = lo.FibImpl.DIR, groups: tuple[int, int] | None = None,
-             event_rate: int | None = None) -> "Datapath":
+             event_rate: int | None = None, observe: int | None = None) -> "Datapath":
         """Load and verify the program, pin it and its maps. All or nothing.
 
         groups: (IPv4, IPv6) group counts of the DIR FIB (1 KiB each).
-        event_rate: events per second per reason and CPU (default 100)."""
+        event_rate: events per second per reason and CPU (default 100).
+        observe: OBS_F_* bits of the observers to compile in (default all)."""
         check_bpffs()
         validate_name(name)
         pin_dir = cls.pin_dir(name)
@@ -163,6 +165,8 @@ class Datapath:
             obj.set_rodata("fib_impl", ctypes.c_uint32(fib_impl))
             if event_rate is not None:
                 obj.set_rodata("event_rate", ctypes.c_uint32(event_rate))
+            if observe is not None:
+                obj.set_rodata("observe_flags", ctypes.c_uint32(observe))
             if fib_mode == lo.FibMode.KERNEL or fib_impl != lo.FibImpl.DIR:
                 for m in DIR_MAPS:  # unused: don't allocate their 64 MiB tables
                     obj.set_max_entries(m, 1)

@@ -4,15 +4,18 @@ metrics scraped from the agent and parsed with Prometheus's own parser."""
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import sys
 import urllib.request
 
+import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from bpfrouter import netns
-from tests.conftest import ROOT
+from bpfrouter.lab import Lab
+from tests.conftest import BPF_SKIP, ROOT, bpfrouter_cmd
 
 from .conftest import METRICS_LISTEN, wait_for
 
@@ -165,3 +168,25 @@ def _try(f):
         return f()
     except OSError:
         return None
+
+
+def test_router_without_observers_forwards_and_says_what_is_missing():
+    if BPF_SKIP:
+        pytest.skip(BPF_SKIP)
+    name = f"e{os.getpid() % 10000}n"
+    lab = Lab(name)
+    lab.up()
+    try:
+        bad = bpfrouter_cmd("up", "r-eth0", "--name", name, "--observers", "flows,bogus", netns=lab.router_ns)
+        assert bad.returncode != 0 and "invalid --observers" in bad.stderr
+        bpfrouter_cmd("up", "r-eth0", "r-eth1", "--name", name, "--observers", "none", netns=lab.router_ns,
+                      check=True)
+        assert lab.run("h1", ["ping", "-c", "3", "-i", "0.2", lab.addr("h2")]).returncode == 0
+        st = json.loads(bpfrouter_cmd("status", "--name", name, "-j", check=True).stdout)
+        assert st["observers"]["enabled"] == [] and st["totals"]["redirect"] >= 4
+        assert st["observers"]["flows_created"] == 0 and st["observers"]["events_sent"] == 0
+        for cmd in ("flows", "events", "capture"):
+            p = bpfrouter_cmd(cmd, "--name", name)
+            assert p.returncode != 0 and "runs without the" in p.stderr, p.stderr
+    finally:
+        lab.down()
