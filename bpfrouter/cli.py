@@ -16,7 +16,7 @@ from . import netns, router
 from .agent.client import AgentUnavailable, agent_pid, log_path, request, start_agent, stop_agent
 from .bpf import BpfError
 from .datapath import Datapath, DatapathError
-from .datapath.layout import LayoutMismatch, RouteType, proto_name
+from .datapath.layout import OBSERVERS, LayoutMismatch, RouteType, proto_name
 from .fib import read_installed
 from .interfaces import Interfaces, InterfaceError, ifname
 from .lab import Lab, LabError, list_labs
@@ -123,7 +123,7 @@ def cli(netns_name):
               help="DIR FIB groups of 1 KiB for IPv4 and IPv6 (default 16384,65536).")
 @click.option("--metrics", "metrics_listen", default=None, metavar="ADDR:PORT",
               help="The agent serves Prometheus metrics here (inside the router's namespace).")
-@click.option("--observers", default="events,flows,capture", show_default=True, metavar="LIST",
+@click.option("--observers", default=",".join(OBSERVERS), show_default=True, metavar="LIST",
               help="Observers compiled into the data plane: any of events, flows, capture, or none "
                    "(the flow table costs a hash lookup per packet; docs/observability.md).")
 @click.option("--foreground", is_flag=True, help="Run the agent in this process instead of in the background.")
@@ -138,7 +138,7 @@ def up(ifaces, name, fib_mode, xdp_mode, fib_impl, fib_groups, metrics_listen, o
         except ValueError:
             raise click.ClickException(f"invalid --fib-groups {fib_groups!r}: expected two counts, e.g. 16384,65536") from None
     chosen = [] if observers.strip() == "none" else [o.strip() for o in observers.split(",") if o.strip()]
-    unknown = [o for o in chosen if o not in router.OBSERVER_FLAGS]
+    unknown = [o for o in chosen if o not in OBSERVERS]
     if unknown or len(set(chosen)) != len(chosen):
         raise click.ClickException(f"invalid --observers {observers!r}: a list of events, flows, capture, or none")
     if metrics_listen is not None:

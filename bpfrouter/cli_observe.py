@@ -21,8 +21,8 @@ from .explain import (PacketSpecError, SPEC_HELP, explain, explain_lines, frame_
                       read_pcap)
 from .interfaces import Interfaces, ifname
 from .observe import read_counters
-from .telemetry import EventStream, decode_event, event_line, flow_table_stats, iter_flows_sorted, obs_stats, \
-    read_flows
+from .telemetry import (L4_NAMES, EventStream, clock, decode_event, event_line, flow_table_stats, iter_flows_sorted,
+                        obs_stats, read_flows)
 
 REASON_LABELS = sorted(r.label for r in lo.Reason)
 err_console = console.__class__(stderr=True, highlight=False, soft_wrap=True)
@@ -116,7 +116,7 @@ def events(reasons, iface, count, duration, name, as_json, pretty):
 # --- flows and top ------------------------------------------------------------------------
 def _flow_filter(proto: str | None, host: str | None, verdict: str | None, iif: int):
     def keep(f) -> bool:
-        return ((proto is None or f.as_json()["proto"] == proto) and
+        return ((proto is None or L4_NAMES.get(f.proto) == proto) and
                 (host is None or host in (f.src, f.dst)) and
                 (verdict is None or f.reason.verdict == verdict) and (not iif or f.iface == iif))
     return keep
@@ -218,9 +218,9 @@ def top(interval, count, limit, name):
                 frates = []
                 for key, f in cur[2].items():
                     old = prev[2].get(key)
-                    dp_, db = f.packets - (old.packets if old else 0), f.bytes - (old.bytes if old else 0)
-                    if dp_ > 0:
-                        frates.append((f.as_json(), dp_ / dt, db * 8 / dt))
+                    dpk, db = f.packets - (old.packets if old else 0), f.bytes - (old.bytes if old else 0)
+                    if dpk > 0:
+                        frates.append((f.as_json(), dpk / dt, db * 8 / dt))
                 frates.sort(key=lambda x: -x[1])
                 table = flow_table_stats(dp, len(cur[2]))
                 view = _top_view(meta, rates, frates[:limit], interval, table)
@@ -279,9 +279,8 @@ def capture(expression, iface, path, count, verdict, snaplen, duration, name):
             if writer:
                 writer.write(c)
             else:
-                when = time.strftime("%H:%M:%S", time.localtime(c.time)) + f".{int(c.time * 1e6) % 1000000:06d}"
                 out = f" -> {ifname(c.egress_ifindex)}" if c.verdict == "redirect" and c.egress_ifindex else ""
-                console.print(f"{when} {ifname(c.ifindex)} {c.verdict} {c.reason.label}{out}: "
+                console.print(f"{clock(c.time)} {ifname(c.ifindex)} {c.verdict} {c.reason.label}{out}: "
                               f"{frame_summary(c.data)}, length {c.wirelen}", markup=False)
             return not done(got)
 

@@ -27,7 +27,6 @@ class PacketSpecError(ValueError):
 
 def _endpoint(text: str, what: str):
     if text.count(":") > 1 and not text.startswith("["):  # a bare IPv6 address, no port
-        m = None
         addr_s, port_s = text, None
     else:
         m = _ENDPOINT.match(text)

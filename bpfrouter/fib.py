@@ -237,6 +237,16 @@ class LpmTable:
         pass
 
 
+def fib_memory(dp) -> dict[int, dict]:
+    """Each FIB table's memory() by IP version, read from the pinned maps."""
+    tables = make_tables(dp, recover=False)
+    try:
+        return {v: t.memory() for v, t in tables.items()}
+    finally:
+        for t in tables.values():
+            t.close()
+
+
 def map_memlock(fd: int) -> int:
     """Memory the kernel charges to a map (memlock in /proc/self/fdinfo)."""
     with open(f"/proc/self/fdinfo/{fd}") as f:

@@ -6,21 +6,18 @@ conventions: `_total` counters, base units (bytes, seconds), and labels
 for router, interface, verdict and reason."""
 from __future__ import annotations
 
-import logging
 import os
-import time
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector, CollectorRegistry
 
 from .bpf import prog_info
 from .datapath import Datapath
-from .fib import make_tables
+from .fib import fib_memory
 from .interfaces import ifname
 from .observe import read_counters
-from .telemetry import fill_warnings, flow_table_stats, map_fill, obs_stats
+from .telemetry import flow_table_stats, map_fill, obs_stats
 
-log = logging.getLogger("bpfrouter.metrics")
 BPF_STATS = "/proc/sys/kernel/bpf_stats_enabled"
 
 
@@ -43,10 +40,8 @@ def bpf_stats_enabled() -> bool:
 class RouterCollector(Collector):
     """Every metric of one router, collected from its maps on each scrape."""
 
-    def __init__(self, name: str, warn_every: float = 60.0):
+    def __init__(self, name: str):
         self.name = name
-        self.warn_every = warn_every
-        self._warned = 0.0
 
     def collect(self):
         dp = Datapath.open(self.name)
@@ -68,12 +63,7 @@ class RouterCollector(Collector):
         yield pk
         yield by
 
-        tables = make_tables(dp, recover=False)
-        try:
-            memory = {v: t.memory() for v, t in tables.items()}
-        finally:
-            for t in tables.values():
-                t.close()
+        memory = fib_memory(dp)
         routes = GaugeMetricFamily("bpfrouter_fib_routes", "Routes in the data plane's FIB.",
                                    labels=["router", "family"])
         mem = GaugeMetricFamily("bpfrouter_fib_memory_bytes", "Memory the FIB structure holds in the kernel.",
@@ -98,12 +88,6 @@ class RouterCollector(Collector):
         yield ratio
         yield _gauge("bpfrouter_neighbors", "Neighbor entries mirrored from the kernel.", r,
                      fill["neighbors"]["entries"])
-        warnings = fill_warnings(fill)
-        if warnings and time.monotonic() - self._warned > self.warn_every:
-            self._warned = time.monotonic()
-            for w in warnings:
-                log.warning("router %s: %s", r, w)
-
         st = obs_stats(dp)
         ev = CounterMetricFamily("bpfrouter_events", "Drop and pass events: sent to user space, held back by "
                                  "the per-reason rate cap, or lost to a full ring buffer.",

@@ -107,7 +107,6 @@ class Decision:
         return self.reason.verdict
 
 
-
 def run_probe(dp: Datapath, frame: bytes, iif: int):
     """Run `frame`, arriving on `iif`, through the live program with a probe
     header in the XDP metadata: the program reports its decision there and

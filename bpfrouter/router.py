@@ -16,7 +16,7 @@ from .datapath import (Datapath, DatapathError, RouterMeta, check_bpffs, default
                        running_routers, validate_name)
 from .datapath import layout as lo
 from .interfaces import Interfaces, ifname
-from .fib import make_tables
+from .fib import fib_memory
 from .observe import clear_slot, read_counters
 from .telemetry import fill_warnings, flow_table_stats, map_fill, obs_stats
 
@@ -76,7 +76,7 @@ def up(ifnames: list[str], name: str = DEFAULT_NAME, fib_mode: str = "bpf",
     if observers is not None:
         meta.observers = observers
     dp = Datapath.load(name, object_path, lo.FibMode[fib_mode.upper()], lo.FibImpl[fib_impl.upper()], groups,
-                       observe=sum(OBSERVER_FLAGS[o] for o in meta.observers))
+                       observe=sum(lo.OBSERVERS[o] for o in meta.observers))
     try:
         ifaces = Interfaces(dp)
         modes = []
@@ -96,9 +96,6 @@ def up(ifnames: list[str], name: str = DEFAULT_NAME, fib_mode: str = "bpf",
         raise
     dp.close()
     return meta
-
-
-OBSERVER_FLAGS = {"events": lo.OBS_F_EVENTS, "flows": lo.OBS_F_FLOWS, "capture": lo.OBS_F_CAPTURE}
 
 
 def down(name: str) -> None:
@@ -134,24 +131,21 @@ def status(meta: RouterMeta) -> dict:
                              "verdict": reason.verdict, "reason": reason.label,
                              "packets": pk, "bytes": by})
             totals[reason.verdict] += pk
-        tables = make_tables(dp, recover=False)
-        try:
-            memory = {f"ipv{v}": t.memory() for v, t in tables.items()}
-        finally:
-            for t in tables.values():
-                t.close()
+        by_version = fib_memory(dp)
+        memory = {f"ipv{v}": m for v, m in by_version.items()}
         v4, v6 = memory["ipv4"]["routes"], memory["ipv6"]["routes"]
-        fill = map_fill(dp, {4: memory["ipv4"], 6: memory["ipv6"]})
+        fill = map_fill(dp, by_version)
         return {
             "name": meta.name, "netns": meta.netns, "fib_mode": meta.fib_mode,
             "program": {"id": pinfo.id, "name": pinfo.name.decode(), "jited_bytes": pinfo.jited_prog_len},
             "agent": agent, "interfaces": interfaces,
             "fib": {"ipv4": v4, "ipv6": v6, "impl": meta.fib_impl,
-                    "nexthops": sum(1 for _, v in dp.nexthops.lookup_batch() if v.ifindex),
+                    "nexthops": fill["nexthops"]["entries"],
                     "memory": memory},
-            "neighbors": dp.neighbors.count(),
+            "neighbors": fill["neighbors"]["entries"],
             "totals": totals, "counters": counters,
-            "observers": {"enabled": meta.observers, **obs_stats(dp), "flow_table": flow_table_stats(dp, fill["flows"]["entries"])},
+            "observers": {"enabled": meta.observers, **obs_stats(dp),
+                          "flow_table": flow_table_stats(dp, fill["flows"]["entries"])},
             "maps": fill, "warnings": fill_warnings(fill),
         }
     finally:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import ctypes
 import ipaddress
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Iterator
 
 from .bpf import RingBuffer
@@ -70,10 +70,14 @@ def decode_event(raw: bytes) -> dict:
     return out
 
 
+def clock(t: float) -> str:
+    """Unix time as tcpdump prints it: HH:MM:SS.microseconds, local time."""
+    return time.strftime("%H:%M:%S", time.localtime(t)) + f".{int(t * 1e6) % 1000000:06d}"
+
+
 def event_line(ev: dict) -> str:
     """One event the way tcpdump users read packets."""
-    when = time.strftime("%H:%M:%S", time.localtime(ev["time"])) + f".{int(ev['time'] * 1e6) % 1000000:06d}"
-    head = f"{when} {ev['iface']} {ev['verdict']} {ev['reason']}"
+    head = f"{clock(ev['time'])} {ev['iface']} {ev['verdict']} {ev['reason']}"
     if ev["vlan"] is not None:
         head += f" vlan {ev['vlan']}"
     if ev["src"]:
@@ -129,7 +133,6 @@ class FlowRecord:
     tcp_flags: int
     reason: lo.Reason
     action: int
-    extra: dict = field(default_factory=dict)
 
     def as_json(self) -> dict:
         ports = self.proto in (6, 17)
@@ -146,7 +149,6 @@ class FlowRecord:
             "xdp_action": XDP_ACTIONS.get(self.action, str(self.action)),
             **({"icmp_type": self.sport >> 8, "icmp_code": self.sport & 0xFF, "icmp_id": self.dport}
                if self.proto in (1, 58) else {}),
-            **self.extra,
         }
 
 
@@ -176,7 +178,7 @@ def read_flows(dp: Datapath) -> list[FlowRecord]:
 def flow_table_stats(dp: Datapath, entries: int | None = None) -> dict[str, int]:
     """Size, entries and evictions (flows created minus flows present)."""
     if entries is None:
-        entries = sum(1 for _ in dp.maps["flows"].keys())
+        entries = dp.maps["flows"].count()
     created = obs_stats(dp)["flows_created"]
     return {"capacity": dp.maps["flows"].max_entries, "entries": entries,
             "created": created, "evicted": max(0, created - entries)}
@@ -184,10 +186,6 @@ def flow_table_stats(dp: Datapath, entries: int | None = None) -> dict[str, int]
 
 # --- map fill ---------------------------------------------------------------------------
 FILL_WARNING = 0.9
-
-
-def _count(m) -> int:
-    return sum(1 for _ in m.keys())
 
 
 def map_fill(dp: Datapath, fib_sizes: dict[int, dict] | None = None) -> dict[str, dict[str, int]]:
@@ -199,7 +197,7 @@ def map_fill(dp: Datapath, fib_sizes: dict[int, dict] | None = None) -> dict[str
         if name == "nexthops":  # an array: an entry is used when it names an interface
             used = sum(1 for _, v in m.lookup_batch() if v.ifindex)
         else:
-            used = _count(m)
+            used = m.count()
         out[name] = {"entries": used, "capacity": m.max_entries}
     for family, sizes in (fib_sizes or {}).items():
         out[f"fib{family}"] = {"entries": sizes["routes"], "capacity": sizes["routes_total"]}

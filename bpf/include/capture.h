@@ -57,12 +57,14 @@ static __always_inline void capture_begin(struct xdp_md *ctx)
 	__u32 zero = 0, caplen;
 	struct capture_cfg *cfg = bpf_map_lookup_elem(&capture_cfg, &zero);
 	struct capture_rec *rec;
+	__u64 now;
 
 	if (!cfg || !cfg->active)
 		return;
 	if (cfg->ifindex && cfg->ifindex != ctx->ingress_ifindex)
 		return;
-	if (bpf_ktime_get_ns() > cfg->expires_ns || probe_from_ctx(ctx))
+	now = bpf_ktime_get_ns();
+	if (now > cfg->expires_ns || probe_from_ctx(ctx))
 		return;
 	rec = bpf_map_lookup_elem(&capture_scratch, &zero);
 	if (!rec)
@@ -74,7 +76,7 @@ static __always_inline void capture_begin(struct xdp_md *ctx)
 	if (caplen == 0 || bpf_xdp_load_bytes(ctx, 0, rec->data, caplen))
 		return;
 	rec->caplen = caplen;
-	rec->ts_ns = bpf_ktime_get_ns();
+	rec->ts_ns = now;
 	rec->ifindex = ctx->ingress_ifindex;
 }
 

@@ -23,7 +23,7 @@ struct flow_key {
 struct flow {
 	__u64 packets;
 	__u64 bytes;
-	__u64 first_ns;         /* bpf_ktime_get_ns(), this CPU's first packet */
+	__u64 first_ns;         /* bpf_ktime_get_coarse_ns(), this CPU's first packet */
 	__u64 last_ns;
 	__u32 ifindex;          /* ingress of the last packet */
 	__u32 egress_ifindex;

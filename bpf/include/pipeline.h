@@ -91,9 +91,8 @@ out:
 	return reason_action(reason);
 }
 
-/* Flows, events and the end of a capture, for every packet that is not a
- * probe. A global function: the verifier checks it once, not once per
- * path through the pipeline. */
+/* Flows and events, for packets that are not probes. A global function:
+ * the verifier checks it once, not once per path through the pipeline. */
 __attribute__((noinline)) int bpfrouter_observe(struct xdp_md *ctx, struct obs_input *in)
 {
 	struct pkt p = {};

@@ -93,7 +93,7 @@ class RouterMeta:
     interfaces: dict[str, int] = field(default_factory=dict)  # ifname -> ifindex
     fib_impl: str = "dir"
     metrics: str | None = None  # ADDR:PORT the agent serves Prometheus metrics on
-    observers: list[str] = field(default_factory=lambda: ["events", "flows", "capture"])
+    observers: list[str] = field(default_factory=lambda: list(lo.OBSERVERS))
 
     @staticmethod
     def path(name: str) -> Path:

@@ -177,7 +177,7 @@ class ObsStat(enum.IntEnum):
 
 
 OBS_F_EVENTS, OBS_F_FLOWS, OBS_F_CAPTURE = 1, 2, 4
-FLOW_TABLE_SIZE = 65536
+OBSERVERS = {"events": OBS_F_EVENTS, "flows": OBS_F_FLOWS, "capture": OBS_F_CAPTURE}  # `up --observers` names
 CAPTURE_MAX = 2048
 
 
