@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
+
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
 BENCH = str(ROOT / "build" / "fibbench.bpf.o")
@@ -16,6 +18,7 @@ sys.path.insert(0, str(ROOT))
 from bpfrouter.bpf import BpfObject  # noqa: E402
 from bpfrouter.datapath import Datapath  # noqa: E402
 from bpfrouter.datapath import layout as lo  # noqa: E402
+from bpfrouter.datapath.jiffies import kernel_hz  # noqa: E402
 
 
 def bpfrouter(*args: str, netns_name: str | None = None) -> str:
@@ -49,14 +52,16 @@ class Bench:
         self.obj.set_rodata("fib_mode", ctypes.c_uint32(fib_mode))
         self.obj.set_rodata("fib_impl", ctypes.c_uint32(impl))
         self.obj.set_rodata("bench_n", ctypes.c_uint32(n))
+        self.obj.set_rodata("jiffies_hz", ctypes.c_uint32(kernel_hz()))
         self.obj.set_rodata("bench_ifindex", ctypes.c_uint32(ifindex))
         if observe is not None:
             self.obj.set_rodata("observe_flags", ctypes.c_uint32(observe))
         self.obj.load()
         self.ifindex = ifindex
         for version, raw in dests.items():
-            m = self.obj.map(f"bench_dst{version}", ctypes.c_uint32,
-                             ctypes.c_uint32 if version == 4 else ctypes.c_uint8 * 16)
+            if version == 4:  # array elements are 8-byte aligned: struct dst4 { addr; pad; }
+                raw = np.frombuffer(raw, np.uint32).astype(np.uint64).tobytes()
+            m = self.obj.map(f"bench_dst{version}", ctypes.c_uint32, ctypes.c_uint8 * (8 if version == 4 else 16))
             mm = m.mmap()
             mm[: len(raw)] = raw
             mm.close()

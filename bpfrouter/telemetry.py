@@ -10,6 +10,7 @@ from typing import Callable, Iterator
 
 from .bpf import RingBuffer
 from .datapath import Datapath
+from .datapath import jiffies
 from .datapath import layout as lo
 from .interfaces import ifname
 from .observe import XDP_ACTIONS
@@ -152,24 +153,48 @@ class FlowRecord:
         }
 
 
-def read_flows(dp: Datapath) -> list[FlowRecord]:
-    """Every flow in the table, its per-CPU values merged: sums for counts,
-    first and last seen across CPUs, the last packet's verdict."""
-    out = []
+def _flow_parts(dp: Datapath) -> dict[tuple, tuple[lo.FlowKey, list[lo.Flow]]]:
+    """Every flow's per-CPU values: the table's, and the deltas the per-CPU
+    cache holds that the table has not received yet."""
+    parts: dict[tuple, tuple[lo.FlowKey, list[lo.Flow]]] = {}
+
+    def add(k: lo.FlowKey, v: lo.Flow) -> None:
+        ident = bytes(k)
+        if ident not in parts:
+            parts[ident] = (k, [])
+        parts[ident][1].append(v)
+
     for k, per_cpu in dp.maps["flows"].lookup_batch():
-        seen = [v for v in per_cpu if v.packets]
+        for v in per_cpu:
+            if v.packets or v.first_jiffies:
+                add(k, v)
+    for _, per_cpu in dp.maps["flow_cache"].lookup_batch():
+        for slot in per_cpu:
+            if slot.delta.packets:
+                add(slot.key, slot.delta)
+    return parts
+
+
+def read_flows(dp: Datapath) -> list[FlowRecord]:
+    """Every flow, its parts merged: sums for counts, first and last seen
+    across CPUs and the cache, the last packet's verdict."""
+    clock = jiffies.now()
+    out = []
+    for k, parts in _flow_parts(dp).values():
+        seen = [v for v in parts if v.packets]
         if not seen:
             continue
-        last = max(seen, key=lambda v: v.last_ns)
+        last = max(reversed(seen), key=lambda v: v.last_jiffies)  # ties: the cache, newer
         flags = 0
         for v in seen:
             flags |= v.tcp_flags
+        first = min(v.first_jiffies for v in parts if v.first_jiffies)
         out.append(FlowRecord(
             key=(bytes(k.saddr), bytes(k.daddr), k.sport, k.dport, k.vlan_id, k.l4_proto, k.family),
             iface=last.ifindex, egress=last.egress_ifindex, family=k.family, proto=k.l4_proto,
             src=_addr(k.saddr, k.family) or "", dst=_addr(k.daddr, k.family) or "", sport=k.sport, dport=k.dport,
             vlan=k.vlan_id, packets=sum(v.packets for v in seen), bytes=sum(v.bytes for v in seen),
-            first_ns=min(v.first_ns for v in seen), last_ns=last.last_ns, tcp_flags=flags,
+            first_ns=clock.monotonic(first), last_ns=clock.monotonic(last.last_jiffies), tcp_flags=flags,
             reason=lo.Reason(last.reason) if last.reason < lo.REASON_MAX else lo.Reason.PASS_NON_IP,
             action=last.action))
     return out

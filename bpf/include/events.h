@@ -11,6 +11,9 @@
 
 /* Events per second per reason and CPU; set by the loader. */
 const volatile __u32 event_rate = 100;
+/* The kernel's CONFIG_HZ, for one-second windows in jiffies; set by the
+ * loader (datapath/jiffies.py). */
+const volatile __u32 jiffies_hz = 250;
 
 struct event {
 	__u64 ts_ns;            /* bpf_ktime_get_ns() */
@@ -40,7 +43,7 @@ struct event {
 };
 
 struct event_window {
-	__u64 start_ns;
+	__u64 start_jiffies;
 	__u64 sent;
 };
 
@@ -56,6 +59,7 @@ struct {
 	__type(value, struct event_window);
 } event_windows SEC(".maps");
 
+/* Counts the packet against its reason's window; 0: held back (counted). */
 static __always_inline int event_allowed(__u32 reason)
 {
 	struct event_window *w = bpf_map_lookup_elem(&event_windows, &reason);
@@ -63,13 +67,15 @@ static __always_inline int event_allowed(__u32 reason)
 
 	if (!w)
 		return 0;
-	now = bpf_ktime_get_ns();
-	if (now - w->start_ns >= 1000000000ULL) {
-		w->start_ns = now;
+	now = bpf_jiffies64();
+	if (now - w->start_jiffies >= jiffies_hz) {
+		w->start_jiffies = now;
 		w->sent = 0;
 	}
-	if (w->sent >= event_rate)
+	if (w->sent >= event_rate) {
+		obs_count(OBS_EVENTS_SUPPRESSED);
 		return 0;
+	}
 	w->sent++;
 	return 1;
 }
@@ -101,10 +107,6 @@ static __always_inline void event_emit(struct xdp_md *ctx, const struct obs_inpu
 {
 	struct event *e;
 
-	if (!event_allowed(in->reason)) {
-		obs_count(OBS_EVENTS_SUPPRESSED);
-		return;
-	}
 	e = bpf_ringbuf_reserve(&events, sizeof(*e), 0);
 	if (!e) {
 		obs_count(OBS_EVENTS_LOST);

@@ -67,7 +67,9 @@ struct obs_input {
 	__u8 route_type;
 	__u8 prefixlen;
 	__u8 route_proto;
-	__u8 reserved[3];
+	__u8 flow_done;         /* the flow cache took this packet already */
+	__u8 event;             /* the rate cap lets an event through */
+	__u8 reserved;
 };
 
 static __always_inline void obs_input_of(struct obs_input *in, const struct decision *d, int action)

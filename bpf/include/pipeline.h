@@ -91,8 +91,10 @@ out:
 	return reason_action(reason);
 }
 
-/* Flows and events, for packets that are not probes. A global function:
- * the verifier checks it once, not once per path through the pipeline. */
+/* The slow parts of flows and events, for packets that are not probes: a
+ * flow that does not hold its cache slot, an event the rate cap lets
+ * through. A global function: the verifier checks it once, not once per
+ * path through the pipeline. */
 __attribute__((noinline)) int bpfrouter_observe(struct xdp_md *ctx, struct obs_input *in)
 {
 	struct pkt p = {};
@@ -100,16 +102,18 @@ __attribute__((noinline)) int bpfrouter_observe(struct xdp_md *ctx, struct obs_i
 	if (!ctx || !in)
 		return 0;
 	obs_pkt(ctx, in, &p);
-	if ((observe_flags & OBS_F_FLOWS) && in->reason < REASON_DROP_TRUNC_L2)
+	if ((observe_flags & OBS_F_FLOWS) && !in->flow_done)
 		flow_account(ctx, in, &p);
-	if ((observe_flags & OBS_F_EVENTS) && in->reason > REASON_FWD_IPV6)
+	if ((observe_flags & OBS_F_EVENTS) && in->event)
 		event_emit(ctx, in, &p);
 	return 0;
 }
 
 /* The pipeline with its observers: capture copies the frame before the
  * pipeline may rewrite it and sends it once the verdict is known; flows and
- * events see the decision. */
+ * events see the decision. The common cases are inlined: a packet of a
+ * cached flow, an event held back by the rate cap. A call costs several ns
+ * here (return thunks), so the rest is made only when needed. */
 static __always_inline int bpfrouter_observed(struct xdp_md *ctx)
 {
 	struct decision d = {};
@@ -121,13 +125,18 @@ static __always_inline int bpfrouter_observed(struct xdp_md *ctx)
 	action = bpfrouter_pipeline(ctx, &d);
 	if (d.probe)
 		return action;
-	/* A call costs several ns (return thunks): forwarded packets make it
-	 * only for the flow table; events are for drops and passes. */
-	if ((observe_flags & OBS_F_FLOWS) ||
-	    ((observe_flags & OBS_F_EVENTS) && d.reason > REASON_FWD_IPV6)) {
-		obs_input_of(&in, &d, action);
-		bpfrouter_observe(ctx, &in);
+	obs_input_of(&in, &d, action);
+	in.flow_done = 1;
+	if ((observe_flags & OBS_F_FLOWS) && d.reason < REASON_DROP_TRUNC_L2) {
+		struct pkt fp = {};
+
+		obs_pkt(ctx, &in, &fp);
+		in.flow_done = flow_cached(ctx, &fp, in.egress_ifindex, in.reason, action);
 	}
+	if ((observe_flags & OBS_F_EVENTS) && d.reason > REASON_FWD_IPV6)
+		in.event = event_allowed(d.reason);
+	if (!in.flow_done || in.event)
+		bpfrouter_observe(ctx, &in);
 	if (observe_flags & OBS_F_CAPTURE)
 		capture_end(d.reason, action, d.res.egress_ifindex);
 	return action;

@@ -21,6 +21,7 @@ from pathlib import Path
 from ..bpf import (BpfError, BpfObject, Link, Map, Program, XDP_FLAGS_DRV_MODE, XDP_FLAGS_SKB_MODE, pin_object,
                    xdp_query)
 from . import layout as lo
+from .jiffies import JiffiesError, kernel_hz
 
 PIN_ROOT = Path(os.environ.get("BPFROUTER_PIN_ROOT", "/sys/fs/bpf/bpfrouter"))
 RUN_ROOT = Path(os.environ.get("BPFROUTER_RUN_ROOT", "/run/bpfrouter"))
@@ -50,6 +51,7 @@ MAPS: dict[str, tuple[type, type]] = {
     "events": (lo.Nothing, lo.Nothing),
     "event_windows": (ctypes.c_uint32, lo.EventWindow),
     "flows": (lo.FlowKey, lo.Flow),
+    "flow_cache": (ctypes.c_uint32, lo.FlowSlot),
     "capture_cfg": (ctypes.c_uint32, lo.CaptureCfg),
     "capture_scratch": (ctypes.c_uint32, lo.CaptureRec),
     "capture_ring": (lo.Nothing, lo.Nothing),
@@ -163,6 +165,10 @@ class Datapath:
             obj.only_programs(PROGRAM)
             obj.set_rodata("fib_mode", ctypes.c_uint32(fib_mode))
             obj.set_rodata("fib_impl", ctypes.c_uint32(fib_impl))
+            try:
+                obj.set_rodata("jiffies_hz", ctypes.c_uint32(kernel_hz()))
+            except JiffiesError as e:
+                raise DatapathError(f"{e} (the observers' clock needs it)") from None
             if event_rate is not None:
                 obj.set_rodata("event_rate", ctypes.c_uint32(event_rate))
             if observe is not None:

@@ -191,7 +191,7 @@ class Event(ctypes.Structure):
 
 
 class EventWindow(ctypes.Structure):
-    _fields_ = [("start_ns", u64), ("sent", u64)]
+    _fields_ = [("start_jiffies", u64), ("sent", u64)]
 
 
 class FlowKey(ctypes.Structure):
@@ -200,8 +200,12 @@ class FlowKey(ctypes.Structure):
 
 
 class Flow(ctypes.Structure):
-    _fields_ = [("packets", u64), ("bytes", u64), ("first_ns", u64), ("last_ns", u64), ("ifindex", u32),
+    _fields_ = [("packets", u64), ("bytes", u64), ("first_jiffies", u64), ("last_jiffies", u64), ("ifindex", u32),
                 ("egress_ifindex", u32), ("reason", u16), ("action", u8), ("tcp_flags", u8), ("reserved", u32)]
+
+
+class FlowSlot(ctypes.Structure):
+    _fields_ = [("key", FlowKey), ("delta", Flow)]
 
 
 class CaptureCfg(ctypes.Structure):
@@ -237,6 +241,7 @@ STRUCTS: dict[str, type[ctypes.Structure]] = {
     "event_window": EventWindow,
     "flow_key": FlowKey,
     "flow": Flow,
+    "flow_slot": FlowSlot,
     "capture_cfg": CaptureCfg,
     "capture_rec": CaptureRec,
 }

@@ -1,6 +1,10 @@
 """The data plane's observers through BPF_PROG_TEST_RUN: events for drops and
 passes (fields, rate cap), the flow table, and the capture hook. Each test
 gets its own data plane, so no other test's packets or rate windows leak in."""
+import socket
+import struct
+import time
+
 import pytest
 from scapy.layers.inet import IP, TCP, UDP
 from scapy.layers.l2 import Ether
@@ -96,6 +100,41 @@ def test_flow_counts_packets_bytes_flags_and_verdict(env, dp):
     dropped = flows[("10.1.0.5", "10.66.1.1", 7, 9)]
     assert dropped.packets == 1 and dropped.reason.verdict == "drop"
     assert obs_stats(dp)["flows_created"] == 2
+
+
+def cache_slot(key: lo.FlowKey, slots: int) -> int:
+    """flows.h flow_slot_index: multiply-shift over the key's 64-bit words."""
+    w, m = struct.unpack("<5Q", bytes(key)), (1 << 64) - 1
+    h = ((w[0] ^ ((w[2] << 32 | w[2] >> 32) & m)) * 0x9E3779B97F4A7C15) & m
+    h ^= ((w[1] ^ w[3]) * 0xC2B2AE3D27D4EB4F) & m
+    h ^= (w[4] * 0x165667B19E3779F9) & m
+    return h >> (64 - slots.bit_length() + 1)
+
+
+def udp_key(src: str, dst: str, sport: int, dport: int) -> lo.FlowKey:
+    k = lo.FlowKey(sport=sport, dport=dport, l4_proto=17, family=4)
+    k.saddr[:4], k.daddr[:4] = socket.inet_aton(src), socket.inet_aton(dst)
+    return k
+
+
+def test_flows_sharing_a_cache_slot_hand_it_over_without_losing_counts(env, dp):
+    slots = dp.maps["flow_cache"].max_entries
+    a = udp_key("10.1.0.5", "10.20.1.1", 1000, 53)
+    b_port = next(p for p in range(1001, 65536)
+                  if cache_slot(udp_key("10.1.0.5", "10.20.1.1", p, 53), slots) == cache_slot(a, slots))
+    pkt_a = frame(env, "10.20.1.1", UDP(sport=1000, dport=53))
+    pkt_b = frame(env, "10.20.1.1", UDP(sport=b_port, dport=53))
+    for pkt in (pkt_a, pkt_a, pkt_b, pkt_a):   # b takes a's slot, then a takes it back
+        assert run(env, dp, pkt).retval == XDP_REDIRECT
+    table = {k.sport: sum(v.packets for v in per_cpu) for k, per_cpu in dp.maps["flows"].lookup_batch()}
+    assert table == {1000: 2, b_port: 1}       # the deltas each flow left when it lost the slot
+    with netns.entered(NS):
+        flows = {f.sport: f for f in read_flows(dp)}
+    assert (flows[1000].packets, flows[b_port].packets) == (3, 1)
+    assert flows[1000].bytes == 3 * len(pkt_a)
+    assert obs_stats(dp)["flows_created"] == 2
+    seen = flows[1000].as_json()
+    assert abs(seen["first_seen"] - time.time()) < 5 and seen["first_seen"] <= seen["last_seen"]
 
 
 def test_probes_are_neither_observed_nor_captured(env, dp):
