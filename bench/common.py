@@ -76,5 +76,10 @@ class Bench:
         runs = [p.test_run(self.frame, ingress_ifindex=self.ifindex).duration_ns / self.n for _ in range(rounds)]
         return statistics.median(runs)
 
+    def best_ns(self, prog: str, runs: int) -> float:
+        """The fastest of several runs: interference only ever adds time."""
+        p = self.obj.program(prog)
+        return min(p.test_run(self.frame, ingress_ifindex=self.ifindex).duration_ns / self.n for _ in range(runs))
+
     def close(self) -> None:
         self.obj.close()

@@ -57,6 +57,8 @@ MAPS: dict[str, tuple[type, type]] = {
     "capture_ring": (lo.Nothing, lo.Nothing),
 }
 DIR_MAPS = [m for m in MAPS if m.startswith("dir")]
+# Maps the object names after a global's data section; pinned under the first name.
+SECTION_MAPS = {"capture_cfg": ".data.capture"}
 
 
 class DatapathError(Exception):
@@ -189,7 +191,7 @@ class Datapath:
             try:
                 maps = {}
                 for m, (kt, vt) in MAPS.items():
-                    fd = os.dup(obj.map_fd(m))
+                    fd = os.dup(obj.map_fd(SECTION_MAPS.get(m, m)))
                     mp = Map(fd, kt, vt, m)
                     _pin(fd, pin_dir / m)
                     maps[m] = mp
