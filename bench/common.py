@@ -71,15 +71,16 @@ class Bench:
             bytes(4) + bytes.fromhex("9c40829a000c0000") + bytes(4)
         self.n = n
 
-    def ns(self, prog: str, rounds: int) -> float:
+    def _runs(self, prog: str, runs: int) -> list[float]:
         p = self.obj.program(prog)
-        runs = [p.test_run(self.frame, ingress_ifindex=self.ifindex).duration_ns / self.n for _ in range(rounds)]
-        return statistics.median(runs)
+        return [p.test_run(self.frame, ingress_ifindex=self.ifindex).duration_ns / self.n for _ in range(runs)]
+
+    def ns(self, prog: str, rounds: int) -> float:
+        return statistics.median(self._runs(prog, rounds))
 
     def best_ns(self, prog: str, runs: int) -> float:
         """The fastest of several runs: interference only ever adds time."""
-        p = self.obj.program(prog)
-        return min(p.test_run(self.frame, ingress_ifindex=self.ifindex).duration_ns / self.n for _ in range(runs))
+        return min(self._runs(prog, runs))
 
     def close(self) -> None:
         self.obj.close()

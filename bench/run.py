@@ -47,6 +47,11 @@ OBJECT = str(ROOT / "build" / "router.bpf.o")
 RUNS_PER_LOAD = 3  # per-packet figures: the fastest of these runs of each fresh load
 
 
+def counted(dp: Datapath, ifindex: int, reason: lo.Reason) -> int:
+    """Packets the data plane has counted with this ingress and reason."""
+    return read_counters(dp, ifindex).get((ifindex, reason), (0, 0))[0]
+
+
 def bench_prog_test_run(lab: Lab, n: int, rounds: int) -> tuple[list[dict], list[dict]]:
     """Per-packet cost inside the kernel: a bpf_loop in one BPF_PROG_TEST_RUN
     restores the packet (MACs, TTL) and runs the router's pipeline on it, n
@@ -82,26 +87,26 @@ def bench_prog_test_run(lab: Lab, n: int, rounds: int) -> tuple[list[dict], list
                 if got != want:
                     raise SystemExit(f"bench setup wrong: {case} returned XDP action {got}, expected {want}")
                 runs: dict[str, list[float]] = {k: [] for k in ("floor", "reset", *variants, "kernel FIB")}
+                # variant -> data plane, FIB mode, FIB implementation, program, expected reason
+                setups = {k: (dp, lo.FibMode.BPF, impl, f"bench_pipeline{v}" if k == "plain" else f"bench_observed{v}",
+                              bpf_reason) for k in variants}
+                setups["kernel FIB"] = (kernel_dp, lo.FibMode.KERNEL, lo.FibImpl.LPM, f"bench_pipeline{v}",
+                                        kernel_reason)
                 for _ in range(rounds):
                     # A fresh load per round: JIT placement moves a program's cost by several ns.
-                    for k, flags in (*variants.items(), ("kernel FIB", 0)):
-                        on = kernel_dp if k == "kernel FIB" else dp
-                        reason = kernel_reason if k == "kernel FIB" else bpf_reason
-                        b = Bench(on, lo.FibMode.KERNEL if k == "kernel FIB" else lo.FibMode.BPF,
-                                  lo.FibImpl.LPM if k == "kernel FIB" else impl, n, r_eth0, frame[:14], dests,
-                                  observe=flags, frame=frame)
+                    for k, (on, mode, fib_impl, prog, reason) in setups.items():
+                        b = Bench(on, mode, fib_impl, n, r_eth0, frame[:14], dests, observe=variants.get(k, 0),
+                                  frame=frame)
                         try:
                             if k == "plain":
                                 runs["floor"].append(b.best_ns(f"bench_empty{v}", RUNS_PER_LOAD))
                                 runs["reset"].append(b.best_ns(f"bench_pipeline_reset{v}", RUNS_PER_LOAD))
-                            before = read_counters(on, r_eth0).get((r_eth0, reason), (0, 0))[0]
-                            runs[k].append(b.best_ns(f"bench_pipeline{v}" if k in ("plain", "kernel FIB")
-                                                     else f"bench_observed{v}", RUNS_PER_LOAD))
-                            done = read_counters(on, r_eth0).get((r_eth0, reason), (0, 0))[0] - before
+                            before = counted(on, r_eth0, reason)
+                            runs[k].append(b.best_ns(prog, RUNS_PER_LOAD))
+                            done = counted(on, r_eth0, reason) - before
                             if done != n * RUNS_PER_LOAD:
                                 raise SystemExit(f"bench wrong: {case} ({k}) counted {done} of {n * RUNS_PER_LOAD} "
-                                                 f"packets as "
-                                                 f"{reason.label}")
+                                                 f"packets as {reason.label}")
                         finally:
                             b.close()
                 ns = {k: statistics.median(x) for k, x in runs.items()}

@@ -153,16 +153,13 @@ class FlowRecord:
         }
 
 
-def _flow_parts(dp: Datapath) -> dict[tuple, tuple[lo.FlowKey, list[lo.Flow]]]:
+def _flow_parts(dp: Datapath) -> dict[bytes, tuple[lo.FlowKey, list[lo.Flow]]]:
     """Every flow's per-CPU values: the table's, and the deltas the per-CPU
     cache holds that the table has not received yet."""
-    parts: dict[tuple, tuple[lo.FlowKey, list[lo.Flow]]] = {}
+    parts: dict[bytes, tuple[lo.FlowKey, list[lo.Flow]]] = {}
 
     def add(k: lo.FlowKey, v: lo.Flow) -> None:
-        ident = bytes(k)
-        if ident not in parts:
-            parts[ident] = (k, [])
-        parts[ident][1].append(v)
+        parts.setdefault(bytes(k), (k, []))[1].append(v)
 
     for k, per_cpu in dp.maps["flows"].lookup_batch():
         for v in per_cpu:

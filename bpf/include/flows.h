@@ -166,7 +166,9 @@ static __always_inline int flow_cached(struct xdp_md *ctx, const struct pkt *p,
 	return 1;
 }
 
-/* Any packet: a cache hit, or the slot changes hands. */
+/* A packet flow_cached did not take: its slot holds another flow (or none).
+ * The slot's flow goes to the table, this flow is made sure of there, and
+ * takes the slot. */
 static __always_inline void flow_account(struct xdp_md *ctx, const struct obs_input *in,
 					const struct pkt *p)
 {
@@ -184,17 +186,15 @@ static __always_inline void flow_account(struct xdp_md *ctx, const struct obs_in
 		return;
 	now = bpf_jiffies64();
 	d = &s->delta;
-	if (!d->packets || !flow_key_equal(&s->key, &k)) {
-		if (d->packets)
-			flow_flush(s);
-		if (!flow_entry(&k, now))
-			return;
-		__builtin_memcpy(&s->key, &k, sizeof(k));
-		d->packets = 0;
-		d->bytes = 0;
-		d->first_jiffies = now;
-		d->tcp_flags = 0;
-	}
+	if (d->packets)
+		flow_flush(s);
+	if (!flow_entry(&k, now))
+		return;
+	__builtin_memcpy(&s->key, &k, sizeof(k));
+	d->packets = 0;
+	d->bytes = 0;
+	d->first_jiffies = now;
+	d->tcp_flags = 0;
 	flow_slot_add(d, ctx, p, in->egress_ifindex, in->reason, in->action, now);
 }
 
