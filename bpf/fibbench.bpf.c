@@ -177,11 +177,11 @@ LOOKUP_LOOP(bench_pipeline_reset4, bench_dst4, struct dst4, c->acc += reset_pack
 LOOKUP_LOOP(bench_pipeline4, bench_dst4, struct dst4,
 	    if (reset_packet(c->xdp, d->a) == 0) c->acc += plain_pipeline(c->xdp))
 LOOKUP_LOOP(bench_observed4, bench_dst4, struct dst4,
-	    if (reset_packet(c->xdp, d->a) == 0) c->acc += bpfrouter_observed(c->xdp))
+	    if (reset_packet(c->xdp, d->a) == 0) c->acc += bpfrouter_observed(c->xdp, observe_flags & OBS_F_CAPTURE))
 LOOKUP_LOOP(bench_pipeline_reset6, bench_dst6, struct dst6, c->acc += reset_packet6(c->xdp, d->a))
 LOOKUP_LOOP(bench_pipeline6, bench_dst6, struct dst6,
 	    if (reset_packet6(c->xdp, d->a) == 0) c->acc += plain_pipeline(c->xdp))
 LOOKUP_LOOP(bench_observed6, bench_dst6, struct dst6,
-	    if (reset_packet6(c->xdp, d->a) == 0) c->acc += bpfrouter_observed(c->xdp))
+	    if (reset_packet6(c->xdp, d->a) == 0) c->acc += bpfrouter_observed(c->xdp, observe_flags & OBS_F_CAPTURE))
 
 char _license[] SEC("license") = "GPL";

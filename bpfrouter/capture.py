@@ -1,9 +1,12 @@
 """`bpfrouter capture`: the packets the XDP program sees, with their verdict.
 
-The data plane copies frames into a ring buffer while a capture is active
-(bpf/include/capture.h); this module switches it on, renews it while it
-runs, filters with a tcpdump expression compiled by libpcap, and writes
-pcapng (the verdict in each packet's comment) or pcap."""
+The router's program with the capture hook copies frames into a ring buffer
+(bpf/include/capture.h). This module swaps that program in on the captured
+interfaces, switches the copy on, renews its lease while it runs, filters
+with a tcpdump expression compiled by libpcap, and writes pcapng (the
+verdict in each packet's comment) or pcap. When the capture ends the plain
+program goes back; if its reader dies, the lease expires and the agent
+swaps the plain program back (release_stale)."""
 from __future__ import annotations
 
 import ctypes
@@ -111,6 +114,8 @@ class Capture:
 
     def __init__(self, dp: Datapath, ifindex: int = 0, verdict: str = "any", snaplen: int = 262144):
         self.dp = dp
+        self.ifindices = [ifindex] if ifindex else list(dp.attached())
+        dp.capture_program().close()  # fails early, in one line, without the capture observer
         self.cfg = lo.CaptureCfg(active=1, ifindex=ifindex,
                                  actions=ANY if verdict == "any" else VERDICT_ACTIONS[verdict],
                                  snaplen=min(snaplen, lo.CAPTURE_MAX))
@@ -118,27 +123,30 @@ class Capture:
         if current is not None and current.active and current.expires_ns > time.monotonic_ns():
             raise CaptureError("another capture is running on this router; stop it first")
         self.rb: RingBuffer | None = None
+        self.on_packet: Callable[[Captured], bool] | None = None  # None: leftovers are dropped
+        self.done = False
 
     def renew(self) -> None:
+        """Extends the lease; the hook is swapped in again in case the agent
+        took it back in the instant between a stale capture and this one."""
         self.cfg.expires_ns = time.monotonic_ns() + LEASE_NS
         self.dp.maps["capture_cfg"].update(lo.u32(0), self.cfg)
+        self.dp.set_capture_hook(self.ifindices, True)
+
+    def start(self) -> None:
+        """Switches the capture on; packets from here on are recorded."""
+        if self.rb is None:
+            self.rb = RingBuffer(self.dp.maps["capture_ring"].fd, self._deliver)
+            self.rb.poll(0)  # leftovers of an earlier capture
+            self.renew()
 
     def run(self, on_packet: Callable[[Captured], bool], stop: Callable[[], bool] = lambda: False) -> None:
         """Calls on_packet for each captured packet until it returns False or stop() is true."""
-        done = False
-
-        def cb(raw: bytes) -> None:
-            nonlocal done
-            if not done and not on_packet(decode(raw)):
-                done = True
-
-        self.rb = RingBuffer(self.dp.maps["capture_ring"].fd, cb)
-        self.rb.poll(0)  # leftovers of an earlier capture
-        done = False
+        self.on_packet, self.done = on_packet, False
+        self.start()
         try:
-            self.renew()
             renewed = time.monotonic()
-            while not done and not stop():
+            while not self.done and not stop():
                 self.rb.poll(100)
                 if time.monotonic() - renewed > 1.0:
                     self.renew()
@@ -146,11 +154,30 @@ class Capture:
         finally:
             self.stop()
 
+    def _deliver(self, raw: bytes) -> None:
+        if self.on_packet is not None and not self.done and not self.on_packet(decode(raw)):
+            self.done = True
+
     def stop(self) -> None:
+        self.dp.set_capture_hook(list(self.dp.attached()), False)
         self.dp.maps["capture_cfg"].update(lo.u32(0), lo.CaptureCfg())
         if self.rb is not None:
             self.rb.close()
             self.rb = None
+
+
+def release_stale(dp: Datapath) -> list[int]:
+    """Swaps the plain program back where a capture's lease ran out (its
+    reader died); returns those interfaces. The hook is read before the
+    lease, so a capture starting meanwhile (lease first, then hook) is seen."""
+    hooked = dp.capture_hooked()
+    if not hooked:
+        return []
+    cfg = dp.maps["capture_cfg"].lookup(lo.u32(0))
+    if cfg is not None and cfg.active and cfg.expires_ns > time.monotonic_ns():
+        return []
+    dp.set_capture_hook(hooked, False)
+    return hooked
 
 
 class PcapWriter:

@@ -202,6 +202,8 @@ def status(name, as_json, pretty):
     console.print(f"events: {ob['events_sent']} sent, {ob['events_suppressed']} over the rate cap, "
                   f"{ob['events_lost']} lost (ring full); flows: {ft['entries']} of {ft['capacity']}, "
                   f"{ft['evicted']} evicted")
+    if ob["capture_hook_on"]:
+        console.print(f"capture: the program with the capture hook runs on {', '.join(ob['capture_hook_on'])}")
     for w in st["warnings"]:
         console.print(f"[yellow]warning:[/] {w}")
 

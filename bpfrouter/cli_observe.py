@@ -284,6 +284,7 @@ def capture(expression, iface, path, count, verdict, snaplen, duration, name):
                               f"{frame_summary(c.data)}, length {c.wirelen}", markup=False)
             return not done(got)
 
+        cap.start()  # before the announcement: what is sent after it is seen
         err_console.print(f"capturing at the XDP hook of router {meta.name}" + (f" on {iface}" if iface else "") +
                           f", verdict {verdict}" + (f", filter '{expr}'" if expr else "") +
                           (f", writing {path}" if path else "") + "; Ctrl-C to stop")

@@ -145,6 +145,7 @@ def status(meta: RouterMeta) -> dict:
             "neighbors": fill["neighbors"]["entries"],
             "totals": totals, "counters": counters,
             "observers": {"enabled": meta.observers, **obs_stats(dp),
+                          "capture_hook_on": [ifname(i) for i in dp.capture_hooked()],
                           "flow_table": flow_table_stats(dp, fill["flows"]["entries"])},
             "maps": fill, "warnings": fill_warnings(fill),
         }

@@ -1,7 +1,8 @@
 /* Capture at the XDP hook: while `bpfrouter capture` runs, the frame is
  * copied (up to the snap length) before the pipeline can rewrite it, and
  * sent with its verdict through a ring buffer once the verdict is known.
- * Idle, the hook is one load from a global and a branch. A full ring drops
+ * Only the capture program (router.bpf.c) has this hook, and it is attached
+ * only while a capture runs: idle, the hook costs nothing. A full ring drops
  * the copy, never the packet; a capture whose reader died expires. */
 #ifndef BPFROUTER_CAPTURE_H
 #define BPFROUTER_CAPTURE_H
@@ -32,9 +33,8 @@ struct capture_rec {
 };
 
 /* A global in its own data section (a one-entry array map to user space,
- * pinned as capture_cfg): the program reads it with one load from a fixed
- * address, where a map lookup costs a bounds check and two dependent loads.
- * That is the whole idle hook, twice per packet. */
+ * pinned as capture_cfg): one load from a fixed address, where a map lookup
+ * costs a bounds check and two dependent loads. */
 struct capture_cfg capture_cfg SEC(".data.capture");
 
 struct {

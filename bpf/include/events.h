@@ -102,9 +102,12 @@ static __always_inline void event_route_detail(struct event *e)
 	}
 }
 
-static __always_inline void event_emit(struct xdp_md *ctx, const struct obs_input *in,
-				       const struct pkt *p)
+static __always_inline void event_emit(struct xdp_md *ctx, const struct obs_input *in)
 {
+	void *data = (void *)(long)ctx->data;
+	void *end = (void *)(long)ctx->data_end;
+	struct ethhdr *eth = data;
+	struct flow_key k = {};
 	struct event *e;
 
 	e = bpf_ringbuf_reserve(&events, sizeof(*e), 0);
@@ -115,27 +118,31 @@ static __always_inline void event_emit(struct xdp_md *ctx, const struct obs_inpu
 	__builtin_memset(e, 0, sizeof(*e));
 	e->ts_ns = bpf_ktime_get_ns();
 	e->ifindex = ctx->ingress_ifindex;
-	e->len = p->len;
+	e->len = end - data;
 	e->reason = in->reason;
 	e->action = in->action;
 	e->nh_id = in->nh_id;
 	e->egress_ifindex = in->egress_ifindex;
-	e->vlan_id = p->vlan_id[0];
-	e->vlan_depth = p->vlan_depth;
-	e->l3_proto = p->l3_proto;
-	e->l4_proto = p->l4_proto;
+	e->vlan_id = in->vlan_id;
+	e->vlan_depth = in->vlan_depth;
+	e->l3_proto = in->l3_proto;
+	e->l4_proto = in->l4_proto;
 	e->route_type = in->route_type;
 	e->prefixlen = in->prefixlen;
 	e->route_proto = in->route_proto;
-	if (p->eth && (void *)(p->eth + 1) <= p->data_end) {
-		__builtin_memcpy(e->src_mac, p->eth->h_source, 6);
-		__builtin_memcpy(e->dst_mac, p->eth->h_dest, 6);
+	if ((void *)(eth + 1) <= end) {
+		__builtin_memcpy(e->src_mac, eth->h_source, 6);
+		__builtin_memcpy(e->dst_mac, eth->h_dest, 6);
 	}
-	e->family = pkt_addrs(p, e->saddr, e->daddr);
-	if (e->family)
-		e->ttl = pkt_ttl(p);
-	e->tcp_flags = pkt_tcp_flags(p);
-	pkt_ports(p, &e->sport, &e->dport);
+	e->family = flow_key_at(ctx, in->l3_off, in->l4_off, in->l3_proto, in->l4_proto, in->vlan_id, &k,
+				&e->tcp_flags);
+	if (e->family) {
+		e->ttl = ttl_at(ctx, in->l3_off, in->l3_proto);
+		__builtin_memcpy(e->saddr, k.saddr, 16);
+		__builtin_memcpy(e->daddr, k.daddr, 16);
+		e->sport = k.sport;
+		e->dport = k.dport;
+	}
 	event_route_detail(e);
 	bpf_ringbuf_submit(e, 0);
 	obs_count(OBS_EVENTS_SENT);

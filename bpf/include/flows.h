@@ -20,16 +20,6 @@
 #define FLOW_CACHE_BITS 10
 #define FLOW_CACHE_SLOTS (1 << FLOW_CACHE_BITS)   /* per CPU */
 
-struct flow_key {
-	__u8 saddr[16];         /* IPv4: first 4 bytes */
-	__u8 daddr[16];
-	__u16 sport;            /* ports, or ICMP type<<8|code ... */
-	__u16 dport;            /* ... and echo id */
-	__u16 vlan_id;
-	__u8 l4_proto;
-	__u8 family;            /* 4 or 6 */
-};
-
 struct flow {
 	__u64 packets;
 	__u64 bytes;
@@ -122,63 +112,51 @@ static __always_inline void flow_flush(struct flow_slot *s)
 	f->tcp_flags |= d->tcp_flags;
 }
 
-/* Returns the address family, 0 when the packet has no flow. */
-static __always_inline __u8 flow_key_of(const struct pkt *p, struct flow_key *k)
-{
-	k->family = pkt_addrs(p, k->saddr, k->daddr);
-	if (!k->family)
-		return 0;
-	k->l4_proto = p->l4_proto;
-	k->vlan_id = p->vlan_id[0];
-	pkt_ports(p, &k->sport, &k->dport);
-	return k->family;
-}
-
-static __always_inline void flow_slot_add(struct flow *d, struct xdp_md *ctx, const struct pkt *p,
-					  __u32 egress_ifindex, __u32 reason, __u32 action, __u64 now)
+static __always_inline void flow_slot_add(struct flow *d, struct xdp_md *ctx, const struct obs_input *in,
+					  __u8 tcp_flags, __u64 now)
 {
 	d->last_jiffies = now;
 	d->packets++;
-	d->bytes += p->len;
+	d->bytes += (long)ctx->data_end - (long)ctx->data;
 	d->ifindex = ctx->ingress_ifindex;
-	d->egress_ifindex = egress_ifindex;
-	d->reason = reason;
-	d->action = action;
-	d->tcp_flags |= pkt_tcp_flags(p);
+	d->egress_ifindex = in->egress_ifindex;
+	d->reason = in->reason;
+	d->action = in->action;
+	d->tcp_flags |= tcp_flags;
 }
 
 /* The common case, inlined into the pipeline: the packet's flow holds its
  * slot. Returns 0 when the slot holds another flow (flow_account then). */
-static __always_inline int flow_cached(struct xdp_md *ctx, const struct pkt *p,
-				       __u32 egress_ifindex, __u32 reason, __u32 action)
+static __always_inline int flow_cached(struct xdp_md *ctx, const struct obs_input *in)
 {
-	struct flow_key k = {};
+	struct flow_key k;      /* flow_key_at writes all of it */
 	struct flow_slot *s;
+	__u8 tcp_flags = 0;
 	__u32 idx;
 
-	if (!flow_key_of(p, &k))
+	if (!flow_key_at(ctx, in->l3_off, in->l4_off, in->l3_proto, in->l4_proto, in->vlan_id, &k, &tcp_flags))
 		return 1;      /* nothing to account */
 	idx = flow_slot_index(&k);
 	s = bpf_map_lookup_elem(&flow_cache, &idx);
 	if (!s || !s->delta.packets || !flow_key_equal(&s->key, &k))
 		return 0;
-	flow_slot_add(&s->delta, ctx, p, egress_ifindex, reason, action, bpf_jiffies64());
+	flow_slot_add(&s->delta, ctx, in, tcp_flags, bpf_jiffies64());
 	return 1;
 }
 
 /* A packet flow_cached did not take: its slot holds another flow (or none).
  * The slot's flow goes to the table, this flow is made sure of there, and
  * takes the slot. */
-static __always_inline void flow_account(struct xdp_md *ctx, const struct obs_input *in,
-					const struct pkt *p)
+static __always_inline void flow_account(struct xdp_md *ctx, const struct obs_input *in)
 {
 	struct flow_key k = {};
 	struct flow_slot *s;
 	struct flow *d;
+	__u8 tcp_flags = 0;
 	__u32 idx;
 	__u64 now;
 
-	if (!flow_key_of(p, &k))
+	if (!flow_key_at(ctx, in->l3_off, in->l4_off, in->l3_proto, in->l4_proto, in->vlan_id, &k, &tcp_flags))
 		return;
 	idx = flow_slot_index(&k);
 	s = bpf_map_lookup_elem(&flow_cache, &idx);
@@ -195,7 +173,7 @@ static __always_inline void flow_account(struct xdp_md *ctx, const struct obs_in
 	d->bytes = 0;
 	d->first_jiffies = now;
 	d->tcp_flags = 0;
-	flow_slot_add(d, ctx, p, in->egress_ifindex, in->reason, in->action, now);
+	flow_slot_add(d, ctx, in, tcp_flags, now);
 }
 
 #endif

@@ -91,70 +91,87 @@ static __always_inline void obs_input_of(struct obs_input *in, const struct deci
 	in->l4_off = p->l4_off;
 }
 
-/* The parsed view again, from offsets, with fresh bounds checks. */
-static __always_inline void obs_pkt(struct xdp_md *ctx, const struct obs_input *in, struct pkt *p)
+/* TTL or hop limit of the IP header at l3_off (0 when cut short). */
+static __always_inline __u8 ttl_at(struct xdp_md *ctx, __u16 l3_off, __u16 l3_proto)
+{
+	void *l3 = (void *)(long)ctx->data + (l3_off & 0x1ff);
+	void *end = (void *)(long)ctx->data_end;
+
+	if (l3_proto == ETH_P_IP && l3 + sizeof(struct iphdr) <= end)
+		return ((struct iphdr *)l3)->ttl;
+	if (l3_proto == ETH_P_IPV6 && l3 + sizeof(struct ipv6hdr) <= end)
+		return ((struct ipv6hdr *)l3)->hop_limit;
+	return 0;
+}
+
+/* A packet's identity: the flow table's key, and what events report.
+ * flow_key_at writes it as five 64-bit words, little-endian. */
+struct flow_key {
+	__u8 saddr[16];         /* IPv4: first 4 bytes */
+	__u8 daddr[16];
+	__u16 sport;            /* ports, or ICMP type<<8|code ... */
+	__u16 dport;            /* ... and echo id */
+	__u16 vlan_id;
+	__u8 l4_proto;
+	__u8 family;            /* 4 or 6 */
+};
+
+/* The packet's flow key and TCP flags, straight from the header offsets the
+ * pipeline found (no parsed view rebuilt). The key is written as the five
+ * 64-bit words that flow_slot_index and flow_key_equal read back: narrower
+ * stores under a wider load defeat store-to-load forwarding, a stall of
+ * about a dozen cycles per word. Returns the address family, 0 when the
+ * packet has no flow (the key is then unwritten). */
+static __always_inline __u8 flow_key_at(struct xdp_md *ctx, __u16 l3_off, __u16 l4_off, __u16 l3_proto,
+					__u8 l4_proto, __u16 vlan_id, struct flow_key *k, __u8 *tcp_flags)
 {
 	void *data = (void *)(long)ctx->data;
 	void *end = (void *)(long)ctx->data_end;
-	void *l3 = data + (in->l3_off & 0x1ff);
-	void *l4 = data + (in->l4_off & 0x3ff);
+	void *l3 = data + (l3_off & 0x1ff);
+	__u8 *l4 = data + (l4_off & 0x3ff);
+	__u64 *w = (__u64 *)k;
+	__u64 sport = 0, dport = 0, family;
 
-	p->data = data;
-	p->data_end = end;
-	p->len = end - data;
-	p->l3_proto = in->l3_proto;
-	p->l4_proto = in->l4_proto;
-	p->vlan_id[0] = in->vlan_id;
-	p->vlan_depth = in->vlan_depth;
-	if (data + sizeof(struct ethhdr) <= end)
-		p->eth = data;
-	if (in->l3_off && in->l3_proto == ETH_P_IP && l3 + sizeof(struct iphdr) <= end)
-		p->ip4 = l3;
-	else if (in->l3_off && in->l3_proto == ETH_P_IPV6 && l3 + sizeof(struct ipv6hdr) <= end)
-		p->ip6 = l3;
-	if (in->l4_off && l4 + 8 <= end)
-		p->l4 = l4;
-}
-
-static __always_inline __u8 pkt_tcp_flags(const struct pkt *p)
-{
-	struct tcphdr *th = p->l4;
-
-	if (!th || p->l4_proto != IPPROTO_TCP || (void *)(th + 1) > p->data_end)
+	if (!l3_off)
 		return 0;
-	return ((__u8 *)th)[13];
-}
+	if (l3_proto == ETH_P_IP) {
+		struct iphdr *ip = l3;
 
-/* L4 identifiers: ports, or for ICMP type<<8|code and the echo id. */
-static __always_inline void pkt_ports(const struct pkt *p, __u16 *sport, __u16 *dport)
-{
-	__u8 *l4 = p->l4;
+		if ((void *)(ip + 1) > end)
+			return 0;
+		w[0] = ip->saddr;
+		w[1] = 0;
+		w[2] = ip->daddr;
+		w[3] = 0;
+		family = 4;
+	} else if (l3_proto == ETH_P_IPV6) {
+		struct ipv6hdr *ip6 = l3;
+		const __u32 *s = ip6->saddr.in6_u.u6_addr32, *d = ip6->daddr.in6_u.u6_addr32;
 
-	if (!l4 || (void *)(l4 + 8) > p->data_end)
-		return;
-	if (p->l4_proto == IPPROTO_TCP || p->l4_proto == IPPROTO_UDP) {
-		*sport = bpf_ntohs(*(__be16 *)l4);
-		*dport = bpf_ntohs(*(__be16 *)(l4 + 2));
-	} else if (p->l4_proto == IPPROTO_ICMP || p->l4_proto == IPPROTO_ICMPV6) {
-		*sport = (__u16)l4[0] << 8 | l4[1];
-		*dport = bpf_ntohs(*(__be16 *)(l4 + 4));
+		if ((void *)(ip6 + 1) > end)
+			return 0;
+		w[0] = s[0] | (__u64)s[1] << 32;
+		w[1] = s[2] | (__u64)s[3] << 32;
+		w[2] = d[0] | (__u64)d[1] << 32;
+		w[3] = d[2] | (__u64)d[3] << 32;
+		family = 6;
+	} else {
+		return 0;
 	}
-}
-
-/* Copies the addresses (IPv4 in the first 4 bytes) and returns 4, 6 or 0. */
-static __always_inline __u8 pkt_addrs(const struct pkt *p, __u8 *saddr, __u8 *daddr)
-{
-	if (p->ip4) {
-		__builtin_memcpy(saddr, &p->ip4->saddr, 4);
-		__builtin_memcpy(daddr, &p->ip4->daddr, 4);
-		return 4;
+	if (l4_off && (void *)(l4 + 8) <= end) {
+		if (l4_proto == IPPROTO_TCP || l4_proto == IPPROTO_UDP) {
+			sport = bpf_ntohs(*(__be16 *)l4);
+			dport = bpf_ntohs(*(__be16 *)(l4 + 2));
+			if (l4_proto == IPPROTO_TCP && (void *)(l4 + 14) <= end)
+				*tcp_flags = l4[13];
+		} else if (l4_proto == IPPROTO_ICMP || l4_proto == IPPROTO_ICMPV6) {
+			sport = (__u16)l4[0] << 8 | l4[1];
+			dport = bpf_ntohs(*(__be16 *)(l4 + 4));
+		}
 	}
-	if (p->ip6) {
-		__builtin_memcpy(saddr, &p->ip6->saddr, 16);
-		__builtin_memcpy(daddr, &p->ip6->daddr, 16);
-		return 6;
-	}
-	return 0;
+	/* sport, dport, vlan_id, l4_proto, family: struct flow_key's last word */
+	w[4] = sport | dport << 16 | (__u64)vlan_id << 32 | (__u64)l4_proto << 48 | family << 56;
+	return family;
 }
 
 #endif

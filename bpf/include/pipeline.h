@@ -97,47 +97,41 @@ out:
  * path through the pipeline. */
 __attribute__((noinline)) int bpfrouter_observe(struct xdp_md *ctx, struct obs_input *in)
 {
-	struct pkt p = {};
-
 	if (!ctx || !in)
 		return 0;
-	obs_pkt(ctx, in, &p);
 	if ((observe_flags & OBS_F_FLOWS) && !in->flow_done)
-		flow_account(ctx, in, &p);
+		flow_account(ctx, in);
 	if ((observe_flags & OBS_F_EVENTS) && in->event)
-		event_emit(ctx, in, &p);
+		event_emit(ctx, in);
 	return 0;
 }
 
-/* The pipeline with its observers: capture copies the frame before the
- * pipeline may rewrite it and sends it once the verdict is known; flows and
- * events see the decision. The common cases are inlined: a packet of a
+/* The pipeline with its observers: flows and events see the decision; with
+ * `capture` (a constant: the capture program, attached only while a capture
+ * runs), the frame is copied before the pipeline may rewrite it and sent
+ * once the verdict is known. The common cases are inlined: a packet of a
  * cached flow, an event held back by the rate cap. A call costs several ns
  * here (return thunks), so the rest is made only when needed. */
-static __always_inline int bpfrouter_observed(struct xdp_md *ctx)
+static __always_inline int bpfrouter_observed(struct xdp_md *ctx, const int capture)
 {
 	struct decision d = {};
 	struct obs_input in = {};
 	int action;
 
-	if (observe_flags & OBS_F_CAPTURE)
+	if (capture)
 		capture_begin(ctx);
 	action = bpfrouter_pipeline(ctx, &d);
 	if (d.probe)
 		return action;
 	obs_input_of(&in, &d, action);
 	in.flow_done = 1;
-	if ((observe_flags & OBS_F_FLOWS) && d.reason < REASON_DROP_TRUNC_L2) {
-		struct pkt fp = {};
-
-		obs_pkt(ctx, &in, &fp);
-		in.flow_done = flow_cached(ctx, &fp, in.egress_ifindex, in.reason, action);
-	}
+	if ((observe_flags & OBS_F_FLOWS) && d.reason < REASON_DROP_TRUNC_L2)
+		in.flow_done = flow_cached(ctx, &in);
 	if ((observe_flags & OBS_F_EVENTS) && d.reason > REASON_FWD_IPV6)
 		in.event = event_allowed(d.reason);
 	if (!in.flow_done || in.event)
 		bpfrouter_observe(ctx, &in);
-	if (observe_flags & OBS_F_CAPTURE)
+	if (capture)
 		capture_end(d.reason, action, d.res.egress_ifindex);
 	return action;
 }

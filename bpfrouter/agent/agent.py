@@ -22,11 +22,11 @@ from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 from pyroute2.netlink.rtnl import RTMGRP_LINK, RTMGRP_NEIGH
 
-from .. import metrics
+from .. import capture, metrics
 from ..datapath import RUN_ROOT, Datapath, RouterMeta
 from ..datapath.layout import RTPROT_BPFROUTER, proto_name
 from ..fib import TABLE_MAIN, Fib, FibError, Route
-from ..interfaces import Interfaces
+from ..interfaces import Interfaces, ifname
 from ..neighbors import Neighbors
 from ..routespec import RouteSpec, RouteSpecError, parse_route
 from ..telemetry import fill_warnings, map_fill
@@ -346,6 +346,16 @@ class Agent:
         except Exception:  # a check, never fatal for the agent
             log.exception("map fill check failed")
 
+    def _release_stale_capture(self) -> None:
+        try:
+            gone = capture.release_stale(self.dp)
+        except Exception:  # a check, never fatal for the agent
+            log.exception("capture lease check failed")
+            return
+        if gone:
+            log.warning("a capture's reader stopped renewing it: capture hook removed from %s",
+                        ", ".join(ifname(i) for i in gone))
+
     def run(self) -> None:
         # The RIB holds one small acyclic object graph per route; default GC
         # thresholds would walk all of them every few thousand allocations,
@@ -369,6 +379,7 @@ class Agent:
         checked = 0.0
         try:
             while not self.stop.wait(1.0):
+                self._release_stale_capture()
                 if time.monotonic() - checked >= FILL_CHECK_SECONDS:
                     checked = time.monotonic()
                     self._warn_full_maps()

@@ -220,6 +220,26 @@ def prog_info(fd: int) -> L.BpfProgInfo:
     return info
 
 
+def prog_map_ids(fd: int) -> list[int]:
+    """Ids of the maps a loaded program uses."""
+    n = prog_info(fd).nr_map_ids
+    ids = (ctypes.c_uint32 * max(n, 1))()
+    info = L.BpfProgInfo(nr_map_ids=n, map_ids=ctypes.addressof(ids))
+    size = ctypes.c_uint32(ctypes.sizeof(info))
+    L.check(L.bpf_obj_get_info_by_fd(fd, ctypes.byref(info), ctypes.byref(size)), "program map ids")
+    return list(ids[:min(n, info.nr_map_ids)])
+
+
+def prog_xlated(fd: int) -> bytes:
+    """A loaded program's instructions after the verifier's rewrites."""
+    n = prog_info(fd).xlated_prog_len
+    buf = ctypes.create_string_buffer(max(n, 1))
+    info = L.BpfProgInfo(xlated_prog_len=n, xlated_prog_insns=ctypes.addressof(buf))
+    size = ctypes.c_uint32(ctypes.sizeof(info))
+    L.check(L.bpf_obj_get_info_by_fd(fd, ctypes.byref(info), ctypes.byref(size)), "program instructions")
+    return buf.raw[:min(n, info.xlated_prog_len)]
+
+
 def link_info(fd: int) -> L.BpfLinkInfo:
     info = L.BpfLinkInfo()
     size = ctypes.c_uint32(ctypes.sizeof(info))
@@ -327,6 +347,10 @@ class Link:
 
     def info(self) -> L.BpfLinkInfo:
         return link_info(self.fd)
+
+    def update(self, prog: "Program") -> None:
+        """Swap the attached program; atomic: each packet runs the old or the new one."""
+        L.check(L.bpf_link_update(self.fd, prog.fd, None), f"swap the program of link {self.info().id}")
 
     def detach(self) -> None:
         L.bpf_link_detach(self.fd)

@@ -1,7 +1,8 @@
 """Load, pin, attach and re-open one router's data plane.
 
 Everything lives under /sys/fs/bpf/bpfrouter/<name>/: the maps, the program
-(so `route get` can run packets through the live program) and one XDP link
+(so `route get` can run packets through the live program), its twin with the
+capture hook (attached only while `bpfrouter capture` runs) and one XDP link
 per interface. Pinned links keep forwarding when no process holds them, so
 the control plane can stop, restart or upgrade at any time. Control-plane
 metadata (object path, FIB mode, namespace) is kept next to it in
@@ -26,6 +27,7 @@ from .jiffies import JiffiesError, kernel_hz
 PIN_ROOT = Path(os.environ.get("BPFROUTER_PIN_ROOT", "/sys/fs/bpf/bpfrouter"))
 RUN_ROOT = Path(os.environ.get("BPFROUTER_RUN_ROOT", "/run/bpfrouter"))
 PROGRAM = "bpfrouter_xdp"
+CAPTURE_PROGRAM = "bpfrouter_xdp_capture"  # the same with the capture hook
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,31}$")
 
 # map name -> (key layout, value layout)
@@ -164,7 +166,9 @@ class Datapath:
         lo.check_layouts(object_path)
         obj = BpfObject(object_path)
         try:
-            obj.only_programs(PROGRAM)
+            with_capture = observe is None or bool(observe & lo.OBS_F_CAPTURE)
+            programs = (PROGRAM, CAPTURE_PROGRAM) if with_capture else (PROGRAM,)
+            obj.only_programs(*programs)
             obj.set_rodata("fib_mode", ctypes.c_uint32(fib_mode))
             obj.set_rodata("fib_impl", ctypes.c_uint32(fib_impl))
             try:
@@ -195,8 +199,13 @@ class Datapath:
                     mp = Map(fd, kt, vt, m)
                     _pin(fd, pin_dir / m)
                     maps[m] = mp
-                prog_fd = os.dup(obj.program(PROGRAM).fd)
-                _pin(prog_fd, pin_dir / PROGRAM)
+                for prog in programs:
+                    fd = os.dup(obj.program(prog).fd)
+                    _pin(fd, pin_dir / prog)
+                    if prog == PROGRAM:
+                        prog_fd = fd
+                    else:
+                        os.close(fd)
             except Exception:
                 shutil.rmtree(pin_dir, ignore_errors=True)
                 raise
@@ -247,6 +256,55 @@ class Datapath:
         finally:
             link.close()
         return xdp_query(ifindex)[0]
+
+    def capture_program(self) -> Program:
+        p = self.pin_dir(self.name) / CAPTURE_PROGRAM
+        if not p.exists():
+            raise DatapathError(f"router {self.name!r} runs without the capture observer "
+                                f"(restart it with `bpfrouter up --observers` including capture)")
+        return Program.pinned(str(p))
+
+    def set_capture_hook(self, ifindices: list[int], on: bool) -> None:
+        """Swap these interfaces' links to the program with the capture hook
+        (on) or back to the one without. Each swap is atomic; one that is
+        already done is skipped (a swap costs the kernel ~10 ms on veth)."""
+        prog = self.capture_program() if on else self.program
+        try:
+            want = prog.id
+            for idx in ifindices:
+                p = self.link_path(idx)
+                if not p.exists():
+                    continue
+                link = Link.pinned(str(p))
+                try:
+                    if link.info().prog_id != want:
+                        link.update(prog)
+                except BpfError as e:
+                    raise DatapathError(f"cannot swap the program on interface {idx}: {e}") from None
+                finally:
+                    link.close()
+        finally:
+            if prog is not self.program:
+                prog.close()
+
+    def capture_hooked(self) -> list[int]:
+        """Interfaces whose link runs the program with the capture hook."""
+        p = self.pin_dir(self.name) / CAPTURE_PROGRAM
+        if not p.exists():
+            return []
+        prog = Program.pinned(str(p))
+        try:
+            out = []
+            for idx in self.attached():
+                link = Link.pinned(str(self.link_path(idx)))
+                try:
+                    if link.info().prog_id == prog.id:
+                        out.append(idx)
+                finally:
+                    link.close()
+            return out
+        finally:
+            prog.close()
 
     def detach(self, ifindex: int) -> None:
         p = self.link_path(ifindex)

@@ -11,8 +11,9 @@ from scapy.layers.l2 import Ether
 from scapy.packet import Raw
 
 from bpfrouter import netns
-from bpfrouter.bpf import RingBuffer
-from bpfrouter.capture import Capture, decode
+from bpfrouter.bpf import Link, Program, RingBuffer, map_info, prog_map_ids
+from bpfrouter.capture import Capture, decode, release_stale
+from bpfrouter.datapath import DatapathError
 from bpfrouter.datapath import layout as lo
 from bpfrouter.observe import run_probe
 from bpfrouter.telemetry import decode_event, obs_stats, read_flows
@@ -147,33 +148,92 @@ def test_probes_are_neither_observed_nor_captured(env, dp):
         assert read_flows(dp) == []
 
 
-def test_capture_records_the_frame_before_rewrite_with_its_verdict(env, dp):
+@pytest.fixture
+def attached(env, dp):
+    """dp attached to dpt0, so capture swaps a real link's program."""
+    with netns.entered(NS):
+        dp.attach(env.ifindex["dpt0"], "generic")
+    return dp
+
+
+def run_attached(env, dp, pkt):
+    """Runs pkt through whatever program dpt0's link holds now."""
+    with netns.entered(NS):
+        link = Link.pinned(str(dp.link_path(env.ifindex["dpt0"])))
+        prog = Program.from_id(link.info().prog_id)
+        link.close()
+        try:
+            return prog.test_run(pkt, ingress_ifindex=env.ifindex["dpt0"]), prog.id
+        finally:
+            prog.close()
+
+
+def test_idle_program_has_no_capture_hook_and_capture_swaps_it_in_and_out(env, attached):
+    dp = attached
+    fwd = frame(env, "10.20.1.1", UDP(sport=5000, dport=53))
+    with netns.entered(NS):
+        capture_maps = {map_info(dp.maps[m].fd).id for m in ("capture_cfg", "capture_scratch", "capture_ring")}
+        assert not capture_maps & set(prog_map_ids(dp.program.fd)), "the idle program references capture maps"
+        cap_prog = dp.capture_program()
+        assert capture_maps <= set(prog_map_ids(cap_prog.fd))
+        cap_id = cap_prog.id
+        cap_prog.close()
+    assert run_attached(env, dp, fwd)[1] == dp.program.id
+    with netns.entered(NS):
+        cap = Capture(dp)
+        cap.renew()
+        assert dp.capture_hooked() == [env.ifindex["dpt0"]]
+    res, prog_id = run_attached(env, dp, fwd)
+    assert prog_id == cap_id and res.retval == XDP_REDIRECT
+    assert [c.data for c in drain(dp, "capture_ring", decode)] == [fwd]
+    with netns.entered(NS):
+        cap.stop()
+        assert dp.capture_hooked() == []
+    assert run_attached(env, dp, fwd)[1] == dp.program.id
+
+
+def test_capture_records_the_frame_before_rewrite_with_its_verdict(env, attached):
+    dp = attached
     fwd = frame(env, "10.20.1.1", UDP(sport=5000, dport=53))
     bh = frame(env, "10.66.1.1", UDP(sport=5000, dport=53))
-    run(env, dp, fwd)                                   # idle hook: nothing recorded
-    assert drain(dp, "capture_ring", decode) == []
     with netns.entered(NS):
         cap = Capture(dp, verdict="any")
         cap.renew()
-    res = run(env, dp, fwd)
+    res, _ = run_attached(env, dp, fwd)
     assert res.data[:6] == bytes.fromhex(MAC_GW.replace(":", "")), "the program rewrote the packet it forwarded"
-    run(env, dp, bh)
+    run_attached(env, dp, bh)
     got = drain(dp, "capture_ring", decode)
     assert [(c.data, c.verdict, c.reason.label) for c in got] == [(fwd, "redirect", "ipv4"), (bh, "drop", "blackhole")]
     assert got[0].egress_ifindex == env.ifindex["dpt1"] and got[0].wirelen == len(fwd)
     with netns.entered(NS):
         cap.stop()
         Capture(dp, verdict="drop").renew()
-    run(env, dp, fwd)
-    run(env, dp, bh)
+    run_attached(env, dp, fwd)
+    run_attached(env, dp, bh)
     assert [c.verdict for c in drain(dp, "capture_ring", decode)] == ["drop"]
     assert obs_stats(dp)["captured"] == 3
 
 
-def test_capture_expires_when_its_reader_stops_renewing(env, dp):
+def test_capture_expires_when_its_reader_stops_renewing(env, attached):
+    dp = attached
     with netns.entered(NS):
         cap = Capture(dp)
+        cap.renew()
         cap.cfg.expires_ns = 1  # a lease in the past: the reader is gone
         dp.maps["capture_cfg"].update(lo.u32(0), cap.cfg)
-    run(env, dp, frame(env, "10.20.1.1", UDP(sport=5000, dport=53)))
+    run_attached(env, dp, frame(env, "10.20.1.1", UDP(sport=5000, dport=53)))
     assert drain(dp, "capture_ring", decode) == []
+    with netns.entered(NS):
+        assert release_stale(dp) == [env.ifindex["dpt0"]]    # what the agent does each second
+        assert dp.capture_hooked() == [] and release_stale(dp) == []
+
+
+def test_capture_needs_the_capture_observer(env):
+    with netns.entered(NS):
+        d = load_datapath(f"{NS}-nocap", str(OBJECT), lo.FibMode.BPF, lo.FibImpl.DIR, env.ifindex, env.mac,
+                          observe=lo.OBS_F_EVENTS | lo.OBS_F_FLOWS)
+        try:
+            with pytest.raises(DatapathError, match="without the capture observer"):
+                Capture(d)
+        finally:
+            d.destroy()

@@ -14,6 +14,8 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from bpfrouter import netns
+from bpfrouter.capture import Capture
+from bpfrouter.datapath import Datapath
 from bpfrouter.lab import Lab
 from tests.conftest import BPF_SKIP, ROOT, bpfrouter_cmd
 
@@ -99,6 +101,27 @@ def test_capture_file_holds_forwarded_and_dropped_packets_with_verdicts(observed
     assert ttls == ["64"] * 4
     bad = r.cli("capture", "--duration", "1", "port", "and", "and", check=False)
     assert bad.returncode != 0 and "bad filter" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_capture_swaps_the_program_in_and_out_under_traffic_without_losing_a_packet(observed_router):
+    r = observed_router
+    r.ping("h1", r.lab.addr("h2"), count=1)  # the neighbor is resolved
+    flood = r.lab.popen("h1", ["ping", "-f", "-q", "-c", "200000", "-W", "2", r.lab.addr("h2")],
+                        stdout=subprocess.PIPE, text=True)
+    dp = Datapath.open(r.name)
+    swaps = 0
+    try:
+        while flood.poll() is None:
+            cap = Capture(dp)
+            cap.renew()   # both interfaces now run the program with the capture hook
+            cap.stop()    # and the plain one again
+            swaps += 1
+        out = flood.communicate()[0]
+        assert dp.capture_hooked() == []
+    finally:
+        dp.close()
+    assert swaps >= 20 and re.search(r"200000 packets transmitted, 200000 received", out), out
+    assert r.json("status")["observers"]["capture_hook_on"] == []
 
 
 def test_explain_routed_dropped_local_and_passed(observed_router):
