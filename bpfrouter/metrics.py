@@ -11,7 +11,6 @@ import os
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector, CollectorRegistry
 
-from .bpf import prog_info
 from .datapath import Datapath
 from .fib import fib_memory
 from .interfaces import ifname
@@ -105,13 +104,13 @@ class RouterCollector(Collector):
         cp.add_metric([r, "lost"], st["capture_lost"])
         yield cp
 
-        info = prog_info(dp.program.fd)
+        runs, run_ns = dp.program_stats()
         yield _gauge("bpfrouter_program_stats_enabled", "1 when kernel.bpf_stats_enabled=1, which the run "
                      "count and time below need.", r, 1 if bpf_stats_enabled() else 0)
-        yield _counter("bpfrouter_program_runs", "Runs of the XDP program (kernel.bpf_stats_enabled=1).",
-                       r, info.run_cnt)
-        yield _counter("bpfrouter_program_run_seconds", "Time spent in the XDP program "
-                       "(kernel.bpf_stats_enabled=1).", r, info.run_time_ns / 1e9)
+        yield _counter("bpfrouter_program_runs", "Runs of the XDP programs, with and without the capture "
+                       "hook (kernel.bpf_stats_enabled=1).", r, runs)
+        yield _counter("bpfrouter_program_run_seconds", "Time spent in the XDP programs, with and without "
+                       "the capture hook (kernel.bpf_stats_enabled=1).", r, run_ns / 1e9)
 
 
 def _counter(name: str, doc: str, router_name: str, value: float) -> CounterMetricFamily:

@@ -20,7 +20,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from ..bpf import (BpfError, BpfObject, Link, Map, Program, XDP_FLAGS_DRV_MODE, XDP_FLAGS_SKB_MODE, pin_object,
-                   xdp_query)
+                   prog_info, xdp_query)
 from . import layout as lo
 from .jiffies import JiffiesError, kernel_hz
 
@@ -286,6 +286,20 @@ class Datapath:
         finally:
             if prog is not self.program:
                 prog.close()
+
+    def program_stats(self) -> tuple[int, int]:
+        """Runs and run time (ns) of both programs, the one with the capture
+        hook included (the kernel counts them with kernel.bpf_stats_enabled=1)."""
+        runs = run_ns = 0
+        progs = [self.program]
+        with contextlib.suppress(DatapathError):
+            progs.append(self.capture_program())
+        for prog in progs:
+            info = prog_info(prog.fd)
+            runs, run_ns = runs + info.run_cnt, run_ns + info.run_time_ns
+            if prog is not self.program:
+                prog.close()
+        return runs, run_ns
 
     def capture_hooked(self) -> list[int]:
         """Interfaces whose link runs the program with the capture hook."""

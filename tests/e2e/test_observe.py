@@ -124,6 +124,17 @@ def test_capture_swaps_the_program_in_and_out_under_traffic_without_losing_a_pac
     assert r.json("status")["observers"]["capture_hook_on"] == []
 
 
+def test_agent_takes_the_capture_hook_back_when_the_reader_is_killed(observed_router):
+    r = observed_router
+    proc = stream(r, "capture", "--duration", "60", "icmp")
+    assert sorted(r.json("status")["observers"]["capture_hook_on"]) == ["r-eth0", "r-eth1"]
+    proc.kill()  # SIGKILL: no chance to swap the plain program back
+    proc.wait()
+    # the lease runs out after 3 s, the agent checks every second
+    assert wait_for(lambda: r.json("status")["observers"]["capture_hook_on"] == [], timeout=10)
+    assert r.ping("h1", r.lab.addr("h2"), count=1)
+
+
 def test_explain_routed_dropped_local_and_passed(observed_router):
     r = observed_router
     h1, h2 = r.lab.addr("h1"), r.lab.addr("h2")
@@ -157,6 +168,7 @@ def test_explain_routed_dropped_local_and_passed(observed_router):
 
 def test_metrics_endpoint_parses_and_counts(observed_router):
     r = observed_router
+    assert r.ping("h1", r.lab.addr("h2"), count=1)  # the neighbor is resolved: the rest is redirected
     assert r.ping("h1", r.lab.addr("h2"), count=3)
 
     def scrape() -> str:
