@@ -187,6 +187,9 @@ def main() -> None:
                        "dir_ns": benches["dir"].ns(f"bench_dir{v}", rounds),
                        "lpm_ns": benches["lpm"].ns(f"bench_lpm{v}", rounds),
                        "fib_lookup_ns": benches["kernel"].ns(f"bench_kernel{v}", rounds)}
+                if version == 4:  # the same lookups through bpf_loop, as measured until 2026-11-23
+                    row["empty_bpf_loop_ns"] = benches["dir"].ns("bench_empty4_cb", rounds)
+                    row["dir_bpf_loop_ns"] = benches["dir"].ns("bench_dir4_cb", rounds)
                 result["lookups"].append(row)
                 if version == 4:
                     result["pipeline"].append({
@@ -329,6 +332,12 @@ def report(r: dict) -> None:
         d = x["dir_ns"]
         print(f"  {x['table']:13} {x['empty_ns']:6.1f} {d:6.1f} {x['lpm_ns']:7.1f} {x['fib_lookup_ns']:8.1f} "
               f"{d - x['empty_ns']:9.1f} {x['lpm_ns'] / d:7.1f}x {x['fib_lookup_ns'] / d:7.1f}x")
+    print("  (one plain loop bounded by may_goto; the same IPv4 loops through bpf_loop, a call per lookup:")
+    for x in r["lookups"]:
+        if "dir_bpf_loop_ns" in x:
+            print(f"   {x['table']}: empty {x['empty_bpf_loop_ns']:.1f}, DIR {x['dir_bpf_loop_ns']:.1f}, "
+                  f"DIR-empty {x['dir_bpf_loop_ns'] - x['empty_bpf_loop_ns']:.1f}")
+    print("  )")
     print("\nwhole XDP pipeline, varying destinations, ns per packet:")
     print(f"  {'table':13} {'reset':>6} {'DIR':>6} {'LPM':>7} {'kernel':>7}")
     for x in r["pipeline"]:
