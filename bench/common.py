@@ -46,8 +46,12 @@ class Bench:
     """fibbench.bpf.o bound to one data plane's maps."""
 
     def __init__(self, dp: Datapath, fib_mode: lo.FibMode, impl: lo.FibImpl, n: int, ifindex: int,
-                 eth: bytes, dests: dict[int, bytes], observe: int | None = None, frame: bytes | None = None):
+                 eth: bytes, dests: dict[int, bytes], observe: int | None = None, frame: bytes | None = None,
+                 mem_bytes: int = 0):
         self.obj = BpfObject(BENCH)
+        if mem_bytes:  # bench_mem4: random reads over this many bytes (8 per array element)
+            self.obj.set_max_entries("bench_mem", mem_bytes // 8)
+            self.obj.set_rodata("bench_mem_mask", ctypes.c_uint32(mem_bytes // 8 - 1))
         for name, m in dp.maps.items():
             try:
                 self.obj.reuse_map(name, m.fd)

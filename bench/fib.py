@@ -118,6 +118,23 @@ def destinations(rng, prefixes, n: int, version: int) -> bytes:
     return out.tobytes()
 
 
+FOOTPRINTS_MIB = (1, 4, 16, 32, 64)
+
+
+def footprint(dp: Datapath, n: int, ifindex: int, eth: bytes, dests: dict[int, bytes], rounds: int) -> dict:
+    """One random read per destination over 1-64 MiB, same loop and destinations
+    as the lookups: what the DIR root's miss costs (64 MiB), and what a
+    structure small enough for the caches would pay per dependent read."""
+    out = {}
+    for mib in FOOTPRINTS_MIB:
+        b = Bench(dp, lo.FibMode.BPF, lo.FibImpl.DIR, n, ifindex, eth, dests, mem_bytes=mib << 20)
+        try:
+            out[f"{mib}_MiB_ns"] = b.ns("bench_mem4", rounds)
+        finally:
+            b.close()
+    return out
+
+
 def incremental_rate(fib: Fib, rng, count: int, ifindex: int) -> float:
     """Routes added one by one, as the agent applies netlink events."""
     nets = internet_routes4(rng, count)
@@ -190,6 +207,8 @@ def main() -> None:
                 if version == 4:  # the same lookups through bpf_loop, as measured until 2026-11-23
                     row["empty_bpf_loop_ns"] = benches["dir"].ns("bench_empty4_cb", rounds)
                     row["dir_bpf_loop_ns"] = benches["dir"].ns("bench_dir4_cb", rounds)
+                if version == 4 and size == sizes4[-1]:
+                    result["footprint"] = footprint(dps["dir"], n, fb0, eth, dests, rounds)
                 result["lookups"].append(row)
                 if version == 4:
                     result["pipeline"].append({
@@ -338,6 +357,9 @@ def report(r: dict) -> None:
             print(f"   {x['table']}: empty {x['empty_bpf_loop_ns']:.1f}, DIR {x['dir_bpf_loop_ns']:.1f}, "
                   f"DIR-empty {x['dir_bpf_loop_ns'] - x['empty_bpf_loop_ns']:.1f}")
     print("  )")
+    if "footprint" in r:
+        print("one random read per destination over a footprint of (ns, same loop; DIR's root is 64 MiB):")
+        print("  " + "  ".join(f"{k.replace('_MiB_ns', ' MiB')}: {v:.1f}" for k, v in r["footprint"].items()))
     print("\nwhole XDP pipeline, varying destinations, ns per packet:")
     print(f"  {'table':13} {'reset':>6} {'DIR':>6} {'LPM':>7} {'kernel':>7}")
     for x in r["pipeline"]:

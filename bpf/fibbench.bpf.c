@@ -61,6 +61,17 @@ struct bench_state {
  * stack past 512 bytes. */
 struct bench_state bench_state SEC(".data.bench");
 
+/* Random reads over a footprint the loader sizes (max_entries; 1 unless a
+ * run asks): what one lookup's memory access costs at 64 MiB (the DIR
+ * root) and at the sizes a compressed structure would have. */
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, __u64);
+} bench_mem SEC(".maps");
+
+const volatile __u32 bench_mem_mask = 0;  /* max_entries - 1, a power of two minus one */
 const volatile __u32 bench_n = 0;
 const volatile __u32 bench_ifindex = 0;  /* ingress for bpf_fib_lookup */
 __u64 bench_sink = 0;                    /* keeps results alive */
@@ -173,6 +184,15 @@ FAST_LOOP(bench_empty6, bench_dst6, struct dst6, c->acc += d->a[15])
 FAST_LOOP(bench_dir6, bench_dst6, struct dst6, c->acc += dir6(d->a))
 FAST_LOOP(bench_lpm6, bench_dst6, struct dst6, c->acc += lpm6(d->a))
 FAST_LOOP(bench_kernel6, bench_dst6, struct dst6, c->acc += kernel6(c->xdp, d->a))
+static __always_inline __u64 mem_read(__be32 dst)
+{
+	__u32 idx = (bpf_ntohl(dst) >> 8) & bench_mem_mask;  /* the root's index, folded */
+	__u64 *v = bpf_map_lookup_elem(&bench_mem, &idx);
+
+	return v ? *v : 0;
+}
+
+FAST_LOOP(bench_mem4, bench_dst4, struct dst4, c->acc += mem_read(d->a))
 /* The same loops through bpf_loop, as every lookup was measured until
  * 2026-11-23: the callback's cost next to the plain loop's. */
 LOOKUP_LOOP(bench_empty4_cb, bench_dst4, struct dst4, c->acc += d->a)
