@@ -7,6 +7,7 @@ import time
 
 import pytest
 from scapy.layers.inet import IP, TCP, UDP
+from scapy.layers.inet6 import IPv6
 from scapy.layers.l2 import Ether
 from scapy.packet import Raw
 
@@ -101,6 +102,26 @@ def test_flow_counts_packets_bytes_flags_and_verdict(env, dp):
     dropped = flows[("10.1.0.5", "10.66.1.1", 7, 9)]
     assert dropped.packets == 1 and dropped.reason.verdict == "drop"
     assert obs_stats(dp)["flows_created"] == 2
+
+
+def test_ipv6_flow_and_event_carry_the_full_addresses_ports_and_flags(env, dp):
+    def frame6(dst, l4):
+        return bytes(Ether(dst=env.if0_mac, src=SRC_MAC) / IPv6(src="fd01::5:6:7:8", dst=dst, hlim=64) / l4)
+
+    drain(dp)
+    fwd = frame6("fd20::1:2:3:4", TCP(sport=40001, dport=443, flags="SE"))
+    for _ in range(2):
+        assert run(env, dp, fwd).retval == XDP_REDIRECT
+    run(env, dp, frame6("fd99::9", UDP(sport=5353, dport=53)))          # no route: passed, an event
+    with netns.entered(NS):
+        flows = {(f.src, f.dst, f.sport, f.dport): f for f in read_flows(dp)}
+    f = flows[("fd01::5:6:7:8", "fd20::1:2:3:4", 40001, 443)]
+    assert (f.packets, f.proto, f.reason) == (2, 6, lo.Reason.FWD_IPV6)
+    assert f.as_json()["tcp_flags"] == "SE"
+    assert ("fd01::5:6:7:8", "fd99::9", 5353, 53) in flows
+    ev = drain(dp)
+    assert [(e["src"], e["dst"], e["sport"], e["dport"], e["ttl"]) for e in ev] == \
+        [("fd01::5:6:7:8", "fd99::9", 5353, 53, 64)]
 
 
 def cache_slot(key: lo.FlowKey, slots: int) -> int:
