@@ -248,9 +248,7 @@ def idle_capture_hook() -> dict:
             capture_maps = {map_info(dp.maps[m].fd).id for m in CAPTURE_MAPS}
             loaded[label] = (_masked(prog_xlated(dp.program.fd)), capture_maps & set(prog_map_ids(dp.program.fd)))
             if label == "with":
-                hook = dp.capture_program()
-                hooked_len = len(prog_xlated(hook.fd)) // 8
-                hook.close()
+                hooked_len = len(prog_xlated(dp.capture_program().fd)) // 8
         finally:
             dp.destroy()
     (idle, idle_capture_maps), (plain, _) = loaded["with"], loaded["without"]

@@ -114,8 +114,8 @@ class Capture:
 
     def __init__(self, dp: Datapath, ifindex: int = 0, verdict: str = "any", snaplen: int = 262144):
         self.dp = dp
-        self.ifindices = [ifindex] if ifindex else list(dp.attached())
-        dp.capture_program().close()  # fails early, in one line, without the capture observer
+        self.ifindices = [ifindex] if ifindex else dp.linked()
+        dp.capture_program()  # fails early, in one line, without the capture observer
         self.cfg = lo.CaptureCfg(active=1, ifindex=ifindex,
                                  actions=ANY if verdict == "any" else VERDICT_ACTIONS[verdict],
                                  snaplen=min(snaplen, lo.CAPTURE_MAX))
@@ -159,7 +159,7 @@ class Capture:
             self.done = True
 
     def stop(self) -> None:
-        self.dp.set_capture_hook(list(self.dp.attached()), False)
+        self.dp.set_capture_hook(self.dp.linked(), False)  # also where a dead capture left it
         self.dp.maps["capture_cfg"].update(lo.u32(0), lo.CaptureCfg())
         if self.rb is not None:
             self.rb.close()

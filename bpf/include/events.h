@@ -134,8 +134,7 @@ static __always_inline void event_emit(struct xdp_md *ctx, const struct obs_inpu
 		__builtin_memcpy(e->src_mac, eth->h_source, 6);
 		__builtin_memcpy(e->dst_mac, eth->h_dest, 6);
 	}
-	e->family = flow_key_at(ctx, in->l3_off, in->l4_off, in->l3_proto, in->l4_proto, in->vlan_id, &k,
-				&e->tcp_flags);
+	e->family = flow_key_at(ctx, in, &k, &e->tcp_flags);
 	if (e->family) {
 		e->ttl = ttl_at(ctx, in->l3_off, in->l3_proto);
 		__builtin_memcpy(e->saddr, k.saddr, 16);

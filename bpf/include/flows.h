@@ -134,7 +134,7 @@ static __always_inline int flow_cached(struct xdp_md *ctx, const struct obs_inpu
 	__u8 tcp_flags = 0;
 	__u32 idx;
 
-	if (!flow_key_at(ctx, in->l3_off, in->l4_off, in->l3_proto, in->l4_proto, in->vlan_id, &k, &tcp_flags))
+	if (!flow_key_at(ctx, in, &k, &tcp_flags))
 		return 1;      /* nothing to account */
 	idx = flow_slot_index(&k);
 	s = bpf_map_lookup_elem(&flow_cache, &idx);
@@ -156,7 +156,7 @@ static __always_inline void flow_account(struct xdp_md *ctx, const struct obs_in
 	__u32 idx;
 	__u64 now;
 
-	if (!flow_key_at(ctx, in->l3_off, in->l4_off, in->l3_proto, in->l4_proto, in->vlan_id, &k, &tcp_flags))
+	if (!flow_key_at(ctx, in, &k, &tcp_flags))
 		return;
 	idx = flow_slot_index(&k);
 	s = bpf_map_lookup_elem(&flow_cache, &idx);

@@ -122,11 +122,13 @@ struct flow_key {
  * stores under a wider load defeat store-to-load forwarding, a stall of
  * about a dozen cycles per word. Returns the address family, 0 when the
  * packet has no flow (the key is then unwritten). */
-static __always_inline __u8 flow_key_at(struct xdp_md *ctx, __u16 l3_off, __u16 l4_off, __u16 l3_proto,
-					__u8 l4_proto, __u16 vlan_id, struct flow_key *k, __u8 *tcp_flags)
+static __always_inline __u8 flow_key_at(struct xdp_md *ctx, const struct obs_input *in, struct flow_key *k,
+					__u8 *tcp_flags)
 {
 	void *data = (void *)(long)ctx->data;
 	void *end = (void *)(long)ctx->data_end;
+	__u16 l3_off = in->l3_off, l4_off = in->l4_off, l3_proto = in->l3_proto;
+	__u8 l4_proto = in->l4_proto;
 	void *l3 = data + (l3_off & 0x1ff);
 	__u8 *l4 = data + (l4_off & 0x3ff);
 	__u64 *w = (__u64 *)k;
@@ -170,7 +172,7 @@ static __always_inline __u8 flow_key_at(struct xdp_md *ctx, __u16 l3_off, __u16 
 		}
 	}
 	/* sport, dport, vlan_id, l4_proto, family: struct flow_key's last word */
-	w[4] = sport | dport << 16 | (__u64)vlan_id << 32 | (__u64)l4_proto << 48 | family << 56;
+	w[4] = sport | dport << 16 | (__u64)in->vlan_id << 32 | (__u64)l4_proto << 48 | family << 56;
 	return family;
 }
 

@@ -134,6 +134,7 @@ class Datapath:
         self.program = program
         self.maps = maps
         self.object_path = object_path
+        self._capture: Program | None = None  # opened on first use
 
     # typed accessors
     ifaces = property(lambda self: self.maps["ifaces"])
@@ -200,12 +201,8 @@ class Datapath:
                     _pin(fd, pin_dir / m)
                     maps[m] = mp
                 for prog in programs:
-                    fd = os.dup(obj.program(prog).fd)
-                    _pin(fd, pin_dir / prog)
-                    if prog == PROGRAM:
-                        prog_fd = fd
-                    else:
-                        os.close(fd)
+                    _pin(obj.program(prog).fd, pin_dir / prog)
+                prog_fd = os.dup(obj.program(PROGRAM).fd)
             except Exception:
                 shutil.rmtree(pin_dir, ignore_errors=True)
                 raise
@@ -229,6 +226,8 @@ class Datapath:
         for m in self.maps.values():
             m.close()
         self.program.close()
+        if self._capture is not None:
+            self._capture.close()
 
     # interfaces -----------------------------------------------------------
     def link_path(self, ifindex: int) -> Path:
@@ -257,68 +256,63 @@ class Datapath:
             link.close()
         return xdp_query(ifindex)[0]
 
+    def has_capture_program(self) -> bool:
+        return (self.pin_dir(self.name) / CAPTURE_PROGRAM).exists()
+
     def capture_program(self) -> Program:
-        p = self.pin_dir(self.name) / CAPTURE_PROGRAM
-        if not p.exists():
-            raise DatapathError(f"router {self.name!r} runs without the capture observer "
-                                f"(restart it with `bpfrouter up --observers` including capture)")
-        return Program.pinned(str(p))
+        """The program with the capture hook (owned here: closed with the data plane)."""
+        if self._capture is None:
+            if not self.has_capture_program():
+                raise DatapathError(f"router {self.name!r} runs without the capture observer "
+                                    f"(restart it with `bpfrouter up --observers` including capture)")
+            self._capture = Program.pinned(str(self.pin_dir(self.name) / CAPTURE_PROGRAM))
+        return self._capture
+
+    def _link(self, ifindex: int) -> Link | None:
+        p = self.link_path(ifindex)
+        return Link.pinned(str(p)) if p.exists() else None
 
     def set_capture_hook(self, ifindices: list[int], on: bool) -> None:
         """Swap these interfaces' links to the program with the capture hook
         (on) or back to the one without. Each swap is atomic; one that is
         already done is skipped (a swap costs the kernel ~10 ms on veth)."""
         prog = self.capture_program() if on else self.program
-        try:
-            want = prog.id
-            for idx in ifindices:
-                p = self.link_path(idx)
-                if not p.exists():
-                    continue
-                link = Link.pinned(str(p))
-                try:
-                    if link.info().prog_id != want:
-                        link.update(prog)
-                except BpfError as e:
-                    raise DatapathError(f"cannot swap the program on interface {idx}: {e}") from None
-                finally:
-                    link.close()
-        finally:
-            if prog is not self.program:
-                prog.close()
+        want = prog.id
+        for idx in ifindices:
+            link = self._link(idx)
+            if link is None:
+                continue
+            try:
+                if link.info().prog_id != want:
+                    link.update(prog)
+            except BpfError as e:
+                raise DatapathError(f"cannot swap the program on interface {idx}: {e}") from None
+            finally:
+                link.close()
 
     def program_stats(self) -> tuple[int, int]:
         """Runs and run time (ns) of both programs, the one with the capture
         hook included (the kernel counts them with kernel.bpf_stats_enabled=1)."""
-        runs = run_ns = 0
-        progs = [self.program]
-        with contextlib.suppress(DatapathError):
-            progs.append(self.capture_program())
-        for prog in progs:
-            info = prog_info(prog.fd)
-            runs, run_ns = runs + info.run_cnt, run_ns + info.run_time_ns
-            if prog is not self.program:
-                prog.close()
-        return runs, run_ns
+        progs = [self.program] + ([self.capture_program()] if self.has_capture_program() else [])
+        infos = [prog_info(p.fd) for p in progs]
+        return sum(i.run_cnt for i in infos), sum(i.run_time_ns for i in infos)
 
     def capture_hooked(self) -> list[int]:
         """Interfaces whose link runs the program with the capture hook."""
-        p = self.pin_dir(self.name) / CAPTURE_PROGRAM
-        if not p.exists():
+        if not self.has_capture_program():
             return []
-        prog = Program.pinned(str(p))
-        try:
-            out = []
-            for idx in self.attached():
-                link = Link.pinned(str(self.link_path(idx)))
-                try:
-                    if link.info().prog_id == prog.id:
-                        out.append(idx)
-                finally:
-                    link.close()
-            return out
-        finally:
-            prog.close()
+        hook_id = self.capture_program().id
+        out = []
+        for idx in self.linked():
+            link = self._link(idx)
+            if link is None:
+                continue
+            try:
+                if link.info().prog_id == hook_id:
+                    out.append(idx)
+            finally:
+                link.close()
+        return out
 
     def detach(self, ifindex: int) -> None:
         p = self.link_path(ifindex)
@@ -330,11 +324,14 @@ class Datapath:
             link.close()
         p.unlink(missing_ok=True)
 
+    def linked(self) -> list[int]:
+        """The interfaces this router holds an XDP link on (from its pins, no netlink)."""
+        return [int(p.name.split("_", 1)[1]) for p in self.pin_dir(self.name).glob("link_*")]
+
     def attached(self) -> dict[int, str]:
         """ifindex -> XDP mode, for the links this router holds."""
         out = {}
-        for p in self.pin_dir(self.name).glob("link_*"):
-            idx = int(p.name.split("_", 1)[1])
+        for idx in self.linked():
             try:
                 mode = xdp_query(idx)[0]
             except BpfError:
@@ -343,7 +340,7 @@ class Datapath:
         return out
 
     def destroy(self) -> None:
-        for idx in list(self.attached()):
+        for idx in self.linked():
             self.detach(idx)
         self.close()
         shutil.rmtree(self.pin_dir(self.name), ignore_errors=True)

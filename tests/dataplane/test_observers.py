@@ -198,7 +198,6 @@ def test_idle_program_has_no_capture_hook_and_capture_swaps_it_in_and_out(env, a
         cap_prog = dp.capture_program()
         assert capture_maps <= set(prog_map_ids(cap_prog.fd))
         cap_id = cap_prog.id
-        cap_prog.close()
     assert run_attached(env, dp, fwd)[1] == dp.program.id
     with netns.entered(NS):
         cap = Capture(dp)
