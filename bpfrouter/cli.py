@@ -22,6 +22,7 @@ from .interfaces import Interfaces, InterfaceError, ifname
 from .lab import Lab, LabError, list_labs
 from .netns import NetnsError
 from .observe import probe
+from .packet import mac_str
 from .routespec import RouteSpecError, parse_address, parse_route
 
 # Not on a terminal (a pipe, a log), tables keep their rows on one line.
@@ -484,7 +485,7 @@ def neigh_show(name, as_json, pretty):
     meta = router.resolve(name)
     dp = Datapath.open(meta.name)
     try:
-        rows = [{"dst": str(a), "dev": ifname(i), "lladdr": ":".join(f"{b:02x}" for b in mac),
+        rows = [{"dst": str(a), "dev": ifname(i), "lladdr": mac_str(mac),
                  "state": state} for i, a, mac, state in Neighbors(dp).entries()]
     finally:
         dp.close()

@@ -94,7 +94,7 @@ class RouterCollector(Collector):
         for outcome in ("sent", "suppressed", "lost"):
             ev.add_metric([r, outcome], st[f"events_{outcome}"])
         yield ev
-        ft = flow_table_stats(dp, fill["flows"]["entries"])
+        ft = flow_table_stats(dp, fill["flows"]["entries"], st)
         yield _counter("bpfrouter_flows_created", "Flows inserted into the flow table.", r, ft["created"])
         yield _counter("bpfrouter_flows_evicted", "Flows the LRU flow table evicted (created minus present).",
                        r, ft["evicted"])

@@ -18,6 +18,7 @@ from .datapath import layout as lo
 from .interfaces import Interfaces, ifname
 from .fib import fib_memory
 from .observe import clear_slot, read_counters
+from .packet import mac_str
 from .telemetry import fill_warnings, flow_table_stats, map_fill, obs_stats
 
 DEFAULT_NAME = "default"
@@ -123,7 +124,7 @@ def status(meta: RouterMeta) -> dict:
         interfaces = []
         for idx, v in sorted(ifaces.items()):
             interfaces.append({"name": ifname(idx), "ifindex": idx, "xdp_mode": attached.get(idx, "detached"),
-                               "mac": ":".join(f"{b:02x}" for b in v.mac), "mtu": v.mtu})
+                               "mac": mac_str(bytes(v.mac)), "mtu": v.mtu})
         counters = []
         totals = {"redirect": 0, "pass": 0, "drop": 0}
         for (idx, reason), (pk, by) in sorted(read_counters(dp).items(), key=lambda kv: (kv[0][0], kv[0][1])):
@@ -135,6 +136,7 @@ def status(meta: RouterMeta) -> dict:
         memory = {f"ipv{v}": m for v, m in by_version.items()}
         v4, v6 = memory["ipv4"]["routes"], memory["ipv6"]["routes"]
         fill = map_fill(dp, by_version)
+        stats = obs_stats(dp)
         return {
             "name": meta.name, "netns": meta.netns, "fib_mode": meta.fib_mode,
             "program": {"id": pinfo.id, "name": pinfo.name.decode(), "jited_bytes": pinfo.jited_prog_len},
@@ -144,9 +146,9 @@ def status(meta: RouterMeta) -> dict:
                     "memory": memory},
             "neighbors": fill["neighbors"]["entries"],
             "totals": totals, "counters": counters,
-            "observers": {"enabled": meta.observers, **obs_stats(dp),
+            "observers": {"enabled": meta.observers, **stats,
                           "capture_hook_on": [ifname(i) for i in dp.capture_hooked()],
-                          "flow_table": flow_table_stats(dp, fill["flows"]["entries"])},
+                          "flow_table": flow_table_stats(dp, fill["flows"]["entries"], stats)},
             "maps": fill, "warnings": fill_warnings(fill),
         }
     finally:

@@ -197,11 +197,12 @@ def read_flows(dp: Datapath) -> list[FlowRecord]:
     return out
 
 
-def flow_table_stats(dp: Datapath, entries: int | None = None) -> dict[str, int]:
-    """Size, entries and evictions (flows created minus flows present)."""
+def flow_table_stats(dp: Datapath, entries: int | None = None, stats: dict[str, int] | None = None) -> dict[str, int]:
+    """Size, entries and evictions (flows created minus flows present).
+    entries, stats: the flow count and obs_stats() when the caller has them."""
     if entries is None:
         entries = dp.maps["flows"].count()
-    created = obs_stats(dp)["flows_created"]
+    created = (stats or obs_stats(dp))["flows_created"]
     return {"capacity": dp.maps["flows"].max_entries, "entries": entries,
             "created": created, "evicted": max(0, created - entries)}
 

@@ -22,6 +22,7 @@ from bpfrouter.fib import Fib, Nexthop, Route, RouteType
 from bpfrouter.interfaces import Interfaces
 from bpfrouter.neighbors import Neighbors
 from bpfrouter.observe import read_counters
+from bpfrouter.packet import mac_str
 
 NS = f"bpfr-dpt-{os.getpid()}"
 MAC_GW = "02:00:00:00:00:02"
@@ -71,11 +72,11 @@ class Env:
 
     @property
     def if0_mac(self) -> str:
-        return ":".join(f"{b:02x}" for b in self.mac["dpt0"])
+        return mac_str(self.mac["dpt0"])
 
     @property
     def if1_mac(self) -> str:
-        return ":".join(f"{b:02x}" for b in self.mac["dpt1"])
+        return mac_str(self.mac["dpt1"])
 
 
 def _bpf_routes(ifx: dict[str, int]) -> list[Route]:
