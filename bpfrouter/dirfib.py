@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import ipaddress
 from collections import deque
+from operator import itemgetter
 
 import numpy as np
 
@@ -78,7 +79,10 @@ class DirTable:
         self.group_leaf = np.frombuffer(self._mmaps[4], np.uint32, self.ngroups * 256).reshape(self.ngroups, 256)
         self.root_depth = np.zeros(n_root, np.uint8)
         self.group_depth = np.zeros((self.ngroups, 256), np.uint8)
-        self.rules: dict[tuple[int, int], int] = {}  # (address as int, length) -> leaf
+        self.version = 4 if width == 32 else 6
+        # (version, address as int, length) -> leaf: the Fib's own prefix keys,
+        # so a bulk load adds no tuple per route
+        self.rules: dict[tuple[int, int, int], int] = {}
         self.free_groups: deque[int] = deque()
         self.free_leaves: deque[int] = deque()
         if recover:
@@ -106,12 +110,12 @@ class DirTable:
 
     def _alloc_leaf(self) -> int:
         if not self.free_leaves:
-            raise DirFull(f"IPv{4 if self.width == 32 else 6} DIR FIB full: {self.nleaves - 1} routes")
+            raise DirFull(f"IPv{self.version} DIR FIB full: {self.nleaves - 1} routes")
         return self.free_leaves.popleft()
 
     def _new_group(self, entry: int, leaf: int, depth: int) -> int:
         if not self.free_groups:
-            raise DirFull(f"IPv{4 if self.width == 32 else 6} DIR FIB out of groups ({self.ngroups - 1}); "
+            raise DirFull(f"IPv{self.version} DIR FIB out of groups ({self.ngroups - 1}); "
                           f"raise --fib-groups")
         g = self.free_groups.popleft()
         self.group_depth[g] = depth
@@ -202,9 +206,10 @@ class DirTable:
     def set(self, prefix: IPNetwork, value: lo.RouteValue) -> None:
         self.set_key(int(prefix.network_address), prefix.prefixlen, route_word(value))
 
-    def set_key(self, addr: int, length: int, word: int, version: int | None = None) -> None:
+    def set_key(self, addr: int, length: int, word: int) -> None:
         entry = entry_of(word)
-        leaf = self.rules.get((addr, length))
+        key = (self.version, addr, length)
+        leaf = self.rules.get(key)
         if leaf is not None:  # same prefix, new route: rewrite its entries
             self.leaves[leaf, 0] = np.uint64(word)
             arr, larr, depth, _ = self._range(addr, length, create=False)
@@ -219,29 +224,97 @@ class DirTable:
             self.leaves[leaf, 0] = 0
             self.free_leaves.appendleft(leaf)
             raise
-        self.rules[(addr, length)] = leaf
+        self.rules[key] = leaf
         self._apply(arr, larr, depth, entry, leaf, length, length, deleting=False)
 
     def delete(self, pk: tuple[int, int, int]) -> bool:
         """Remove the prefix with key (version, address as int, length)."""
-        _, addr, length = pk
-        leaf = self.rules.pop((addr, length), None)
+        leaf = self.rules.pop(pk, None)
         if leaf is None:
             return False
+        self._unset(pk[1], pk[2])
+        self._free_leaves([leaf])
+        return True
+
+    def _unset(self, addr: int, length: int) -> None:
+        """Give a removed prefix's entries to its longest covering prefix that stays."""
         parent_leaf, parent_len = self._parent(addr, length)
         arr, larr, depth, path = self._range(addr, length, create=False)
         if arr is not None:
             self._apply(arr, larr, depth, self._entry(parent_leaf), parent_leaf, parent_len, length,
                         deleting=True)
         self._collapse(addr, path)
-        self.leaves[leaf, 0] = 0
-        self.free_leaves.append(leaf)
-        return True
+
+    def _free_leaves(self, leaves: list[int]) -> None:
+        """After no entry names them any more."""
+        self.leaves[leaves, 0] = 0
+        self.free_leaves.extend(leaves)
+
+    def delete_many(self, pks: list[tuple[int, int, int]]) -> None:
+        """Bulk removal (unknown prefixes are skipped): a withdrawn peer's table
+        goes at array speed. Each removed prefix's entries go to its longest
+        covering prefix that stays, so the order is free: shorter ones go first,
+        so that groups below them are uniform, and fold, when the longer go."""
+        rules = self.rules
+        gone = [(pk, leaf) for pk in pks if (leaf := rules.pop(pk, None)) is not None]
+        if not gone:
+            return
+        if not rules:  # the whole family goes
+            self._clear()
+        else:
+            gone.sort(key=lambda g: g[0][2])
+            short = [pk for pk, _ in gone if pk[2] <= ROOT_BITS]
+            if len(short) > 16:  # numpy's per-call overhead outweighs vectorizing below that
+                self._unset_short(short)
+                gone_long = gone[len(short):]
+            else:
+                gone_long = gone
+            for pk, _ in gone_long:
+                self._unset(pk[1], pk[2])
+        self._free_leaves([leaf for _, leaf in gone])
+
+    def _unset_short(self, pks: list[tuple[int, int, int]]) -> None:
+        n = len(pks)
+        parents = [self._parent(pk[1], pk[2]) for pk in pks]
+        p_leaf = np.fromiter(map(itemgetter(0), parents), np.uint32, n)
+        p_len = np.fromiter(map(itemgetter(1), parents), np.uint8, n)
+        p_entry = entries_of(self.leaves[p_leaf, 0])  # leaf 0's word is 0: no route
+        shift = self.width - ROOT_BITS
+        addrs = np.fromiter((pk[1] >> shift for pk in pks), np.int64, n)
+        lens = np.fromiter(map(itemgetter(2), pks), np.int64, n)
+        for length in np.unique(lens).tolist():
+            sel = lens == length
+            span = 1 << (ROOT_BITS - length)
+            rows = addrs[sel] >> (ROOT_BITS - length)
+            root, depth, leaf = (a.reshape(-1, span) for a in (self.root, self.root_depth, self.root_leaf))
+            cur = root[rows]
+            ext = (cur & EXT) != 0
+            hit = ~ext & (depth[rows] == length)
+            lv, ev, dv = p_leaf[sel][:, None], p_entry[sel][:, None], p_len[sel][:, None]
+            depth[rows] = np.where(hit, dv, depth[rows])
+            leaf[rows] = np.where(hit, lv, leaf[rows])
+            root[rows] = np.where(hit, ev, cur)  # entries not hit get their own value again
+            if ext.any():
+                r, c = np.nonzero(ext)
+                for gid, entry, lf, d in zip((cur[r, c] & ~EXT).tolist(), ev[r, 0].tolist(), lv[r, 0].tolist(),
+                                             dv[r, 0].tolist(), strict=True):
+                    self._apply_groups(np.array([gid]), entry, lf, d, length, deleting=True)
+
+    def _clear(self) -> None:
+        """No route left: every entry becomes 0 (a packet sees its old entry or
+        none), and every group goes to the back of the free list."""
+        self.root[:] = 0
+        self.root_leaf[:] = 0
+        self.root_depth[:] = 0
+        free = np.zeros(self.ngroups, bool)
+        free[0] = True
+        free[list(self.free_groups)] = True
+        self.free_groups.extend(np.nonzero(~free)[0].tolist())
 
     def _parent(self, addr: int, length: int) -> tuple[int, int]:
         for plen in range(length - 1, -1, -1):
             masked = addr & ~((1 << (self.width - plen)) - 1) if plen else 0
-            leaf = self.rules.get((masked, plen))
+            leaf = self.rules.get((self.version, masked, plen))
             if leaf is not None:
                 return leaf, plen
         return 0, 0
@@ -264,66 +337,82 @@ class DirTable:
                 self.groups[pg, pbyte] = row[0]
             self.free_groups.append(g)
 
-    def set_many(self, fresh: list[tuple[int, int, int]], version: int | None = None) -> None:
-        """Bulk insert of (address as int, length, route word). Prefixes up to the
-        root length are written vectorized, shortest first, so longer ones land on
-        top; the rest go one by one."""
-        if len(fresh) <= 16:  # numpy's per-call overhead outweighs vectorizing
-            for a, ln, w in fresh:
-                self.set_key(a, ln, w)
+    def set_many(self, pks: list[tuple[int, int, int]], words: np.ndarray) -> None:
+        """Bulk insert: prefix keys (version, address as int, length) and their
+        route words (uint64). New prefixes up to the root length are written
+        vectorized, shortest first, so longer ones land on top; the rest go one
+        by one."""
+        if len(pks) <= 16:  # numpy's per-call overhead outweighs vectorizing
+            for pk, w in zip(pks, words.tolist(), strict=True):
+                self.set_key(pk[1], pk[2], w)
             return
         rules = self.rules
-        short_keys, short_words, long_ = [], [], []
-        for a, ln, w in fresh:
-            k = (a, ln)
-            if k in rules:  # a new route for a known prefix rewrites its entries
-                self.set_key(a, ln, w)
-            elif ln <= ROOT_BITS:
-                short_keys.append(k)
-                short_words.append(w)
+        rewrites: list[tuple[tuple[int, int, int], int]] = []
+        if rules:  # a new route for a known prefix rewrites that prefix's entries
+            is_known = np.fromiter((pk in rules for pk in pks), bool, len(pks))
+            if is_known.any():
+                rewrites = [(pks[i], int(words[i])) for i in np.nonzero(is_known)[0].tolist()]
+                fresh = np.nonzero(~is_known)[0]
+                pks, words = [pks[i] for i in fresh.tolist()], words[fresh]
+        n = len(pks)
+        if n > len(self.free_leaves):  # checked before anything is written
+            raise DirFull(f"IPv{self.version} DIR FIB full: {self.nleaves - 1} routes")
+        for pk, w in rewrites:
+            self.set_key(pk[1], pk[2], w)
+        if not n:
+            return
+        lens = np.fromiter(map(itemgetter(2), pks), np.int64, n)
+        short = lens <= ROOT_BITS
+        long_ = np.nonzero(~short)[0].tolist()
+        if len(long_) < n:
+            if long_:
+                sel = np.nonzero(short)[0]
+                self._set_short([pks[i] for i in sel.tolist()], lens[sel], words[sel])
             else:
-                long_.append((a, ln, w))
-        if len(short_keys) + len(long_) > len(self.free_leaves):
-            raise DirFull(f"IPv{4 if self.width == 32 else 6} DIR FIB full: {self.nleaves - 1} routes")
-        if short_keys:
-            n = len(short_keys)
-            shift = self.width - ROOT_BITS
-            if self.width == 32:
-                full = np.fromiter((k[0] for k in short_keys), np.uint32, n)
-                addrs = (full >> np.uint32(shift)).astype(np.int64)
-                # the leaf stores the address in network order, zero-padded
-                addr_words = np.zeros((n, self.leaves.shape[1] - 1), np.uint64)
-                addr_words[:, 0] = full.astype(">u4").view(np.uint32)
-            else:
-                addrs = np.fromiter((k[0] >> shift for k in short_keys), np.int64, n)
-                addr_words = np.frombuffer(b"".join(k[0].to_bytes(16, "big") for k in short_keys),
-                                           np.uint64).reshape(n, 2)
-            lens = np.fromiter((k[1] for k in short_keys), np.int64, n)
-            words = np.array(short_words, np.uint64)
-            entries = entries_of(words)
-            popleft = self.free_leaves.popleft
-            leaves = np.array([popleft() for _ in range(n)], np.int64)
-            self.leaves[leaves, 1:] = addr_words
-            self.leaves[leaves, 0] = words
-            rules.update(zip(short_keys, leaves.tolist()))
-            for length in np.unique(lens).tolist():
-                sel = lens == length
-                span = 1 << (ROOT_BITS - length)
-                starts = addrs[sel] & ~(span - 1)
-                pos = (starts[:, None] + np.arange(span)).ravel()
-                lv = np.repeat(leaves[sel], span).astype(np.uint32)
-                ev = np.repeat(entries[sel], span)
-                cur = self.root[pos]
-                ext = (cur & EXT) != 0
-                hit = ~ext & (self.root_depth[pos] <= length)
-                self.root_depth[pos[hit]] = length
-                self.root_leaf[pos[hit]] = lv[hit]
-                self.root[pos[hit]] = ev[hit]
-                for gid, entry, leaf in zip((cur[ext] & ~EXT).tolist(), ev[ext].tolist(), lv[ext].tolist(),
-                                            strict=True):
-                    self._apply_groups(np.array([gid]), entry, leaf, length, length, deleting=False)
-        for a, ln, w in long_:
-            self.set_key(a, ln, w)
+                self._set_short(pks, lens, words)
+        for i in long_:
+            self.set_key(pks[i][1], pks[i][2], int(words[i]))
+
+    def _set_short(self, pks: list, lens: np.ndarray, words: np.ndarray) -> None:
+        """New prefixes no longer than the root, vectorized."""
+        n = len(pks)
+        shift = self.width - ROOT_BITS
+        if self.width == 32:
+            full = np.fromiter(map(itemgetter(1), pks), np.uint32, n)
+            addrs = (full >> np.uint32(shift)).astype(np.int64)
+            # the leaf stores the address in network order, zero-padded
+            addr_words = np.zeros((n, self.leaves.shape[1] - 1), np.uint64)
+            addr_words[:, 0] = full.astype(">u4").view(np.uint32)
+        else:
+            addrs = np.fromiter((pk[1] >> shift for pk in pks), np.int64, n)
+            addr_words = np.frombuffer(b"".join(pk[1].to_bytes(16, "big") for pk in pks),
+                                       np.uint64).reshape(n, 2)
+        entries = entries_of(words)
+        popleft = self.free_leaves.popleft
+        leaves = np.array([popleft() for _ in range(n)], np.int64)
+        self.leaves[leaves, 1:] = addr_words
+        self.leaves[leaves, 0] = words
+        self.rules.update(zip(pks, leaves.tolist()))
+        leaves32 = leaves.astype(np.uint32)
+        for length in np.unique(lens).tolist():
+            sel = lens == length
+            span = 1 << (ROOT_BITS - length)
+            # the root as rows of one prefix's span: a prefix of this length is a row
+            rows = addrs[sel] >> (ROOT_BITS - length)
+            root, depth, leaf = (a.reshape(-1, span) for a in (self.root, self.root_depth, self.root_leaf))
+            cur = root[rows]
+            ext = (cur & EXT) != 0
+            hit = ~ext & (depth[rows] <= length)
+            lv, ev = leaves32[sel][:, None], entries[sel][:, None]
+            depth[rows] = np.where(hit, np.uint8(length), depth[rows])
+            leaf[rows] = np.where(hit, lv, leaf[rows])
+            # whole rows are stored back: entries not hit get their own value again
+            root[rows] = np.where(hit, ev, cur)
+            if ext.any():
+                r, c = np.nonzero(ext)
+                for gid, entry, lf in zip((cur[r, c] & ~EXT).tolist(), ev[r, 0].tolist(), lv[r, 0].tolist(),
+                                          strict=True):
+                    self._apply_groups(np.array([gid]), entry, lf, length, length, deleting=False)
 
     def installed(self) -> list[tuple[IPNetwork, lo.RouteValue]]:
         live = np.nonzero(self.leaves[:, 0])[0]
@@ -341,7 +430,7 @@ class DirTable:
         live = np.nonzero(words)[0]
         for leaf in live.tolist():
             raw = self.leaves[leaf, 1:].tobytes()[: self.width // 8]
-            self.rules[(int.from_bytes(raw, "big"), int(plen[leaf]))] = leaf
+            self.rules[(self.version, int.from_bytes(raw, "big"), int(plen[leaf]))] = leaf
         used = np.zeros(self.nleaves, bool)
         used[live] = True
         used[0] = True

@@ -16,8 +16,11 @@ then applies only the differences with a fresh kernel dump."""
 from __future__ import annotations
 
 import ipaddress
-from collections import deque
+from collections import Counter, deque
 from dataclasses import dataclass
+from operator import attrgetter, itemgetter
+
+import numpy as np
 
 from .datapath import Datapath
 from .datapath import layout as lo
@@ -63,6 +66,11 @@ def _route_key(pkey: PrefixKey, table: int, metric: int, nexthops: tuple) -> tup
     return (table, metric, nexthops[0].ifindex if pkey[0] == 6 and len(nexthops) == 1 else 0)
 
 
+def _word_bits(installed_type: RouteType, pkey: PrefixKey, proto: int) -> int:
+    """The route's 64-bit word (struct route) without its next-hop id."""
+    return int(installed_type) << 32 | pkey[2] << 40 | proto << 48
+
+
 @dataclass(frozen=True)
 class Route:
     prefix: IPNetwork
@@ -76,15 +84,17 @@ class Route:
         object.__setattr__(self, "pkey", prefix_key(self.prefix))
         object.__setattr__(self, "installed_type", _installed_type(self.type, self.nexthops))
         object.__setattr__(self, "key", _route_key(self.pkey, self.table, self.metric, self.nexthops))
+        object.__setattr__(self, "word_bits", _word_bits(self.installed_type, self.pkey, self.proto))
 
     @classmethod
     def from_key(cls, pkey: PrefixKey, type: RouteType, nexthops: tuple[Nexthop, ...], proto: int,
                  metric: int, table: int) -> "Route":
         """Fast constructor for the netlink hot path: `prefix` is built only when read."""
         r = object.__new__(cls)
+        installed_type = _installed_type(type, nexthops)
         r.__dict__.update(pkey=pkey, type=type, nexthops=nexthops, proto=proto, metric=metric, table=table,
-                          installed_type=_installed_type(type, nexthops),
-                          key=_route_key(pkey, table, metric, nexthops))
+                          installed_type=installed_type, key=_route_key(pkey, table, metric, nexthops),
+                          word_bits=_word_bits(installed_type, pkey, proto))
         return r
 
     def __getattr__(self, name: str):
@@ -100,7 +110,7 @@ class Route:
 
     def word(self, nh_id: int) -> int:
         """struct route as its 64-bit little-endian word (see dirfib.route_word)."""
-        return nh_id | int(self.installed_type) << 32 | self.pkey[2] << 40 | self.proto << 48
+        return self.word_bits | nh_id
 
 
 class FibError(Exception):
@@ -150,7 +160,9 @@ class NexthopTable:
         self.free: deque[int] = deque()
         self.next_id = 1
 
-    def acquire(self, nh: Nexthop) -> int:
+    def id_of(self, nh: Nexthop) -> int:
+        """The next hop's id, written to the map first if it is new. Takes no
+        reference: add_refs does, once the routes that use it are written."""
         nid = self.ids.get(nh)
         if nid is None:
             if self.free:
@@ -162,13 +174,35 @@ class NexthopTable:
                 raise FibError(f"next-hop table full ({self.dp.nexthops.max_entries} entries)")
             self.dp.nexthops.update(lo.u32(nid), _nh_value(nh))
             self.ids[nh], self.by_id[nid], self.refs[nid] = nid, nh, 0
-        self.refs[nid] += 1
         return nid
 
-    def release(self, nid: int) -> None:
+    def add_refs(self, nids: list[int]) -> None:
+        """One reference per entry of nids (0: none)."""
+        refs = self.refs
+        for nid, n in Counter(nids).items():
+            if nid:
+                refs[nid] += n
+
+    def release_routes(self, routes: list[Route | None]) -> None:
+        """Drop the references of installed routes that were replaced or removed."""
+        seen: dict[int, int] = {}  # id(Nexthop) -> its id, as in Fib._write_many
+        counts: Counter[int] = Counter()
+        for r in routes:
+            if r is not None and r.installed_type is RouteType.UNICAST and r.nexthops:
+                nh = r.nexthops[0]
+                nid = seen.get(id(nh))
+                if nid is None:
+                    nid = seen[id(nh)] = self.ids.get(nh, 0)
+                counts[nid] += 1
+        for nid, n in counts.items():
+            if nid:
+                self.release(nid, n)
+
+    def release(self, nid: int, n: int = 1) -> None:
+        """Drop n references; the id is cleared and freed with its last."""
         if nid not in self.refs:
             return
-        self.refs[nid] -= 1
+        self.refs[nid] -= n
         if self.refs[nid] <= 0:
             nh = self.by_id.pop(nid)
             del self.ids[nh], self.refs[nid]
@@ -190,14 +224,6 @@ class NexthopTable:
             self.release(nid)
 
 
-class Installed:
-    """What the BPF FIB holds for a prefix: the route and its next-hop id."""
-    __slots__ = ("route", "nh_id")
-
-    def __init__(self, route: Route, nh_id: int = 0):
-        self.route, self.nh_id = route, nh_id
-
-
 class LpmTable:
     """One family's BPF_MAP_TYPE_LPM_TRIE (`--fib-impl lpm`)."""
 
@@ -207,20 +233,17 @@ class LpmTable:
     def set(self, prefix: IPNetwork, value: lo.RouteValue) -> None:
         self.map.update(_fib_key(prefix), value)
 
-    def set_key(self, addr: int, length: int, word: int, version: int) -> None:
-        self.map.update(_fib_key(key_network((version, addr, length))),
-                        lo.RouteValue.from_buffer_copy(word.to_bytes(8, "little")))
-
-    def set_many(self, entries: list[tuple[int, int, int]], version: int) -> None:
-        """entries: (address as int, length, route word)."""
-        pairs = []
-        for addr, length, word in entries:
-            pairs.append((_fib_key(key_network((version, addr, length))),
-                          lo.RouteValue.from_buffer_copy(word.to_bytes(8, "little"))))
-        self.map.update_batch(pairs)
+    def set_many(self, pks: list[PrefixKey], words: np.ndarray) -> None:
+        """Prefix keys (version, address as int, length) and their route words (uint64)."""
+        self.map.update_batch([(_fib_key(key_network(pk)), lo.RouteValue.from_buffer_copy(w.to_bytes(8, "little")))
+                               for pk, w in zip(pks, words.tolist(), strict=True)])
 
     def delete(self, pk: PrefixKey) -> bool:
         return self.map.delete(_fib_key(key_network(pk)))
+
+    def delete_many(self, pks: list[PrefixKey]) -> None:
+        for pk in pks:
+            self.delete(pk)
 
     def installed(self) -> list[tuple[IPNetwork, lo.RouteValue]]:
         return [(_key_prefix(k), v) for k, v in self.map.lookup_batch()]
@@ -265,164 +288,208 @@ def make_tables(dp: Datapath, recover: bool = True) -> dict[int, "DirTable | Lpm
     return {4: LpmTable(dp.fib4), 6: LpmTable(dp.fib6)}
 
 
+RouteKey = tuple[int, int, int]  # Route.key: what tells routes of one prefix apart
+
+
+def _best(routes: dict[RouteKey, Route]) -> Route:
+    return min(routes.values(), key=lambda r: (r.table != TABLE_LOCAL, r.metric, r.key))
+
+
+def _split_versions(pks: list[PrefixKey], words: np.ndarray) -> dict[int, tuple[list[PrefixKey], np.ndarray]]:
+    """Prefix keys and route words by IP version."""
+    is4 = np.fromiter(map(itemgetter(0), pks), np.uint8, len(pks)) == 4
+    if is4.all():
+        return {4: (pks, words)}
+    if not is4.any():
+        return {6: (pks, words)}
+    out = {}
+    for version, sel in ((4, np.nonzero(is4)[0]), (6, np.nonzero(~is4)[0])):
+        out[version] = ([pks[i] for i in sel.tolist()], words[sel])
+    return out
+
+
 class Fib:
     """The kernel's routes by prefix, and the best of each written to the BPF FIB.
-    Indexed by PrefixKey: at a million routes, hashing ipaddress objects costs seconds."""
+
+    Indexed by PrefixKey: at a million routes, hashing ipaddress objects costs
+    seconds. Most prefixes have exactly one kernel route, so `kernel` maps each
+    prefix straight to its best route, and only prefixes with several routes
+    keep all of them in `alternates` (a dict per prefix cost a second per
+    million routes)."""
 
     def __init__(self, dp: Datapath):
         self.dp = dp
         self.tables = make_tables(dp)
         self.nexthops = NexthopTable(dp)
-        self.kernel: dict[PrefixKey, dict[tuple[int, int, int], Route]] = {}
-        self.installed: dict[PrefixKey, Installed] = {}
+        self.kernel: dict[PrefixKey, Route] = {}
+        self.alternates: dict[PrefixKey, dict[RouteKey, Route]] = {}  # prefixes with 2+ routes
+        self.installed: dict[PrefixKey, Route] = {}  # what the BPF FIB holds
         self.counts = {4: 0, 6: 0}  # installed prefixes per family, kept as they change
 
-    # --- selection --------------------------------------------------------
+    # --- the kernel's routes ------------------------------------------------------
     def best(self, pk: PrefixKey) -> Route | None:
-        routes = self.kernel.get(pk)
-        if not routes:
-            return None
-        if len(routes) == 1:
-            return next(iter(routes.values()))
-        return min(routes.values(), key=lambda r: (r.table != TABLE_LOCAL, r.metric, r.key))
+        return self.kernel.get(pk)
 
-    def _sync(self, pk: PrefixKey) -> None:
-        want = self.best(pk)
-        have = self.installed.get(pk)
-        if want is None:
-            if have is not None:
-                self._delete(pk, have)
-            return
-        if have is not None and want.same_forwarding(have.route):
-            have.route = want
-            return
-        self._write_many([(want, have)])
-
-    def _delete(self, pk: PrefixKey, old: Installed) -> None:
-        self.tables[pk[0]].delete(pk)
-        del self.installed[pk]
-        self.counts[pk[0]] -= 1
-        if old.nh_id:
-            self.nexthops.release(old.nh_id)
-
-    def _write_many(self, writes: list[tuple[Route, "Installed | None"]]) -> None:
-        """Write routes (new, or replacing `old`) with one table write per family.
-        Make-before-break: next hops first, old ones released after."""
-        batches: dict[int, list] = {4: [], 6: []}
-        installed = self.installed
-        acquire = self.nexthops.acquire
-        ids: list[int] = []  # next-hop id of each write, 0 for none
-        last_nh, last_id = None, 0
-        for route, _ in writes:
-            nh_id = 0
-            if route.installed_type == RouteType.UNICAST:
-                nh = route.nexthops[0]
-                if nh is last_nh:  # the decoder interns next hops: skip hashing
-                    nh_id = last_id
-                    self.nexthops.refs[nh_id] += 1
-                else:
-                    nh_id = last_id = acquire(nh)
-                    last_nh = nh
-            ids.append(nh_id)
-            pk = route.pkey
-            batches[pk[0]].append((pk[1], pk[2], route.word(nh_id)))
-        try:
-            for version, entries in batches.items():
-                if entries:
-                    self.tables[version].set_many(entries, version)
-        except Exception:  # e.g. table full: the RIB view stays as it was
-            for nh_id in ids:
-                if nh_id:
-                    self.nexthops.release(nh_id)
-            raise
-        for (route, old), nh_id in zip(writes, ids, strict=True):
-            installed[route.pkey] = Installed(route, nh_id)
-            if old is None:
-                self.counts[route.pkey[0]] += 1
-            elif old.nh_id:
-                self.nexthops.release(old.nh_id)
-
-    def close(self) -> None:
-        for t in self.tables.values():
-            t.close()
-
-    # --- kernel routes -------------------------------------------------------
-    def update(self, route: Route, replace: bool = False) -> None:
+    def _add(self, r: Route, replace: bool) -> None:
         """A kernel route appeared. With replace (NLM_F_REPLACE), it takes the place
         of the routes with the same table and metric, as the kernel does; for IPv6
         those may be on other devices and no deletion is announced for them."""
-        routes = self.kernel.setdefault(route.pkey, {})
+        pk = r.pkey
+        alts = self.alternates.get(pk)
+        if alts is None:
+            cur = self.kernel.get(pk)
+            if cur is None or cur.key == r.key or (replace and cur.key[:2] == r.key[:2]):
+                self.kernel[pk] = r
+                return
+            alts = self.alternates[pk] = {cur.key: cur}
         if replace:
-            for key in [k for k in routes if k[:2] == route.key[:2]]:
-                del routes[key]
-        routes[route.key] = route
-        self._sync(route.pkey)
+            for key in [k for k in alts if k[:2] == r.key[:2]]:
+                del alts[key]
+        alts[r.key] = r
+        self._settle(pk, alts)
+
+    def _remove(self, r: Route) -> bool:
+        """A kernel route went away; False if it was not known."""
+        pk = r.pkey
+        alts = self.alternates.get(pk)
+        if alts is None:
+            cur = self.kernel.get(pk)
+            if cur is None or cur.key != r.key:
+                return False
+            del self.kernel[pk]
+            return True
+        if alts.pop(r.key, None) is None:
+            return False
+        self._settle(pk, alts)
+        return True
+
+    def _settle(self, pk: PrefixKey, alts: dict[RouteKey, Route]) -> None:
+        """After a prefix's routes changed (at least one left): its best route."""
+        if len(alts) == 1:
+            del self.alternates[pk]
+            self.kernel[pk] = next(iter(alts.values()))
+        else:
+            self.kernel[pk] = _best(alts)
+
+    def update(self, route: Route, replace: bool = False) -> None:
+        self._add(route, replace)
+        self._reconcile((route.pkey,))
 
     def delete(self, route: Route) -> None:
-        pk = route.pkey
-        routes = self.kernel.get(pk)
-        if not routes or routes.pop(route.key, None) is None:
-            return
-        if not routes:
-            del self.kernel[pk]
-        self._sync(pk)
+        if self._remove(route):
+            self._reconcile((route.pkey,))
 
     def apply_batch(self, events) -> int:
         """Apply route notifications, (new, replace, route) tuples, in one go:
         the RIB first, then one vectorized FIB write. Returns prefixes touched."""
         touched: set[PrefixKey] = set()
-        kernel = self.kernel
+        add, remove = self._add, self._remove
         for new, replace, r in events:
             if r is None:
                 continue
-            pk = r.pkey
             if new:
-                routes = kernel.setdefault(pk, {})
-                if replace:
-                    for key in [k for k in routes if k[:2] == r.key[:2]]:
-                        del routes[key]
-                routes[r.key] = r
-            else:
-                routes = kernel.get(pk)
-                if not routes or routes.pop(r.key, None) is None:
-                    continue
-                if not routes:
-                    del kernel[pk]
-            touched.add(pk)
+                add(r, replace)
+                touched.add(r.pkey)
+            elif remove(r):
+                touched.add(r.pkey)
         self._reconcile(touched)
         return len(touched)
 
+    def replace_all(self, routes: list[Route]) -> int:
+        """Full resync with a fresh kernel dump; returns the number of prefixes changed."""
+        kernel = dict(zip(map(attrgetter("pkey"), routes), routes))
+        alternates: dict[PrefixKey, dict[RouteKey, Route]] = {}
+        if len(kernel) != len(routes):  # some prefixes have several routes
+            several = {r.pkey for r in routes if kernel[r.pkey] is not r}
+            for r in routes:
+                if r.pkey in several:
+                    alternates.setdefault(r.pkey, {})[r.key] = r
+            for pk, alts in list(alternates.items()):
+                if len(alts) == 1:  # the same route twice
+                    del alternates[pk]
+                kernel[pk] = _best(alts)
+        self.kernel, self.alternates = kernel, alternates
+        changed = self._reconcile(kernel.keys() | self.installed.keys() if self.installed else kernel)
+        self.nexthops.collect_unused()
+        return changed
+
+    # --- the BPF FIB ---------------------------------------------------------------
     def _reconcile(self, touched) -> int:
         """Make the BPF FIB hold the best route of each touched prefix, with one
         vectorized write; returns the number of prefixes changed."""
-        writes = []
-        deleted = 0
-        installed = self.installed
+        kernel, installed = self.kernel, self.installed
+        if not installed and touched is kernel:  # a first load: everything is new
+            self._write_many(list(kernel.values()))
+            return len(kernel)
+        routes: list[Route] = []
+        olds: list[Route | None] = []
+        gone: list[Route] = []
         for pk in touched:
-            routes = self.kernel.get(pk)
-            want = (next(iter(routes.values())) if len(routes) == 1 else self.best(pk)) if routes else None
+            want = kernel.get(pk)
             have = installed.get(pk)
             if want is None:
                 if have is not None:
-                    self._delete(pk, have)
-                    deleted += 1
-            elif have is not None and want.same_forwarding(have.route):
-                have.route = want
+                    gone.append(have)
+            elif have is not None and want.same_forwarding(have):
+                installed[pk] = want
             else:
-                writes.append((want, have))
-        self._write_many(writes)
-        return len(writes) + deleted
+                routes.append(want)
+                olds.append(have)
+        self._delete_many(gone)
+        self._write_many(routes, olds)
+        return len(routes) + len(gone)
 
-    def replace_all(self, routes: list[Route]) -> int:
-        """Full resync with a fresh kernel dump; returns the number of prefixes changed."""
-        fresh: dict[PrefixKey, dict[tuple[int, int, int], Route]] = {}
-        for r in routes:
-            fresh.setdefault(r.pkey, {})[r.key] = r
-        touched = set(self.kernel) | set(fresh) | set(self.installed) if self.installed else fresh.keys()
-        self.kernel = fresh
-        changed = self._reconcile(touched)
-        self.nexthops.collect_unused()
-        return changed
+    def _delete_many(self, gone: list[Route]) -> None:
+        """Remove installed routes with one table call per family."""
+        if not gone:
+            return
+        by_version: dict[int, list[PrefixKey]] = {4: [], 6: []}
+        for r in gone:
+            by_version[r.pkey[0]].append(r.pkey)
+        for version, pks in by_version.items():
+            if pks:
+                self.tables[version].delete_many(pks)
+                self.counts[version] -= len(pks)
+        installed = self.installed
+        for r in gone:
+            del installed[r.pkey]
+        self.nexthops.release_routes(gone)
+
+    def _write_many(self, routes: list[Route], olds: list[Route | None] | None = None) -> None:
+        """Write routes with one table write per family; olds[i] is the installed
+        route routes[i] replaces (olds None: all are new). Make-before-break:
+        next hops first, old ones released after."""
+        if not routes:
+            return
+        unicast = RouteType.UNICAST
+        hops = [r.nexthops[0] if r.installed_type is unicast else None for r in routes]
+        # by object identity: the decoder interns next hops, so this hashes a few
+        id_of = self.nexthops.id_of
+        hop_ids = {k: id_of(h) if h is not None else 0 for k, h in {id(h): h for h in hops}.items()}
+        nids = [hop_ids[id(h)] for h in hops]
+        n = len(routes)
+        pks = list(map(attrgetter("pkey"), routes))
+        words = np.fromiter(map(attrgetter("word_bits"), routes), np.uint64, n) | np.fromiter(nids, np.uint64, n)
+        by_version = _split_versions(pks, words)
+        try:
+            for version, (vpks, vwords) in by_version.items():
+                self.tables[version].set_many(vpks, vwords)
+        except Exception:  # e.g. table full: the RIB view stays as it was
+            self.nexthops.collect_unused()
+            raise
+        self.nexthops.add_refs(nids)
+        self.installed.update(zip(pks, routes))
+        for version, (vpks, _) in by_version.items():
+            self.counts[version] += len(vpks)
+        if olds:
+            for old in olds:
+                if old is not None:
+                    self.counts[old.pkey[0]] -= 1
+            self.nexthops.release_routes(olds)
+
+    def close(self) -> None:
+        for t in self.tables.values():
+            t.close()
 
     # --- restart --------------------------------------------------------------
     def recover(self) -> None:
@@ -435,17 +502,23 @@ class Fib:
                     nhs = (self.nexthops.by_id[v.nh_id],)
                     self.nexthops.refs[v.nh_id] += 1
                 route = Route(prefix, RouteType(v.type), nhs, v.proto)
-                self.installed[route.pkey] = Installed(route, v.nh_id if nhs else 0)
+                self.installed[route.pkey] = route
                 self.counts[route.pkey[0]] += 1
 
     # --- views ------------------------------------------------------------------
     def routes(self, prefix: IPNetwork | None = None) -> list[Route]:
         keys = [prefix_key(prefix)] if prefix is not None else sorted(self.kernel)
-        return [r for k in keys for r in sorted(self.kernel.get(k, {}).values(), key=lambda r: r.key)]
+        out = []
+        for k in keys:
+            alts = self.alternates.get(k)
+            if alts is not None:
+                out.extend(sorted(alts.values(), key=lambda r: r.key))
+            elif k in self.kernel:
+                out.append(self.kernel[k])
+        return out
 
     def installed_route(self, prefix: IPNetwork) -> Route | None:
-        inst = self.installed.get(prefix_key(prefix))
-        return inst.route if inst else None
+        return self.installed.get(prefix_key(prefix))
 
     def sizes(self) -> dict[str, int]:
         return {"ipv4": self.counts[4], "ipv6": self.counts[6], "nexthops": len(self.nexthops.by_id)}

@@ -121,7 +121,7 @@ def load_datapath(name: str, object_path: str, fib_mode: lo.FibMode, impl: lo.Fi
                   mac: dict[str, bytes], **load_args) -> Datapath:
     """A data plane in the harness namespace (the caller is inside it) with the
     fixture interfaces, routes and neighbors."""
-    dp = Datapath.load(name, object_path, fib_mode, impl, groups=(256, 1024), **load_args)
+    dp = Datapath.load(name, object_path, fib_mode, impl, **{"groups": (256, 1024), **load_args})
     ifaces = Interfaces(dp)
     for d, mtu in (("dpt0", 1500), ("dpt1", 1400)):
         ifaces.configure(ifindex[d], mac[d], mtu)

@@ -1,0 +1,163 @@
+"""The FIB's bulk paths (a full load, batches of kernel events, mass
+withdrawals, clearing a family) against a longest-prefix match over the
+RIB's best routes, for random destinations through the loaded program.
+
+Both families share one Fib, some prefixes have several kernel routes (the
+lowest metric wins, the local table before the main one), and an agent
+restart must find nothing to change."""
+import ipaddress
+
+import numpy as np
+import pytest
+
+from bpfrouter import netns
+from bpfrouter.datapath import layout as lo
+from bpfrouter.fib import TABLE_LOCAL, Fib, Nexthop, Route, RouteType, prefix_key
+from bpfrouter.fibcheck import sample_destinations
+from bpfrouter.labroutes import random_routes
+from bpfrouter.observe import probe
+from tests.conftest import OBJECT
+
+from .harness import NS, load_datapath
+
+GATEWAYS = {4: ["10.2.0.2", "10.2.0.3", "10.2.0.9"], 6: ["fd02::2", "fd02::3"]}
+TYPES = {"unicast": RouteType.UNICAST, "blackhole": RouteType.BLACKHOLE,
+         "unreachable": RouteType.UNREACHABLE, "prohibit": RouteType.PROHIBIT}
+PER_FAMILY = 1500
+DESTS = 400
+
+
+@pytest.fixture
+def dp(env):
+    with netns.entered(NS):
+        d = load_datapath(f"{NS}-bulk", str(OBJECT), lo.FibMode.BPF, lo.FibImpl.DIR, env.ifindex, env.mac,
+                          groups=(4096, 16384))
+    yield d
+    d.destroy()
+
+
+def kernel_route(env, prefix, kind: str, gateway: str | None, metric: int = 1024, table: int = 254) -> Route:
+    hops = (Nexthop(env.ifindex["dpt1"], ipaddress.ip_address(gateway)),) if kind == "unicast" else ()
+    return Route(prefix, TYPES[kind], hops, proto=3, metric=metric, table=table)
+
+
+def expected_best(rib: dict) -> dict:
+    """The best route per prefix: local table first, then the lowest metric."""
+    return {pk: min(routes.values(), key=lambda r: (r.table != TABLE_LOCAL, r.metric)) for pk, routes in rib.items()
+            if routes}
+
+
+def longest_match(best: dict, addr) -> Route | None:
+    width = 32 if addr.version == 4 else 128
+    raw = int(addr)
+    for length in range(width, -1, -1):
+        net = raw & (((1 << length) - 1) << (width - length)) if length else 0
+        r = best.get((addr.version, net, length))
+        if r is not None:
+            return r
+    return None
+
+
+def check(env, dp, fib: Fib, rib: dict, rng) -> None:
+    best = expected_best(rib)
+    assert fib.sizes()["ipv4"] + fib.sizes()["ipv6"] == len(best)
+    wrong = [pk for pk, r in best.items() if not r.same_forwarding(fib.installed.get(pk))]
+    assert not wrong and len(fib.installed) == len(best), f"installed differs for {wrong[:5]}"
+    in_maps = {prefix_key(prefix): v for t in fib.tables.values() for prefix, v in t.installed()}
+    stale = [pk for pk, r in best.items() if pk not in in_maps or in_maps[pk].type != r.installed_type or
+             (r.installed_type == RouteType.UNICAST and
+              fib.nexthops.by_id.get(in_maps[pk].nh_id) != r.nexthops[0])]
+    assert not stale and len(in_maps) == len(best), f"the maps differ for {stale[:5]}"
+    bad = []
+    for version in (4, 6):
+        prefixes = [Route.from_key(pk, RouteType.UNICAST, (), 0, 0, 254).prefix for pk in best if pk[0] == version]
+        for dst in sample_destinations(rng, prefixes, DESTS, version):
+            want = longest_match(best, dst)
+            d = probe(dp, dst, env.ifindex["dpt0"], env.mac["dpt0"])
+            got = (d.prefix, d.route_type, d.gateway)
+            exp = (None, None, None) if want is None else (
+                str(want.prefix), want.installed_type.name.lower(),
+                str(want.nexthops[0].gateway) if want.installed_type == RouteType.UNICAST else None)
+            if got != exp:
+                bad.append(f"{dst}: data plane {got}, expected {exp}")
+    assert not bad, f"{len(bad)} wrong answers, e.g. " + "; ".join(bad[:5])
+
+
+def test_bulk_loads_batches_withdrawals_and_restart_match_the_rib(env, dp):
+    rng = np.random.default_rng(5)
+    rib: dict = {}
+
+    def add(r: Route) -> None:
+        rib.setdefault(r.pkey, {})[r.key] = r
+
+    for version in (4, 6):
+        for s in random_routes(rng, PER_FAMILY, version, GATEWAYS[version]):
+            add(kernel_route(env, s.prefix, s.type, s.gateway))
+    several = list(rib)[::25]  # these get a second route: a worse metric, or the local table
+    for i, pk in enumerate(several):
+        first = next(iter(rib[pk].values()))
+        gw = GATEWAYS[pk[0]][-1]
+        add(kernel_route(env, first.prefix, "unicast", gw, metric=2000) if i % 2 else
+            Route(first.prefix, RouteType.LOCAL, (), proto=2, metric=0, table=TABLE_LOCAL))
+
+    fib = Fib(dp)
+    fib.recover()  # the harness's fixture routes: replaced by this table
+    fib.replace_all([r for routes in rib.values() for r in routes.values()])
+    check(env, dp, fib, rib, rng)
+
+    # a batch of withdrawals: a third of the routes, including the best of some prefixes with two
+    keys = list(rib)
+    events = []
+    for i in rng.choice(len(keys), len(keys) // 3, replace=False).tolist():
+        r = next(iter(rib[keys[i]].values()))
+        events.append((False, 0, r))
+        del rib[keys[i]][r.key]
+    fib.apply_batch(events)
+    check(env, dp, fib, rib, rng)
+
+    # a batch of announcements: new gateways (NLM_F_REPLACE) and withdrawn prefixes back
+    events = []
+    for pk in rng.permutation(np.array(keys, dtype=object))[: len(keys) // 2].tolist():
+        pk = tuple(pk)
+        prefix = Route.from_key(pk, RouteType.UNICAST, (), 0, 0, 254).prefix
+        r = kernel_route(env, prefix, "unicast", GATEWAYS[pk[0]][int(rng.integers(len(GATEWAYS[pk[0]])))])
+        for k in [k for k in rib.get(pk, {}) if k[:2] == r.key[:2]]:
+            del rib[pk][k]
+        add(r)
+        events.append((True, 0x100, r))
+    fib.apply_batch(events)
+    check(env, dp, fib, rib, rng)
+
+    # one at a time, as the API's echo arrives
+    for pk in list(rib)[:40]:
+        for r in list(rib[pk].values())[:1]:
+            fib.delete(r)
+            del rib[pk][r.key]
+    check(env, dp, fib, rib, rng)
+    fib.close()
+
+    fib = Fib(dp)  # a restarted agent: what the maps hold matches the kernel, nothing to write
+    fib.recover()
+    assert fib.replace_all([r for routes in rib.values() for r in routes.values()]) == 0
+    check(env, dp, fib, rib, rng)
+
+    # withdraw all but a few prefixes, then everything (a family cleared at once)
+    live = [r for routes in rib.values() for r in routes.values()]
+    keep = {r.pkey for r in live[:10]}
+    fib.apply_batch([(False, 0, r) for r in live if r.pkey not in keep])
+    for pk in list(rib):
+        if pk not in keep:
+            del rib[pk]
+    check(env, dp, fib, rib, rng)
+    fib.apply_batch([(False, 0, r) for r in live if r.pkey in keep])
+    rib.clear()
+    check(env, dp, fib, rib, rng)
+    assert fib.tables[4].memory()["groups_used"] == 0 and fib.tables[6].memory()["groups_used"] == 0
+
+    # and the same table loaded again into the emptied structure
+    for version in (4, 6):
+        for s in random_routes(rng, PER_FAMILY, version, GATEWAYS[version]):
+            add(kernel_route(env, s.prefix, s.type, s.gateway))
+    fib.apply_batch([(True, 0, r) for routes in rib.values() for r in routes.values()])
+    check(env, dp, fib, rib, rng)
+    fib.close()
