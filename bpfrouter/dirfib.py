@@ -337,15 +337,16 @@ class DirTable:
                 self.groups[pg, pbyte] = row[0]
             self.free_groups.append(g)
 
-    def set_many(self, pks: list[tuple[int, int, int]], words: np.ndarray) -> None:
+    def set_many(self, pks: list[tuple[int, int, int]], words) -> None:
         """Bulk insert: prefix keys (version, address as int, length) and their
-        route words (uint64). New prefixes up to the root length are written
-        vectorized, shortest first, so longer ones land on top; the rest go one
-        by one."""
+        route words (a list, or a uint64 array). New prefixes up to the root
+        length are written vectorized, shortest first, so longer ones land on
+        top; the rest go one by one."""
         if len(pks) <= 16:  # numpy's per-call overhead outweighs vectorizing
-            for pk, w in zip(pks, words.tolist(), strict=True):
-                self.set_key(pk[1], pk[2], w)
+            for pk, w in zip(pks, words, strict=True):
+                self.set_key(pk[1], pk[2], int(w))
             return
+        words = np.asarray(words, np.uint64)
         rules = self.rules
         rewrites: list[tuple[tuple[int, int, int], int]] = []
         if rules:  # a new route for a known prefix rewrites that prefix's entries

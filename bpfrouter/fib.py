@@ -179,12 +179,21 @@ class NexthopTable:
     def add_refs(self, nids: list[int]) -> None:
         """One reference per entry of nids (0: none)."""
         refs = self.refs
+        if len(nids) == 1:
+            if nids[0]:
+                refs[nids[0]] += 1
+            return
         for nid, n in Counter(nids).items():
             if nid:
                 refs[nid] += n
 
     def release_routes(self, routes: list[Route | None]) -> None:
         """Drop the references of installed routes that were replaced or removed."""
+        if len(routes) == 1:  # a single event
+            r = routes[0]
+            if r is not None and r.installed_type is RouteType.UNICAST and r.nexthops:
+                self.release(self.ids.get(r.nexthops[0], 0))
+            return
         seen: dict[int, int] = {}  # id(Nexthop) -> its id, as in Fib._write_many
         counts: Counter[int] = Counter()
         for r in routes:
@@ -233,10 +242,11 @@ class LpmTable:
     def set(self, prefix: IPNetwork, value: lo.RouteValue) -> None:
         self.map.update(_fib_key(prefix), value)
 
-    def set_many(self, pks: list[PrefixKey], words: np.ndarray) -> None:
-        """Prefix keys (version, address as int, length) and their route words (uint64)."""
-        self.map.update_batch([(_fib_key(key_network(pk)), lo.RouteValue.from_buffer_copy(w.to_bytes(8, "little")))
-                               for pk, w in zip(pks, words.tolist(), strict=True)])
+    def set_many(self, pks: list[PrefixKey], words) -> None:
+        """Prefix keys (version, address as int, length) and their route words
+        (a list, or a uint64 array)."""
+        self.map.update_batch([(_fib_key(key_network(pk)), lo.RouteValue.from_buffer_copy(int(w).to_bytes(8, "little")))
+                               for pk, w in zip(pks, words, strict=True)])
 
     def delete(self, pk: PrefixKey) -> bool:
         return self.map.delete(_fib_key(key_network(pk)))
@@ -461,16 +471,24 @@ class Fib:
         next hops first, old ones released after."""
         if not routes:
             return
-        unicast = RouteType.UNICAST
-        hops = [r.nexthops[0] if r.installed_type is unicast else None for r in routes]
-        # by object identity: the decoder interns next hops, so this hashes a few
-        id_of = self.nexthops.id_of
-        hop_ids = {k: id_of(h) if h is not None else 0 for k, h in {id(h): h for h in hops}.items()}
-        nids = [hop_ids[id(h)] for h in hops]
+        unicast, id_of = RouteType.UNICAST, self.nexthops.id_of
         n = len(routes)
-        pks = list(map(attrgetter("pkey"), routes))
-        words = np.fromiter(map(attrgetter("word_bits"), routes), np.uint64, n) | np.fromiter(nids, np.uint64, n)
-        by_version = _split_versions(pks, words)
+        if n <= 16:  # single events: numpy's per-call overhead would cost more than the work
+            nids = [id_of(r.nexthops[0]) if r.installed_type is unicast else 0 for r in routes]
+            pks = [r.pkey for r in routes]
+            by_version: dict = {}
+            for r, nid in zip(routes, nids, strict=True):
+                vpks, vwords = by_version.setdefault(r.pkey[0], ([], []))
+                vpks.append(r.pkey)
+                vwords.append(r.word_bits | nid)
+        else:
+            hops = [r.nexthops[0] if r.installed_type is unicast else None for r in routes]
+            # by object identity: the decoder interns next hops, so this hashes a few
+            hop_ids = {k: id_of(h) if h is not None else 0 for k, h in {id(h): h for h in hops}.items()}
+            nids = [hop_ids[id(h)] for h in hops]
+            pks = list(map(attrgetter("pkey"), routes))
+            words = np.fromiter(map(attrgetter("word_bits"), routes), np.uint64, n) | np.fromiter(nids, np.uint64, n)
+            by_version = _split_versions(pks, words)
         try:
             for version, (vpks, vwords) in by_version.items():
                 self.tables[version].set_many(vpks, vwords)
