@@ -400,12 +400,15 @@ class DirTable:
             span = 1 << (ROOT_BITS - length)
             # the root as rows of one prefix's span: a prefix of this length is a row
             rows = addrs[sel] >> (ROOT_BITS - length)
+            order = np.argsort(rows)  # in address order, the rows' reads and stores stream
+            rows = rows[order]
             root, depth, leaf = (a.reshape(-1, span) for a in (self.root, self.root_depth, self.root_leaf))
             cur = root[rows]
             ext = (cur & EXT) != 0
-            hit = ~ext & (depth[rows] <= length)
-            lv, ev = leaves32[sel][:, None], entries[sel][:, None]
-            depth[rows] = np.where(hit, np.uint8(length), depth[rows])
+            cur_depth = depth[rows]
+            hit = ~ext & (cur_depth <= length)
+            lv, ev = leaves32[sel][order][:, None], entries[sel][order][:, None]
+            depth[rows] = np.where(hit, np.uint8(length), cur_depth)
             leaf[rows] = np.where(hit, lv, leaf[rows])
             # whole rows are stored back: entries not hit get their own value again
             root[rows] = np.where(hit, ev, cur)

@@ -60,10 +60,17 @@ def _installed_type(rtype: RouteType, nexthops: tuple) -> RouteType:
     return RouteType.MULTIPATH if rtype == RouteType.UNICAST and len(nexthops) > 1 else rtype
 
 
+_ROUTE_KEYS: dict[tuple[int, int, int], tuple[int, int, int]] = {}
+
+
 def _route_key(pkey: PrefixKey, table: int, metric: int, nexthops: tuple) -> tuple[int, int, int]:
     """What tells kernel routes of one prefix apart (Route.key): table and metric, plus
-    the device for IPv6, where one prefix (fe80::/64) exists per interface."""
-    return (table, metric, nexthops[0].ifindex if pkey[0] == 6 and len(nexthops) == 1 else 0)
+    the device for IPv6, where one prefix (fe80::/64) exists per interface. Interned:
+    a full table has a handful of distinct keys, not one tuple per route."""
+    key = (table, metric, nexthops[0].ifindex if pkey[0] == 6 and len(nexthops) == 1 else 0)
+    if len(_ROUTE_KEYS) < 4096:  # bounded, whatever metrics a daemon uses
+        return _ROUTE_KEYS.setdefault(key, key)
+    return _ROUTE_KEYS.get(key, key)
 
 
 def _word_bits(installed_type: RouteType, pkey: PrefixKey, proto: int) -> int:
@@ -71,40 +78,55 @@ def _word_bits(installed_type: RouteType, pkey: PrefixKey, proto: int) -> int:
     return int(installed_type) << 32 | pkey[2] << 40 | proto << 48
 
 
-@dataclass(frozen=True)
 class Route:
-    prefix: IPNetwork
-    type: RouteType
-    nexthops: tuple[Nexthop, ...] = ()
-    proto: int = lo.RTPROT_BPFROUTER
-    metric: int = 0
-    table: int = TABLE_MAIN
+    """A kernel route (treat as immutable). Slots, not a dict per object: a
+    full table is a million of these, about 250 bytes each with the decoder's
+    shared next-hop tuples and route keys, instead of 580."""
+    __slots__ = ("pkey", "type", "nexthops", "proto", "metric", "table", "installed_type", "key", "word_bits",
+                 "_prefix")
+    _FIELDS = ("prefix", "type", "nexthops", "proto", "metric", "table")
 
-    def __post_init__(self):
-        object.__setattr__(self, "pkey", prefix_key(self.prefix))
-        object.__setattr__(self, "installed_type", _installed_type(self.type, self.nexthops))
-        object.__setattr__(self, "key", _route_key(self.pkey, self.table, self.metric, self.nexthops))
-        object.__setattr__(self, "word_bits", _word_bits(self.installed_type, self.pkey, self.proto))
+    def __init__(self, prefix: IPNetwork, type: RouteType, nexthops: tuple[Nexthop, ...] = (),
+                 proto: int = lo.RTPROT_BPFROUTER, metric: int = 0, table: int = TABLE_MAIN):
+        self._set(prefix_key(prefix), type, tuple(nexthops), proto, metric, table)
+        self._prefix = prefix
 
     @classmethod
     def from_key(cls, pkey: PrefixKey, type: RouteType, nexthops: tuple[Nexthop, ...], proto: int,
-                 metric: int, table: int) -> "Route":
+                 metric: int, table: int) -> Route:
         """Fast constructor for the netlink hot path: `prefix` is built only when read."""
         r = object.__new__(cls)
-        installed_type = _installed_type(type, nexthops)
-        r.__dict__.update(pkey=pkey, type=type, nexthops=nexthops, proto=proto, metric=metric, table=table,
-                          installed_type=installed_type, key=_route_key(pkey, table, metric, nexthops),
-                          word_bits=_word_bits(installed_type, pkey, proto))
+        r._set(pkey, type, nexthops, proto, metric, table)
+        r._prefix = None
         return r
 
-    def __getattr__(self, name: str):
-        if name == "prefix":  # only routes made by from_key lack it
-            prefix = key_network(self.__dict__["pkey"])
-            self.__dict__["prefix"] = prefix
-            return prefix
-        raise AttributeError(name)
+    def _set(self, pkey: PrefixKey, type: RouteType, nexthops: tuple[Nexthop, ...], proto: int, metric: int,
+             table: int) -> None:
+        self.pkey, self.type, self.nexthops, self.proto, self.metric, self.table = \
+            pkey, type, nexthops, proto, metric, table
+        self.installed_type = installed_type = _installed_type(type, nexthops)
+        self.key = _route_key(pkey, table, metric, nexthops)
+        self.word_bits = _word_bits(installed_type, pkey, proto)
 
-    def same_forwarding(self, other: "Route | None") -> bool:
+    @property
+    def prefix(self) -> IPNetwork:
+        if self._prefix is None:
+            self._prefix = key_network(self.pkey)
+        return self._prefix
+
+    def _fields(self) -> tuple:
+        return (self.pkey, self.type, self.nexthops, self.proto, self.metric, self.table)
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, Route) and self._fields() == other._fields()
+
+    def __hash__(self) -> int:
+        return hash(self._fields())
+
+    def __repr__(self) -> str:
+        return "Route(" + ", ".join(f"{f}={getattr(self, f)!r}" for f in self._FIELDS) + ")"
+
+    def same_forwarding(self, other: Route | None) -> bool:
         return other is not None and (self.installed_type, self.nexthops, self.proto) == \
             (other.installed_type, other.nexthops, other.proto)
 
@@ -429,7 +451,7 @@ class Fib:
         vectorized write; returns the number of prefixes changed."""
         kernel, installed = self.kernel, self.installed
         if not installed and touched is kernel:  # a first load: everything is new
-            self._write_many(list(kernel.values()))
+            self._write_many(list(kernel.values()), whole=kernel)
             return len(kernel)
         routes: list[Route] = []
         olds: list[Route | None] = []
@@ -465,10 +487,12 @@ class Fib:
             del installed[r.pkey]
         self.nexthops.release_routes(gone)
 
-    def _write_many(self, routes: list[Route], olds: list[Route | None] | None = None) -> None:
+    def _write_many(self, routes: list[Route], olds: list[Route | None] | None = None,
+                    whole: dict[PrefixKey, Route] | None = None) -> None:
         """Write routes with one table write per family; olds[i] is the installed
-        route routes[i] replaces (olds None: all are new). Make-before-break:
-        next hops first, old ones released after."""
+        route routes[i] replaces (olds None: all are new; whole: routes are
+        whole's values, written into an empty FIB). Make-before-break: next hops
+        first, old ones released after."""
         if not routes:
             return
         unicast, id_of = RouteType.UNICAST, self.nexthops.id_of
@@ -496,7 +520,10 @@ class Fib:
             self.nexthops.collect_unused()
             raise
         self.nexthops.add_refs(nids)
-        self.installed.update(zip(pks, routes))
+        if whole is not None:
+            self.installed = dict(whole)  # a copy of the table, no hashing
+        else:
+            self.installed.update(zip(pks, routes))
         for version, (vpks, _) in by_version.items():
             self.counts[version] += len(vpks)
         if olds:

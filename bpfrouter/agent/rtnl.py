@@ -46,6 +46,7 @@ class Decoder:
 
     def __init__(self):
         self._hops: dict[tuple, Nexthop] = {}
+        self._single: dict[tuple, tuple[Nexthop]] = {}
 
     def _hop(self, oif: int, gw: bytes | None) -> Nexthop:
         key = (oif, gw)
@@ -54,6 +55,15 @@ class Decoder:
             hop = Nexthop(oif, ipaddress.ip_address(gw) if gw else None)
             self._hops[key] = hop
         return hop
+
+    def _only_hop(self, oif: int, gw: bytes | None) -> tuple[Nexthop]:
+        """A route's next hops when it has one: the same tuple for every route
+        through it (no tuple per route in a full table)."""
+        key = (oif, gw)
+        hops = self._single.get(key)
+        if hops is None:
+            hops = self._single[key] = (self._hop(oif, gw),)
+        return hops
 
     def messages(self, buf: bytes | memoryview):
         """Yield (type, flags, offset, length) of each message in a datagram."""
@@ -72,7 +82,7 @@ class Decoder:
             if family == AF_INET and (t_tab, t_dst, t_gw, t_oif) == (RTA_TABLE, RTA_DST, RTA_GATEWAY, RTA_OIF) \
                     and rtype == 1 and not rflags & RTM_F_CLONED and table in (TABLE_MAIN, TABLE_LOCAL):
                 return Route.from_key((4, int.from_bytes(dst, "big"), dst_len), RouteType.UNICAST,
-                                      (self._hop(oif, gw),), proto, 0, table)
+                                      self._only_hop(oif, gw), proto, 0, table)
         elif length == 68:
             (family, dst_len, _, _, _, proto, _, rtype, rflags, _, t_tab, table, _, t_dst, dst,
              _, t_pri, metric, _, t_gw, gw, _, t_oif, oif) = _v4gw_metric.unpack_from(buf, off + 16)
@@ -80,7 +90,7 @@ class Decoder:
                     (RTA_TABLE, RTA_DST, RTA_PRIORITY, RTA_GATEWAY, RTA_OIF) \
                     and rtype == 1 and not rflags & RTM_F_CLONED and table in (TABLE_MAIN, TABLE_LOCAL):
                 return Route.from_key((4, int.from_bytes(dst, "big"), dst_len), RouteType.UNICAST,
-                                      (self._hop(oif, gw),), proto, metric, table)
+                                      self._only_hop(oif, gw), proto, metric, table)
         return self._route_general(buf, off, length)
 
     def _route_general(self, buf, off: int, length: int) -> Route | None:
@@ -121,7 +131,7 @@ class Decoder:
         elif kind == RouteType.UNICAST:
             if not oif:
                 return None
-            hops = (self._hop(oif, gw if gw and len(gw) in (4, 16) else None),)
+            hops = self._only_hop(oif, gw if gw and len(gw) in (4, 16) else None)
         return Route.from_key(pkey, kind, hops, proto, metric, table)
 
     def _multipath(self, buf, pos: int, end: int):
