@@ -74,7 +74,8 @@ def _route_key(pkey: PrefixKey, table: int, metric: int, nexthops: tuple) -> tup
 
 
 def _word_bits(installed_type: RouteType, pkey: PrefixKey, proto: int) -> int:
-    """The route's 64-bit word (struct route) without its next-hop id."""
+    """The route's 64-bit little-endian word (struct route; see dirfib.route_word)
+    without its next-hop id, which the writer ORs in."""
     return int(installed_type) << 32 | pkey[2] << 40 | proto << 48
 
 
@@ -129,10 +130,6 @@ class Route:
     def same_forwarding(self, other: Route | None) -> bool:
         return other is not None and (self.installed_type, self.nexthops, self.proto) == \
             (other.installed_type, other.nexthops, other.proto)
-
-    def word(self, nh_id: int) -> int:
-        """struct route as its 64-bit little-endian word (see dirfib.route_word)."""
-        return self.word_bits | nh_id
 
 
 class FibError(Exception):
