@@ -47,8 +47,11 @@ class Bench:
 
     def __init__(self, dp: Datapath, fib_mode: lo.FibMode, impl: lo.FibImpl, n: int, ifindex: int,
                  eth: bytes, dests: dict[int, bytes], observe: int | None = None, frame: bytes | None = None,
-                 mem_bytes: int = 0):
+                 mem_bytes: int = 0, root4=None):
+        """root4: IPv4's uncompressed 24-bit root (numpy uint32), for bench_dir24_4."""
         self.obj = BpfObject(BENCH)
+        if root4 is not None:
+            self.obj.set_max_entries("bench_root4", len(root4) // lo.DIR_CHUNK)
         if mem_bytes:  # bench_mem4: random reads over this many bytes (8 per array element)
             self.obj.set_max_entries("bench_mem", mem_bytes // 8)
             self.obj.set_rodata("bench_mem_mask", ctypes.c_uint32(mem_bytes // 8 - 1))
@@ -72,6 +75,10 @@ class Bench:
             m = self.obj.map(f"bench_dst{version}", ctypes.c_uint32, ctypes.c_uint8 * (8 if version == 4 else 16))
             mm = m.mmap()
             mm[: len(raw)] = raw
+            mm.close()
+        if root4 is not None:
+            mm = self.obj.map("bench_root4", ctypes.c_uint32, lo.DirChunk).mmap()
+            np.frombuffer(mm, np.uint32)[:] = root4
             mm.close()
         self.obj.map("bench_eth", ctypes.c_uint32, ctypes.c_uint8 * 14).update(
             ctypes.c_uint32(0), (ctypes.c_uint8 * 14)(*eth))

@@ -6,7 +6,8 @@
  * may_goto, with no call per iteration; the pipeline loops use bpf_loop,
  * whose callback costs an indirect call and return per iteration (about 9 ns
  * here, with SRSO's return thunks). The loader points the FIB maps at a router's pinned
- * maps. Variants: an empty loop (the floor), the DIR FIB, the LPM trie,
+ * maps. Variants: an empty loop (the floor), the DIR FIB (and, for IPv4, its
+ * root uncompressed, as forwarding read it until 2026-11-23), the LPM trie,
  * bpf_fib_lookup on the kernel FIB, and the whole router pipeline on a packet
  * whose destination changes every iteration. */
 #include "include/pipeline.h"
@@ -70,6 +71,16 @@ struct {
 	__type(key, __u32);
 	__type(value, __u64);
 } bench_mem SEC(".maps");
+
+/* IPv4's 24-bit root uncompressed, as forwarding read it until 2026-11-23:
+ * the benchmark copies the agent's root here (the loader sizes it). */
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__uint(map_flags, BPF_F_MMAPABLE);
+	__type(key, __u32);
+	__type(value, struct dir_chunk);
+} bench_root4 SEC(".maps");
 
 const volatile __u32 bench_mem_mask = 0;  /* max_entries - 1, a power of two minus one */
 const volatile __u32 bench_n = 0;
@@ -143,6 +154,17 @@ static __always_inline __u64 dir4(__be32 d)
 	return route_value(dir4_lookup(d, &r, 0), &r);
 }
 
+static __always_inline __u64 dir24_4(__be32 d)
+{
+	__u32 a = bpf_ntohl(d);
+	__u32 e = dir_root_entry(&bench_root4, a >> 8);
+	struct route r;
+
+	if (e & DIR_EXT)
+		e = dir_group_entry(&dir4_groups, e & ~DIR_EXT, a & 0xff);
+	return route_value(dir_route(e, 0, &dir4_leaves, &r), &r);
+}
+
 static __always_inline __u64 dir6(const __u8 *d)
 {
 	struct route r;
@@ -178,6 +200,7 @@ static __always_inline __u64 kernel6(struct xdp_md *ctx, const __u8 *dst)
 
 FAST_LOOP(bench_empty4, bench_dst4, struct dst4, c->acc += d->a)
 FAST_LOOP(bench_dir4, bench_dst4, struct dst4, c->acc += dir4(d->a))
+FAST_LOOP(bench_dir24_4, bench_dst4, struct dst4, c->acc += dir24_4(d->a))
 FAST_LOOP(bench_lpm4, bench_dst4, struct dst4, c->acc += lpm4(d->a))
 FAST_LOOP(bench_kernel4, bench_dst4, struct dst4, c->acc += kernel4(c->xdp, d->a))
 FAST_LOOP(bench_empty6, bench_dst6, struct dst6, c->acc += d->a[15])
@@ -193,10 +216,6 @@ static __always_inline __u64 mem_read(__be32 dst)
 }
 
 FAST_LOOP(bench_mem4, bench_dst4, struct dst4, c->acc += mem_read(d->a))
-/* The same loops through bpf_loop, as every lookup was measured until
- * 2026-11-23: the callback's cost next to the plain loop's. */
-LOOKUP_LOOP(bench_empty4_cb, bench_dst4, struct dst4, c->acc += d->a)
-LOOKUP_LOOP(bench_dir4_cb, bench_dst4, struct dst4, c->acc += dir4(d->a))
 
 /* The whole pipeline: the test-run packet gets destination i, its Ethernet
  * header and TTL restored (the pipeline rewrote them), then is routed as if

@@ -119,7 +119,7 @@ def cli(netns_name):
 @click.option("--xdp-mode", type=click.Choice(["native", "generic"]), default="native", show_default=True,
               help="native falls back to generic when the driver has no XDP support.")
 @click.option("--fib-impl", type=click.Choice(["dir", "lpm"]), default="dir", show_default=True,
-              help="Structure of the BPF FIB: dir (multibit trie, DIR-24-8 for IPv4) or lpm (LPM trie).")
+              help="Structure of the BPF FIB: dir (multibit trie; IPv4: DIR-24-8, root compressed) or lpm (LPM trie).")
 @click.option("--fib-groups", default=None, metavar="V4,V6",
               help="DIR FIB groups of 1 KiB for IPv4 and IPv6 (default 16384,65536).")
 @click.option("--metrics", "metrics_listen", default=None, metavar="ADDR:PORT",

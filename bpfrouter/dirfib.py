@@ -22,6 +22,7 @@ What a packet can see during a change:
 from __future__ import annotations
 
 import ipaddress
+import time
 from collections import deque
 from operator import itemgetter
 
@@ -61,25 +62,248 @@ def _plen_of(words: np.ndarray) -> np.ndarray:
     return ((words >> np.uint64(40)) & np.uint64(0xFF)).astype(np.uint8)
 
 
+class CompressedRoot:
+    """IPv4's 24-bit root as the data plane reads it (bpf/include/dirfib.h):
+    per /16, either the one entry its 256 root entries share (in top), or a
+    block: a 256-bit map of where runs of equal entries start, then the runs'
+    entries, 8-byte aligned. About 6 MiB at a full table, where the root
+    itself is 64 MiB.
+
+    DirTable keeps the root in Python memory and hands the /16s it changed to
+    update(), which writes each a new block into free space before the top
+    store that switches to it (one aligned 32-bit store).
+
+    Space is two halves used in turn. Blocks are taken from the active half
+    by a bump pointer, and a replaced block is garbage. When the half is
+    full, every live block is copied, in one vectorized pass, to the start of
+    the other half, and each /16's top switched to its copy; the half left
+    behind is written again only at the next compaction, and at least GRACE_S
+    later (a packet reads a /16's top and block within microseconds: XDP runs
+    to completion in softirq). Free space never fragments: a sync that grows
+    blocks batch by batch only compacts more often."""
+
+    GRACE_S = 0.01
+    SLOTS = 1 << (ROOT_BITS - lo.DIR_TOP_BITS)  # root entries per /16
+
+    def __init__(self, top_map, blocks_map):
+        self._mmaps = [m.mmap() for m in (top_map, blocks_map)]
+        self.ntop = top_map.max_entries * lo.DIR_CHUNK
+        self.nwords = blocks_map.max_entries
+        self.top = np.frombuffer(self._mmaps[0], np.uint32, self.ntop)
+        self.words = np.frombuffer(self._mmaps[1], np.uint64, self.nwords)
+        self.u32 = np.frombuffer(self._mmaps[1], np.uint32, self.nwords * 2)
+        self.blocks_mm = self._mmaps[1]
+        self._starts_scratch = np.ones(self.SLOTS, bool)  # [0] stays True: a /16's first entry starts a run
+        self.block_words = np.zeros(self.ntop, np.int64)  # per /16: its block's size (0: none)
+        self.half = self.nwords // 2  # words per half
+        self.base = 0                 # first word of the active half
+        self.bump = 0                 # the active half's words from here on are free
+        self.left_at = {0: 0.0, self.half: 0.0}  # when a compaction last left each half
+        self.compactions = 0
+        self._recover()
+
+    def close(self) -> None:
+        self.top = self.words = self.u32 = self.blocks_mm = None  # type: ignore[assignment]
+        for m in self._mmaps:
+            m.close()
+
+    @staticmethod
+    def _size(runs: np.ndarray) -> np.ndarray:
+        """A block's size in 8-byte words."""
+        return (lo.DIR_BLOCK_HEAD + 4 * runs + 7) // 8
+
+    # --- reading -----------------------------------------------------------
+    def _starts(self, first: np.ndarray) -> np.ndarray:
+        """(k, 256) bools: where runs start in the blocks at these words."""
+        raw = np.ascontiguousarray(self.words[first[:, None] + np.arange(4)]).view(np.uint8)
+        return np.unpackbits(raw, axis=1, bitorder="little").astype(bool)
+
+    def _blocked(self) -> tuple[np.ndarray, np.ndarray]:
+        """The /16s with a block, and each block's first word."""
+        chunks = np.nonzero((self.top & EXT) != 0)[0]
+        return chunks, (self.top[chunks] & ~EXT).astype(np.int64)
+
+    def _run_entries(self, first: np.ndarray, starts: np.ndarray) -> np.ndarray:
+        """(k, 256) root entries of blocks."""
+        return self.u32[np.cumsum(starts, axis=1) - 1 + (first * 2 + lo.DIR_BLOCK_HEAD // 4)[:, None]]
+
+    def expand(self) -> np.ndarray:
+        """The 24-bit root the maps hold (for a restarted agent)."""
+        root = np.empty((self.ntop, self.SLOTS), np.uint32)
+        ext = (self.top & EXT) != 0
+        root[~ext] = self.top[~ext][:, None]
+        chunks, first = self._blocked()
+        if len(chunks):
+            root[chunks] = self._run_entries(first, self._starts(first))
+        return root.ravel()
+
+    def live_entries(self) -> np.ndarray:
+        """The root entries of every run in use (each run once: no decoding to 256 per /16)."""
+        chunks, first = self._blocked()
+        if not len(chunks):
+            return np.zeros(0, np.uint32)
+        n = self._starts(first).sum(axis=1)
+        return self.u32[np.repeat(first * 2 + lo.DIR_BLOCK_HEAD // 4, n) + _offsets(n)]
+
+    def memory(self) -> dict[str, int]:
+        chunks, _ = self._blocked()
+        used = int(self.block_words[chunks].sum()) * 8
+        return {"bytes": int(self.top.nbytes + self.words.nbytes), "forwarding_bytes": int(self.top.nbytes + used),
+                "blocks": int(len(chunks)), "compactions": self.compactions}
+
+    # --- space ---------------------------------------------------------------------
+    def _recover(self) -> None:
+        chunks, first = self._blocked()
+        if not len(chunks):
+            return
+        self.block_words[chunks] = self._size(self._starts(first).sum(axis=1))
+        upper = first >= self.half
+        # the half with more live words is the active one; blocks in the other
+        # (an agent stopped during a compaction) are moved over at once
+        self.base = self.half if self.block_words[chunks][upper].sum() > self.block_words[chunks][~upper].sum() else 0
+        mine = upper if self.base else ~upper
+        self.bump = int((first[mine] + self.block_words[chunks][mine]).max()) if mine.any() else self.base
+        if not mine.all():
+            self.left_at[self.half - self.base] = time.monotonic()
+            self._move_to_bump(chunks[~mine])
+
+    def _move_to_bump(self, chunks: np.ndarray) -> None:
+        sizes = self.block_words[chunks]
+        if self.bump + int(sizes.sum()) > self.base + self.half:
+            raise DirFull(f"IPv4 DIR FIB's compressed root full ({self.half * 8 >> 20} MiB of blocks live)")
+        new_first = self.bump + np.cumsum(sizes) - sizes
+        self.bump += int(sizes.sum())
+        self._move(chunks, new_first)
+
+    def _move(self, chunks: np.ndarray, new_first: np.ndarray) -> None:
+        """Copy blocks, then switch their /16s to the copies."""
+        old_first = (self.top[chunks] & ~EXT).astype(np.int64)
+        sizes = self.block_words[chunks]
+        offsets = _offsets(sizes)
+        self.words[np.repeat(new_first, sizes) + offsets] = self.words[np.repeat(old_first, sizes) + offsets]
+        self.top[chunks] = EXT | new_first.astype(np.uint32)  # one aligned 32-bit store per /16
+
+    def _compact(self) -> None:
+        """Every live block to the start of the other half, which no packet has
+        read for GRACE_S."""
+        other = self.half - self.base
+        time.sleep(max(0.0, self.left_at[other] + self.GRACE_S - time.monotonic()))
+        chunks, first = self._blocked()
+        order = np.argsort(first)  # kept in address order: the copies stream
+        chunks = chunks[order]
+        sizes = self.block_words[chunks]
+        self.left_at[self.base] = time.monotonic()
+        self.base, self.bump = other, other
+        self._move(chunks, other + np.cumsum(sizes) - sizes)
+        self.bump = other + int(sizes.sum())
+        self.compactions += 1
+
+    def _alloc(self, total: int) -> int:
+        """The first of `total` contiguous free words, or DirFull."""
+        if self.bump + total > self.base + self.half:
+            self._compact()
+            if self.bump + total > self.base + self.half:
+                raise DirFull(f"IPv4 DIR FIB's compressed root full ({self.half * 8 >> 20} MiB of blocks live)")
+        self.bump += total
+        return self.bump - total
+
+    # --- writing -------------------------------------------------------------------
+    def update(self, root: np.ndarray, chunks: np.ndarray) -> None:
+        """Rewrite these /16s from the root: new blocks first, then the top stores."""
+        if len(chunks) == 1:
+            self.update_one(root, int(chunks[0]))
+            return
+        chunks = np.asarray(chunks, np.int64)
+        rows = root.reshape(self.ntop, self.SLOTS)[chunks]
+        starts = np.empty(rows.shape, bool)
+        starts[:, 0] = True
+        np.not_equal(rows[:, 1:], rows[:, :-1], out=starts[:, 1:])
+        nruns = starts.sum(axis=1)
+        blocked = (nruns > 1) | ((rows[:, 0] & EXT) != 0)  # a group's pointer is never a /16's only entry
+        new_top = rows[:, 0].copy()
+        new_words = np.zeros(len(chunks), np.int64)
+        if blocked.any():
+            st, nr = starts[blocked], nruns[blocked]
+            sizes = self._size(nr)
+            first = self._alloc(int(sizes.sum())) + np.cumsum(sizes) - sizes
+            k = len(first)
+            self.words[first[:, None] + np.arange(4)] = np.packbits(st, axis=1, bitorder="little").view("<u8")
+            before = np.cumsum(st.reshape(k, 4, 64).sum(axis=2), axis=1).astype(np.uint32)
+            self.u32[first * 2 + 8] = (before[:, 0] << 8) | (before[:, 1] << 16) | (before[:, 2] << 24)
+            self.u32[np.repeat(first * 2 + lo.DIR_BLOCK_HEAD // 4, nr) + _offsets(nr)] = rows[blocked][st]
+            new_top[blocked] = EXT | first.astype(np.uint32)
+            new_words[blocked] = sizes
+        self.top[chunks] = new_top  # the switch: one aligned 32-bit store per /16
+        self.block_words[chunks] = new_words
+
+    def update_one(self, root: np.ndarray, chunk: int) -> None:
+        """update() for one /16, as a single route change makes: the same steps
+        in plain Python where numpy's per-call cost would dominate."""
+        row = root[chunk * self.SLOTS:(chunk + 1) * self.SLOTS]
+        starts = self._starts_scratch
+        np.not_equal(row[1:], row[:-1], out=starts[1:])
+        runs = row.compress(starts)
+        n = len(runs)
+        old = int(self.top[chunk])
+        if n == 1 and not runs[0] & EXT:
+            self.top[chunk] = runs[0]
+            self.block_words[chunk] = 0
+            return
+        bits = np.packbits(starts, bitorder="little").tobytes()
+        size = (lo.DIR_BLOCK_HEAD + 4 * n + 7) // 8
+        if old & EXT:
+            first = old & ~int(EXT)
+            head = first * 2 + lo.DIR_BLOCK_HEAD // 4
+            if self.block_words[chunk] == size and self.blocks_mm[first * 8:first * 8 + 32] == bits:
+                # same runs, new entries (a route replaced): one aligned 32-bit store each
+                changed = np.flatnonzero(self.u32[head:head + n] != runs)
+                self.u32[head + changed] = runs[changed]
+                return
+        first = self._alloc(size)
+        v = int.from_bytes(bits, "little")
+        c0, c1, c2 = (((v >> (64 * i)) & 0xFFFFFFFFFFFFFFFF).bit_count() for i in range(3))
+        rank = (c0 << 8) | ((c0 + c1) << 16) | ((c0 + c1 + c2) << 24)
+        # not yet visible: plain copies
+        self.blocks_mm[first * 8:first * 8 + 36 + 4 * n] = bits + rank.to_bytes(4, "little") + runs.tobytes()
+        self.top[chunk] = int(EXT) | first  # the switch
+        self.block_words[chunk] = size
+
+
+def _offsets(counts: np.ndarray) -> np.ndarray:
+    """0..counts[i]-1 for each i, concatenated."""
+    return np.arange(int(counts.sum())) - np.repeat(np.cumsum(counts) - counts, counts)
+
+
 class DirTable:
     """One family's DIR FIB (IPv4: DIR-24-8; IPv6: up to 13 levels)."""
 
     def __init__(self, root_map, groups_map, leaves_map, root_leaf_map, group_leaf_map, width: int,
-                 recover: bool = True):
+                 recover: bool = True, compressed: CompressedRoot | None = None):
+        """root_map: the root the data plane reads, or None with `compressed`:
+        then the root lives here and the data plane reads its compressed form."""
         self.width = width
-        self._mmaps = [m.mmap() for m in (root_map, groups_map, leaves_map, root_leaf_map, group_leaf_map)]
-        n_root = root_map.max_entries * lo.DIR_CHUNK
+        self.version = 4 if width == 32 else 6
+        self.compressed = compressed
+        self._recovered = recover
+        # root ranges, and arrays of /16s, changed since the compressed root was written
+        self._dirty: list[tuple[int, int]] = []
+        self._dirty_chunks: list[np.ndarray] = []
+        self._mmaps = [m.mmap() for m in (groups_map, leaves_map, root_leaf_map, group_leaf_map)]
+        n_root = 1 << ROOT_BITS
         self.ngroups = groups_map.max_entries
         self.nleaves = leaves_map.max_entries
         words = leaves_map.info.value_size // 8
-        self.root = np.frombuffer(self._mmaps[0], np.uint32, n_root)
-        self.groups = np.frombuffer(self._mmaps[1], np.uint32, self.ngroups * 256).reshape(self.ngroups, 256)
-        self.leaves = np.frombuffer(self._mmaps[2], np.uint64, self.nleaves * words).reshape(self.nleaves, words)
-        self.root_leaf = np.frombuffer(self._mmaps[3], np.uint32, n_root)
-        self.group_leaf = np.frombuffer(self._mmaps[4], np.uint32, self.ngroups * 256).reshape(self.ngroups, 256)
+        if compressed is None:
+            self._mmaps.append(root_map.mmap())
+            self.root = np.frombuffer(self._mmaps[-1], np.uint32, n_root)
+        else:
+            self.root = compressed.expand() if recover else np.zeros(n_root, np.uint32)
+        self.groups = np.frombuffer(self._mmaps[0], np.uint32, self.ngroups * 256).reshape(self.ngroups, 256)
+        self.leaves = np.frombuffer(self._mmaps[1], np.uint64, self.nleaves * words).reshape(self.nleaves, words)
+        self.root_leaf = np.frombuffer(self._mmaps[2], np.uint32, n_root)
+        self.group_leaf = np.frombuffer(self._mmaps[3], np.uint32, self.ngroups * 256).reshape(self.ngroups, 256)
         self.root_depth = np.zeros(n_root, np.uint8)
         self.group_depth = np.zeros((self.ngroups, 256), np.uint8)
-        self.version = 4 if width == 32 else 6
         # (version, address as int, length) -> leaf: the Fib's own prefix keys,
         # so a bulk load adds no tuple per route
         self.rules: dict[tuple[int, int, int], int] = {}
@@ -92,6 +316,36 @@ class DirTable:
         self.root = self.groups = self.leaves = self.root_leaf = self.group_leaf = None  # type: ignore[assignment]
         for m in self._mmaps:
             m.close()
+        if self.compressed is not None:
+            self.compressed.close()
+
+    def _mark_rows(self, rows: np.ndarray, span: int) -> None:
+        """Root rows of `span` entries changed (a bulk write)."""
+        if self.compressed is not None:
+            shift = ROOT_BITS - lo.DIR_TOP_BITS
+            per = max(1, span >> shift)
+            self._dirty_chunks.append(((rows * span) >> shift)[:, None] + np.arange(per))
+
+    def _flush(self) -> None:
+        """Write the /16s the last change touched to the compressed root."""
+        if self.compressed is None or not (self._dirty or self._dirty_chunks):
+            self._dirty.clear()  # IPv6: the data plane reads the root itself
+            return
+        shift = ROOT_BITS - lo.DIR_TOP_BITS
+        if len(self._dirty) == 1 and not self._dirty_chunks:
+            start, stop = self._dirty[0]
+            first, last = start >> shift, (stop - 1) >> shift
+            self._dirty.clear()
+            if first == last:  # a single route change: the common case
+                self.compressed.update_one(self.root, first)
+                return
+            chunks = np.arange(first, last + 1)
+        else:
+            parts = [np.arange(a >> shift, ((b - 1) >> shift) + 1) for a, b in self._dirty]
+            chunks = np.unique(np.concatenate(parts + [c.ravel() for c in self._dirty_chunks]))
+        self._dirty.clear()
+        self._dirty_chunks.clear()
+        self.compressed.update(self.root, chunks)
 
     # --- helpers ----------------------------------------------------------------
     def _network(self, addr: int, length: int) -> IPNetwork:
@@ -134,6 +388,13 @@ class DirTable:
         """Apply a prefix of `length` to entries `arr` (a view) and the groups below.
         deleting: rewrite the entries the prefix set (depth == length), else the
         ones it covers (depth <= length)."""
+        if len(arr) == 1:  # a prefix of the level's own length (a /24 at the root): scalars are faster
+            e = int(arr[0])
+            if e & EXT:
+                self._apply_groups(np.array([e & ~int(EXT)]), entry, leaf, new_depth, length, deleting)
+            elif (depth[0] == length) if deleting else (depth[0] <= length):
+                depth[0], larr[0], arr[0] = new_depth, leaf, entry
+            return
         cur = arr.copy()
         ext = (cur & EXT) != 0
         hit = ~ext & ((depth == length) if deleting else (depth <= length))
@@ -192,7 +453,9 @@ class DirTable:
         if length <= ROOT_BITS:
             start = self._top(addr) & ~((1 << (ROOT_BITS - length)) - 1)
             sl = slice(start, start + (1 << (ROOT_BITS - length)))
+            self._dirty.append((sl.start, sl.stop))
             return self.root[sl], self.root_leaf[sl], self.root_depth[sl], []
+        self._dirty.append((self._top(addr), self._top(addr) + 1))  # a group made or folded there
         path = self._path(addr, length, create)
         if not path or len(path) < (length - ROOT_BITS + 7) // 8:
             return None, None, None, path
@@ -207,6 +470,12 @@ class DirTable:
         self.set_key(int(prefix.network_address), prefix.prefixlen, route_word(value))
 
     def set_key(self, addr: int, length: int, word: int) -> None:
+        try:
+            self._set_key(addr, length, word)
+        finally:
+            self._flush()
+
+    def _set_key(self, addr: int, length: int, word: int) -> None:
         entry = entry_of(word)
         key = (self.version, addr, length)
         leaf = self.rules.get(key)
@@ -229,6 +498,12 @@ class DirTable:
 
     def delete(self, pk: tuple[int, int, int]) -> bool:
         """Remove the prefix with key (version, address as int, length)."""
+        try:
+            return self._delete(pk)
+        finally:
+            self._flush()
+
+    def _delete(self, pk: tuple[int, int, int]) -> bool:
         leaf = self.rules.pop(pk, None)
         if leaf is None:
             return False
@@ -255,6 +530,12 @@ class DirTable:
         goes at array speed. Each removed prefix's entries go to its longest
         covering prefix that stays, so the order is free: shorter ones go first,
         so that groups below them are uniform, and fold, when the longer go."""
+        try:
+            self._delete_many(pks)
+        finally:
+            self._flush()
+
+    def _delete_many(self, pks: list[tuple[int, int, int]]) -> None:
         rules = self.rules
         gone = [(pk, leaf) for pk in pks if (leaf := rules.pop(pk, None)) is not None]
         if not gone:
@@ -287,6 +568,7 @@ class DirTable:
             span = 1 << (ROOT_BITS - length)
             rows = addrs[sel] >> (ROOT_BITS - length)
             root, depth, leaf = (a.reshape(-1, span) for a in (self.root, self.root_depth, self.root_leaf))
+            self._mark_rows(rows, span)
             cur = root[rows]
             ext = (cur & EXT) != 0
             hit = ~ext & (depth[rows] == length)
@@ -304,6 +586,7 @@ class DirTable:
         """No route left: every entry becomes 0 (a packet sees its old entry or
         none), and every group goes to the back of the free list."""
         self.root[:] = 0
+        self._dirty.append((0, len(self.root)))
         self.root_leaf[:] = 0
         self.root_depth[:] = 0
         free = np.zeros(self.ngroups, bool)
@@ -342,9 +625,15 @@ class DirTable:
         route words (a list, or a uint64 array). New prefixes up to the root
         length are written vectorized, shortest first, so longer ones land on
         top; the rest go one by one."""
+        try:
+            self._set_many(pks, words)
+        finally:
+            self._flush()
+
+    def _set_many(self, pks: list[tuple[int, int, int]], words) -> None:
         if len(pks) <= 16:  # numpy's per-call overhead outweighs vectorizing
             for pk, w in zip(pks, words, strict=True):
-                self.set_key(pk[1], pk[2], int(w))
+                self._set_key(pk[1], pk[2], int(w))
             return
         words = np.asarray(words, np.uint64)
         rules = self.rules
@@ -359,7 +648,7 @@ class DirTable:
         if n > len(self.free_leaves):  # checked before anything is written
             raise DirFull(f"IPv{self.version} DIR FIB full: {self.nleaves - 1} routes")
         for pk, w in rewrites:
-            self.set_key(pk[1], pk[2], w)
+            self._set_key(pk[1], pk[2], w)
         if not n:
             return
         lens = np.fromiter(map(itemgetter(2), pks), np.int64, n)
@@ -372,7 +661,7 @@ class DirTable:
             else:
                 self._set_short(pks, lens, words)
         for i in long_:
-            self.set_key(pks[i][1], pks[i][2], int(words[i]))
+            self._set_key(pks[i][1], pks[i][2], int(words[i]))
 
     def _set_short(self, pks: list, lens: np.ndarray, words: np.ndarray) -> None:
         """New prefixes no longer than the root, vectorized."""
@@ -403,6 +692,7 @@ class DirTable:
             order = np.argsort(rows)  # in address order, the rows' reads and stores stream
             rows = rows[order]
             root, depth, leaf = (a.reshape(-1, span) for a in (self.root, self.root_depth, self.root_leaf))
+            self._mark_rows(rows, span)
             cur = root[rows]
             ext = (cur & EXT) != 0
             cur_depth = depth[rows]
@@ -456,11 +746,22 @@ class DirTable:
         return int(np.count_nonzero(self.leaves[:, 0]))
 
     def memory(self) -> dict[str, int]:
-        """Bytes the structure holds in the kernel, and how full it is."""
-        nbytes = sum(a.nbytes for a in (self.root, self.groups, self.leaves, self.root_leaf, self.group_leaf))
-        return {"impl": "dir", "bytes": int(nbytes), "routes": self.count(),
-                "groups_used": self._reachable_groups(self.root[(self.root & EXT) != 0] & ~EXT),
-                "groups_total": self.ngroups - 1, "routes_total": self.nleaves - 1}
+        """Bytes the structure holds in the kernel, what forwarding reads of
+        them, and how full it is."""
+        nbytes = sum(a.nbytes for a in (self.groups, self.leaves, self.root_leaf, self.group_leaf))
+        if self.compressed is None:
+            root, root_bytes, out = self.root, self.root.nbytes, {"bytes": int(nbytes + self.root.nbytes)}
+        else:  # the root is here, in Python memory; the kernel holds its compressed form
+            # (decoding the blocks costs a second at a full table: only without a recovered root)
+            root = self.root if self._recovered else self.compressed.live_entries()
+            c = self.compressed.memory()
+            root_bytes = c["forwarding_bytes"]
+            out = {"bytes": int(nbytes + c["bytes"]), "root_blocks": c["blocks"], "compactions": c["compactions"]}
+        groups = self._reachable_groups(root[(root & EXT) != 0] & ~EXT)
+        # what forwarding reads: the root (or its compressed form) and the groups in use
+        return {"impl": "dir", **out, "forwarding_bytes": int(root_bytes + groups * self.groups.shape[1] * 4),
+                "routes": self.count(), "groups_used": groups, "groups_total": self.ngroups - 1,
+                "routes_total": self.nleaves - 1}
 
     def _reachable_groups(self, gids: np.ndarray) -> int:
         total = 0

@@ -24,7 +24,7 @@ import numpy as np
 
 from .datapath import Datapath
 from .datapath import layout as lo
-from .dirfib import DirTable
+from .dirfib import CompressedRoot, DirTable
 from .routespec import IPAddress, IPNetwork
 
 RouteType = lo.RouteType
@@ -311,9 +311,12 @@ def map_memlock(fd: int) -> int:
 def make_tables(dp: Datapath, recover: bool = True) -> dict[int, "DirTable | LpmTable"]:
     """The FIB structure the router was loaded with (the loader shrinks the unused one)."""
     m = dp.maps
-    if m["dir4_root"].max_entries > 1:
-        return {v: DirTable(m[f"dir{v}_root"], m[f"dir{v}_groups"], m[f"dir{v}_leaves"], m[f"dir{v}_root_leaf"],
-                            m[f"dir{v}_group_leaf"], 32 if v == 4 else 128, recover) for v in (4, 6)}
+    if m["dir4_top"].max_entries > 1:
+        levels = {v: (m[f"dir{v}_groups"], m[f"dir{v}_leaves"], m[f"dir{v}_root_leaf"], m[f"dir{v}_group_leaf"])
+                  for v in (4, 6)}
+        return {4: DirTable(None, *levels[4], 32, recover,
+                            compressed=CompressedRoot(m["dir4_top"], m["dir4_blocks"])),
+                6: DirTable(m["dir6_root"], *levels[6], 128, recover)}
     return {4: LpmTable(dp.fib4), 6: LpmTable(dp.fib6)}
 
 

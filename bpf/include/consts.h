@@ -84,6 +84,9 @@ enum fib_impl {
 #define DIR_GROUPS_V6 65536
 #define DIR_LEAVES_V4 (1 << 21)
 #define DIR_LEAVES_V6 (1 << 19)
+#define DIR_TOP_BITS 16         /* IPv4's compressed root: one entry or block per /16 */
+#define DIR_BLOCK_WORDS_V4 (1 << 22) /* 32 MiB of blocks: two halves, each over twice a full table's */
+#define DIR_BLOCK_HEAD 36       /* a block's bytes before its runs */
 
 #define NEXTHOP_F_GATEWAY 1
 

@@ -4,12 +4,23 @@
  *   root[addr >> (W-24)]    -> route type | next-hop id, or DIR_EXT | group
  *   group[g][next 8 bits]   -> the same, one level deeper
  *
- * The entry holds what forwarding needs, so IPv4 (DIR-24-8) costs one or two
- * table reads. Parallel arrays (root_leaf, group_leaf) give each entry's leaf:
- * the prefix and its protocol, which only probes (`route get`) and the
- * control plane read. IPv6 walks at most 13 groups after the root. Entry 0
- * means "no route". Every entry is one aligned 32-bit store, so a packet reads
- * either the old or the new value. */
+ * The entry holds what forwarding needs. Parallel arrays (root_leaf,
+ * group_leaf) give each entry's leaf: the prefix and its protocol, which only
+ * probes (`route get`) and the control plane read. IPv6 walks at most 13
+ * groups after the root. Entry 0 means "no route". Every entry is one aligned
+ * 32-bit store, so a packet reads either the old or the new value.
+ *
+ * IPv4's 24-bit root (64 MiB, one cache and TLB miss per lookup at a full
+ * table) is stored compressed, in about 8 MiB at 1M routes:
+ *
+ *   top[addr >> 16]         -> the entry of a /16 whose 256 root entries are
+ *                              equal, or DIR_EXT | block (its first word)
+ *   block                   -> a 256-bit map of where runs of equal root
+ *                              entries start in that /16, then the runs
+ *   run[rank]               -> the root entry of the run that holds the /24
+ *
+ * rank is the number of run starts up to the /24, a popcount. A changed /16
+ * gets a new block, filled before the one top store that switches to it. */
 #ifndef BPFROUTER_DIRFIB_H
 #define BPFROUTER_DIRFIB_H
 
@@ -53,16 +64,18 @@ struct dir_leaf6 {
 		__type(value, value_t);                                          \
 	} name SEC(".maps");
 
-/* A family's tables; root_leaf and group_leaf mirror root and groups. */
-#define DIR_MAPS(fam, leaf_t, groups, leaves)                                   \
-	DIR_ARRAY(dir##fam##_root, (1 << DIR_ROOT_BITS) / DIR_CHUNK, struct dir_chunk) \
+/* A family's tables; root_leaf and group_leaf mirror the root and groups. */
+#define DIR_LEVELS(fam, leaf_t, groups, leaves)                                 \
 	DIR_ARRAY(dir##fam##_groups, groups, struct dir_group)                  \
 	DIR_ARRAY(dir##fam##_leaves, leaves, leaf_t)                            \
 	DIR_ARRAY(dir##fam##_root_leaf, (1 << DIR_ROOT_BITS) / DIR_CHUNK, struct dir_chunk) \
 	DIR_ARRAY(dir##fam##_group_leaf, groups, struct dir_group)
 
-DIR_MAPS(4, struct dir_leaf4, DIR_GROUPS_V4, DIR_LEAVES_V4)
-DIR_MAPS(6, struct dir_leaf6, DIR_GROUPS_V6, DIR_LEAVES_V6)
+DIR_LEVELS(4, struct dir_leaf4, DIR_GROUPS_V4, DIR_LEAVES_V4)
+DIR_ARRAY(dir4_top, (1 << DIR_TOP_BITS) / DIR_CHUNK, struct dir_chunk)
+DIR_ARRAY(dir4_blocks, DIR_BLOCK_WORDS_V4, __u64)
+DIR_LEVELS(6, struct dir_leaf6, DIR_GROUPS_V6, DIR_LEAVES_V6)
+DIR_ARRAY(dir6_root, (1 << DIR_ROOT_BITS) / DIR_CHUNK, struct dir_chunk)
 
 static __always_inline __u32 dir_root_entry(void *root, __u32 top24)
 {
@@ -95,11 +108,47 @@ static __always_inline int dir_route(__u32 e, __u32 leaf, void *leaves, struct r
 	return 1;
 }
 
+/* The bits set in x (BPF has no popcount instruction). */
+static __always_inline __u32 popcount64(__u64 x)
+{
+	x = x - ((x >> 1) & 0x5555555555555555ULL);
+	x = (x & 0x3333333333333333ULL) + ((x >> 2) & 0x3333333333333333ULL);
+	x = (x + (x >> 4)) & 0x0f0f0f0f0f0f0f0fULL;
+	return (x * 0x0101010101010101ULL) >> 56;
+}
+
+static __always_inline __u64 dir4_block_word(__u32 w)
+{
+	__u64 *v = bpf_map_lookup_elem(&dir4_blocks, &w);
+
+	return v ? *v : 0;
+}
+
+/* IPv4's root entry for a /24, from the compressed root. A block is
+ * starts[4], rank (byte w: runs started in starts[0..w-1]), then one 32-bit
+ * root entry per run: DIR_BLOCK_HEAD + 4 * runs bytes, 8-byte aligned. */
+static __always_inline __u32 dir4_root_entry(__u32 top24)
+{
+	__u32 e = dir_root_entry(&dir4_top, top24 >> 8);
+	__u32 s = top24 & 0xff, w = s >> 6, b, run, off;
+	__u64 starts, rank;
+
+	if (!(e & DIR_EXT))
+		return e;
+	b = e & ~DIR_EXT;
+	starts = dir4_block_word(b + w) & (~0ULL >> (63 - (s & 63)));
+	rank = dir4_block_word(b + 4);
+	/* starts[0] bit 0 is always set: runs started up to s, minus one */
+	run = ((rank >> (8 * w)) & 0xff) + popcount64(starts) - 1;
+	off = DIR_BLOCK_HEAD + 4 * run;
+	return dir4_block_word(b + off / 8) >> (8 * (off & 4));
+}
+
 /* detail: also read the leaf (prefix length, protocol), for probes only. */
 static __always_inline int dir4_lookup(__be32 daddr, struct route *rt, int detail)
 {
 	__u32 a = bpf_ntohl(daddr);
-	__u32 e = dir_root_entry(&dir4_root, a >> 8);
+	__u32 e = dir4_root_entry(a >> 8);
 	__u32 leaf = 0;
 
 	if (detail)

@@ -1,0 +1,193 @@
+"""IPv4's compressed root (bpf/include/dirfib.h): the blocks the data plane
+reads always decode to the root the agent keeps, through bulk loads, single
+changes, in-place replaces and an agent restart, and the program's answers
+are the longest matching prefix."""
+import ipaddress
+
+import numpy as np
+import pytest
+
+from bpfrouter import netns
+from bpfrouter.datapath import layout as lo
+from bpfrouter.dirfib import EXT
+from bpfrouter.fib import Fib, Nexthop, Route, RouteType
+from bpfrouter.labroutes import random_routes
+from bpfrouter.observe import probe
+from tests.conftest import OBJECT
+
+from .harness import NS, load_datapath
+
+GATEWAYS = ["10.2.0.2", "10.2.0.3", "10.2.0.9"]
+TYPES = {"unicast": RouteType.UNICAST, "blackhole": RouteType.BLACKHOLE,
+         "unreachable": RouteType.UNREACHABLE, "prohibit": RouteType.PROHIBIT}
+
+
+@pytest.fixture
+def dp(env):
+    with netns.entered(NS):
+        d = load_datapath(f"{NS}-dirfib", str(OBJECT), lo.FibMode.BPF, lo.FibImpl.DIR, env.ifindex, env.mac,
+                           groups=(4096, 1024))
+    yield d
+    d.destroy()
+
+
+def to_route(env, prefix, kind: str, gateway: str | None) -> Route:
+    hops = (Nexthop(env.ifindex["dpt1"], ipaddress.ip_address(gateway)),) if kind == "unicast" else ()
+    return Route(prefix, TYPES[kind], hops, proto=3, metric=1024)
+
+
+def assert_consistent(fib: Fib) -> None:
+    """The blocks decode to the root, and no two live blocks overlap."""
+    table = fib.tables[4]
+    comp = table.compressed
+    assert np.array_equal(comp.expand(), table.root), "the compressed root differs from the root"
+    chunks = np.nonzero((comp.top & EXT) != 0)[0]
+    first = (comp.top[chunks] & ~EXT).astype(np.int64)
+    order = np.argsort(first)
+    ends = first[order] + comp.block_words[chunks][order]
+    assert (ends[:-1] <= first[order][1:]).all(), "two live blocks overlap"
+    assert (comp.block_words[chunks] > 0).all()
+
+
+def longest_match(table: dict, addr: int):
+    for length in range(32, -1, -1):
+        net = addr & (((1 << length) - 1) << (32 - length)) if length else 0
+        if (net, length) in table:
+            return table[(net, length)]
+    return None
+
+
+def test_compressed_root_decodes_to_the_root_through_changes_and_a_restart(env, dp):
+    rng = np.random.default_rng(11)
+    synth = random_routes(rng, 3000, 4, GATEWAYS)
+    routes = [to_route(env, r.prefix, r.type, r.gateway) for r in synth]
+    fib = Fib(dp)
+    fib.replace_all(routes)
+    assert_consistent(fib)
+    for i in rng.choice(len(routes), 300, replace=False).tolist():  # one at a time: replaced next hops
+        r = routes[i]
+        if r.type == RouteType.UNICAST:
+            other = GATEWAYS[(GATEWAYS.index(str(r.nexthops[0].gateway)) + 1) % len(GATEWAYS)]
+            routes[i] = to_route(env, r.prefix, "unicast", other)
+            fib.update(routes[i])
+    for i in sorted(rng.choice(len(routes), 300, replace=False).tolist(), reverse=True):
+        fib.delete(routes.pop(i))
+    assert_consistent(fib)
+    root_before = fib.tables[4].root.copy()
+    fib.close()
+
+    fib = Fib(dp)  # a restarted agent: everything from the pinned maps
+    try:
+        assert np.array_equal(fib.tables[4].root, root_before)
+        extra = [to_route(env, r.prefix, r.type, r.gateway) for r in random_routes(rng, 500, 4, GATEWAYS)
+                 if r.prefix not in {x.prefix for x in routes}]
+        for r in extra[:200]:
+            fib.update(r)
+        fib.replace_all(routes + extra)
+        routes += extra
+        assert_consistent(fib)
+    finally:
+        fib.close()
+
+    by_prefix = {(int(r.prefix.network_address), r.prefix.prefixlen): r for r in routes
+                 if r.prefix.version == 4}
+    checked = 0
+    with netns.entered(NS):
+        for addr in rng.integers(0, 1 << 32, 400).tolist():
+            want = longest_match(by_prefix, addr)
+            # no route, the harness's own routes (all in 10/8), or multicast (passed before the FIB)
+            if want is None or addr >> 24 == 10 or addr >> 28 == 0xE or addr == 0xFFFFFFFF:
+                continue
+            d = probe(dp, str(ipaddress.IPv4Address(addr)), env.ifindex["dpt0"], env.mac["dpt0"])
+            assert d.prefix == str(want.prefix), f"{ipaddress.IPv4Address(addr)}: {d.prefix} vs {want.prefix}"
+            if want.type == RouteType.UNICAST:
+                assert d.gateway == str(want.nexthops[0].gateway)
+            checked += 1
+    assert checked > 100
+
+
+def test_a_replaced_route_is_rewritten_in_place(env, dp):
+    """A new next hop that leaves the /16's runs as they were rewrites the
+    run's entry (one store) instead of switching to a new block."""
+    fib = Fib(dp)
+    try:
+        prefix = ipaddress.ip_network("10.99.5.0/24")
+        fib.update(to_route(env, prefix, "unicast", "10.2.0.2"))
+        comp = fib.tables[4].compressed
+        chunk = int(prefix.network_address) >> 16
+        top = int(comp.top[chunk])
+        assert top & EXT, "10.99.0.0/16 should hold a block (three runs)"
+        fib.update(to_route(env, prefix, "unicast", "10.2.0.3"))
+        assert int(comp.top[chunk]) == top
+        assert_consistent(fib)
+        with netns.entered(NS):
+            d = probe(dp, "10.99.5.7", env.ifindex["dpt0"], env.mac["dpt0"])
+        assert (d.prefix, d.gateway) == ("10.99.5.0/24", "10.2.0.3")
+        fib.delete(to_route(env, prefix, "unicast", "10.2.0.3"))
+        assert int(comp.top[chunk]) == 0, "an empty /16 goes back to a single entry"
+        assert_consistent(fib)
+    finally:
+        fib.close()
+
+
+def test_status_memory_reports_the_compressed_root(env, dp):
+    fib = Fib(dp)
+    try:
+        fib.update(to_route(env, ipaddress.ip_network("10.99.5.0/24"), "unicast", "10.2.0.2"))
+        mem = fib.tables[4].memory()
+        assert mem["root_blocks"] >= 1
+        # the top level, plus at least one block: 36 bytes of head and three runs
+        assert mem["forwarding_bytes"] >= (1 << lo.DIR_TOP_BITS) * 4 + 48
+        assert mem["forwarding_bytes"] < mem["bytes"]
+    finally:
+        fib.close()
+
+
+
+def test_blocks_that_grow_batch_by_batch_are_compacted(env, dp):
+    """A kernel sync grows blocks batch by batch, and every replaced block is
+    garbage: with halves a little over twice the live blocks, the writer must
+    compact (copy the live blocks to the other half, switch each /16) many
+    times, and the root stays exact and non-overlapping throughout."""
+    rng = np.random.default_rng(23)
+    routes = [to_route(env, r.prefix, r.type, r.gateway) for r in random_routes(rng, 4000, 4, GATEWAYS)]
+    fib = Fib(dp)
+    try:
+        fib.recover()
+        comp = fib.tables[4].compressed
+        fib.replace_all(routes)
+        live = int(comp.block_words.sum())
+        fib.replace_all([])
+        half = 2 * live + 64  # small halves (a test's knob): the same code path as 16 MiB ones
+        comp.half, comp.base, comp.bump, comp.left_at = half, 0, 0, {0: 0.0, half: 0.0}
+        for i in range(0, len(routes), 100):
+            fib.apply_batch([(True, 0, r) for r in routes[i:i + 100]])
+            assert_consistent(fib)
+            _, first = comp._blocked()
+            assert ((first >= comp.base) & (first < comp.base + half)).all(), "a live block outside its half"
+        for i in range(0, len(routes), 400):  # new gateways, batch by batch: more garbage
+            batch = [to_route(env, r.prefix, "unicast", GATEWAYS[i // 400 % 3]) for r in routes[i:i + 400]]
+            fib.apply_batch([(True, 0x100, r) for r in batch])
+            routes[i:i + 400] = batch
+            assert_consistent(fib)
+        assert comp.compactions >= 3
+        assert fib.tables[4].memory()["compactions"] == comp.compactions
+        fib.close()
+        fib = Fib(dp)  # a restart finds the live half
+        fib.recover()
+        assert_consistent(fib)
+        with netns.entered(NS):
+            for r in routes[::97]:
+                if r.prefix.prefixlen < 8 or int(r.prefix.network_address) >> 24 in (10, 0) or \
+                        r.prefix.network_address.is_multicast:
+                    continue
+                covered = [x for x in routes if x.prefix.supernet_of(r.prefix) or x.prefix == r.prefix]
+                want = max(covered, key=lambda x: x.prefix.prefixlen)
+                if any(x.prefix.subnet_of(r.prefix) and x.prefix != r.prefix and
+                       r.prefix.network_address in x.prefix for x in routes):
+                    continue  # a longer prefix holds the network address itself
+                d = probe(dp, str(r.prefix.network_address), env.ifindex["dpt0"], env.mac["dpt0"])
+                assert d.prefix == str(want.prefix)
+                assert d.gateway == str(want.nexthops[0].gateway)
+    finally:
+        fib.close()
