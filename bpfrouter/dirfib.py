@@ -85,7 +85,10 @@ class CompressedRoot:
     GRACE_S = 0.01
     SLOTS = 1 << (ROOT_BITS - lo.DIR_TOP_BITS)  # root entries per /16
 
-    def __init__(self, top_map, blocks_map):
+    def __init__(self, top_map, blocks_map, writer: bool = True):
+        """writer: the agent's (it may move blocks when it starts); readers,
+        such as `bpfrouter status`, never write."""
+        self.writer = writer
         self._mmaps = [m.mmap() for m in (top_map, blocks_map)]
         self.ntop = top_map.max_entries * lo.DIR_CHUNK
         self.nwords = blocks_map.max_entries
@@ -163,7 +166,7 @@ class CompressedRoot:
         self.base = self.half if self.block_words[chunks][upper].sum() > self.block_words[chunks][~upper].sum() else 0
         mine = upper if self.base else ~upper
         self.bump = int((first[mine] + self.block_words[chunks][mine]).max()) if mine.any() else self.base
-        if not mine.all():
+        if not mine.all() and self.writer:  # (a reader may see the agent's compaction half done)
             self.left_at[self.half - self.base] = time.monotonic()
             self._move_to_bump(chunks[~mine])
 

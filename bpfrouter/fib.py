@@ -315,7 +315,7 @@ def make_tables(dp: Datapath, recover: bool = True) -> dict[int, "DirTable | Lpm
         levels = {v: (m[f"dir{v}_groups"], m[f"dir{v}_leaves"], m[f"dir{v}_root_leaf"], m[f"dir{v}_group_leaf"])
                   for v in (4, 6)}
         return {4: DirTable(None, *levels[4], 32, recover,
-                            compressed=CompressedRoot(m["dir4_top"], m["dir4_blocks"])),
+                            compressed=CompressedRoot(m["dir4_top"], m["dir4_blocks"], writer=recover)),
                 6: DirTable(m["dir6_root"], *levels[6], 128, recover)}
     return {4: LpmTable(dp.fib4), 6: LpmTable(dp.fib6)}
 
