@@ -564,26 +564,36 @@ class DirTable:
         p_len = np.fromiter(map(itemgetter(1), parents), np.uint8, n)
         p_entry = entries_of(self.leaves[p_leaf, 0])  # leaf 0's word is 0: no route
         shift = self.width - ROOT_BITS
-        addrs = np.fromiter((pk[1] >> shift for pk in pks), np.int64, n)
+        tops = np.fromiter((pk[1] >> shift for pk in pks), np.int64, n)
         lens = np.fromiter(map(itemgetter(2), pks), np.int64, n)
+        self._apply_rows(tops, lens, p_entry, p_leaf, p_len, deleting=True)
+
+    def _apply_rows(self, tops: np.ndarray, lens: np.ndarray, entries: np.ndarray, leaves: np.ndarray,
+                    new_depths: np.ndarray, deleting: bool) -> None:
+        """_apply for many prefixes no longer than the root (their root indices,
+        lengths, and what each writes), vectorized: the root is seen as rows of
+        one prefix's span, so a prefix of length L is one row."""
         for length in np.unique(lens).tolist():
-            sel = lens == length
+            sel = np.nonzero(lens == length)[0]
             span = 1 << (ROOT_BITS - length)
-            rows = addrs[sel] >> (ROOT_BITS - length)
+            rows = tops[sel] >> (ROOT_BITS - length)
+            order = np.argsort(rows)  # in address order, the rows' reads and stores stream
+            rows, sel = rows[order], sel[order]
             root, depth, leaf = (a.reshape(-1, span) for a in (self.root, self.root_depth, self.root_leaf))
             self._mark_rows(rows, span)
-            cur = root[rows]
+            cur, cur_depth = root[rows], depth[rows]
             ext = (cur & EXT) != 0
-            hit = ~ext & (depth[rows] == length)
-            lv, ev, dv = p_leaf[sel][:, None], p_entry[sel][:, None], p_len[sel][:, None]
-            depth[rows] = np.where(hit, dv, depth[rows])
+            hit = ~ext & ((cur_depth == length) if deleting else (cur_depth <= length))
+            ev, lv, dv = entries[sel][:, None], leaves[sel][:, None], new_depths[sel][:, None]
+            depth[rows] = np.where(hit, dv, cur_depth)
             leaf[rows] = np.where(hit, lv, leaf[rows])
-            root[rows] = np.where(hit, ev, cur)  # entries not hit get their own value again
+            # whole rows are stored back: entries not hit get their own value again
+            root[rows] = np.where(hit, ev, cur)
             if ext.any():
                 r, c = np.nonzero(ext)
                 for gid, entry, lf, d in zip((cur[r, c] & ~EXT).tolist(), ev[r, 0].tolist(), lv[r, 0].tolist(),
                                              dv[r, 0].tolist(), strict=True):
-                    self._apply_groups(np.array([gid]), entry, lf, d, length, deleting=True)
+                    self._apply_groups(np.array([gid]), entry, lf, d, length, deleting)
 
     def _clear(self) -> None:
         """No route left: every entry becomes 0 (a packet sees its old entry or
@@ -672,12 +682,12 @@ class DirTable:
         shift = self.width - ROOT_BITS
         if self.width == 32:
             full = np.fromiter(map(itemgetter(1), pks), np.uint32, n)
-            addrs = (full >> np.uint32(shift)).astype(np.int64)
+            tops = (full >> np.uint32(shift)).astype(np.int64)
             # the leaf stores the address in network order, zero-padded
             addr_words = np.zeros((n, self.leaves.shape[1] - 1), np.uint64)
             addr_words[:, 0] = full.astype(">u4").view(np.uint32)
         else:
-            addrs = np.fromiter((pk[1] >> shift for pk in pks), np.int64, n)
+            tops = np.fromiter((pk[1] >> shift for pk in pks), np.int64, n)
             addr_words = np.frombuffer(b"".join(pk[1].to_bytes(16, "big") for pk in pks),
                                        np.uint64).reshape(n, 2)
         entries = entries_of(words)
@@ -686,30 +696,7 @@ class DirTable:
         self.leaves[leaves, 1:] = addr_words
         self.leaves[leaves, 0] = words
         self.rules.update(zip(pks, leaves.tolist()))
-        leaves32 = leaves.astype(np.uint32)
-        for length in np.unique(lens).tolist():
-            sel = lens == length
-            span = 1 << (ROOT_BITS - length)
-            # the root as rows of one prefix's span: a prefix of this length is a row
-            rows = addrs[sel] >> (ROOT_BITS - length)
-            order = np.argsort(rows)  # in address order, the rows' reads and stores stream
-            rows = rows[order]
-            root, depth, leaf = (a.reshape(-1, span) for a in (self.root, self.root_depth, self.root_leaf))
-            self._mark_rows(rows, span)
-            cur = root[rows]
-            ext = (cur & EXT) != 0
-            cur_depth = depth[rows]
-            hit = ~ext & (cur_depth <= length)
-            lv, ev = leaves32[sel][order][:, None], entries[sel][order][:, None]
-            depth[rows] = np.where(hit, np.uint8(length), cur_depth)
-            leaf[rows] = np.where(hit, lv, leaf[rows])
-            # whole rows are stored back: entries not hit get their own value again
-            root[rows] = np.where(hit, ev, cur)
-            if ext.any():
-                r, c = np.nonzero(ext)
-                for gid, entry, lf in zip((cur[r, c] & ~EXT).tolist(), ev[r, 0].tolist(), lv[r, 0].tolist(),
-                                          strict=True):
-                    self._apply_groups(np.array([gid]), entry, lf, length, length, deleting=False)
+        self._apply_rows(tops, lens, entries, leaves.astype(np.uint32), lens.astype(np.uint8), deleting=False)
 
     def installed(self) -> list[tuple[IPNetwork, lo.RouteValue]]:
         live = np.nonzero(self.leaves[:, 0])[0]

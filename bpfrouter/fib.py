@@ -359,9 +359,6 @@ class Fib:
         self.counts = {4: 0, 6: 0}  # installed prefixes per family, kept as they change
 
     # --- the kernel's routes ------------------------------------------------------
-    def best(self, pk: PrefixKey) -> Route | None:
-        return self.kernel.get(pk)
-
     def _add(self, r: Route, replace: bool) -> None:
         """A kernel route appeared. With replace (NLM_F_REPLACE), it takes the place
         of the routes with the same table and metric, as the kernel does; for IPv6
