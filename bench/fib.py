@@ -16,6 +16,7 @@ In one run, on one machine:
 from __future__ import annotations
 
 import argparse
+import gc
 import ipaddress
 import json
 import os
@@ -32,6 +33,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bpfrouter import netns  # noqa: E402
+from bpfrouter.agent.agent import GC_THRESHOLDS  # noqa: E402
 from bpfrouter.datapath import Datapath  # noqa: E402
 from bpfrouter.datapath import layout as lo  # noqa: E402
 from bpfrouter.fib import Fib, Nexthop, Route, RouteType, map_memlock  # noqa: E402
@@ -160,6 +162,7 @@ def main() -> None:
     n = 200_000 if args.quick else 1_000_000
     rounds = 3
     rng = np.random.default_rng(42)
+    gc.set_threshold(*GC_THRESHOLDS)  # the agent's collector settings, for its per-route paths
     links = setup_netns()
     fb0, fb0_mac = links["fb0"]
     fb1, _ = links["fb1"]
@@ -191,6 +194,7 @@ def main() -> None:
                     t = time.perf_counter()
                     fib.replace_all(routes)
                     load[f"{k}_s"] = time.perf_counter() - t
+                    gc.freeze()  # as the agent does after a resync: the mirror out of later collections
                     say(".", end="")
                 load["kernel_ip_batch_s"] = kernel_load(prefixes, gws)
                 say(". measuring")

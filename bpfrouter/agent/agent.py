@@ -41,6 +41,11 @@ LINK_NEIGH_GROUPS = RTMGRP_LINK | RTMGRP_NEIGH
 # net.core.rmem_max): a full table arriving at once fits. A small value makes
 # overruns, and the resync they trigger, easy to test.
 NETLINK_RCVBUF = int(os.environ.get("BPFROUTER_NETLINK_RCVBUF", 256 << 20))
+# The RIB holds one small acyclic object graph per route; default GC
+# thresholds would walk all of them every few thousand allocations, stalling
+# the agent for a second at a time with a full table. (The benchmark uses the
+# same thresholds, and freezes the mirror after a load as a resync does.)
+GC_THRESHOLDS = (200_000, 50, 1000)
 BATCH_ROUTES = 20000      # apply at most this many route events at once...
 BATCH_SECONDS = 0.05      # ...and never hold one back longer than this
 FILL_CHECK_SECONDS = 60    # how often the agent checks how full the maps are
@@ -357,10 +362,7 @@ class Agent:
                         ", ".join(ifname(i) for i in gone))
 
     def run(self) -> None:
-        # The RIB holds one small acyclic object graph per route; default GC
-        # thresholds would walk all of them every few thousand allocations,
-        # stalling the agent for a second at a time with a full table.
-        gc.set_threshold(200_000, 50, 1000)
+        gc.set_threshold(*GC_THRESHOLDS)
         pid_path(self.name).write_text(f"{os.getpid()}\n")
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: self.stop.set())
