@@ -707,6 +707,15 @@ class DirTable:
             out.append((self._network(int.from_bytes(raw, "big"), value.prefixlen), value))
         return out
 
+    def installed_fields(self) -> tuple[list[tuple[int, int, int]], list[int], list[int], list[int]]:
+        """What a restarted agent reads back, without an object per route: the
+        prefix keys and, in the same order, next-hop ids, route types and
+        protocols (from the recovered rules, read as arrays)."""
+        pks = list(self.rules)
+        words = self.leaves[np.fromiter(self.rules.values(), np.int64, len(pks)), 0]
+        return (pks, (words & np.uint64(0xFFFFFFFF)).tolist(), ((words >> np.uint64(32)) & np.uint64(0xFF)).tolist(),
+                ((words >> np.uint64(48)) & np.uint64(0xFF)).tolist())
+
     def _recover(self) -> None:
         """Rebuild the Python side (rules, depths, free lists) from the maps."""
         words = self.leaves[:, 0]

@@ -57,7 +57,8 @@ class Nexthop:
 
 def _installed_type(rtype: RouteType, nexthops: tuple) -> RouteType:
     """What the data plane stores: ECMP routes are MULTIPATH until ECMP lands."""
-    return RouteType.MULTIPATH if rtype == RouteType.UNICAST and len(nexthops) > 1 else rtype
+    # the length first: comparing IntEnums is slow, and this runs per route
+    return RouteType.MULTIPATH if len(nexthops) > 1 and rtype == RouteType.UNICAST else rtype
 
 
 _ROUTE_KEYS: dict[tuple[int, int, int], tuple[int, int, int]] = {}
@@ -276,6 +277,11 @@ class LpmTable:
 
     def installed(self) -> list[tuple[IPNetwork, lo.RouteValue]]:
         return [(_key_prefix(k), v) for k, v in self.map.lookup_batch()]
+
+    def installed_fields(self) -> tuple[list[PrefixKey], list[int], list[int], list[int]]:
+        """DirTable.installed_fields: prefix keys, next-hop ids, types, protocols."""
+        rows = [(prefix_key(p), v.nh_id, v.type, v.proto) for p, v in self.installed()]
+        return tuple(map(list, zip(*rows, strict=True))) if rows else ([], [], [], [])  # type: ignore[return-value]
 
     def count(self) -> int:
         return self.map.count()
@@ -537,15 +543,16 @@ class Fib:
     def recover(self) -> None:
         """Read what the pinned maps hold, so a resync rewrites only differences."""
         self.nexthops.recover()
-        for table in self.tables.values():
-            for prefix, v in table.installed():
-                nhs: tuple[Nexthop, ...] = ()
-                if v.type == RouteType.UNICAST and v.nh_id in self.nexthops.by_id:
-                    nhs = (self.nexthops.by_id[v.nh_id],)
-                    self.nexthops.refs[v.nh_id] += 1
-                route = Route(prefix, RouteType(v.type), nhs, v.proto)
-                self.installed[route.pkey] = route
-                self.counts[route.pkey[0]] += 1
+        by_id, unicast = self.nexthops.by_id, int(RouteType.UNICAST)
+        types = {int(t): t for t in RouteType}
+        for version, table in self.tables.items():
+            pks, nids, rtypes, protos = table.installed_fields()
+            hops = {nid: (by_id[nid],) for nid in set(nids) if nid in by_id}  # one tuple per next hop
+            routes = [Route.from_key(pk, types[t], hops.get(nid, ()) if t == unicast else (), proto, 0, TABLE_MAIN)
+                      for pk, nid, t, proto in zip(pks, nids, rtypes, protos, strict=True)]
+            self.installed.update(zip(pks, routes))
+            self.counts[version] += len(routes)
+            self.nexthops.add_refs([nid for nid, t in zip(nids, rtypes, strict=True) if t == unicast and nid in hops])
 
     # --- views ------------------------------------------------------------------
     def routes(self, prefix: IPNetwork | None = None) -> list[Route]:

@@ -161,3 +161,30 @@ def test_bulk_loads_batches_withdrawals_and_restart_match_the_rib(env, dp):
     fib.apply_batch([(True, 0, r) for routes in rib.values() for r in routes.values()])
     check(env, dp, fib, rib, rng)
     fib.close()
+
+
+def test_a_restarted_agent_reads_the_lpm_trie_back(env):
+    """--fib-impl lpm: recover() finds every route (prefix, type, next hop and
+    its references), so a resync with the same table writes nothing and
+    releases no next hop still in use."""
+    rng = np.random.default_rng(9)
+    with netns.entered(NS):
+        dp = load_datapath(f"{NS}-lpmrestart", str(OBJECT), lo.FibMode.BPF, lo.FibImpl.LPM, env.ifindex, env.mac)
+    try:
+        routes = [kernel_route(env, s.prefix, s.type, s.gateway) for version in (4, 6)
+                  for s in random_routes(rng, 300, version, GATEWAYS[version])]
+        fib = Fib(dp)
+        fib.recover()
+        fib.replace_all(routes)
+        fib.close()
+        fib = Fib(dp)
+        fib.recover()
+        assert {pk: (r.installed_type, r.nexthops, r.proto) for pk, r in fib.installed.items()} == \
+            {r.pkey: (r.installed_type, r.nexthops, r.proto) for r in routes}
+        refs = {nid: n for nid, n in fib.nexthops.refs.items() if n}
+        assert sum(refs.values()) == sum(r.installed_type == RouteType.UNICAST for r in routes)
+        assert fib.replace_all(routes) == 0
+        assert set(fib.nexthops.by_id.values()) == {r.nexthops[0] for r in routes if r.nexthops}
+        fib.close()
+    finally:
+        dp.destroy()
