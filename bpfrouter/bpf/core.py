@@ -16,7 +16,8 @@ K = TypeVar("K", bound=ctypes._SimpleCData | ctypes.Structure)
 V = TypeVar("V", bound=ctypes._SimpleCData | ctypes.Structure)
 
 _libc = ctypes.CDLL(None, use_errno=True)
-_libc.vsnprintf.argtypes = [ctypes.c_char_p, ctypes.c_size_t, ctypes.c_char_p, ctypes.c_void_p]
+_libc.vasprintf.argtypes = [ctypes.POINTER(ctypes.c_void_p), ctypes.c_char_p, ctypes.c_void_p]
+_libc.free.argtypes = [ctypes.c_void_p]
 
 _log_lock = threading.Lock()
 _log_lines: list[str] = []
@@ -24,10 +25,16 @@ _log_lines: list[str] = []
 
 @L.PRINT_FN
 def _print_cb(level, fmt, args):
-    buf = ctypes.create_string_buffer(4096)
-    _libc.vsnprintf(buf, len(buf), fmt, args)
+    # vasprintf: a verifier log is one message, often far over any fixed buffer
+    out = ctypes.c_void_p()
+    if _libc.vasprintf(ctypes.byref(out), fmt, args) < 0:
+        return 0
+    try:
+        text = ctypes.string_at(out.value).decode(errors="replace")
+    finally:
+        _libc.free(out)
     with _log_lock:
-        _log_lines.append(buf.value.decode(errors="replace"))
+        _log_lines.append(text)
     return 0
 
 
@@ -40,6 +47,17 @@ def take_log() -> str:
         text = "".join(_log_lines)
         _log_lines.clear()
     return text
+
+
+_NOT_VERDICT = ("libbpf:", "processed ", "verification time", "stack depth", "-- ")
+
+
+def verifier_verdict(log: str) -> str:
+    """The verifier's own reason for a rejection: the last line of its log
+    before the statistics and libbpf's wrapping."""
+    lines = [line.strip() for line in log.splitlines()]
+    lines = [line for line in lines if line and not line.startswith(_NOT_VERDICT)]
+    return lines[-1] if lines else "no verifier log"
 
 
 def possible_cpus() -> int:
