@@ -110,6 +110,9 @@ class CompressedRoot:
         for m in self._mmaps:
             m.close()
 
+    def _full(self) -> DirFull:
+        return DirFull(f"IPv4 DIR FIB's compressed root full ({self.half * 8 >> 20} MiB of blocks live)")
+
     @staticmethod
     def _size(runs: np.ndarray) -> np.ndarray:
         """A block's size in 8-byte words."""
@@ -173,7 +176,7 @@ class CompressedRoot:
     def _move_to_bump(self, chunks: np.ndarray) -> None:
         sizes = self.block_words[chunks]
         if self.bump + int(sizes.sum()) > self.base + self.half:
-            raise DirFull(f"IPv4 DIR FIB's compressed root full ({self.half * 8 >> 20} MiB of blocks live)")
+            raise self._full()
         new_first = self.bump + np.cumsum(sizes) - sizes
         self.bump += int(sizes.sum())
         self._move(chunks, new_first)
@@ -206,7 +209,7 @@ class CompressedRoot:
         if self.bump + total > self.base + self.half:
             self._compact()
             if self.bump + total > self.base + self.half:
-                raise DirFull(f"IPv4 DIR FIB's compressed root full ({self.half * 8 >> 20} MiB of blocks live)")
+                raise self._full()
         self.bump += total
         return self.bump - total
 
@@ -253,7 +256,7 @@ class CompressedRoot:
             self.block_words[chunk] = 0
             return
         bits = np.packbits(starts, bitorder="little").tobytes()
-        size = (lo.DIR_BLOCK_HEAD + 4 * n + 7) // 8
+        size = int(self._size(n))
         if old & EXT:
             first = old & ~int(EXT)
             head = first * 2 + lo.DIR_BLOCK_HEAD // 4
@@ -365,9 +368,12 @@ class DirTable:
         """The table entry of a leaf's route: type and next-hop id (0: no route)."""
         return entry_of(int(self.leaves[leaf, 0])) if leaf else 0
 
+    def _full(self) -> DirFull:
+        return DirFull(f"IPv{self.version} DIR FIB full: {self.nleaves - 1} routes")
+
     def _alloc_leaf(self) -> int:
         if not self.free_leaves:
-            raise DirFull(f"IPv{self.version} DIR FIB full: {self.nleaves - 1} routes")
+            raise self._full()
         return self.free_leaves.popleft()
 
     def _new_group(self, entry: int, leaf: int, depth: int) -> int:
@@ -659,7 +665,7 @@ class DirTable:
                 pks, words = [pks[i] for i in fresh.tolist()], words[fresh]
         n = len(pks)
         if n > len(self.free_leaves):  # checked before anything is written
-            raise DirFull(f"IPv{self.version} DIR FIB full: {self.nleaves - 1} routes")
+            raise self._full()
         for pk, w in rewrites:
             self._set_key(pk[1], pk[2], w)
         if not n:
