@@ -122,19 +122,23 @@ def load_datapath(name: str, object_path: str, fib_mode: lo.FibMode, impl: lo.Fi
     """A data plane in the harness namespace (the caller is inside it) with the
     fixture interfaces, routes and neighbors."""
     dp = Datapath.load(name, object_path, fib_mode, impl, **{"groups": (256, 1024), **load_args})
-    ifaces = Interfaces(dp)
-    for d, mtu in (("dpt0", 1500), ("dpt1", 1400)):
-        ifaces.configure(ifindex[d], mac[d], mtu)
-    if fib_mode == lo.FibMode.BPF:
-        fib = Fib(dp)
-        for r in _bpf_routes(ifindex):
-            fib.update(r)
-        fib.close()
-        nb = Neighbors(dp)
-        for addr, m, dev in (("10.2.0.2", MAC_GW, "dpt1"), ("10.2.0.3", MAC_GW, "dpt1"),
-                             ("10.2.0.9", MAC_H9, "dpt1"), ("10.3.0.2", MAC_UNMANAGED, "dpt2"),
-                             ("fd02::2", MAC_GW6, "dpt1")):
-            nb.set(ifindex[dev], ipaddress.ip_address(addr), bytes.fromhex(m.replace(":", "")), 0x80)
+    try:
+        ifaces = Interfaces(dp)
+        for d, mtu in (("dpt0", 1500), ("dpt1", 1400)):
+            ifaces.configure(ifindex[d], mac[d], mtu)
+        if fib_mode == lo.FibMode.BPF:
+            fib = Fib(dp)
+            for r in _bpf_routes(ifindex):
+                fib.update(r)
+            fib.close()
+            nb = Neighbors(dp)
+            for addr, m, dev in (("10.2.0.2", MAC_GW, "dpt1"), ("10.2.0.3", MAC_GW, "dpt1"),
+                                 ("10.2.0.9", MAC_H9, "dpt1"), ("10.3.0.2", MAC_UNMANAGED, "dpt2"),
+                                 ("fd02::2", MAC_GW6, "dpt1")):
+                nb.set(ifindex[dev], ipaddress.ip_address(addr), bytes.fromhex(m.replace(":", "")), 0x80)
+    except BaseException:  # a failed fixture must not leave a pinned router behind
+        dp.destroy()
+        raise
     return dp
 
 
