@@ -137,10 +137,10 @@ def footprint(dp: Datapath, n: int, ifindex: int, eth: bytes, dests: dict[int, b
     return out
 
 
-def incremental_rate(fib: Fib, rng, count: int, ifindex: int) -> float:
+def incremental_rate(fib: Fib, rng, count: int, ifindex: int, version: int = 4) -> float:
     """Routes added one by one, as the agent applies netlink events."""
-    nets = internet_routes4(rng, count)
-    hop = Nexthop(ifindex, ipaddress.ip_address(GW4[0]))
+    nets = internet_routes4(rng, count) if version == 4 else internet_routes6(rng, count)
+    hop = Nexthop(ifindex, ipaddress.ip_address((GW4 if version == 4 else GW6)[0]))
     routes = [Route(p, RouteType.UNICAST, (hop,), proto=3, metric=7) for p in nets]
     t = time.perf_counter()
     for r in routes:
@@ -174,7 +174,7 @@ def main() -> None:
         with netns.entered(NS):
             for name, mode, impl in (("dir", lo.FibMode.BPF, lo.FibImpl.DIR), ("lpm", lo.FibMode.BPF, lo.FibImpl.LPM),
                                      ("kernel", lo.FibMode.KERNEL, lo.FibImpl.LPM)):
-                dp = Datapath.load(f"fibbench-{name}", OBJECT, mode, impl, groups=(65536, 262144))
+                dp = Datapath.load(f"fibbench-{name}", OBJECT, mode, impl, groups=(65536, 32768))
                 ifs = Interfaces(dp)
                 for dev in ("fb0", "fb1"):
                     ifs.configure(links[dev][0], links[dev][1], 1500)
@@ -229,11 +229,17 @@ def main() -> None:
                 mem = fibs["dir"].tables[version].memory()
                 result["memory"][row["table"]] = {
                     "dir_bytes": mem["bytes"], "dir_forwarding_bytes": mem["forwarding_bytes"],
-                    "dir_groups_used": mem["groups_used"],
+                    # the structure's fill: IPv4's groups, IPv6's hash slots (and its levels)
+                    "dir_used": mem["groups_used"] if version == 4 else mem["slots_used"],
+                    **({"dir_levels": mem["levels"]} if version == 6 else {}),
                     "lpm_bytes": map_memlock((dps["lpm"].fib4 if version == 4 else dps["lpm"].fib6).fd)}
                 if version == 4 and size == sizes4[-1]:
                     result["incremental_routes_per_s"] = {
                         k: incremental_rate(fib, rng, 20_000 if args.quick else 50_000, fb1)
+                        for k, fib in fibs.items()}
+                if version == 6:  # into the full table: single changes, with moves and rebuilds
+                    result["incremental_routes_per_s_v6"] = {
+                        k: incremental_rate(fib, rng, 2_000 if args.quick else 20_000, fb1, 6)
                         for k, fib in fibs.items()}
                 for fib in fibs.values():
                     fib.replace_all([])
@@ -368,16 +374,18 @@ def report(r: dict) -> None:
     for x in r["pipeline"]:
         print(f"  {x['table']:13} {x['reset_only_ns']:6.1f} {x['dir_ns']:6.1f} {x['lpm_ns']:7.1f} {x['kernel_ns']:7.1f}")
     print("\nfull-table load (seconds) and memory:")
-    print(f"  {'table':13} {'DIR':>6} {'LPM':>6} {'ip -batch':>9} {'DIR MiB':>8} {'fwd MiB':>8} {'groups':>7} "
+    print(f"  {'table':13} {'DIR':>6} {'LPM':>6} {'ip -batch':>9} {'DIR MiB':>8} {'fwd MiB':>8} {'used':>7} "
           f"{'LPM MiB':>8}")
     for table, ld in r["load"].items():
         m = r["memory"][table]
         print(f"  {table:13} {ld['dir_s']:6.2f} {ld['lpm_s']:6.2f} {ld['kernel_ip_batch_s']:9.2f} "
-              f"{m['dir_bytes'] / 2**20:8.1f} {m['dir_forwarding_bytes'] / 2**20:8.1f} {m['dir_groups_used']:7} "
+              f"{m['dir_bytes'] / 2**20:8.1f} {m['dir_forwarding_bytes'] / 2**20:8.1f} {m['dir_used']:7} "
               f"{m['lpm_bytes'] / 2**20:8.1f}")
-    print("  (DIR MiB: allocated; fwd MiB: what forwarding reads, the compressed root or root, and groups in use)")
-    inc = r.get("incremental_routes_per_s", {})
-    print(f"\nincremental updates (one route at a time): DIR {inc.get('dir', 0):,.0f}/s, LPM {inc.get('lpm', 0):,.0f}/s")
+    print("  (DIR MiB: allocated; fwd MiB: what forwarding reads: IPv4's compressed root and groups in use, "
+          "IPv6's buckets in use; used: IPv4 groups, IPv6 hash slots)")
+    inc, inc6 = r.get("incremental_routes_per_s", {}), r.get("incremental_routes_per_s_v6", {})
+    print(f"\nincremental updates (one route at a time): IPv4 DIR {inc.get('dir', 0):,.0f}/s, "
+          f"LPM {inc.get('lpm', 0):,.0f}/s; IPv6 hash levels {inc6.get('dir', 0):,.0f}/s, LPM {inc6.get('lpm', 0):,.0f}/s")
     a = r["api_visible"]
     print(f"API route add: {a['api_call_ms_median']:.2f} ms per call (median); change visible on the first "
           f"probe after return in {a['visible_on_first_probe']}/{a['samples']} calls "

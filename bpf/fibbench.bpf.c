@@ -168,7 +168,9 @@ static __always_inline __u64 dir24_4(__be32 d)
 static __always_inline __u64 dir6(const __u8 *d)
 {
 	struct route r;
-	return route_value(dir6_lookup(d, &r, 0), &r);
+	__u32 leaf;
+
+	return route_value(h6_lookup(d, &r, 0, &leaf), &r);
 }
 
 static __always_inline __u64 lpm4(__be32 d)

@@ -121,7 +121,8 @@ def cli(netns_name):
 @click.option("--fib-impl", type=click.Choice(["dir", "lpm"]), default="dir", show_default=True,
               help="Structure of the BPF FIB: dir (multibit trie; IPv4: DIR-24-8, root compressed) or lpm (LPM trie).")
 @click.option("--fib-groups", default=None, metavar="V4,V6",
-              help="DIR FIB groups of 1 KiB for IPv4 and IPv6 (default 16384,65536).")
+              help="DIR FIB space in KiB: IPv4's groups (1 KiB each) and IPv6's hash buckets "
+                   "(default 16384,32768).")
 @click.option("--metrics", "metrics_listen", default=None, metavar="ADDR:PORT",
               help="The agent serves Prometheus metrics here (inside the router's namespace).")
 @click.option("--observers", default=",".join(OBSERVERS), show_default=True, metavar="LIST",
@@ -135,10 +136,10 @@ def up(ifaces, name, fib_mode, xdp_mode, fib_impl, fib_groups, metrics_listen, o
     if fib_groups is not None:
         try:
             groups = tuple(int(x) for x in fib_groups.split(","))
-            if len(groups) != 2 or min(groups) < 2 or max(groups) > (1 << 31) - 1:
+            if len(groups) != 2 or min(groups) < 2 or max(groups) > 1 << 26:
                 raise ValueError
         except ValueError:
-            raise click.ClickException(f"invalid --fib-groups {fib_groups!r}: expected two counts, e.g. 16384,65536") from None
+            raise click.ClickException(f"invalid --fib-groups {fib_groups!r}: expected two sizes in KiB from 2 to 67108864, e.g. 16384,32768") from None
     chosen = [] if observers.strip() == "none" else [o.strip() for o in observers.split(",") if o.strip()]
     unknown = [o for o in chosen if o not in OBSERVERS]
     if unknown or len(set(chosen)) != len(chosen):

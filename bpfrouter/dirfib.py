@@ -280,48 +280,138 @@ def _offsets(counts: np.ndarray) -> np.ndarray:
     return np.arange(int(counts.sum())) - np.repeat(np.cumsum(counts) - counts, counts)
 
 
-class DirTable:
-    """One family's DIR FIB (IPv4: DIR-24-8; IPv6: up to 13 levels)."""
+class LeafTable:
+    """A family's leaves (each route's word and prefix, in the leaves map)
+    and the rules naming them: what the DIR FIB and the IPv6 hash levels
+    share. A leaf is written before any entry names it, and freed (word 0)
+    after none does; freed leaves are reused last (FIFO)."""
+
+    def __init__(self, leaves_map, width: int):
+        self.width = width
+        self.version = 4 if width == 32 else 6
+        self._leaves_mmap = leaves_map.mmap()
+        self.nleaves = leaves_map.max_entries
+        words = leaves_map.info.value_size // 8
+        self.leaves = np.frombuffer(self._leaves_mmap, np.uint64, self.nleaves * words).reshape(self.nleaves, words)
+        # (version, address as int, length) -> leaf: the Fib's own prefix keys,
+        # so a bulk load adds no tuple per route
+        self.rules: dict[tuple[int, int, int], int] = {}
+        self.free_leaves: deque[int] = deque()
+
+    def close(self) -> None:
+        self.leaves = None  # type: ignore[assignment]
+        self._leaves_mmap.close()
+
+    def _network(self, addr: int, length: int) -> IPNetwork:
+        cls = ipaddress.IPv4Network if self.width == 32 else ipaddress.IPv6Network
+        return cls((addr, length))
+
+    def _entry(self, leaf: int) -> int:
+        """The table entry of a leaf's route: type and next-hop id (0: no route)."""
+        return entry_of(int(self.leaves[leaf, 0])) if leaf else 0
+
+    def _full(self) -> DirFull:
+        return DirFull(f"IPv{self.version} DIR FIB full: {self.nleaves - 1} routes")
+
+    def _alloc_leaf(self) -> int:
+        if not self.free_leaves:
+            raise self._full()
+        return self.free_leaves.popleft()
+
+    def _write_leaf(self, leaf: int, addr: int, word: int) -> None:
+        raw = addr.to_bytes(self.width // 8, "big").ljust((self.leaves.shape[1] - 1) * 8, b"\0")
+        self.leaves[leaf, 1:] = np.frombuffer(raw, np.uint64)
+        self.leaves[leaf, 0] = np.uint64(word)
+
+    def _free_leaves(self, leaves: list[int]) -> None:
+        """After no entry names them any more."""
+        self.leaves[leaves, 0] = 0
+        self.free_leaves.extend(leaves)
+
+    def _parent(self, addr: int, length: int, shortest: int = 0) -> tuple[int, int]:
+        """The leaf and length of the longest rule covering a prefix, no shorter
+        than `shortest` ((0, 0): none)."""
+        for plen in range(length - 1, shortest - 1, -1):
+            masked = addr & ~((1 << (self.width - plen)) - 1) if plen else 0
+            leaf = self.rules.get((self.version, masked, plen))
+            if leaf is not None:
+                return leaf, plen
+        return 0, 0
+
+    def _recover_rules(self) -> np.ndarray:
+        """Rules and free leaves from the leaves map; returns each leaf's prefix length."""
+        words = self.leaves[:, 0]
+        plen = _plen_of(words)
+        live = np.nonzero(words)[0]
+        for leaf in live.tolist():
+            raw = self.leaves[leaf, 1:].tobytes()[: self.width // 8]
+            self.rules[(self.version, int.from_bytes(raw, "big"), int(plen[leaf]))] = leaf
+        used = np.zeros(self.nleaves, bool)
+        used[live] = True
+        used[0] = True
+        self.free_leaves = deque(np.nonzero(~used)[0].tolist())
+        return plen
+
+    def set(self, prefix: IPNetwork, value: lo.RouteValue) -> None:
+        self.set_key(int(prefix.network_address), prefix.prefixlen, route_word(value))
+
+    def installed(self) -> list[tuple[IPNetwork, lo.RouteValue]]:
+        live = np.nonzero(self.leaves[:, 0])[0]
+        out = []
+        for leaf in live.tolist():
+            value = word_route(int(self.leaves[leaf, 0]))
+            raw = self.leaves[leaf, 1:].tobytes()[: self.width // 8]
+            out.append((self._network(int.from_bytes(raw, "big"), value.prefixlen), value))
+        return out
+
+    def installed_fields(self) -> tuple[list[tuple[int, int, int]], list[int], list[int], list[int]]:
+        """What a restarted agent reads back, without an object per route: the
+        prefix keys and, in the same order, next-hop ids, route types and
+        protocols (from the recovered rules, read as arrays)."""
+        pks = list(self.rules)
+        words = self.leaves[np.fromiter(self.rules.values(), np.int64, len(pks)), 0]
+        return (pks, (words & np.uint64(0xFFFFFFFF)).tolist(), ((words >> np.uint64(32)) & np.uint64(0xFF)).tolist(),
+                ((words >> np.uint64(48)) & np.uint64(0xFF)).tolist())
+
+    def count(self) -> int:
+        return int(np.count_nonzero(self.leaves[:, 0]))
+
+
+class DirTable(LeafTable):
+    """One family's DIR FIB (DIR-24-8 for IPv4; IPv6 uses hashfib6.HashTable6)."""
 
     def __init__(self, root_map, groups_map, leaves_map, root_leaf_map, group_leaf_map, width: int,
                  recover: bool = True, compressed: CompressedRoot | None = None):
         """root_map: the root the data plane reads, or None with `compressed`:
         then the root lives here and the data plane reads its compressed form."""
-        self.width = width
-        self.version = 4 if width == 32 else 6
+        super().__init__(leaves_map, width)
         self.compressed = compressed
         self._recovered = recover
         # root ranges, and arrays of /16s, changed since the compressed root was written
         self._dirty: list[tuple[int, int]] = []
         self._dirty_chunks: list[np.ndarray] = []
-        self._mmaps = [m.mmap() for m in (groups_map, leaves_map, root_leaf_map, group_leaf_map)]
+        self._mmaps = [m.mmap() for m in (groups_map, root_leaf_map, group_leaf_map)]
         n_root = 1 << ROOT_BITS
         self.ngroups = groups_map.max_entries
-        self.nleaves = leaves_map.max_entries
-        words = leaves_map.info.value_size // 8
         if compressed is None:
             self._mmaps.append(root_map.mmap())
             self.root = np.frombuffer(self._mmaps[-1], np.uint32, n_root)
         else:
             self.root = compressed.expand() if recover else np.zeros(n_root, np.uint32)
         self.groups = np.frombuffer(self._mmaps[0], np.uint32, self.ngroups * 256).reshape(self.ngroups, 256)
-        self.leaves = np.frombuffer(self._mmaps[1], np.uint64, self.nleaves * words).reshape(self.nleaves, words)
-        self.root_leaf = np.frombuffer(self._mmaps[2], np.uint32, n_root)
-        self.group_leaf = np.frombuffer(self._mmaps[3], np.uint32, self.ngroups * 256).reshape(self.ngroups, 256)
+        self.root_leaf = np.frombuffer(self._mmaps[1], np.uint32, n_root)
+        self.group_leaf = np.frombuffer(self._mmaps[2], np.uint32, self.ngroups * 256).reshape(self.ngroups, 256)
         self.root_depth = np.zeros(n_root, np.uint8)
         self.group_depth = np.zeros((self.ngroups, 256), np.uint8)
-        # (version, address as int, length) -> leaf: the Fib's own prefix keys,
-        # so a bulk load adds no tuple per route
-        self.rules: dict[tuple[int, int, int], int] = {}
         self.free_groups: deque[int] = deque()
-        self.free_leaves: deque[int] = deque()
         if recover:
             self._recover()
 
     def close(self) -> None:
-        self.root = self.groups = self.leaves = self.root_leaf = self.group_leaf = None  # type: ignore[assignment]
+        self.root = self.groups = self.root_leaf = self.group_leaf = None  # type: ignore[assignment]
         for m in self._mmaps:
             m.close()
+        super().close()
         if self.compressed is not None:
             self.compressed.close()
 
@@ -354,27 +444,11 @@ class DirTable:
         self.compressed.update(self.root, chunks)
 
     # --- helpers ----------------------------------------------------------------
-    def _network(self, addr: int, length: int) -> IPNetwork:
-        cls = ipaddress.IPv4Network if self.width == 32 else ipaddress.IPv6Network
-        return cls((addr, length))
-
     def _top(self, addr: int) -> int:
         return addr >> (self.width - ROOT_BITS)
 
     def _byte(self, addr: int, level: int) -> int:
         return (addr >> (self.width - ROOT_BITS - 8 * (level + 1))) & 0xFF
-
-    def _entry(self, leaf: int) -> int:
-        """The table entry of a leaf's route: type and next-hop id (0: no route)."""
-        return entry_of(int(self.leaves[leaf, 0])) if leaf else 0
-
-    def _full(self) -> DirFull:
-        return DirFull(f"IPv{self.version} DIR FIB full: {self.nleaves - 1} routes")
-
-    def _alloc_leaf(self) -> int:
-        if not self.free_leaves:
-            raise self._full()
-        return self.free_leaves.popleft()
 
     def _new_group(self, entry: int, leaf: int, depth: int) -> int:
         if not self.free_groups:
@@ -385,11 +459,6 @@ class DirTable:
         self.group_leaf[g] = leaf
         self.groups[g] = entry  # filled before anything points to it
         return g
-
-    def _write_leaf(self, leaf: int, addr: int, word: int) -> None:
-        raw = addr.to_bytes(self.width // 8, "big").ljust((self.leaves.shape[1] - 1) * 8, b"\0")
-        self.leaves[leaf, 1:] = np.frombuffer(raw, np.uint64)
-        self.leaves[leaf, 0] = np.uint64(word)
 
     # --- range rules --------------------------------------------------------------
     def _apply(self, arr: np.ndarray, larr: np.ndarray, depth: np.ndarray, entry: int, leaf: int,
@@ -475,9 +544,6 @@ class DirTable:
         return self.groups[g, sl], self.group_leaf[g, sl], self.group_depth[g, sl], path
 
     # --- public ------------------------------------------------------------------------
-    def set(self, prefix: IPNetwork, value: lo.RouteValue) -> None:
-        self.set_key(int(prefix.network_address), prefix.prefixlen, route_word(value))
-
     def set_key(self, addr: int, length: int, word: int) -> None:
         try:
             self._set_key(addr, length, word)
@@ -528,11 +594,6 @@ class DirTable:
             self._apply(arr, larr, depth, self._entry(parent_leaf), parent_leaf, parent_len, length,
                         deleting=True)
         self._collapse(addr, path)
-
-    def _free_leaves(self, leaves: list[int]) -> None:
-        """After no entry names them any more."""
-        self.leaves[leaves, 0] = 0
-        self.free_leaves.extend(leaves)
 
     def delete_many(self, pks: list[tuple[int, int, int]]) -> None:
         """Bulk removal (unknown prefixes are skipped): a withdrawn peer's table
@@ -612,14 +673,6 @@ class DirTable:
         free[0] = True
         free[list(self.free_groups)] = True
         self.free_groups.extend(np.nonzero(~free)[0].tolist())
-
-    def _parent(self, addr: int, length: int) -> tuple[int, int]:
-        for plen in range(length - 1, -1, -1):
-            masked = addr & ~((1 << (self.width - plen)) - 1) if plen else 0
-            leaf = self.rules.get((self.version, masked, plen))
-            if leaf is not None:
-                return leaf, plen
-        return 0, 0
 
     def _collapse(self, addr: int, path: list[tuple[int, int]]) -> None:
         """Fold groups that became uniform back into their parent entry, deepest first."""
@@ -704,36 +757,9 @@ class DirTable:
         self.rules.update(zip(pks, leaves.tolist()))
         self._apply_rows(tops, lens, entries, leaves.astype(np.uint32), lens.astype(np.uint8), deleting=False)
 
-    def installed(self) -> list[tuple[IPNetwork, lo.RouteValue]]:
-        live = np.nonzero(self.leaves[:, 0])[0]
-        out = []
-        for leaf in live.tolist():
-            value = word_route(int(self.leaves[leaf, 0]))
-            raw = self.leaves[leaf, 1:].tobytes()[: self.width // 8]
-            out.append((self._network(int.from_bytes(raw, "big"), value.prefixlen), value))
-        return out
-
-    def installed_fields(self) -> tuple[list[tuple[int, int, int]], list[int], list[int], list[int]]:
-        """What a restarted agent reads back, without an object per route: the
-        prefix keys and, in the same order, next-hop ids, route types and
-        protocols (from the recovered rules, read as arrays)."""
-        pks = list(self.rules)
-        words = self.leaves[np.fromiter(self.rules.values(), np.int64, len(pks)), 0]
-        return (pks, (words & np.uint64(0xFFFFFFFF)).tolist(), ((words >> np.uint64(32)) & np.uint64(0xFF)).tolist(),
-                ((words >> np.uint64(48)) & np.uint64(0xFF)).tolist())
-
     def _recover(self) -> None:
         """Rebuild the Python side (rules, depths, free lists) from the maps."""
-        words = self.leaves[:, 0]
-        plen = _plen_of(words)
-        live = np.nonzero(words)[0]
-        for leaf in live.tolist():
-            raw = self.leaves[leaf, 1:].tobytes()[: self.width // 8]
-            self.rules[(self.version, int.from_bytes(raw, "big"), int(plen[leaf]))] = leaf
-        used = np.zeros(self.nleaves, bool)
-        used[live] = True
-        used[0] = True
-        self.free_leaves = deque(np.nonzero(~used)[0].tolist())
+        plen = self._recover_rules()
         ext = (self.root & EXT) != 0
         self.root_depth[:] = np.where(ext, 0, plen[np.where(ext, 0, self.root_leaf)])
         in_use = np.zeros(self.ngroups, bool)
@@ -746,9 +772,6 @@ class DirTable:
             self.group_depth[gids] = np.where(gext, 0, plen[np.where(gext, 0, self.group_leaf[gids])])
             gids = np.unique(block[gext] & ~EXT)
         self.free_groups = deque(np.nonzero(~in_use)[0].tolist())
-
-    def count(self) -> int:
-        return int(np.count_nonzero(self.leaves[:, 0]))
 
     def memory(self) -> dict[str, int]:
         """Bytes the structure holds in the kernel, what forwarding reads of

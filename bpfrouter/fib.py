@@ -25,6 +25,7 @@ import numpy as np
 from .datapath import Datapath
 from .datapath import layout as lo
 from .dirfib import CompressedRoot, DirTable
+from .hashfib6 import HashTable6
 from .routespec import IPAddress, IPNetwork
 
 RouteType = lo.RouteType
@@ -314,15 +315,13 @@ def map_memlock(fd: int) -> int:
     return 0
 
 
-def make_tables(dp: Datapath, recover: bool = True) -> dict[int, "DirTable | LpmTable"]:
+def make_tables(dp: Datapath, recover: bool = True) -> dict[int, "DirTable | HashTable6 | LpmTable"]:
     """The FIB structure the router was loaded with (the loader shrinks the unused one)."""
     m = dp.maps
     if m["dir4_top"].max_entries > 1:
-        levels = {v: (m[f"dir{v}_groups"], m[f"dir{v}_leaves"], m[f"dir{v}_root_leaf"], m[f"dir{v}_group_leaf"])
-                  for v in (4, 6)}
-        return {4: DirTable(None, *levels[4], 32, recover,
-                            compressed=CompressedRoot(m["dir4_top"], m["dir4_blocks"], writer=recover)),
-                6: DirTable(m["dir6_root"], *levels[6], 128, recover)}
+        return {4: DirTable(None, m["dir4_groups"], m["dir4_leaves"], m["dir4_root_leaf"], m["dir4_group_leaf"],
+                            32, recover, compressed=CompressedRoot(m["dir4_top"], m["dir4_blocks"], writer=recover)),
+                6: HashTable6(m["h6_buckets"], m["h6_filter"], m["h6_conf"], m["h6_active"], m["dir6_leaves"], recover)}
     return {4: LpmTable(dp.fib4), 6: LpmTable(dp.fib6)}
 
 

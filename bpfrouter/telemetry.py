@@ -224,8 +224,9 @@ def map_fill(dp: Datapath, fib_sizes: dict[int, dict] | None = None) -> dict[str
         out[name] = {"entries": used, "capacity": m.max_entries}
     for family, sizes in (fib_sizes or {}).items():
         out[f"fib{family}"] = {"entries": sizes["routes"], "capacity": sizes["routes_total"]}
-        if "groups_used" in sizes:
-            out[f"fib{family}_groups"] = {"entries": sizes["groups_used"], "capacity": sizes["groups_total"]}
+        for part in ("groups", "slots"):  # the DIR FIB's IPv4 groups, IPv6's hash slots
+            if f"{part}_used" in sizes:
+                out[f"fib{family}_{part}"] = {"entries": sizes[f"{part}_used"], "capacity": sizes[f"{part}_total"]}
     return out
 
 

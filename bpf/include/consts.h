@@ -81,12 +81,13 @@ enum fib_impl {
 #define DIR_TYPE_SHIFT 28       /* else: route type in bits 28-30, next-hop id in 0-27 */
 #define DIR_NH_MASK 0x0FFFFFFFU
 #define DIR_GROUPS_V4 16384     /* default; the loader may resize */
-#define DIR_GROUPS_V6 65536
 #define DIR_LEAVES_V4 (1 << 21)
 #define DIR_LEAVES_V6 (1 << 19)
 #define DIR_TOP_BITS 16         /* IPv4's compressed root: one entry or block per /16 */
 #define DIR_BLOCK_WORDS_V4 (1 << 22) /* 32 MiB of blocks: two halves, each over twice a full table's */
 #define DIR_BLOCK_HEAD 36       /* a block's bytes before its runs */
+#define H6_MAX_LEVELS 16        /* IPv6 hash levels: prefix lengths stored */
+#define H6_BUCKETS (1 << 19)    /* default, 32 MiB in two halves; the loader may resize */
 
 #define NEXTHOP_F_GATEWAY 1
 

@@ -6,8 +6,9 @@
  *
  * The entry holds what forwarding needs. Parallel arrays (root_leaf,
  * group_leaf) give each entry's leaf: the prefix and its protocol, which only
- * probes (`route get`) and the control plane read. IPv6 walks at most 13
- * groups after the root. Entry 0 means "no route". Every entry is one aligned
+ * probes (`route get`) and the control plane read. Entry 0 means "no
+ * route". IPv6 uses hash levels instead (hashfib6.h), with these entries
+ * and leaves. Every entry is one aligned
  * 32-bit store, so a packet reads either the old or the new value.
  *
  * IPv4's 24-bit root (64 MiB, one cache and TLB miss per lookup at a full
@@ -74,8 +75,8 @@ struct dir_leaf6 {
 DIR_LEVELS(4, struct dir_leaf4, DIR_GROUPS_V4, DIR_LEAVES_V4)
 DIR_ARRAY(dir4_top, (1 << DIR_TOP_BITS) / DIR_CHUNK, struct dir_chunk)
 DIR_ARRAY(dir4_blocks, DIR_BLOCK_WORDS_V4, __u64)
-DIR_LEVELS(6, struct dir_leaf6, DIR_GROUPS_V6, DIR_LEAVES_V6)
-DIR_ARRAY(dir6_root, (1 << DIR_ROOT_BITS) / DIR_CHUNK, struct dir_chunk)
+/* IPv6's entries are in hash levels (hashfib6.h); its leaves are here. */
+DIR_ARRAY(dir6_leaves, DIR_LEAVES_V6, struct dir_leaf6)
 
 static __always_inline __u32 dir_root_entry(void *root, __u32 top24)
 {
@@ -161,29 +162,6 @@ static __always_inline int dir4_lookup(__be32 daddr, struct route *rt, int detai
 			leaf = dir_group_entry(&dir4_group_leaf, g, a & 0xff);
 	}
 	return dir_route(e, leaf, &dir4_leaves, rt);
-}
-
-static __always_inline int dir6_lookup(const __u8 *daddr, struct route *rt, int detail)
-{
-	__u8 a[16];
-	__u32 top, e, leaf = 0;
-
-	__builtin_memcpy(a, daddr, 16);
-	top = (__u32)a[0] << 16 | (__u32)a[1] << 8 | a[2];
-	e = dir_root_entry(&dir6_root, top);
-	if (detail)
-		leaf = dir_root_entry(&dir6_root_leaf, top);
-	for (int i = 3; i < 16; i++) {  /* bounded: the verifier walks it */
-		__u32 g;
-
-		if (!(e & DIR_EXT))
-			break;
-		g = e & ~DIR_EXT;
-		e = dir_group_entry(&dir6_groups, g, a[i]);
-		if (detail)
-			leaf = dir_group_entry(&dir6_group_leaf, g, a[i]);
-	}
-	return dir_route(e, leaf, &dir6_leaves, rt);
 }
 
 #endif

@@ -11,6 +11,7 @@
 #include "iface.h"
 #include "neigh.h"
 #include "dirfib.h"
+#include "hashfib6.h"
 #include "lpmfib.h"
 
 struct {
@@ -29,6 +30,7 @@ struct fib_result {
 	__u8 prefixlen;
 	__u8 route_proto;
 	__u8 neigh_found;
+	__u32 leaf6;            /* the matched IPv6 leaf (hash levels), for events */
 };
 
 static __always_inline __u32 pkt_l3_len(const struct pkt *p)
@@ -75,9 +77,9 @@ static __always_inline int fib_route4(__be32 daddr, struct route *rt, int detail
 	return fib_impl == FIB_IMPL_LPM ? lpm4_lookup(daddr, rt) : dir4_lookup(daddr, rt, detail);
 }
 
-static __always_inline int fib_route6(const __u8 *daddr, struct route *rt, int detail)
+static __always_inline int fib_route6(const __u8 *daddr, struct route *rt, int detail, __u32 *leaf)
 {
-	return fib_impl == FIB_IMPL_LPM ? lpm6_lookup(daddr, rt) : dir6_lookup(daddr, rt, detail);
+	return fib_impl == FIB_IMPL_LPM ? lpm6_lookup(daddr, rt) : h6_lookup(daddr, rt, detail, leaf);
 }
 
 /* The kernel's forwarding order: route type, TTL, MTU, then neighbor.
@@ -95,7 +97,7 @@ static __always_inline int fib_lookup_bpf(const struct pkt *p, struct fib_result
 	if (p->ip4)
 		found = fib_route4(p->ip4->daddr, rt, detail);
 	else if (p->ip6)
-		found = fib_route6(p->ip6->daddr.in6_u.u6_addr8, rt, detail);
+		found = fib_route6(p->ip6->daddr.in6_u.u6_addr8, rt, detail, &res->leaf6);
 	else
 		return REASON_PASS_NON_IP;
 	if (!found || rt->type == RTYPE_NONE)

@@ -43,13 +43,13 @@ MAPS: dict[str, tuple[type, type]] = {
     "dir4_blocks": (ctypes.c_uint32, ctypes.c_uint64),
     "dir4_groups": (ctypes.c_uint32, lo.DirGroup),
     "dir4_leaves": (ctypes.c_uint32, lo.DirLeaf4),
-    "dir6_root": (ctypes.c_uint32, lo.DirChunk),
-    "dir6_groups": (ctypes.c_uint32, lo.DirGroup),
     "dir6_leaves": (ctypes.c_uint32, lo.DirLeaf6),
+    "h6_buckets": (ctypes.c_uint32, lo.H6Bucket),
+    "h6_filter": (ctypes.c_uint32, ctypes.c_uint64),
+    "h6_conf": (ctypes.c_uint32, lo.H6Conf),
+    "h6_active": (ctypes.c_uint32, ctypes.c_uint64),
     "dir4_root_leaf": (ctypes.c_uint32, lo.DirChunk),
     "dir4_group_leaf": (ctypes.c_uint32, lo.DirGroup),
-    "dir6_root_leaf": (ctypes.c_uint32, lo.DirChunk),
-    "dir6_group_leaf": (ctypes.c_uint32, lo.DirGroup),
     "obs_stats": (ctypes.c_uint32, ctypes.c_uint64),
     "events": (lo.Nothing, lo.Nothing),
     "event_windows": (ctypes.c_uint32, lo.EventWindow),
@@ -59,7 +59,7 @@ MAPS: dict[str, tuple[type, type]] = {
     "capture_scratch": (ctypes.c_uint32, lo.CaptureRec),
     "capture_ring": (lo.Nothing, lo.Nothing),
 }
-DIR_MAPS = [m for m in MAPS if m.startswith("dir")]
+DIR_MAPS = [m for m in MAPS if m.startswith(("dir", "h6_"))]  # the BPF FIB's default structure
 # Maps the object names after a global's data section; pinned under the first name.
 SECTION_MAPS = {"capture_cfg": ".data.capture"}
 
@@ -156,7 +156,7 @@ class Datapath:
              event_rate: int | None = None, observe: int | None = None) -> "Datapath":
         """Load and verify the program, pin it and its maps. All or nothing.
 
-        groups: (IPv4, IPv6) group counts of the DIR FIB (1 KiB each).
+        groups: the DIR FIB's space in KiB: (IPv4 groups, 1 KiB each; IPv6 hash buckets).
         event_rate: events per second per reason and CPU (default 100).
         observe: OBS_F_* bits of the observers to compile in (default all)."""
         check_bpffs()
@@ -185,9 +185,10 @@ class Datapath:
                 for m in DIR_MAPS:  # unused: don't allocate their 64 MiB tables
                     obj.set_max_entries(m, 1)
             elif groups:
-                for fam, n in (("4", groups[0]), ("6", groups[1])):
-                    obj.set_max_entries(f"dir{fam}_groups", n)
-                    obj.set_max_entries(f"dir{fam}_group_leaf", n)
+                obj.set_max_entries("dir4_groups", groups[0])
+                obj.set_max_entries("dir4_group_leaf", groups[0])
+                for m in ("h6_buckets", "h6_filter"):  # a filter word per bucket
+                    obj.set_max_entries(m, groups[1] * 1024 // ctypes.sizeof(lo.H6Bucket))
             try:
                 obj.load()
             except BpfError as e:

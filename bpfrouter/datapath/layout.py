@@ -109,10 +109,11 @@ DIR_EXT = 0x80000000
 DIR_TYPE_SHIFT = 28
 DIR_NH_MASK = 0x0FFFFFFF
 DIR_GROUPS_V4 = 16384
-DIR_GROUPS_V6 = 65536
 DIR_TOP_BITS = 16
 DIR_BLOCK_WORDS_V4 = 1 << 22
 DIR_BLOCK_HEAD = 36
+H6_MAX_LEVELS = 16
+H6_BUCKETS = 1 << 19
 
 
 class Iface(ctypes.Structure):
@@ -161,6 +162,19 @@ class DirLeaf4(ctypes.Structure):
 
 class DirLeaf6(ctypes.Structure):
     _fields_ = [("r", RouteValue), ("addr", u8 * 16)]
+
+
+class H6Bucket(ctypes.Structure):
+    _fields_ = [("key", u64 * 4), ("entry", u32 * 4), ("leaf", u32 * 4)]
+
+
+class H6Level(ctypes.Structure):
+    _fields_ = [("mask_hi", u64), ("mask_lo", u64), ("first", u32), ("nbuckets", u32), ("len", u32),
+                ("wide", u32)]
+
+
+class H6Conf(ctypes.Structure):
+    _fields_ = [("nlevels", u32), ("reserved", u32), ("lv", H6Level * H6_MAX_LEVELS)]
 
 
 class ProbeMeta(ctypes.Structure):
@@ -240,6 +254,9 @@ STRUCTS: dict[str, type[ctypes.Structure]] = {
     "dir_group": DirGroup,
     "dir_leaf4": DirLeaf4,
     "dir_leaf6": DirLeaf6,
+    "h6_bucket": H6Bucket,
+    "h6_level": H6Level,
+    "h6_conf": H6Conf,
     "event": Event,
     "event_window": EventWindow,
     "flow_key": FlowKey,

@@ -74,6 +74,19 @@ def test_drop_and_pass_events_carry_what_the_pipeline_knew(env, dp):
     assert obs_stats(dp)["events_sent"] == 4
 
 
+def test_ipv6_events_name_the_prefix_the_hash_levels_matched(env, dp):
+    """An IPv6 event reads the leaf the forwarding lookup found (no second lookup)."""
+    drain(dp)
+    run(env, dp, bytes(Ether(dst=env.if0_mac, src=SRC_MAC) / IPv6(src="fd01::5", dst="fd66::1", hlim=9) /
+                       UDP(sport=5000, dport=53)))
+    run(env, dp, bytes(Ether(dst=env.if0_mac, src=SRC_MAC) / IPv6(src="fd01::5", dst="fd20::1", hlim=1) /
+                       UDP(sport=5000, dport=53)))
+    ev = drain(dp)
+    assert [e["reason"] for e in ev] == ["blackhole", "ttl_exceeded"]
+    assert ev[0]["route"] == {"type": "blackhole", "prefix": "fd66::/32", "proto": "bpfrouter"}
+    assert ev[1]["route"]["prefix"] == "fd20::/32" and ev[1]["egress"] == "dpt1"
+
+
 @pytest.mark.parametrize("dp", [{"event_rate": 5}], indirect=True)
 def test_events_are_capped_per_reason_and_the_rest_counted(env, dp):
     drain(dp)
