@@ -193,6 +193,10 @@ def status(name, as_json, pretty):
     f = st["fib"]
     console.print(f"fib: {f['ipv4']} IPv4 + {f['ipv6']} IPv6 routes, {f['nexthops']} next hops, "
                   f"{st['neighbors']} neighbors")
+    mem = [f"{fam.replace('ipv', 'IPv')} {m['impl']} " +
+           (f"{m['forwarding_bytes'] / 2**20:.1f} MiB read by forwarding of {m['bytes'] / 2**20:.1f} MiB"
+            if "forwarding_bytes" in m else f"{m['bytes'] / 2**20:.1f} MiB") for fam, m in f["memory"].items()]
+    console.print("fib memory: " + "; ".join(mem))
     tot = st["totals"]
     console.print(f"packets: {tot['redirect']} redirected by XDP, {tot['pass']} passed to the kernel, "
                   f"{tot['drop']} dropped")

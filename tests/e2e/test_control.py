@@ -67,6 +67,9 @@ def test_ipv6_static_route(bpf_router):
     assert r.json("route", "get", "fd99::1")["route"]["proto"] == "bpfrouter"
     r.cli("route", "add", "-6", "default", "via", "fd00:2::2")
     assert r.json("route", "get", "2001:db8::1")["route"]["prefix"] == "::/0"
+    mem = r.json("status")["fib"]["memory"]["ipv6"]
+    assert mem["impl"] == "hash" and 64 in mem["levels"] and 0 in mem["levels"] and mem["slots_used"] >= 2
+    assert "IPv6 hash" in r.cli("status").stdout  # the memory line of the human view
     r.cli("route", "del", "-6", "default")
     r.cli("route", "del", "fd99::/64")
 
