@@ -119,7 +119,8 @@ def cli(netns_name):
 @click.option("--xdp-mode", type=click.Choice(["native", "generic"]), default="native", show_default=True,
               help="native falls back to generic when the driver has no XDP support.")
 @click.option("--fib-impl", type=click.Choice(["dir", "lpm"]), default="dir", show_default=True,
-              help="Structure of the BPF FIB: dir (multibit trie; IPv4: DIR-24-8, root compressed) or lpm (LPM trie).")
+              help="Structure of the BPF FIB: dir (IPv4: DIR-24-8, root compressed; IPv6: a hash table per "
+                   "prefix length) or lpm (LPM trie).")
 @click.option("--fib-groups", default=None, metavar="V4,V6",
               help="DIR FIB space in KiB: IPv4's groups (1 KiB each) and IPv6's hash buckets "
                    "(default 16384,32768).")

@@ -282,8 +282,8 @@ class HashTable6(LeafTable):
             lv = self._level_for(length)
             for key in self._expansion(lv, addr, length):
                 slot = lv.slots.get(key)
-                if slot is not None and self.leaf[divmod(slot, SLOTS)] == leaf:
-                    self.entry[divmod(slot, SLOTS)] = entry
+                if slot is not None and self.leaf[where := divmod(slot, SLOTS)] == leaf:
+                    self.entry[where] = entry
             return
         leaf = self._alloc_leaf()
         self._write_leaf(leaf, addr, word)

@@ -4,7 +4,7 @@
  *
  * An Internet table uses about nine lengths (/29 to /48), so a /48
  * destination costs one or two bucket reads per level, none of them
- * depending on another, in about 5 MiB at 230k prefixes; a multibit trie
+ * depending on another, in about 8 MiB at 230k prefixes; a multibit trie
  * needs 4-5 dependent reads in 250 MiB. Past 16 lengths, a prefix is stored
  * expanded in the next longer level (the control plane picks levels that
  * store the fewest keys).
@@ -17,9 +17,9 @@
  * levels that do not hold a key apart without reading their buckets.
  *
  * Concurrent updates: a slot is emptied (entry 0) before another key is
- * written there, and a key's entry is written last. The probe reads the
- * keys, the entries, then the keys again, and counts a slot only if its
- * key did not change meanwhile. A key only ever moves from its first
+ * written there, and a key's entry is written last. The probe reads a
+ * slot's key, its entry, then its key again, and counts the slot only if
+ * the key did not change meanwhile. A key only ever moves from its first
  * bucket to its second, new slot written before the old one is emptied:
  * probing the first bucket, then the second, finds it in one of them. A
  * rebuild writes the other half of the buckets and conf, then switches
