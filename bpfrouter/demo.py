@@ -24,11 +24,15 @@ console = Console(highlight=False, soft_wrap=True)
 LAB = "demo"
 
 
-def sh(argv: list[str], show: bool = True, check: bool = True, display: list[str] | None = None) -> str:
+def sh(argv: list[str], show: bool = True, check: bool = True, display: list[str] | None = None,
+       quiet: str | None = None) -> str:
+    """quiet: stderr lines that start with it are not shown (a tool's banner)."""
     if show:
         console.print(f"[bold cyan]$ {shlex.join(display or argv)}[/]")
     proc = subprocess.run(argv, capture_output=True, text=True)
-    out = (proc.stdout + proc.stderr).rstrip()
+    err = proc.stderr if quiet is None else "".join(
+        line for line in proc.stderr.splitlines(keepends=True) if not line.startswith(quiet))
+    out = (proc.stdout + err).rstrip()
     if show and out:
         console.print(out, markup=False)
     if check and proc.returncode != 0:
@@ -89,7 +93,7 @@ def observe(lab: Lab) -> None:
                 console.print(text, markup=False)
     if shutil.which("tshark"):
         sh(["tshark", "-r", pcap, "-T", "fields", "-e", "frame.interface_name", "-e", "ip.src", "-e", "ip.dst",
-            "-e", "ip.ttl", "-e", "frame.comment"])
+            "-e", "ip.ttl", "-e", "frame.comment"], quiet="Running as user")  # tshark's warning to root
     bpfrouter("flows", "--name", LAB, "--proto", "icmp", "--limit", "6")
     bpfrouter("explain", "tcp", f"{lab.addr('h1')}:40000", ">", "10.99.0.1:80", "iif", "r-eth0", "--name", LAB)
     bpfrouter("explain", "udp", f"{lab.addr('h1')}:5000", ">", "10.66.0.1:53", "--name", LAB)
