@@ -378,13 +378,13 @@ class LeafTable:
 
 
 class DirTable(LeafTable):
-    """One family's DIR FIB (DIR-24-8 for IPv4; IPv6 uses hashfib6.HashTable6)."""
+    """IPv4's DIR FIB: DIR-24-8 (IPv6 uses hashfib6.HashTable6)."""
 
-    def __init__(self, root_map, groups_map, leaves_map, root_leaf_map, group_leaf_map, width: int,
-                 recover: bool = True, compressed: CompressedRoot | None = None):
-        """root_map: the root the data plane reads, or None with `compressed`:
-        then the root lives here and the data plane reads its compressed form."""
-        super().__init__(leaves_map, width)
+    def __init__(self, groups_map, leaves_map, root_leaf_map, group_leaf_map, compressed: CompressedRoot,
+                 recover: bool = True):
+        """The 24-bit root lives here, in Python memory; the data plane reads
+        its compressed form."""
+        super().__init__(leaves_map, 32)
         self.compressed = compressed
         self._recovered = recover
         # root ranges, and arrays of /16s, changed since the compressed root was written
@@ -393,11 +393,7 @@ class DirTable(LeafTable):
         self._mmaps = [m.mmap() for m in (groups_map, root_leaf_map, group_leaf_map)]
         n_root = 1 << ROOT_BITS
         self.ngroups = groups_map.max_entries
-        if compressed is None:
-            self._mmaps.append(root_map.mmap())
-            self.root = np.frombuffer(self._mmaps[-1], np.uint32, n_root)
-        else:
-            self.root = compressed.expand() if recover else np.zeros(n_root, np.uint32)
+        self.root = compressed.expand() if recover else np.zeros(n_root, np.uint32)
         self.groups = np.frombuffer(self._mmaps[0], np.uint32, self.ngroups * 256).reshape(self.ngroups, 256)
         self.root_leaf = np.frombuffer(self._mmaps[1], np.uint32, n_root)
         self.group_leaf = np.frombuffer(self._mmaps[2], np.uint32, self.ngroups * 256).reshape(self.ngroups, 256)
@@ -412,20 +408,17 @@ class DirTable(LeafTable):
         for m in self._mmaps:
             m.close()
         super().close()
-        if self.compressed is not None:
-            self.compressed.close()
+        self.compressed.close()
 
     def _mark_rows(self, rows: np.ndarray, span: int) -> None:
         """Root rows of `span` entries changed (a bulk write)."""
-        if self.compressed is not None:
-            shift = ROOT_BITS - lo.DIR_TOP_BITS
-            per = max(1, span >> shift)
-            self._dirty_chunks.append(((rows * span) >> shift)[:, None] + np.arange(per))
+        shift = ROOT_BITS - lo.DIR_TOP_BITS
+        per = max(1, span >> shift)
+        self._dirty_chunks.append(((rows * span) >> shift)[:, None] + np.arange(per))
 
     def _flush(self) -> None:
         """Write the /16s the last change touched to the compressed root."""
-        if self.compressed is None or not (self._dirty or self._dirty_chunks):
-            self._dirty.clear()  # IPv6: the data plane reads the root itself
+        if not (self._dirty or self._dirty_chunks):
             return
         shift = ROOT_BITS - lo.DIR_TOP_BITS
         if len(self._dirty) == 1 and not self._dirty_chunks:
@@ -738,17 +731,11 @@ class DirTable(LeafTable):
     def _set_short(self, pks: list, lens: np.ndarray, words: np.ndarray) -> None:
         """New prefixes no longer than the root, vectorized."""
         n = len(pks)
-        shift = self.width - ROOT_BITS
-        if self.width == 32:
-            full = np.fromiter(map(itemgetter(1), pks), np.uint32, n)
-            tops = (full >> np.uint32(shift)).astype(np.int64)
-            # the leaf stores the address in network order, zero-padded
-            addr_words = np.zeros((n, self.leaves.shape[1] - 1), np.uint64)
-            addr_words[:, 0] = full.astype(">u4").view(np.uint32)
-        else:
-            tops = np.fromiter((pk[1] >> shift for pk in pks), np.int64, n)
-            addr_words = np.frombuffer(b"".join(pk[1].to_bytes(16, "big") for pk in pks),
-                                       np.uint64).reshape(n, 2)
+        full = np.fromiter(map(itemgetter(1), pks), np.uint32, n)
+        tops = (full >> np.uint32(self.width - ROOT_BITS)).astype(np.int64)
+        # the leaf stores the address in network order, zero-padded
+        addr_words = np.zeros((n, self.leaves.shape[1] - 1), np.uint64)
+        addr_words[:, 0] = full.astype(">u4").view(np.uint32)
         entries = entries_of(words)
         popleft = self.free_leaves.popleft
         leaves = np.array([popleft() for _ in range(n)], np.int64)
@@ -777,14 +764,12 @@ class DirTable(LeafTable):
         """Bytes the structure holds in the kernel, what forwarding reads of
         them, and how full it is."""
         nbytes = sum(a.nbytes for a in (self.groups, self.leaves, self.root_leaf, self.group_leaf))
-        if self.compressed is None:
-            root, root_bytes, out = self.root, self.root.nbytes, {"bytes": int(nbytes + self.root.nbytes)}
-        else:  # the root is here, in Python memory; the kernel holds its compressed form
-            # (decoding the blocks costs a second at a full table: only without a recovered root)
-            root = self.root if self._recovered else self.compressed.live_entries()
-            c = self.compressed.memory()
-            root_bytes = c["forwarding_bytes"]
-            out = {"bytes": int(nbytes + c["bytes"]), "root_blocks": c["blocks"], "compactions": c["compactions"]}
+        # the root is here, in Python memory; the kernel holds its compressed form
+        # (decoding the blocks costs a second at a full table: only without a recovered root)
+        root = self.root if self._recovered else self.compressed.live_entries()
+        c = self.compressed.memory()
+        root_bytes = c["forwarding_bytes"]
+        out = {"bytes": int(nbytes + c["bytes"]), "root_blocks": c["blocks"], "compactions": c["compactions"]}
         groups = self._reachable_groups(root[(root & EXT) != 0] & ~EXT)
         # what forwarding reads: the root (or its compressed form) and the groups in use
         return {"impl": "dir", **out, "forwarding_bytes": int(root_bytes + groups * self.groups.shape[1] * 4),

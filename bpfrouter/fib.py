@@ -319,8 +319,8 @@ def make_tables(dp: Datapath, recover: bool = True) -> dict[int, "DirTable | Has
     """The FIB structure the router was loaded with (the loader shrinks the unused one)."""
     m = dp.maps
     if m["dir4_top"].max_entries > 1:
-        return {4: DirTable(None, m["dir4_groups"], m["dir4_leaves"], m["dir4_root_leaf"], m["dir4_group_leaf"],
-                            32, recover, compressed=CompressedRoot(m["dir4_top"], m["dir4_blocks"], writer=recover)),
+        return {4: DirTable(m["dir4_groups"], m["dir4_leaves"], m["dir4_root_leaf"], m["dir4_group_leaf"],
+                            CompressedRoot(m["dir4_top"], m["dir4_blocks"], writer=recover), recover),
                 6: HashTable6(m["h6_buckets"], m["h6_filter"], m["h6_conf"], m["h6_active"], m["dir6_leaves"], recover)}
     return {4: LpmTable(dp.fib4), 6: LpmTable(dp.fib6)}
 
