@@ -197,14 +197,16 @@ class NexthopTable:
             self.ids[nh], self.by_id[nid], self.refs[nid] = nid, nh, 0
         return nid
 
-    def add_refs(self, nids: list[int]) -> None:
+    def add_refs(self, nids: list[int] | np.ndarray) -> None:
         """One reference per entry of nids (0: none)."""
         refs = self.refs
         if len(nids) == 1:
             if nids[0]:
-                refs[nids[0]] += 1
+                refs[int(nids[0])] += 1
             return
-        for nid, n in Counter(nids).items():
+        counts = Counter(nids) if isinstance(nids, list) else dict(zip(*(a.tolist() for a in np.unique(
+            nids, return_counts=True))))
+        for nid, n in counts.items():
             if nid:
                 refs[nid] += n
 
@@ -510,10 +512,11 @@ class Fib:
         else:
             hops = [r.nexthops[0] if r.installed_type is unicast else None for r in routes]
             # by object identity: the decoder interns next hops, so this hashes a few
-            hop_ids = {k: id_of(h) if h is not None else 0 for k, h in {id(h): h for h in hops}.items()}
-            nids = [hop_ids[id(h)] for h in hops]
-            pks = list(map(attrgetter("pkey"), routes))
-            words = np.fromiter(map(attrgetter("word_bits"), routes), np.uint64, n) | np.fromiter(nids, np.uint64, n)
+            by_identity = dict(zip(map(id, hops), hops))
+            nid_of = {k: id_of(h) if h is not None else 0 for k, h in by_identity.items()}
+            nids = np.fromiter(map(nid_of.__getitem__, map(id, hops)), np.uint64, n)
+            pks = list(whole) if whole is not None else list(map(attrgetter("pkey"), routes))
+            words = np.fromiter(map(attrgetter("word_bits"), routes), np.uint64, n) | nids
             by_version = _split_versions(pks, words)
         try:
             for version, (vpks, vwords) in by_version.items():

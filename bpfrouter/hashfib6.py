@@ -363,8 +363,7 @@ class HashTable6(LeafTable):
                 self.set_key(pks[i][1], pks[i][2], int(words[i]))
             return
         npks = [pks[i] for i in new.tolist()]
-        popleft = self.free_leaves.popleft
-        leaves = np.array([popleft() for _ in range(len(npks))], np.int64)
+        leaves = self.free_leaves.take(len(npks))
         addrs = b"".join(pk[1].to_bytes(16, "big") for pk in npks)
         self.leaves[leaves, 1:3] = np.frombuffer(addrs, np.uint64).reshape(-1, 2)
         self.leaves[leaves, 0] = words[new]
