@@ -36,7 +36,7 @@ from bpfrouter import netns  # noqa: E402
 from bpfrouter.agent.agent import GC_THRESHOLDS  # noqa: E402
 from bpfrouter.datapath import Datapath  # noqa: E402
 from bpfrouter.datapath import layout as lo  # noqa: E402
-from bpfrouter.fib import Fib, Nexthop, Route, RouteType, map_memlock  # noqa: E402
+from bpfrouter.fib import TABLE_MAIN, Fib, Nexthop, Route, RouteType, map_memlock  # noqa: E402
 from bpfrouter.interfaces import Interfaces  # noqa: E402
 from bpfrouter.labroutes import internet_routes4, internet_routes6  # noqa: E402
 from bpfrouter.neighbors import Neighbors  # noqa: E402
@@ -92,8 +92,11 @@ def kernel_flush(version: int) -> None:
 
 
 def make_routes(prefixes, gws, ifindex: int) -> list[Route]:
-    hops = [Nexthop(ifindex, ipaddress.ip_address(g)) for g in gws]
-    return [Route(p, RouteType.UNICAST, (hops[i % len(hops)],), proto=3, metric=1024)
+    """As the netlink decoder (agent.rtnl) builds them: each route's key made
+    with it, from the address bytes, and one next-hop tuple per gateway."""
+    hops = [(Nexthop(ifindex, ipaddress.ip_address(g)),) for g in gws]
+    return [Route.from_key((p.version, int.from_bytes(p.network_address.packed, "big"), p.prefixlen),
+                           RouteType.UNICAST, hops[i % len(hops)], 3, 1024, TABLE_MAIN)
             for i, p in enumerate(prefixes)]
 
 
