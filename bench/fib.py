@@ -91,12 +91,16 @@ def kernel_flush(version: int) -> None:
     sh("ip", "-n", NS, f"-{version}", "route", "flush", "proto", "boot")
 
 
-def make_routes(prefixes, gws, ifindex: int) -> list[Route]:
+_HOPS: dict[tuple[int, str], tuple[Nexthop]] = {}
+
+
+def make_routes(prefixes, gws, ifindex: int, metric: int = 1024) -> list[Route]:
     """As the netlink decoder (agent.rtnl) builds them: each route's key made
-    with it, from the address bytes, and one next-hop tuple per gateway."""
-    hops = [(Nexthop(ifindex, ipaddress.ip_address(g)),) for g in gws]
+    with it, from the address bytes, and one next-hop tuple per gateway, the
+    same object in every batch."""
+    hops = [_HOPS.setdefault((ifindex, g), (Nexthop(ifindex, ipaddress.ip_address(g)),)) for g in gws]
     return [Route.from_key((p.version, int.from_bytes(p.network_address.packed, "big"), p.prefixlen),
-                           RouteType.UNICAST, hops[i % len(hops)], 3, 1024, TABLE_MAIN)
+                           RouteType.UNICAST, hops[i % len(hops)], 3, metric, TABLE_MAIN)
             for i, p in enumerate(prefixes)]
 
 
@@ -140,18 +144,18 @@ def footprint(dp: Datapath, n: int, ifindex: int, eth: bytes, dests: dict[int, b
     return out
 
 
-def incremental_rate(fib: Fib, rng, count: int, ifindex: int, version: int = 4) -> float:
-    """Routes added one by one, as the agent applies netlink events."""
+def incremental_rate(fib: Fib, rng, count: int, ifindex: int, version: int = 4) -> dict[str, float]:
+    """Routes added, then withdrawn, one by one, as the agent applies netlink events."""
     nets = internet_routes4(rng, count) if version == 4 else internet_routes6(rng, count)
-    hop = Nexthop(ifindex, ipaddress.ip_address((GW4 if version == 4 else GW6)[0]))
-    routes = [Route(p, RouteType.UNICAST, (hop,), proto=3, metric=7) for p in nets]
+    routes = make_routes(nets, (GW4 if version == 4 else GW6)[:1], ifindex, metric=7)
     t = time.perf_counter()
     for r in routes:
         fib.update(r)
-    dt = time.perf_counter() - t
+    t_add = time.perf_counter() - t
+    t = time.perf_counter()
     for r in routes:
         fib.delete(r)
-    return count / dt
+    return {"adds_per_s": count / t_add, "withdrawals_per_s": count / (time.perf_counter() - t)}
 
 
 def main() -> None:
@@ -386,9 +390,12 @@ def report(r: dict) -> None:
               f"{m['lpm_bytes'] / 2**20:8.1f}")
     print("  (DIR MiB: allocated; fwd MiB: what forwarding reads: IPv4's compressed root and groups in use, "
           "IPv6's buckets in use; used: IPv4 groups, IPv6 hash slots)")
-    inc, inc6 = r.get("incremental_routes_per_s", {}), r.get("incremental_routes_per_s_v6", {})
-    print(f"\nincremental updates (one route at a time): IPv4 DIR {inc.get('dir', 0):,.0f}/s, "
-          f"LPM {inc.get('lpm', 0):,.0f}/s; IPv6 hash levels {inc6.get('dir', 0):,.0f}/s, LPM {inc6.get('lpm', 0):,.0f}/s")
+    print("\nincremental updates, one route at a time (adds / withdrawals per second):")
+    for label, key, dir_name in (("IPv4", "incremental_routes_per_s", "DIR"),
+                                 ("IPv6", "incremental_routes_per_s_v6", "hash levels")):
+        inc = r.get(key, {})
+        print(f"  {label} " + ", ".join(f"{name} {inc[k]['adds_per_s']:,.0f} / {inc[k]['withdrawals_per_s']:,.0f}"
+                                        for k, name in (("dir", dir_name), ("lpm", "LPM")) if k in inc))
     a = r["api_visible"]
     print(f"API route add: {a['api_call_ms_median']:.2f} ms per call (median); change visible on the first "
           f"probe after return in {a['visible_on_first_probe']}/{a['samples']} calls "

@@ -255,18 +255,19 @@ class CompressedRoot:
             self.block_words[chunk] = 0
             return
         bits = np.packbits(starts, bitorder="little").tobytes()
-        size = int(self._size(n))
+        size = self._size(n)
         if old & EXT:
             first = old & ~int(EXT)
             head = first * 2 + lo.DIR_BLOCK_HEAD // 4
             if self.block_words[chunk] == size and self.blocks_mm[first * 8:first * 8 + 32] == bits:
                 # same runs, new entries (a route replaced): one aligned 32-bit store each
-                changed = np.flatnonzero(self.u32[head:head + n] != runs)
+                changed = (self.u32[head:head + n] != runs).nonzero()[0]
                 self.u32[head + changed] = runs[changed]
                 return
         first = self._alloc(size)
         v = int.from_bytes(bits, "little")
-        c0, c1, c2 = (((v >> (64 * i)) & 0xFFFFFFFFFFFFFFFF).bit_count() for i in range(3))
+        word = 0xFFFFFFFFFFFFFFFF
+        c0, c1, c2 = (v & word).bit_count(), ((v >> 64) & word).bit_count(), ((v >> 128) & word).bit_count()
         rank = (c0 << 8) | ((c0 + c1) << 16) | ((c0 + c1 + c2) << 24)
         # not yet visible: plain copies
         self.blocks_mm[first * 8:first * 8 + 36 + 4 * n] = bits + rank.to_bytes(4, "little") + runs.tobytes()
@@ -292,10 +293,10 @@ class FreeList:
 
     def extend(self, ids) -> None:
         """To the back. Each id is free once, so the ring never overflows."""
-        ids = np.asarray(ids, np.int64).ravel()
         if len(ids) == 1:  # a single change: numpy's per-call overhead would dominate
             self.append(int(ids[0]))
             return
+        ids = np.asarray(ids, np.int64).ravel()
         self._ring[self._positions(self._head + self._count, len(ids))] = ids
         self._count += len(ids)
 
@@ -342,6 +343,8 @@ class LeafTable:
     def __init__(self, leaves_map, width: int):
         self.width = width
         self.version = 4 if width == 32 else 6
+        ones = (1 << width) - 1
+        self._masks = [ones ^ ((1 << (width - plen)) - 1) for plen in range(width + 1)]  # per prefix length
         self._leaves_mmap = leaves_map.mmap()
         self.nleaves = leaves_map.max_entries
         words = leaves_map.info.value_size // 8
@@ -372,21 +375,26 @@ class LeafTable:
         return self.free_leaves.popleft()
 
     def _write_leaf(self, leaf: int, addr: int, word: int) -> None:
-        raw = addr.to_bytes(self.width // 8, "big").ljust((self.leaves.shape[1] - 1) * 8, b"\0")
-        self.leaves[leaf, 1:] = np.frombuffer(raw, np.uint64)
-        self.leaves[leaf, 0] = np.uint64(word)
+        """A free leaf, which no entry names yet: plain bytes into the map."""
+        row = self.leaves.shape[1] * 8
+        self._leaves_mmap[leaf * row:(leaf + 1) * row] = \
+            word.to_bytes(8, "little") + addr.to_bytes(self.width // 8, "big").ljust(row - 8, b"\0")
 
     def _free_leaves(self, leaves: list[int]) -> None:
         """After no entry names them any more."""
+        if len(leaves) == 1:  # a single withdrawal: no fancy indexing
+            self.leaves[leaves[0], 0] = 0
+            self.free_leaves.append(leaves[0])
+            return
         self.leaves[leaves, 0] = 0
         self.free_leaves.extend(leaves)
 
     def _parent(self, addr: int, length: int, shortest: int = 0) -> tuple[int, int]:
         """The leaf and length of the longest rule covering a prefix, no shorter
         than `shortest` ((0, 0): none)."""
+        rules, version, masks = self.rules, self.version, self._masks
         for plen in range(length - 1, shortest - 1, -1):
-            masked = addr & ~((1 << (self.width - plen)) - 1) if plen else 0
-            leaf = self.rules.get((self.version, masked, plen))
+            leaf = rules.get((version, addr & masks[plen], plen))
             if leaf is not None:
                 return leaf, plen
         return 0, 0
@@ -519,15 +527,17 @@ class DirTable(LeafTable):
             elif (depth[0] == length) if deleting else (depth[0] <= length):
                 depth[0], larr[0], arr[0] = new_depth, leaf, entry
             return
-        cur = arr.copy()
-        ext = (cur & EXT) != 0
-        hit = ~ext & ((depth == length) if deleting else (depth <= length))
-        if hit.any():
-            depth[hit] = new_depth
-            larr[hit] = leaf
-            arr[hit] = entry
-        if ext.any():
-            self._apply_groups(cur[ext] & ~EXT, entry, leaf, new_depth, length, deleting)
+        # few numpy calls: at one route per event, their fixed cost is most of the work
+        ext = arr >= EXT
+        hit = (depth == length) if deleting else (depth <= length)
+        gids = arr[ext] & ~EXT if ext.any() else None  # groups below: routes longer than the level
+        if gids is not None:
+            hit &= ~ext
+        depth[hit] = new_depth
+        larr[hit] = leaf
+        arr[hit] = entry
+        if gids is not None:
+            self._apply_groups(gids, entry, leaf, new_depth, length, deleting)
 
     def _apply_groups(self, gids: np.ndarray, entry: int, leaf: int, new_depth: int, length: int,
                       deleting: bool) -> None:

@@ -259,11 +259,15 @@ class NexthopTable:
 class LpmTable:
     """One family's BPF_MAP_TYPE_LPM_TRIE (`--fib-impl lpm`)."""
 
-    def __init__(self, m):
+    def __init__(self, m, version: int):
         self.map = m
+        self.version = version
 
     def set(self, prefix: IPNetwork, value: lo.RouteValue) -> None:
         self.map.update(_fib_key(prefix), value)
+
+    def set_key(self, addr: int, length: int, word: int) -> None:
+        self.set_many([(self.version, addr, length)], [word])
 
     def set_many(self, pks: list[PrefixKey], words) -> None:
         """Prefix keys (version, address as int, length) and their route words
@@ -324,7 +328,7 @@ def make_tables(dp: Datapath, recover: bool = True) -> dict[int, "DirTable | Has
         return {4: DirTable(m["dir4_groups"], m["dir4_leaves"], m["dir4_root_leaf"], m["dir4_group_leaf"],
                             CompressedRoot(m["dir4_top"], m["dir4_blocks"], writer=recover), recover),
                 6: HashTable6(m["h6_buckets"], m["h6_filter"], m["h6_conf"], m["h6_active"], m["dir6_leaves"], recover)}
-    return {4: LpmTable(dp.fib4), 6: LpmTable(dp.fib6)}
+    return {4: LpmTable(dp.fib4, 4), 6: LpmTable(dp.fib6, 6)}
 
 
 RouteKey = tuple[int, int, int]  # Route.key: what tells routes of one prefix apart
@@ -457,6 +461,22 @@ class Fib:
         if not installed and touched is kernel:  # a first load: everything is new
             self._write_many(list(kernel.values()), whole=kernel)
             return len(kernel)
+        if len(touched) == 1:  # most netlink events: one prefix, without the batch's lists
+            pk, = touched
+            want, have = kernel.get(pk), installed.get(pk)
+            if want is None:
+                if have is None:
+                    return 0
+                self.tables[pk[0]].delete(pk)
+                self.counts[pk[0]] -= 1
+                del installed[pk]
+                self.nexthops.release_routes([have])
+                return 1
+            if have is not None and want.same_forwarding(have):
+                installed[pk] = want
+                return 0
+            self._write_one(want, have)
+            return 1
         routes: list[Route] = []
         olds: list[Route | None] = []
         gone: list[Route] = []
@@ -490,6 +510,24 @@ class Fib:
         for r in gone:
             del installed[r.pkey]
         self.nexthops.release_routes(gone)
+
+    def _write_one(self, r: Route, old: Route | None) -> None:
+        """_write_many for one route, replacing `old` (None: a new prefix)."""
+        nexthops = self.nexthops
+        nid = nexthops.id_of(r.nexthops[0]) if r.installed_type is RouteType.UNICAST else 0
+        pk = r.pkey
+        try:
+            self.tables[pk[0]].set_key(pk[1], pk[2], r.word_bits | nid)
+        except Exception:
+            nexthops.collect_unused()
+            raise
+        if nid:
+            nexthops.refs[nid] += 1
+        self.installed[pk] = r
+        if old is None:
+            self.counts[pk[0]] += 1
+        else:
+            nexthops.release_routes([old])
 
     def _write_many(self, routes: list[Route], olds: list[Route | None] | None = None,
                     whole: dict[PrefixKey, Route] | None = None) -> None:
