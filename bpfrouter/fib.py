@@ -204,9 +204,12 @@ class NexthopTable:
             if nids[0]:
                 refs[int(nids[0])] += 1
             return
-        counts = Counter(nids) if isinstance(nids, list) else dict(zip(*(a.tolist() for a in np.unique(
-            nids, return_counts=True))))
-        for nid, n in counts.items():
+        if isinstance(nids, np.ndarray):  # a bulk write's
+            ids, counts = np.unique(nids, return_counts=True)
+            pairs = zip(ids.tolist(), counts.tolist())
+        else:
+            pairs = Counter(nids).items()
+        for nid, n in pairs:
             if nid:
                 refs[nid] += n
 
@@ -467,10 +470,7 @@ class Fib:
             if want is None:
                 if have is None:
                     return 0
-                self.tables[pk[0]].delete(pk)
-                self.counts[pk[0]] -= 1
-                del installed[pk]
-                self.nexthops.release_routes([have])
+                self._delete_one(have)
                 return 1
             if have is not None and want.same_forwarding(have):
                 installed[pk] = want
@@ -510,6 +510,14 @@ class Fib:
         for r in gone:
             del installed[r.pkey]
         self.nexthops.release_routes(gone)
+
+    def _delete_one(self, r: Route) -> None:
+        """_delete_many for one installed route."""
+        pk = r.pkey
+        self.tables[pk[0]].delete(pk)
+        self.counts[pk[0]] -= 1
+        del self.installed[pk]
+        self.nexthops.release_routes([r])
 
     def _write_one(self, r: Route, old: Route | None) -> None:
         """_write_many for one route, replacing `old` (None: a new prefix)."""

@@ -191,3 +191,35 @@ def test_blocks_that_grow_batch_by_batch_are_compacted(env, dp):
                 assert d.gateway == str(want.nexthops[0].gateway)
     finally:
         fib.close()
+
+
+def test_single_changes_keep_the_compressed_root_exact(env, dp):
+    """Route by route, as netlink events come (each change rewrites its /16's
+    block or, when the runs stay, their entries in place): adds of every
+    length over a covering table, next-hop replaces and withdrawals, checked
+    against the root as they go."""
+    rng = np.random.default_rng(23)
+    base = [to_route(env, r.prefix, r.type, r.gateway) for r in random_routes(rng, 1500, 4, GATEWAYS)]
+    fib = Fib(dp)
+    try:
+        fib.replace_all(base)
+        live = {r.prefix: r for r in base}
+        for step, s in enumerate(random_routes(rng, 900, 4, GATEWAYS)):
+            r = to_route(env, s.prefix, s.type, s.gateway)
+            action = step % 3
+            if action == 0 or not live:
+                fib.update(r)
+                live[r.prefix] = r
+            elif action == 1:  # a new gateway for a live prefix, where the runs may stay the same
+                old = live[next(iter(live))] if step % 2 else live[list(live)[step % len(live)]]
+                new = to_route(env, old.prefix, "unicast", GATEWAYS[step % len(GATEWAYS)])
+                fib.update(new, replace=True)
+                live[old.prefix] = new
+            else:
+                gone = live.pop(list(live)[(step * 7) % len(live)])
+                fib.delete(gone)
+            if step % 100 == 99:
+                assert_consistent(fib)
+        assert_consistent(fib)
+    finally:
+        fib.close()

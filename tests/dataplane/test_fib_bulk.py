@@ -188,3 +188,48 @@ def test_a_restarted_agent_reads_the_lpm_trie_back(env):
         fib.close()
     finally:
         dp.destroy()
+
+
+@pytest.mark.parametrize("impl", [lo.FibImpl.DIR, lo.FibImpl.LPM])
+def test_single_events_match_the_rib(env, impl):
+    """One route per event, as the agent applies most netlink messages (the
+    single-prefix path): new prefixes, replaced gateways, a second route for a
+    prefix, withdrawals of the best and of the last route; the next hops'
+    references follow."""
+    rng = np.random.default_rng(11)
+    with netns.entered(NS):
+        dp = load_datapath(f"{NS}-single", str(OBJECT), lo.FibMode.BPF, impl, env.ifindex, env.mac,
+                           groups=(4096, 16384))
+    try:
+        rib: dict = {}
+        fib = Fib(dp)
+        fib.recover()
+        table = [kernel_route(env, s.prefix, s.type, s.gateway) for version in (4, 6)
+                 for s in random_routes(rng, 400, version, GATEWAYS[version])]
+        fib.replace_all(table[:200] + table[400:600])
+        for r in table[:200] + table[400:600]:
+            rib.setdefault(r.pkey, {})[r.key] = r
+        for r in table[200:400] + table[600:]:  # new prefixes
+            fib.update(r)
+            rib.setdefault(r.pkey, {})[r.key] = r
+        for i, pk in enumerate(list(rib)[::7]):
+            first = next(iter(rib[pk].values()))
+            gw = GATEWAYS[pk[0]][i % len(GATEWAYS[pk[0]])]
+            if i % 3 == 0:  # NLM_F_REPLACE: a new gateway in the route's place
+                r = kernel_route(env, first.prefix, "unicast", gw)
+                fib.update(r, replace=True)
+                rib[pk] = {r.key: r}
+            elif i % 3 == 1:  # a second route, worse, then the best withdrawn
+                r = kernel_route(env, first.prefix, "unicast", gw, metric=4000)
+                fib.update(r)
+                fib.delete(first)
+                rib[pk] = {r.key: r}
+            else:  # the prefix's last route withdrawn
+                fib.delete(first)
+                del rib[pk]
+        check(env, dp, fib, rib, rng)
+        unicast = sum(r.installed_type == RouteType.UNICAST for r in fib.installed.values())
+        assert sum(fib.nexthops.refs.values()) == unicast
+        fib.close()
+    finally:
+        dp.destroy()
