@@ -214,12 +214,17 @@ class CompressedRoot:
 
     # --- writing -------------------------------------------------------------------
     def update(self, root: np.ndarray, chunks: np.ndarray) -> None:
-        """Rewrite these /16s from the root: new blocks first, then the top stores."""
+        """Rewrite these /16s (sorted, each once) from the root: new blocks
+        first, then the top stores."""
         if len(chunks) == 1:
             self.update_one(root, int(chunks[0]))
             return
         chunks = np.asarray(chunks, np.int64)
-        rows = root.reshape(self.ntop, self.SLOTS)[chunks]
+        lo_chunk, hi_chunk = int(chunks[0]), int(chunks[-1])
+        if hi_chunk - lo_chunk + 1 == len(chunks):  # a range (a full load: all): a view, not a 64 MiB copy
+            rows = root.reshape(self.ntop, self.SLOTS)[lo_chunk:hi_chunk + 1]
+        else:
+            rows = root.reshape(self.ntop, self.SLOTS)[chunks]
         starts = np.empty(rows.shape, bool)
         starts[:, 0] = True
         np.not_equal(rows[:, 1:], rows[:, :-1], out=starts[:, 1:])
@@ -235,7 +240,8 @@ class CompressedRoot:
             self.words[first[:, None] + np.arange(4)] = np.packbits(st, axis=1, bitorder="little").view("<u8")
             before = np.cumsum(st.reshape(k, 4, 64).sum(axis=2), axis=1).astype(np.uint32)
             self.u32[first * 2 + 8] = (before[:, 0] << 8) | (before[:, 1] << 16) | (before[:, 2] << 24)
-            self.u32[np.repeat(first * 2 + lo.DIR_BLOCK_HEAD // 4, nr) + _offsets(nr)] = rows[blocked][st]
+            self.u32[np.repeat(first * 2 + lo.DIR_BLOCK_HEAD // 4, nr) + _offsets(nr)] = \
+                rows[starts & blocked[:, None]]  # the blocked rows' run entries, row by row
             new_top[blocked] = EXT | first.astype(np.uint32)
             new_words[blocked] = sizes
         self.top[chunks] = new_top  # the switch: one aligned 32-bit store per /16
