@@ -507,9 +507,6 @@ class DirTable(LeafTable):
     def _top(self, addr: int) -> int:
         return addr >> (self.width - ROOT_BITS)
 
-    def _byte(self, addr: int, level: int) -> int:
-        return (addr >> (self.width - ROOT_BITS - 8 * (level + 1))) & 0xFF
-
     def _new_group(self, entry: int, leaf: int, depth: int) -> int:
         if not self.free_groups:
             raise DirFull(f"IPv{self.version} DIR FIB out of groups ({self.ngroups - 1}); "
@@ -560,33 +557,19 @@ class DirTable(LeafTable):
             gids = block[ext] & ~EXT
 
     def _path(self, addr: int, length: int, create: bool) -> list[tuple[int, int]]:
-        """Groups on the way to a prefix longer than the root: [(group, byte), ...]."""
-        path = []
+        """The group below the root on the way to a prefix longer than the root,
+        and the address's byte in it: [(group, byte)] ([] when there is none and
+        create is False). IPv4 has one group level: /25 to /32."""
         idx = self._top(addr)
         e = self.root[idx]
-        if not e & EXT:
-            if not create:
-                return []
+        if e & EXT:
+            g = int(e & ~EXT)
+        elif not create:
+            return []
+        else:
             g = self._new_group(int(e), int(self.root_leaf[idx]), int(self.root_depth[idx]))
             self.root[idx] = EXT | np.uint32(g)
-        else:
-            g = int(e & ~EXT)
-        level = 0
-        while True:
-            byte = self._byte(addr, level)
-            path.append((g, byte))
-            if length <= ROOT_BITS + 8 * (level + 1):
-                return path
-            e = self.groups[g, byte]
-            if not e & EXT:
-                if not create:
-                    return path
-                ng = self._new_group(int(e), int(self.group_leaf[g, byte]), int(self.group_depth[g, byte]))
-                self.groups[g, byte] = EXT | np.uint32(ng)
-                g = ng
-            else:
-                g = int(e & ~EXT)
-            level += 1
+        return [(g, addr & 0xFF)]
 
     def _range(self, addr: int, length: int, create: bool):
         """(entries, leaves, depths) views covered by the prefix at its own level, and the path."""
@@ -597,12 +580,11 @@ class DirTable(LeafTable):
             return self.root[sl], self.root_leaf[sl], self.root_depth[sl], []
         self._dirty.append((self._top(addr), self._top(addr) + 1))  # a group made or folded there
         path = self._path(addr, length, create)
-        if not path or len(path) < (length - ROOT_BITS + 7) // 8:
+        if not path:
             return None, None, None, path
-        g, byte = path[-1]
-        level_end = ROOT_BITS + 8 * len(path)
-        start = byte & ~((1 << (level_end - length)) - 1)
-        sl = slice(start, start + (1 << (level_end - length)))
+        g, byte = path[0]
+        span = 1 << (ROOT_BITS + 8 - length)
+        sl = slice(byte & ~(span - 1), (byte & ~(span - 1)) + span)
         return self.groups[g, sl], self.group_leaf[g, sl], self.group_depth[g, sl], path
 
     # --- public ------------------------------------------------------------------------
