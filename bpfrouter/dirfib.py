@@ -630,9 +630,30 @@ class DirTable(LeafTable):
         self._free_leaves([leaf])
         return True
 
+    def _root_parent(self, addr: int, length: int) -> tuple[int, int] | None:
+        """_parent for a prefix of /1 to /24, read from the root instead of up to
+        24 dict probes. The other half of the /(L-1) around the prefix (its
+        sibling) is covered by the same shorter rules; an entry there set by a
+        rule shorter than L was set by the longest of them. None when every
+        sibling entry belongs to a longer rule or a group. (In a batch, shorter
+        prefixes are unset first, so those entries are current.)"""
+        span = 1 << (ROOT_BITS - length)
+        i = (self._top(addr) & ~(span - 1)) ^ span  # the sibling's first entry: most often enough
+        d = int(self.root_depth[i])
+        if d >= length or int(self.root[i]) & lo.DIR_EXT:
+            if span == 1:
+                return None
+            depth = np.where(self.root[i:i + span] >= EXT, 255, self.root_depth[i:i + span])
+            i += int(depth.argmin())
+            d = int(self.root_depth[i])
+            if d >= length or int(self.root[i]) & lo.DIR_EXT:
+                return None
+        return int(self.root_leaf[i]), d
+
     def _unset(self, addr: int, length: int) -> None:
         """Give a removed prefix's entries to its longest covering prefix that stays."""
-        parent_leaf, parent_len = self._parent(addr, length)
+        found = self._root_parent(addr, length) if 0 < length <= ROOT_BITS else None
+        parent_leaf, parent_len = found if found is not None else self._parent(addr, length)
         arr, larr, depth, path = self._range(addr, length, create=False)
         if arr is not None:
             self._apply(arr, larr, depth, self._entry(parent_leaf), parent_leaf, parent_len, length,

@@ -223,3 +223,24 @@ def test_single_changes_keep_the_compressed_root_exact(env, dp):
         assert_consistent(fib)
     finally:
         fib.close()
+
+
+def test_the_parent_read_from_the_root_is_the_longest_covering_rule(env, dp):
+    """A withdrawal finds the longest rule covering the prefix from its
+    sibling's entries in the root; wherever that answers, it is the rule the
+    dict probes find, and it answers for most prefixes."""
+    rng = np.random.default_rng(29)
+    fib = Fib(dp)
+    try:
+        fib.replace_all([to_route(env, r.prefix, r.type, r.gateway) for r in random_routes(rng, 3000, 4, GATEWAYS)])
+        table = fib.tables[4]
+        answered = 0
+        short = [pk for pk in table.rules if 0 < pk[2] <= 24]
+        for _, addr, length in short:
+            found = table._root_parent(addr, length)
+            if found is not None:
+                assert found == table._parent(addr, length), (addr, length)
+                answered += 1
+        assert answered > len(short) // 2
+    finally:
+        fib.close()
