@@ -390,9 +390,8 @@ class LeafTable:
         """After no entry names them any more."""
         if len(leaves) == 1:  # a single withdrawal: no fancy indexing
             self.leaves[leaves[0], 0] = 0
-            self.free_leaves.append(leaves[0])
-            return
-        self.leaves[leaves, 0] = 0
+        else:
+            self.leaves[leaves, 0] = 0
         self.free_leaves.extend(leaves)
 
     def _parent(self, addr: int, length: int, shortest: int = 0) -> tuple[int, int]:

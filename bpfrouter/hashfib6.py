@@ -292,9 +292,7 @@ class HashTable6(LeafTable):
             self._add(addr, length, entry, leaf)
         except DirFull:
             self.rules.pop(pk)
-            lv = self._level_for(length)
-            if lv is not None:
-                self._unset(lv, addr, length, leaf)
+            self._unset_prefix(pk, leaf)
             self._free_leaves([leaf])
             raise
 
@@ -334,13 +332,17 @@ class HashTable6(LeafTable):
                 self.entry[b, s] = 0
                 del lv.slots[key]
 
+    def _unset_prefix(self, pk: tuple[int, int, int], leaf: int) -> None:
+        """_unset in the level that stores the prefix, if one does."""
+        lv = self._level_for(pk[2])
+        if lv is not None:
+            self._unset(lv, pk[1], pk[2], leaf)
+
     def delete(self, pk: tuple[int, int, int]) -> bool:
         leaf = self.rules.pop(pk, None)
         if leaf is None:
             return False
-        lv = self._level_for(pk[2])
-        if lv is not None:
-            self._unset(lv, pk[1], pk[2], leaf)
+        self._unset_prefix(pk, leaf)
         self._free_leaves([leaf])
         return True
 
@@ -385,9 +387,7 @@ class HashTable6(LeafTable):
             self._rebuild()
         else:
             for pk, leaf in gone:
-                lv = self._level_for(pk[2])
-                if lv is not None:
-                    self._unset(lv, pk[1], pk[2], leaf)
+                self._unset_prefix(pk, leaf)
         self._free_leaves(list(map(itemgetter(1), gone)))
 
     # --- rebuild ------------------------------------------------------------------------
