@@ -21,8 +21,10 @@ What a packet can see during a change:
 """
 from __future__ import annotations
 
+import heapq
 import ipaddress
 import time
+from collections import deque
 from operator import itemgetter
 
 import numpy as np
@@ -31,6 +33,8 @@ from .datapath import layout as lo
 from .routespec import IPNetwork
 
 EXT = np.uint32(lo.DIR_EXT)
+RAW = np.uint32(lo.DIR_TOP_RAW)  # in a top entry with EXT: the block's runs are entries, not ids
+FIRST_MASK = np.uint32(lo.DIR_TOP_RAW - 1)  # in a top entry with EXT: the block's first word
 ROOT_BITS = lo.DIR_ROOT_BITS
 
 
@@ -64,9 +68,11 @@ def _plen_of(words: np.ndarray) -> np.ndarray:
 class CompressedRoot:
     """IPv4's 24-bit root as the data plane reads it (bpf/include/dirfib.h):
     per /16, either the one entry its 256 root entries share (in top), or a
-    block: a 256-bit map of where runs of equal entries start, then the runs'
-    entries, 8-byte aligned. About 6 MiB at a full table, where the root
-    itself is 64 MiB.
+    block: a 256-bit map of where runs of equal entries start, then each run's
+    entry as an 8-bit id into run_entries, 8-byte aligned. About 3 MiB at a
+    full table, where the root itself is 64 MiB: small enough to stay in the
+    caches. A raw block holds 32-bit entries instead of ids: one that names a
+    group (each group's pointer is named once) or an entry without an id.
 
     DirTable keeps the root in Python memory and hands the /16s it changed to
     update(), which writes each a new block into free space before the top
@@ -79,22 +85,32 @@ class CompressedRoot:
     behind is written again only at the next compaction, and at least GRACE_S
     later (a packet reads a /16's top and block within microseconds: XDP runs
     to completion in softirq). Free space never fragments: a sync that grows
-    blocks batch by batch only compacts more often."""
+    blocks batch by batch only compacts more often.
+
+    Ids: a route's entry (type and next hop) gets one the first time a block
+    names it, while any of the 255 is free, and its run_entries slot is
+    written before that block. After a compaction, the ids no live block
+    names are freed, and reused no sooner than GRACE_S later (a packet may
+    still read a replaced block)."""
 
     GRACE_S = 0.01
     SLOTS = 1 << (ROOT_BITS - lo.DIR_TOP_BITS)  # root entries per /16
 
-    def __init__(self, top_map, blocks_map, writer: bool = True):
+    def __init__(self, top_map, blocks_map, run_entries_map, writer: bool = True):
         """writer: the agent's (it may move blocks when it starts); readers,
         such as `bpfrouter status`, never write."""
         self.writer = writer
-        self._mmaps = [m.mmap() for m in (top_map, blocks_map)]
+        self._mmaps = [m.mmap() for m in (top_map, blocks_map, run_entries_map)]
         self.ntop = top_map.max_entries * lo.DIR_CHUNK
-        self.nwords = blocks_map.max_entries
+        nbytes = blocks_map.info.value_size - lo.DIR_BLOCK_SLACK
+        self.nwords = nbytes // 8
         self.top = np.frombuffer(self._mmaps[0], np.uint32, self.ntop)
         self.words = np.frombuffer(self._mmaps[1], np.uint64, self.nwords)
-        self.u32 = np.frombuffer(self._mmaps[1], np.uint32, self.nwords * 2)
+        self.u8 = np.frombuffer(self._mmaps[1], np.uint8, nbytes)
+        self.u32 = np.frombuffer(self._mmaps[1], np.uint32, nbytes // 4)
         self.blocks_mm = self._mmaps[1]
+        self.run_entries = np.frombuffer(self._mmaps[2], np.uint32, lo.DIR_RUN_IDS)
+        self._collect_due = False                # a compaction left ids only garbage names
         self._starts_scratch = np.ones(self.SLOTS, bool)  # [0] stays True: a /16's first entry starts a run
         self.block_words = np.zeros(self.ntop, np.int64)  # per /16: its block's size (0: none)
         self.half = self.nwords // 2  # words per half
@@ -102,10 +118,16 @@ class CompressedRoot:
         self.bump = 0                 # the active half's words from here on are free
         self.left_at = {0: 0.0, self.half: 0.0}  # when a compaction last left each half
         self.compactions = 0
+        self.ids: dict[int, int] = {0: 0}  # root entry -> its id; id 0 is entry 0 (no route)
+        self._known = np.zeros(1, np.uint32)     # the same, sorted by entry, for numpy lookups
+        self._known_ids = np.zeros(1, np.int64)
+        self._free_ids: list[int] = list(range(1, lo.DIR_RUN_IDS))  # a heap: free now
+        self._pending_ids: deque[tuple[float, int]] = deque()  # (free from, id)
         self._recover()
 
     def close(self) -> None:
-        self.top = self.words = self.u32 = self.blocks_mm = None  # type: ignore[assignment]
+        self.top = self.words = self.u8 = self.u32 = self.blocks_mm = None  # type: ignore[assignment]
+        self.run_entries = None  # type: ignore[assignment]
         for m in self._mmaps:
             m.close()
 
@@ -113,55 +135,118 @@ class CompressedRoot:
         return DirFull(f"IPv4 DIR FIB's compressed root full ({self.half * 8 >> 20} MiB of blocks live)")
 
     @staticmethod
-    def _size(runs: np.ndarray) -> np.ndarray:
+    def _size(runs, raw):
         """A block's size in 8-byte words."""
-        return (lo.DIR_BLOCK_HEAD + 4 * runs + 7) // 8
+        return (lo.DIR_BLOCK_HEAD + (runs << 2 * raw) + 7) // 8
 
     # --- reading -----------------------------------------------------------
+    def blocks(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The /16s with a block, each block's first word, and whether it is raw."""
+        chunks = np.nonzero((self.top & EXT) != 0)[0]
+        t = self.top[chunks]
+        return chunks, (t & FIRST_MASK).astype(np.int64), (t & RAW) != 0
+
     def _starts(self, first: np.ndarray) -> np.ndarray:
         """(k, 256) bools: where runs start in the blocks at these words."""
         raw = np.ascontiguousarray(self.words[first[:, None] + np.arange(4)]).view(np.uint8)
         return np.unpackbits(raw, axis=1, bitorder="little").astype(bool)
 
-    def _blocked(self) -> tuple[np.ndarray, np.ndarray]:
-        """The /16s with a block, and each block's first word."""
-        chunks = np.nonzero((self.top & EXT) != 0)[0]
-        return chunks, (self.top[chunks] & ~EXT).astype(np.int64)
+    def _read_runs(self, first: np.ndarray, raw: np.ndarray, run: np.ndarray) -> np.ndarray:
+        """Root entries of runs: blocks' first words and rawness, run numbers (same shapes)."""
+        pos = first * 8 + lo.DIR_BLOCK_HEAD
+        as_raw = self.u32[np.minimum((pos + 4 * run) >> 2, len(self.u32) - 1)]  # (read for every run)
+        return np.where(raw, as_raw, self.run_entries[self.u8[pos + run]])
 
-    def _run_entries(self, first: np.ndarray, starts: np.ndarray) -> np.ndarray:
-        """(k, 256) root entries of blocks."""
-        return self.u32[np.cumsum(starts, axis=1) - 1 + (first * 2 + lo.DIR_BLOCK_HEAD // 4)[:, None]]
+    def _live_runs(self) -> tuple[np.ndarray, np.ndarray]:
+        """Every run of every live block: its entry, and whether it is named by an id."""
+        chunks, first, raw = self.blocks()
+        if not len(chunks):
+            return np.zeros(0, np.uint32), np.zeros(0, bool)
+        n = self._starts(first).sum(axis=1)
+        by_id = ~np.repeat(raw, n)
+        return self._read_runs(np.repeat(first, n), ~by_id, _offsets(n)), by_id
 
     def expand(self) -> np.ndarray:
         """The 24-bit root the maps hold (for a restarted agent)."""
         root = np.empty((self.ntop, self.SLOTS), np.uint32)
         ext = (self.top & EXT) != 0
         root[~ext] = self.top[~ext][:, None]
-        chunks, first = self._blocked()
+        chunks, first, raw = self.blocks()
         if len(chunks):
-            root[chunks] = self._run_entries(first, self._starts(first))
+            run = np.cumsum(self._starts(first), axis=1) - 1
+            root[chunks] = self._read_runs(first[:, None], raw[:, None], run)
         return root.ravel()
 
     def live_entries(self) -> np.ndarray:
         """The root entries of every run in use (each run once: no decoding to 256 per /16)."""
-        chunks, first = self._blocked()
-        if not len(chunks):
-            return np.zeros(0, np.uint32)
-        n = self._starts(first).sum(axis=1)
-        return self.u32[np.repeat(first * 2 + lo.DIR_BLOCK_HEAD // 4, n) + _offsets(n)]
+        return self._live_runs()[0]
 
     def memory(self) -> dict[str, int]:
-        chunks, _ = self._blocked()
+        chunks, _, _ = self.blocks()
         used = int(self.block_words[chunks].sum()) * 8
-        return {"bytes": int(self.top.nbytes + self.words.nbytes), "forwarding_bytes": int(self.top.nbytes + used),
-                "blocks": int(len(chunks)), "compactions": self.compactions}
+        return {"bytes": int(self.top.nbytes + self.words.nbytes + self.run_entries.nbytes),
+                "forwarding_bytes": int(self.top.nbytes + used + self.run_entries.nbytes),
+                "blocks": int(len(chunks)), "run_ids": len(self.ids) - 1, "compactions": self.compactions}
+
+    # --- run ids -------------------------------------------------------------------
+    def _index_ids(self) -> None:
+        entries = np.fromiter(self.ids.keys(), np.uint32, len(self.ids))
+        order = np.argsort(entries)
+        self._known = entries[order]
+        self._known_ids = np.fromiter(self.ids.values(), np.int64, len(self.ids))[order]
+
+    def _ids_for(self, entries: np.ndarray) -> np.ndarray:
+        """The ids of these root entries (-1: none, a group's pointer or no
+        id free), new ones taken and written as needed."""
+        if self._collect_due:
+            self._collect_ids()
+        pos = np.searchsorted(self._known, entries)
+        np.minimum(pos, len(self._known) - 1, out=pos)
+        hit = self._known[pos] == entries
+        missing = ~hit & ((entries & EXT) == 0)
+        if missing.any() and self._new_ids(np.unique(entries[missing]).tolist()):
+            return self._ids_for(entries)
+        return np.where(hit, self._known_ids[pos], -1)
+
+    def _new_ids(self, entries: list[int]) -> bool:
+        """Ids for some of these entries, while any is free: whether any was taken."""
+        now = time.monotonic()
+        while self._pending_ids and self._pending_ids[0][0] <= now:
+            heapq.heappush(self._free_ids, self._pending_ids.popleft()[1])
+        taken = False
+        for e in entries[:len(self._free_ids)]:
+            i = heapq.heappop(self._free_ids)
+            self.run_entries[i] = e  # before a block names it
+            self.ids[e] = i
+            taken = True
+        if taken:
+            self._index_ids()
+        return taken
+
+    def _collect_ids(self) -> None:
+        """Free the ids no live block names (garbage may: reused GRACE_S later)."""
+        self._collect_due = False
+        entries, by_id = self._live_runs()
+        live = set(np.unique(entries[by_id]).tolist()) | {0}
+        ready = time.monotonic() + self.GRACE_S
+        for e, i in list(self.ids.items()):
+            if e not in live:
+                del self.ids[e]
+                self._pending_ids.append((ready, i))
+        self._index_ids()
 
     # --- space ---------------------------------------------------------------------
     def _recover(self) -> None:
-        chunks, first = self._blocked()
+        chunks, first, raw = self.blocks()
         if not len(chunks):
             return
-        self.block_words[chunks] = self._size(self._starts(first).sum(axis=1))
+        self.block_words[chunks] = self._size(self._starts(first).sum(axis=1), raw.astype(np.int64))
+        n = self._starts(first[~raw]).sum(axis=1)
+        live = np.unique(self.u8[np.repeat(first[~raw] * 8 + lo.DIR_BLOCK_HEAD, n) + _offsets(n)]).tolist()
+        for i in live:
+            self.ids.setdefault(int(self.run_entries[i]), i)
+        self._free_ids = sorted(set(range(1, lo.DIR_RUN_IDS)) - set(live))  # sorted: a heap
+        self._index_ids()
         upper = first >= self.half
         # the half with more live words is the active one; blocks in the other
         # (an agent stopped during a compaction) are moved over at once
@@ -182,18 +267,19 @@ class CompressedRoot:
 
     def _move(self, chunks: np.ndarray, new_first: np.ndarray) -> None:
         """Copy blocks, then switch their /16s to the copies."""
-        old_first = (self.top[chunks] & ~EXT).astype(np.int64)
+        top = self.top[chunks]
+        old_first = (top & FIRST_MASK).astype(np.int64)
         sizes = self.block_words[chunks]
         offsets = _offsets(sizes)
         self.words[np.repeat(new_first, sizes) + offsets] = self.words[np.repeat(old_first, sizes) + offsets]
-        self.top[chunks] = EXT | new_first.astype(np.uint32)  # one aligned 32-bit store per /16
+        self.top[chunks] = (top & (EXT | RAW)) | new_first.astype(np.uint32)  # one aligned 32-bit store per /16
 
     def _compact(self) -> None:
         """Every live block to the start of the other half, which no packet has
         read for GRACE_S."""
         other = self.half - self.base
         time.sleep(max(0.0, self.left_at[other] + self.GRACE_S - time.monotonic()))
-        chunks, first = self._blocked()
+        chunks, first, _ = self.blocks()
         order = np.argsort(first)  # kept in address order: the copies stream
         chunks = chunks[order]
         sizes = self.block_words[chunks]
@@ -202,6 +288,7 @@ class CompressedRoot:
         self._move(chunks, other + np.cumsum(sizes) - sizes)
         self.bump = other + int(sizes.sum())
         self.compactions += 1
+        self._collect_due = True  # at the next update: this one's new blocks may name ids no live one does
 
     def _alloc(self, total: int) -> int:
         """The first of `total` contiguous free words, or DirFull."""
@@ -214,8 +301,8 @@ class CompressedRoot:
 
     # --- writing -------------------------------------------------------------------
     def update(self, root: np.ndarray, chunks: np.ndarray) -> None:
-        """Rewrite these /16s (sorted, each once) from the root: new blocks
-        first, then the top stores."""
+        """Rewrite these /16s (sorted, each once) from the root: ids and new
+        blocks first, then the top stores."""
         if len(chunks) == 1:
             self.update_one(root, int(chunks[0]))
             return
@@ -234,15 +321,20 @@ class CompressedRoot:
         new_words = np.zeros(len(chunks), np.int64)
         if blocked.any():
             st, nr = starts[blocked], nruns[blocked]
-            sizes = self._size(nr)
+            entries = rows[starts & blocked[:, None]]  # the blocked rows' runs, row by row
+            ids = self._ids_for(entries)
+            raw = np.minimum.reduceat(ids, np.cumsum(nr) - nr) < 0
+            sizes = self._size(nr, raw.astype(np.int64))
             first = self._alloc(int(sizes.sum())) + np.cumsum(sizes) - sizes
             k = len(first)
             self.words[first[:, None] + np.arange(4)] = np.packbits(st, axis=1, bitorder="little").view("<u8")
             before = np.cumsum(st.reshape(k, 4, 64).sum(axis=2), axis=1).astype(np.uint32)
             self.u32[first * 2 + 8] = (before[:, 0] << 8) | (before[:, 1] << 16) | (before[:, 2] << 24)
-            self.u32[np.repeat(first * 2 + lo.DIR_BLOCK_HEAD // 4, nr) + _offsets(nr)] = \
-                rows[starts & blocked[:, None]]  # the blocked rows' run entries, row by row
-            new_top[blocked] = EXT | first.astype(np.uint32)
+            r = np.repeat(raw, nr)
+            pos = np.repeat(first * 8 + lo.DIR_BLOCK_HEAD, nr) + (_offsets(nr) << 2 * r)
+            self.u8[pos[~r]] = ids[~r]
+            self.u32[pos[r] >> 2] = entries[r]
+            new_top[blocked] = EXT | (RAW * raw) | first.astype(np.uint32)
             new_words[blocked] = sizes
         self.top[chunks] = new_top  # the switch: one aligned 32-bit store per /16
         self.block_words[chunks] = new_words
@@ -260,24 +352,33 @@ class CompressedRoot:
             self.top[chunk] = runs[0]
             self.block_words[chunk] = 0
             return
+        entries = runs.tolist()
+        get = self.ids.get
+        ids = [get(e, -1) for e in entries]
+        if -1 in ids and (self._collect_due or any(i < 0 and not e & lo.DIR_EXT for i, e in zip(ids, entries))):
+            ids = self._ids_for(runs).tolist()
+        raw = int(-1 in ids)
+        runs_out, view = (entries, self.u32) if raw else (ids, self.u8)
         bits = np.packbits(starts, bitorder="little").tobytes()
-        size = self._size(n)
-        if old & EXT:
-            first = old & ~int(EXT)
-            head = first * 2 + lo.DIR_BLOCK_HEAD // 4
+        size = self._size(n, raw)
+        if old & EXT and (old & int(RAW)) == raw * int(RAW):
+            first = old & int(FIRST_MASK)
             if self.block_words[chunk] == size and self.blocks_mm[first * 8:first * 8 + 32] == bits:
-                # same runs, new entries (a route replaced): one aligned 32-bit store each
-                changed = (self.u32[head:head + n] != runs).nonzero()[0]
-                self.u32[head + changed] = runs[changed]
+                # same runs, new entries (a route replaced): one store each
+                head = (first * 8 + lo.DIR_BLOCK_HEAD) >> 2 * raw
+                for i, (was, now) in enumerate(zip(view[head:head + n].tolist(), runs_out)):
+                    if was != now:
+                        view[head + i] = now
                 return
         first = self._alloc(size)
         v = int.from_bytes(bits, "little")
         word = 0xFFFFFFFFFFFFFFFF
         c0, c1, c2 = (v & word).bit_count(), ((v >> 64) & word).bit_count(), ((v >> 128) & word).bit_count()
         rank = (c0 << 8) | ((c0 + c1) << 16) | ((c0 + c1 + c2) << 24)
+        body = runs.tobytes() if raw else bytes(ids)
         # not yet visible: plain copies
-        self.blocks_mm[first * 8:first * 8 + 36 + 4 * n] = bits + rank.to_bytes(4, "little") + runs.tobytes()
-        self.top[chunk] = int(EXT) | first  # the switch
+        self.blocks_mm[first * 8:first * 8 + 36 + len(body)] = bits + rank.to_bytes(4, "little") + body
+        self.top[chunk] = int(EXT) | raw * int(RAW) | first  # the switch
         self.block_words[chunk] = size
 
 
@@ -846,7 +947,8 @@ class DirTable(LeafTable):
         root = self.root if self._recovered else self.compressed.live_entries()
         c = self.compressed.memory()
         root_bytes = c["forwarding_bytes"]
-        out = {"bytes": int(nbytes + c["bytes"]), "root_blocks": c["blocks"], "compactions": c["compactions"]}
+        out = {"bytes": int(nbytes + c["bytes"]), "root_blocks": c["blocks"], "root_run_ids": c["run_ids"],
+               "compactions": c["compactions"]}
         groups = self._reachable_groups(root[(root & EXT) != 0] & ~EXT)
         # what forwarding reads: the root (or its compressed form) and the groups in use
         return {"impl": "dir", **out, "forwarding_bytes": int(root_bytes + groups * self.groups.shape[1] * 4),

@@ -84,8 +84,11 @@ enum fib_impl {
 #define DIR_LEAVES_V4 (1 << 21)
 #define DIR_LEAVES_V6 (1 << 19)
 #define DIR_TOP_BITS 16         /* IPv4's compressed root: one entry or block per /16 */
-#define DIR_BLOCK_WORDS_V4 (1 << 22) /* 32 MiB of blocks: two halves, each over twice a full table's */
+#define DIR_BLOCK_BYTES_V4 (32 << 20) /* blocks: two halves, each over four times a full table's */
+#define DIR_BLOCK_SLACK 64      /* bytes past the last block a masked read may touch */
 #define DIR_BLOCK_HEAD 36       /* a block's bytes before its runs */
+#define DIR_TOP_RAW 0x40000000U /* top: the block's runs are root entries, not 8-bit ids */
+#define DIR_RUN_IDS 256         /* root entries a block can name by an 8-bit id */
 #define H6_MAX_LEVELS 16        /* IPv6 hash levels: prefix lengths stored */
 #define H6_BUCKETS (1 << 19)    /* default, 32 MiB in two halves; the loader may resize */
 

@@ -12,16 +12,19 @@
  * 32-bit store, so a packet reads either the old or the new value.
  *
  * IPv4's 24-bit root (64 MiB, one cache and TLB miss per lookup at a full
- * table) is stored compressed, in about 8 MiB at 1M routes:
+ * table) is stored compressed, in about 3 MiB at 1M routes:
  *
  *   top[addr >> 16]         -> the entry of a /16 whose 256 root entries are
  *                              equal, or DIR_EXT | block (its first word)
  *   block                   -> a 256-bit map of where runs of equal root
  *                              entries start in that /16, then the runs
- *   run[rank]               -> the root entry of the run that holds the /24
+ *   run[rank]               -> the 8-bit id of the root entry of the run that
+ *                              holds the /24 (with DIR_TOP_RAW: that entry)
+ *   run_entries[id]         -> the entry of an id
  *
  * rank is the number of run starts up to the /24, a popcount. A changed /16
- * gets a new block, filled before the one top store that switches to it. */
+ * gets a new block, filled before the one top store that switches to it; an
+ * id's entry is written before any block names it. */
 #ifndef BPFROUTER_DIRFIB_H
 #define BPFROUTER_DIRFIB_H
 
@@ -74,7 +77,21 @@ struct dir_leaf6 {
 
 DIR_LEVELS(4, struct dir_leaf4, DIR_GROUPS_V4, DIR_LEAVES_V4)
 DIR_ARRAY(dir4_top, (1 << DIR_TOP_BITS) / DIR_CHUNK, struct dir_chunk)
-DIR_ARRAY(dir4_blocks, DIR_BLOCK_WORDS_V4, __u64)
+/* One element, so that a lookup takes one pointer and indexes from it; a
+ * size, not a type: the loader shrinks it for routers that do not use it. */
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__uint(map_flags, BPF_F_MMAPABLE);
+	__uint(key_size, 4);
+	__uint(value_size, DIR_BLOCK_BYTES_V4 + DIR_BLOCK_SLACK);
+} dir4_blocks SEC(".maps");
+
+struct dir_run_entries {
+	__u32 e[DIR_RUN_IDS];
+};
+
+DIR_ARRAY(dir4_run_entries, 1, struct dir_run_entries)
 /* IPv6's entries are in hash levels (hashfib6.h); its leaves are here. */
 DIR_ARRAY(dir6_leaves, DIR_LEAVES_V6, struct dir_leaf6)
 
@@ -118,31 +135,30 @@ static __always_inline __u32 popcount64(__u64 x)
 	return (x * 0x0101010101010101ULL) >> 56;
 }
 
-static __always_inline __u64 dir4_block_word(__u32 w)
-{
-	__u64 *v = bpf_map_lookup_elem(&dir4_blocks, &w);
-
-	return v ? *v : 0;
-}
-
 /* IPv4's root entry for a /24, from the compressed root. A block is
- * starts[4], rank (byte w: runs started in starts[0..w-1]), then one 32-bit
- * root entry per run: DIR_BLOCK_HEAD + 4 * runs bytes, 8-byte aligned. */
+ * starts[4], rank (byte w: runs started in starts[0..w-1]), then one 8-bit
+ * id per run (a raw block: one 32-bit root entry per run), 8-byte aligned. */
 static __always_inline __u32 dir4_root_entry(__u32 top24)
 {
 	__u32 e = dir_root_entry(&dir4_top, top24 >> 8);
-	__u32 s = top24 & 0xff, w = s >> 6, b, run, off;
-	__u64 starts, rank;
+	__u32 s = top24 & 0xff, w = s >> 6, zero = 0, off, run, raw, v;
+	struct dir_run_entries *ids;
+	__u8 *blocks;
+	__u64 starts;
 
 	if (!(e & DIR_EXT))
 		return e;
-	b = e & ~DIR_EXT;
-	starts = dir4_block_word(b + w) & (~0ULL >> (63 - (s & 63)));
-	rank = dir4_block_word(b + 4);
+	blocks = bpf_map_lookup_elem(&dir4_blocks, &zero);
+	ids = bpf_map_lookup_elem(&dir4_run_entries, &zero);
+	if (!blocks || !ids)
+		return 0;
+	off = (e << 3) & (DIR_BLOCK_BYTES_V4 - 1);  /* the block's first byte (the flags shift out) */
+	starts = *(__u64 *)(blocks + off + 8 * w) & (~0ULL >> (63 - (s & 63)));
 	/* starts[0] bit 0 is always set: runs started up to s, minus one */
-	run = ((rank >> (8 * w)) & 0xff) + popcount64(starts) - 1;
-	off = DIR_BLOCK_HEAD + 4 * run;
-	return dir4_block_word(b + off / 8) >> (8 * (off & 4));
+	run = blocks[off + 32 + w] + popcount64(starts) - 1;
+	raw = (e / DIR_TOP_RAW) & 1;
+	v = *(__u32 *)(blocks + ((off + DIR_BLOCK_HEAD + (run << (2 * raw))) & (DIR_BLOCK_BYTES_V4 - 1)));
+	return raw ? v : ids->e[v & 0xff];
 }
 
 /* detail: also read the leaf (prefix length, protocol), for probes only. */

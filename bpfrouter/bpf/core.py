@@ -76,13 +76,15 @@ class Map(Generic[K, V]):
 
     PERCPU_TYPES = {5, 6, 10}  # PERCPU_HASH, PERCPU_ARRAY, LRU_PERCPU_HASH
 
-    def __init__(self, fd: int, key_type: type[K], value_type: type[V], name: str = "",
+    def __init__(self, fd: int, key_type: type[K], value_type: type[V] | None, name: str = "",
                  owns_fd: bool = True):
         self.fd = fd
-        self.key_type = key_type
-        self.value_type = value_type
         self._owns_fd = owns_fd
         self.info = map_info(fd)
+        if value_type is None:  # raw bytes, as many as the map was created with
+            value_type = ctypes.c_uint8 * self.info.value_size  # type: ignore[assignment]
+        self.key_type = key_type
+        self.value_type = value_type
         self.name = name or self.info.name.decode()
         self.percpu = self.info.type in self.PERCPU_TYPES
         self.ncpus = possible_cpus() if self.percpu else 1
@@ -95,7 +97,7 @@ class Map(Generic[K, V]):
         self._value_stride = (ctypes.sizeof(value_type) + 7) & ~7 if self.percpu else ctypes.sizeof(value_type)
 
     @classmethod
-    def pinned(cls, path: str, key_type: type[K], value_type: type[V]) -> "Map[K, V]":
+    def pinned(cls, path: str, key_type: type[K], value_type: type[V] | None) -> "Map[K, V]":
         fd = L.bpf_obj_get(path.encode())
         if fd < 0:
             raise BpfError(f"open pinned map {path}", -fd)
@@ -442,19 +444,24 @@ class BpfObject:
                 return
         raise KeyError(var)
 
-    def set_max_entries(self, name: str, n: int) -> None:
+    def _map_raw(self, name: str) -> int:
         for mname, m in self._maps_raw():
             if mname == name:
-                L.check(L.bpf_map__set_max_entries(m, n), f"resize map {name}")
-                return
+                return m
         raise KeyError(name)
 
+    def set_max_entries(self, name: str, n: int) -> None:
+        L.check(L.bpf_map__set_max_entries(self._map_raw(name), n), f"resize map {name}")
+
+    def set_value_size(self, name: str, n: int) -> None:
+        """Only for maps defined by size (value_size), not by a BTF type."""
+        L.check(L.bpf_map__set_value_size(self._map_raw(name), n), f"resize map {name}'s value")
+
+    def value_size(self, name: str) -> int:
+        return L.bpf_map__value_size(self._map_raw(name))
+
     def reuse_map(self, name: str, fd: int) -> None:
-        for n, m in self._maps_raw():
-            if n == name:
-                L.check(L.bpf_map__reuse_fd(m, fd), f"reuse map {name}")
-                return
-        raise KeyError(name)
+        L.check(L.bpf_map__reuse_fd(self._map_raw(name), fd), f"reuse map {name}")
 
     def only_programs(self, *names: str) -> None:
         for n, p in self._progs_raw():

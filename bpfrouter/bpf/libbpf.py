@@ -173,6 +173,8 @@ bpf_map__initial_value = _decl("bpf_map__initial_value", c_void_p, c_void_p,
                                ctypes.POINTER(c_size_t))
 bpf_map__reuse_fd = _decl("bpf_map__reuse_fd", c_int, c_void_p, c_int)
 bpf_map__set_max_entries = _decl("bpf_map__set_max_entries", c_int, c_void_p, c_uint)
+bpf_map__set_value_size = _decl("bpf_map__set_value_size", c_int, c_void_p, c_uint)
+bpf_map__value_size = _decl("bpf_map__value_size", c_uint, c_void_p)
 
 btf__parse_elf = _decl("btf__parse_elf", c_void_p, c_char_p, c_void_p)
 btf__free = _decl("btf__free", None, c_void_p)

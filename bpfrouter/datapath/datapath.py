@@ -31,7 +31,7 @@ CAPTURE_PROGRAM = "bpfrouter_xdp_capture"  # the same with the capture hook
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,31}$")
 
 # map name -> (key layout, value layout)
-MAPS: dict[str, tuple[type, type]] = {
+MAPS: dict[str, tuple[type, type | None]] = {
     "ifaces": (ctypes.c_uint32, lo.Iface),
     "tx_ports": (ctypes.c_uint32, ctypes.c_uint32),
     "counters": (ctypes.c_uint32, lo.Counter),
@@ -40,7 +40,8 @@ MAPS: dict[str, tuple[type, type]] = {
     "fib6": (lo.Route6Key, lo.RouteValue),
     "nexthops": (ctypes.c_uint32, lo.NexthopValue),
     "dir4_top": (ctypes.c_uint32, lo.DirChunk),
-    "dir4_blocks": (ctypes.c_uint32, ctypes.c_uint64),
+    "dir4_blocks": (ctypes.c_uint32, None),  # bytes, as many as the loader made it
+    "dir4_run_entries": (ctypes.c_uint32, ctypes.c_uint32 * lo.DIR_RUN_IDS),
     "dir4_groups": (ctypes.c_uint32, lo.DirGroup),
     "dir4_leaves": (ctypes.c_uint32, lo.DirLeaf4),
     "dir6_leaves": (ctypes.c_uint32, lo.DirLeaf6),
@@ -183,7 +184,10 @@ class Datapath:
                 obj.set_rodata("observe_flags", ctypes.c_uint32(observe))
             if fib_mode == lo.FibMode.KERNEL or fib_impl != lo.FibImpl.DIR:
                 for m in DIR_MAPS:  # unused: don't allocate their 64 MiB tables
-                    obj.set_max_entries(m, 1)
+                    if m == "dir4_blocks":  # one element, sized (its readers are dead code here)
+                        obj.set_value_size(m, 8)
+                    else:
+                        obj.set_max_entries(m, 1)
             elif groups:
                 obj.set_max_entries("dir4_groups", groups[0])
                 obj.set_max_entries("dir4_group_leaf", groups[0])

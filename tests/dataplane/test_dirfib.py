@@ -3,6 +3,7 @@ reads always decode to the root the agent keeps, through bulk loads, single
 changes, in-place replaces and an agent restart, and the program's answers
 are the longest matching prefix."""
 import ipaddress
+import time
 
 import numpy as np
 import pytest
@@ -41,8 +42,7 @@ def assert_consistent(fib: Fib) -> None:
     table = fib.tables[4]
     comp = table.compressed
     assert np.array_equal(comp.expand(), table.root), "the compressed root differs from the root"
-    chunks = np.nonzero((comp.top & EXT) != 0)[0]
-    first = (comp.top[chunks] & ~EXT).astype(np.int64)
+    chunks, first, _ = comp.blocks()
     order = np.argsort(first)
     ends = first[order] + comp.block_words[chunks][order]
     assert (ends[:-1] <= first[order][1:]).all(), "two live blocks overlap"
@@ -163,7 +163,7 @@ def test_blocks_that_grow_batch_by_batch_are_compacted(env, dp):
         for i in range(0, len(routes), 100):
             fib.apply_batch([(True, 0, r) for r in routes[i:i + 100]])
             assert_consistent(fib)
-            _, first = comp._blocked()
+            _, first, _ = comp.blocks()
             assert ((first >= comp.base) & (first < comp.base + half)).all(), "a live block outside its half"
         for i in range(0, len(routes), 400):  # new gateways, batch by batch: more garbage
             batch = [to_route(env, r.prefix, "unicast", GATEWAYS[i // 400 % 3]) for r in routes[i:i + 400]]
@@ -242,5 +242,48 @@ def test_the_parent_read_from_the_root_is_the_longest_covering_rule(env, dp):
                 assert found == table._parent(addr, length), (addr, length)
                 answered += 1
         assert answered > len(short) // 2
+    finally:
+        fib.close()
+
+
+def test_blocks_name_entries_by_id_until_the_ids_run_out(env, dp):
+    """A block names its runs' entries by 8-bit ids while any of the 255 is
+    free; with more distinct next hops, the rest go into raw blocks (32-bit
+    entries), and forwarding still finds each route's own gateway. Once the
+    routes are gone and a compaction has left the old blocks behind, their
+    ids are freed and taken again."""
+    gateways = [f"10.2.{1 + i // 200}.{1 + i % 200}" for i in range(300)]
+    # three /24s of one gateway in each /16: a block of runs per /16
+    routes = [to_route(env, ipaddress.ip_network(f"{20 + i // 250}.{i % 250}.{j}.0/24"), "unicast", gw)
+              for i, gw in enumerate(gateways) for j in (1, 5, 9)]
+    fib = Fib(dp)
+    try:
+        fib.replace_all(routes)
+        comp = fib.tables[4].compressed
+        assert comp.memory()["run_ids"] == lo.DIR_RUN_IDS - 1
+        chunks, _, raw = comp.blocks()
+        ours = {int(r.prefix.network_address) >> 16 for r in routes}
+        assert sum(int(c) in ours for c in chunks[raw]) == len(gateways) - (lo.DIR_RUN_IDS - 1), \
+            "one raw block per next hop without an id"
+        assert_consistent(fib)
+        with netns.entered(NS):
+            for r in routes[::41]:
+                d = probe(dp, str(r.prefix.network_address + 7), env.ifindex["dpt0"], env.mac["dpt0"])
+                assert (d.prefix, d.gateway) == (str(r.prefix), str(r.nexthops[0].gateway))
+        fib.replace_all(routes[:3])  # one of these /16s left
+        comp._compact()
+        new = [to_route(env, ipaddress.ip_network(f"30.{i}.2.0/24"), "unicast", gateways[-1 - i]) for i in (1, 2)]
+        fib.replace_all(routes[:3] + new)
+        assert comp.memory()["run_ids"] < 20, "the ids of withdrawn next hops are freed after a compaction"
+        time.sleep(2 * comp.GRACE_S)  # then taken again
+        more = [to_route(env, ipaddress.ip_network(f"30.{i}.9.0/24"), "unicast", gateways[-1 - i]) for i in (1, 2)]
+        fib.replace_all(routes[:3] + new + more)
+        chunks, _, raw = comp.blocks()
+        assert not raw[np.isin(chunks, [(30 << 8) + 1, (30 << 8) + 2])].any()
+        assert_consistent(fib)
+        with netns.entered(NS):
+            for r in new + more:
+                d = probe(dp, str(r.prefix.network_address + 7), env.ifindex["dpt0"], env.mac["dpt0"])
+                assert (d.prefix, d.gateway) == (str(r.prefix), str(r.nexthops[0].gateway))
     finally:
         fib.close()
