@@ -353,29 +353,31 @@ class CompressedRoot:
             self.block_words[chunk] = 0
             return
         entries = runs.tolist()
-        get = self.ids.get
-        ids = [get(e, -1) for e in entries]
-        if -1 in ids and (self._collect_due or any(i < 0 and not e & lo.DIR_EXT for i, e in zip(ids, entries))):
+        ids = list(map(self.ids.get, entries))
+        raw = int(None in ids)  # a group's pointer, or an entry without an id yet
+        if raw and (self._collect_due or any(i is None and not e & lo.DIR_EXT for i, e in zip(ids, entries))):
             ids = self._ids_for(runs).tolist()
-        raw = int(-1 in ids)
-        runs_out, view = (entries, self.u32) if raw else (ids, self.u8)
+            raw = int(-1 in ids)
         bits = np.packbits(starts, bitorder="little").tobytes()
+        body = runs.tobytes() if raw else bytes(ids)
         size = self._size(n, raw)
         if old & EXT and (old & int(RAW)) == raw * int(RAW):
             first = old & int(FIRST_MASK)
             if self.block_words[chunk] == size and self.blocks_mm[first * 8:first * 8 + 32] == bits:
-                # same runs, new entries (a route replaced): one store each
-                head = (first * 8 + lo.DIR_BLOCK_HEAD) >> 2 * raw
-                for i, (was, now) in enumerate(zip(view[head:head + n].tolist(), runs_out)):
-                    if was != now:
-                        view[head + i] = now
+                # same runs: new entries (a route replaced) are stored in place, one store each
+                head = first * 8 + lo.DIR_BLOCK_HEAD
+                if self.blocks_mm[head:head + len(body)] != body:
+                    view, values = (self.u32, entries) if raw else (self.u8, ids)
+                    head >>= 2 * raw
+                    for i, (was, now) in enumerate(zip(view[head:head + n].tolist(), values)):
+                        if was != now:
+                            view[head + i] = now
                 return
         first = self._alloc(size)
         v = int.from_bytes(bits, "little")
         word = 0xFFFFFFFFFFFFFFFF
         c0, c1, c2 = (v & word).bit_count(), ((v >> 64) & word).bit_count(), ((v >> 128) & word).bit_count()
         rank = (c0 << 8) | ((c0 + c1) << 16) | ((c0 + c1 + c2) << 24)
-        body = runs.tobytes() if raw else bytes(ids)
         # not yet visible: plain copies
         self.blocks_mm[first * 8:first * 8 + 36 + len(body)] = bits + rank.to_bytes(4, "little") + body
         self.top[chunk] = int(EXT) | raw * int(RAW) | first  # the switch
