@@ -157,14 +157,12 @@ class CompressedRoot:
         as_raw = self.u32[np.minimum((pos + 4 * run) >> 2, len(self.u32) - 1)]  # (read for every run)
         return np.where(raw, as_raw, self.run_entries[self.u8[pos + run]])
 
-    def _live_runs(self) -> tuple[np.ndarray, np.ndarray]:
-        """Every run of every live block: its entry, and whether it is named by an id."""
-        chunks, first, raw = self.blocks()
-        if not len(chunks):
-            return np.zeros(0, np.uint32), np.zeros(0, bool)
+    def _narrow_ids(self) -> np.ndarray:
+        """The ids the live blocks name (each once)."""
+        _, first, raw = self.blocks()
+        first = first[~raw]
         n = self._starts(first).sum(axis=1)
-        by_id = ~np.repeat(raw, n)
-        return self._read_runs(np.repeat(first, n), ~by_id, _offsets(n)), by_id
+        return np.unique(self.u8[np.repeat(first * 8 + lo.DIR_BLOCK_HEAD, n) + _offsets(n)])
 
     def expand(self) -> np.ndarray:
         """The 24-bit root the maps hold (for a restarted agent)."""
@@ -179,7 +177,9 @@ class CompressedRoot:
 
     def live_entries(self) -> np.ndarray:
         """The root entries of every run in use (each run once: no decoding to 256 per /16)."""
-        return self._live_runs()[0]
+        chunks, first, raw = self.blocks()
+        n = self._starts(first).sum(axis=1)
+        return self._read_runs(np.repeat(first, n), np.repeat(raw, n), _offsets(n))
 
     def memory(self) -> dict[str, int]:
         chunks, _, _ = self.blocks()
@@ -226,11 +226,10 @@ class CompressedRoot:
     def _collect_ids(self) -> None:
         """Free the ids no live block names (garbage may: reused GRACE_S later)."""
         self._collect_due = False
-        entries, by_id = self._live_runs()
-        live = set(np.unique(entries[by_id]).tolist()) | {0}
+        live = set(self._narrow_ids().tolist()) | {0}
         ready = time.monotonic() + self.GRACE_S
         for e, i in list(self.ids.items()):
-            if e not in live:
+            if i not in live:
                 del self.ids[e]
                 self._pending_ids.append((ready, i))
         self._index_ids()
@@ -241,8 +240,7 @@ class CompressedRoot:
         if not len(chunks):
             return
         self.block_words[chunks] = self._size(self._starts(first).sum(axis=1), raw.astype(np.int64))
-        n = self._starts(first[~raw]).sum(axis=1)
-        live = np.unique(self.u8[np.repeat(first[~raw] * 8 + lo.DIR_BLOCK_HEAD, n) + _offsets(n)]).tolist()
+        live = self._narrow_ids().tolist()
         for i in live:
             self.ids.setdefault(int(self.run_entries[i]), i)
         self._free_ids = sorted(set(range(1, lo.DIR_RUN_IDS)) - set(live))  # sorted: a heap
