@@ -330,7 +330,8 @@ def make_tables(dp: Datapath, recover: bool = True) -> dict[int, "DirTable | Has
     if m["dir4_top"].max_entries > 1:
         return {4: DirTable(m["dir4_groups"], m["dir4_leaves"], m["dir4_root_leaf"], m["dir4_group_leaf"],
                             CompressedRoot(m["dir4_top"], m["dir4_blocks"], m["dir4_run_entries"], writer=recover), recover),
-                6: HashTable6(m["h6_buckets"], m["h6_filter"], m["h6_conf"], m["h6_active"], m["dir6_leaves"], recover)}
+                6: HashTable6(m["h6_buckets"], m["h6_leaf"], m["h6_filter"], m["h6_conf"], m["h6_active"],
+                              m["dir6_leaves"], recover)}
     return {4: LpmTable(dp.fib4, 4), 6: LpmTable(dp.fib6, 6)}
 
 

@@ -7,12 +7,15 @@ use, a prefix is stored expanded in the next longer level, and the levels
 are chosen to store the fewest keys. Within a level, a key holds the
 longest of the prefixes expanded to it (its depth: its leaf's length).
 
-A key sits in one of two buckets of 4 slots (2 on levels longer than /64,
-whose keys take two slots). Changes are written in place, in an order a
+A key sits in one of two buckets of 5 slots (2 on levels longer than /64,
+whose keys take two slots); each slot's leaf is in a parallel array. A
+rebuild fills a level's slots to LOAD (85 %): the fewer buckets, the
+fewer cache misses per lookup. Changes are written in place, in an order a
 packet can read at any time (the header says how it reads them):
   - a new key: leaf, key, then entry; a removed key: entry 0,
-  - a key moved to make room: only from its first bucket to its second,
-    the new slot written before the old one is emptied,
+  - keys moved to make room (up to MAX_MOVES, found breadth first): each
+    only from its first bucket to its second, the new slot written before
+    the old one is emptied, the last move first,
   - a rebuild (when a key finds no room, a new prefix length needs its own
     level, or a batch is large) writes every level into the other half of
     the buckets, which no packet has read for GRACE_S, and switches with
@@ -34,10 +37,14 @@ from .dirfib import DirFull, LeafTable, _offsets, _plen_of, entries_of, entry_of
 M32, M64 = (1 << 32) - 1, (1 << 64) - 1
 C1, C2, C3 = 0x9E3779B97F4A7C15, 0xC2B2AE3D27D4EB4F, 0x165667B19E3779F9
 WIDTH = 128
-LOAD = 0.5          # slots filled by a rebuild: room to grow by single changes
-FULL_LOAD = 0.9     # ... when the space would not hold LOAD
+LOAD = 0.85         # slots a rebuild fills: the buckets' footprint is what a lookup pays for
+FULL_LOAD = 0.93    # ... when the space would not hold LOAD
+KEEP_LOAD = 0.4     # a rebuild keeps a level's buckets while it fills at least this many of them
+GROW = 1.5          # a level that ran out of room: this many times LOAD's buckets
+MAX_MOVES = 4       # keys moved to make room for one
+PLACE_ROUNDS = 500  # of a rebuild's cuckoo walk, before it gives the level more buckets
 MAX_EXPAND = 256    # a new prefix stored as more keys than this rebuilds with new levels
-SLOTS = 4           # per bucket
+SLOTS = lo.H6_SLOTS  # per bucket
 
 
 def buckets_of(khi: int, klo: int, nbuckets: int) -> tuple[int, int, int]:
@@ -103,15 +110,13 @@ class Level:
     length: int
     first: int      # its first bucket (absolute)
     nbuckets: int
-    slots: dict[int, int] = field(default_factory=dict)  # key -> bucket * 4 + slot
+    slots: dict[int, int] = field(default_factory=dict)  # key -> bucket * SLOTS + slot
+    wide: bool = field(init=False)                # longer than /64: a key takes two slots
+    slot_ids: tuple[int, ...] = field(init=False)  # where a key starts in a bucket
 
-    @property
-    def wide(self) -> bool:
-        return self.length > 64
-
-    @property
-    def slot_ids(self) -> tuple[int, ...]:
-        return (0, 2) if self.wide else (0, 1, 2, 3)
+    def __post_init__(self) -> None:
+        self.wide = self.length > 64
+        self.slot_ids = (0, 2) if self.wide else tuple(range(SLOTS))
 
     def masks(self) -> tuple[int, int]:
         L = self.length
@@ -141,14 +146,15 @@ class HashTable6(LeafTable):
 
     GRACE_S = 0.01
 
-    def __init__(self, buckets_map, filter_map, conf_map, active_map, leaves_map, recover: bool = True):
+    def __init__(self, buckets_map, leaf_map, filter_map, conf_map, active_map, leaves_map, recover: bool = True):
         super().__init__(leaves_map, WIDTH)
-        self._mmaps = [m.mmap() for m in (buckets_map, conf_map, active_map, filter_map)]
+        self._mmaps = [m.mmap() for m in (buckets_map, conf_map, active_map, filter_map, leaf_map)]
         nb = self.nbuckets = buckets_map.max_entries
         self.half = nb // 2
         raw64 = np.frombuffer(self._mmaps[0], np.uint64, nb * 8).reshape(nb, 8)
         raw32 = np.frombuffer(self._mmaps[0], np.uint32, nb * 16).reshape(nb, 16)
-        self.keys, self.entry, self.leaf = raw64[:, :4], raw32[:, 8:12], raw32[:, 12:16]
+        self.keys, self.entry = raw64[:, :SLOTS], raw32[:, 2 * SLOTS:3 * SLOTS]
+        self.leaf = np.frombuffer(self._mmaps[4], np.uint32, nb * (SLOTS + 1)).reshape(nb, SLOTS + 1)[:, :SLOTS]
         size = ctypes.sizeof(lo.H6Conf)
         self.conf = [lo.H6Conf.from_buffer(self._mmaps[1], i * size) for i in range(2)]
         self.active = np.frombuffer(self._mmaps[2], np.uint64, 1)
@@ -200,9 +206,11 @@ class HashTable6(LeafTable):
         slots = int(np.count_nonzero(self.entry[base:base + self.half]))
         leaves = self.leaves.nbytes
         return {"impl": "hash",
-                "bytes": int(self.keys.shape[0] * 72 + 2 * ctypes.sizeof(lo.H6Conf) + leaves),
+                # buckets, their filter words and slots' leaves
+                "bytes": int(self.keys.shape[0] * (ctypes.sizeof(lo.H6Bucket) + 8 + ctypes.sizeof(lo.H6Leaves))
+                             + 2 * ctypes.sizeof(lo.H6Conf) + leaves),
                 # buckets and their filter words
-                "forwarding_bytes": int(used_buckets * 72 + ctypes.sizeof(lo.H6Conf)),
+                "forwarding_bytes": int(used_buckets * (ctypes.sizeof(lo.H6Bucket) + 8) + ctypes.sizeof(lo.H6Conf)),
                 "routes": self.count(), "routes_total": self.nleaves - 1,
                 "slots_used": slots, "slots_total": self.half * SLOTS,
                 "levels": [lv.length for lv in levels], "rebuilds": self.rebuilds, "moves": self.moves}
@@ -238,9 +246,12 @@ class HashTable6(LeafTable):
         self.entry[b, s] = entry  # last: the slot becomes live
         lv.slots[key] = b * SLOTS + s
 
+    def _key_at(self, lv: Level, b: int, s: int) -> int:
+        return int(self.keys[b, s]) << 64 | int(self.keys[b, s + 1]) if lv.wide else int(self.keys[b, s])
+
     def _insert(self, lv: Level, key: int, entry: int, leaf: int) -> bool:
-        """Place a new key; False if neither bucket has room, even after moving
-        a key from its first bucket to its second."""
+        """Place a new key; False if neither bucket has room, even after
+        moving up to MAX_MOVES keys, each from its first bucket to its second."""
         w, bit = lv.filter_bit(key)
         self.filter[w] |= np.uint64(1 << bit)  # before the key can be found
         b1, b2 = lv.buckets(key)
@@ -249,21 +260,46 @@ class HashTable6(LeafTable):
             if s is not None:
                 self._write_slot(lv, b, s, key, entry, leaf)
                 return True
-        for b in (b1, b2):
-            for s in lv.slot_ids:
-                other = int(self.keys[b, s]) << 64 | int(self.keys[b, s + 1]) if lv.wide else int(self.keys[b, s])
-                ob1, ob2 = lv.buckets(other)
-                if ob1 != b or ob2 == b:
-                    continue
-                t = self._free_slot(lv, ob2)
-                if t is None:
-                    continue
-                self._write_slot(lv, ob2, t, other, int(self.entry[b, s]), int(self.leaf[b, s]))
-                self.entry[b, s] = 0  # after its copy is live
-                self.moves += 1
-                self._write_slot(lv, b, s, key, entry, leaf)
-                return True
-        return False
+        path = self._path_to_room(lv, (b1, b2))
+        if path is None:
+            return False
+        b, s = path[-1]
+        for prev_b, prev_s in reversed(path[:-1]):  # from the free slot back: each key into the slot just freed
+            other = self._key_at(lv, prev_b, prev_s)
+            self._write_slot(lv, b, s, other, int(self.entry[prev_b, prev_s]), int(self.leaf[prev_b, prev_s]))
+            self.entry[prev_b, prev_s] = 0  # after its copy is live
+            self.moves += 1
+            b, s = prev_b, prev_s
+        self._write_slot(lv, b, s, key, entry, leaf)
+        return True
+
+    def _path_to_room(self, lv: Level, start: tuple[int, int]) -> list[tuple[int, int]] | None:
+        """A breadth-first search for a free slot reachable from the full
+        buckets `start`, moving keys only from their first bucket to their
+        second (what a concurrent probe, first bucket then second, tolerates).
+        The slots whose keys move, in order, then the free slot; None if none
+        within MAX_MOVES moves."""
+        came_from: dict[int, tuple[int, int] | None] = {b: None for b in start}
+        frontier = list(start)
+        for _ in range(MAX_MOVES):
+            nxt = []
+            for b in frontier:
+                for s in lv.slot_ids:
+                    first, second = lv.buckets(self._key_at(lv, b, s))
+                    if first != b or second in came_from:
+                        continue
+                    came_from[second] = (b, s)
+                    t = self._free_slot(lv, second)
+                    if t is not None:
+                        path = [(second, t)]
+                        step = came_from[second]
+                        while step is not None:
+                            path.append(step)
+                            step = came_from[step[0]]
+                        return path[::-1]
+                    nxt.append(second)
+            frontier = nxt
+        return None
 
     def _expansion(self, lv: Level, addr: int, length: int) -> list[int]:
         """The level's keys a prefix is stored as."""
@@ -393,13 +429,19 @@ class HashTable6(LeafTable):
     # --- rebuild ------------------------------------------------------------------------
     def _plan(self, keys: "_Keys", lengths: list[int], base: int, load: float, grow: int | None) -> list | None:
         """Each level's buckets and its keys' places, longest first, from
-        bucket `base` on; None if they do not fit in the half."""
+        bucket `base` on; None if they do not fit in the half. A level keeps
+        the buckets it had while they stay at least KEEP_LOAD full (room a
+        level grew into is not given back at the next rebuild)."""
         plans = []
         first = base
+        had = {lv.length: lv.nbuckets for lv in self.levels}
         for L in reversed(lengths):
             khi, klo, kentry, kleaf = (a[keys.level == L] for a in (keys.hi, keys.lo, keys.entry, keys.leaf))
             cap = 2 if L > 64 else SLOTS
-            nb = max(1, math.ceil(len(khi) / (cap * load) * (2 if L == grow else 1)))
+            nb = math.ceil(len(khi) / (cap * load) * (GROW if L == grow else 1))
+            if load <= LOAD:
+                nb = max(nb, min(had.get(L, 0), math.ceil(len(khi) / (cap * KEEP_LOAD))))
+            nb = max(1, nb)
             while (placed := _place(khi, klo, nb, cap)) is None:
                 nb = math.ceil(nb * 1.1)
                 if first + nb > base + self.half:
@@ -412,7 +454,7 @@ class HashTable6(LeafTable):
 
     def _rebuild(self, grow: int | None = None) -> None:
         """Every level from the rules, into the other half; then the switch.
-        grow: a level that ran out of room gets twice the usual headroom."""
+        grow: a level that ran out of room gets GROW times its buckets."""
         leaves = np.fromiter(self.rules.values(), np.int64, len(self.rules))
         words = self.leaves[leaves, 0]
         lens = _plen_of(words).astype(np.int64)
@@ -427,7 +469,7 @@ class HashTable6(LeafTable):
         other = 1 - self.cur
         base = other * self.half
         # usual headroom first; with little space left, less (cuckoo placement holds to over 90 %)
-        for load, grown in ((LOAD, grow), (LOAD, None), (0.7, None), (FULL_LOAD, None)):
+        for load, grown in ((LOAD, grow), (LOAD, None), (FULL_LOAD, None)):
             plans = self._plan(keys, lengths, base, load, grown)
             if plans is not None:
                 break
@@ -504,48 +546,42 @@ def _expand(lengths: list[int], lens: np.ndarray, hi: np.ndarray, lo_: np.ndarra
 
 def _place(khi: np.ndarray, klo: np.ndarray, nb: int, cap: int) -> tuple[np.ndarray, np.ndarray] | None:
     """Each key's bucket (relative) and position in it (0..cap-1), or None
-    if the keys do not fit: greedy by first bucket, then by second, then a
-    cuckoo walk for the rest (nothing is visible yet: any key may move)."""
+    if the keys do not fit: greedy by first bucket, then by second, then
+    rounds of a vectorized cuckoo walk for the rest, each taking a random
+    slot of one of its buckets, whose key tries again (nothing is visible
+    yet: any key may move)."""
     k = len(khi)
     b1, b2, _ = buckets_np(khi, klo, nb)
     bucket = np.full(k, -1, np.int64)
     pos = np.zeros(k, np.int64)
-    occ = np.zeros(nb, np.int64)
-    for choice in (b1, b2):
-        rest = np.nonzero(bucket < 0)[0]
+    occ = np.zeros(nb, np.int64)  # a bucket's slots 0..occ-1 are taken
+    owner = np.full((nb, cap), -1, np.int64)
+    rng = np.random.default_rng(k)
+    rest = np.arange(k)
+    for _ in range(PLACE_ROUNDS):
+        for choice in (b1, b2):
+            if not len(rest):
+                return bucket, pos
+            order = rest[np.argsort(choice[rest], kind="stable")]
+            sb = choice[order]
+            p = occ[sb] + np.arange(len(order)) - np.searchsorted(sb, sb)
+            ok = p < cap
+            bucket[order[ok]], pos[order[ok]] = sb[ok], p[ok]
+            owner[sb[ok], p[ok]] = order[ok]
+            occ += np.bincount(sb[ok], minlength=nb)
+            rest = order[~ok]
         if not len(rest):
-            break
-        order = rest[np.argsort(choice[rest], kind="stable")]
-        sb = choice[order]
-        rank = np.arange(len(order)) - np.searchsorted(sb, sb)
-        p = occ[sb] + rank
-        ok = p < cap
-        bucket[order[ok]] = sb[ok]
-        pos[order[ok]] = p[ok]
-        occ += np.bincount(sb[ok], minlength=nb)
-    rest = np.nonzero(bucket < 0)[0].tolist()
-    if rest:
-        owner = np.full((nb, cap), -1, np.int64)
-        placed = bucket >= 0
-        owner[bucket[placed], pos[placed]] = np.nonzero(placed)[0]
-        rng = np.random.default_rng(len(rest))
-        for x in rest:
-            for _ in range(500):  # a random walk: take a slot, the key there moves on
-                for b in (int(b1[x]), int(b2[x])):
-                    free = np.flatnonzero(owner[b] < 0)
-                    if len(free):
-                        owner[b, free[0]] = x
-                        bucket[x], pos[x] = b, free[0]
-                        break
-                else:
-                    b = int(b1[x] if rng.random() < 0.5 else b2[x])
-                    s = int(rng.integers(cap))
-                    y = int(owner[b, s])
-                    owner[b, s] = x
-                    bucket[x], pos[x] = b, s
-                    x = y
-                    continue
-                break
-            else:
-                return None
-    return bucket, pos
+            return bucket, pos
+        # the rest take a random slot each (one key per slot), and its key tries again
+        c = np.where(rng.random(len(rest)) < 0.5, b1[rest], b2[rest])
+        t = rng.integers(0, cap, len(rest))
+        _, win = np.unique(c * cap + t, return_index=True)
+        w, c, t = rest[win], c[win], t[win]
+        evicted = owner[c, t]
+        owner[c, t] = w
+        bucket[w], pos[w] = c, t
+        bucket[evicted] = -1
+        lost = np.ones(len(rest), bool)
+        lost[win] = False
+        rest = np.concatenate((rest[lost], evicted))
+    return None

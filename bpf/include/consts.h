@@ -91,6 +91,7 @@ enum fib_impl {
 #define DIR_RUN_IDS 256         /* root entries a block can name by an 8-bit id */
 #define H6_MAX_LEVELS 16        /* IPv6 hash levels: prefix lengths stored */
 #define H6_BUCKETS (1 << 19)    /* default, 32 MiB in two halves; the loader may resize */
+#define H6_SLOTS 5              /* per bucket (a cache line) */
 
 #define NEXTHOP_F_GATEWAY 1
 

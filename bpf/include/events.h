@@ -82,12 +82,13 @@ static __always_inline int event_allowed(__u32 reason)
 
 /* The fast path reads only a route's type and next hop; an event, rare by
  * design, reads the route's leaf for its prefix length and protocol: IPv4
- * by looking the route up again, IPv6 from the leaf the lookup found (a
+ * by looking the route up again, IPv6 from the slot the lookup found (a
  * second hash lookup here would not fit the stack: it is a call of its
  * own). */
-static __always_inline void event_route_detail(struct event *e, __u32 leaf6)
+static __always_inline void event_route_detail(struct event *e, __u32 slot6)
 {
 	struct route rt = {}, *lr;
+	__u32 leaf6;
 	__be32 d4;
 	int found = 0;
 
@@ -98,7 +99,8 @@ static __always_inline void event_route_detail(struct event *e, __u32 leaf6)
 		found = fib_route4(d4, &rt, 1);
 	} else if (e->family == 6 && fib_impl == FIB_IMPL_LPM) {
 		found = lpm6_lookup(e->daddr, &rt);
-	} else if (e->family == 6 && leaf6 && (lr = bpf_map_lookup_elem(&dir6_leaves, &leaf6))) {
+	} else if (e->family == 6 && (leaf6 = h6_leaf_of(slot6, e->daddr)) &&
+		   (lr = bpf_map_lookup_elem(&dir6_leaves, &leaf6))) {
 		rt = *lr;
 		found = 1;
 	}
@@ -148,7 +150,7 @@ static __always_inline void event_emit(struct xdp_md *ctx, const struct obs_inpu
 		e->sport = k.sport;
 		e->dport = k.dport;
 	}
-	event_route_detail(e, in->leaf6);
+	event_route_detail(e, in->slot6);
 	bpf_ringbuf_submit(e, 0);
 	obs_count(OBS_EVENTS_SENT);
 }

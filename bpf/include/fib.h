@@ -30,7 +30,7 @@ struct fib_result {
 	__u8 prefixlen;
 	__u8 route_proto;
 	__u8 neigh_found;
-	__u32 leaf6;            /* the matched IPv6 leaf (hash levels), for events */
+	__u32 slot6;            /* the matched IPv6 slot (hash levels), for events */
 };
 
 static __always_inline __u32 pkt_l3_len(const struct pkt *p)
@@ -77,9 +77,9 @@ static __always_inline int fib_route4(__be32 daddr, struct route *rt, int detail
 	return fib_impl == FIB_IMPL_LPM ? lpm4_lookup(daddr, rt) : dir4_lookup(daddr, rt, detail);
 }
 
-static __always_inline int fib_route6(const __u8 *daddr, struct route *rt, int detail, __u32 *leaf)
+static __always_inline int fib_route6(const __u8 *daddr, struct route *rt, int detail, __u32 *slot)
 {
-	return fib_impl == FIB_IMPL_LPM ? lpm6_lookup(daddr, rt) : h6_lookup(daddr, rt, detail, leaf);
+	return fib_impl == FIB_IMPL_LPM ? lpm6_lookup(daddr, rt) : h6_lookup(daddr, rt, detail, slot);
 }
 
 /* The kernel's forwarding order: route type, TTL, MTU, then neighbor.
@@ -97,7 +97,7 @@ static __always_inline int fib_lookup_bpf(const struct pkt *p, struct fib_result
 	if (p->ip4)
 		found = fib_route4(p->ip4->daddr, rt, detail);
 	else if (p->ip6)
-		found = fib_route6(p->ip6->daddr.in6_u.u6_addr8, rt, detail, &res->leaf6);
+		found = fib_route6(p->ip6->daddr.in6_u.u6_addr8, rt, detail, &res->slot6);
 	else
 		return REASON_PASS_NON_IP;
 	if (!found || rt->type == RTYPE_NONE)

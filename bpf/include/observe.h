@@ -70,7 +70,7 @@ struct obs_input {
 	__u8 flow_done;         /* the flow cache took this packet already */
 	__u8 event;             /* the rate cap lets an event through */
 	__u8 reserved;
-	__u32 leaf6;            /* fib_result.leaf6 */
+	__u32 slot6;            /* fib_result.slot6 */
 };
 
 static __always_inline void obs_input_of(struct obs_input *in, const struct decision *d, int action)
@@ -84,7 +84,7 @@ static __always_inline void obs_input_of(struct obs_input *in, const struct deci
 	in->route_type = d->res.route_type;
 	in->prefixlen = d->res.prefixlen;
 	in->route_proto = d->res.route_proto;
-	in->leaf6 = d->res.leaf6;
+	in->slot6 = d->res.slot6;
 	in->l3_proto = p->l3_proto;
 	in->vlan_id = p->vlan_id[0];
 	in->vlan_depth = p->vlan_depth;

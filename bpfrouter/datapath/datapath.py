@@ -46,6 +46,7 @@ MAPS: dict[str, tuple[type, type | None]] = {
     "dir4_leaves": (ctypes.c_uint32, lo.DirLeaf4),
     "dir6_leaves": (ctypes.c_uint32, lo.DirLeaf6),
     "h6_buckets": (ctypes.c_uint32, lo.H6Bucket),
+    "h6_leaf": (ctypes.c_uint32, lo.H6Leaves),
     "h6_filter": (ctypes.c_uint32, ctypes.c_uint64),
     "h6_conf": (ctypes.c_uint32, lo.H6Conf),
     "h6_active": (ctypes.c_uint32, ctypes.c_uint64),
@@ -191,7 +192,7 @@ class Datapath:
             elif groups:
                 obj.set_max_entries("dir4_groups", groups[0])
                 obj.set_max_entries("dir4_group_leaf", groups[0])
-                for m in ("h6_buckets", "h6_filter"):  # a filter word per bucket
+                for m in ("h6_buckets", "h6_leaf", "h6_filter"):  # leaves and a filter word per bucket
                     obj.set_max_entries(m, groups[1] * 1024 // ctypes.sizeof(lo.H6Bucket))
             try:
                 obj.load()

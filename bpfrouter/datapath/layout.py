@@ -117,6 +117,7 @@ DIR_TOP_RAW = 0x40000000
 DIR_RUN_IDS = 256
 H6_MAX_LEVELS = 16
 H6_BUCKETS = 1 << 19
+H6_SLOTS = 5
 
 
 class Iface(ctypes.Structure):
@@ -168,7 +169,11 @@ class DirLeaf6(ctypes.Structure):
 
 
 class H6Bucket(ctypes.Structure):
-    _fields_ = [("key", u64 * 4), ("entry", u32 * 4), ("leaf", u32 * 4)]
+    _fields_ = [("key", u64 * H6_SLOTS), ("entry", u32 * H6_SLOTS), ("reserved", u32)]
+
+
+class H6Leaves(ctypes.Structure):
+    _fields_ = [("leaf", u32 * H6_SLOTS), ("reserved", u32)]
 
 
 class H6Level(ctypes.Structure):
@@ -258,6 +263,7 @@ STRUCTS: dict[str, type[ctypes.Structure]] = {
     "dir_leaf4": DirLeaf4,
     "dir_leaf6": DirLeaf6,
     "h6_bucket": H6Bucket,
+    "h6_leaves": H6Leaves,
     "h6_level": H6Level,
     "h6_conf": H6Conf,
     "event": Event,

@@ -26,7 +26,7 @@ GATEWAYS = ["fd02::2", "fd02::3"]
 @pytest.fixture
 def dp(env):
     with netns.entered(NS):
-        # 8 KiB of buckets: 64 per half, 256 slots
+        # 8 KiB of buckets: 64 per half, 320 slots
         d = load_datapath(f"{NS}-h6", str(OBJECT), lo.FibMode.BPF, lo.FibImpl.DIR, env.ifindex, env.mac,
                           groups=(4096, 8))
     yield d
@@ -111,6 +111,30 @@ def test_single_changes_move_keys_and_rebuild_and_a_restart_reads_them_back(env,
         fib.close()
 
 
+def test_single_adds_fill_a_level_past_90_percent_before_it_grows(env, dp):
+    """A rebuild fills a level's slots to LOAD; single adds then move keys
+    (several per add when needed) until the level is over 90 % full, and
+    only then rebuild it with more buckets."""
+    rng = np.random.default_rng(7)
+    fib = Fib(dp)
+    table = fib.tables[6]
+    routes: dict[str, Route] = {}
+    fills = []
+    for i in range(240):
+        r = route(env, f"2001:db8:{i:x}::/48")
+        lv = table._level_for(48)
+        before = (table.rebuilds, len(lv.slots) / (lv.nbuckets * SLOTS) if lv else 0.0)
+        fib.update(r)
+        routes[str(r.prefix)] = r
+        if table.rebuilds != before[0] and i:
+            fills.append(before[1])
+    assert fills and min(fills) > 0.9, f"the /48 level grew at {fills}"
+    assert table.moves > 0
+    assert_levels(table)
+    assert_answers(env, dp, routes, rng)
+    fib.close()
+
+
 def test_a_change_that_does_not_fit_is_refused_whole(env, dp):
     rng = np.random.default_rng(6)
     fib = Fib(dp)
@@ -118,7 +142,7 @@ def test_a_change_that_does_not_fit_is_refused_whole(env, dp):
     routes: dict[str, Route] = {}
     harness = len(table.rules)  # the harness's own routes
     with pytest.raises(DirFull, match="hash levels full"):
-        for i in range(400):  # 256 slots per half
+        for i in range(400):  # 320 slots per half
             r = route(env, f"2001:db8:{i:x}::/48")
             fib.update(r)
             routes[str(r.prefix)] = r

@@ -75,7 +75,7 @@ def test_drop_and_pass_events_carry_what_the_pipeline_knew(env, dp):
 
 
 def test_ipv6_events_name_the_prefix_the_hash_levels_matched(env, dp):
-    """An IPv6 event reads the leaf the forwarding lookup found (no second lookup)."""
+    """An IPv6 event reads the leaf of the slot the forwarding lookup found (no second lookup)."""
     drain(dp)
     run(env, dp, bytes(Ether(dst=env.if0_mac, src=SRC_MAC) / IPv6(src="fd01::5", dst="fd66::1", hlim=9) /
                        UDP(sport=5000, dport=53)))
