@@ -80,8 +80,8 @@ struct {
  * a level whose bit for the key is clear holds no such key, and is passed
  * over without reading its buckets. Most levels a lookup passes over cost
  * one read here (about 15 bits per key, 6 % false hits; 0.5 MiB at 230k
- * prefixes) instead of two
- * bucket reads. Set before a key is written; cleared only by a rebuild. */
+ * prefixes) instead of two bucket reads. Set before a key is written;
+ * cleared only by a rebuild. */
 struct {
 	__uint(type, BPF_MAP_TYPE_ARRAY);
 	__uint(max_entries, H6_BUCKETS);
