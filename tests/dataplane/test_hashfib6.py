@@ -1,5 +1,6 @@
 """IPv6's hash levels (bpf/include/hashfib6.h, bpfrouter/hashfib6.py): in a
-small bucket space, single changes move keys and rebuild the levels; after
+small bucket space, single changes move keys (several per add when needed,
+so a level fills past 90 % before it grows) and rebuild the levels; after
 each step every key sits in one of its two buckets and holds the longest
 prefix stored there, the program answers the longest match, a restarted
 agent reads the same levels back, a change that does not fit is refused
