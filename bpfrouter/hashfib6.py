@@ -205,12 +205,11 @@ class HashTable6(LeafTable):
         base = self.cur * self.half
         slots = int(np.count_nonzero(self.entry[base:base + self.half]))
         leaves = self.leaves.nbytes
+        forwarded = ctypes.sizeof(lo.H6Bucket) + 8  # a bucket and its filter word
         return {"impl": "hash",
-                # buckets, their filter words and slots' leaves
-                "bytes": int(self.keys.shape[0] * (ctypes.sizeof(lo.H6Bucket) + 8 + ctypes.sizeof(lo.H6Leaves))
+                "bytes": int(self.keys.shape[0] * (forwarded + ctypes.sizeof(lo.H6Leaves))
                              + 2 * ctypes.sizeof(lo.H6Conf) + leaves),
-                # buckets and their filter words
-                "forwarding_bytes": int(used_buckets * (ctypes.sizeof(lo.H6Bucket) + 8) + ctypes.sizeof(lo.H6Conf)),
+                "forwarding_bytes": int(used_buckets * forwarded + ctypes.sizeof(lo.H6Conf)),
                 "routes": self.count(), "routes_total": self.nleaves - 1,
                 "slots_used": slots, "slots_total": self.half * SLOTS,
                 "levels": [lv.length for lv in levels], "rebuilds": self.rebuilds, "moves": self.moves}
