@@ -9,11 +9,12 @@ The same routes and neighbors are installed in the namespace's kernel FIB
 every case runs against both FIB modes."""
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import os
 import subprocess
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Iterator
 
 from bpfrouter import netns
 from bpfrouter.datapath import Datapath
@@ -69,6 +70,7 @@ class Env:
     dps: dict[str, Datapath]
     ifindex: dict[str, int]
     mac: dict[str, bytes]
+    object_path: str
 
     @property
     def if0_mac(self) -> str:
@@ -114,7 +116,7 @@ def setup_env(object_path: str) -> Env:
         mac = {n: bytes.fromhex(m.get_attr("IFLA_ADDRESS").replace(":", "")) for n, m in links.items()}
         dps = {mode: load_datapath(f"{NS}-{mode}", object_path, fib_mode, impl, ifindex, mac)
                for mode, fib_mode, impl in MODES}
-    return Env(dps, ifindex, mac)
+    return Env(dps, ifindex, mac, object_path)
 
 
 def load_datapath(name: str, object_path: str, fib_mode: lo.FibMode, impl: lo.FibImpl, ifindex: dict[str, int],
@@ -140,6 +142,29 @@ def load_datapath(name: str, object_path: str, fib_mode: lo.FibMode, impl: lo.Fi
         dp.destroy()
         raise
     return dp
+
+
+@contextlib.contextmanager
+def own_datapath(env: Env, name: str, impl: lo.FibImpl = lo.FibImpl.DIR, **load_args) -> Iterator[Datapath]:
+    """A BPF-FIB router of the test's own beside the shared ones (load_args as
+    Datapath.load takes them: groups, observe...), destroyed afterwards."""
+    with netns.entered(NS):
+        dp = load_datapath(f"{NS}-{name}", env.object_path, lo.FibMode.BPF, impl, env.ifindex, env.mac, **load_args)
+    try:
+        yield dp
+    finally:
+        dp.destroy()
+
+
+ROUTE_TYPES = {"unicast": RouteType.UNICAST, "blackhole": RouteType.BLACKHOLE,
+               "unreachable": RouteType.UNREACHABLE, "prohibit": RouteType.PROHIBIT}
+
+
+def kernel_route(env: Env, prefix, kind: str, gateway: str | None, metric: int = 1024, table: int = 254) -> Route:
+    """A route as the namespace's kernel reports it (proto boot), by type name;
+    a unicast one goes out of dpt1 through `gateway`."""
+    hops = (Nexthop(env.ifindex["dpt1"], ipaddress.ip_address(gateway)),) if kind == "unicast" else ()
+    return Route(prefix, ROUTE_TYPES[kind], hops, proto=3, metric=metric, table=table)
 
 
 def _sysctls():

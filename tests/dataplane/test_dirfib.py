@@ -11,30 +11,19 @@ import pytest
 from bpfrouter import netns
 from bpfrouter.datapath import layout as lo
 from bpfrouter.dirfib import EXT
-from bpfrouter.fib import Fib, Nexthop, Route, RouteType
+from bpfrouter.fib import Fib, RouteType
 from bpfrouter.labroutes import random_routes
 from bpfrouter.observe import probe
-from tests.conftest import OBJECT
 
-from .harness import NS, load_datapath
+from .harness import NS, kernel_route, own_datapath
 
 GATEWAYS = ["10.2.0.2", "10.2.0.3", "10.2.0.9"]
-TYPES = {"unicast": RouteType.UNICAST, "blackhole": RouteType.BLACKHOLE,
-         "unreachable": RouteType.UNREACHABLE, "prohibit": RouteType.PROHIBIT}
 
 
 @pytest.fixture
 def dp(env):
-    with netns.entered(NS):
-        d = load_datapath(f"{NS}-dirfib", str(OBJECT), lo.FibMode.BPF, lo.FibImpl.DIR, env.ifindex, env.mac,
-                           groups=(4096, 1024))
-    yield d
-    d.destroy()
-
-
-def to_route(env, prefix, kind: str, gateway: str | None) -> Route:
-    hops = (Nexthop(env.ifindex["dpt1"], ipaddress.ip_address(gateway)),) if kind == "unicast" else ()
-    return Route(prefix, TYPES[kind], hops, proto=3, metric=1024)
+    with own_datapath(env, "dirfib", groups=(4096, 1024)) as d:
+        yield d
 
 
 def assert_consistent(fib: Fib) -> None:
@@ -60,7 +49,7 @@ def longest_match(table: dict, addr: int):
 def test_compressed_root_decodes_to_the_root_through_changes_and_a_restart(env, dp):
     rng = np.random.default_rng(11)
     synth = random_routes(rng, 3000, 4, GATEWAYS)
-    routes = [to_route(env, r.prefix, r.type, r.gateway) for r in synth]
+    routes = [kernel_route(env, r.prefix, r.type, r.gateway) for r in synth]
     fib = Fib(dp)
     fib.replace_all(routes)
     assert_consistent(fib)
@@ -68,7 +57,7 @@ def test_compressed_root_decodes_to_the_root_through_changes_and_a_restart(env, 
         r = routes[i]
         if r.type == RouteType.UNICAST:
             other = GATEWAYS[(GATEWAYS.index(str(r.nexthops[0].gateway)) + 1) % len(GATEWAYS)]
-            routes[i] = to_route(env, r.prefix, "unicast", other)
+            routes[i] = kernel_route(env, r.prefix, "unicast", other)
             fib.update(routes[i])
     for i in sorted(rng.choice(len(routes), 300, replace=False).tolist(), reverse=True):
         fib.delete(routes.pop(i))
@@ -79,7 +68,7 @@ def test_compressed_root_decodes_to_the_root_through_changes_and_a_restart(env, 
     fib = Fib(dp)  # a restarted agent: everything from the pinned maps
     try:
         assert np.array_equal(fib.tables[4].root, root_before)
-        extra = [to_route(env, r.prefix, r.type, r.gateway) for r in random_routes(rng, 500, 4, GATEWAYS)
+        extra = [kernel_route(env, r.prefix, r.type, r.gateway) for r in random_routes(rng, 500, 4, GATEWAYS)
                  if r.prefix not in {x.prefix for x in routes}]
         for r in extra[:200]:
             fib.update(r)
@@ -112,18 +101,18 @@ def test_a_replaced_route_is_rewritten_in_place(env, dp):
     fib = Fib(dp)
     try:
         prefix = ipaddress.ip_network("10.99.5.0/24")
-        fib.update(to_route(env, prefix, "unicast", "10.2.0.2"))
+        fib.update(kernel_route(env, prefix, "unicast", "10.2.0.2"))
         comp = fib.tables[4].compressed
         chunk = int(prefix.network_address) >> 16
         top = int(comp.top[chunk])
         assert top & EXT, "10.99.0.0/16 should hold a block (three runs)"
-        fib.update(to_route(env, prefix, "unicast", "10.2.0.3"))
+        fib.update(kernel_route(env, prefix, "unicast", "10.2.0.3"))
         assert int(comp.top[chunk]) == top
         assert_consistent(fib)
         with netns.entered(NS):
             d = probe(dp, "10.99.5.7", env.ifindex["dpt0"], env.mac["dpt0"])
         assert (d.prefix, d.gateway) == ("10.99.5.0/24", "10.2.0.3")
-        fib.delete(to_route(env, prefix, "unicast", "10.2.0.3"))
+        fib.delete(kernel_route(env, prefix, "unicast", "10.2.0.3"))
         assert int(comp.top[chunk]) == 0, "an empty /16 goes back to a single entry"
         assert_consistent(fib)
     finally:
@@ -133,7 +122,7 @@ def test_a_replaced_route_is_rewritten_in_place(env, dp):
 def test_status_memory_reports_the_compressed_root(env, dp):
     fib = Fib(dp)
     try:
-        fib.update(to_route(env, ipaddress.ip_network("10.99.5.0/24"), "unicast", "10.2.0.2"))
+        fib.update(kernel_route(env, ipaddress.ip_network("10.99.5.0/24"), "unicast", "10.2.0.2"))
         mem = fib.tables[4].memory()
         assert mem["root_blocks"] >= 1
         # the top level, plus at least one block: 36 bytes of head and three runs
@@ -150,7 +139,7 @@ def test_blocks_that_grow_batch_by_batch_are_compacted(env, dp):
     compact (copy the live blocks to the other half, switch each /16) many
     times, and the root stays exact and non-overlapping throughout."""
     rng = np.random.default_rng(23)
-    routes = [to_route(env, r.prefix, r.type, r.gateway) for r in random_routes(rng, 4000, 4, GATEWAYS)]
+    routes = [kernel_route(env, r.prefix, r.type, r.gateway) for r in random_routes(rng, 4000, 4, GATEWAYS)]
     fib = Fib(dp)
     try:
         fib.recover()
@@ -166,7 +155,7 @@ def test_blocks_that_grow_batch_by_batch_are_compacted(env, dp):
             _, first, _ = comp.blocks()
             assert ((first >= comp.base) & (first < comp.base + half)).all(), "a live block outside its half"
         for i in range(0, len(routes), 400):  # new gateways, batch by batch: more garbage
-            batch = [to_route(env, r.prefix, "unicast", GATEWAYS[i // 400 % 3]) for r in routes[i:i + 400]]
+            batch = [kernel_route(env, r.prefix, "unicast", GATEWAYS[i // 400 % 3]) for r in routes[i:i + 400]]
             fib.apply_batch([(True, 0x100, r) for r in batch])
             routes[i:i + 400] = batch
             assert_consistent(fib)
@@ -199,20 +188,20 @@ def test_single_changes_keep_the_compressed_root_exact(env, dp):
     length over a covering table, next-hop replaces and withdrawals, checked
     against the root as they go."""
     rng = np.random.default_rng(23)
-    base = [to_route(env, r.prefix, r.type, r.gateway) for r in random_routes(rng, 1500, 4, GATEWAYS)]
+    base = [kernel_route(env, r.prefix, r.type, r.gateway) for r in random_routes(rng, 1500, 4, GATEWAYS)]
     fib = Fib(dp)
     try:
         fib.replace_all(base)
         live = {r.prefix: r for r in base}
         for step, s in enumerate(random_routes(rng, 900, 4, GATEWAYS)):
-            r = to_route(env, s.prefix, s.type, s.gateway)
+            r = kernel_route(env, s.prefix, s.type, s.gateway)
             action = step % 3
             if action == 0 or not live:
                 fib.update(r)
                 live[r.prefix] = r
             elif action == 1:  # a new gateway for a live prefix, where the runs may stay the same
                 old = live[next(iter(live))] if step % 2 else live[list(live)[step % len(live)]]
-                new = to_route(env, old.prefix, "unicast", GATEWAYS[step % len(GATEWAYS)])
+                new = kernel_route(env, old.prefix, "unicast", GATEWAYS[step % len(GATEWAYS)])
                 fib.update(new, replace=True)
                 live[old.prefix] = new
             else:
@@ -232,7 +221,7 @@ def test_the_parent_read_from_the_root_is_the_longest_covering_rule(env, dp):
     rng = np.random.default_rng(29)
     fib = Fib(dp)
     try:
-        fib.replace_all([to_route(env, r.prefix, r.type, r.gateway) for r in random_routes(rng, 3000, 4, GATEWAYS)])
+        fib.replace_all([kernel_route(env, r.prefix, r.type, r.gateway) for r in random_routes(rng, 3000, 4, GATEWAYS)])
         table = fib.tables[4]
         answered = 0
         short = [pk for pk in table.rules if 0 < pk[2] <= 24]
@@ -254,7 +243,7 @@ def test_blocks_name_entries_by_id_until_the_ids_run_out(env, dp):
     ids are freed and taken again."""
     gateways = [f"10.2.{1 + i // 200}.{1 + i % 200}" for i in range(300)]
     # three /24s of one gateway in each /16: a block of runs per /16
-    routes = [to_route(env, ipaddress.ip_network(f"{20 + i // 250}.{i % 250}.{j}.0/24"), "unicast", gw)
+    routes = [kernel_route(env, ipaddress.ip_network(f"{20 + i // 250}.{i % 250}.{j}.0/24"), "unicast", gw)
               for i, gw in enumerate(gateways) for j in (1, 5, 9)]
     fib = Fib(dp)
     try:
@@ -272,11 +261,11 @@ def test_blocks_name_entries_by_id_until_the_ids_run_out(env, dp):
                 assert (d.prefix, d.gateway) == (str(r.prefix), str(r.nexthops[0].gateway))
         fib.replace_all(routes[:3])  # one of these /16s left
         comp._compact()
-        new = [to_route(env, ipaddress.ip_network(f"30.{i}.2.0/24"), "unicast", gateways[-1 - i]) for i in (1, 2)]
+        new = [kernel_route(env, ipaddress.ip_network(f"30.{i}.2.0/24"), "unicast", gateways[-1 - i]) for i in (1, 2)]
         fib.replace_all(routes[:3] + new)
         assert comp.memory()["run_ids"] < 20, "the ids of withdrawn next hops are freed after a compaction"
         time.sleep(2 * comp.GRACE_S)  # then taken again
-        more = [to_route(env, ipaddress.ip_network(f"30.{i}.9.0/24"), "unicast", gateways[-1 - i]) for i in (1, 2)]
+        more = [kernel_route(env, ipaddress.ip_network(f"30.{i}.9.0/24"), "unicast", gateways[-1 - i]) for i in (1, 2)]
         fib.replace_all(routes[:3] + new + more)
         chunks, _, raw = comp.blocks()
         assert not raw[np.isin(chunks, [(30 << 8) + 1, (30 << 8) + 2])].any()

@@ -5,40 +5,26 @@ RIB's best routes, for random destinations through the loaded program.
 Both families share one Fib, some prefixes have several kernel routes (the
 lowest metric wins, the local table before the main one), and an agent
 restart must find nothing to change."""
-import ipaddress
-
 import numpy as np
 import pytest
 
-from bpfrouter import netns
 from bpfrouter.datapath import layout as lo
-from bpfrouter.fib import TABLE_LOCAL, Fib, Nexthop, Route, RouteType, prefix_key
+from bpfrouter.fib import TABLE_LOCAL, Fib, Route, RouteType, prefix_key
 from bpfrouter.fibcheck import sample_destinations
 from bpfrouter.labroutes import random_routes
 from bpfrouter.observe import probe
-from tests.conftest import OBJECT
 
-from .harness import NS, load_datapath
+from .harness import kernel_route, own_datapath
 
 GATEWAYS = {4: ["10.2.0.2", "10.2.0.3", "10.2.0.9"], 6: ["fd02::2", "fd02::3"]}
-TYPES = {"unicast": RouteType.UNICAST, "blackhole": RouteType.BLACKHOLE,
-         "unreachable": RouteType.UNREACHABLE, "prohibit": RouteType.PROHIBIT}
 PER_FAMILY = 1500
 DESTS = 400
 
 
 @pytest.fixture
 def dp(env):
-    with netns.entered(NS):
-        d = load_datapath(f"{NS}-bulk", str(OBJECT), lo.FibMode.BPF, lo.FibImpl.DIR, env.ifindex, env.mac,
-                          groups=(4096, 16384))
-    yield d
-    d.destroy()
-
-
-def kernel_route(env, prefix, kind: str, gateway: str | None, metric: int = 1024, table: int = 254) -> Route:
-    hops = (Nexthop(env.ifindex["dpt1"], ipaddress.ip_address(gateway)),) if kind == "unicast" else ()
-    return Route(prefix, TYPES[kind], hops, proto=3, metric=metric, table=table)
+    with own_datapath(env, "bulk", groups=(4096, 16384)) as d:
+        yield d
 
 
 def expected_best(rib: dict) -> dict:
@@ -168,9 +154,7 @@ def test_a_restarted_agent_reads_the_lpm_trie_back(env):
     its references), so a resync with the same table writes nothing and
     releases no next hop still in use."""
     rng = np.random.default_rng(9)
-    with netns.entered(NS):
-        dp = load_datapath(f"{NS}-lpmrestart", str(OBJECT), lo.FibMode.BPF, lo.FibImpl.LPM, env.ifindex, env.mac)
-    try:
+    with own_datapath(env, "lpmrestart", lo.FibImpl.LPM) as dp:
         routes = [kernel_route(env, s.prefix, s.type, s.gateway) for version in (4, 6)
                   for s in random_routes(rng, 300, version, GATEWAYS[version])]
         fib = Fib(dp)
@@ -186,8 +170,6 @@ def test_a_restarted_agent_reads_the_lpm_trie_back(env):
         assert fib.replace_all(routes) == 0
         assert set(fib.nexthops.by_id.values()) == {r.nexthops[0] for r in routes if r.nexthops}
         fib.close()
-    finally:
-        dp.destroy()
 
 
 @pytest.mark.parametrize("impl", [lo.FibImpl.DIR, lo.FibImpl.LPM])
@@ -197,10 +179,7 @@ def test_single_events_match_the_rib(env, impl):
     prefix, withdrawals of the best and of the last route; the next hops'
     references follow."""
     rng = np.random.default_rng(11)
-    with netns.entered(NS):
-        dp = load_datapath(f"{NS}-single", str(OBJECT), lo.FibMode.BPF, impl, env.ifindex, env.mac,
-                           groups=(4096, 16384))
-    try:
+    with own_datapath(env, "single", impl, groups=(4096, 16384)) as dp:
         rib: dict = {}
         fib = Fib(dp)
         fib.recover()
@@ -231,5 +210,3 @@ def test_single_events_match_the_rib(env, impl):
         unicast = sum(r.installed_type == RouteType.UNICAST for r in fib.installed.values())
         assert sum(fib.nexthops.refs.values()) == unicast
         fib.close()
-    finally:
-        dp.destroy()

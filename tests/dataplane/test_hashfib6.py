@@ -11,27 +11,20 @@ import threading
 import numpy as np
 import pytest
 
-from bpfrouter import netns
-from bpfrouter.datapath import layout as lo
 from bpfrouter.dirfib import DirFull
 from bpfrouter.fib import Fib, Nexthop, Route, RouteType
 from bpfrouter.hashfib6 import SLOTS, HashTable6
 from bpfrouter.observe import probe
-from tests.conftest import OBJECT
 
-from .harness import NS, load_datapath
+from .harness import own_datapath
 
 GATEWAYS = ["fd02::2", "fd02::3"]
 
 
 @pytest.fixture
 def dp(env):
-    with netns.entered(NS):
-        # 8 KiB of buckets: 64 per half, 320 slots
-        d = load_datapath(f"{NS}-h6", str(OBJECT), lo.FibMode.BPF, lo.FibImpl.DIR, env.ifindex, env.mac,
-                          groups=(4096, 8))
-    yield d
-    d.destroy()
+    with own_datapath(env, "h6", groups=(4096, 8)) as d:  # 8 KiB of buckets: 64 per half, 320 slots
+        yield d
 
 
 def route(env, prefix: str, gateway: str = GATEWAYS[0]) -> Route:

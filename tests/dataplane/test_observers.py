@@ -18,20 +18,16 @@ from bpfrouter.datapath import DatapathError
 from bpfrouter.datapath import layout as lo
 from bpfrouter.observe import run_probe
 from bpfrouter.telemetry import decode_event, obs_stats, read_flows
-from tests.conftest import OBJECT
 
-from .harness import MAC_GW, NS, XDP_REDIRECT, load_datapath
+from .harness import MAC_GW, NS, XDP_REDIRECT, own_datapath
 
 SRC_MAC = "02:00:00:00:00:aa"
 
 
 @pytest.fixture
 def dp(env, request):
-    with netns.entered(NS):
-        d = load_datapath(f"{NS}-obs", str(OBJECT), lo.FibMode.BPF, lo.FibImpl.DIR, env.ifindex, env.mac,
-                          **getattr(request, "param", {}))
-    yield d
-    d.destroy()
+    with own_datapath(env, "obs", **getattr(request, "param", {})) as d:
+        yield d
 
 
 def frame(env, dst, l4, ttl=64, src="10.1.0.5", **ip):
@@ -262,11 +258,6 @@ def test_capture_expires_when_its_reader_stops_renewing(env, attached):
 
 
 def test_capture_needs_the_capture_observer(env):
-    with netns.entered(NS):
-        d = load_datapath(f"{NS}-nocap", str(OBJECT), lo.FibMode.BPF, lo.FibImpl.DIR, env.ifindex, env.mac,
-                          observe=lo.OBS_F_EVENTS | lo.OBS_F_FLOWS)
-        try:
-            with pytest.raises(DatapathError, match="without the capture observer"):
-                Capture(d)
-        finally:
-            d.destroy()
+    with own_datapath(env, "nocap", observe=lo.OBS_F_EVENTS | lo.OBS_F_FLOWS) as d, netns.entered(NS):
+        with pytest.raises(DatapathError, match="without the capture observer"):
+            Capture(d)
