@@ -128,6 +128,7 @@ def destinations(rng, prefixes, n: int, version: int) -> bytes:
 
 
 FOOTPRINTS_MIB = (1, 4, 16, 32, 64)
+DIR4_STEPS = ("top", "block", "rank")  # bench_dir4_<step>: the lookup stopped after it (dirfib.h)
 
 
 def footprint(dp: Datapath, n: int, ifindex: int, eth: bytes, dests: dict[int, bytes], rounds: int) -> dict:
@@ -220,6 +221,7 @@ def main() -> None:
                        "fib_lookup_ns": benches["kernel"].ns(f"bench_kernel{v}", rounds)}
                 if version == 4:
                     row["dir24_ns"] = benches["dir"].ns("bench_dir24_4", rounds)
+                    row["dir_steps_ns"] = {step: benches["dir"].ns(f"bench_dir4_{step}", rounds) for step in DIR4_STEPS}
                 if version == 4 and size == sizes4[-1]:
                     result["footprint"] = footprint(dps["dir"], n, fb0, eth, dests, rounds)
                 result["lookups"].append(row)
@@ -373,6 +375,12 @@ def report(r: dict) -> None:
         print(f"  {x['table']:13} {x['empty_ns']:6.1f} {d:6.1f} {d24} {x['lpm_ns']:7.1f} {x['fib_lookup_ns']:8.1f} "
               f"{d - x['empty_ns']:9.1f} {x['lpm_ns'] / d:7.1f}x {x['fib_lookup_ns'] / d:7.1f}x")
     print("  (IPv4 DIR reads the compressed root; DIR-24 the same root uncompressed, 64 MiB, in the same run)")
+    print("IPv4 DIR lookup stopped after each step (ns): top / + the block's bitmap word / + counting runs / "
+          "all (+ the run's id and entry)")
+    for x in r["lookups"]:
+        if "dir_steps_ns" in x:
+            print(f"  {x['table']:13} " + " / ".join(f"{x['dir_steps_ns'][k]:.1f}" for k in DIR4_STEPS) +
+                  f" / {x['dir_ns']:.1f}")
     if "footprint" in r:
         print("one random read per destination over a footprint of (ns, same loop; DIR-24's root is 64 MiB):")
         print("  " + "  ".join(f"{k.replace('_MiB_ns', ' MiB')}: {v:.1f}" for k, v in r["footprint"].items()))

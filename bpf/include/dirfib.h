@@ -135,30 +135,50 @@ static __always_inline __u32 popcount64(__u64 x)
 	return (x * 0x0101010101010101ULL) >> 56;
 }
 
-/* IPv4's root entry for a /24, from the compressed root. A block is
+/* How far dir4_root_walk goes: forwarding takes every step; the benchmark
+ * stops after each one in turn, to time them. */
+enum dir4_step {
+	DIR4_TOP = 1,           /* read top */
+	DIR4_BLOCK,             /* and the block's bitmap word and rank byte */
+	DIR4_RANK,              /* and count the runs (a popcount) */
+	DIR4_ENTRY,             /* and read the run's id and the id's entry */
+};
+
+/* IPv4's root entry for a /24, from the compressed root (with upto below
+ * DIR4_ENTRY: a value that depends on every read made). A block is
  * starts[4], rank (byte w: runs started in starts[0..w-1]), then one 8-bit
  * id per run (a raw block: one 32-bit root entry per run), 8-byte aligned. */
-static __always_inline __u32 dir4_root_entry(__u32 top24)
+static __always_inline __u32 dir4_root_walk(__u32 top24, const enum dir4_step upto)
 {
 	__u32 e = dir_root_entry(&dir4_top, top24 >> 8);
-	__u32 s = top24 & 0xff, w = s >> 6, zero = 0, off, run, raw, v;
+	__u32 s = top24 & 0xff, w = s >> 6, zero = 0, off, rank, run, raw, v;
 	struct dir_run_entries *ids;
 	__u8 *blocks;
 	__u64 starts;
 
-	if (!(e & DIR_EXT))
+	if (upto == DIR4_TOP || !(e & DIR_EXT))
 		return e;
 	blocks = bpf_map_lookup_elem(&dir4_blocks, &zero);
 	ids = bpf_map_lookup_elem(&dir4_run_entries, &zero);
 	if (!blocks || !ids)
 		return 0;
 	off = (e << 3) & (DIR_BLOCK_BYTES_V4 - 1);  /* the block's first byte (the flags shift out) */
-	starts = *(__u64 *)(blocks + off + 8 * w) & (~0ULL >> (63 - (s & 63)));
+	starts = *(__u64 *)(blocks + off + 8 * w);
+	rank = blocks[off + 32 + w];
+	if (upto == DIR4_BLOCK)
+		return starts + rank;
 	/* starts[0] bit 0 is always set: runs started up to s, minus one */
-	run = blocks[off + 32 + w] + popcount64(starts) - 1;
+	run = rank + popcount64(starts & (~0ULL >> (63 - (s & 63)))) - 1;
+	if (upto == DIR4_RANK)
+		return run;
 	raw = (e / DIR_TOP_RAW) & 1;
 	v = *(__u32 *)(blocks + ((off + DIR_BLOCK_HEAD + (run << (2 * raw))) & (DIR_BLOCK_BYTES_V4 - 1)));
 	return raw ? v : ids->e[v & 0xff];
+}
+
+static __always_inline __u32 dir4_root_entry(__u32 top24)
+{
+	return dir4_root_walk(top24, DIR4_ENTRY);
 }
 
 /* detail: also read the leaf (prefix length, protocol), for probes only. */
