@@ -34,19 +34,30 @@ sys.path.insert(0, str(ROOT))
 
 from bpfrouter import netns  # noqa: E402
 from bpfrouter.agent.agent import GC_THRESHOLDS  # noqa: E402
+from bpfrouter.agent.rtnl import Decoder, dump_routes  # noqa: E402
+from bpfrouter.bpf import BpfObject  # noqa: E402
 from bpfrouter.datapath import Datapath  # noqa: E402
+from bpfrouter.datapath.datapath import PROGRAM  # noqa: E402
 from bpfrouter.datapath import layout as lo  # noqa: E402
-from bpfrouter.fib import TABLE_MAIN, Fib, Nexthop, Route, RouteType, map_memlock  # noqa: E402
+from bpfrouter.fib import Fib, map_memlock  # noqa: E402
 from bpfrouter.interfaces import Interfaces  # noqa: E402
 from bpfrouter.labroutes import internet_routes4, internet_routes6  # noqa: E402
 from bpfrouter.neighbors import Neighbors  # noqa: E402
-from bpfrouter.packet import mac_bytes  # noqa: E402
-from common import Bench, save, start_lab_router  # noqa: E402
+from bpfrouter.observe import probe  # noqa: E402
+from bpfrouter.packet import mac_bytes, udp_probe  # noqa: E402
+from common import (BASELINE, BenchError, Floor, LookupLoop, PacketBench, counted, destinations, make_routes,  # noqa: E402
+                    median, provenance, router_twin, save, start_lab_router)
 
 OBJECT = str(ROOT / "build" / "router.bpf.o")
 NS = "bpfr-fibbench"
 GW4 = ["10.254.0.2", "10.254.0.3"]
 GW6 = ["fd02::2", "fd02::3"]
+SRC = {4: "10.255.0.2", 6: "fd01::2"}  # the sender on fb0
+GW_MAC = bytes.fromhex("020000000001")
+# name -> (FIB mode, FIB structure): the three data planes every row compares
+FIBS = {"dir": (lo.FibMode.BPF, lo.FibImpl.DIR), "lpm": (lo.FibMode.BPF, lo.FibImpl.LPM),
+        "kernel": (lo.FibMode.KERNEL, lo.FibImpl.LPM)}
+XDP_REDIRECT = 4
 
 
 def sh(*args: str) -> None:
@@ -74,11 +85,17 @@ def setup_netns() -> dict:
     return links
 
 
+# The route a table's batch installs last: a host route, so that its address
+# matches it and nothing longer, whatever the generated table holds.
+LAST = {4: ipaddress.ip_network("203.0.113.77/32"), 6: ipaddress.ip_network("2001:db8:ffff::77/128")}
+
+
 def kernel_load(prefixes, gws) -> float:
     """Install into the namespace's kernel FIB with `ip -batch`; returns seconds."""
     with tempfile.NamedTemporaryFile("w", suffix=".batch", delete=False) as f:
         for i, p in enumerate(prefixes):
             f.write(f"route add {p} via {gws[i % len(gws)]}\n")
+        f.write(f"route add {LAST[prefixes[0].version]} via {gws[0]}\n")
     try:
         t = time.perf_counter()
         sh("ip", "-n", NS, "-batch", f.name)
@@ -91,70 +108,94 @@ def kernel_flush(version: int) -> None:
     sh("ip", "-n", NS, f"-{version}", "route", "flush", "proto", "boot")
 
 
-_HOPS: dict[tuple[int, str], tuple[Nexthop]] = {}
-
-
-def make_routes(prefixes, gws, ifindex: int, metric: int = 1024) -> list[Route]:
-    """As the netlink decoder (agent.rtnl) builds them: each route's key made
-    with it, from the address bytes, and one next-hop tuple per gateway, the
-    same object in every batch."""
-    hops = [_HOPS.setdefault((ifindex, g), (Nexthop(ifindex, ipaddress.ip_address(g)),)) for g in gws]
-    return [Route.from_key((p.version, int.from_bytes(p.network_address.packed, "big"), p.prefixlen),
-                           RouteType.UNICAST, hops[i % len(hops)], 3, metric, TABLE_MAIN)
-            for i, p in enumerate(prefixes)]
-
-
-def destinations(rng, prefixes, n: int, version: int) -> bytes:
-    """n addresses, each inside a random prefix of the table, as network-order bytes."""
-    idx = rng.integers(0, len(prefixes), n)
-    if version == 4:
-        nets = np.array([int(p.network_address) for p in prefixes], np.uint64)[idx]
-        lens = np.array([p.prefixlen for p in prefixes], np.uint64)[idx]
-        host = rng.integers(0, 1 << 32, n, dtype=np.uint64) & ((np.uint64(1) << (np.uint64(32) - lens)) - 1)
-        return (nets | host).astype(">u4").tobytes()
-    hi = np.array([int(p.network_address) >> 64 for p in prefixes], np.uint64)[idx]
-    lo_ = np.array([int(p.network_address) & ((1 << 64) - 1) for p in prefixes], np.uint64)[idx]
-    lens = np.array([p.prefixlen for p in prefixes], np.int64)[idx]
-    r_hi = rng.integers(0, 1 << 63, n, dtype=np.uint64) << np.uint64(1)
-    r_lo = rng.integers(0, 1 << 63, n, dtype=np.uint64) << np.uint64(1)
-    hi_host = np.where(lens >= 64, 0, (np.uint64(1) << np.clip(64 - lens, 0, 63).astype(np.uint64)) - 1)
-    hi_host = np.where(lens == 0, np.uint64(~np.uint64(0)), hi_host).astype(np.uint64)
-    lo_host = np.where(lens <= 64, np.uint64(~np.uint64(0)),
-                       (np.uint64(1) << np.clip(128 - lens, 0, 63).astype(np.uint64)) - 1).astype(np.uint64)
-    out = np.empty((n, 2), ">u8")
-    out[:, 0] = hi | (r_hi & hi_host)
-    out[:, 1] = lo_ | (r_lo & lo_host)
-    return out.tobytes()
-
-
-FOOTPRINTS_MIB = (1, 4, 16, 32, 64)
 DIR4_STEPS = ("top", "block", "rank")  # bench_dir4_<step>: the lookup stopped after it (dirfib.h)
 
 
-def footprint(dp: Datapath, n: int, ifindex: int, eth: bytes, dests: dict[int, bytes], rounds: int) -> dict:
-    """One random read per destination over 1-64 MiB, same loop and destinations
-    as the lookups: what the DIR root's miss costs (64 MiB), and what a
-    structure small enough for the caches would pay per dependent read."""
-    out = {}
-    for mib in FOOTPRINTS_MIB:
-        b = Bench(dp, lo.FibMode.BPF, lo.FibImpl.DIR, n, ifindex, eth, dests, mem_bytes=mib << 20)
-        try:
-            out[f"{mib}_MiB_ns"] = b.ns("bench_mem4", rounds)
-        finally:
-            b.close()
-    return out
+def pipeline_row(dps: dict[str, Datapath], version: int, dests: bytes, links: dict, rounds: int) -> dict:
+    """ns per packet of the router's program (without observers: this row
+    compares FIBs; `make bench` gives the observers' share) with each FIB,
+    of the minimal forwarder, and of the harness
+    alone (reset plus a tail call into xdp_pass), over every destination
+    once per round. Each round loads every program afresh (JIT placement
+    moves a program by several ns) and takes them in turn, so a slow phase
+    of the host lands on every column. Every packet must be counted as
+    forwarded by the router (or the floor) and the last one redirected."""
+    fb0, fb0_mac = links["fb0"]
+    fb1, fb1_mac = links["fb1"]
+    frame = udp_probe(SRC[version], "10.0.0.1" if version == 4 else "2001:db8::1", fb0_mac)
+    bench = PacketBench(frame, dests, version)
+    reason = lo.Reason.FWD_IPV4 if version == 4 else lo.Reason.FWD_IPV6
+    times: dict[str, list[float]] = {k: [] for k in ("harness", "floor", *dps)}
+    try:
+        for _ in range(rounds):
+            with BpfObject(BASELINE) as base:
+                base.only_programs("xdp_pass")
+                base.load()
+                times["harness"].append(bench.run(base.program("xdp_pass"), fb0, bench.n))
+            floor = Floor(fb1, GW_MAC, fb1_mac)
+            try:
+                before = floor.forwarded()
+                ns, action = bench.run(floor.program, fb0, bench.n), bench.last_action
+                if floor.forwarded() - before != bench.n or action != XDP_REDIRECT:
+                    raise BenchError(f"the floor forwarded {floor.forwarded() - before} of {bench.n} packets")
+                times["floor"].append(ns)
+            finally:
+                floor.close()
+            for k, dp in dps.items():
+                with router_twin(dp, *FIBS[k], observe=0) as twin:
+                    before = counted(dp, fb0, reason)
+                    ns, action = bench.run(twin.program(PROGRAM), fb0, bench.n), bench.last_action
+                    done = counted(dp, fb0, reason) - before
+                    if done != bench.n or action != XDP_REDIRECT:
+                        raise BenchError(f"IPv{version} pipeline ({k}): {done} of {bench.n} packets counted as "
+                                         f"{reason.label}, the last one got XDP action {action}")
+                    times[k].append(ns)
+    finally:
+        bench.close()
+    ns = {k: median(v) for k, v in times.items()}
+    return {"harness_ns": ns["harness"], **{f"{k}_ns": ns[k] - ns["harness"] for k in ("floor", *dps)}}
 
 
-def interleaved(runs: dict[str, tuple[Bench, str]], rounds: int) -> dict[str, float]:
-    """The median ns of each (bench, program), its rounds taken in turn with
-    the others' (the first round of each, then the second...): a slow phase
-    of the host, minutes long, then lands on every program of a row, not on
-    one of them."""
+def lookup_row(dps: dict[str, Datapath], version: int, dests: bytes, fb0: int, root4, rounds: int) -> dict:
+    """Loops of independent lookups (fibbench.bpf.c), interleaved round by
+    round, each lookup checked to have found a forwarding route."""
+    loops = {k: LookupLoop(dps[k], *FIBS[k], fb0, {version: dests}, root4=root4 if k == "dir" else None)
+             for k in dps}
+    v = version
+    runs = {"empty_ns": ("dir", f"bench_empty{v}", False), "dir_ns": ("dir", f"bench_dir{v}", True),
+            "lpm_ns": ("lpm", f"bench_lpm{v}", True), "fib_lookup_ns": ("kernel", f"bench_kernel{v}", True)}
+    if version == 4:
+        runs["dir24_ns"] = ("dir", "bench_dir24_4", True)
+        runs.update({f"dir_{step}_ns": ("dir", f"bench_dir4_{step}", False) for step in DIR4_STEPS})
     times: dict[str, list[float]] = {k: [] for k in runs}
-    for _ in range(rounds):
-        for k, (bench, prog) in runs.items():
-            times[k].append(bench.ns(prog, 1))
-    return {k: statistics.median(v) for k, v in times.items()}
+    try:
+        for _ in range(rounds):
+            for k, (fib, prog, hits) in runs.items():
+                times[k].append(loops[fib].ns(prog, expect_hits=hits))
+    finally:
+        for loop in loops.values():
+            loop.close()
+    ns = {k: median(v) for k, v in times.items()}
+    row = {k: ns[k] for k in ("empty_ns", "dir_ns", "lpm_ns", "fib_lookup_ns", "dir24_ns") if k in ns}
+    if version == 4:
+        row["dir_steps_ns"] = {step: ns[f"dir_{step}_ns"] for step in DIR4_STEPS}
+    return row
+
+
+def load_end_to_end(fib: Fib, dp: Datapath, last, fb0: int, fb0_mac: bytes) -> dict:
+    """From the kernel's netlink dump of the table to the data plane
+    answering for `last`, the route the batch installed last (LAST): dump and
+    decode (agent.rtnl, as the agent's resync), write the FIB, probe."""
+    t0 = time.perf_counter()
+    routes = dump_routes(Decoder())
+    t1 = time.perf_counter()
+    fib.replace_all(routes)
+    d = probe(dp, last.network_address, fb0, fb0_mac)
+    t2 = time.perf_counter()
+    if d.prefix != str(last):
+        raise BenchError(f"after the load, {last.network_address} matched {d.prefix}, not {last}")
+    gc.freeze()  # as the agent does after a resync: the mirror out of later collections
+    return {"total_s": t2 - t0, "dump_decode_s": t1 - t0, "write_probe_s": t2 - t1, "routes": len(routes)}
 
 
 def incremental_rate(fib: Fib, rng, count: int, ifindex: int, version: int = 4) -> dict[str, float]:
@@ -174,26 +215,25 @@ def incremental_rate(fib: Fib, rng, count: int, ifindex: int, version: int = 4) 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--json", action="store_true", help="print one JSON object only")
-    ap.add_argument("--quick", action="store_true", help="reduced sizes (about a minute)")
+    ap.add_argument("--quick", action="store_true", help="reduced sizes (a few minutes)")
     args = ap.parse_args()
     say = (lambda *a, **k: None) if args.json else (lambda *a, **k: print(*a, **k, flush=True))
     sizes4 = [1000, 100_000] if args.quick else [1000, 100_000, 1_000_000]
     size6 = 23_000 if args.quick else 230_000
     n = 200_000 if args.quick else 1_000_000
-    rounds = 3
+    rounds = 3 if args.quick else 5
     rng = np.random.default_rng(42)
     gc.set_threshold(*GC_THRESHOLDS)  # the agent's collector settings, for its per-route paths
     links = setup_netns()
     fb0, fb0_mac = links["fb0"]
     fb1, _ = links["fb1"]
-    eth = fb0_mac + bytes.fromhex("020000000101") + b"\x08\x00"
-    result: dict = {"destinations": n, "rounds": rounds, "statistic": "median", "lookups": [], "pipeline": [],
+    result: dict = {"provenance": provenance("make bench-fib" + (" ARGS=--quick" if args.quick else "")),
+                    "destinations": n, "rounds": rounds, "statistic": "median", "pipeline": [], "lookups": [],
                     "load": {}, "memory": {}}
     dps: dict[str, Datapath] = {}
     try:
         with netns.entered(NS):
-            for name, mode, impl in (("dir", lo.FibMode.BPF, lo.FibImpl.DIR), ("lpm", lo.FibMode.BPF, lo.FibImpl.LPM),
-                                     ("kernel", lo.FibMode.KERNEL, lo.FibImpl.LPM)):
+            for name, (mode, impl) in FIBS.items():
                 dp = Datapath.load(f"fibbench-{name}", OBJECT, mode, impl, groups=(65536, 32768))
                 ifs = Interfaces(dp)
                 for dev in ("fb0", "fb1"):
@@ -203,53 +243,25 @@ def main() -> None:
                     nb.set(fb1, ipaddress.ip_address(gw), bytes([2, 0, 0, 0, 0, i + 1]), 0x80)
                 dps[name] = dp
             fibs = {k: Fib(dps[k]) for k in ("dir", "lpm")}
-            tables = [(4, s) for s in sizes4] + [(6, size6)]
-            for version, size in tables:
-                say(f"IPv{version} {size} prefixes: generating, loading", end="")
+            for version, size in [(4, s) for s in sizes4] + [(6, size6)]:
+                table = f"IPv{version} {size}"
+                say(f"{table} prefixes: generating, ip -batch", end="")
                 prefixes = internet_routes4(rng, size) if version == 4 else internet_routes6(rng, size)
                 gws = GW4 if version == 4 else GW6
-                routes = make_routes(prefixes, gws, fb1)
-                load = {"routes": size}
+                load = {"routes": size, "kernel_ip_batch_s": kernel_load(prefixes, gws)}
+                say(", loading", end="")
                 for k, fib in fibs.items():
-                    t = time.perf_counter()
-                    fib.replace_all(routes)
-                    load[f"{k}_s"] = time.perf_counter() - t
-                    gc.freeze()  # as the agent does after a resync: the mirror out of later collections
-                    say(".", end="")
-                load["kernel_ip_batch_s"] = kernel_load(prefixes, gws)
-                say(". measuring")
-                dests = {version: destinations(rng, prefixes, n, version)}
-                # the DIR bench also reads IPv4's root uncompressed, as forwarding did until 2026-11-23
+                    load[k] = load_end_to_end(fib, dps[k], LAST[version], fb0, fb0_mac)
+                say(", per packet", end="")
+                dests = destinations(rng, prefixes, n, version)
+                result["pipeline"].append({"table": table, "routes": size,
+                                           **pipeline_row(dps, version, dests, links, rounds)})
+                say(", lookups")
                 root4 = fibs["dir"].tables[4].root if version == 4 else None
-                benches = {k: Bench(dps[k], m, impl, n, fb0, eth, dests, root4=root4 if k == "dir" else None)
-                           for k, m, impl in
-                           (("dir", lo.FibMode.BPF, lo.FibImpl.DIR), ("lpm", lo.FibMode.BPF, lo.FibImpl.LPM),
-                            ("kernel", lo.FibMode.KERNEL, lo.FibImpl.LPM))}
-                v = version
-                runs = {"empty_ns": ("dir", f"bench_empty{v}"), "dir_ns": ("dir", f"bench_dir{v}"),
-                        "lpm_ns": ("lpm", f"bench_lpm{v}"), "fib_lookup_ns": ("kernel", f"bench_kernel{v}")}
-                if version == 4:
-                    runs["dir24_ns"] = ("dir", "bench_dir24_4")
-                    runs.update({f"dir_{step}_ns": ("dir", f"bench_dir4_{step}") for step in DIR4_STEPS})
-                    runs.update({f"pipeline_{k}_ns": (k, "bench_pipeline4") for k in benches})
-                    runs["pipeline_reset_ns"] = ("dir", "bench_pipeline_reset4")
-                ns = interleaved({k: (benches[b], prog) for k, (b, prog) in runs.items()}, rounds)
-                row = {"table": f"IPv{v} {size}", "routes": size,
-                       **{k: ns[k] for k in ("empty_ns", "dir_ns", "lpm_ns", "fib_lookup_ns", "dir24_ns") if k in ns}}
-                if version == 4:
-                    row["dir_steps_ns"] = {step: ns[f"dir_{step}_ns"] for step in DIR4_STEPS}
-                if version == 4 and size == sizes4[-1]:
-                    result["footprint"] = footprint(dps["dir"], n, fb0, eth, dests, rounds)
-                result["lookups"].append(row)
-                if version == 4:
-                    result["pipeline"].append({
-                        "table": row["table"], "reset_only_ns": ns["pipeline_reset_ns"],
-                        **{f"{k}_ns": ns[f"pipeline_{k}_ns"] for k in ("dir", "lpm", "kernel")}})
-                for b in benches.values():
-                    b.close()
-                result["load"][row["table"]] = load
+                result["lookups"].append({"table": table, **lookup_row(dps, version, dests, fb0, root4, rounds)})
+                result["load"][table] = load
                 mem = fibs["dir"].tables[version].memory()
-                result["memory"][row["table"]] = {
+                result["memory"][table] = {
                     "dir_bytes": mem["bytes"], "dir_forwarding_bytes": mem["forwarding_bytes"],
                     # the structure's fill: IPv4's groups, IPv6's hash slots (and its levels)
                     "dir_used": mem["groups_used"] if version == 4 else mem["slots_used"],
@@ -378,39 +390,50 @@ def sync_at_scale(n: int, chunks: int = 20) -> dict:
 
 
 def report(r: dict) -> None:
-    print(f"\nFIB lookups in the kernel, {r['destinations']} random destinations hitting the table, "
-          f"ns per lookup ({r['statistic']} of {r['rounds']}):")
-    print(f"  {'table':13} {'empty':>6} {'DIR':>6} {'DIR-24':>7} {'LPM':>7} {'fib_lkp':>8} {'DIR-empty':>9} "
-          f"{'LPM/DIR':>8} {'fibl/DIR':>8}")
-    for x in r["lookups"]:
+    p = r["provenance"]
+    print(f"\n{p['command']} at {p['commit']} on {p['cpu']} ({p['cpus']} CPUs, kernel {p['kernel']})")
+    print(f"\nwhat a packet pays: the attached XDP program, parse to redirect, ns per packet over "
+          f"{r['destinations']} random\ndestinations hitting the table ({r['statistic']} of {r['rounds']} rounds, "
+          f"fresh loads; every packet checked forwarded):")
+    print(f"  {'table':13} {'floor':>6} {'DIR':>6} {'LPM':>7} {'kernel':>7} {'DIR/floor':>9} {'LPM/DIR':>8} "
+          f"{'kern/DIR':>8}")
+    for x in r["pipeline"]:
         d = x["dir_ns"]
+        print(f"  {x['table']:13} {x['floor_ns']:6.1f} {d:6.1f} {x['lpm_ns']:7.1f} {x['kernel_ns']:7.1f} "
+              f"{d / x['floor_ns']:8.2f}x {x['lpm_ns'] / d:7.2f}x {x['kernel_ns'] / d:7.2f}x")
+    v4 = [x for x in r["pipeline"] if x["table"].startswith("IPv4")]
+    small, big = v4[0], v4[-1]
+    print(f"  what the table's size costs a packet ({small['table']} -> {big['table']}): " +
+          ", ".join(f"{name} {big[k] - small[k]:+.1f} ns" for k, name in
+                    (("dir_ns", "DIR"), ("lpm_ns", "LPM"), ("kernel_ns", "kernel"))))
+    print("  (floor: the minimal forwarder, one fixed next hop; kernel: bpfrouter --fib kernel, "
+          "bpf_fib_lookup with its neighbor lookup, as the DIR and LPM pipelines do theirs;\n"
+          f"   the harness's own cost, {r['pipeline'][0]['harness_ns']:.1f} ns, is taken off every column)")
+    print("\nfull-table load, end to end: the kernel's netlink dump -> decoded -> FIB written -> the data plane "
+          "answers\nfor the last route (seconds; ip -batch: the kernel's own install of the same routes):")
+    print(f"  {'table':13} {'DIR':>6} {'(dump':>6} {'write)':>7} {'LPM':>6} {'ip -batch':>9}")
+    for table, ld in r["load"].items():
+        print(f"  {table:13} {ld['dir']['total_s']:6.2f} {ld['dir']['dump_decode_s']:6.2f} "
+              f"{ld['dir']['write_probe_s']:7.2f} {ld['lpm']['total_s']:6.2f} {ld['kernel_ip_batch_s']:9.2f}")
+    print("\nsecondary: loops of independent lookups, ns per lookup (a lookup's throughput: the CPU overlaps "
+          "their\ncache misses, so these are not what a packet pays; every lookup checked to hit):")
+    print(f"  {'table':13} {'empty':>6} {'DIR':>6} {'DIR-24':>7} {'LPM':>7} {'fib_lkp':>8}")
+    for x in r["lookups"]:
         d24 = f"{x['dir24_ns']:7.1f}" if "dir24_ns" in x else f"{'-':>7}"
-        print(f"  {x['table']:13} {x['empty_ns']:6.1f} {d:6.1f} {d24} {x['lpm_ns']:7.1f} {x['fib_lookup_ns']:8.1f} "
-              f"{d - x['empty_ns']:9.1f} {x['lpm_ns'] / d:7.1f}x {x['fib_lookup_ns'] / d:7.1f}x")
-    print("  (IPv4 DIR reads the compressed root; DIR-24 the same root uncompressed, 64 MiB, in the same run)")
-    print("IPv4 DIR lookup stopped after each step (ns): top / + the block's bitmap word / + counting runs / "
-          "all (+ the run's id and entry)")
+        print(f"  {x['table']:13} {x['empty_ns']:6.1f} {x['dir_ns']:6.1f} {d24} {x['lpm_ns']:7.1f} "
+              f"{x['fib_lookup_ns']:8.1f}")
+    print("  (DIR-24: IPv4's root uncompressed, 64 MiB; fib_lkp: bpf_fib_lookup alone)")
+    print("  IPv4 DIR lookup stopped after each step: top / + the block's word / + counting runs / all")
     for x in r["lookups"]:
         if "dir_steps_ns" in x:
             print(f"  {x['table']:13} " + " / ".join(f"{x['dir_steps_ns'][k]:.1f}" for k in DIR4_STEPS) +
                   f" / {x['dir_ns']:.1f}")
-    if "footprint" in r:
-        print("one random read per destination over a footprint of (ns, same loop; DIR-24's root is 64 MiB):")
-        print("  " + "  ".join(f"{k.replace('_MiB_ns', ' MiB')}: {v:.1f}" for k, v in r["footprint"].items()))
-    print("\nwhole XDP pipeline, varying destinations, ns per packet:")
-    print(f"  {'table':13} {'reset':>6} {'DIR':>6} {'LPM':>7} {'kernel':>7}")
-    for x in r["pipeline"]:
-        print(f"  {x['table']:13} {x['reset_only_ns']:6.1f} {x['dir_ns']:6.1f} {x['lpm_ns']:7.1f} {x['kernel_ns']:7.1f}")
-    print("\nfull-table load (seconds) and memory:")
-    print(f"  {'table':13} {'DIR':>6} {'LPM':>6} {'ip -batch':>9} {'DIR MiB':>8} {'fwd MiB':>8} {'used':>7} "
-          f"{'LPM MiB':>8}")
-    for table, ld in r["load"].items():
-        m = r["memory"][table]
-        print(f"  {table:13} {ld['dir_s']:6.2f} {ld['lpm_s']:6.2f} {ld['kernel_ip_batch_s']:9.2f} "
-              f"{m['dir_bytes'] / 2**20:8.1f} {m['dir_forwarding_bytes'] / 2**20:8.1f} {m['dir_used']:7} "
-              f"{m['lpm_bytes'] / 2**20:8.1f}")
-    print("  (DIR MiB: allocated; fwd MiB: what forwarding reads: IPv4's compressed root and groups in use, "
-          "IPv6's buckets in use; used: IPv4 groups, IPv6 hash slots)")
+    print("\nmemory (MiB):")
+    print(f"  {'table':13} {'DIR':>8} {'fwd':>8} {'used':>7} {'LPM':>8}")
+    for table, m in r["memory"].items():
+        print(f"  {table:13} {m['dir_bytes'] / 2**20:8.1f} {m['dir_forwarding_bytes'] / 2**20:8.1f} "
+              f"{m['dir_used']:7} {m['lpm_bytes'] / 2**20:8.1f}")
+    print("  (DIR: allocated; fwd: what forwarding reads; used: IPv4 groups, IPv6 hash slots)")
     print("\nincremental updates, one route at a time (adds / withdrawals per second):")
     for label, key, dir_name in (("IPv4", "incremental_routes_per_s", "DIR"),
                                  ("IPv6", "incremental_routes_per_s_v6", "hash levels")):

@@ -1,16 +1,27 @@
 #!/usr/bin/env python3
-"""bpfrouter benchmarks (`make bench`, `make bench ARGS="--json"`).
+"""bpfrouter benchmarks (`make bench`, `ARGS=--json`, `ARGS=--quick`).
 
-1. Per-packet cost of the XDP program through BPF_PROG_TEST_RUN, next to an
-   empty XDP program measured in the same run.
-2. Lab forwarding: the same traffic through the same topology, forwarded
-   once by the kernel and once by bpfrouter's XDP path, after a floor run
-   where a bare sink replaces the router. The generator is a live-frames
-   BPF_PROG_TEST_RUN (XDP_TX) in h1 pinned to cpu0; batches of 64 frames
-   never overrun the veth's 256-slot ring, and the receive work runs in
-   softirq on the same core, so delivered packets/s is the whole path's
-   rate. Packets are counted where they arrive (an XDP sink on h2), and CPU
-   time per packet is taken over both cores from /proc/stat; the
+1. What a packet pays: the router's attached XDP program, from parse to
+   verdict, run by the per-packet harness (pktbench.bpf.c: one
+   BPF_PROG_TEST_RUN, each run restores the frame with its next destination
+   and tail-calls the program), beside the minimal XDP forwarder (the floor
+   of any router's cost, baseline.bpf.c) and the same pipeline with the
+   kernel's FIB (bpf_fib_lookup). Hot: the lab's routes, one destination.
+   Cold: a full table (1M IPv4, 230k IPv6 routes), a different random
+   destination for every packet. With and without the observers (flows,
+   events), each on a packet of a known flow (hot) and of a new one (cold).
+   Every row checks, through the router's counters, that every packet got
+   the verdict the row claims.
+2. The idle capture hook: the attached program has none (compared
+   instruction by instruction).
+3. Lab forwarding: the same traffic through the same topology, forwarded by
+   the kernel, by the minimal XDP forwarder and by bpfrouter, after a floor
+   run where a bare sink replaces the router. The generator is a
+   live-frames BPF_PROG_TEST_RUN (XDP_TX) in h1 pinned to cpu0; batches of
+   64 frames never overrun the veth's 256-slot ring, and the receive work
+   runs in softirq on the same core, so delivered packets/s is the whole
+   path's rate. Packets are counted where they arrive (an XDP sink on h2),
+   and CPU time per packet is taken over both cores from /proc/stat; the
    difference to the floor is the router's share (plus one veth hop).
    trafgen was tried first: its send path costs about 3 us per packet here,
    so it measured itself. Threaded NAPI on veth stalls on this kernel."""
@@ -26,105 +37,154 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bpfrouter import netns  # noqa: E402
-from bpfrouter.bpf import (BPF_F_TEST_XDP_LIVE_FRAMES, BpfObject, Link, XDP_FLAGS_DRV_MODE, map_info,  # noqa: E402
+from bpfrouter.bpf import (BPF_F_TEST_XDP_LIVE_FRAMES, BpfError, BpfObject, Link, XDP_FLAGS_DRV_MODE, map_info,  # noqa: E402
                            prog_map_ids, prog_xlated)
-XDP_PASS, XDP_REDIRECT = 2, 4
-from bpfrouter.datapath import Datapath, RouterMeta  # noqa: E402
+from bpfrouter.datapath import Datapath  # noqa: E402
 from bpfrouter.datapath import layout as lo  # noqa: E402
+from bpfrouter.datapath.datapath import PROGRAM  # noqa: E402
+from bpfrouter.fib import Fib  # noqa: E402
 from bpfrouter.interfaces import Interfaces  # noqa: E402
 from bpfrouter.lab import Lab  # noqa: E402
-from bpfrouter.observe import read_counters  # noqa: E402
+from bpfrouter.labroutes import internet_routes4, internet_routes6  # noqa: E402
+from bpfrouter.neighbors import Neighbors  # noqa: E402
 from bpfrouter.packet import udp_probe  # noqa: E402
-from common import Bench, bpfrouter, save, start_lab_router  # noqa: E402
+from common import (BASELINE, BenchError, Floor, PacketBench, bpfrouter, counted, destinations,  # noqa: E402
+                    make_routes, median, provenance, router_twin, save, start_lab_router)
 
-BASELINE = str(ROOT / "build" / "baseline.bpf.o")
 OBJECT = str(ROOT / "build" / "router.bpf.o")
+XDP_PASS, XDP_REDIRECT = 2, 4
+ALL_OBSERVERS = lo.OBS_F_EVENTS | lo.OBS_F_FLOWS  # what `bpfrouter up` attaches (the capture hook is swapped in)
+# column -> (FIB mode, OBS_F_* compiled in); "floor" is the minimal forwarder
+VARIANTS = {"bpfrouter": (lo.FibMode.BPF, ALL_OBSERVERS), "no observers": (lo.FibMode.BPF, 0),
+            "flows": (lo.FibMode.BPF, lo.OBS_F_FLOWS), "events": (lo.FibMode.BPF, lo.OBS_F_EVENTS),
+            "kernel FIB": (lo.FibMode.KERNEL, ALL_OBSERVERS)}
 
 
-RUNS_PER_LOAD = 3  # per-packet figures: the fastest of these runs of each fresh load
+class Case:
+    """One row: packets of one family to `dests`, run through each target,
+    each expected to end with `reason` (for the kernel FIB: kernel_reason)."""
+
+    def __init__(self, label: str, version: int, dests: bytes, dps: dict[str, Datapath], reason: lo.Reason,
+                 kernel_reason: lo.Reason | None = None, floor: bool = True):
+        self.label, self.version, self.dests, self.dps = label, version, dests, dps
+        self.reason, self.kernel_reason, self.floor = reason, kernel_reason, floor
 
 
-def counted(dp: Datapath, ifindex: int, reason: lo.Reason) -> int:
-    """Packets the data plane has counted with this ingress and reason."""
-    return read_counters(dp, ifindex).get((ifindex, reason), (0, 0))[0]
-
-
-def bench_prog_test_run(lab: Lab, n: int, rounds: int) -> tuple[list[dict], list[dict]]:
-    """Per-packet cost inside the kernel: a bpf_loop in one BPF_PROG_TEST_RUN
-    restores the packet (MACs, TTL) and runs the router's pipeline on it, n
-    times; the loop and the restore alone are the floor. (The test run's own
-    repeat reuses the rewritten packet: after 63 runs every packet is a TTL
-    expiry.) The observers' cost: the same loop through variants of the
-    program that differ only in which observers are compiled in, on the
-    running router's maps, interleaved round by round, each loaded afresh
-    every round (JIT placement alone moves a program by several ns). Every
-    run checks that all its packets got the case's reason. The capture hook
-    is not among them: it is not in the program that runs while no capture
-    does (idle_capture_hook)."""
+def run_case(case: Case, lab: Lab, packets: int, rounds: int) -> dict:
+    """Median ns per packet of each target over `rounds` rounds; every round
+    loads every program afresh (JIT placement moves a program's cost by
+    several ns) and takes the targets in turn, so that a slow phase of the
+    host lands on every column. The harness's own cost (reset and a tail
+    call into xdp_pass) is taken off every figure."""
     r_eth0, r_mac = lab.link("r", "r-eth0")
-    # version, destination, XDP action, reason with the BPF FIB, reason with the kernel FIB
-    cases = {"IPv4 forward": (4, lab.addr("h2"), XDP_REDIRECT, lo.Reason.FWD_IPV4, lo.Reason.FWD_IPV4),
-             "IPv6 forward": (6, lab.addr("h2", 6), XDP_REDIRECT, lo.Reason.FWD_IPV6, lo.Reason.FWD_IPV6),
-             "IPv4 no route (pass, event)": (4, "198.51.100.1", XDP_PASS, lo.Reason.PASS_FIB_MISS,
-                                             lo.Reason.PASS_KERNEL_NOT_FWDED)}
-    # "all": what runs while no capture does (idle_capture_hook shows the hook is not in it)
-    variants = {"plain": 0, "flows": lo.OBS_F_FLOWS, "events": lo.OBS_F_EVENTS,
-                "all": lo.OBS_F_EVENTS | lo.OBS_F_FLOWS}
-    fwd_rows, obs_rows = [], []
+    r_eth1, r1_mac = lab.link("r", "r-eth1")
+    _, h2_mac = lab.link("h2", "h2-eth0")
+    frame = udp_probe(lab.addr("h1", case.version), lab.addr("h2", case.version), r_mac)
+    bench = PacketBench(frame, case.dests, case.version)
+    targets = (["floor"] if case.floor else []) + [k for k in VARIANTS if k != "kernel FIB" or case.kernel_reason is not None]
+    times: dict[str, list[float]] = {k: [] for k in ("harness", *targets)}
+    try:
+        for _ in range(rounds):
+            with BpfObject(BASELINE) as base:
+                base.only_programs("xdp_pass")
+                base.load()
+                times["harness"].append(bench.run(base.program("xdp_pass"), r_eth0, packets))
+            for k in targets:
+                if k == "floor":
+                    floor = Floor(r_eth1, h2_mac, r1_mac)
+                    try:
+                        before = floor.forwarded()
+                        times[k].append(bench.run(floor.program, r_eth0, packets))
+                        if floor.forwarded() - before != packets or bench.last_action != XDP_REDIRECT:
+                            raise BenchError(f"{case.label}: the floor forwarded {floor.forwarded() - before} "
+                                             f"of {packets}")
+                    finally:
+                        floor.close()
+                    continue
+                mode, observe = VARIANTS[k]
+                dp = case.dps["kernel" if mode == lo.FibMode.KERNEL else "bpf"]
+                reason = case.kernel_reason if mode == lo.FibMode.KERNEL else case.reason
+                with router_twin(dp, mode, lo.FibImpl.DIR if mode == lo.FibMode.BPF else lo.FibImpl.LPM,
+                                 observe) as twin:
+                    before = counted(dp, r_eth0, reason)
+                    times[k].append(bench.run(twin.program(PROGRAM), r_eth0, packets))
+                    done = counted(dp, r_eth0, reason) - before
+                want = XDP_REDIRECT if reason.verdict == "redirect" else XDP_PASS
+                if done != packets or bench.last_action != want:
+                    raise BenchError(f"{case.label} ({k}): {done} of {packets} packets counted as {reason.label}, "
+                                     f"the last one got XDP action {bench.last_action}")
+    finally:
+        bench.close()
+    ns = {k: median(v) for k, v in times.items()}
+    return {"case": case.label, "harness_ns": ns["harness"], **{k: ns[k] - ns["harness"] for k in targets}}
+
+
+def cold_datapath(lab: Lab, version: int, size: int, rng) -> tuple[Datapath, Fib, bytes]:
+    """A data plane of the router's program (not attached) in the lab router's
+    namespace, its FIB loaded with `size` Internet-shaped routes via h2, and
+    1M random destinations (quick: 200k) that hit them."""
+    dp = Datapath.load(f"bench-cold{version}", OBJECT, lo.FibMode.BPF, lo.FibImpl.DIR, groups=(65536, 32768))
+    try:
+        ifs = Interfaces(dp)
+        for name in ("r-eth0", "r-eth1"):
+            idx, mac = lab.link("r", name)
+            ifs.configure(idx, mac, 1500)
+        r_eth1, _ = lab.link("r", "r-eth1")
+        _, h2_mac = lab.link("h2", "h2-eth0")
+        Neighbors(dp).set(r_eth1, ipaddress.ip_address(lab.addr("h2", version)), h2_mac, 0x80)
+        prefixes = internet_routes4(rng, size) if version == 4 else internet_routes6(rng, size)
+        fib = Fib(dp)
+        fib.replace_all(make_routes(prefixes, [lab.addr("h2", version)], r_eth1))
+    except BaseException:
+        dp.destroy()
+        raise
+    return dp, fib, prefixes
+
+
+def bench_per_packet(lab: Lab, quick: bool) -> list[dict]:
+    packets, rounds = (200_000, 3) if quick else (1_000_000, 7)
+    sizes = {4: 100_000, 6: 23_000} if quick else {4: 1_000_000, 6: 230_000}
+    rng = np.random.default_rng(42)
+    rows = []
     with netns.entered(lab.router_ns):
-        dp = Datapath.open("bench")
-        impl = lo.FibImpl[RouterMeta.load("bench").fib_impl.upper()]
+        lab_dp = Datapath.open("bench")
         kernel_dp = Datapath.load("bench-kfib", OBJECT, lo.FibMode.KERNEL)
         try:
             ifaces = Interfaces(kernel_dp)
             for name in ("r-eth0", "r-eth1"):
                 idx, mac = lab.link("r", name)
                 ifaces.configure(idx, mac, 1500)
-            for case, (v, dst, want, bpf_reason, kernel_reason) in cases.items():
-                dests = {v: ipaddress.ip_address(dst).packed * n}
-                frame = udp_probe(lab.addr("h1", v), dst, r_mac)
-                got = dp.program.test_run(frame, ingress_ifindex=r_eth0).retval
-                if got != want:
-                    raise SystemExit(f"bench setup wrong: {case} returned XDP action {got}, expected {want}")
-                runs: dict[str, list[float]] = {k: [] for k in ("floor", "reset", *variants, "kernel FIB")}
-                # variant -> data plane, FIB mode, FIB implementation, program, expected reason
-                setups = {k: (dp, lo.FibMode.BPF, impl, f"bench_pipeline{v}" if k == "plain" else f"bench_observed{v}",
-                              bpf_reason) for k in variants}
-                setups["kernel FIB"] = (kernel_dp, lo.FibMode.KERNEL, lo.FibImpl.LPM, f"bench_pipeline{v}",
-                                        kernel_reason)
-                for _ in range(rounds):
-                    # A fresh load per round: JIT placement moves a program's cost by several ns.
-                    for k, (on, mode, fib_impl, prog, reason) in setups.items():
-                        b = Bench(on, mode, fib_impl, n, r_eth0, frame[:14], dests, observe=variants.get(k, 0),
-                                  frame=frame)
-                        try:
-                            if k == "plain":
-                                runs["floor"].append(b.best_ns(f"bench_empty{v}", RUNS_PER_LOAD))
-                                runs["reset"].append(b.best_ns(f"bench_pipeline_reset{v}", RUNS_PER_LOAD))
-                            before = counted(on, r_eth0, reason)
-                            runs[k].append(b.best_ns(prog, RUNS_PER_LOAD))
-                            done = counted(on, r_eth0, reason) - before
-                            if done != n * RUNS_PER_LOAD:
-                                raise SystemExit(f"bench wrong: {case} ({k}) counted {done} of {n * RUNS_PER_LOAD} "
-                                                 f"packets as {reason.label}")
-                        finally:
-                            b.close()
-                ns = {k: statistics.median(x) for k, x in runs.items()}
-                fwd_rows.append({"case": case, "loop_floor_ns": ns["floor"], "reset_ns": ns["reset"],
-                                 "bpf_fib_ns": ns["plain"] - ns["reset"],
-                                 "kernel_fib_ns": ns["kernel FIB"] - ns["reset"]})
-                obs_rows.append({"case": case, "plain_ns": ns["plain"] - ns["reset"],
-                                 "flows_ns": ns["flows"] - ns["reset"], "events_ns": ns["events"] - ns["reset"],
-                                 "all_ns": ns["all"] - ns["reset"],
-                                 "observers_extra_ns": ns["all"] - ns["plain"]})
+            hot = {"bpf": lab_dp, "kernel": kernel_dp}
+            one = {v: ipaddress.ip_address(lab.addr("h2", v)).packed for v in (4, 6)}
+            cases = [Case("hot IPv4 forward", 4, one[4], hot, lo.Reason.FWD_IPV4, lo.Reason.FWD_IPV4),
+                     Case("hot IPv6 forward", 6, one[6], hot, lo.Reason.FWD_IPV6, lo.Reason.FWD_IPV6),
+                     Case("hot IPv4 no route (pass)", 4, ipaddress.ip_address("198.51.100.1").packed, hot,
+                          lo.Reason.PASS_FIB_MISS, lo.Reason.PASS_KERNEL_NOT_FWDED, floor=False)]
+            for case in cases:
+                rows.append(run_case(case, lab, packets, rounds))
         finally:
             kernel_dp.destroy()
-            dp.close()
-    return fwd_rows, obs_rows
+            lab_dp.close()
+        for version, size in sizes.items():
+            dp, fib, prefixes = cold_datapath(lab, version, size, rng)
+            try:
+                dests = destinations(rng, prefixes, packets, version)
+                label = f"cold IPv{version} forward ({size // 1000}k routes)"
+                rows.append(run_case(Case(label, version, dests, {"bpf": dp},
+                                          lo.Reason.FWD_IPV4 if version == 4 else lo.Reason.FWD_IPV6),
+                                     lab, packets, rounds))
+            finally:
+                fib.close()
+                dp.destroy()
+    for r in rows:
+        r["packets"], r["rounds"] = packets, rounds
+    return rows
 
 
 def busy_jiffies() -> int:
@@ -146,9 +206,23 @@ def load_baseline(prog: str, frame: bytes | None = None):
     return obj
 
 
+def live_frames_refusal(lab: Lab) -> str | None:
+    """Why this kernel will not send live frames from BPF_PROG_TEST_RUN (the
+    generator of the lab rows), or None when it will."""
+    h1_idx, _ = lab.link("h1", "h1-eth0")
+    with load_baseline("xdp_pass") as obj:
+        try:
+            netns.run_in(lab.ns("h1"), lambda: obj.program("xdp_pass").test_run(
+                bytes(60), ingress_ifindex=h1_idx, repeat=1, flags=BPF_F_TEST_XDP_LIVE_FRAMES))
+        except BpfError as e:
+            return f"this kernel refuses BPF_F_TEST_XDP_LIVE_FRAMES ({os.strerror(e.errno)})"
+    return None
+
+
 def bench_forwarding(lab: Lab, packets: int, rounds: int) -> list[dict]:
-    """Kernel forwarding vs XDP: the same live-frames generator in h1, the same
-    topology, a counting XDP sink at h2 (packets that really arrived)."""
+    """Kernel forwarding, the minimal XDP forwarder and bpfrouter: the same
+    live-frames generator in h1, the same topology, a counting XDP sink at h2
+    (packets that really arrived)."""
     r_idx, r_mac = lab.link("r", "r-eth0")
     h1_idx, h1_mac = lab.link("h1", "h1-eth0")
     h2_idx, h2_mac = lab.link("h2", "h2-eth0")
@@ -199,6 +273,16 @@ def bench_forwarding(lab: Lab, packets: int, rounds: int) -> list[dict]:
         fwd0 = lab.kernel_forwarded()
         rows.append(measure("kernel forwarding (no XDP on the router)", far_map))
         rows[-1]["kernel_forwarded"] = lab.kernel_forwarded() - fwd0
+        r1_idx, r1_mac = lab.link("r", "r-eth1")
+        floor = netns.run_in(lab.router_ns, Floor, r1_idx, h2_mac, r1_mac)
+        floor_link = netns.run_in(lab.router_ns, Link.create_xdp, floor.program, r_idx, XDP_FLAGS_DRV_MODE)
+        try:
+            before = floor.forwarded()
+            rows.append(measure("minimal XDP forwarder (the floor)", far_map))
+            rows[-1]["floor_forwarded"] = floor.forwarded() - before
+        finally:
+            floor_link.close()
+            floor.close()
         bpfrouter("up", "r-eth0", "r-eth1", "--name", "bench-fwd", netns_name=lab.router_ns)
         try:
             fwd0 = lab.kernel_forwarded()
@@ -261,10 +345,8 @@ def idle_capture_hook() -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--json", action="store_true", help="print one JSON object only")
-    ap.add_argument("--quick", action="store_true", help="fewer repetitions, shorter traffic runs")
+    ap.add_argument("--quick", action="store_true", help="fewer packets and rounds, smaller tables")
     args = ap.parse_args()
-    # Per packet: many fresh loads rather than long runs; placement varies by load, not by run.
-    loop_n, loop_rounds = (100_000, 3) if args.quick else (300_000, 9)
     packets, rounds = (500_000, 3) if args.quick else (3_000_000, 5)
     lab = Lab("bench")
     lab.up()
@@ -272,21 +354,21 @@ def main() -> None:
         start_lab_router(lab, "bench")
         for v in (4, 6):
             lab.run("h1", ["ping", "-c", "1", lab.addr("h2", v)], check=True)
-        prog_rows, obs_rows = bench_prog_test_run(lab, loop_n, loop_rounds)
+        per_packet = [] if os.environ.get("BENCH_SKIP_PER_PACKET") else bench_per_packet(lab, args.quick)
         hook = idle_capture_hook()
         bpfrouter("down", "--name", "bench")
-        fwd_rows = bench_forwarding(lab, packets, rounds)
+        refused = live_frames_refusal(lab)
+        fwd_rows = [] if refused else bench_forwarding(lab, packets, rounds)
     finally:
         lab.down()
     result = {
-        "machine": {"kernel": os.uname().release, "cpus": os.cpu_count()},
-        "per_packet": {"packets_per_run": loop_n, "rounds": loop_rounds, "statistic": "median",
-                       "method": "bpf_loop in one BPF_PROG_TEST_RUN: restore packet, run pipeline; "
-                                 "figures are ns above the restore-only loop",
-                       "rows": prog_rows},
-        "observers": {"packets_per_run": loop_n, "rounds": loop_rounds, "statistic": "median", "rows": obs_rows,
-                      "target_extra_ns": 15, "idle_capture_hook": hook, "capture_hook_target_ns": 2},
+        "provenance": provenance("make bench" + (" ARGS=--quick" if args.quick else "")),
+        "per_packet": {"statistic": "median", "method": "pktbench.bpf.c: one BPF_PROG_TEST_RUN, each run restores "
+                       "the frame with its next destination and tail-calls the program; ns per packet above the "
+                       "harness alone", "rows": per_packet},
+        "idle_capture_hook": hook, "capture_hook_target_ns": 2, "observers_target_extra_ns": 15,
         "lab_forwarding": {"packets_per_round": packets, "rounds": rounds, "statistic": "median",
+                           "not_run": refused,
                            "generator": "BPF_PROG_TEST_RUN live frames (XDP_TX) in h1, 60-byte UDP/IPv4, "
                                         "batch 64, pinned to cpu0",
                            "rows": fwd_rows},
@@ -295,33 +377,55 @@ def main() -> None:
     if args.json:
         print(json.dumps(result))
         return
-    print(f"per-packet cost in the kernel, median over {loop_rounds} fresh loads of the fastest of {RUNS_PER_LOAD} "
-          f"runs of {loop_n} packets\n(bpf_loop in one BPF_PROG_TEST_RUN), ns per packet above the loop that only "
-          f"restores the packet:")
-    print(f"  {'case':30} {'loop':>6} {'restore':>8} {'BPF FIB':>8} {'kernel FIB':>10}")
-    for r in prog_rows:
-        print(f"  {r['case']:30} {r['loop_floor_ns']:6.1f} {r['reset_ns']:8.1f} {r['bpf_fib_ns']:8.1f} "
-              f"{r['kernel_fib_ns']:10.1f}")
-    print("\nobservers: the same loop through the program with and without them, ns per packet:")
-    print(f"  {'case':30} {'plain':>6} {'flows':>6} {'events':>7} {'all':>6} {'all +':>6}")
-    for r in obs_rows:
-        print(f"  {r['case']:30} {r['plain_ns']:6.1f} {r['flows_ns']:6.1f} {r['events_ns']:7.1f} "
-              f"{r['all_ns']:6.1f} {r['observers_extra_ns']:6.1f}")
-    print("  (flows, events: that observer alone; all: both, the program attached while no capture runs;"
-          "\n   target: all <= 15 ns extra)")
+    report(result, saved)
+
+
+def report(r: dict, saved: Path) -> None:
+    p = r["provenance"]
+    print(f"{p['command']} at {p['commit']} on {p['cpu']} ({p['cpus']} CPUs, kernel {p['kernel']})")
+    rows = r["per_packet"]["rows"]
+    print(f"\nwhat a packet pays: the attached XDP program, parse to verdict, ns per packet "
+          f"({rows[0]['packets']} packets per run,\nmedian of {rows[0]['rounds']} rounds of fresh loads; every "
+          f"packet checked through the counters):")
+    print(f"  {'case':34} {'floor':>6} {'bpfrouter':>9} {'/floor':>7} {'kernel FIB':>10}")
+    for x in rows:
+        floor = x.get("floor")
+        ratio = f"{x['bpfrouter'] / floor:6.1f}x" if floor else f"{'-':>7}"
+        kern = f"{x['kernel FIB']:10.1f}" if "kernel FIB" in x else f"{'-':>10}"
+        print(f"  {x['case']:34} {floor if floor is not None else float('nan'):6.1f} {x['bpfrouter']:9.1f} "
+              f"{ratio} {kern}")
+    print("  (floor: the minimal XDP forwarder, one fixed next hop; bpfrouter: the program `up` attaches, flows "
+          "and events on;\n   kernel FIB: the same with bpf_fib_lookup; hot: the lab's routes, one destination; "
+          "cold: a full table,\n   a random destination per packet, each a new flow; "
+          f"the harness's own {rows[0]['harness_ns']:.1f} ns is taken off)")
+    print("\nthe observers' share, ns per packet: the program compiled without them, with one, with both:")
+    print(f"  {'case':34} {'none':>6} {'flows':>6} {'events':>7} {'both':>6} {'both +':>7}")
+    for x in rows:
+        print(f"  {x['case']:34} {x['no observers']:6.1f} {x['flows']:6.1f} {x['events']:7.1f} "
+              f"{x['bpfrouter']:6.1f} {x['bpfrouter'] - x['no observers']:7.1f}")
+    print(f"  (target: both <= {r['observers_target_extra_ns']} ns extra on a packet of a known flow)")
+    hook = r["idle_capture_hook"]
     same = "identical to" if hook["identical"] else "DIFFERENT from"
-    print(f"idle capture hook: {hook['idle_hook_instructions']} instructions. The attached program "
+    print(f"\nidle capture hook: {hook['idle_hook_instructions']} instructions. The attached program "
           f"({hook['idle_program_instructions']} instructions) is {same} the one built without the capture "
           f"observer and uses {hook['capture_maps_referenced']} capture maps; the program with the hook "
           f"({hook['capture_program_instructions']} instructions) runs only while a capture does.")
-    print(f"\nlab forwarding, median of {rounds} x {packets} packets, same generator and topology:")
+    lf = r["lab_forwarding"]
+    if lf["not_run"]:
+        print(f"\nlab forwarding: not run here: {lf['not_run']}")
+        print(f"(saved to {saved})")
+        return
+    print(f"\nlab forwarding, median of {lf['rounds']} x {lf['packets_per_round']} packets, same generator and "
+          f"topology:")
     print(f"  {'case':44} {'Mpps':>7} {'cpu ns/pkt':>10} {'- floor':>8} {'kernel fwd':>10}")
-    for r in fwd_rows:
-        print(f"  {r['case']:44} {r['delivered_pps'] / 1e6:7.3f} {r['cpu_ns_per_packet']:10.0f} "
-              f"{r['minus_floor_ns']:8.0f} {r.get('kernel_forwarded', '-'):>10}")
-    _, k, x = fwd_rows
-    print(f"\nXDP forwarding: {x['delivered_pps'] / k['delivered_pps']:.2f}x the kernel's packet rate, "
-          f"{k['minus_floor_ns'] / x['minus_floor_ns']:.2f}x less CPU per packet above the generator floor")
+    for x in lf["rows"]:
+        print(f"  {x['case']:44} {x['delivered_pps'] / 1e6:7.3f} {x['cpu_ns_per_packet']:10.0f} "
+              f"{x['minus_floor_ns']:8.0f} {x.get('kernel_forwarded', '-'):>10}")
+    rows_by = {x["case"].split(" ")[0]: x for x in lf["rows"]}
+    k, f, x = rows_by["kernel"], rows_by["minimal"], rows_by["bpfrouter"]
+    print(f"\nbpfrouter: {x['delivered_pps'] / k['delivered_pps']:.2f}x the kernel's packet rate and "
+          f"{x['delivered_pps'] / f['delivered_pps']:.2f}x the minimal forwarder's; above the generator floor, "
+          f"{k['minus_floor_ns'] / x['minus_floor_ns']:.2f}x less CPU per packet than the kernel")
     print(f"(saved to {saved})")
 
 

@@ -1,16 +1,16 @@
 // SPDX-License-Identifier: GPL-2.0
-/* FIB benchmark programs (bench/fib.py). Each runs once through
- * BPF_PROG_TEST_RUN and loops over `bench_n` destinations in an mmapable
- * array, so every lookup sees a different address: duration / iterations
- * is the cost per lookup. The lookup loops are plain loops bounded by
- * may_goto, with no call per iteration; the pipeline loops use bpf_loop,
- * whose callback costs an indirect call and return per iteration (about 9 ns
- * here, with SRSO's return thunks). The loader points the FIB maps at a router's pinned
- * maps. Variants: an empty loop (the floor), the DIR FIB (and, for IPv4, its
- * root uncompressed, as forwarding read it until 2026-11-23), the LPM trie,
- * bpf_fib_lookup on the kernel FIB, and the whole router pipeline on a packet
- * whose destination changes every iteration. */
-#include "include/pipeline.h"
+/* FIB lookup loops (bench/fib.py, a secondary row): each program runs once
+ * through BPF_PROG_TEST_RUN and loops over `bench_n` destinations in an
+ * mmapable array, one independent lookup each, so the CPU overlaps their
+ * cache misses: duration / iterations is a lookup's throughput, not what a
+ * packet pays (pktbench.bpf.c measures that, on the attached program). The
+ * loops are plain loops bounded by may_goto, with no call per iteration.
+ * The loader points the FIB maps at a router's pinned maps. Variants: an
+ * empty loop (the floor), the DIR FIB (and, for IPv4, its root
+ * uncompressed), the LPM trie, and bpf_fib_lookup on the kernel FIB; every
+ * lookup that finds a forwarding route counts a hit, which the reader
+ * checks. */
+#include "include/fib.h"
 
 #define BENCH_MAX (1 << 21)
 
@@ -41,39 +41,21 @@ struct {
 	__type(value, struct dst6);
 } bench_dst6 SEC(".maps");
 
-/* The Ethernet header the pipeline variant restores before each run. */
-struct {
-	__uint(type, BPF_MAP_TYPE_ARRAY);
-	__uint(max_entries, 1);
-	__type(key, __u32);
-	__type(value, struct ethhdr);
-} bench_eth SEC(".maps");
-
 /* The kernel cuts a may_goto loop off after a time limit (250 ms on x86),
  * which 1M LPM lookups exceed: the reader sets where a run starts and reads
  * how far it got, and runs again from there until all bench_n are done. */
 struct bench_state {
 	__u64 from;
 	__u64 done;             /* iterations the last run made */
+	__u64 hits;             /* lookups that found a forwarding route */
 };
 
-/* A global in its own section (the reader finds it as ".data.bench"): no
- * stack, where a map lookup's key would push the pipeline loops' combined
- * stack past 512 bytes. */
+/* A global in its own section (the reader finds it as ".data.bench"). */
 struct bench_state bench_state SEC(".data.bench");
 
-/* Random reads over a footprint the loader sizes (max_entries; 1 unless a
- * run asks): what one lookup's memory access costs at 64 MiB (the DIR
- * root) and at the sizes a compressed structure would have. */
-struct {
-	__uint(type, BPF_MAP_TYPE_ARRAY);
-	__uint(max_entries, 1);
-	__type(key, __u32);
-	__type(value, __u64);
-} bench_mem SEC(".maps");
-
-/* IPv4's 24-bit root uncompressed, as forwarding read it until 2026-11-23:
- * the benchmark copies the agent's root here (the loader sizes it). */
+/* IPv4's 24-bit root uncompressed (DIR-24-8's 64 MiB), what the compressed
+ * root is measured against: the benchmark copies the agent's root here (the
+ * loader sizes it). */
 struct {
 	__uint(type, BPF_MAP_TYPE_ARRAY);
 	__uint(max_entries, 1);
@@ -82,7 +64,6 @@ struct {
 	__type(value, struct dir_chunk);
 } bench_root4 SEC(".maps");
 
-const volatile __u32 bench_mem_mask = 0;  /* max_entries - 1, a power of two minus one */
 const volatile __u32 bench_n = 0;
 const volatile __u32 bench_ifindex = 0;  /* ingress for bpf_fib_lookup */
 __u64 bench_sink = 0;                    /* keeps results alive */
@@ -125,27 +106,12 @@ struct loop_ctx {
 		return XDP_PASS;                                                \
 	}
 
-#define LOOKUP_LOOP(name, map, type, body)                                      \
-	static long name##_cb(__u32 i, struct loop_ctx *c)                      \
-	{                                                                       \
-		type *d = bpf_map_lookup_elem(&map, &i);                        \
-		if (!d)                                                         \
-			return 1;                                               \
-		body;                                                           \
-		return 0;                                                       \
-	}                                                                       \
-	SEC("xdp")                                                              \
-	int name(struct xdp_md *ctx)                                            \
-	{                                                                       \
-		struct loop_ctx c = { .xdp = ctx };                             \
-		bench_state.done = bpf_loop(bench_n, name##_cb, &c, 0);         \
-		bench_sink += c.acc;                                            \
-		return XDP_PASS;                                                \
-	}
-
 static __always_inline __u64 route_value(int found, struct route *r)
 {
-	return found ? r->nh_id + 1 : 0;
+	if (!found || r->type != RTYPE_UNICAST)
+		return 0;
+	bench_state.hits++;
+	return r->nh_id + 1;
 }
 
 static __always_inline __u64 dir4(__be32 d)
@@ -185,11 +151,17 @@ static __always_inline __u64 lpm6(const __u8 *d)
 	return route_value(lpm6_lookup(d, &r), &r);
 }
 
+static __always_inline __u64 kernel_hit(long rc)
+{
+	bench_state.hits += rc == BPF_FIB_LKUP_RET_SUCCESS;
+	return rc;
+}
+
 static __always_inline __u64 kernel4(struct xdp_md *ctx, __be32 dst)
 {
 	struct bpf_fib_lookup p = { .family = AF_INET, .ifindex = bench_ifindex, .ipv4_dst = dst };
 
-	return bpf_fib_lookup(ctx, &p, sizeof(p), 0) + p.ifindex;
+	return kernel_hit(bpf_fib_lookup(ctx, &p, sizeof(p), 0)) + p.ifindex;
 }
 
 static __always_inline __u64 kernel6(struct xdp_md *ctx, const __u8 *dst)
@@ -197,7 +169,7 @@ static __always_inline __u64 kernel6(struct xdp_md *ctx, const __u8 *dst)
 	struct bpf_fib_lookup p = { .family = AF_INET6, .ifindex = bench_ifindex };
 
 	__builtin_memcpy(p.ipv6_dst, dst, 16);
-	return bpf_fib_lookup(ctx, &p, sizeof(p), 0) + p.ifindex;
+	return kernel_hit(bpf_fib_lookup(ctx, &p, sizeof(p), 0)) + p.ifindex;
 }
 
 FAST_LOOP(bench_empty4, bench_dst4, struct dst4, c->acc += d->a)
@@ -213,73 +185,5 @@ FAST_LOOP(bench_empty6, bench_dst6, struct dst6, c->acc += d->a[15])
 FAST_LOOP(bench_dir6, bench_dst6, struct dst6, c->acc += dir6(d->a))
 FAST_LOOP(bench_lpm6, bench_dst6, struct dst6, c->acc += lpm6(d->a))
 FAST_LOOP(bench_kernel6, bench_dst6, struct dst6, c->acc += kernel6(c->xdp, d->a))
-static __always_inline __u64 mem_read(__be32 dst)
-{
-	__u32 idx = (bpf_ntohl(dst) >> 8) & bench_mem_mask;  /* the root's index, folded */
-	__u64 *v = bpf_map_lookup_elem(&bench_mem, &idx);
-
-	return v ? *v : 0;
-}
-
-FAST_LOOP(bench_mem4, bench_dst4, struct dst4, c->acc += mem_read(d->a))
-
-/* The whole pipeline: the test-run packet gets destination i, its Ethernet
- * header and TTL restored (the pipeline rewrote them), then is routed as if
- * it had just arrived. BPF_PROG_TEST_RUN's own repeat would reuse the
- * rewritten packet: after 63 runs every packet would be a TTL expiry. */
-static __always_inline int reset_eth(struct xdp_md *ctx)
-{
-	void *data = (void *)(long)ctx->data;
-	struct ethhdr *eth = data, *orig;
-	__u32 k = 0;
-
-	if ((void *)(eth + 1) > (void *)(long)ctx->data_end)
-		return -1;
-	orig = bpf_map_lookup_elem(&bench_eth, &k);
-	if (!orig)
-		return -1;
-	__builtin_memcpy(eth, orig, sizeof(*eth));
-	return 0;
-}
-
-static __always_inline int reset_packet(struct xdp_md *ctx, __be32 dst)
-{
-	struct iphdr *iph = (void *)(long)ctx->data + sizeof(struct ethhdr);
-
-	if ((void *)(iph + 1) > (void *)(long)ctx->data_end || reset_eth(ctx))
-		return -1;
-	iph->ttl = 64;
-	iph->daddr = dst;
-	return 0;
-}
-
-static __always_inline int reset_packet6(struct xdp_md *ctx, const __u8 *dst)
-{
-	struct ipv6hdr *ip6h = (void *)(long)ctx->data + sizeof(struct ethhdr);
-
-	if ((void *)(ip6h + 1) > (void *)(long)ctx->data_end || reset_eth(ctx))
-		return -1;
-	ip6h->hop_limit = 64;
-	__builtin_memcpy(&ip6h->daddr, dst, 16);
-	return 0;
-}
-
-static __always_inline int plain_pipeline(struct xdp_md *ctx)
-{
-	struct decision dd = {};
-
-	return bpfrouter_pipeline(ctx, &dd);
-}
-
-LOOKUP_LOOP(bench_pipeline_reset4, bench_dst4, struct dst4, c->acc += reset_packet(c->xdp, d->a))
-LOOKUP_LOOP(bench_pipeline4, bench_dst4, struct dst4,
-	    if (reset_packet(c->xdp, d->a) == 0) c->acc += plain_pipeline(c->xdp))
-LOOKUP_LOOP(bench_observed4, bench_dst4, struct dst4,
-	    if (reset_packet(c->xdp, d->a) == 0) c->acc += bpfrouter_observed(c->xdp, observe_flags & OBS_F_CAPTURE))
-LOOKUP_LOOP(bench_pipeline_reset6, bench_dst6, struct dst6, c->acc += reset_packet6(c->xdp, d->a))
-LOOKUP_LOOP(bench_pipeline6, bench_dst6, struct dst6,
-	    if (reset_packet6(c->xdp, d->a) == 0) c->acc += plain_pipeline(c->xdp))
-LOOKUP_LOOP(bench_observed6, bench_dst6, struct dst6,
-	    if (reset_packet6(c->xdp, d->a) == 0) c->acc += bpfrouter_observed(c->xdp, observe_flags & OBS_F_CAPTURE))
 
 char _license[] SEC("license") = "GPL";
