@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import errno
 import mmap
 import os
 import threading
@@ -562,17 +563,32 @@ class Btf:
 
 
 class RingBuffer:
-    """Consumes a BPF ring buffer map; callback(bytes) per record."""
+    """Consumes a BPF ring buffer map; callback(bytes) per record. An
+    exception raised by the callback stops the poll and is raised by poll()."""
+
+    _STOP = -errno.ECANCELED  # returned to libbpf, which ends the poll with it
 
     def __init__(self, map_fd: int, callback: Callable[[bytes], None]):
+        self._error: BaseException | None = None
+
         def _cb(_ctx, data, size):
-            callback(ctypes.string_at(data, size))
+            # an exception can't cross libbpf's C frames (ctypes would print it and
+            # return garbage): keep it for poll() and make libbpf stop
+            try:
+                callback(ctypes.string_at(data, size))
+            except BaseException as e:
+                self._error = e
+                return self._STOP
             return 0
         self._cb = L.RINGBUF_SAMPLE_FN(_cb)  # keep a reference for libbpf
         self._rb = L.check_ptr(L.ring_buffer__new(map_fd, self._cb, None, None), "open ring buffer")
 
     def poll(self, timeout_ms: int = 100) -> int:
+        """Records consumed; the failing one is consumed too, those after it wait for the next poll."""
         rc = L.ring_buffer__poll(self._rb, timeout_ms)
+        if self._error is not None:
+            err, self._error = self._error, None
+            raise err
         if rc == -4:  # EINTR
             return 0
         return L.check(rc, "poll ring buffer")

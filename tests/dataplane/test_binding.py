@@ -82,3 +82,22 @@ def test_btf_struct_layout():
     with Btf(SELFTEST) as btf:
         size, members = btf.struct("pair")
     assert size == 8 and [(m.name, m.offset, m.size) for m in members] == [("a", 0, 4), ("b", 4, 2), ("c", 6, 2)]
+
+
+def test_an_exception_in_the_ringbuf_callback_reaches_the_caller_of_poll(obj):
+    seen = []
+
+    def on_record(data: bytes) -> None:
+        n = int.from_bytes(data, "little")
+        if n == 60:
+            raise ValueError(f"bad record {n}")
+        seen.append(n)
+
+    rb = RingBuffer(obj.map_fd("events"), on_record)
+    prog = obj.program("xdp_emit_len")
+    for size in (60, 100):
+        prog.test_run(bytes(size))
+    with pytest.raises(ValueError, match="^bad record 60$"):
+        rb.poll(100)
+    assert rb.poll(100) == 1 and seen == [100]  # the record after the failing one waited for this poll
+    rb.close()
