@@ -6,6 +6,7 @@ import ctypes
 import errno
 import mmap
 import os
+import re
 import threading
 from dataclasses import dataclass
 from typing import Callable, Generic, Iterator, TypeVar
@@ -59,6 +60,22 @@ def verifier_verdict(log: str) -> str:
     lines = [line.strip() for line in log.splitlines()]
     lines = [line for line in lines if line and not line.startswith(_NOT_VERDICT)]
     return lines[-1] if lines else "no verifier log"
+
+
+_PROG_FAILED = re.compile(r"^libbpf: prog '([^']+)': (?:BPF program load failed|failed to load)", re.M)
+
+
+def load_failure(log: str) -> tuple[str | None, str]:
+    """What a failed object load stopped at, from libbpf's log: (the program
+    the kernel refused, the verifier's reason), or (None, libbpf's last
+    complaint) when no program was refused, e.g. a map it could not create."""
+    m = _PROG_FAILED.search(log)
+    if m:
+        return m.group(1), verifier_verdict(log)
+    lines = [line.strip().removeprefix("libbpf: ") for line in log.splitlines()
+             if line.startswith("libbpf: ") and ("fail" in line or "rror" in line)
+             and "failed to load object" not in line]
+    return None, lines[-1] if lines else "no log from libbpf"
 
 
 def possible_cpus() -> int:
@@ -473,7 +490,9 @@ class BpfObject:
         rc = L.bpf_object__load(self._obj)
         if rc < 0:
             log = take_log()
-            raise BpfError(f"load BPF object {os.path.basename(self.path)}", -rc, log)
+            prog, reason = load_failure(log)
+            raise BpfError(f"load BPF object {os.path.basename(self.path)}" + (f", program {prog}" if prog else ""),
+                           -rc, log, reason)
         self.loaded = True
 
     def program(self, name: str) -> Program:
