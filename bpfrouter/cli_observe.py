@@ -18,7 +18,7 @@ from .cli import cli, console, emit_json, json_options, name_option
 from .datapath import Datapath
 from .datapath import layout as lo
 from .explain import (PacketSpecError, SPEC_HELP, explain, explain_lines, frame_summary, parse_hex, parse_spec,
-                      read_pcap)
+                      read_pcap, spec_words)
 from .interfaces import Interfaces, ifname
 from .observe import read_counters
 from .telemetry import (L4_NAMES, EventStream, clock, decode_event, event_line, flow_table_stats, iter_flows_sorted,
@@ -318,9 +318,10 @@ def explain_cmd(packet, hex_bytes, pcap_path, index, iif, name, as_json, pretty)
     """Run one packet through the live program and show its decision path.
 
     PACKET: PROTO SRC[:PORT] > DST[:PORT] [iif IFACE] [ttl N] [flags SA]
-    [len N] [vlan ID], e.g. `tcp 10.0.1.2:40000 > 10.0.2.2:80 iif r-eth0`;
-    or --hex BYTES, or --pcap FILE [--index N]. Nothing is sent or counted."""
-    words = list(packet)
+    [len N] [vlan ID], e.g. 'tcp 10.0.1.2:40000 > 10.0.2.2:80 iif r-eth0'
+    (one quoted argument or several words, with '>' quoted); or --hex BYTES,
+    or --pcap FILE [--index N]. Nothing is sent or counted."""
+    words = spec_words(packet)
     if "iif" in words:
         i = words.index("iif")
         if i + 1 >= len(words):

@@ -43,6 +43,13 @@ def _endpoint(text: str, what: str):
     return addr, port
 
 
+def spec_words(args: list[str] | tuple[str, ...]) -> list[str]:
+    """The words of a description given as one quoted argument (as tcpdump
+    filters are: the shell would take an unquoted > as a redirection), as
+    several, or as a mix of both."""
+    return [w for arg in args for w in arg.split()]
+
+
 def parse_spec(words: list[str], dst_mac: bytes, src_mac: bytes = b"\x02\x00\x5e\x00\x00\x01") -> bytes:
     """Build an Ethernet frame from a short description (SPEC_HELP)."""
     from scapy.layers.inet import ICMP, IP, TCP, UDP

@@ -27,9 +27,31 @@ if [ "$(id -u)" -eq 0 ] && ! grep -qs ' /sys/fs/bpf bpf ' /proc/mounts; then
 fi
 
 PY=${PYTHON:-python3}
+LOCK=requirements.lock
+
+# --relock: resolve pyproject.toml's dependencies afresh in a scratch venv and
+# write every version it got into the lock (then run the tests and commit it)
+if [ "${1:-}" = "--relock" ]; then
+  tmp=$(mktemp -d)
+  trap 'rm -rf "$tmp"' EXIT
+  "$PY" -m venv "$tmp"
+  "$tmp/bin/pip" install -q --disable-pip-version-check -e '.[test]'
+  { echo "# The Python packages the tests passed with, installed by scripts/install-deps.sh."
+    echo "# Made by scripts/install-deps.sh --relock (pip freeze of a fresh venv); bounds in pyproject.toml."
+    "$tmp/bin/pip" freeze --exclude-editable; } > "$LOCK"
+  echo "wrote $LOCK"
+  exit 0
+fi
+
+# the venv holds exactly the locked versions: --no-deps installs nothing unlocked,
+# and pip check fails if pyproject.toml asks for a package or version the lock lacks
 stamp=.venv/.installed
-if [ ! -x .venv/bin/python ] || [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
+if [ ! -x .venv/bin/python ] || [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || [ "$LOCK" -nt "$stamp" ]; then
   [ -x .venv/bin/python ] || "$PY" -m venv .venv
-  .venv/bin/pip install -q --disable-pip-version-check -e '.[test]'
+  .venv/bin/pip install -q --disable-pip-version-check --no-deps -r "$LOCK" -e .
+  if ! problems=$(.venv/bin/pip check 2>&1); then
+    echo "bpfrouter: $LOCK does not satisfy pyproject.toml ($(echo "$problems" | head -1)); run scripts/install-deps.sh --relock" >&2
+    exit 1
+  fi
   touch "$stamp"
 fi

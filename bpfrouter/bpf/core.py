@@ -3,8 +3,10 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import errno
 import mmap
 import os
+import re
 import threading
 from dataclasses import dataclass
 from typing import Callable, Generic, Iterator, TypeVar
@@ -58,6 +60,22 @@ def verifier_verdict(log: str) -> str:
     lines = [line.strip() for line in log.splitlines()]
     lines = [line for line in lines if line and not line.startswith(_NOT_VERDICT)]
     return lines[-1] if lines else "no verifier log"
+
+
+_PROG_FAILED = re.compile(r"^libbpf: prog '([^']+)': (?:BPF program load failed|failed to load)", re.M)
+
+
+def load_failure(log: str) -> tuple[str | None, str]:
+    """What a failed object load stopped at, from libbpf's log: (the program
+    the kernel refused, the verifier's reason), or (None, libbpf's last
+    complaint) when no program was refused, e.g. a map it could not create."""
+    m = _PROG_FAILED.search(log)
+    if m:
+        return m.group(1), verifier_verdict(log)
+    lines = [line.strip().removeprefix("libbpf: ") for line in log.splitlines()
+             if line.startswith("libbpf: ") and ("fail" in line or "rror" in line)
+             and "failed to load object" not in line]
+    return None, lines[-1] if lines else "no log from libbpf"
 
 
 def possible_cpus() -> int:
@@ -472,7 +490,9 @@ class BpfObject:
         rc = L.bpf_object__load(self._obj)
         if rc < 0:
             log = take_log()
-            raise BpfError(f"load BPF object {os.path.basename(self.path)}", -rc, log)
+            prog, reason = load_failure(log)
+            raise BpfError(f"load BPF object {os.path.basename(self.path)}" + (f", program {prog}" if prog else ""),
+                           -rc, log, reason)
         self.loaded = True
 
     def program(self, name: str) -> Program:
@@ -562,17 +582,32 @@ class Btf:
 
 
 class RingBuffer:
-    """Consumes a BPF ring buffer map; callback(bytes) per record."""
+    """Consumes a BPF ring buffer map; callback(bytes) per record. An
+    exception raised by the callback stops the poll and is raised by poll()."""
+
+    _STOP = -errno.ECANCELED  # returned to libbpf, which ends the poll with it
 
     def __init__(self, map_fd: int, callback: Callable[[bytes], None]):
+        self._error: BaseException | None = None
+
         def _cb(_ctx, data, size):
-            callback(ctypes.string_at(data, size))
+            # an exception can't cross libbpf's C frames (ctypes would print it and
+            # return garbage): keep it for poll() and make libbpf stop
+            try:
+                callback(ctypes.string_at(data, size))
+            except BaseException as e:
+                self._error = e
+                return self._STOP
             return 0
         self._cb = L.RINGBUF_SAMPLE_FN(_cb)  # keep a reference for libbpf
         self._rb = L.check_ptr(L.ring_buffer__new(map_fd, self._cb, None, None), "open ring buffer")
 
     def poll(self, timeout_ms: int = 100) -> int:
+        """Records consumed; the failing one is consumed too, those after it wait for the next poll."""
         rc = L.ring_buffer__poll(self._rb, timeout_ms)
+        if self._error is not None:
+            err, self._error = self._error, None
+            raise err
         if rc == -4:  # EINTR
             return 0
         return L.check(rc, "poll ring buffer")

@@ -19,10 +19,10 @@ c_size_t = ctypes.c_size_t
 class BpfError(OSError):
     """A libbpf or bpf(2) call failed; str() is one line for the user."""
 
-    def __init__(self, what: str, err: int, detail: str = ""):
+    def __init__(self, what: str, err: int, detail: str = "", reason: str = ""):
         self.what = what
-        self.detail = detail
-        msg = f"{what}: {os.strerror(err)}"
+        self.detail = detail  # libbpf's log, e.g. the whole verifier log
+        msg = f"{what}: {os.strerror(err)}" + (f": {reason}" if reason else "")
         super().__init__(err, msg)
 
     def __str__(self) -> str:

@@ -20,7 +20,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from ..bpf import (BpfError, BpfObject, Link, Map, Program, XDP_FLAGS_DRV_MODE, XDP_FLAGS_SKB_MODE, pin_object,
-                   prog_info, verifier_verdict, xdp_query)
+                   prog_info, xdp_query)
 from . import layout as lo
 from .jiffies import JiffiesError, kernel_hz
 
@@ -197,8 +197,7 @@ class Datapath:
             try:
                 obj.load()
             except BpfError as e:
-                raise DatapathError(f"the kernel rejected the data plane ({e}): "
-                                    f"{verifier_verdict(e.detail)}") from None
+                raise DatapathError(f"the kernel rejected the data plane: {e}") from None
             pin_dir.mkdir(parents=True, exist_ok=True)
             try:
                 maps = {}

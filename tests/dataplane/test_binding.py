@@ -2,6 +2,8 @@
 per-CPU values, pinning, ring buffers, BTF."""
 import ctypes
 import os
+import re
+import subprocess
 
 import pytest
 
@@ -82,3 +84,57 @@ def test_btf_struct_layout():
     with Btf(SELFTEST) as btf:
         size, members = btf.struct("pair")
     assert size == 8 and [(m.name, m.offset, m.size) for m in members] == [("a", 0, 4), ("b", 4, 2), ("c", 6, 2)]
+
+
+def test_an_exception_in_the_ringbuf_callback_reaches_the_caller_of_poll(obj):
+    seen = []
+
+    def on_record(data: bytes) -> None:
+        n = int.from_bytes(data, "little")
+        if n == 60:
+            raise ValueError(f"bad record {n}")
+        seen.append(n)
+
+    rb = RingBuffer(obj.map_fd("events"), on_record)
+    prog = obj.program("xdp_emit_len")
+    for size in (60, 100):
+        prog.test_run(bytes(size))
+    with pytest.raises(ValueError, match="^bad record 60$"):
+        rb.poll(100)
+    assert rb.poll(100) == 1 and seen == [100]  # the record after the failing one waited for this poll
+    rb.close()
+
+
+REJECTED = r"""
+#include <linux/bpf.h>
+#include <bpf/bpf_helpers.h>
+
+SEC("xdp")
+int xdp_fine(struct xdp_md *ctx)
+{
+	return XDP_PASS;
+}
+
+/* reads the packet without checking it is that long: the verifier refuses it */
+SEC("xdp")
+int xdp_unchecked_read(struct xdp_md *ctx)
+{
+	unsigned char *data = (void *)(long)ctx->data;
+
+	return data[20] == 1 ? XDP_DROP : XDP_PASS;
+}
+
+char _license[] SEC("license") = "GPL";
+"""
+
+
+def test_a_rejected_program_is_named_with_the_verifiers_reason(tmp_path):
+    src, elf = tmp_path / "rejected.bpf.c", tmp_path / "rejected.bpf.o"
+    src.write_text(REJECTED)
+    subprocess.run([os.environ.get("CLANG", "clang-19"), "-target", "bpf", "-O2", "-g",
+                    f"-I/usr/include/{os.uname().machine}-linux-gnu", "-c", str(src), "-o", str(elf)], check=True)
+    with BpfObject(str(elf)) as o, pytest.raises(BpfError) as e:
+        o.load()
+    assert re.fullmatch(r"load BPF object rejected\.bpf\.o, program xdp_unchecked_read: Permission denied: "
+                        r"R\d offset is outside of the packet", str(e.value)), str(e.value)
+    assert "-- BEGIN PROG LOAD LOG --" in e.value.detail  # the whole log stays at hand

@@ -225,3 +225,14 @@ def test_router_without_observers_forwards_and_says_what_is_missing():
             assert p.returncode != 0 and "runs without the" in p.stderr, p.stderr
     finally:
         lab.down()
+
+
+def test_explain_takes_the_description_as_one_quoted_argument(observed_router):
+    r = observed_router
+    h1, h2 = r.lab.addr("h1"), r.lab.addr("h2")
+    assert r.ping("h1", h2, count=1)  # the neighbor is resolved
+    one = r.json("explain", f"udp {h1}:4000 > {h2}:53 iif r-eth0")
+    words = r.json("explain", "udp", f"{h1}:4000", ">", f"{h2}:53", "iif", "r-eth0")
+    assert one == words and (one["verdict"], one["reason"], one["egress"]) == ("redirect", "ipv4", "r-eth1")
+    p = r.cli("explain", f"sctp {h1} > {h2}", check=False)
+    assert p.returncode != 0 and "unknown protocol 'sctp'" in p.stderr and "Traceback" not in p.stderr, p.stderr
