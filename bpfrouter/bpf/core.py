@@ -510,6 +510,9 @@ class BpfObject:
     def map(self, name: str, key_type, value_type) -> Map:
         return Map(self.map_fd(name), key_type, value_type, name, owns_fd=False)
 
+    def program_names(self) -> list[str]:
+        return [n for n, _ in self._progs_raw()]
+
     def map_names(self) -> list[str]:
         return [n for n, _ in self._maps_raw() if not n.startswith(".") and "." not in n]
 
