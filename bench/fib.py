@@ -198,18 +198,28 @@ def load_end_to_end(fib: Fib, dp: Datapath, last, fb0: int, fb0_mac: bytes) -> d
     return {"total_s": t2 - t0, "dump_decode_s": t1 - t0, "write_probe_s": t2 - t1, "routes": len(routes)}
 
 
-def incremental_rate(fib: Fib, rng, count: int, ifindex: int, version: int = 4) -> dict[str, float]:
-    """Routes added, then withdrawn, one by one, as the agent applies netlink events."""
-    nets = internet_routes4(rng, count) if version == 4 else internet_routes6(rng, count)
-    routes = make_routes(nets, (GW4 if version == 4 else GW6)[:1], ifindex, metric=7)
+def incremental_rate(fib: Fib, dp: Datapath, rng, count: int, links: dict, version: int = 4) -> dict[str, float]:
+    """Routes added, then withdrawn, one by one, as the agent applies netlink
+    events; the last one, a host route, must be answered by the data plane
+    after the adds and gone after the withdrawals."""
+    fb0, fb0_mac = links["fb0"]
+    nets = internet_routes4(rng, count - 1) if version == 4 else internet_routes6(rng, count - 1)
+    last = LAST[version].network_address + 1
+    nets.append(ipaddress.ip_network(last))
+    routes = make_routes(nets, (GW4 if version == 4 else GW6)[:1], links["fb1"][0], metric=7)
     t = time.perf_counter()
     for r in routes:
         fib.update(r)
     t_add = time.perf_counter() - t
+    if probe(dp, last, fb0, fb0_mac).prefix != str(nets[-1]):
+        raise BenchError(f"after {count} single adds, {last} is not routed by its host route")
     t = time.perf_counter()
     for r in routes:
         fib.delete(r)
-    return {"adds_per_s": count / t_add, "withdrawals_per_s": count / (time.perf_counter() - t)}
+    t_del = time.perf_counter() - t
+    if probe(dp, last, fb0, fb0_mac).prefix == str(nets[-1]):
+        raise BenchError(f"after {count} single withdrawals, {last} is still routed by its host route")
+    return {"adds_per_s": count / t_add, "withdrawals_per_s": count / t_del}
 
 
 def main() -> None:
@@ -269,11 +279,11 @@ def main() -> None:
                     "lpm_bytes": map_memlock((dps["lpm"].fib4 if version == 4 else dps["lpm"].fib6).fd)}
                 if version == 4 and size == sizes4[-1]:
                     result["incremental_routes_per_s"] = {
-                        k: incremental_rate(fib, rng, 20_000 if args.quick else 50_000, fb1)
+                        k: incremental_rate(fib, dps[k], rng, 20_000 if args.quick else 50_000, links)
                         for k, fib in fibs.items()}
                 if version == 6:  # into the full table: single changes, with moves and rebuilds
                     result["incremental_routes_per_s_v6"] = {
-                        k: incremental_rate(fib, rng, 2_000 if args.quick else 20_000, fb1, 6)
+                        k: incremental_rate(fib, dps[k], rng, 2_000 if args.quick else 20_000, links, 6)
                         for k, fib in fibs.items()}
                 for fib in fibs.values():
                     fib.replace_all([])

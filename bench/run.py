@@ -354,7 +354,7 @@ def main() -> None:
         start_lab_router(lab, "bench")
         for v in (4, 6):
             lab.run("h1", ["ping", "-c", "1", lab.addr("h2", v)], check=True)
-        per_packet = [] if os.environ.get("BENCH_SKIP_PER_PACKET") else bench_per_packet(lab, args.quick)
+        per_packet = bench_per_packet(lab, args.quick)
         hook = idle_capture_hook()
         bpfrouter("down", "--name", "bench")
         refused = live_frames_refusal(lab)
