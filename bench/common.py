@@ -146,6 +146,9 @@ def ipv4_checksums(header: bytes, dests: np.ndarray) -> np.ndarray:
     return (~s & np.uint64(0xFFFF)).astype(np.uint16)
 
 
+RUNS_PER_LOAD = 3
+
+
 class PacketBench:
     """Runs a target XDP program on `frame`, with the next of `dests` as its
     destination each time, `packets` times in one BPF_PROG_TEST_RUN
@@ -186,16 +189,25 @@ class PacketBench:
         self.last_action = -1
 
     def run(self, target: Program, ingress_ifindex: int, packets: int) -> float:
-        """ns per packet: the harness's reset plus the target, from its first
-        instruction to its verdict. Checks that every run reached the target."""
+        """ns per packet, the fastest of RUNS_PER_LOAD runs of `packets`: the
+        harness's reset plus the target, from its first instruction to its
+        verdict. Interference (this VM's neighbours, the other core) only
+        ever adds time, and it comes in phases of seconds that double a
+        figure, so the fastest run is the figure. Checks that every run
+        reached the target; the caller checks the target's own counters for
+        RUNS_PER_LOAD * packets."""
         self.target.update(lo.u32(0), lo.u32(target.fd))
         before = self.state.lookup(lo.u32(0)).runs
-        res = self.program.test_run(self.frame, ingress_ifindex=ingress_ifindex, repeat=packets)
+        best = float("inf")
+        for _ in range(RUNS_PER_LOAD):
+            res = self.program.test_run(self.frame, ingress_ifindex=ingress_ifindex, repeat=packets)
+            best = min(best, float(res.duration_ns))
         self.last_action = res.retval  # the last packet's XDP action
-        if self.state.lookup(lo.u32(0)).runs - before != packets:
-            raise BenchError(f"{self.prog_name}: {packets} runs asked, "
-                             f"{self.state.lookup(lo.u32(0)).runs - before} reached the program under test")
-        return float(res.duration_ns)
+        reached = self.state.lookup(lo.u32(0)).runs - before
+        if reached != packets * RUNS_PER_LOAD:
+            raise BenchError(f"{self.prog_name}: {packets * RUNS_PER_LOAD} runs asked, {reached} reached the "
+                             f"program under test")
+        return best
 
     def close(self) -> None:
         self.obj.close()

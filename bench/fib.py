@@ -45,8 +45,8 @@ from bpfrouter.labroutes import internet_routes4, internet_routes6  # noqa: E402
 from bpfrouter.neighbors import Neighbors  # noqa: E402
 from bpfrouter.observe import probe  # noqa: E402
 from bpfrouter.packet import mac_bytes, udp_probe  # noqa: E402
-from common import (BASELINE, BenchError, Floor, LookupLoop, PacketBench, counted, destinations, make_routes,  # noqa: E402
-                    median, provenance, router_twin, save, start_lab_router)
+from common import (BASELINE, RUNS_PER_LOAD, BenchError, Floor, LookupLoop, PacketBench, counted,  # noqa: E402
+                    destinations, make_routes, median, provenance, router_twin, save, start_lab_router)
 
 OBJECT = str(ROOT / "build" / "router.bpf.o")
 NS = "bpfr-fibbench"
@@ -136,8 +136,9 @@ def pipeline_row(dps: dict[str, Datapath], version: int, dests: bytes, links: di
             try:
                 before = floor.forwarded()
                 ns, action = bench.run(floor.program, fb0, bench.n), bench.last_action
-                if floor.forwarded() - before != bench.n or action != XDP_REDIRECT:
-                    raise BenchError(f"the floor forwarded {floor.forwarded() - before} of {bench.n} packets")
+                if floor.forwarded() - before != bench.n * RUNS_PER_LOAD or action != XDP_REDIRECT:
+                    raise BenchError(f"the floor forwarded {floor.forwarded() - before} of "
+                                     f"{bench.n * RUNS_PER_LOAD} packets")
                 times["floor"].append(ns)
             finally:
                 floor.close()
@@ -146,9 +147,9 @@ def pipeline_row(dps: dict[str, Datapath], version: int, dests: bytes, links: di
                     before = counted(dp, fb0, reason)
                     ns, action = bench.run(twin.program(PROGRAM), fb0, bench.n), bench.last_action
                     done = counted(dp, fb0, reason) - before
-                    if done != bench.n or action != XDP_REDIRECT:
-                        raise BenchError(f"IPv{version} pipeline ({k}): {done} of {bench.n} packets counted as "
-                                         f"{reason.label}, the last one got XDP action {action}")
+                    if done != bench.n * RUNS_PER_LOAD or action != XDP_REDIRECT:
+                        raise BenchError(f"IPv{version} pipeline ({k}): {done} of {bench.n * RUNS_PER_LOAD} "
+                                         f"packets counted as {reason.label}, the last one got XDP action {action}")
                     times[k].append(ns)
     finally:
         bench.close()

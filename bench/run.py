@@ -43,8 +43,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bpfrouter import netns  # noqa: E402
-from bpfrouter.bpf import (BPF_F_TEST_XDP_LIVE_FRAMES, BpfError, BpfObject, Link, XDP_FLAGS_DRV_MODE, map_info,  # noqa: E402
-                           prog_map_ids, prog_xlated)
+from bpfrouter.bpf import (BPF_F_TEST_XDP_LIVE_FRAMES, BpfError, BpfObject, Link, XDP_FLAGS_DRV_MODE,  # noqa: E402
+                           map_info, prog_map_ids, prog_xlated)
 from bpfrouter.datapath import Datapath  # noqa: E402
 from bpfrouter.datapath import layout as lo  # noqa: E402
 from bpfrouter.datapath.datapath import PROGRAM  # noqa: E402
@@ -54,8 +54,8 @@ from bpfrouter.lab import Lab  # noqa: E402
 from bpfrouter.labroutes import internet_routes4, internet_routes6  # noqa: E402
 from bpfrouter.neighbors import Neighbors  # noqa: E402
 from bpfrouter.packet import udp_probe  # noqa: E402
-from common import (BASELINE, BenchError, Floor, PacketBench, bpfrouter, counted, destinations,  # noqa: E402
-                    make_routes, median, provenance, router_twin, save, start_lab_router)
+from common import (BASELINE, RUNS_PER_LOAD, BenchError, Floor, PacketBench, bpfrouter, counted,  # noqa: E402
+                    destinations, make_routes, median, provenance, router_twin, save, start_lab_router)
 
 OBJECT = str(ROOT / "build" / "router.bpf.o")
 XDP_PASS, XDP_REDIRECT = 2, 4
@@ -87,7 +87,8 @@ def run_case(case: Case, lab: Lab, packets: int, rounds: int) -> dict:
     _, h2_mac = lab.link("h2", "h2-eth0")
     frame = udp_probe(lab.addr("h1", case.version), lab.addr("h2", case.version), r_mac)
     bench = PacketBench(frame, case.dests, case.version)
-    targets = (["floor"] if case.floor else []) + [k for k in VARIANTS if k != "kernel FIB" or case.kernel_reason is not None]
+    targets = (["floor"] if case.floor else []) + [k for k in VARIANTS
+                                                   if k != "kernel FIB" or case.kernel_reason is not None]
     times: dict[str, list[float]] = {k: [] for k in ("harness", *targets)}
     try:
         for _ in range(rounds):
@@ -101,9 +102,10 @@ def run_case(case: Case, lab: Lab, packets: int, rounds: int) -> dict:
                     try:
                         before = floor.forwarded()
                         times[k].append(bench.run(floor.program, r_eth0, packets))
-                        if floor.forwarded() - before != packets or bench.last_action != XDP_REDIRECT:
-                            raise BenchError(f"{case.label}: the floor forwarded {floor.forwarded() - before} "
-                                             f"of {packets}")
+                        forwarded = floor.forwarded() - before
+                        if forwarded != packets * RUNS_PER_LOAD or bench.last_action != XDP_REDIRECT:
+                            raise BenchError(f"{case.label}: the floor forwarded {forwarded} "
+                                             f"of {packets * RUNS_PER_LOAD}")
                     finally:
                         floor.close()
                     continue
@@ -116,9 +118,9 @@ def run_case(case: Case, lab: Lab, packets: int, rounds: int) -> dict:
                     times[k].append(bench.run(twin.program(PROGRAM), r_eth0, packets))
                     done = counted(dp, r_eth0, reason) - before
                 want = XDP_REDIRECT if reason.verdict == "redirect" else XDP_PASS
-                if done != packets or bench.last_action != want:
-                    raise BenchError(f"{case.label} ({k}): {done} of {packets} packets counted as {reason.label}, "
-                                     f"the last one got XDP action {bench.last_action}")
+                if done != packets * RUNS_PER_LOAD or bench.last_action != want:
+                    raise BenchError(f"{case.label} ({k}): {done} of {packets * RUNS_PER_LOAD} packets counted as "
+                                     f"{reason.label}, the last one got XDP action {bench.last_action}")
     finally:
         bench.close()
     ns = {k: median(v) for k, v in times.items()}
