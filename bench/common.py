@@ -38,9 +38,12 @@ class BenchError(SystemExit):
 
 
 def bpfrouter(*args: str, netns_name: str | None = None) -> str:
-    """Run the real `bpfrouter` command, as a user would."""
+    """Run the real `bpfrouter` command, as a user would; its error stops the benchmark."""
     argv = [sys.executable, "-m", "bpfrouter"] + (["--netns", netns_name] if netns_name else []) + list(args)
-    return subprocess.run(argv, check=True, capture_output=True, text=True, cwd=ROOT).stdout
+    p = subprocess.run(argv, capture_output=True, text=True, cwd=ROOT)
+    if p.returncode:
+        raise SystemExit(f"bench setup failed: bpfrouter {' '.join(args)}: {p.stderr.strip()}")
+    return p.stdout
 
 
 def start_lab_router(lab, name: str) -> None:
