@@ -1,9 +1,11 @@
 """The agent: keeps one router's data plane in sync with the kernel and
 serves the control API (static routes) on a Unix socket.
 
-It is the only writer of the FIB, next-hop and neighbor maps. It holds no
-state that the pinned maps and the kernel cannot give back, so it can be
-killed and restarted at any time while the data plane keeps forwarding.
+It is the only writer of the FIB, next-hop and neighbor maps: an exclusive
+lock (agent.lock, flock) refuses a second agent for the same router, and the
+kernel releases it when the holder dies, so a crash never blocks a restart.
+It holds no state that the pinned maps and the kernel cannot give back, so it
+can be killed and restarted at any time while the data plane keeps forwarding.
 
 Routes follow link state too: when a link goes down, loses its carrier or an
 address, or disappears, the kernel changes routes without telling (IPv4
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import gc
 import json
 import logging
@@ -69,14 +72,41 @@ def pid_path(name: str) -> Path:
     return RUN_ROOT / name / "agent.pid"
 
 
+def lock_path(name: str) -> Path:
+    return RUN_ROOT / name / "agent.lock"
+
+
 class ApiError(Exception):
     pass
+
+
+class AgentRunning(Exception):
+    """Another agent already writes this router's maps."""
+
+
+def take_lock(name: str) -> int:
+    """Hold the router's agent lock (an fd, kept open for the process's life)
+    or raise AgentRunning. flock, not a pid check: the kernel drops it when
+    its holder dies, so a stale lock file never blocks a restart."""
+    fd = os.open(lock_path(name), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.read(fd, 32).decode(errors="replace").strip() or "unknown"
+        os.close(fd)
+        raise AgentRunning(f"an agent for router {name!r} already runs (pid {holder}); "
+                           f"stop it first with `bpfrouter agent stop --name {name}`") from None
+    os.ftruncate(fd, 0)
+    os.write(fd, f"{os.getpid()}\n".encode())
+    return fd
 
 
 class Agent:
     def __init__(self, name: str):
         self.meta = RouterMeta.load(name)
         self.name = name
+        # before anything opens the maps: a writer recovering the FIB may move blocks
+        self.lock_fd = take_lock(name)
         self.dp = Datapath.open(name, self.meta.object_path)
         self.fib = Fib(self.dp)
         self.neighbors = Neighbors(self.dp)
@@ -522,6 +552,8 @@ class Agent:
             socket_path(self.name).unlink(missing_ok=True)
             pid_path(self.name).unlink(missing_ok=True)
             log.info("agent stopped; the data plane keeps forwarding with its last state")
+            # self.lock_fd stays open until the process exits: the netlink threads may
+            # still be writing a batch, and the lock must cover every write
 
 
 def kernel_error(e: NetlinkError, args: dict) -> str:
