@@ -190,6 +190,7 @@ class Agent:
         dump, under the lock, so no API echo falls between dump and apply."""
         with self.resync_cond:
             why, self.resync_why = self.resync_why, []
+            upto = self.resync_asked  # a later request may still have older events queued
         try:
             while True:
                 pending: list = []
@@ -205,15 +206,16 @@ class Agent:
             self.stats["enobufs"] += 1
             why.append("route overrun")
         mon.conf_changed = False  # a netconf change read while draining: the dump covers it
-        self.sync_routes(", ".join(why) or "requested")
+        self.sync_routes(", ".join(why) or "requested", upto)
 
-    def sync_routes(self, why: str) -> None:
+    def sync_routes(self, why: str, upto: int | None = None) -> None:
         """Routes from a fresh dump, rewriting only what differs. Route thread only:
         it is the one that applies route events, so none can be older than the dump.
-        Every resync asked for before the dump starts is then done."""
+        Resync requests up to ticket `upto` (default: all so far) are then done."""
         t0 = time.monotonic()
-        with self.resync_cond:
-            upto = self.resync_asked
+        if upto is None:
+            with self.resync_cond:
+                upto = self.resync_asked
         with self.lock:
             routes = dump_routes(self.decoder)
             changed = self.fib.replace_all(routes)
@@ -430,6 +432,21 @@ class Agent:
             except NetlinkError as e:
                 raise ApiError(kernel_error(e, args)) from None
 
+    def _kernel_del_dead(self, spec: RouteSpec, with_metric: bool) -> bool:
+        """Delete bpfrouter's dead routes of a prefix (all next hops dead): the
+        kernel holds them, the mirror does not. False if there was none."""
+        args: dict = {"dst": str(spec.prefix), "table": TABLE_MAIN, "proto": RTPROT_BPFROUTER}
+        if with_metric:
+            args["priority"] = spec.metric
+        deleted = 0
+        while deleted < 256:  # the kernel deletes one matching route per request
+            try:
+                self._kernel("del", args)
+            except ApiError:
+                break
+            deleted += 1
+        return deleted > 0
+
     def api(self, req: dict) -> dict:
         op = req.get("op")
         args = req.get("args", [])
@@ -458,6 +475,8 @@ class Agent:
                 spec = parse_route(args, req.get("family"), need_target=False)
                 mine = [r for r in self.fib.routes(spec.prefix)
                         if r.proto == RTPROT_BPFROUTER and ("metric" not in args or r.metric == spec.metric)]
+                if not mine and self._kernel_del_dead(spec, "metric" in args):
+                    return {"prefix": str(spec.prefix)}
                 if not mine:
                     theirs = sorted({proto_name(r.proto) for r in self.fib.routes(spec.prefix)})
                     where = (f"it comes from proto {', '.join(theirs)}: remove it with `ip route del` "
