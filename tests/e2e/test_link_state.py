@@ -174,3 +174,16 @@ def test_link_deleted(bpf_router):
     finally:
         lab.run("r", ["ip", "link", "del", "r-extra"])
         lab.run("r", ["ip", "route", "flush", PREFIX[4]])
+
+
+def test_dead_bpfrouter_route_can_be_deleted(routes):
+    """A dead route is in the kernel, not in the mirror: `route del` still finds it."""
+    r, lab = routes, routes.lab
+    sysctl(lab, "net.ipv4.conf.r-eth1.ignore_routes_with_linkdown", 1)
+    lab.run("h2", ["ip", "link", "set", "h2-eth0", "down"], check=True)
+    assert wait_for(lambda: "dead" in kernel_route_flags(lab, 4, VIA_ETH1[4]), timeout=15)
+    r.cli("route", "add", "10.98.0.0/16", "via", VIA_ETH1[4])
+    assert "dead" in lab.run("r", ["ip", "route", "show", "10.98.0.0/16"], check=True).stdout
+    agree(r, "10.98.1.1", "unreachable")
+    r.cli("route", "del", "10.98.0.0/16")
+    assert lab.run("r", ["ip", "route", "show", "10.98.0.0/16"], check=True).stdout == ""
