@@ -13,6 +13,7 @@ from rich.console import Console
 from rich.table import Table
 
 from . import netns, router
+from .agent.agent import AgentRunning
 from .agent.client import AgentUnavailable, agent_pid, log_path, request, start_agent, stop_agent
 from .bpf import BpfError
 from .datapath import Datapath, DatapathError
@@ -27,8 +28,8 @@ from .routespec import RouteSpecError, parse_address, parse_route
 
 # Not on a terminal (a pipe, a log), tables keep their rows on one line.
 console = Console(highlight=False, soft_wrap=True, width=None if sys.stdout.isatty() else 200)
-USER_ERRORS = (DatapathError, BpfError, AgentUnavailable, NetnsError, RouteSpecError, LayoutMismatch,
-               InterfaceError, LabError)
+USER_ERRORS = (DatapathError, BpfError, AgentUnavailable, AgentRunning, NetnsError, RouteSpecError,
+               LayoutMismatch, InterfaceError, LabError)
 
 
 def emit_json(data, pretty: bool) -> None:

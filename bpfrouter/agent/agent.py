@@ -1,13 +1,24 @@
 """The agent: keeps one router's data plane in sync with the kernel and
 serves the control API (static routes) on a Unix socket.
 
-It is the only writer of the FIB, next-hop and neighbor maps. It holds no
-state that the pinned maps and the kernel cannot give back, so it can be
-killed and restarted at any time while the data plane keeps forwarding."""
+It is the only writer of the FIB, next-hop and neighbor maps: an exclusive
+lock (agent.lock, flock) refuses a second agent for the same router, and the
+kernel releases it when the holder dies, so a crash never blocks a restart.
+It holds no state that the pinned maps and the kernel cannot give back, so it
+can be killed and restarted at any time while the data plane keeps forwarding.
+
+Routes follow link state too: when a link goes down, loses its carrier or an
+address, or disappears, the kernel changes routes without telling (IPv4
+flushes a downed link's routes with no RTM_DELROUTE; a lost carrier flags next
+hops linkdown, dead with ignore_routes_with_linkdown). Each such change makes
+the route thread dump the routes again, after the route events queued before
+it, so the mirror ends up where the kernel is and a dump never undoes a newer
+event."""
 from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import gc
 import json
 import logging
@@ -20,7 +31,7 @@ from pathlib import Path
 
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
-from pyroute2.netlink.rtnl import RTMGRP_LINK, RTMGRP_NEIGH
+from pyroute2.netlink.rtnl import RTMGRP_IPV4_IFADDR, RTMGRP_IPV6_IFADDR, RTMGRP_LINK, RTMGRP_NEIGH
 
 from .. import capture, metrics
 from ..datapath import RUN_ROOT, Datapath, RouterMeta
@@ -30,13 +41,14 @@ from ..interfaces import Interfaces, ifname
 from ..neighbors import Neighbors
 from ..routespec import RouteSpec, RouteSpecError, parse_route
 from ..telemetry import fill_warnings, map_fill
-from .kernel import link_from_msg, neigh_from_msg
-from .rtnl import Decoder, RouteMonitor, dump_routes
+from .kernel import IFF_LOWER_UP, link_from_msg, neigh_from_msg
+from .rtnl import DeadRoute, Decoder, RouteMonitor, dead_event, dump_routes
 
 log = logging.getLogger("bpfrouter.agent")
 
 NLM_F_REPLACE = 0x100
-LINK_NEIGH_GROUPS = RTMGRP_LINK | RTMGRP_NEIGH
+# addresses too: removing one removes routes, some of them silently
+LINK_NEIGH_GROUPS = RTMGRP_LINK | RTMGRP_NEIGH | RTMGRP_IPV4_IFADDR | RTMGRP_IPV6_IFADDR
 # Receive buffer of the monitor sockets (SO_RCVBUFFORCE, so it may exceed
 # net.core.rmem_max): a full table arriving at once fits. A small value makes
 # overruns, and the resync they trigger, easy to test.
@@ -60,14 +72,41 @@ def pid_path(name: str) -> Path:
     return RUN_ROOT / name / "agent.pid"
 
 
+def lock_path(name: str) -> Path:
+    return RUN_ROOT / name / "agent.lock"
+
+
 class ApiError(Exception):
     pass
+
+
+class AgentRunning(Exception):
+    """Another agent already writes this router's maps."""
+
+
+def take_lock(name: str) -> int:
+    """Hold the router's agent lock (an fd, kept open for the process's life)
+    or raise AgentRunning. flock, not a pid check: the kernel drops it when
+    its holder dies, so a stale lock file never blocks a restart."""
+    fd = os.open(lock_path(name), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.read(fd, 32).decode(errors="replace").strip() or "unknown"
+        os.close(fd)
+        raise AgentRunning(f"an agent for router {name!r} already runs (pid {holder}); "
+                           f"stop it first with `bpfrouter agent stop --name {name}`") from None
+    os.ftruncate(fd, 0)
+    os.write(fd, f"{os.getpid()}\n".encode())
+    return fd
 
 
 class Agent:
     def __init__(self, name: str):
         self.meta = RouterMeta.load(name)
         self.name = name
+        # before anything opens the maps: a writer recovering the FIB may move blocks
+        self.lock_fd = take_lock(name)
         self.dp = Datapath.open(name, self.meta.object_path)
         self.fib = Fib(self.dp)
         self.neighbors = Neighbors(self.dp)
@@ -76,17 +115,24 @@ class Agent:
         self.stop = threading.Event()
         self.ready = threading.Event()
         self.decoder = Decoder()
+        self.link_states: dict[int, tuple] = {}  # ifindex -> LinkInfo.state, every link
+        # Route resyncs asked for by other threads, run by the route thread:
+        # (reasons, tickets asked, tickets done); the eventfd wakes it.
+        self.resync_cond = threading.Condition()
+        self.resync_why: list[str] = []
+        self.resync_asked = self.resync_done = 0
+        self.wake_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
 
         self.stats = {"started": time.time(), "events": 0, "resyncs": 0, "enobufs": 0,
                       "last_resync": None, "sync": None}
 
     # --- kernel sync -------------------------------------------------------------
     def full_sync(self, why: str) -> None:
+        """Links, neighbors and routes from fresh dumps: at start, before the
+        link thread applies events (it waits for `synced`)."""
         t0 = time.monotonic()
         self.stats["sync"] = {"phase": "dump", "routes": 0}
-        with IPRoute() as ipr:
-            links = [link_from_msg(m) for m in ipr.link("dump")]
-            neighs = [n for m in ipr.neigh("dump") if (n := neigh_from_msg(m))]
+        links, neighs = self._dump_links_neighs()
         routes = dump_routes(self.decoder, progress=lambda n: self.stats.__setitem__(
             "sync", {"phase": "dump", "routes": n}))
         self.stats["sync"] = {"phase": "apply", "routes": len(routes)}
@@ -94,14 +140,108 @@ class Agent:
             self._sync_links(links)
             changed = self.fib.replace_all(routes)
             self.neighbors.replace_all(neighs)
-            self.stats["resyncs"] += 1
-            self.stats["last_resync"] = time.time()
-            self.stats["sync"] = None
+            self._synced()
         gc.freeze()  # the mirror's million objects: out of every later collection
         log.info("full resync (%s): %d routes, %d neighbors, %d prefixes changed in %.1f ms",
                  why, len(routes), len(neighs), changed, (time.monotonic() - t0) * 1e3)
 
+    def _synced(self) -> None:
+        self.stats["resyncs"] += 1
+        self.stats["last_resync"] = time.time()
+        self.stats["sync"] = None
+
+    @staticmethod
+    def _dump_links_neighs():
+        with IPRoute() as ipr:
+            links = [link_from_msg(m) for m in ipr.link("dump")]
+            neighs = [n for m in ipr.neigh("dump") if (n := neigh_from_msg(m))]
+        return links, neighs
+
+    def sync_links_neighs(self, why: str) -> None:
+        """Links and neighbors again, on the link thread (the one that applies
+        their events), and the routes after them on the route thread: events
+        lost on the link socket may have been link changes."""
+        links, neighs = self._dump_links_neighs()
+        with self.lock:
+            self._sync_links(links)
+            self.neighbors.replace_all(neighs)
+        log.info("links and neighbors resynced (%s): %d links, %d neighbors", why, len(links), len(neighs))
+        self.request_resync(why)
+
+    def request_resync(self, why: str) -> int:
+        """Ask the route thread to dump the routes again; returns a ticket for wait_resync."""
+        with self.resync_cond:
+            if why not in self.resync_why:
+                self.resync_why.append(why)
+            self.resync_asked += 1
+            ticket = self.resync_asked
+        os.eventfd_write(self.wake_fd, 1)
+        return ticket
+
+    def wait_resync(self, ticket: int, timeout: float) -> bool:
+        with self.resync_cond:
+            return self.resync_cond.wait_for(lambda: self.resync_done >= ticket, timeout)
+
+    def _resync_routes(self, mon: RouteMonitor) -> None:
+        """Dump the routes again, asked for by another thread (link state) or a
+        netconf change. The route events queued before the request are older
+        than the change behind it: applying them after the dump could bring
+        back a route the kernel flushed silently. So they go first, then the
+        dump, under the lock, so no API echo falls between dump and apply."""
+        with self.resync_cond:
+            why, self.resync_why = self.resync_why, []
+            upto = self.resync_asked  # a later request may still have older events queued
+        try:
+            while True:
+                pending: list = []
+                if not mon.read(self.decoder, pending, 0, BATCH_ROUTES):
+                    break
+                with self.lock:
+                    self.stats["events"] += len(pending)
+                    self.fib.apply_batch(pending)
+        except OSError as e:
+            if e.errno != errno.ENOBUFS:
+                raise
+            mon.drain()  # lost events: the dump below supersedes them
+            self.stats["enobufs"] += 1
+            why.append("route overrun")
+        mon.conf_changed = False  # a netconf change read while draining: the dump covers it
+        self.sync_routes(", ".join(why) or "requested", upto)
+
+    def sync_routes(self, why: str, upto: int | None = None) -> None:
+        """Routes from a fresh dump, rewriting only what differs. Route thread only:
+        it is the one that applies route events, so none can be older than the dump.
+        Resync requests up to ticket `upto` (default: all so far) are then done."""
+        t0 = time.monotonic()
+        if upto is None:
+            with self.resync_cond:
+                upto = self.resync_asked
+        with self.lock:
+            routes = dump_routes(self.decoder)
+            changed = self.fib.replace_all(routes)
+            self._synced()
+        with self.resync_cond:
+            self.resync_done = max(self.resync_done, upto)
+            self.resync_cond.notify_all()
+        log.info("routes resynced (%s): %d routes, %d prefixes changed in %.1f ms",
+                 why, len(routes), changed, (time.monotonic() - t0) * 1e3)
+
+    def _link_event(self, event: str, li) -> None:
+        """A link's state changed (admin, carrier, operstate) or it went away:
+        the kernel changed its routes, IPv4's without notifications."""
+        if event == "RTM_DELLINK":
+            self.link_states.pop(li.ifindex, None)
+            self.request_resync(f"link {li.name} deleted")
+            return
+        before = self.link_states.get(li.ifindex)
+        self.link_states[li.ifindex] = li.state
+        # a new link (before None) has no routes yet
+        if before is not None and before != li.state:
+            carrier = "carrier" if li.state[0] & IFF_LOWER_UP else "no carrier"
+            self.request_resync(f"link {li.name} {'up' if li.up else 'down'}, {carrier}, operstate {li.state[1]}")
+
     def _sync_links(self, links) -> None:
+        self.link_states = {li.ifindex: li.state for li in links}
         configured = self.interfaces.configured()
         by_index = {li.ifindex: li for li in links}
         for ifindex in configured:
@@ -120,10 +260,15 @@ class Agent:
             if event in ("RTM_NEWROUTE", "RTM_DELROUTE"):
                 # the same decoder as the route monitor, on the message's raw bytes
                 route = self.decoder.route(msg.data, getattr(msg, "offset", 0), msg["header"]["length"])
+                replace = msg["header"]["flags"] & NLM_F_REPLACE
                 if route is None:
                     pass
+                elif event == "RTM_NEWROUTE" and route.__class__ is DeadRoute:
+                    events: list = []
+                    dead_event(route, replace, events)
+                    self.fib.apply_batch(events)
                 elif event == "RTM_NEWROUTE":
-                    self.fib.update(route, replace=bool(msg["header"]["flags"] & NLM_F_REPLACE))
+                    self.fib.update(route, replace=bool(replace))
                 else:
                     self.fib.delete(route)
             elif event in ("RTM_NEWNEIGH", "RTM_DELNEIGH"):
@@ -133,8 +278,13 @@ class Agent:
                         self.neighbors.delete(n[0], n[1])
                     else:
                         self.neighbors.set(*n)
+            elif event == "RTM_DELADDR":
+                # the address's routes go; without its device's last IPv4 address,
+                # all of the device's IPv4 routes, silently
+                self.request_resync(f"address removed from {ifname(msg['index'])}")
             elif event in ("RTM_NEWLINK", "RTM_DELLINK"):
                 li = link_from_msg(msg)
+                self._link_event(event, li)
                 if li.ifindex in self.interfaces.configured():
                     if event == "RTM_DELLINK":
                         self.interfaces.remove(li.ifindex)
@@ -153,9 +303,12 @@ class Agent:
             log.error("link/neighbor monitor did not start")
         first = True
         while not self.stop.is_set():
-            routes = RouteMonitor(NETLINK_RCVBUF)
+            routes = RouteMonitor(NETLINK_RCVBUF, self.wake_fd)
             try:
-                self.full_sync("start" if first else "monitor restart")
+                if first:
+                    self.full_sync("start")
+                else:  # the link thread runs on: links and neighbors are its own
+                    self.sync_routes("monitor restart")
                 first = False
                 self.ready.set()
                 synced.set()
@@ -170,13 +323,22 @@ class Agent:
     def _overrun(self, which: str) -> None:
         self.stats["enobufs"] += 1
         log.warning("netlink overrun (ENOBUFS) on the %s socket: events were lost, resyncing", which)
-        self.full_sync(f"{which} overrun")
+        if which == "route":
+            self.sync_routes("route overrun")
+        else:
+            self.sync_links_neighs(f"{which} overrun")
 
     def _route_loop(self, mon: RouteMonitor) -> None:
         pending: list = []
         first = 0.0
         burst = False
         while not self.stop.is_set():
+            if mon.conf_changed:  # ignore_routes_with_linkdown: routes died or revived silently
+                mon.conf_changed = False
+                self.request_resync("ignore_routes_with_linkdown changed")
+            if self.resync_why and not pending:
+                self._resync_routes(mon)
+                continue
             wait = max(0.0, first + BATCH_SECONDS - time.monotonic()) if pending else 0.5
             was_empty = not pending
             try:
@@ -222,7 +384,7 @@ class Agent:
                             self.handle(msg)
                         except Exception:
                             log.exception("failed to apply %s; resyncing", msg.get("event"))
-                            self.full_sync("apply error")
+                            self.sync_links_neighs("apply error")
             except OSError as e:
                 resync = True  # a fresh socket, then a dump
                 if e.errno != errno.ENOBUFS:
@@ -270,6 +432,21 @@ class Agent:
             except NetlinkError as e:
                 raise ApiError(kernel_error(e, args)) from None
 
+    def _kernel_del_dead(self, spec: RouteSpec, with_metric: bool) -> bool:
+        """Delete bpfrouter's dead routes of a prefix (all next hops dead): the
+        kernel holds them, the mirror does not. False if there was none."""
+        args: dict = {"dst": str(spec.prefix), "table": TABLE_MAIN, "proto": RTPROT_BPFROUTER}
+        if with_metric:
+            args["priority"] = spec.metric
+        deleted = 0
+        while deleted < 256:  # the kernel deletes one matching route per request
+            try:
+                self._kernel("del", args)
+            except ApiError:
+                break
+            deleted += 1
+        return deleted > 0
+
     def api(self, req: dict) -> dict:
         op = req.get("op")
         args = req.get("args", [])
@@ -279,9 +456,9 @@ class Agent:
             return {"pid": os.getpid(), "ready": False, **self.stats}
         if not self.ready.wait(300):
             raise ApiError("the agent is still syncing with the kernel; try again shortly")
+        if op == "ping":  # without the lock: a resync's dump holds it, and status must not wait
+            return {"pid": os.getpid(), "ready": True, **self.stats, "fib": self.fib.sizes()}
         with self.lock:
-            if op == "ping":
-                return {"pid": os.getpid(), "ready": True, **self.stats, "fib": self.fib.sizes()}
             if op in ("route_add", "route_replace"):
                 spec = parse_route(args, req.get("family"))
                 others = [r for r in self._same_slot(spec) if r.proto != RTPROT_BPFROUTER or op == "route_add"]
@@ -298,6 +475,8 @@ class Agent:
                 spec = parse_route(args, req.get("family"), need_target=False)
                 mine = [r for r in self.fib.routes(spec.prefix)
                         if r.proto == RTPROT_BPFROUTER and ("metric" not in args or r.metric == spec.metric)]
+                if not mine and self._kernel_del_dead(spec, "metric" in args):
+                    return {"prefix": str(spec.prefix)}
                 if not mine:
                     theirs = sorted({proto_name(r.proto) for r in self.fib.routes(spec.prefix)})
                     where = (f"it comes from proto {', '.join(theirs)}: remove it with `ip route del` "
@@ -311,7 +490,8 @@ class Agent:
                 return {"routes": [route_json(r, self.fib.installed_route(r.prefix)) for r in self.fib.routes()]}
             if op != "resync":
                 raise ApiError(f"unknown operation {op!r}")
-        self.full_sync("requested")
+        if not self.wait_resync(self.request_resync("requested"), 300):
+            raise ApiError("the route resync did not finish within 300 s")
         return {"resyncs": self.stats["resyncs"]}
 
     def serve(self) -> socketserver.UnixStreamServer:
@@ -391,6 +571,8 @@ class Agent:
             socket_path(self.name).unlink(missing_ok=True)
             pid_path(self.name).unlink(missing_ok=True)
             log.info("agent stopped; the data plane keeps forwarding with its last state")
+            # self.lock_fd stays open until the process exits: the netlink threads may
+            # still be writing a batch, and the lock must cover every write
 
 
 def kernel_error(e: NetlinkError, args: dict) -> str:

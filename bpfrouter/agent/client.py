@@ -1,6 +1,7 @@
 """Client side of the agent's Unix-socket API, and agent process control."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -84,15 +85,29 @@ def start_agent(name: str, netns_name: str | None, timeout: float = 300.0, progr
     raise AgentUnavailable(f"the agent did not become ready within {timeout:.0f} s; see {log_path(name)}")
 
 
+def _alive(pid: int) -> bool:
+    """Whether the process still runs (a zombie has exited and dropped its locks)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return f.read().rsplit(b")", 1)[1].split()[0] != b"Z"
+    except (FileNotFoundError, ProcessLookupError, IndexError):
+        return False
+
+
 def stop_agent(name: str, timeout: float = 10.0) -> bool:
+    """Stop the agent and wait until its process is gone: until then it holds
+    the agent lock, and an agent started at once would be refused."""
     pid = agent_pid(name)
     if pid is None:
         return False
     os.kill(pid, signal.SIGTERM)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if agent_pid(name) is None or not os.path.exists(f"/proc/{pid}"):
+        if not _alive(pid):
             return True
         time.sleep(0.05)
-    os.kill(pid, signal.SIGKILL)
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGKILL)
+    while _alive(pid) and time.monotonic() < deadline + 5:
+        time.sleep(0.05)
     return True

@@ -19,6 +19,9 @@ def neigh_from_msg(msg) -> tuple[int, IPAddress, bytes | None, int] | None:
     return msg["ifindex"], addr, mac, msg["state"]
 
 
+IFF_UP, IFF_LOWER_UP = 0x1, 0x10000
+
+
 @dataclass(frozen=True)
 class LinkInfo:
     ifindex: int
@@ -26,9 +29,11 @@ class LinkInfo:
     mac: bytes
     mtu: int
     up: bool
+    state: tuple = ()  # (IFF_UP and IFF_LOWER_UP bits, operstate): what the kernel's routes follow
 
 
 def link_from_msg(msg) -> LinkInfo:
     addr = msg.get_attr("IFLA_ADDRESS") or "00:00:00:00:00:00"
     return LinkInfo(msg["index"], msg.get_attr("IFLA_IFNAME"), bytes.fromhex(addr.replace(":", "")),
-                    msg.get_attr("IFLA_MTU") or 1500, bool(msg["flags"] & 1))
+                    msg.get_attr("IFLA_MTU") or 1500, bool(msg["flags"] & IFF_UP),
+                    (msg["flags"] & (IFF_UP | IFF_LOWER_UP), msg.get_attr("IFLA_OPERSTATE")))

@@ -92,6 +92,24 @@ def test_agent_restart_keeps_forwarding_and_resyncs(bpf_router):
     lab.run("r", ["ip", "route", "del", "10.94.0.0/16"], check=True)
 
 
+def test_second_agent_is_refused(bpf_router):
+    """One writer per router: a second agent would unlink the first one's
+    socket and both would write the maps."""
+    r, lab = bpf_router, bpf_router.lab
+    pid = r.json("status")["agent"]["pid"]
+    second = r.cli("agent", "run", check=False, timeout=60)
+    assert second.returncode != 0
+    assert second.stderr.strip().splitlines() == [second.stderr.strip()], "one line"
+    assert "already runs" in second.stderr and f"pid {pid}" in second.stderr, second.stderr
+    assert "Traceback" not in second.stderr + second.stdout
+    agent = r.json("status")["agent"]
+    assert agent["running"] and agent["pid"] == pid, "the first agent must still answer"
+    lab.run("r", ["ip", "route", "add", "10.91.0.0/16", "via", "10.0.2.2"], check=True)
+    assert wait_for(lambda: (r.json("route", "get", "10.91.0.1")["route"] or {}).get("prefix") == "10.91.0.0/16",
+                    timeout=15), "the first agent must still mirror the kernel"
+    lab.run("r", ["ip", "route", "del", "10.91.0.0/16"], check=True)
+
+
 def test_netlink_overrun_triggers_full_resync(bpf_router, tmp_path):
     r, lab = bpf_router, bpf_router.lab
     r.cli("agent", "stop")
