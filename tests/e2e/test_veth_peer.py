@@ -1,7 +1,8 @@
 """Plain veth pairs, GRO off on the hosts' ends (the veth default): frames
 redirected into such a port were dropped by the kernel while `status`
-counted them as redirected (issue 21). `up` now turns GRO on at the peer and
-says so, or refuses a peer it cannot reach."""
+counted them as redirected (issue 21). `up` now turns GRO on at the peer,
+in a named namespace or one only a process holds, and says so; it refuses a
+peer whose namespace it cannot enter."""
 import json
 import os
 import subprocess
@@ -107,3 +108,25 @@ def test_peer_in_unreachable_namespace(lab, tmp_path):
     finally:
         bpfrouter_cmd("down", "--name", lab.name)
         subprocess.run(["umount", ns_file])
+
+
+def test_peer_in_a_namespace_only_a_process_holds(lab):
+    """h1's namespace without a name, kept by a process in it (a container's
+    case): bpfrouter enters it through the process and turns GRO on."""
+    holder = lab.popen("h1", ["sleep", "600"])
+    try:
+        ns_file = f"/proc/{holder.pid}/ns/net"  # nsenter execs sleep: same pid
+        subprocess.run(["ip", "netns", "delete", lab.ns("h1")], check=True)
+        assert not gro(lab, "h1", on=False, ns_file=ns_file)
+        proc = bpfrouter_cmd("up", "r-eth0", "r-eth1", "--name", lab.name, netns=lab.router_ns)
+        assert proc.returncode == 0, proc.stderr
+        assert (f"r-eth0: veth peer h1-eth0 (the network namespace of pid {holder.pid}) had GRO off; turned it on "
+                f"so redirected frames are delivered") in proc.stdout.splitlines(), proc.stdout
+        assert gro(lab, "h1", ns_file=ns_file)
+        open(netns.path(lab.ns("h1")), "w").close()  # h1's name back, for the traffic
+        subprocess.run(["mount", "--bind", ns_file, netns.path(lab.ns("h1"))], check=True)
+        assert_pings_delivered_and_counted(lab)
+    finally:
+        bpfrouter_cmd("down", "--name", lab.name)
+        holder.kill()
+        holder.wait()
