@@ -154,7 +154,8 @@ def up(ifaces, name, fib_mode, xdp_mode, fib_impl, fib_groups, metrics_listen, o
             raise click.ClickException(str(e)) from None
     with SyncProgress("loading the data plane") as bar:
         meta = router.up(list(ifaces), name, fib_mode, xdp_mode, start=not foreground, fib_impl=fib_impl,
-                         groups=groups, progress=bar.agent, metrics=metrics_listen, observers=chosen)
+                         groups=groups, progress=bar.agent, metrics=metrics_listen, observers=chosen,
+                         notify=lambda line: console.print(line, markup=False))
     where = f" in netns {meta.netns}" if meta.netns else ""
     impl = f" ({meta.fib_impl})" if meta.fib_mode == "bpf" else ""
     console.print(f"router [bold]{meta.name}[/] up{where}: fib {meta.fib_mode}{impl}, "

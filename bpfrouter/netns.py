@@ -23,9 +23,10 @@ def exists(name: str) -> bool:
 
 
 def enter(name: str) -> None:
-    """Move the calling thread into network namespace `name`."""
+    """Move the calling thread into network namespace `name`, or into the
+    namespace file at an absolute path (/proc/PID/ns/net)."""
     try:
-        fd = os.open(path(name), os.O_RDONLY)
+        fd = os.open(name if name.startswith("/") else path(name), os.O_RDONLY)
     except FileNotFoundError:
         raise NetnsError(f"network namespace {name!r} does not exist (see `ip netns list`)") from None
     try:

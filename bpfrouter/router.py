@@ -8,7 +8,7 @@ import shutil
 
 from pyroute2 import IPRoute
 
-from . import netns
+from . import netns, veth
 from .agent.client import AgentUnavailable, agent_pid, request, start_agent, stop_agent
 from .agent.kernel import link_from_msg
 from .bpf import prog_info, xdp_query
@@ -53,7 +53,8 @@ def _read_links(ifnames: list[str]):
 def up(ifnames: list[str], name: str = DEFAULT_NAME, fib_mode: str = "bpf",
        xdp_mode: str = "native", start: bool = True, fib_impl: str = "dir",
        groups: tuple[int, int] | None = None, progress=None, metrics: str | None = None,
-       observers: list[str] | None = None) -> RouterMeta:
+       observers: list[str] | None = None, notify=None) -> RouterMeta:
+    """notify(line) reports what `up` changed outside the router (a veth peer's GRO)."""
     check_bpffs()
     validate_name(name)
     if not ifnames:
@@ -69,6 +70,12 @@ def up(ifnames: list[str], name: str = DEFAULT_NAME, fib_mode: str = "bpf",
         if prog_id:
             raise DatapathError(f"interface {li.name} already runs XDP program {prog_id} ({mode}); "
                                 f"detach it first (`ip link set {li.name} xdp off`)")
+    # Native redirects into a veth need its peer's NAPI (bpfrouter/veth.py); every
+    # peer is checked before one is changed, so a refusal changes nothing.
+    for peer in veth.peers_to_fix(ifnames) if xdp_mode == "native" else []:
+        veth.turn_gro_on(peer)
+        if notify:
+            notify(peer.fixed_line())
     object_path = default_object()
     if fib_mode == "kernel":
         fib_impl = "lpm"  # the BPF FIB only mirrors, for `route show`: keep it small
