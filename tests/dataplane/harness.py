@@ -84,7 +84,8 @@ class Env:
         return mac_str(self.mac["dpt1"])
 
 
-def _bpf_routes(ifx: dict[str, int]) -> list[Route]:
+def fixture_routes(ifx: dict[str, int]) -> list[Route]:
+    """The routes every harness data plane is loaded with (those of SETUP)."""
     n = ipaddress.ip_network
     a = ipaddress.ip_address
     U = RouteType.UNICAST
@@ -133,7 +134,7 @@ def load_datapath(name: str, object_path: str, fib_mode: lo.FibMode, impl: lo.Fi
             ifaces.configure(ifindex[d], mac[d], mtu)
         if fib_mode == lo.FibMode.BPF:
             fib = Fib(dp)
-            for r in _bpf_routes(ifindex):
+            for r in fixture_routes(ifindex):
                 fib.update(r)
             fib.close()
             nb = Neighbors(dp)
