@@ -32,7 +32,8 @@ def _sample(text: str | None = None) -> tuple[int, int]:
     if text is None:
         try:
             with open(TIMER_LIST) as f:
-                text = f.read(4096)
+                # all of it: CPU 0's active timers come before its 'jiffies:' line
+                text = f.read()
         except OSError as e:
             raise JiffiesError(f"cannot read {TIMER_LIST}: {e.strerror}") from None
     now = re.search(r"^now at (\d+) nsecs", text, re.M)

@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import contextlib
 import ipaddress
+import json
 import os
 import subprocess
 from dataclasses import dataclass
 from typing import Callable, Iterator
 
 from bpfrouter import netns
+from bpfrouter.agent.rtnl import Decoder, RouteMonitor, dump_routes
 from bpfrouter.datapath import Datapath
 from bpfrouter.datapath import layout as lo
 from bpfrouter.fib import Fib, Nexthop, Route, RouteType
@@ -24,6 +26,7 @@ from bpfrouter.interfaces import Interfaces
 from bpfrouter.neighbors import Neighbors
 from bpfrouter.observe import read_counters
 from bpfrouter.packet import mac_str
+from tests.kernelfib import KernelFib
 
 NS = f"bpfr-dpt-{os.getpid()}"
 MAC_GW = "02:00:00:00:00:02"
@@ -81,7 +84,8 @@ class Env:
         return mac_str(self.mac["dpt1"])
 
 
-def _bpf_routes(ifx: dict[str, int]) -> list[Route]:
+def fixture_routes(ifx: dict[str, int]) -> list[Route]:
+    """The routes every harness data plane is loaded with (those of SETUP)."""
     n = ipaddress.ip_network
     a = ipaddress.ip_address
     U = RouteType.UNICAST
@@ -130,7 +134,7 @@ def load_datapath(name: str, object_path: str, fib_mode: lo.FibMode, impl: lo.Fi
             ifaces.configure(ifindex[d], mac[d], mtu)
         if fib_mode == lo.FibMode.BPF:
             fib = Fib(dp)
-            for r in _bpf_routes(ifindex):
+            for r in fixture_routes(ifindex):
                 fib.update(r)
             fib.close()
             nb = Neighbors(dp)
@@ -215,3 +219,116 @@ class Case:
 
     def expect(self, mode: str) -> tuple[int, str]:
         return self.bpf if mode != "kernel" or self.kernel is None else self.kernel
+
+
+@dataclass(frozen=True)
+class KRoute:
+    """A route as a test installs it into a kernel FIB with `ip`."""
+    prefix: ipaddress.IPv4Network | ipaddress.IPv6Network
+    kind: str = "unicast"         # unicast (via gateway), local, blackhole, unreachable, prohibit
+    gateway: str | None = None
+    metric: int | None = None     # None: ip's default (0 for IPv4, 1024 for IPv6)
+    table: str = "main"
+
+    def line(self, verb: str = "add") -> str:
+        """One `ip -batch` line (the family follows from the prefix)."""
+        words = ["route", verb, self.kind, str(self.prefix)]
+        if self.kind == "unicast":
+            words += ["via", self.gateway]
+        elif self.kind == "local":
+            words += ["dev", "dpt1"]  # AnyIP: the whole prefix is the router's own
+        metric = self.metric if self.metric is not None else (0 if self.prefix.version == 4 else 1024)
+        return " ".join(words + ["metric", str(metric), "table", self.table])
+
+
+MIRRORED_TYPES = ("unicast", "local", "broadcast", "anycast", "blackhole", "unreachable", "prohibit")
+
+
+class KernelRib:
+    """A network namespace of its own whose kernel FIB is a test's RIB, as on a
+    router: the test changes routes there with `ip`, a Fib mirrors what the
+    kernel reports (its dump and its notifications, through the agent's own
+    netlink reader), and the kernel answers which route a destination takes.
+
+    It holds one veth, dpt1, with the ifindex of the harness's dpt1, so its
+    routes' next hops are ones the harness's data planes know, and only
+    routes to the gateways' subnets (10.2.0.0/24, fd02::/64 dev dpt1): no
+    address, no loopback, so every route in it is the test's."""
+
+    def __init__(self, env: Env, name: str):
+        self.ns = f"{NS}-{name}"
+        subprocess.run(["ip", "netns", "del", self.ns], capture_output=True)
+        subprocess.run(["ip", "netns", "add", self.ns], check=True)
+        try:
+            self.ip("link", "add", "dpt1", "index", str(env.ifindex["dpt1"]), "type", "veth", "peer", "name", "dpt1p")
+            netns.run_in(self.ns, _router_sysctls)
+            self.ip("link", "set", "dpt1", "up")
+            self.ip("link", "set", "dpt1p", "up")
+            self.ip("route", "add", "10.2.0.0/24", "dev", "dpt1")
+            self.ip("route", "add", "fd02::/64", "dev", "dpt1")
+            self.decoder = Decoder()
+            with netns.entered(self.ns):
+                self.monitor = RouteMonitor(64 << 20)
+            self.fib = KernelFib(self.ns)
+        except BaseException:
+            subprocess.run(["ip", "netns", "del", self.ns], capture_output=True)
+            raise
+
+    def ip(self, *args: str) -> None:
+        subprocess.run(["ip", "-n", self.ns, *args], check=True, capture_output=True, text=True)
+
+    def batch(self, lines: list[str]) -> None:
+        """Apply `ip -batch` lines; the first the kernel refuses fails the test."""
+        p = subprocess.run(["ip", "-n", self.ns, "-batch", "-"], input="\n".join(lines) + "\n",
+                           capture_output=True, text=True)
+        assert p.returncode == 0, f"the kernel refused a route: {p.stderr.strip()}"
+
+    def events(self) -> list:
+        """The route notifications since the last call, decoded as the agent's
+        monitor decodes them: (new, NLM_F_REPLACE, Route or None). They are
+        queued before `ip` returns, so nothing is waited for."""
+        out: list = []
+        while self.monitor.read(self.decoder, out, 0, 1 << 20):
+            pass
+        return out
+
+    def dump(self) -> list[Route]:
+        """A full dump, as the agent reads it on start and after an overrun."""
+        return netns.run_in(self.ns, dump_routes, self.decoder)
+
+    def prefixes(self) -> dict:
+        """The prefixes of the main and local tables whose type the agent
+        mirrors, each with its number of routes, as iproute2 lists them (not
+        through the agent's decoder)."""
+        out: dict = {}
+        for family in ("-4", "-6"):
+            p = subprocess.run(["ip", "-n", self.ns, "-j", family, "route", "show", "table", "all"],
+                               check=True, capture_output=True, text=True)
+            for r in json.loads(p.stdout):
+                if r.get("table", "main") in ("main", "local") and r.get("type", "unicast") in MIRRORED_TYPES:
+                    dst = r["dst"] if r["dst"] != "default" else ("0.0.0.0/0" if family == "-4" else "::/0")
+                    net = ipaddress.ip_network(dst)
+                    out[net] = out.get(net, 0) + 1
+        return dict(sorted(out.items(), key=lambda t: (t[0].version, int(t[0].network_address), t[0].prefixlen)))
+
+    def close(self) -> None:
+        self.fib.close()
+        self.monitor.close()
+        subprocess.run(["ip", "netns", "del", self.ns], capture_output=True)
+
+
+def _router_sysctls():
+    _sysctls()
+    # no link-local address (and no fe80::/64 route) on dpt1 and its peer
+    for dev in ("dpt1", "dpt1p"):
+        with open(f"/proc/sys/net/ipv6/conf/{dev}/addr_gen_mode", "w") as f:
+            f.write("1")
+
+
+@contextlib.contextmanager
+def kernel_rib(env: Env, name: str) -> Iterator[KernelRib]:
+    k = KernelRib(env, name)
+    try:
+        yield k
+    finally:
+        k.close()

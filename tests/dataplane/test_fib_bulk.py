@@ -1,24 +1,31 @@
 """The FIB's bulk paths (a full load, batches of kernel events, mass
-withdrawals, clearing a family) against a longest-prefix match over the
-RIB's best routes, for random destinations through the loaded program.
+withdrawals, clearing a family) and its single-event path, against the kernel.
 
-Both families share one Fib, some prefixes have several kernel routes (the
-lowest metric wins, the local table before the main one), and an agent
-restart must find nothing to change."""
+The routes go into a network namespace's kernel FIB, the RIB as on a router:
+several per prefix (different metrics, some in the local table), added,
+replaced and deleted with `ip`. A Fib mirrors what that kernel reports (its
+dump and its notifications, decoded by the agent's own netlink reader), and
+for random destinations, and the first and last address of every prefix with
+several routes, the loaded program must take the route the kernel takes
+(`ip route get fibmatch`): the kernel, not a rule written here, decides which
+route wins. An agent restart
+must find nothing to change."""
 import numpy as np
 import pytest
 
 from bpfrouter.datapath import layout as lo
-from bpfrouter.fib import TABLE_LOCAL, Fib, Route, RouteType, prefix_key
-from bpfrouter.fibcheck import sample_destinations
+from bpfrouter.fib import Fib, RouteType, prefix_key
+from bpfrouter.fibcheck import is_routable, sample_destinations
 from bpfrouter.labroutes import random_routes
-from bpfrouter.observe import probe
 
-from .harness import kernel_route, own_datapath
+from tests.kernelfib import differences
+
+from .harness import NS, KRoute, kernel_route, kernel_rib, own_datapath
 
 GATEWAYS = {4: ["10.2.0.2", "10.2.0.3", "10.2.0.9"], 6: ["fd02::2", "fd02::3"]}
 PER_FAMILY = 1500
-DESTS = 400
+DESTS = 400           # random destinations per family and check
+EDGES = 150           # prefixes per family whose first and last address are checked too
 
 
 @pytest.fixture
@@ -27,126 +34,135 @@ def dp(env):
         yield d
 
 
-def expected_best(rib: dict) -> dict:
-    """The best route per prefix: local table first, then the lowest metric."""
-    return {pk: min(routes.values(), key=lambda r: (r.table != TABLE_LOCAL, r.metric)) for pk, routes in rib.items()
-            if routes}
-
-
-def longest_match(best: dict, addr) -> Route | None:
-    width = 32 if addr.version == 4 else 128
-    raw = int(addr)
-    for length in range(width, -1, -1):
-        net = raw & (((1 << length) - 1) << (width - length)) if length else 0
-        r = best.get((addr.version, net, length))
-        if r is not None:
-            return r
-    return None
-
-
-def check(env, dp, fib: Fib, rib: dict, rng) -> None:
-    best = expected_best(rib)
-    assert fib.sizes()["ipv4"] + fib.sizes()["ipv6"] == len(best)
-    wrong = [pk for pk, r in best.items() if not r.same_forwarding(fib.installed.get(pk))]
-    assert not wrong and len(fib.installed) == len(best), f"installed differs for {wrong[:5]}"
+def check(env, k, dp, fib: Fib, rng) -> None:
+    """The mirror holds the kernel's prefixes, the maps hold what the mirror
+    installed, and the program answers as the kernel does."""
+    prefixes = k.prefixes()
+    assert fib.sizes()["ipv4"] + fib.sizes()["ipv6"] == len(prefixes) == len(fib.installed)
     in_maps = {prefix_key(prefix): v for t in fib.tables.values() for prefix, v in t.installed()}
-    stale = [pk for pk, r in best.items() if pk not in in_maps or in_maps[pk].type != r.installed_type or
-             (r.installed_type == RouteType.UNICAST and
-              fib.nexthops.by_id.get(in_maps[pk].nh_id) != r.nexthops[0])]
-    assert not stale and len(in_maps) == len(best), f"the maps differ for {stale[:5]}"
-    bad = []
+    stale = [pk for pk, r in fib.installed.items() if pk not in in_maps or in_maps[pk].type != r.installed_type or
+             (r.installed_type == RouteType.UNICAST and fib.nexthops.by_id.get(in_maps[pk].nh_id) != r.nexthops[0])]
+    assert not stale and len(in_maps) == len(fib.installed), f"the maps differ from the mirror for {stale[:5]}"
+    dests = []
     for version in (4, 6):
-        prefixes = [Route.from_key(pk, RouteType.UNICAST, (), 0, 0, 254).prefix for pk in best if pk[0] == version]
-        for dst in sample_destinations(rng, prefixes, DESTS, version):
-            want = longest_match(best, dst)
-            d = probe(dp, dst, env.ifindex["dpt0"], env.mac["dpt0"])
-            got = (d.prefix, d.route_type, d.gateway)
-            exp = (None, None, None) if want is None else (
-                str(want.prefix), want.installed_type.name.lower(),
-                str(want.nexthops[0].gateway) if want.installed_type == RouteType.UNICAST else None)
-            if got != exp:
-                bad.append(f"{dst}: data plane {got}, expected {exp}")
-    assert not bad, f"{len(bad)} wrong answers, e.g. " + "; ".join(bad[:5])
+        ours = [p for p in prefixes if p.version == version]
+        dests += sample_destinations(rng, ours, DESTS, version)
+        # the first and last address of every prefix with several routes, and of some others
+        edges = [p for p in ours if prefixes[p] > 1] + [ours[i] for i in rng.permutation(len(ours))[:EDGES].tolist()]
+        dests += [a for p in edges for a in (p.network_address, p.broadcast_address)]
+    dests = [d for d in dests if is_routable(d)]  # no martians, multicast, link-local: the kernel drops those
+    bad = differences(k.fib, dp, dests, env.ifindex["dpt0"], env.mac["dpt0"], dp_ns=NS)
+    assert not bad, f"{len(bad)} of {len(dests)} differ from the kernel, e.g. " + "; ".join(bad[:5])
 
 
-def test_bulk_loads_batches_withdrawals_and_restart_match_the_rib(env, dp):
-    rng = np.random.default_rng(5)
-    rib: dict = {}
+def covers_another(prefix, prefixes) -> bool:
+    return any(p != prefix and p.version == prefix.version and p.subnet_of(prefix) for p in prefixes)
 
-    def add(r: Route) -> None:
-        rib.setdefault(r.pkey, {})[r.key] = r
 
-    for version in (4, 6):
-        for s in random_routes(rng, PER_FAMILY, version, GATEWAYS[version]):
-            add(kernel_route(env, s.prefix, s.type, s.gateway))
-    several = list(rib)[::25]  # these get a second route: a worse metric, or the local table
-    for i, pk in enumerate(several):
-        first = next(iter(rib[pk].values()))
-        gw = GATEWAYS[pk[0]][-1]
-        add(kernel_route(env, first.prefix, "unicast", gw, metric=2000) if i % 2 else
-            Route(first.prefix, RouteType.LOCAL, (), proto=2, metric=0, table=TABLE_LOCAL))
+def second_routes(rng, routes: list[KRoute]) -> list[KRoute]:
+    """For every 25th prefix a second route: a worse metric, a better one, or
+    one in the local table (a route to the router itself, or unicast)."""
+    prefixes = {r.prefix for r in routes}
+    out = []
+    for i, r in enumerate(routes[::25]):
+        gw = GATEWAYS[r.prefix.version][-1]
+        if i % 4 == 0:
+            out.append(KRoute(r.prefix, "unicast", gw, metric=2000))
+        elif i % 4 == 1:
+            out.append(KRoute(r.prefix, "blackhole", metric=10))
+        elif r.prefix.version == 6 and covers_another(r.prefix, prefixes):
+            # IPv6 looks its local table up first as a whole, so a local-table route
+            # shadows longer main routes; the BPF FIB does not (yet): see
+            # test_fib_differential.py's xfail. Here: a worse metric instead.
+            out.append(KRoute(r.prefix, "unicast", gw, metric=3000))
+        elif i % 4 == 2:
+            out.append(KRoute(r.prefix, "local", table="local", metric=500))  # worse than main's, still first
+        else:
+            out.append(KRoute(r.prefix, "unicast", gw, metric=700, table="local"))
+    return out
 
-    fib = Fib(dp)
-    fib.recover()  # the harness's fixture routes: replaced by this table
-    fib.replace_all([r for routes in rib.values() for r in routes.values()])
-    check(env, dp, fib, rib, rng)
 
-    # a batch of withdrawals: a third of the routes, including the best of some prefixes with two
-    keys = list(rib)
-    events = []
-    for i in rng.choice(len(keys), len(keys) // 3, replace=False).tolist():
-        r = next(iter(rib[keys[i]].values()))
-        events.append((False, 0, r))
-        del rib[keys[i]][r.key]
-    fib.apply_batch(events)
-    check(env, dp, fib, rib, rng)
+def synth(rng, n: int, version: int) -> list[KRoute]:
+    return [KRoute(s.prefix, s.type, s.gateway, metric=100) for s in random_routes(rng, n, version, GATEWAYS[version])]
 
-    # a batch of announcements: new gateways (NLM_F_REPLACE) and withdrawn prefixes back
-    events = []
-    for pk in rng.permutation(np.array(keys, dtype=object))[: len(keys) // 2].tolist():
-        pk = tuple(pk)
-        prefix = Route.from_key(pk, RouteType.UNICAST, (), 0, 0, 254).prefix
-        r = kernel_route(env, prefix, "unicast", GATEWAYS[pk[0]][int(rng.integers(len(GATEWAYS[pk[0]])))])
-        for k in [k for k in rib.get(pk, {}) if k[:2] == r.key[:2]]:
-            del rib[pk][k]
-        add(r)
-        events.append((True, 0x100, r))
-    fib.apply_batch(events)
-    check(env, dp, fib, rib, rng)
 
-    # one at a time, as the API's echo arrives
-    for pk in list(rib)[:40]:
-        for r in list(rib[pk].values())[:1]:
+def apply_singly(fib: Fib, events) -> None:
+    """Notifications one by one, as the agent handles a single message."""
+    for new, replace, r in events:
+        if r is None:
+            continue
+        if new:
+            fib.update(r, replace=bool(replace))
+        else:
             fib.delete(r)
-            del rib[pk][r.key]
-    check(env, dp, fib, rib, rng)
-    fib.close()
 
-    fib = Fib(dp)  # a restarted agent: what the maps hold matches the kernel, nothing to write
-    fib.recover()
-    assert fib.replace_all([r for routes in rib.values() for r in routes.values()]) == 0
-    check(env, dp, fib, rib, rng)
 
-    # withdraw all but a few prefixes, then everything (a family cleared at once)
-    live = [r for routes in rib.values() for r in routes.values()]
-    keep = {r.pkey for r in live[:10]}
-    fib.apply_batch([(False, 0, r) for r in live if r.pkey not in keep])
-    for pk in list(rib):
-        if pk not in keep:
-            del rib[pk]
-    check(env, dp, fib, rib, rng)
-    fib.apply_batch([(False, 0, r) for r in live if r.pkey in keep])
-    rib.clear()
-    check(env, dp, fib, rib, rng)
-    assert fib.tables[4].memory()["groups_used"] == 0 and fib.tables[6].memory()["slots_used"] == 0
+def test_bulk_loads_batches_withdrawals_and_restart_match_the_kernel(env, dp):
+    rng = np.random.default_rng(5)
+    with kernel_rib(env, "bulk") as k:
+        live = [r for v in (4, 6) for r in synth(rng, PER_FAMILY, v)]
+        live += second_routes(rng, live)
+        k.batch([live[i].line() for i in rng.permutation(len(live)).tolist()])
+        fib = Fib(dp)
+        fib.recover()  # the harness's fixture routes: replaced by the kernel's
+        fib.replace_all(k.dump())
+        fib.apply_batch(k.events())  # queued while the dump ran, as the agent's monitor: nothing new
+        check(env, k, dp, fib, rng)
 
-    # and the same table loaded again into the emptied structure
-    for version in (4, 6):
-        for s in random_routes(rng, PER_FAMILY, version, GATEWAYS[version]):
-            add(kernel_route(env, s.prefix, s.type, s.gateway))
-    fib.apply_batch([(True, 0, r) for routes in rib.values() for r in routes.values()])
-    check(env, dp, fib, rib, rng)
-    fib.close()
+        # a batch of withdrawals: a third of the routes, the best of some prefixes with several among them
+        gone = set(rng.choice(len(live), len(live) // 3, replace=False).tolist())
+        k.batch([live[i].line("del") for i in sorted(gone)])
+        withdrawn = [r for i, r in enumerate(live) if i in gone]
+        live = [r for i, r in enumerate(live) if i not in gone]
+        fib.apply_batch(k.events())
+        check(env, k, dp, fib, rng)
+
+        # a batch of announcements: new gateways for main-table routes (NLM_F_REPLACE), withdrawn ones back
+        replaced = [r for r in live if r.table == "main" and r.kind == "unicast"][::3]
+        lines = []
+        for r in replaced:
+            gws = GATEWAYS[r.prefix.version]
+            new = KRoute(r.prefix, "unicast", gws[(gws.index(r.gateway) + 1) % len(gws)], r.metric, r.table)
+            lines.append(new.line("replace"))
+            live[live.index(r)] = new
+        back = withdrawn[: len(withdrawn) // 2]
+        lines += [r.line() for r in back]
+        live += back
+        k.batch(lines)
+        fib.apply_batch(k.events())
+        check(env, k, dp, fib, rng)
+
+        # one at a time, as single messages arrive
+        for r in live[:40]:
+            k.batch([r.line("del")])
+            apply_singly(fib, k.events())
+        live = live[40:]
+        check(env, k, dp, fib, rng)
+        fib.close()
+
+        fib = Fib(dp)  # a restarted agent: what the maps hold matches the kernel, nothing to write
+        fib.recover()
+        assert fib.replace_all(k.dump()) == 0
+        check(env, k, dp, fib, rng)
+
+        # withdraw all but a few prefixes, then everything, the gateways' subnets last (both families cleared)
+        keep = {r.prefix for r in live[:10]}
+        k.batch([r.line("del") for r in live if r.prefix not in keep])
+        fib.apply_batch(k.events())
+        check(env, k, dp, fib, rng)
+        k.batch([r.line("del") for r in live if r.prefix in keep] +
+                ["route del 10.2.0.0/24 dev dpt1", "route del fd02::/64 dev dpt1"])
+        fib.apply_batch(k.events())
+        assert k.prefixes() == {}
+        check(env, k, dp, fib, rng)
+        assert fib.tables[4].memory()["groups_used"] == 0 and fib.tables[6].memory()["slots_used"] == 0
+
+        # and a new table loaded into the emptied structure
+        live = [r for v in (4, 6) for r in synth(rng, PER_FAMILY, v)]
+        k.batch(["route add 10.2.0.0/24 dev dpt1", "route add fd02::/64 dev dpt1"] + [r.line() for r in live])
+        fib.apply_batch(k.events())
+        check(env, k, dp, fib, rng)
+        fib.close()
 
 
 def test_a_restarted_agent_reads_the_lpm_trie_back(env):
@@ -173,40 +189,34 @@ def test_a_restarted_agent_reads_the_lpm_trie_back(env):
 
 
 @pytest.mark.parametrize("impl", [lo.FibImpl.DIR, lo.FibImpl.LPM])
-def test_single_events_match_the_rib(env, impl):
-    """One route per event, as the agent applies most netlink messages (the
+def test_single_events_match_the_kernel(env, impl):
+    """One route per event, as the agent applies single netlink messages (the
     single-prefix path): new prefixes, replaced gateways, a second route for a
     prefix, withdrawals of the best and of the last route; the next hops'
     references follow."""
     rng = np.random.default_rng(11)
-    with own_datapath(env, "single", impl, groups=(4096, 16384)) as dp:
-        rib: dict = {}
+    with own_datapath(env, "single", impl, groups=(4096, 16384)) as dp, kernel_rib(env, "single") as k:
+        table = [r for v in (4, 6) for r in synth(rng, 400, v)]
+        k.batch([r.line() for r in table[:200] + table[400:600]])
         fib = Fib(dp)
         fib.recover()
-        table = [kernel_route(env, s.prefix, s.type, s.gateway) for version in (4, 6)
-                 for s in random_routes(rng, 400, version, GATEWAYS[version])]
-        fib.replace_all(table[:200] + table[400:600])
-        for r in table[:200] + table[400:600]:
-            rib.setdefault(r.pkey, {})[r.key] = r
-        for r in table[200:400] + table[600:]:  # new prefixes
-            fib.update(r)
-            rib.setdefault(r.pkey, {})[r.key] = r
-        for i, pk in enumerate(list(rib)[::7]):
-            first = next(iter(rib[pk].values()))
-            gw = GATEWAYS[pk[0]][i % len(GATEWAYS[pk[0]])]
+        fib.replace_all(k.dump())
+        k.events()  # the dump's routes
+        k.batch([r.line() for r in table[200:400] + table[600:]])  # new prefixes
+        apply_singly(fib, k.events())
+        lines = []
+        for i, r in enumerate(table[::7]):
+            gws = GATEWAYS[r.prefix.version]
+            gw = gws[i % len(gws)]
             if i % 3 == 0:  # NLM_F_REPLACE: a new gateway in the route's place
-                r = kernel_route(env, first.prefix, "unicast", gw)
-                fib.update(r, replace=True)
-                rib[pk] = {r.key: r}
+                lines.append(KRoute(r.prefix, "unicast", gw, r.metric).line("replace"))
             elif i % 3 == 1:  # a second route, worse, then the best withdrawn
-                r = kernel_route(env, first.prefix, "unicast", gw, metric=4000)
-                fib.update(r)
-                fib.delete(first)
-                rib[pk] = {r.key: r}
+                lines += [KRoute(r.prefix, "unicast", gw, 4000).line(), r.line("del")]
             else:  # the prefix's last route withdrawn
-                fib.delete(first)
-                del rib[pk]
-        check(env, dp, fib, rib, rng)
+                lines.append(r.line("del"))
+        k.batch(lines)
+        apply_singly(fib, k.events())
+        check(env, k, dp, fib, rng)
         unicast = sum(r.installed_type == RouteType.UNICAST for r in fib.installed.values())
         assert sum(fib.nexthops.refs.values()) == unicast
         fib.close()

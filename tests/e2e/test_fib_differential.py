@@ -1,25 +1,39 @@
 """Differential test: the data plane's FIB against the kernel's.
 
-Random overlapping route sets (every prefix length, /0../32 and /0../128,
-unicast and blackhole/unreachable/prohibit) go into the router namespace's
-kernel FIB with `ip -batch`, as a routing daemon would install them; the
-agent mirrors them. For many random destinations, the program's decision
-(what `bpfrouter route get` runs) must equal `ip route get`. Then a third of
-the routes is deleted and a fifth replaced, and the check runs again."""
+Routes go into the router namespace's kernel FIB with `ip -batch`, as a
+routing daemon would install them, and the running agent mirrors them. For
+many random destinations, the program's decision (what `bpfrouter route
+get` runs) must be the route the kernel's `ip route get fibmatch` names:
+prefix, type, gateway and device.
+
+- test_fib_matches_kernel: random overlapping route sets (every prefix
+  length, unicast and blackhole/unreachable/prohibit), then a third deleted
+  and a fifth replaced.
+- test_metrics_and_tables_match_kernel: several routes per prefix with
+  different metrics, added and deleted in random order, then routes of the
+  local table (AnyIP prefixes of type local, unicast routes, addresses)
+  over, under and beside main-table routes, then those removed again.
+
+Which route wins is the kernel's answer, never a rule written here."""
+import ipaddress
+import itertools
 import json
 import os
+import re
 
 import numpy as np
 import pytest
-from pyroute2 import IPRoute
 
 from bpfrouter import netns
 from bpfrouter.datapath import Datapath
-from bpfrouter.fibcheck import sample_destinations, verify
+from bpfrouter.fib import fib_memory
+from bpfrouter.fibcheck import is_routable, sample_destinations
 from bpfrouter.interfaces import Interfaces
 from bpfrouter.lab import Lab
 from bpfrouter.labroutes import random_routes
+from bpfrouter.observe import probe
 from tests.conftest import BPF_SKIP, bpfrouter_cmd
+from tests.kernelfib import KernelFib, Match, differences
 
 from .conftest import wait_for
 
@@ -27,6 +41,8 @@ ROUTES = {4: 3000, 6: 3000}
 DESTS = 3000
 GATEWAYS = {4: ["10.0.1.10", "10.0.1.11", "10.0.2.10", "10.0.2.11"],
             6: ["fd00:1::10", "fd00:1::11", "fd00:2::10", "fd00:2::11"]}
+MIRRORED_TYPES = ("unicast", "local", "broadcast", "anycast", "blackhole", "unreachable", "prohibit")
+SENTINELS = itertools.count(1)
 
 
 @pytest.fixture(scope="module", params=["dir", "lpm"])
@@ -47,48 +63,87 @@ def router(request):
 
 
 def kernel_prefixes(lab: Lab, version: int) -> int:
-    with IPRoute(netns=lab.router_ns) as ipr:
-        return len({(m.get_attr("RTA_DST"), m["dst_len"])
-                    for m in ipr.route("dump", family=2 if version == 4 else 10)
-                    if m.get_attr("RTA_TABLE") in (254, 255) and m["type"] != 5})
+    """The distinct prefixes of the main and local tables of a type the agent mirrors."""
+    out = lab.run("r", ["ip", "-j", f"-{version}", "route", "show", "table", "all"], check=True).stdout
+    return len({r["dst"] for r in json.loads(out)
+                if r.get("table", "main") in ("main", "local") and r.get("type", "unicast") in MIRRORED_TYPES})
 
 
-def mirrored(lab: Lab, version: int) -> int:
-    st = json.loads(bpfrouter_cmd("status", "-j", "--name", lab.name, check=True).stdout)
-    return st["fib"][f"ipv{version}"]
+def mirrored(prog: "Program", version: int) -> int:
+    """The prefixes the data plane's maps hold, counted as `bpfrouter status` does."""
+    return fib_memory(prog.dp)[version]["routes"]
 
 
 def batch(lab: Lab, tmp_path, lines: list[str]) -> None:
     f = tmp_path / "batch"
     f.write_text("\n".join(lines) + "\n")
-    lab.run("r", ["ip", "-batch", str(f)], check=True, timeout=120)
+    p = lab.run("r", ["ip", "-batch", str(f)], timeout=120)
+    failed = re.search(r"Command failed .*:(\d+)", p.stderr)
+    assert p.returncode == 0, f"the kernel refused {lines[int(failed[1]) - 1] if failed else 'a change'!r}: " \
+        f"{p.stderr.strip()}"
 
 
-def check(lab: Lab, rng, routes, version: int) -> None:
-    assert wait_for(lambda: mirrored(lab, version) == kernel_prefixes(lab, version), timeout=20), \
-        f"mirror incomplete: {mirrored(lab, version)} vs {kernel_prefixes(lab, version)} in the kernel"
-    dests = sample_destinations(rng, [r.prefix for r in routes], DESTS, version)
-    with netns.entered(lab.router_ns):
-        dp = Datapath.open(lab.name)
-        try:
-            iface = Interfaces(dp).configured()
-            iif = min(iface)
-            with IPRoute() as ipr:
-                n, bad = verify(dp, dests, iif, bytes(iface[iif].mac), ipr)
-        finally:
-            dp.close()
-    assert n == DESTS
-    assert not bad, f"{len(bad)} of {n} differ, e.g. " + "; ".join(
-        f"{m.dst}: kernel {m.kernel}, data plane {m.dataplane}" for m in bad[:5])
+class Program:
+    """The router's loaded program, probed from inside its namespace."""
+
+    def __init__(self, lab: Lab):
+        self.lab = lab
+        with netns.entered(lab.router_ns):
+            self.dp = Datapath.open(lab.name)
+            iface = Interfaces(self.dp).configured()
+        self.iif = min(iface)
+        self.mac = bytes(iface[self.iif].mac)
+
+    def probe(self, dst):
+        with netns.entered(self.lab.router_ns):
+            return probe(self.dp, dst, self.iif, self.mac)
+
+    def close(self) -> None:
+        self.dp.close()
+
+
+def settle(lab: Lab, prog: Program, version: int) -> None:
+    """Wait until the agent has applied every change made so far (a count of
+    prefixes would not tell a changed metric). The agent reads the kernel's
+    notifications in order and applies them in batches, one after the other,
+    but a batch's writes may show in any order. So: a new host route goes in
+    last, and once the program knows it, its batch was taken; then a second
+    one, which lands in a later batch: once the program knows that one, the
+    first one's batch, and all before it, are complete."""
+    for _ in range(2):
+        n = next(SENTINELS)
+        host = ipaddress.ip_network(f"198.18.{n >> 8}.{n & 255}/32" if version == 4 else f"2001:db8:ffff::{n:x}/128")
+        lab.run("r", ["ip", "route", "add", "blackhole", str(host)], check=True)
+        # its own prefix: a test's blackhole route may cover the address already
+        assert wait_for(lambda: prog.probe(host.network_address).prefix == str(host), timeout=20), \
+            f"the agent did not mirror {host}"
+
+
+def check(lab: Lab, prog: Program, rng, prefixes, version: int, dests: int = DESTS, also=()) -> None:
+    """The program against the kernel, for random destinations (half inside
+    the given prefixes) and those in also."""
+    settle(lab, prog, version)
+    assert mirrored(prog, version) == kernel_prefixes(lab, version)
+    sample = sample_destinations(rng, list(prefixes), dests, version) + [a for a in also if is_routable(a)]
+    with KernelFib(lab.router_ns) as k:
+        bad = differences(k, prog.dp, sample, prog.iif, prog.mac, dp_ns=lab.router_ns)
+    assert not bad, f"{len(bad)} of {len(sample)} differ, e.g. " + "; ".join(bad[:5])
+
+
+@pytest.fixture
+def prog(router):
+    p = Program(router)
+    yield p
+    p.close()
 
 
 @pytest.mark.parametrize("version", [4, 6])
-def test_fib_matches_kernel(router, version, tmp_path):
+def test_fib_matches_kernel(router, prog, version, tmp_path):
     lab = router
     rng = np.random.default_rng(1000 + version)
     routes = random_routes(rng, ROUTES[version], version, GATEWAYS[version])
     batch(lab, tmp_path, [r.ip_batch_line() for r in routes])
-    check(lab, rng, routes, version)
+    check(lab, prog, rng, [r.prefix for r in routes], version)
 
     order = rng.permutation(len(routes))
     deleted = [routes[i] for i in order[: len(routes) // 3]]
@@ -101,6 +156,130 @@ def test_fib_matches_kernel(router, version, tmp_path):
         else:
             lines.append(type(r)(r.prefix, "unicast", GATEWAYS[version][0]).ip_batch_line("replace"))
     batch(lab, tmp_path, lines)
-    check(lab, rng, routes, version)
+    check(lab, prog, rng, [r.prefix for r in routes], version)
     proc = bpfrouter_cmd("verify", "--count", "200", "--seed", "7", "--name", lab.name)
     assert proc.returncode == 0 and "0 differ" in proc.stdout, proc.stdout + proc.stderr
+
+
+KINDS = ("blackhole", "unreachable", "prohibit")
+
+
+def route_line(verb: str, prefix, kind: str, gateway: str | None, metric: int, table: str = "main") -> str:
+    via = f" via {gateway}" if kind == "unicast" else (" dev lo" if kind == "local" else "")
+    return f"route {verb} {kind} {prefix}{via} metric {metric} table {table}"
+
+
+def cli_match(lab: Lab, dst) -> Match:
+    """`bpfrouter route get -j` in the shape of the kernel's answer."""
+    got = json.loads(bpfrouter_cmd("route", "get", str(dst), "-j", "--name", lab.name, check=True).stdout)
+    route = got["route"]
+    if route is None:
+        return Match("none" if got["reason"] == "fib_miss" else f"reason {got['reason']}")
+    if route["type"] != "unicast":
+        return Match(route["type"], route["prefix"])
+    links = json.loads(lab.run("r", ["ip", "-j", "link"], check=True).stdout)
+    oif = {li["ifname"]: li["ifindex"] for li in links}.get(got["egress"], 0)
+    return Match("unicast", route["prefix"], (got["nexthop"] or {}).get("gateway"), oif)
+
+
+def strictly_inside(prefix, prefixes) -> bool:
+    """Does any of prefixes lie inside prefix, and is it longer?"""
+    return any(p.version == prefix.version and p.prefixlen > prefix.prefixlen and p.subnet_of(prefix)
+               for p in prefixes)
+
+
+@pytest.mark.parametrize("version", [4, 6])
+def test_metrics_and_tables_match_kernel(router, prog, version, tmp_path):
+    """Several routes per prefix (distinct metrics, mixed types), added and
+    deleted in random order; then local-table routes and addresses over,
+    under and beside them, then those removed in random order. After each
+    phase: the program against the kernel for random destinations and every
+    prefix's first and last address, and `bpfrouter route get` for a few."""
+    lab = router
+    rng = np.random.default_rng(2000 + version)
+    gws = GATEWAYS[version]
+    # what test_fib_matches_kernel left (proto boot) goes; the lab's own routes (proto kernel) stay
+    lab.run("r", ["ip", f"-{version}", "route", "flush", "table", "all", "proto", "boot"], check=True)
+
+    # 1. up to three routes for each of 150 nested prefixes, in random order
+    prefixes = [s.prefix for s in random_routes(rng, 150, version, gws)]
+    routes = []  # (prefix, kind, gateway, metric)
+    for p in prefixes:
+        for metric in rng.choice(np.arange(1, 5000), int(rng.integers(1, 4)), replace=False).tolist():
+            kind = "unicast" if rng.random() < 0.7 else KINDS[int(rng.integers(3))]
+            routes.append((p, kind, gws[int(rng.integers(len(gws)))] if kind == "unicast" else None, metric))
+    batch(lab, tmp_path, [route_line("add", *routes[i]) for i in rng.permutation(len(routes)).tolist()])
+    edges = [a for p in prefixes for a in (p.network_address, p.broadcast_address)]
+    check(lab, prog, rng, prefixes, version, 600, edges)
+
+    # 2. half of them deleted (the best of many prefixes among them), new ones with other metrics, interleaved
+    gone = set(rng.choice(len(routes), len(routes) // 2, replace=False).tolist())
+    lines = [route_line("del", *routes[i]) for i in sorted(gone)]
+    used = {(r[0], r[3]) for r in routes}
+    for p in rng.choice(np.array(prefixes, dtype=object), len(prefixes) // 3, replace=False).tolist():
+        metric = int(rng.integers(1, 6000))
+        if (p, metric) not in used:
+            used.add((p, metric))
+            lines.append(route_line("add", p, "unicast", gws[int(rng.integers(len(gws)))], metric))
+    batch(lab, tmp_path, [lines[i] for i in rng.permutation(len(lines)).tolist()])
+    check(lab, prog, rng, prefixes, version, 600, edges)
+    dst = edges[int(rng.integers(len(edges)))]
+    with KernelFib(lab.router_ns) as k:
+        assert cli_match(lab, dst).agrees(k.match(dst)), f"bpfrouter route get {dst}"
+
+    # 3. the local table: prefixes of the router's own (AnyIP) equal to, shorter than (IPv4) and
+    #    longer than main routes, unicast and blackhole routes in the local table with a worse
+    #    metric than main's, and addresses inside main routes
+    width = 32 if version == 4 else 128
+    local_lines, undo, taken = [], [], set()
+    for i, p in enumerate(rng.permutation(np.array(prefixes, dtype=object)).tolist()[:40]):
+        if i % 4 == 0 and p.prefixlen > 0 and version == 4:
+            q = p.supernet(new_prefix=int(rng.integers(0, p.prefixlen)))  # covers main routes
+        elif i % 4 == 1 and p.prefixlen < width:
+            q = next(p.subnets(new_prefix=int(rng.integers(p.prefixlen + 1, min(width, p.prefixlen + 24) + 1))))
+        else:
+            q = p
+        if q in taken or (version == 6 and strictly_inside(q, prefixes)):
+            continue  # one route each; and see test_ipv6_local_table_prefix_shadows_longer_main_routes
+        taken.add(q)
+        kind = ("local", "local", "unicast", "blackhole")[i % 4] if q == p else "local"
+        gw = gws[int(rng.integers(len(gws)))] if kind == "unicast" else None
+        local_lines.append(route_line("add", q, kind, gw, 9000, "local"))
+        undo.append(route_line("del", q, kind, gw, 9000, "local"))
+        edges += [q.network_address, q.broadcast_address]
+    for j, p in enumerate(prefixes[:6]):
+        host = p.network_address + int(rng.integers(min(p.num_addresses, 1 << 20)))
+        dev, plen = ("lo", width) if j % 2 else ("r-eth1", width - 4)  # a subnet on a port: a connected route too
+        local_lines.append(f"address add {host}/{plen} dev {dev}" + (" nodad" if version == 6 else ""))
+        undo.append(f"address del {host}/{plen} dev {dev}")
+        edges += [host, host + 1, host - 1]
+    batch(lab, tmp_path, [local_lines[i] for i in rng.permutation(len(local_lines)).tolist()])
+    check(lab, prog, rng, prefixes, version, 600, edges)
+    for dst in (edges[-1], edges[-20]):  # an address's neighbour, a local-table prefix's edge
+        with KernelFib(lab.router_ns) as k:
+            assert cli_match(lab, dst).agrees(k.match(dst)), f"bpfrouter route get {dst}"
+
+    # 4. and removed again, in random order
+    batch(lab, tmp_path, [undo[i] for i in rng.permutation(len(undo)).tolist()])
+    check(lab, prog, rng, prefixes, version, 600, edges)
+
+
+def test_ipv6_local_table_prefix_shadows_longer_main_routes(router, prog, tmp_path):
+    """IPv6 looks its local table up first as a whole (fib6_rule_lookup without
+    custom rules), so a local-table prefix wins over a longer main-table route
+    inside it; IPv4's merged table takes the longest prefix of both. The BPF
+    FIB takes the longest prefix for both families: a known bug, reported as
+    an expected failure until fixed (the test then passes)."""
+    lab = router
+    lines = ["route add fd77:0:3::/48 via fd00:1::10", "route add local fd77::/32 dev lo table local"]
+    batch(lab, tmp_path, lines)
+    try:
+        settle(lab, prog, 6)
+        dst = ipaddress.ip_address("fd77:0:3::5")
+        with KernelFib(lab.router_ns) as k:
+            assert k.match(dst) == Match("local", "fd77::/32"), "the kernel's behaviour this test is about"
+            bad = differences(k, prog.dp, [dst], prog.iif, prog.mac, dp_ns=lab.router_ns)
+    finally:
+        batch(lab, tmp_path, ["route del local fd77::/32 dev lo table local", "route del fd77:0:3::/48"])
+    if bad:
+        pytest.xfail(f"known bug, IPv6 local table not looked up first: {bad[0]}")
