@@ -153,8 +153,10 @@ def pipeline_row(dps: dict[str, Datapath], version: int, dests: bytes, links: di
                     times[k].append(ns)
     finally:
         bench.close()
-    ns = {k: median(v) for k, v in times.items()}
-    return {"harness_ns": ns["harness"], **{f"{k}_ns": ns[k] - ns["harness"] for k in ("floor", *dps)}}
+    ns = {k: min(v) for k, v in times.items()}  # interference only adds time: the fastest run
+    med = {k: median(v) for k, v in times.items()}
+    return {"harness_ns": ns["harness"], **{f"{k}_ns": ns[k] - ns["harness"] for k in ("floor", *dps)},
+            "median_ns": {k: med[k] - med["harness"] for k in ("floor", *dps)}}
 
 
 def lookup_row(dps: dict[str, Datapath], version: int, dests: bytes, fb0: int, root4, rounds: int) -> dict:
@@ -176,7 +178,7 @@ def lookup_row(dps: dict[str, Datapath], version: int, dests: bytes, fb0: int, r
     finally:
         for loop in loops.values():
             loop.close()
-    ns = {k: median(v) for k, v in times.items()}
+    ns = {k: min(v) for k, v in times.items()}
     row = {k: ns[k] for k in ("empty_ns", "dir_ns", "lpm_ns", "fib_lookup_ns", "dir24_ns") if k in ns}
     if version == 4:
         row["dir_steps_ns"] = {step: ns[f"dir_{step}_ns"] for step in DIR4_STEPS}
@@ -239,7 +241,8 @@ def main() -> None:
     fb0, fb0_mac = links["fb0"]
     fb1, _ = links["fb1"]
     result: dict = {"provenance": provenance("make bench-fib" + (" ARGS=--quick" if args.quick else "")),
-                    "destinations": n, "rounds": rounds, "statistic": "median", "pipeline": [], "lookups": [],
+                    "destinations": n, "rounds": rounds, "statistic": "fastest run over the rounds",
+                    "pipeline": [], "lookups": [],
                     "load": {}, "memory": {}}
     dps: dict[str, Datapath] = {}
     try:
@@ -403,9 +406,9 @@ def sync_at_scale(n: int, chunks: int = 20) -> dict:
 def report(r: dict) -> None:
     p = r["provenance"]
     print(f"\n{p['command']} at {p['commit']} on {p['cpu']} ({p['cpus']} CPUs, kernel {p['kernel']})")
-    print(f"\nwhat a packet pays: the attached XDP program, parse to redirect, ns per packet over "
-          f"{r['destinations']} random\ndestinations hitting the table ({r['statistic']} of {r['rounds']} rounds, "
-          f"fresh loads; every packet checked forwarded):")
+    print(f"\nwhat a packet pays: the router's XDP program (observers off: this table compares FIBs), parse to "
+          f"redirect,\nns per packet over {r['destinations']} random destinations hitting the table (fastest run of "
+          f"{r['rounds']} rounds\nof fresh loads; every packet checked forwarded):")
     print(f"  {'table':13} {'floor':>6} {'DIR':>6} {'LPM':>7} {'kernel':>7} {'DIR/floor':>9} {'LPM/DIR':>8} "
           f"{'kern/DIR':>8}")
     for x in r["pipeline"]:

@@ -77,11 +77,13 @@ class Case:
 
 
 def run_case(case: Case, lab: Lab, packets: int, rounds: int) -> dict:
-    """Median ns per packet of each target over `rounds` rounds; every round
-    loads every program afresh (JIT placement moves a program's cost by
-    several ns) and takes the targets in turn, so that a slow phase of the
-    host lands on every column. The harness's own cost (reset and a tail
-    call into xdp_pass) is taken off every figure."""
+    """ns per packet of each target: the fastest run over `rounds` rounds
+    (the median is kept in the JSON). Every round loads every program afresh
+    (JIT placement moves a program's cost) and takes the targets in turn.
+    This VM's interference comes in phases of seconds that can double a
+    figure and only ever adds time, so the fastest run is the figure. The
+    harness's own cost (reset and a tail call into xdp_pass) is taken off
+    every figure."""
     r_eth0, r_mac = lab.link("r", "r-eth0")
     r_eth1, r1_mac = lab.link("r", "r-eth1")
     _, h2_mac = lab.link("h2", "h2-eth0")
@@ -123,8 +125,10 @@ def run_case(case: Case, lab: Lab, packets: int, rounds: int) -> dict:
                                      f"{reason.label}, the last one got XDP action {bench.last_action}")
     finally:
         bench.close()
-    ns = {k: median(v) for k, v in times.items()}
-    return {"case": case.label, "harness_ns": ns["harness"], **{k: ns[k] - ns["harness"] for k in targets}}
+    ns = {k: min(v) for k, v in times.items()}
+    med = {k: median(v) for k, v in times.items()}
+    return {"case": case.label, "harness_ns": ns["harness"], **{k: ns[k] - ns["harness"] for k in targets},
+            "median": {k: med[k] - med["harness"] for k in targets}}
 
 
 def cold_datapath(lab: Lab, version: int, size: int, rng) -> tuple[Datapath, Fib, bytes]:
@@ -365,7 +369,8 @@ def main() -> None:
         lab.down()
     result = {
         "provenance": provenance("make bench" + (" ARGS=--quick" if args.quick else "")),
-        "per_packet": {"statistic": "median", "method": "pktbench.bpf.c: one BPF_PROG_TEST_RUN, each run restores "
+        "per_packet": {"statistic": "fastest run over the rounds (each row's 'median' beside it)",
+                       "method": "pktbench.bpf.c: one BPF_PROG_TEST_RUN, each run restores "
                        "the frame with its next destination and tail-calls the program; ns per packet above the "
                        "harness alone", "rows": per_packet},
         "idle_capture_hook": hook, "capture_hook_target_ns": 2, "observers_target_extra_ns": 15,
@@ -387,8 +392,8 @@ def report(r: dict, saved: Path) -> None:
     print(f"{p['command']} at {p['commit']} on {p['cpu']} ({p['cpus']} CPUs, kernel {p['kernel']})")
     rows = r["per_packet"]["rows"]
     print(f"\nwhat a packet pays: the attached XDP program, parse to verdict, ns per packet "
-          f"({rows[0]['packets']} packets per run,\nmedian of {rows[0]['rounds']} rounds of fresh loads; every "
-          f"packet checked through the counters):")
+          f"({rows[0]['packets']} packets per run,\nfastest run of {rows[0]['rounds']} rounds of fresh loads; "
+          f"every packet checked through the counters):")
     print(f"  {'case':34} {'floor':>6} {'bpfrouter':>9} {'/floor':>7} {'kernel FIB':>10}")
     for x in rows:
         floor = x.get("floor")
