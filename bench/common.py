@@ -152,6 +152,23 @@ def ipv4_checksums(header: bytes, dests: np.ndarray) -> np.ndarray:
 RUNS_PER_LOAD = 3
 
 
+def write_destinations(obj: BpfObject, version: int, dests: bytes, header: bytes | None = None) -> None:
+    """Network-order addresses into bench_dst4/6 (include/benchdst.h); for
+    IPv4 with `header`, each with the checksum of that header carrying it."""
+    m = obj.map(f"bench_dst{version}", lo.u32, ctypes.c_uint8 * (8 if version == 4 else 16))
+    if version == 4:
+        rec = np.zeros(len(dests) // 4, [("addr", ">u4"), ("check", ">u2"), ("pad", "u2")])
+        rec["addr"] = np.frombuffer(dests, ">u4")
+        if header is not None:
+            rec["check"] = ipv4_checksums(header, rec["addr"].astype(np.uint64))
+        dests = rec.tobytes()
+    mm = m.mmap()
+    try:
+        mm[: len(dests)] = dests
+    finally:
+        mm.close()
+
+
 class PacketBench:
     """Runs a target XDP program on `frame`, with the next of `dests` as its
     destination each time, `packets` times in one BPF_PROG_TEST_RUN
@@ -170,19 +187,7 @@ class PacketBench:
             self.obj.set_rodata("bench_n", ctypes.c_uint32(self.n))
             self.obj.set_rodata("bench_eth", (ctypes.c_uint8 * 14)(*frame[:14]))
             self.obj.load()
-            m = self.obj.map(f"bench_dst{version}", lo.u32, ctypes.c_uint8 * (8 if version == 4 else 16))
-            mm = m.mmap()
-            try:
-                if version == 4:
-                    rec = np.zeros(self.n, [("addr", ">u4"), ("check", ">u2"), ("pad", "u2")])
-                    rec["addr"] = np.frombuffer(dests, ">u4")
-                    rec["check"] = ipv4_checksums(frame[14:34], rec["addr"].astype(np.uint64))
-                    raw = rec.tobytes()
-                else:
-                    raw = dests
-                mm[: len(raw)] = raw
-            finally:
-                mm.close()
+            write_destinations(self.obj, version, dests, frame[14:34])
         except BaseException:
             self.obj.close()
             raise
@@ -288,12 +293,7 @@ class LookupLoop:
             self.obj.set_rodata("bench_ifindex", ctypes.c_uint32(ifindex))
             self.obj.load()
             for version, raw in dests.items():
-                if version == 4:  # array elements are 8-byte aligned: struct dst4 { addr; pad; }
-                    raw = np.frombuffer(raw, np.uint32).astype(np.uint64).tobytes()
-                m = self.obj.map(f"bench_dst{version}", lo.u32, ctypes.c_uint8 * (8 if version == 4 else 16))
-                mm = m.mmap()
-                mm[: len(raw)] = raw
-                mm.close()
+                write_destinations(self.obj, version, raw)
             if root4 is not None:
                 mm = self.obj.map("bench_root4", lo.u32, lo.DirChunk).mmap()
                 np.frombuffer(mm, np.uint32)[:] = root4

@@ -11,35 +11,7 @@
  * lookup that finds a forwarding route counts a hit, which the reader
  * checks. */
 #include "include/fib.h"
-
-#define BENCH_MAX (1 << 21)
-
-struct dst6 {
-	__u8 a[16];
-};
-
-/* An array map's elements are 8-byte aligned: spelled out, so that the
- * writer (bench/common.py) uses the same stride as the kernel. */
-struct dst4 {
-	__be32 a;
-	__u32 pad;
-};
-
-struct {
-	__uint(type, BPF_MAP_TYPE_ARRAY);
-	__uint(max_entries, BENCH_MAX);
-	__uint(map_flags, BPF_F_MMAPABLE);
-	__type(key, __u32);
-	__type(value, struct dst4);
-} bench_dst4 SEC(".maps");
-
-struct {
-	__uint(type, BPF_MAP_TYPE_ARRAY);
-	__uint(max_entries, BENCH_MAX);
-	__uint(map_flags, BPF_F_MMAPABLE);
-	__type(key, __u32);
-	__type(value, struct dst6);
-} bench_dst6 SEC(".maps");
+#include "include/benchdst.h"
 
 /* The kernel cuts a may_goto loop off after a time limit (250 ms on x86),
  * which 1M LPM lookups exceed: the reader sets where a run starts and reads
@@ -172,18 +144,18 @@ static __always_inline __u64 kernel6(struct xdp_md *ctx, const __u8 *dst)
 	return kernel_hit(bpf_fib_lookup(ctx, &p, sizeof(p), 0)) + p.ifindex;
 }
 
-FAST_LOOP(bench_empty4, bench_dst4, struct dst4, c->acc += d->a)
-FAST_LOOP(bench_dir4, bench_dst4, struct dst4, c->acc += dir4(d->a))
-FAST_LOOP(bench_dir24_4, bench_dst4, struct dst4, c->acc += dir24_4(d->a))
+FAST_LOOP(bench_empty4, bench_dst4, struct dst4, c->acc += d->addr)
+FAST_LOOP(bench_dir4, bench_dst4, struct dst4, c->acc += dir4(d->addr))
+FAST_LOOP(bench_dir24_4, bench_dst4, struct dst4, c->acc += dir24_4(d->addr))
 /* The IPv4 DIR lookup stopped after each of its steps (dirfib.h). */
-FAST_LOOP(bench_dir4_top, bench_dst4, struct dst4, c->acc += dir4_root_walk(bpf_ntohl(d->a) >> 8, DIR4_TOP))
-FAST_LOOP(bench_dir4_block, bench_dst4, struct dst4, c->acc += dir4_root_walk(bpf_ntohl(d->a) >> 8, DIR4_BLOCK))
-FAST_LOOP(bench_dir4_rank, bench_dst4, struct dst4, c->acc += dir4_root_walk(bpf_ntohl(d->a) >> 8, DIR4_RANK))
-FAST_LOOP(bench_lpm4, bench_dst4, struct dst4, c->acc += lpm4(d->a))
-FAST_LOOP(bench_kernel4, bench_dst4, struct dst4, c->acc += kernel4(c->xdp, d->a))
-FAST_LOOP(bench_empty6, bench_dst6, struct dst6, c->acc += d->a[15])
-FAST_LOOP(bench_dir6, bench_dst6, struct dst6, c->acc += dir6(d->a))
-FAST_LOOP(bench_lpm6, bench_dst6, struct dst6, c->acc += lpm6(d->a))
-FAST_LOOP(bench_kernel6, bench_dst6, struct dst6, c->acc += kernel6(c->xdp, d->a))
+FAST_LOOP(bench_dir4_top, bench_dst4, struct dst4, c->acc += dir4_root_walk(bpf_ntohl(d->addr) >> 8, DIR4_TOP))
+FAST_LOOP(bench_dir4_block, bench_dst4, struct dst4, c->acc += dir4_root_walk(bpf_ntohl(d->addr) >> 8, DIR4_BLOCK))
+FAST_LOOP(bench_dir4_rank, bench_dst4, struct dst4, c->acc += dir4_root_walk(bpf_ntohl(d->addr) >> 8, DIR4_RANK))
+FAST_LOOP(bench_lpm4, bench_dst4, struct dst4, c->acc += lpm4(d->addr))
+FAST_LOOP(bench_kernel4, bench_dst4, struct dst4, c->acc += kernel4(c->xdp, d->addr))
+FAST_LOOP(bench_empty6, bench_dst6, struct dst6, c->acc += d->addr[15])
+FAST_LOOP(bench_dir6, bench_dst6, struct dst6, c->acc += dir6(d->addr))
+FAST_LOOP(bench_lpm6, bench_dst6, struct dst6, c->acc += lpm6(d->addr))
+FAST_LOOP(bench_kernel6, bench_dst6, struct dst6, c->acc += kernel6(c->xdp, d->addr))
 
 char _license[] SEC("license") = "GPL";

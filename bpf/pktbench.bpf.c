@@ -15,36 +15,7 @@
 #include <linux/ip.h>
 #include <linux/ipv6.h>
 #include <bpf/bpf_helpers.h>
-
-#define BENCH_MAX (1 << 21)
-
-/* An IPv4 destination and the header checksum that goes with it (computed
- * by the writer): a forwarder that verifies checksums sees valid headers. */
-struct dst4 {
-	__be32 addr;
-	__u16 check;
-	__u16 pad;
-};
-
-struct dst6 {
-	__u8 addr[16];
-};
-
-struct {
-	__uint(type, BPF_MAP_TYPE_ARRAY);
-	__uint(max_entries, BENCH_MAX);
-	__uint(map_flags, BPF_F_MMAPABLE);
-	__type(key, __u32);
-	__type(value, struct dst4);
-} bench_dst4 SEC(".maps");
-
-struct {
-	__uint(type, BPF_MAP_TYPE_ARRAY);
-	__uint(max_entries, BENCH_MAX);
-	__uint(map_flags, BPF_F_MMAPABLE);
-	__type(key, __u32);
-	__type(value, struct dst6);
-} bench_dst6 SEC(".maps");
+#include "include/benchdst.h"
 
 /* Slot 0: the program under test. */
 struct {
