@@ -6,6 +6,7 @@ from __future__ import annotations
 import ctypes
 import ipaddress
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -73,7 +74,6 @@ def git_commit() -> str:
 
 def provenance(command: str) -> dict:
     """What every published figure names: the command, the commit, the CPU."""
-    import os
     return {"command": command, "commit": git_commit(), "cpu": cpu_model(), "cpus": os.cpu_count(),
             "kernel": os.uname().release}
 
@@ -150,6 +150,7 @@ def ipv4_checksums(header: bytes, dests: np.ndarray) -> np.ndarray:
 
 
 RUNS_PER_LOAD = 3
+XDP_PASS, XDP_REDIRECT = 2, 4
 
 
 def write_destinations(obj: BpfObject, version: int, dests: bytes, header: bytes | None = None) -> None:
@@ -217,8 +218,49 @@ class PacketBench:
                              f"program under test")
         return best
 
+    def run_harness(self, ingress_ifindex: int, packets: int) -> float:
+        """The harness's own cost: the reset and a tail call into xdp_pass."""
+        with BpfObject(BASELINE) as base:
+            base.only_programs("xdp_pass")
+            base.load()
+            return self.run(base.program("xdp_pass"), ingress_ifindex, packets)
+
+    def run_floor(self, floor: "Floor", ingress_ifindex: int, packets: int) -> float:
+        """The floor, every packet checked forwarded through its counter."""
+        before = floor.forwarded()
+        ns = self.run(floor.program, ingress_ifindex, packets)
+        forwarded = floor.forwarded() - before
+        if forwarded != packets * RUNS_PER_LOAD or self.last_action != XDP_REDIRECT:
+            raise BenchError(f"the floor forwarded {forwarded} of {packets * RUNS_PER_LOAD} packets")
+        return ns
+
+    def run_router(self, dp: Datapath, fib_mode: lo.FibMode, fib_impl: lo.FibImpl, observe: int,
+                   ingress_ifindex: int, packets: int, reason: lo.Reason) -> float:
+        """A fresh twin of dp's program: every packet must be counted with
+        `reason` on the ingress port, and the last get that reason's action."""
+        with router_twin(dp, fib_mode, fib_impl, observe) as twin:
+            before = counted(dp, ingress_ifindex, reason)
+            ns = self.run(twin.program(PROGRAM), ingress_ifindex, packets)
+            done = counted(dp, ingress_ifindex, reason) - before
+        want = XDP_REDIRECT if reason.verdict == "redirect" else XDP_PASS
+        if done != packets * RUNS_PER_LOAD or self.last_action != want:
+            raise BenchError(f"{self.prog_name} through {fib_mode.name.lower()}/{fib_impl.name.lower()} "
+                             f"(observers {observe}): {done} of {packets * RUNS_PER_LOAD} packets counted as "
+                             f"{reason.label}, the last one got XDP action {self.last_action}")
+        return ns
+
     def close(self) -> None:
         self.obj.close()
+
+
+def fastest_above_harness(times: dict[str, list[float]]) -> dict:
+    """Each target's fastest run (interference only adds time) and its
+    median, both less the harness's own cost (times["harness"])."""
+    fast = {k: min(v) for k, v in times.items()}
+    med = {k: median(v) for k, v in times.items()}
+    targets = [k for k in times if k != "harness"]
+    return {"harness_ns": fast["harness"], **{k: fast[k] - fast["harness"] for k in targets},
+            "median": {k: med[k] - med["harness"] for k in targets}}
 
 
 def median(xs: list[float]) -> float:

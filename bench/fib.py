@@ -35,9 +35,7 @@ sys.path.insert(0, str(ROOT))
 from bpfrouter import netns  # noqa: E402
 from bpfrouter.agent.agent import GC_THRESHOLDS  # noqa: E402
 from bpfrouter.agent.rtnl import Decoder, dump_routes  # noqa: E402
-from bpfrouter.bpf import BpfObject  # noqa: E402
 from bpfrouter.datapath import Datapath  # noqa: E402
-from bpfrouter.datapath.datapath import PROGRAM  # noqa: E402
 from bpfrouter.datapath import layout as lo  # noqa: E402
 from bpfrouter.fib import Fib, map_memlock  # noqa: E402
 from bpfrouter.interfaces import Interfaces  # noqa: E402
@@ -45,8 +43,8 @@ from bpfrouter.labroutes import internet_routes4, internet_routes6  # noqa: E402
 from bpfrouter.neighbors import Neighbors  # noqa: E402
 from bpfrouter.observe import probe  # noqa: E402
 from bpfrouter.packet import mac_bytes, udp_probe  # noqa: E402
-from common import (BASELINE, RUNS_PER_LOAD, BenchError, Floor, LookupLoop, PacketBench, counted,  # noqa: E402
-                    destinations, make_routes, median, provenance, router_twin, save, start_lab_router)
+from common import (BenchError, Floor, LookupLoop, PacketBench, destinations, fastest_above_harness,  # noqa: E402
+                    make_routes, provenance, save, start_lab_router)
 
 OBJECT = str(ROOT / "build" / "router.bpf.o")
 NS = "bpfr-fibbench"
@@ -57,7 +55,6 @@ GW_MAC = bytes.fromhex("020000000001")
 # name -> (FIB mode, FIB structure): the three data planes every row compares
 FIBS = {"dir": (lo.FibMode.BPF, lo.FibImpl.DIR), "lpm": (lo.FibMode.BPF, lo.FibImpl.LPM),
         "kernel": (lo.FibMode.KERNEL, lo.FibImpl.LPM)}
-XDP_REDIRECT = 4
 
 
 def sh(*args: str) -> None:
@@ -128,35 +125,19 @@ def pipeline_row(dps: dict[str, Datapath], version: int, dests: bytes, links: di
     times: dict[str, list[float]] = {k: [] for k in ("harness", "floor", *dps)}
     try:
         for _ in range(rounds):
-            with BpfObject(BASELINE) as base:
-                base.only_programs("xdp_pass")
-                base.load()
-                times["harness"].append(bench.run(base.program("xdp_pass"), fb0, bench.n))
+            times["harness"].append(bench.run_harness(fb0, bench.n))
             floor = Floor(fb1, GW_MAC, fb1_mac)
             try:
-                before = floor.forwarded()
-                ns, action = bench.run(floor.program, fb0, bench.n), bench.last_action
-                if floor.forwarded() - before != bench.n * RUNS_PER_LOAD or action != XDP_REDIRECT:
-                    raise BenchError(f"the floor forwarded {floor.forwarded() - before} of "
-                                     f"{bench.n * RUNS_PER_LOAD} packets")
-                times["floor"].append(ns)
+                times["floor"].append(bench.run_floor(floor, fb0, bench.n))
             finally:
                 floor.close()
             for k, dp in dps.items():
-                with router_twin(dp, *FIBS[k], observe=0) as twin:
-                    before = counted(dp, fb0, reason)
-                    ns, action = bench.run(twin.program(PROGRAM), fb0, bench.n), bench.last_action
-                    done = counted(dp, fb0, reason) - before
-                    if done != bench.n * RUNS_PER_LOAD or action != XDP_REDIRECT:
-                        raise BenchError(f"IPv{version} pipeline ({k}): {done} of {bench.n * RUNS_PER_LOAD} "
-                                         f"packets counted as {reason.label}, the last one got XDP action {action}")
-                    times[k].append(ns)
+                times[k].append(bench.run_router(dp, *FIBS[k], 0, fb0, bench.n, reason))
     finally:
         bench.close()
-    ns = {k: min(v) for k, v in times.items()}  # interference only adds time: the fastest run
-    med = {k: median(v) for k, v in times.items()}
-    return {"harness_ns": ns["harness"], **{f"{k}_ns": ns[k] - ns["harness"] for k in ("floor", *dps)},
-            "median_ns": {k: med[k] - med["harness"] for k in ("floor", *dps)}}
+    row = fastest_above_harness(times)
+    return {"harness_ns": row["harness_ns"], **{f"{k}_ns": row[k] for k in ("floor", *dps)},
+            "median_ns": row["median"]}
 
 
 def lookup_row(dps: dict[str, Datapath], version: int, dests: bytes, fb0: int, root4, rounds: int) -> dict:

@@ -47,18 +47,16 @@ from bpfrouter.bpf import (BPF_F_TEST_XDP_LIVE_FRAMES, BpfError, BpfObject, Link
                            map_info, prog_map_ids, prog_xlated)
 from bpfrouter.datapath import Datapath  # noqa: E402
 from bpfrouter.datapath import layout as lo  # noqa: E402
-from bpfrouter.datapath.datapath import PROGRAM  # noqa: E402
 from bpfrouter.fib import Fib  # noqa: E402
 from bpfrouter.interfaces import Interfaces  # noqa: E402
 from bpfrouter.lab import Lab  # noqa: E402
 from bpfrouter.labroutes import internet_routes4, internet_routes6  # noqa: E402
 from bpfrouter.neighbors import Neighbors  # noqa: E402
 from bpfrouter.packet import udp_probe  # noqa: E402
-from common import (BASELINE, RUNS_PER_LOAD, BenchError, Floor, PacketBench, bpfrouter, counted,  # noqa: E402
-                    destinations, make_routes, median, provenance, router_twin, save, start_lab_router)
+from common import (BASELINE, Floor, PacketBench, bpfrouter, destinations, fastest_above_harness,  # noqa: E402
+                    make_routes, provenance, save, start_lab_router)
 
 OBJECT = str(ROOT / "build" / "router.bpf.o")
-XDP_PASS, XDP_REDIRECT = 2, 4
 ALL_OBSERVERS = lo.OBS_F_EVENTS | lo.OBS_F_FLOWS  # what `bpfrouter up` attaches (the capture hook is swapped in)
 # column -> (FIB mode, OBS_F_* compiled in); "floor" is the minimal forwarder
 VARIANTS = {"bpfrouter": (lo.FibMode.BPF, ALL_OBSERVERS), "no observers": (lo.FibMode.BPF, 0),
@@ -94,41 +92,23 @@ def run_case(case: Case, lab: Lab, packets: int, rounds: int) -> dict:
     times: dict[str, list[float]] = {k: [] for k in ("harness", *targets)}
     try:
         for _ in range(rounds):
-            with BpfObject(BASELINE) as base:
-                base.only_programs("xdp_pass")
-                base.load()
-                times["harness"].append(bench.run(base.program("xdp_pass"), r_eth0, packets))
+            times["harness"].append(bench.run_harness(r_eth0, packets))
             for k in targets:
                 if k == "floor":
                     floor = Floor(r_eth1, h2_mac, r1_mac)
                     try:
-                        before = floor.forwarded()
-                        times[k].append(bench.run(floor.program, r_eth0, packets))
-                        forwarded = floor.forwarded() - before
-                        if forwarded != packets * RUNS_PER_LOAD or bench.last_action != XDP_REDIRECT:
-                            raise BenchError(f"{case.label}: the floor forwarded {forwarded} "
-                                             f"of {packets * RUNS_PER_LOAD}")
+                        times[k].append(bench.run_floor(floor, r_eth0, packets))
                     finally:
                         floor.close()
                     continue
                 mode, observe = VARIANTS[k]
-                dp = case.dps["kernel" if mode == lo.FibMode.KERNEL else "bpf"]
-                reason = case.kernel_reason if mode == lo.FibMode.KERNEL else case.reason
-                with router_twin(dp, mode, lo.FibImpl.DIR if mode == lo.FibMode.BPF else lo.FibImpl.LPM,
-                                 observe) as twin:
-                    before = counted(dp, r_eth0, reason)
-                    times[k].append(bench.run(twin.program(PROGRAM), r_eth0, packets))
-                    done = counted(dp, r_eth0, reason) - before
-                want = XDP_REDIRECT if reason.verdict == "redirect" else XDP_PASS
-                if done != packets * RUNS_PER_LOAD or bench.last_action != want:
-                    raise BenchError(f"{case.label} ({k}): {done} of {packets * RUNS_PER_LOAD} packets counted as "
-                                     f"{reason.label}, the last one got XDP action {bench.last_action}")
+                kernel = mode == lo.FibMode.KERNEL
+                times[k].append(bench.run_router(case.dps["kernel" if kernel else "bpf"], mode,
+                                                 lo.FibImpl.LPM if kernel else lo.FibImpl.DIR, observe, r_eth0,
+                                                 packets, case.kernel_reason if kernel else case.reason))
     finally:
         bench.close()
-    ns = {k: min(v) for k, v in times.items()}
-    med = {k: median(v) for k, v in times.items()}
-    return {"case": case.label, "harness_ns": ns["harness"], **{k: ns[k] - ns["harness"] for k in targets},
-            "median": {k: med[k] - med["harness"] for k in targets}}
+    return {"case": case.label, **fastest_above_harness(times)}
 
 
 def cold_datapath(lab: Lab, version: int, size: int, rng) -> tuple[Datapath, Fib, bytes]:
