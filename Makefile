@@ -2,7 +2,7 @@
 CLANG ?= clang-19
 BPF_CFLAGS := -target bpf -O2 -g -Wall -Werror -I/usr/include/$(shell uname -m)-linux-gnu
 BPF_SRCS := $(wildcard bpf/*.bpf.c)
-BPF_HDRS := $(wildcard bpf/include/*.h)
+BPF_HDRS := $(wildcard bpf/include/*.h bpf/stages/*.h)
 BPF_OBJS := $(patsubst bpf/%.bpf.c,build/%.bpf.o,$(BPF_SRCS))
 PY := .venv/bin/python
 
@@ -15,7 +15,7 @@ deps:
 
 build: $(BPF_OBJS)
 
-build/%.bpf.o: bpf/%.bpf.c $(BPF_HDRS)
+build/%.bpf.o: bpf/%.bpf.c $(BPF_HDRS) bpf/router.bpf.c
 	@mkdir -p build
 	$(CLANG) $(BPF_CFLAGS) -c $< -o $@
 

@@ -40,6 +40,7 @@ enum reason {
 	REASON_PASS_KERNEL_NOT_FWDED,
 	REASON_PASS_UNKNOWN_IFACE,
 	REASON_PASS_NEXTHOP_INVALID,
+	REASON_PASS_STAGE_MISSING,      /* the next stage's program is not in the chain */
 	/* dropped */
 	REASON_DROP_BLACKHOLE,
 	REASON_DROP_TRUNC_L2,

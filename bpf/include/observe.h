@@ -5,8 +5,7 @@
 
 #include "common.h"
 #include "consts.h"
-#include "parse.h"
-#include "fib.h"
+#include "packet_ctx.h"
 
 #define OBS_F_EVENTS 1
 #define OBS_F_FLOWS 2
@@ -41,15 +40,6 @@ static __always_inline void obs_count(__u32 stat)
 		(*v)++;
 }
 
-/* One packet's way through the pipeline. */
-struct decision {
-	struct pkt p;
-	struct fib_result res;
-	__u32 slot;
-	int reason;
-	int probe;
-};
-
 /* What the observers get: the decision as scalars and header offsets, not
  * packet pointers. They run in one global function, verified once, instead
  * of once per path through the pipeline. */
@@ -73,24 +63,22 @@ struct obs_input {
 	__u32 slot6;            /* fib_result.slot6 */
 };
 
-static __always_inline void obs_input_of(struct obs_input *in, const struct decision *d, int action)
+static __always_inline void obs_input_of(struct obs_input *in, const struct packet_ctx *pc)
 {
-	const struct pkt *p = &d->p;
-
-	in->reason = d->reason;
-	in->action = action;
-	in->nh_id = d->res.nh_id;
-	in->egress_ifindex = d->res.egress_ifindex;
-	in->route_type = d->res.route_type;
-	in->prefixlen = d->res.prefixlen;
-	in->route_proto = d->res.route_proto;
-	in->slot6 = d->res.slot6;
-	in->l3_proto = p->l3_proto;
-	in->vlan_id = p->vlan_id[0];
-	in->vlan_depth = p->vlan_depth;
-	in->l4_proto = p->l4_proto;
-	in->l3_off = p->l3_off;
-	in->l4_off = p->l4_off;
+	in->reason = pc->reason;
+	in->action = pc->action;
+	in->nh_id = pc->res.nh_id;
+	in->egress_ifindex = pc->res.egress_ifindex;
+	in->route_type = pc->res.route_type;
+	in->prefixlen = pc->res.prefixlen;
+	in->route_proto = pc->res.route_proto;
+	in->slot6 = pc->res.slot6;
+	in->l3_proto = pc->l3_proto;
+	in->vlan_id = pc->vlan_id[0];
+	in->vlan_depth = pc->vlan_depth;
+	in->l4_proto = pc->l4_proto;
+	in->l3_off = pc->l3_off;
+	in->l4_off = pc->l4_off;
 }
 
 /* TTL or hop limit of the IP header at l3_off (0 when cut short). */

@@ -1,24 +1,37 @@
-/* The router's per-packet pipeline: parse -> classify -> fib -> rewrite ->
- * verdict, then the observers (capture, flows, events). The XDP entry
- * program (router.bpf.c) only calls it; the FIB benchmark (fibbench.bpf.c)
- * runs it in a loop over many destinations. */
+/* How the stages (bpf/stages/, listed in stages/list.h) are joined into the
+ * router: the verdict every deciding stage ends with, and the chain.
+ *
+ * Staged (the default build): each stage is its own XDP program, verified
+ * on its own. A stage that goes on tail-calls the next slot of the `stages`
+ * program array with a constant index, which the x86-64 JIT turns into a
+ * direct jump; the per-packet context (packet_ctx.h) carries what it found.
+ * The loader fills each slot with the first configured stage at or after
+ * it, so a stage that is not configured is not on the packet's path. A
+ * stage that decides counts the packet (or answers a probe) and tail-calls
+ * the observe slot; when no observer is configured that slot is empty and
+ * the tail call falls through to the verdict.
+ *
+ * Single (BPFROUTER_SINGLE_PROGRAM, router_single.bpf.c): the same stage
+ * functions inlined into one program, for `make bench` to set the chain's
+ * cost beside. */
 #ifndef BPFROUTER_PIPELINE_H
 #define BPFROUTER_PIPELINE_H
 
 #include "common.h"
 #include "consts.h"
-#include "parse.h"
-#include "iface.h"
-#include "classify.h"
-#include "neigh.h"
-#include "fib.h"
-#include "rewrite.h"
+#include "packet_ctx.h"
 #include "counters.h"
 #include "probe.h"
-#include "observe.h"
-#include "events.h"
-#include "flows.h"
-#include "capture.h"
+#include "../stages/list.h"
+
+enum stage {
+	STAGE_ENTRY = 0,        /* the attached program, not in the array */
+#define STAGE_SLOT(SLOT, name) STAGE_##SLOT,
+	DECISION_STAGES(STAGE_SLOT)
+#undef STAGE_SLOT
+	STAGE_OBSERVE,
+	STAGE_MAX,
+};
 
 static __always_inline int reason_action(int reason)
 {
@@ -27,19 +40,26 @@ static __always_inline int reason_action(int reason)
 	return XDP_PASS;
 }
 
-static __always_inline void record(struct probe_meta *probe, __u32 slot, int reason,
-				   const struct pkt *p, const struct fib_result *res)
+/* Count the decided packet, or, for a probe, write the decision into its
+ * metadata instead. */
+static __always_inline void record(struct xdp_md *ctx, const struct packet_ctx *pc)
 {
-	if (!probe) {
-		count(slot, reason, p->len);
+	const struct fib_result *res = &pc->res;
+	struct probe_meta *probe;
+
+	if (!pc->probe) {
+		count(pc->slot, pc->reason, pc->len);
 		return;
 	}
-	probe->l3_off = p->l3_off;
-	probe->l4_off = p->l4_off;
-	probe->l3_proto = p->l3_proto;
-	probe->l4_proto = p->l4_proto;
-	probe->vlan_depth = p->vlan_depth;
-	probe->reason = reason;
+	probe = probe_from_ctx(ctx);
+	if (!probe)
+		return;
+	probe->l3_off = pc->l3_off;
+	probe->l4_off = pc->l4_off;
+	probe->l3_proto = pc->l3_proto;
+	probe->l4_proto = pc->l4_proto;
+	probe->vlan_depth = pc->vlan_depth;
+	probe->reason = pc->reason;
 	probe->nh_id = res->nh_id;
 	probe->egress_ifindex = res->egress_ifindex;
 	probe->route_type = res->route_type;
@@ -48,92 +68,133 @@ static __always_inline void record(struct probe_meta *probe, __u32 slot, int rea
 	probe->flags = res->neigh_found ? PROBE_F_NEIGH : 0;
 }
 
-/* The decision, without observers: d records what it found for them. */
-static __always_inline int bpfrouter_pipeline(struct xdp_md *ctx, struct decision *d)
+/* A stage decided the packet's reason: its action (a forward's redirect
+ * was set by the forward stage), its count. Returns 1 when the observers
+ * should see it (not a probe). */
+static __always_inline int decided(struct xdp_md *ctx, struct packet_ctx *pc, int reason)
 {
-	struct probe_meta *probe = probe_from_ctx(ctx);
-	struct pkt *p = &d->p;
-	struct iface *in;
-	int reason;
-
-	p->data = (void *)(long)ctx->data;
-	p->data_end = (void *)(long)ctx->data_end;
-	d->probe = probe != NULL;
-	in = iface_lookup(ctx->ingress_ifindex);
-	if (in && in->slot < MAX_IFACES)
-		d->slot = in->slot;
-
-	reason = parse_packet(p);
-	if (reason >= 0)
-		goto out;
-	if (!in) {
-		reason = REASON_PASS_UNKNOWN_IFACE;
-		goto out;
-	}
-	reason = classify(p, in);
-	if (reason >= 0)
-		goto out;
-
-	if (fib_mode == FIB_MODE_KERNEL)
-		reason = fib_lookup_kernel(ctx, p, &d->res);
-	else
-		reason = fib_lookup_bpf(p, &d->res, probe != NULL);
+	pc->reason = reason;
 	if (reason > REASON_FWD_IPV6)
-		goto out;
-
-	rewrite_forward(p, &d->res);
-	d->reason = reason;
-	record(probe, d->slot, reason, p, &d->res);
-	return bpf_redirect_map(&tx_ports, d->res.egress_ifindex, 0);
-out:
-	d->reason = reason;
-	record(probe, d->slot, reason, p, &d->res);
-	return reason_action(reason);
+		pc->action = reason_action(reason);
+	record(ctx, pc);
+	return !pc->probe;
 }
 
-/* The slow parts of flows and events, for packets that are not probes: a
- * flow that does not hold its cache slot, an event the rate cap lets
- * through. A global function: the verifier checks it once, not once per
- * path through the pipeline. */
-__attribute__((noinline)) int bpfrouter_observe(struct xdp_md *ctx, struct obs_input *in)
+#ifndef BPFROUTER_SINGLE_PROGRAM
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PROG_ARRAY);
+	__uint(max_entries, STAGE_MAX);
+	__type(key, __u32);
+	__type(value, __u32);
+} stages SEC(".maps");
+
+/* After stage SLOT returned `reason`: go on to the next slot (-1) or end
+ * with the verdict. A next stage missing from the chain (the loader fills
+ * every slot before attaching) passes the packet to the kernel, counted. */
+#define STAGE_RETURN(ctx, pc, SLOT, reason) do {				\
+	int reason_ = (reason);							\
+	if (reason_ < 0) {							\
+		bpf_tail_call_static(ctx, &stages, (SLOT) + 1);			\
+		reason_ = REASON_PASS_STAGE_MISSING;				\
+	}									\
+	if (decided(ctx, pc, reason_))						\
+		bpf_tail_call_static(ctx, &stages, STAGE_OBSERVE);		\
+	return (pc)->action;							\
+} while (0)
+
+/* The attached program. The capture chain's (`capture`, a constant: only
+ * its programs hold the hook) copies the frame before any stage may rewrite
+ * it; its observe stage sends the copy with the verdict. */
+static __always_inline int entry_program(struct xdp_md *ctx, const int capture)
 {
-	if (!ctx || !in)
-		return 0;
-	if ((observe_flags & OBS_F_FLOWS) && !in->flow_done)
-		flow_account(ctx, in);
-	if ((observe_flags & OBS_F_EVENTS) && in->event)
-		event_emit(ctx, in);
-	return 0;
+	struct packet_ctx *pc = packet_ctx_get();
+
+	if (!pc)                /* a one-element per-CPU array: never */
+		return XDP_PASS;
+	if (capture)
+		capture_begin(ctx);
+	STAGE_RETURN(ctx, pc, STAGE_ENTRY, entry_stage(ctx, pc));
 }
 
-/* The pipeline with its observers: flows and events see the decision; with
- * `capture` (a constant: the capture program, attached only while a capture
- * runs), the frame is copied before the pipeline may rewrite it and sent
- * once the verdict is known. The common cases are inlined: a packet of a
- * cached flow, an event held back by the rate cap. A call costs several ns
- * here (return thunks), so the rest is made only when needed. */
-static __always_inline int bpfrouter_observed(struct xdp_md *ctx, const int capture)
+static __always_inline int observe_program(struct xdp_md *ctx, const int capture)
 {
-	struct decision d = {};
-	struct obs_input in = {};
-	int action;
+	struct packet_ctx *pc = packet_ctx_get();
+
+	if (!pc)
+		return XDP_PASS;
+	return observe_stage(ctx, pc, capture);
+}
+
+SEC("xdp")
+int bpfrouter_xdp(struct xdp_md *ctx)
+{
+	return entry_program(ctx, 0);
+}
+
+SEC("xdp")
+int bpfrouter_xdp_capture(struct xdp_md *ctx)
+{
+	return entry_program(ctx, 1);
+}
+
+#define STAGE_PROGRAM(SLOT, name)						\
+SEC("xdp")									\
+int stage_##name(struct xdp_md *ctx)						\
+{										\
+	struct packet_ctx *pc = packet_ctx_get();				\
+										\
+	if (!pc)								\
+		return XDP_PASS;						\
+	STAGE_RETURN(ctx, pc, STAGE_##SLOT, name##_stage(ctx, pc));		\
+}
+DECISION_STAGES(STAGE_PROGRAM)
+#undef STAGE_PROGRAM
+
+SEC("xdp")
+int stage_observe(struct xdp_md *ctx)
+{
+	return observe_program(ctx, 0);
+}
+
+SEC("xdp")
+int stage_observe_capture(struct xdp_md *ctx)
+{
+	return observe_program(ctx, 1);
+}
+
+#else /* BPFROUTER_SINGLE_PROGRAM */
+
+static __always_inline int single_program(struct xdp_md *ctx, const int capture)
+{
+	struct packet_ctx ctx_on_stack, *pc = &ctx_on_stack;
+	int reason;
 
 	if (capture)
 		capture_begin(ctx);
-	action = bpfrouter_pipeline(ctx, &d);
-	if (d.probe)
-		return action;
-	obs_input_of(&in, &d, action);
-	in.flow_done = 1;
-	if ((observe_flags & OBS_F_FLOWS) && d.reason < REASON_DROP_TRUNC_L2)
-		in.flow_done = flow_cached(ctx, &in);
-	if ((observe_flags & OBS_F_EVENTS) && d.reason > REASON_FWD_IPV6)
-		in.event = event_allowed(d.reason);
-	if (!in.flow_done || in.event)
-		bpfrouter_observe(ctx, &in);
-	if (capture)
-		capture_end(d.reason, action, d.res.egress_ifindex);
-	return action;
+	reason = entry_stage(ctx, pc);
+#define STAGE_CALL(SLOT, name) if (reason < 0) reason = name##_stage(ctx, pc);
+	DECISION_STAGES(STAGE_CALL)
+#undef STAGE_CALL
+	if (reason < 0)
+		reason = REASON_PASS_STAGE_MISSING;
+	if (decided(ctx, pc, reason) && (observe_flags || capture))
+		return observe_stage(ctx, pc, capture);
+	return pc->action;
 }
+
+SEC("xdp")
+int bpfrouter_xdp(struct xdp_md *ctx)
+{
+	return single_program(ctx, 0);
+}
+
+SEC("xdp")
+int bpfrouter_xdp_capture(struct xdp_md *ctx)
+{
+	return single_program(ctx, 1);
+}
+
+#endif /* BPFROUTER_SINGLE_PROGRAM */
 
 #endif

@@ -485,6 +485,21 @@ class BpfObject:
         for n, p in self._progs_raw():
             L.bpf_program__set_autoload(p, n in names)
 
+    def keep_verifier_stats(self, size: int = 1 << 16) -> None:
+        """Before load: have the verifier write its statistics (BPF_LOG_STATS:
+        instructions processed, stack depth per function) for every program,
+        read back with verifier_stats()."""
+        self._stats_bufs = {}
+        for n, p in self._progs_raw():
+            buf = ctypes.create_string_buffer(size)
+            L.check(L.bpf_program__set_log_buf(p, buf, size), f"log buffer of {n}")
+            L.check(L.bpf_program__set_log_level(p, 4), f"log level of {n}")
+            self._stats_bufs[n] = buf
+
+    def verifier_stats(self, name: str) -> str:
+        """The verifier's statistics for a loaded program (keep_verifier_stats)."""
+        return self._stats_bufs[name].value.decode(errors="replace")
+
     def load(self) -> None:
         take_log()
         rc = L.bpf_object__load(self._obj)

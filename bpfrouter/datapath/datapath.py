@@ -1,9 +1,11 @@
 """Load, pin, attach and re-open one router's data plane.
 
-Everything lives under /sys/fs/bpf/bpfrouter/<name>/: the maps, the program
-(so `route get` can run packets through the live program), its twin with the
-capture hook (attached only while `bpfrouter capture` runs) and one XDP link
-per interface. Pinned links keep forwarding when no process holds them, so
+Everything lives under /sys/fs/bpf/bpfrouter/<name>/: the maps, the chain of
+stages (its entry program, which `route get` runs packets through, the stage
+programs and the program array joining them; stages.py), its twin with the
+capture hook (entry bpfrouter_xdp_capture, stages and array prefixed
+capture_, attached only while `bpfrouter capture` runs) and one XDP link per
+interface. Pinned links keep forwarding when no process holds them, so
 the control plane can stop, restart or upgrade at any time. Control-plane
 metadata (object path, FIB mode, namespace) is kept next to it in
 /run/bpfrouter/<name>/router.json."""
@@ -16,18 +18,20 @@ import json
 import os
 import re
 import shutil
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from ..bpf import (BpfError, BpfObject, Link, Map, Program, XDP_FLAGS_DRV_MODE, XDP_FLAGS_SKB_MODE, pin_object,
                    prog_info, xdp_query)
 from . import layout as lo
-from .jiffies import JiffiesError, kernel_hz
+from .jiffies import JiffiesError
+from .stages import STAGE_ARRAY, Chain, ChainConfig, load_chain
 
 PIN_ROOT = Path(os.environ.get("BPFROUTER_PIN_ROOT", "/sys/fs/bpf/bpfrouter"))
 RUN_ROOT = Path(os.environ.get("BPFROUTER_RUN_ROOT", "/run/bpfrouter"))
 PROGRAM = "bpfrouter_xdp"
-CAPTURE_PROGRAM = "bpfrouter_xdp_capture"  # the same with the capture hook
+CAPTURE_PROGRAM = "bpfrouter_xdp_capture"  # the entry of the chain with the capture hook
+CAPTURE_PREFIX = "capture_"  # pins of that chain's stages and program array
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,31}$")
 
 # map name -> (key layout, value layout)
@@ -156,11 +160,13 @@ class Datapath:
     def load(cls, name: str, object_path: str, fib_mode: lo.FibMode,
              fib_impl: lo.FibImpl = lo.FibImpl.DIR, groups: tuple[int, int] | None = None,
              event_rate: int | None = None, observe: int | None = None) -> "Datapath":
-        """Load and verify the program, pin it and its maps. All or nothing.
+        """Load and verify the chain of stages, pin it and its maps. All or nothing.
 
         groups: the DIR FIB's space in KiB: (IPv4 groups, 1 KiB each; IPv6 hash buckets).
         event_rate: events per second per reason and CPU (default 100).
-        observe: OBS_F_* bits of the observers to compile in (default all)."""
+        observe: OBS_F_* bits of the observers to compile in (default all).
+        With the capture observer, a second chain, the same stages with the
+        capture hook, is loaded on the same maps for `bpfrouter capture`."""
         check_bpffs()
         validate_name(name)
         pin_dir = cls.pin_dir(name)
@@ -168,21 +174,11 @@ class Datapath:
             raise DatapathError(f"a router named {name!r} is already running: "
                                 f"pick another --name or stop it with `bpfrouter down --name {name}`")
         lo.check_layouts(object_path)
-        obj = BpfObject(object_path)
-        try:
-            with_capture = observe is None or bool(observe & lo.OBS_F_CAPTURE)
-            programs = (PROGRAM, CAPTURE_PROGRAM) if with_capture else (PROGRAM,)
-            obj.only_programs(*programs)
-            obj.set_rodata("fib_mode", ctypes.c_uint32(fib_mode))
-            obj.set_rodata("fib_impl", ctypes.c_uint32(fib_impl))
-            try:
-                obj.set_rodata("jiffies_hz", ctypes.c_uint32(kernel_hz()))
-            except JiffiesError as e:
-                raise DatapathError(f"{e} (the observers' clock needs it)") from None
-            if event_rate is not None:
-                obj.set_rodata("event_rate", ctypes.c_uint32(event_rate))
-            if observe is not None:
-                obj.set_rodata("observe_flags", ctypes.c_uint32(observe))
+        if observe is None:
+            observe = sum(lo.OBSERVERS.values())
+        cfg = ChainConfig(fib_mode, fib_impl, observe, False, event_rate)
+
+        def size_maps(obj: BpfObject) -> None:
             if fib_mode == lo.FibMode.KERNEL or fib_impl != lo.FibImpl.DIR:
                 for m in DIR_MAPS:  # unused: don't allocate their 64 MiB tables
                     if m == "dir4_blocks":  # one element, sized (its readers are dead code here)
@@ -194,26 +190,44 @@ class Datapath:
                 obj.set_max_entries("dir4_group_leaf", groups[0])
                 for m in ("h6_buckets", "h6_leaf", "h6_filter"):  # leaves and a filter word per bucket
                     obj.set_max_entries(m, groups[1] * 1024 // ctypes.sizeof(lo.H6Bucket))
+
+        chains: list[Chain] = []
+        try:
             try:
-                obj.load()
+                chains.append(load_chain(object_path, cfg, prepare=size_maps))
+                if observe & lo.OBS_F_CAPTURE:
+                    first = chains[0].obj  # every map but its program array
+                    shared = {m: first.map_fd(m) for m in [*first.map_names(), *SECTION_MAPS.values()]
+                              if m != STAGE_ARRAY}
+                    chains.append(load_chain(object_path, replace(cfg, capture=True), reuse=shared))
+            except JiffiesError as e:
+                raise DatapathError(f"{e} (the observers' clock needs it)") from None
             except BpfError as e:
                 raise DatapathError(f"the kernel rejected the data plane: {e}") from None
             pin_dir.mkdir(parents=True, exist_ok=True)
             try:
+                obj = chains[0].obj
                 maps = {}
                 for m, (kt, vt) in MAPS.items():
                     fd = os.dup(obj.map_fd(SECTION_MAPS.get(m, m)))
                     mp = Map(fd, kt, vt, m)
                     _pin(fd, pin_dir / m)
                     maps[m] = mp
-                for prog in programs:
-                    _pin(obj.program(prog).fd, pin_dir / prog)
-                prog_fd = os.dup(obj.program(PROGRAM).fd)
+                # Pinned: a program array that loses its last user reference is emptied.
+                for chain, prefix in zip(chains, ("", CAPTURE_PREFIX)):
+                    _pin(chain.obj.map_fd(STAGE_ARRAY), pin_dir / (prefix + STAGE_ARRAY))
+                    for prog in chain.programs[1:]:
+                        _pin(chain.obj.program(prog).fd, pin_dir / (prefix + prog))
+                _pin(chains[0].entry.fd, pin_dir / PROGRAM)
+                if len(chains) > 1:
+                    _pin(chains[1].entry.fd, pin_dir / CAPTURE_PROGRAM)
+                prog_fd = os.dup(chains[0].entry.fd)
             except Exception:
                 shutil.rmtree(pin_dir, ignore_errors=True)
                 raise
         finally:
-            obj.close()
+            for chain in chains:
+                chain.close()
         return cls(name, Program(prog_fd, PROGRAM, owns_fd=True), maps, object_path)
 
     @classmethod
@@ -273,6 +287,15 @@ class Datapath:
                                     f"(restart it with `bpfrouter up --observers` including capture)")
             self._capture = Program.pinned(str(self.pin_dir(self.name) / CAPTURE_PROGRAM))
         return self._capture
+
+    def chain_programs(self, capture: bool = False) -> list[Program]:
+        """The programs of the chain (the capture chain's with capture): its
+        entry, then its configured stages, each opened from its pin; the
+        caller closes them."""
+        pin_dir = self.pin_dir(self.name)
+        entry = CAPTURE_PROGRAM if capture else PROGRAM
+        stages = sorted(pin_dir.glob((CAPTURE_PREFIX if capture else "") + "stage_*"))
+        return [Program.pinned(str(pin_dir / entry)), *(Program.pinned(str(p)) for p in stages)]
 
     def _link(self, ifindex: int) -> Link | None:
         p = self.link_path(ifindex)

@@ -45,6 +45,7 @@ class Reason(enum.IntEnum):
     PASS_KERNEL_NOT_FWDED = enum.auto()
     PASS_UNKNOWN_IFACE = enum.auto()
     PASS_NEXTHOP_INVALID = enum.auto()
+    PASS_STAGE_MISSING = enum.auto()
     DROP_BLACKHOLE = enum.auto()
     DROP_TRUNC_L2 = enum.auto()
     DROP_TRUNC_L3 = enum.auto()

@@ -203,10 +203,13 @@ def test_idle_program_has_no_capture_hook_and_capture_swaps_it_in_and_out(env, a
     fwd = frame(env, "10.20.1.1", UDP(sport=5000, dport=53))
     with netns.entered(NS):
         capture_maps = {map_info(dp.maps[m].fd).id for m in ("capture_cfg", "capture_scratch", "capture_ring")}
-        assert not capture_maps & set(prog_map_ids(dp.program.fd)), "the idle program references capture maps"
-        cap_prog = dp.capture_program()
-        assert capture_maps <= set(prog_map_ids(cap_prog.fd))
-        cap_id = cap_prog.id
+        idle, hooked = dp.chain_programs(), dp.chain_programs(capture=True)
+        for prog in idle:
+            assert not capture_maps & set(prog_map_ids(prog.fd)), f"idle program {prog.id} references capture maps"
+        assert capture_maps <= {m for prog in hooked for m in prog_map_ids(prog.fd)}
+        for prog in idle + hooked:
+            prog.close()
+        cap_id = dp.capture_program().id
     assert run_attached(env, dp, fwd)[1] == dp.program.id
     with netns.entered(NS):
         cap = Capture(dp)

@@ -1,0 +1,111 @@
+/* The per-packet context: what one stage tells the next about the packet.
+ * Scalars only (offsets, protocols, the ingress slot, the FIB result, the
+ * reason and action): a packet pointer cannot cross a tail call, so each
+ * stage rebuilds the pointers it needs from the offsets (pkt_restore).
+ *
+ * It lives in a per-CPU array of one element. An XDP program runs to its
+ * verdict on one CPU without being preempted by another XDP program there,
+ * and every packet's entry stage rewrites the whole context, so the slot is
+ * this packet's from entry to verdict. XDP metadata (bpf_xdp_adjust_meta)
+ * was the other candidate: it holds at most 32 bytes, which the probe header
+ * of `route get` already fills, and it costs a helper call per packet where
+ * the array's lookup is inlined to a few instructions. */
+#ifndef BPFROUTER_PACKET_CTX_H
+#define BPFROUTER_PACKET_CTX_H
+
+#include "common.h"
+#include "consts.h"
+#include "parse.h"
+#include "fib.h"
+
+#define PCTX_F_IP_OPTIONS 1     /* IPv4 header carries options */
+#define PCTX_F_HOP_BY_HOP 2     /* IPv6 hop-by-hop header present */
+
+struct packet_ctx {
+	__u32 len;              /* frame length */
+	__u32 slot;             /* ingress counter slot, 0: unknown interface */
+	__s32 reason;           /* -1 until a stage decides */
+	__u32 action;           /* XDP action once decided */
+	__u16 l3_off;           /* 0: no IP header */
+	__u16 l4_off;           /* 0: no L4 header */
+	__u16 l3_proto;         /* host order ethertype after VLAN tags */
+	__u16 vlan_id[MAX_VLAN_DEPTH];
+	__u8 l4_proto;
+	__u8 vlan_depth;
+	__u8 flags;             /* PCTX_F_* */
+	__u8 probe;             /* a `route get` probe (probe.h): report, don't count */
+	__u8 reserved[2];
+	struct fib_result res;
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct packet_ctx);
+} packet_ctx_scratch SEC(".maps");
+
+static __always_inline struct packet_ctx *packet_ctx_get(void)
+{
+	__u32 zero = 0;
+
+	return bpf_map_lookup_elem(&packet_ctx_scratch, &zero);
+}
+
+/* The parser's findings, as scalars. */
+static __always_inline void packet_ctx_save(struct packet_ctx *pc, const struct pkt *p)
+{
+	pc->len = p->len;
+	pc->l3_off = p->l3_off;
+	pc->l4_off = p->l4_off;
+	pc->l3_proto = p->l3_proto;
+	pc->vlan_id[0] = p->vlan_id[0];
+	pc->vlan_id[1] = p->vlan_id[1];
+	pc->vlan_depth = p->vlan_depth;
+	pc->l4_proto = p->l4_proto;
+	pc->flags = (p->ip_options ? PCTX_F_IP_OPTIONS : 0) | (p->hop_by_hop ? PCTX_F_HOP_BY_HOP : 0);
+}
+
+/* The parsed view again, in a later stage: the Ethernet and IP headers (and
+ * the first 8 bytes of L4, ports or ICMP type) from the saved offsets. The
+ * frame is the one the entry stage parsed, so the checks cannot fail; the
+ * verifier needs them. Returns -1, or a DROP_* reason if they did. */
+static __always_inline int pkt_restore(struct xdp_md *ctx, const struct packet_ctx *pc, struct pkt *p)
+{
+	void *data = (void *)(long)ctx->data;
+	void *end = (void *)(long)ctx->data_end;
+	void *l3 = data + (pc->l3_off & 0xff);
+	void *l4 = data + (pc->l4_off & 0x3ff);
+
+	p->data = data;
+	p->data_end = end;
+	p->len = pc->len;
+	p->l3_off = pc->l3_off;
+	p->l4_off = pc->l4_off;
+	p->l3_proto = pc->l3_proto;
+	p->vlan_id[0] = pc->vlan_id[0];
+	p->vlan_id[1] = pc->vlan_id[1];
+	p->vlan_depth = pc->vlan_depth;
+	p->l4_proto = pc->l4_proto;
+	p->ip_options = !!(pc->flags & PCTX_F_IP_OPTIONS);
+	p->hop_by_hop = !!(pc->flags & PCTX_F_HOP_BY_HOP);
+	if (data + sizeof(struct ethhdr) > end)
+		return REASON_DROP_TRUNC_L2;
+	p->eth = data;
+	if (!pc->l3_off)
+		return -1;
+	if (pc->l3_proto == ETH_P_IP) {
+		if (l3 + sizeof(struct iphdr) > end)
+			return REASON_DROP_TRUNC_L3;
+		p->ip4 = l3;
+	} else if (pc->l3_proto == ETH_P_IPV6) {
+		if (l3 + sizeof(struct ipv6hdr) > end)
+			return REASON_DROP_TRUNC_L3;
+		p->ip6 = l3;
+	}
+	if (pc->l4_off && l4 + 8 <= end)
+		p->l4 = l4;
+	return -1;
+}
+
+#endif

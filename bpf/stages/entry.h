@@ -1,0 +1,38 @@
+/* Stage entry (the attached program): parse, ingress interface, classify.
+ * It starts the packet's context afresh and decides everything that needs
+ * no route: malformed frames (drop), what the kernel must see (pass). */
+#ifndef BPFROUTER_STAGE_ENTRY_H
+#define BPFROUTER_STAGE_ENTRY_H
+
+#include "../include/packet_ctx.h"
+#include "../include/parse.h"
+#include "../include/iface.h"
+#include "../include/classify.h"
+#include "../include/probe.h"
+
+/* Returns -1 to go on to the next stage, else the packet's reason. */
+static __always_inline int entry_stage(struct xdp_md *ctx, struct packet_ctx *pc)
+{
+	struct pkt p = {};
+	struct iface *in;
+	int reason;
+
+	__builtin_memset(pc, 0, sizeof(*pc));
+	pc->reason = -1;
+	pc->probe = probe_from_ctx(ctx) != NULL;
+	p.data = (void *)(long)ctx->data;
+	p.data_end = (void *)(long)ctx->data_end;
+	in = iface_lookup(ctx->ingress_ifindex);
+	if (in && in->slot < MAX_IFACES)
+		pc->slot = in->slot;
+
+	reason = parse_packet(&p);
+	packet_ctx_save(pc, &p);
+	if (reason >= 0)
+		return reason;
+	if (!in)
+		return REASON_PASS_UNKNOWN_IFACE;
+	return classify(&p, in);
+}
+
+#endif

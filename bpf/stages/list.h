@@ -1,0 +1,23 @@
+/* The stage list: the router's decision stages after entry, in packet
+ * order. X(SLOT, name) names a stage's slot in the chain (enum stage,
+ * pipeline.h) and its name: its file is stages/<name>.h, its function
+ * <name>_stage(ctx, pc) and, in the staged build, its program
+ * stage_<name>. Observe runs after the verdict, in its own slot, last.
+ *
+ * Adding a stage: its file, its include and X line here, its entry in the
+ * loader's list (bpfrouter/datapath/stages.py), which says when it is
+ * configured. A stage that is not configured is not loaded and not in the
+ * chain: the loader fills its slot with its successor. */
+#ifndef BPFROUTER_STAGE_LIST_H
+#define BPFROUTER_STAGE_LIST_H
+
+#include "entry.h"
+#include "fib.h"
+#include "forward.h"
+#include "observe.h"
+
+#define DECISION_STAGES(X) \
+	X(FIB, fib) \
+	X(FORWARD, forward)
+
+#endif
