@@ -20,13 +20,14 @@ FIBBENCH = str(ROOT / "build" / "fibbench.bpf.o")
 PKTBENCH = str(ROOT / "build" / "pktbench.bpf.o")
 BASELINE = str(ROOT / "build" / "baseline.bpf.o")
 ROUTER = str(ROOT / "build" / "router.bpf.o")
+ROUTER_SINGLE = str(ROOT / "build" / "router_single.bpf.o")  # the same stages inlined into one program
 sys.path.insert(0, str(ROOT))
 
 from bpfrouter.bpf import BpfObject, Program  # noqa: E402
 from bpfrouter.datapath import Datapath  # noqa: E402
 from bpfrouter.datapath import layout as lo  # noqa: E402
-from bpfrouter.datapath.datapath import PROGRAM, SECTION_MAPS  # noqa: E402
-from bpfrouter.datapath.jiffies import kernel_hz  # noqa: E402
+from bpfrouter.datapath.datapath import SECTION_MAPS  # noqa: E402
+from bpfrouter.datapath.stages import Chain, ChainConfig, load_chain  # noqa: E402
 from bpfrouter.fib import TABLE_MAIN, Nexthop, Route, RouteType  # noqa: E402
 from bpfrouter.observe import read_counters  # noqa: E402
 
@@ -85,25 +86,14 @@ def counted(dp: Datapath, ifindex: int, reason: lo.Reason) -> int:
 
 # --- program twins ---------------------------------------------------------------------------
 def router_twin(dp: Datapath, fib_mode: lo.FibMode, fib_impl: lo.FibImpl,
-                observe: int = lo.OBS_F_EVENTS | lo.OBS_F_FLOWS) -> BpfObject:
-    """router.bpf.o's entry program loaded afresh onto a running data plane's
-    maps: another JIT placement of the same program (placement alone moves a
-    program's cost by several ns), or a variant compiled with other observers."""
-    obj = BpfObject(ROUTER)
-    try:
-        obj.only_programs(PROGRAM)
-        for name, m in dp.maps.items():
-            obj.reuse_map(SECTION_MAPS.get(name, name), m.fd)
-        obj.set_rodata("fib_mode", ctypes.c_uint32(fib_mode))
-        obj.set_rodata("fib_impl", ctypes.c_uint32(fib_impl))
-        obj.set_rodata("jiffies_hz", ctypes.c_uint32(kernel_hz()))
-        obj.set_rodata("observe_flags", ctypes.c_uint32(observe))
-        obj.load()
-    except BaseException:
-        obj.close()
-        raise
-    return obj
-
+                observe: int = lo.OBS_F_EVENTS | lo.OBS_F_FLOWS, single: bool = False) -> Chain:
+    """router.bpf.o's chain of stages (single: router_single.bpf.o, the same
+    stages as one program) loaded afresh onto a running data plane's maps,
+    with a program array of its own: another JIT placement of the same code
+    (placement alone moves a program's cost by several ns), or a variant
+    compiled with other observers."""
+    reuse = {SECTION_MAPS.get(name, name): m.fd for name, m in dp.maps.items()}
+    return load_chain(ROUTER_SINGLE if single else ROUTER, ChainConfig(fib_mode, fib_impl, observe), reuse=reuse)
 
 
 # --- the minimal forwarder -------------------------------------------------------------------
@@ -235,12 +225,13 @@ class PacketBench:
         return ns
 
     def run_router(self, dp: Datapath, fib_mode: lo.FibMode, fib_impl: lo.FibImpl, observe: int,
-                   ingress_ifindex: int, packets: int, reason: lo.Reason) -> float:
-        """A fresh twin of dp's program: every packet must be counted with
-        `reason` on the ingress port, and the last get that reason's action."""
-        with router_twin(dp, fib_mode, fib_impl, observe) as twin:
+                   ingress_ifindex: int, packets: int, reason: lo.Reason, single: bool = False) -> float:
+        """A fresh twin of dp's chain (single: the one-program build): every
+        packet must be counted with `reason` on the ingress port, and the
+        last get that reason's action."""
+        with router_twin(dp, fib_mode, fib_impl, observe, single) as twin:
             before = counted(dp, ingress_ifindex, reason)
-            ns = self.run(twin.program(PROGRAM), ingress_ifindex, packets)
+            ns = self.run(twin.entry, ingress_ifindex, packets)
             done = counted(dp, ingress_ifindex, reason) - before
         want = XDP_REDIRECT if reason.verdict == "redirect" else XDP_PASS
         if done != packets * RUNS_PER_LOAD or self.last_action != want:

@@ -53,8 +53,9 @@ from bpfrouter.lab import Lab  # noqa: E402
 from bpfrouter.labroutes import internet_routes4, internet_routes6  # noqa: E402
 from bpfrouter.neighbors import Neighbors  # noqa: E402
 from bpfrouter.packet import udp_probe  # noqa: E402
-from common import (BASELINE, Floor, PacketBench, bpfrouter, destinations, fastest_above_harness,  # noqa: E402
-                    make_routes, provenance, save, start_lab_router)
+from bpfrouter.datapath.stages import ChainConfig, load_chain  # noqa: E402
+from common import (BASELINE, ROUTER_SINGLE, Floor, PacketBench, bpfrouter, destinations,  # noqa: E402
+                    fastest_above_harness, make_routes, provenance, save, start_lab_router)
 
 OBJECT = str(ROOT / "build" / "router.bpf.o")
 ALL_OBSERVERS = lo.OBS_F_EVENTS | lo.OBS_F_FLOWS  # what `bpfrouter up` attaches (the capture hook is swapped in)
@@ -62,6 +63,9 @@ ALL_OBSERVERS = lo.OBS_F_EVENTS | lo.OBS_F_FLOWS  # what `bpfrouter up` attaches
 VARIANTS = {"bpfrouter": (lo.FibMode.BPF, ALL_OBSERVERS), "no observers": (lo.FibMode.BPF, 0),
             "flows": (lo.FibMode.BPF, lo.OBS_F_FLOWS), "events": (lo.FibMode.BPF, lo.OBS_F_EVENTS),
             "kernel FIB": (lo.FibMode.KERNEL, ALL_OBSERVERS)}
+# column -> the same as "bpfrouter", built as one program (router_single.bpf.o): the chain's cost beside it
+SINGLE = "single program"
+STAGED_COST_LIMIT = 1.10  # the chain may cost at most 10% more than the single program on a forward
 
 
 class Case:
@@ -69,9 +73,9 @@ class Case:
     each expected to end with `reason` (for the kernel FIB: kernel_reason)."""
 
     def __init__(self, label: str, version: int, dests: bytes, dps: dict[str, Datapath], reason: lo.Reason,
-                 kernel_reason: lo.Reason | None = None, floor: bool = True):
+                 kernel_reason: lo.Reason | None = None, floor: bool = True, single: bool = True):
         self.label, self.version, self.dests, self.dps = label, version, dests, dps
-        self.reason, self.kernel_reason, self.floor = reason, kernel_reason, floor
+        self.reason, self.kernel_reason, self.floor, self.single = reason, kernel_reason, floor, single
 
 
 def run_case(case: Case, lab: Lab, packets: int, rounds: int) -> dict:
@@ -89,6 +93,7 @@ def run_case(case: Case, lab: Lab, packets: int, rounds: int) -> dict:
     bench = PacketBench(frame, case.dests, case.version)
     targets = (["floor"] if case.floor else []) + [k for k in VARIANTS
                                                    if k != "kernel FIB" or case.kernel_reason is not None]
+    targets += [SINGLE] if case.single else []
     times: dict[str, list[float]] = {k: [] for k in ("harness", *targets)}
     try:
         for _ in range(rounds):
@@ -100,6 +105,10 @@ def run_case(case: Case, lab: Lab, packets: int, rounds: int) -> dict:
                         times[k].append(bench.run_floor(floor, r_eth0, packets))
                     finally:
                         floor.close()
+                    continue
+                if k == SINGLE:
+                    times[k].append(bench.run_router(case.dps["bpf"], lo.FibMode.BPF, lo.FibImpl.DIR, ALL_OBSERVERS,
+                                                     r_eth0, packets, case.reason, single=True))
                     continue
                 mode, observe = VARIANTS[k]
                 kernel = mode == lo.FibMode.KERNEL
@@ -151,7 +160,7 @@ def bench_per_packet(lab: Lab, quick: bool) -> list[dict]:
             cases = [Case("hot IPv4 forward", 4, one[4], hot, lo.Reason.FWD_IPV4, lo.Reason.FWD_IPV4),
                      Case("hot IPv6 forward", 6, one[6], hot, lo.Reason.FWD_IPV6, lo.Reason.FWD_IPV6),
                      Case("hot IPv4 no route (pass)", 4, ipaddress.ip_address("198.51.100.1").packed, hot,
-                          lo.Reason.PASS_FIB_MISS, lo.Reason.PASS_KERNEL_NOT_FWDED, floor=False)]
+                          lo.Reason.PASS_FIB_MISS, lo.Reason.PASS_KERNEL_NOT_FWDED, floor=False, single=False)]
             for case in cases:
                 rows.append(run_case(case, lab, packets, rounds))
         finally:
@@ -305,27 +314,51 @@ def _masked(insns: bytes) -> bytes:
 
 def idle_capture_hook() -> dict:
     """The capture hook's cost while no capture runs: the router's attached
-    program, loaded with the capture observer and without it. The same
-    translated instructions and no reference to a capture map mean the hook
-    is not in it: its cost is zero instructions, by construction, where a
-    timing could only show this VM's noise. The program with the hook is
-    swapped in (bpf_link_update) only while a capture runs."""
+    chain, loaded with the capture observer and without it. The same
+    translated instructions in every program of the chain and no reference
+    to a capture map mean the hook is not in it: its cost is zero
+    instructions, by construction, where a timing could only show this VM's
+    noise. The chain with the hook is swapped in (bpf_link_update of its
+    entry) only while a capture runs."""
     loaded = {}
     for label, observe in (("with", lo.OBS_F_EVENTS | lo.OBS_F_FLOWS | lo.OBS_F_CAPTURE),
                            ("without", lo.OBS_F_EVENTS | lo.OBS_F_FLOWS)):
         dp = Datapath.load(f"bench-hook-{label}", OBJECT, lo.FibMode.BPF, observe=observe)
         try:
             capture_maps = {map_info(dp.maps[m].fd).id for m in CAPTURE_MAPS}
-            loaded[label] = (_masked(prog_xlated(dp.program.fd)), capture_maps & set(prog_map_ids(dp.program.fd)))
+            idle = dp.chain_programs()
+            loaded[label] = ([_masked(prog_xlated(p.fd)) for p in idle],
+                             {m for p in idle for m in prog_map_ids(p.fd)} & capture_maps)
             if label == "with":
-                hooked_len = len(prog_xlated(dp.capture_program().fd)) // 8
+                hooked = dp.chain_programs(capture=True)
+                hooked_len = sum(len(prog_xlated(p.fd)) // 8 for p in hooked)
+                idle += hooked
+            for p in idle:
+                p.close()
         finally:
             dp.destroy()
     (idle, idle_capture_maps), (plain, _) = loaded["with"], loaded["without"]
-    return {"idle_program_instructions": len(idle) // 8, "without_capture_observer_instructions": len(plain) // 8,
+    return {"idle_program_instructions": sum(len(x) for x in idle) // 8,
+            "without_capture_observer_instructions": sum(len(x) for x in plain) // 8,
             "identical": idle == plain, "capture_maps_referenced": len(idle_capture_maps),
             "capture_program_instructions": hooked_len,
             "idle_hook_instructions": 0 if idle == plain and not idle_capture_maps else None}
+
+
+def stage_budget() -> dict:
+    """What the verifier spends on each stage of the chain `bpfrouter up`
+    loads (BPF FIB, every observer: the attached chain and the capture
+    chain), and on the same stages as one program: instructions processed
+    (bpf_prog_info.verified_insns) and the stack of each function
+    (BPF_LOG_STATS' "stack depth" line; their sum bounds the deepest call
+    chain)."""
+    out = {}
+    for label, path, capture in (("staged", OBJECT, False), ("staged, capture chain", OBJECT, True),
+                                 ("single program", ROUTER_SINGLE, False)):
+        cfg = ChainConfig(lo.FibMode.BPF, lo.FibImpl.DIR, sum(lo.OBSERVERS.values()), capture)
+        with load_chain(path, cfg, keep_stats=True) as chain:
+            out[label] = chain.budget()
+    return out
 
 
 def main() -> None:
@@ -342,6 +375,7 @@ def main() -> None:
             lab.run("h1", ["ping", "-c", "1", lab.addr("h2", v)], check=True)
         per_packet = bench_per_packet(lab, args.quick)
         hook = idle_capture_hook()
+        budget = stage_budget()
         bpfrouter("down", "--name", "bench")
         refused = live_frames_refusal(lab)
         fwd_rows = [] if refused else bench_forwarding(lab, packets, rounds)
@@ -354,6 +388,8 @@ def main() -> None:
                        "the frame with its next destination and tail-calls the program; ns per packet above the "
                        "harness alone", "rows": per_packet},
         "idle_capture_hook": hook, "capture_hook_target_ns": 2, "observers_target_extra_ns": 15,
+        "stage_budget": {"verifier_limit_insns": 1_000_000, "stack_limit_bytes": 512, "programs": budget},
+        "staged_cost_limit": STAGED_COST_LIMIT,
         "lab_forwarding": {"packets_per_round": packets, "rounds": rounds, "statistic": "median",
                            "not_run": refused,
                            "generator": "BPF_PROG_TEST_RUN live frames (XDP_TX) in h1, 60-byte UDP/IPv4, "
@@ -391,11 +427,29 @@ def report(r: dict, saved: Path) -> None:
         print(f"  {x['case']:34} {x['no observers']:6.1f} {x['flows']:6.1f} {x['events']:7.1f} "
               f"{x['bpfrouter']:6.1f} {x['bpfrouter'] - x['no observers']:7.1f}")
     print(f"  (target: both <= {r['observers_target_extra_ns']} ns extra on a packet of a known flow)")
+    print("\nthe chain of stages against the same stages as one program (router_single.bpf.o), ns per packet:")
+    print(f"  {'case':34} {'single':>7} {'staged':>7} {'ratio':>6} {'median':>7}")
+    for x in rows:
+        if SINGLE not in x:
+            continue
+        ratio, med = x["bpfrouter"] / x[SINGLE], x["median"]["bpfrouter"] / x["median"][SINGLE]
+        flag = "" if ratio <= r["staged_cost_limit"] else "  OVER"
+        print(f"  {x['case']:34} {x[SINGLE]:7.1f} {x['bpfrouter']:7.1f} {ratio:6.2f} {med:7.2f}{flag}")
+    print(f"  (staged: the chain `up` attaches, flows and events on; ratio of the fastest runs, then of the medians;\n"
+          f"   limit {r['staged_cost_limit']:.2f})")
+    sb = r["stage_budget"]
+    print(f"\nverifier budget per program (limit {sb['verifier_limit_insns']} instructions, "
+          f"{sb['stack_limit_bytes']} stack bytes each):")
+    print(f"  {'chain':22} {'program':22} {'insns':>8} {'stack':>6}  frames")
+    for label, progs in sb["programs"].items():
+        for name, v in progs.items():
+            frames = "+".join(map(str, v.get("stack_frames") or [])) or "-"
+            print(f"  {label:22} {name:22} {v['verified_insns']:8d} {v.get('stack_depth') or 0:6d}  {frames}")
     hook = r["idle_capture_hook"]
     same = "identical to" if hook["identical"] else "DIFFERENT from"
-    print(f"\nidle capture hook: {hook['idle_hook_instructions']} instructions. The attached program "
+    print(f"\nidle capture hook: {hook['idle_hook_instructions']} instructions. The attached chain "
           f"({hook['idle_program_instructions']} instructions) is {same} the one built without the capture "
-          f"observer and uses {hook['capture_maps_referenced']} capture maps; the program with the hook "
+          f"observer and uses {hook['capture_maps_referenced']} capture maps; the chain with the hook "
           f"({hook['capture_program_instructions']} instructions) runs only while a capture does.")
     lf = r["lab_forwarding"]
     if lf["not_run"]:

@@ -1,6 +1,7 @@
 """Every program of every object in build/ loads, in every configuration
 the router, `make bench` and `make bench-fib` load it in, far from the
-verifier's limits. The verifier's work for the same object differs between
+verifier's limits. For the router that is every stage of both its chains
+(the attached one and the capture chain), each verified on its own. The verifier's work for the same object differs between
 hosts (a benchmark program that loaded here was refused with E2BIG on
 another machine with the same kernel), so a program that merely passes here
 is not enough: each must stay under half the 1M-instruction limit. A program
@@ -16,6 +17,7 @@ import pytest
 from bpfrouter.bpf import BpfObject, prog_info
 from bpfrouter.datapath import Datapath
 from bpfrouter.datapath import layout as lo
+from bpfrouter.datapath.stages import ChainConfig, StageSlot, entry_program, load_chain, slot_programs
 from tests.conftest import ROOT
 
 BUILD = ROOT / "build"
@@ -43,17 +45,52 @@ def within_budget(counts: dict[str, int]) -> None:
 
 
 @pytest.mark.parametrize("mode,impl,observe", list(router_loads()))
-def test_router_program_loads_within_budget(mode, impl, observe):
-    """As `bpfrouter up` and the benchmarks load it (DIR FIB sized as bench-fib sizes it)."""
+def test_router_stages_load_within_budget(mode, impl, observe):
+    """As `bpfrouter up` and the benchmarks load it (DIR FIB sized as bench-fib sizes it):
+    every configured stage of each chain, and only those."""
     name = f"vb{os.getpid() % 100000}"
     dp = Datapath.load(name, str(BUILD / "router.bpf.o"), mode, impl, groups=(65536, 32768), observe=observe)
+    counts = {}
     try:
-        counts = {"bpfrouter_xdp": verified(dp.program.fd)}
-        if observe & lo.OBS_F_CAPTURE:
-            counts["bpfrouter_xdp_capture"] = verified(dp.capture_program().fd)
+        chains = [False] + ([True] if observe & lo.OBS_F_CAPTURE else [])
+        for capture in chains:
+            cfg = ChainConfig(mode, impl, observe, capture)
+            progs = dp.chain_programs(capture)
+            try:
+                names = [prog_info(p.fd).name.decode() for p in progs]
+                # the kernel keeps 15 characters of a program's name
+                assert names == [n[:15] for n in [entry_program(cfg), *dict.fromkeys(p for p in slot_programs(cfg) if p)]]
+                counts.update({f"{'capture ' if capture else ''}{n}": verified(p.fd) for n, p in zip(names, progs)})
+            finally:
+                for p in progs:
+                    p.close()
     finally:
         dp.destroy()
     within_budget(counts)
+
+
+def test_unconfigured_stage_is_not_in_the_chain():
+    """Without observers the observe slot is empty (the deciding stage's tail
+    call falls through to the verdict); with them it holds stage_observe."""
+    assert slot_programs(ChainConfig(lo.FibMode.BPF, observe=0))[StageSlot.OBSERVE] is None
+    assert slot_programs(ChainConfig(lo.FibMode.BPF, observe=lo.OBS_F_CAPTURE))[StageSlot.OBSERVE] is None
+    assert slot_programs(ChainConfig(lo.FibMode.BPF, observe=lo.OBS_F_CAPTURE, capture=True))[StageSlot.OBSERVE] \
+        == "stage_observe_capture"
+    assert slot_programs(ChainConfig(lo.FibMode.BPF, observe=lo.OBS_F_FLOWS))[StageSlot.OBSERVE] == "stage_observe"
+
+
+@pytest.mark.parametrize("mode,impl", FIBS, ids=[f"{m.name.lower()}-{i.name.lower()}" for m, i in FIBS])
+def test_single_program_build_loads_within_budget(mode, impl):
+    """router_single.bpf.o, the same stages inlined into one program, as `make bench` loads it."""
+    for capture in (False, True):
+        cfg = ChainConfig(mode, impl, lo.OBS_F_EVENTS | lo.OBS_F_FLOWS, capture)
+        with load_chain(str(BUILD / "router_single.bpf.o"), cfg, prepare=shrink_dir_maps) as chain:
+            within_budget({n: v["verified_insns"] for n, v in chain.budget().items()})
+
+
+def shrink_dir_maps(obj: BpfObject) -> None:
+    for m in ("dir4_groups", "dir4_group_leaf", "h6_buckets", "h6_leaf", "h6_filter"):
+        obj.set_max_entries(m, 1024)
 
 
 def load_all(obj_name: str, rodata: dict[str, ctypes._SimpleCData] | None = None) -> dict[str, int]:
@@ -87,4 +124,4 @@ def test_helper_objects_load_within_budget(obj_name):
 def test_every_object_in_build_is_checked():
     """A new object must say here how it is loaded, or this fails."""
     built = {p.name for p in BUILD.glob("*.bpf.o")}
-    assert built == {"router.bpf.o", "fibbench.bpf.o", *OTHERS}, f"objects without a load check: {built}"
+    assert built == {"router.bpf.o", "router_single.bpf.o", "fibbench.bpf.o", *OTHERS}, f"objects without a load check: {built}"
