@@ -39,7 +39,7 @@ REASON_TEXT: dict[Reason, str] = {
     Reason.PASS_KERNEL_NOT_FWDED: '--fib kernel: bpf_fib_lookup says local delivery, no route, or forwarding disabled',
     Reason.PASS_UNKNOWN_IFACE: 'arrived on a port the router has no entry for',
     Reason.PASS_NEXTHOP_INVALID: 'route points at an empty next hop (a transient during updates)',
-    Reason.PASS_STAGE_MISSING: 'the next stage of the data plane is not loaded (never, once `up` has finished)',
+    Reason.PASS_STAGE_MISSING: 'the next stage of the data plane is not loaded (never once the router is up)',
     Reason.DROP_BLACKHOLE: 'blackhole route',
     Reason.DROP_TRUNC_L2: 'frame shorter than its Ethernet/VLAN headers',
     Reason.DROP_TRUNC_L3: 'shorter than its IPv4/IPv6 header (options included)',

@@ -8,8 +8,8 @@
  * The loader fills each slot with the first configured stage at or after
  * it, so a stage that is not configured is not on the packet's path. A
  * stage that decides counts the packet (or answers a probe) and tail-calls
- * the observe slot; when no observer is configured that slot is empty and
- * the tail call falls through to the verdict.
+ * the observe slot, unless no observer is configured (observe_in_chain):
+ * then it returns the verdict itself.
  *
  * Single (BPFROUTER_SINGLE_PROGRAM, router_single.bpf.c): the same stage
  * functions inlined into one program, for `make bench` to set the chain's
@@ -89,6 +89,10 @@ struct {
 	__type(value, __u32);
 } stages SEC(".maps");
 
+/* Set by the loader: the observe slot is filled. When it is not, the
+ * deciding stages do not even try the tail call. */
+const volatile __u32 observe_in_chain = 1;
+
 /* After stage SLOT returned `reason`: go on to the next slot (-1) or end
  * with the verdict. A next stage missing from the chain (the loader fills
  * every slot before attaching) passes the packet to the kernel, counted. */
@@ -98,7 +102,7 @@ struct {
 		bpf_tail_call_static(ctx, &stages, (SLOT) + 1);			\
 		reason_ = REASON_PASS_STAGE_MISSING;				\
 	}									\
-	if (decided(ctx, pc, reason_))						\
+	if (decided(ctx, pc, reason_) && observe_in_chain)			\
 		bpf_tail_call_static(ctx, &stages, STAGE_OBSERVE);		\
 	return (pc)->action;							\
 } while (0)

@@ -143,6 +143,8 @@ def load_chain(object_path: str, cfg: ChainConfig, reuse: dict[str, int] | None 
         obj.set_rodata("fib_impl", ctypes.c_uint32(cfg.fib_impl))
         obj.set_rodata("jiffies_hz", ctypes.c_uint32(kernel_hz()))
         obj.set_rodata("observe_flags", ctypes.c_uint32(cfg.observe))
+        if staged:
+            obj.set_rodata("observe_in_chain", ctypes.c_uint32(slots[StageSlot.OBSERVE] is not None))
         if cfg.event_rate is not None:
             obj.set_rodata("event_rate", ctypes.c_uint32(cfg.event_rate))
         for name, fd in (reuse or {}).items():

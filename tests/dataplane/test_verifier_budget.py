@@ -70,8 +70,8 @@ def test_router_stages_load_within_budget(mode, impl, observe):
 
 
 def test_unconfigured_stage_is_not_in_the_chain():
-    """Without observers the observe slot is empty (the deciding stage's tail
-    call falls through to the verdict); with them it holds stage_observe."""
+    """Without observers the observe slot is empty (the deciding stages return
+    their verdict); with them it holds stage_observe."""
     assert slot_programs(ChainConfig(lo.FibMode.BPF, observe=0))[StageSlot.OBSERVE] is None
     assert slot_programs(ChainConfig(lo.FibMode.BPF, observe=lo.OBS_F_CAPTURE))[StageSlot.OBSERVE] is None
     assert slot_programs(ChainConfig(lo.FibMode.BPF, observe=lo.OBS_F_CAPTURE, capture=True))[StageSlot.OBSERVE] \
