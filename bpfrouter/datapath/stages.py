@@ -15,7 +15,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Callable
 
-from ..bpf import BpfError, BpfObject, Btf, Program, prog_info
+from ..bpf import BpfObject, Btf, Program, prog_info
 from . import layout as lo
 from .jiffies import kernel_hz
 
@@ -165,5 +165,5 @@ def load_chain(object_path: str, cfg: ChainConfig, reuse: dict[str, int] | None 
     return Chain(obj, cfg, programs, staged, keep_stats, slots)
 
 
-__all__ = ["Chain", "ChainConfig", "Stage", "STAGES", "StageSlot", "ENTRY_PROGRAM", "STAGE_ARRAY", "BpfError",
-           "load_chain", "slot_programs", "check_stage_list", "entry_program"]
+__all__ = ["Chain", "ChainConfig", "Stage", "STAGES", "StageSlot", "ENTRY_PROGRAM", "STAGE_ARRAY", "load_chain",
+           "slot_programs", "check_stage_list", "entry_program"]
