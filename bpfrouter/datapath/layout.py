@@ -133,7 +133,7 @@ class NeighKey(ctypes.Structure):
 
 
 class Neigh(ctypes.Structure):
-    _fields_ = [("mac", u8 * 6), ("state", u16)]
+    _fields_ = [("mac", u8 * 6), ("state", u16), ("used", u32)]
 
 
 class Route4Key(ctypes.Structure):
