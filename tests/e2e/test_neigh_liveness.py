@@ -18,6 +18,7 @@ derived from them: the entry's REACHABLE time (at most 1.5 x
 base_reachable_time), delay_first_probe_time, ucast_solicit probes
 retrans_time apart, plus one agent pass (POKE_SECONDS) and a slack for a
 busy host."""
+import json
 import os
 import sys
 import time
@@ -40,6 +41,7 @@ SLACK = 3.0
 BOUND = (1.5 * NEIGH_SYSCTLS["base_reachable_time_ms"] / 1000 + NEIGH_SYSCTLS["delay_first_probe_time"]
          + NEIGH_SYSCTLS["ucast_solicit"] * NEIGH_SYSCTLS["retrans_time_ms"] / 1000 + POKE_SECONDS + SLACK)
 PORT = 9999
+USED_CHECK = 500  # > 5 s of the flow in the fast path
 PACKETS = 60  # datagrams that must take the expected path in each phase (the sender sends one per 10 ms)
 
 SENDER = """
@@ -127,13 +129,23 @@ def set_mac(lab: Lab, mac: str) -> None:
     lab.run("h2", ["ip", "link", "set", "h2-eth0", "address", mac], check=True)
 
 
-def test_dead_then_replaced_next_hop(flow):
+def kernel_used_age(lab: Lab, dst: str) -> int:
+    """Seconds since the router's kernel last saw its neighbor entry used
+    (NDA_CACHEINFO, as `ip -s neigh` shows it)."""
+    out = lab.run("r", ["ip", "-s", "-j", "neigh", "show", dst, "dev", "r-eth1"], check=True).stdout
+    return json.loads(out)[0]["used"]
+
+
+def test_next_hop_dies_returns_and_is_replaced(flow):
     lab, version, dst, nb = flow
-    # the fast path carries the flow to h2
+    # The fast path carries the flow to h2, and the kernel sees the entry used.
+    # Only the flow's first packet took the kernel path: without the replay,
+    # after USED_CHECK packets (10 ms apart) the kernel's last use is that old.
     start = fwd(nb, lab, version)
-    assert wait_for(lambda: fwd(nb, lab, version) >= start + PACKETS, timeout=30), "XDP never carried the flow"
-    old_mac = neigh_mac(nb, dst)
-    assert old_mac == lab.link("h2", "h2-eth0")[1]
+    assert wait_for(lambda: fwd(nb, lab, version) >= start + USED_CHECK, timeout=60), "XDP never carried the flow"
+    age = kernel_used_age(lab, dst)
+    assert age <= POKE_SECONDS + 1, f"the kernel last saw {dst} used {age} s ago, while XDP forwards to it"
+    assert neigh_mac(nb, dst) == lab.link("h2", "h2-eth0")[1]
 
     # h2 stops answering ARP/ND for its address: the kernel's probes fail
     t0 = time.monotonic()
@@ -141,7 +153,7 @@ def test_dead_then_replaced_next_hop(flow):
         lab.run("h2", ["ip", "-4", "addr", "flush", "dev", "h2-eth0"], check=True)
     else:
         lab.run("h2", ["ip", "-6", "addr", "del", f"{dst}/64", "dev", "h2-eth0"], check=True)
-    assert wait_for(lambda: neigh_mac(nb, dst) is None, timeout=BOUND + 5, interval=0.02) is not None or True
+    wait_for(lambda: neigh_mac(nb, dst) is None, timeout=BOUND + 5, interval=0.02)
     gone_after = time.monotonic() - t0
     assert neigh_mac(nb, dst) is None, f"the fast path still uses the dead next hop after {gone_after:.1f} s"
     assert gone_after <= BOUND, f"the fast path stopped using the dead next hop after {gone_after:.1f} s, " \
@@ -160,29 +172,31 @@ def test_dead_then_replaced_next_hop(flow):
         lab.run("h2", ["ip", "addr", "add", f"{dst}/24", "dev", "h2-eth0"], check=True)
     else:
         lab.run("h2", ["ip", "-6", "addr", "add", f"{dst}/64", "dev", "h2-eth0", "nodad"], check=True)
-    assert wait_for(lambda: neigh_mac(nb, dst) == bytes.fromhex(new_mac.replace(":", "")), timeout=BOUND + 5), \
+    assert wait_for(lambda: neigh_mac(nb, dst) == mac_bytes(new_mac), timeout=BOUND + 5), \
         f"the neighbor map holds {neigh_mac(nb, dst)} for the revived next hop"
-    f0, r0 = fwd(nb, lab, version), udp_in(lab, "h2", version)
-    assert wait_for(lambda: fwd(nb, lab, version) >= f0 + PACKETS and udp_in(lab, "h2", version) >= r0 + PACKETS,
-                    timeout=30), "the flow did not return to the fast path and to h2"
+    assert_flow_in_fast_path(lab, version, nb)
 
-
-def test_next_hop_replaced_while_in_use(flow):
-    """h2 takes a new MAC while the fast path forwards to it (a replaced box
-    on the same address): the kernel's unicast probes to the old MAC fail,
-    the entry goes, the kernel resolves the new MAC and the fast path uses it."""
-    lab, version, dst, nb = flow
-    start = fwd(nb, lab, version)
-    assert wait_for(lambda: fwd(nb, lab, version) >= start + PACKETS, timeout=30), "XDP never carried the flow"
+    # h2 takes another MAC while the fast path forwards to it (a replaced box on
+    # the same address): the kernel's unicast probes to the old MAC fail, the
+    # entry goes, the kernel resolves the new MAC and the fast path uses it
     new_mac = "02:00:00:00:02:02"
     t0 = time.monotonic()
     set_mac(lab, new_mac)
-    want = bytes.fromhex(new_mac.replace(":", ""))
-    wait_for(lambda: neigh_mac(nb, dst) == want, timeout=BOUND + 5, interval=0.02)
+    wait_for(lambda: neigh_mac(nb, dst) == mac_bytes(new_mac), timeout=BOUND + 5, interval=0.02)
     took = time.monotonic() - t0
-    assert neigh_mac(nb, dst) == want, f"after {took:.1f} s the fast path still sends to {neigh_mac(nb, dst)}"
-    assert took <= BOUND + NEIGH_SYSCTLS["mcast_solicit"] * NEIGH_SYSCTLS["retrans_time_ms"] / 1000, \
-        f"the new MAC was picked up after {took:.1f} s, over the bound of {BOUND:.1f} s (+ one resolution)"
+    assert neigh_mac(nb, dst) == mac_bytes(new_mac), \
+        f"after {took:.1f} s the fast path still sends to {neigh_mac(nb, dst)}"
+    resolve = NEIGH_SYSCTLS["mcast_solicit"] * NEIGH_SYSCTLS["retrans_time_ms"] / 1000
+    assert took <= BOUND + resolve, \
+        f"the new MAC was picked up after {took:.1f} s, over the bound of {BOUND + resolve:.1f} s"
+    assert_flow_in_fast_path(lab, version, nb)
+
+
+def mac_bytes(mac: str) -> bytes:
+    return bytes.fromhex(mac.replace(":", ""))
+
+
+def assert_flow_in_fast_path(lab: Lab, version: int, nb: Neighbors) -> None:
     f0, r0 = fwd(nb, lab, version), udp_in(lab, "h2", version)
     assert wait_for(lambda: fwd(nb, lab, version) >= f0 + PACKETS and udp_in(lab, "h2", version) >= r0 + PACKETS,
                     timeout=30), "the flow did not return to the fast path and to h2"

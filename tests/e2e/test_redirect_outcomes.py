@@ -12,8 +12,10 @@ import subprocess
 
 import pytest
 
-from bpfrouter.datapath import PIN_ROOT
+from bpfrouter import xmit
+from bpfrouter.datapath import PIN_ROOT, Datapath
 from bpfrouter.lab import Lab
+from bpfrouter.observe import read_counters
 from tests.conftest import bpfrouter_cmd
 
 from .test_veth_peer import gro, icmp
@@ -25,12 +27,19 @@ def status(name: str) -> dict:
     return json.loads(bpfrouter_cmd("status", "--name", name, "-j", check=True).stdout)
 
 
-def outcomes(st: dict, iface: str) -> dict[str, int]:
-    return {o["outcome"]: o["packets"] for o in st["redirects"]["outcomes"] if o["iface"] == iface}
+class Counts:
+    """The router's counters read from its pinned maps (the CLI reads the same)."""
 
+    def __init__(self, lab: Lab):
+        self.dp = Datapath.open(lab.name)
+        self.port = {name: lab.link("r", name)[0] for name in ("r-eth0", "r-eth1")}
 
-def redirected(st: dict, iface: str) -> int:
-    return sum(c["packets"] for c in st["counters"] if c["iface"] == iface and c["verdict"] == "redirect")
+    def redirected(self, ingress: str) -> int:
+        return sum(pk for (idx, reason), (pk, _) in read_counters(self.dp).items()
+                   if idx == self.port[ingress] and reason.verdict == "redirect")
+
+    def outcomes(self, egress: str) -> dict[str, int]:
+        return {o.label: n for (idx, o), n in xmit.read(self.dp).items() if idx == self.port[egress]}
 
 
 def delta(after: dict[str, int], before: dict[str, int]) -> dict[str, int]:
@@ -56,26 +65,27 @@ def pings(lab: Lab, count: int) -> None:
 def test_redirects_into_a_peer_without_napi_are_counted_lost(lab):
     pings(lab, 2)  # neighbors resolved both ways
     assert gro(lab, "h2") and not gro(lab, "h2", on=False)
-    before, echos0 = status(lab.name), icmp(lab, "h2", "InEchos")
+    c = Counts(lab)
+    lost0 = status(lab.name)["totals"]["redirect_lost"]
+    fwd0, out0, echos0 = c.redirected("r-eth0"), c.outcomes("r-eth1"), icmp(lab, "h2", "InEchos")
     pings(lab, PINGS)
-    after, echos = status(lab.name), icmp(lab, "h2", "InEchos") - echos0
-
-    toward_h2 = redirected(after, "r-eth0") - redirected(before, "r-eth0")
-    out = delta(outcomes(after, "r-eth1"), outcomes(before, "r-eth1"))
+    echos = icmp(lab, "h2", "InEchos") - echos0
+    toward_h2 = c.redirected("r-eth0") - fwd0
+    out = delta(c.outcomes("r-eth1"), out0)
     assert echos == 0, f"{echos} echo requests reached h2 through a peer without NAPI"
     assert toward_h2 == PINGS, f"XDP redirected {toward_h2} of {PINGS} requests"
     assert out == {"no_xdp_xmit": PINGS}, f"r-eth1's redirect outcomes changed by {out}"
-    assert after["totals"]["redirect_lost"] - before["totals"]["redirect_lost"] == PINGS
+    assert status(lab.name)["totals"]["redirect_lost"] - lost0 == PINGS
 
     # GRO back on: every redirect delivered, and counted as sent on both ports
     gro(lab, "h2", on=True)
-    before, echos0, replies0 = status(lab.name), icmp(lab, "h2", "InEchos"), icmp(lab, "h1", "InEchoReps")
+    before = {p: (c.redirected(p), c.outcomes(p)) for p in c.port}
+    echos0, replies0 = icmp(lab, "h2", "InEchos"), icmp(lab, "h1", "InEchoReps")
     pings(lab, PINGS)
-    after = status(lab.name)
     echos, replies = icmp(lab, "h2", "InEchos") - echos0, icmp(lab, "h1", "InEchoReps") - replies0
     for ingress, egress, arrived in (("r-eth0", "r-eth1", echos), ("r-eth1", "r-eth0", replies)):
-        sent = redirected(after, ingress) - redirected(before, ingress)
-        out = delta(outcomes(after, egress), outcomes(before, egress))
+        sent = c.redirected(ingress) - before[ingress][0]
+        out = delta(c.outcomes(egress), before[egress][1])
         assert sent == arrived == PINGS and out == {"sent": PINGS}, \
             f"{ingress}->{egress}: redirected {sent}, outcomes {out}, {arrived} arrived"
 
@@ -86,17 +96,17 @@ def test_redirects_into_a_peer_without_napi_are_counted_lost(lab):
                for s in fam.samples if s.name.endswith("_total")}
     # every redirect toward h2 since `up` is either sent or lost
     assert samples[("r-eth1", "no_xdp_xmit")] == PINGS
-    assert samples[("r-eth1", "sent")] + PINGS == redirected(after, "r-eth0")
+    assert samples[("r-eth1", "sent")] + PINGS == c.redirected("r-eth0")
     human = bpfrouter_cmd("status", "--name", lab.name, check=True).stdout
     assert f"{PINGS} lost after redirect" in human, human
 
-
-def test_counters_are_pinned_and_removed_with_the_router(lab):
+    # pinned with the router (they count while no agent runs), gone with `down`
     pins = {p.name for p in (PIN_ROOT / lab.name).iterdir()}
     assert {"xmit_counters", "tp_xmit_devmap_xmit", "tp_xmit_redirect_err", "tp_xmit_exception"} <= pins
     ids = subprocess.run(["bpftool", "-j", "prog", "show"], capture_output=True, text=True, check=True).stdout
     mine = [p["id"] for p in json.loads(ids) if p.get("name", "").startswith("xmit_")]
     assert len(mine) >= 3
+    c.dp.close()
     bpfrouter_cmd("down", "--name", lab.name, check=True)
     left = {p["id"] for p in json.loads(subprocess.run(["bpftool", "-j", "prog", "show"], capture_output=True,
                                                        text=True, check=True).stdout)}
