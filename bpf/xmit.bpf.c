@@ -8,6 +8,7 @@
 #include "include/common.h"
 #include "include/iface.h"
 #include "include/xmit.h"
+#include "include/event_record.h"
 #include <bpf/bpf_tracing.h>
 #include <bpf/bpf_core_read.h>
 
@@ -48,6 +49,81 @@ const volatile __u32 router_netns = 0;
 const volatile __u32 tx_ports_id = 0;
 const volatile __u32 router_prog_id = 0;
 const volatile __u32 capture_prog_id = 0;
+/* Lost-redirect events into the router's ring (its `events` map), when the
+ * router runs the events observer: at most xmit_event_rate per second per
+ * outcome and CPU (windows of jiffies_hz jiffies). */
+const volatile __u32 xmit_events = 0;
+const volatile __u32 xmit_event_rate = 100;
+const volatile __u32 jiffies_hz = 250;
+
+enum xmit_event_stat {
+	XMIT_EVENTS_SENT = 0,
+	XMIT_EVENTS_SUPPRESSED,
+	XMIT_EVENTS_LOST,
+	XMIT_EVENT_STAT_MAX,
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, XMIT_MAX);
+	__type(key, __u32);
+	__type(value, struct event_window);
+} xmit_event_windows SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, XMIT_EVENT_STAT_MAX);
+	__type(key, __u32);
+	__type(value, __u64);
+} xmit_event_stats SEC(".maps");
+
+static __always_inline void xmit_event_count(__u32 stat)
+{
+	__u64 *v = bpf_map_lookup_elem(&xmit_event_stats, &stat);
+
+	if (v)
+		(*v)++;
+}
+
+/* One record per lost bulk: ports, outcome and how many frames (`len`);
+ * a bulk's headers are not at hand here. */
+static __always_inline void xmit_event(__u32 outcome, __u32 ifindex, __u32 egress, __u32 frames, __u32 action)
+{
+	struct event_window *w;
+	struct event *e;
+	__u64 now;
+
+	if (!xmit_events)
+		return;
+	w = bpf_map_lookup_elem(&xmit_event_windows, &outcome);
+	if (!w)
+		return;
+	now = bpf_jiffies64();
+	if (now - w->start_jiffies >= jiffies_hz) {
+		w->start_jiffies = now;
+		w->sent = 0;
+	}
+	if (w->sent >= xmit_event_rate) {
+		xmit_event_count(XMIT_EVENTS_SUPPRESSED);
+		return;
+	}
+	w->sent++;
+	e = bpf_ringbuf_reserve(&events, sizeof(*e), 0);
+	if (!e) {
+		xmit_event_count(XMIT_EVENTS_LOST);
+		return;
+	}
+	__builtin_memset(e, 0, sizeof(*e));
+	e->ts_ns = bpf_ktime_get_ns();
+	e->ifindex = ifindex;
+	e->egress_ifindex = egress;
+	e->len = frames;
+	e->reason = REASON_MAX;         /* not a pipeline reason: see xmit_outcome */
+	e->action = action;
+	e->xmit_outcome = outcome;
+	bpf_ringbuf_submit(e, 0);
+	xmit_event_count(XMIT_EVENTS_SENT);
+}
 
 static __always_inline void xmit_count(__u32 slot, __u32 outcome, __u64 n)
 {
@@ -99,6 +175,8 @@ int BPF_PROG(xmit_devmap_xmit, const struct net_device *from_dev, const struct n
 		else if (err < 0)
 			why = XMIT_DROP_XMIT_ERROR;
 		xmit_count(slot, why, drops);
+		xmit_event(why, BPF_CORE_READ(from_dev, ifindex), BPF_CORE_READ(to_dev, ifindex), drops,
+			   XDP_REDIRECT);
 	}
 	return 0;
 }
@@ -128,6 +206,7 @@ int BPF_PROG(xmit_redirect_err, const struct net_device *dev, const struct bpf_p
 	}
 	ifc = bpf_map_lookup_elem(&ifaces, &ifindex);
 	xmit_count(ifc ? ifc->slot : 0, why, 1);
+	xmit_event(why, BPF_CORE_READ(dev, ifindex), ifindex, 1, XDP_REDIRECT);
 	return 0;
 }
 
@@ -141,9 +220,11 @@ int BPF_PROG(xmit_exception, const struct net_device *dev, const struct bpf_prog
 	if (act != XDP_ABORTED || !id || (id != router_prog_id && id != capture_prog_id))
 		return 0;
 	xmit_count(managed_slot(dev), XMIT_DROP_DEVMAP_MISS, 1);
+	xmit_event(XMIT_DROP_DEVMAP_MISS, BPF_CORE_READ(dev, ifindex), 0, 1, XDP_ABORTED);
 	return 0;
 }
 
 const volatile enum xmit_outcome btf_anchor_xmit_outcome = XMIT_MAX;
+const volatile enum xmit_event_stat btf_anchor_xmit_event_stat = XMIT_EVENT_STAT_MAX;
 
 char _license[] SEC("license") = "GPL";

@@ -87,7 +87,8 @@ def up(ifnames: list[str], name: str = DEFAULT_NAME, fib_mode: str = "bpf",
                        observe=sum(lo.OBSERVERS[o] for o in meta.observers))
     try:
         # before the first port is attached: no redirect goes uncounted
-        xmit.attach(dp, dp.capture_program().id if dp.has_capture_program() else 0)
+        xmit.attach(dp, dp.capture_program().id if dp.has_capture_program() else 0,
+                    events="events" in meta.observers)
         ifaces = Interfaces(dp)
         modes = []
         for li in links:
@@ -161,7 +162,7 @@ def status(meta: RouterMeta) -> dict:
                     "memory": memory},
             "neighbors": fill["neighbors"]["entries"],
             "totals": totals, "counters": counters,
-            "redirects": {"counted": xmit.attached(dp), "outcomes": redirects},
+            "redirects": {"counted": xmit.attached(dp), "outcomes": redirects, "events": xmit.event_stats(dp)},
             "observers": {"enabled": meta.observers, **stats,
                           "capture_hook_on": [ifname(i) for i in dp.capture_hooked()],
                           "flow_table": flow_table_stats(dp, fill["flows"]["entries"], stats)},

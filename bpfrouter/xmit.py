@@ -18,9 +18,12 @@ from pathlib import Path
 from .bpf import BpfError, BpfObject, Btf, Link, Map, map_info, pin_object
 from .datapath import Datapath, DatapathError
 from .datapath import layout as lo
+from .datapath.jiffies import JiffiesError, kernel_hz
 
 PROGRAMS = ("xmit_devmap_xmit", "xmit_redirect_err", "xmit_exception")
 COUNTERS = "xmit_counters"
+EVENT_STATS = "xmit_event_stats"  # lost-redirect events: sent, suppressed (rate cap), lost (ring full)
+EVENT_STAT_NAMES = ("sent", "suppressed", "lost")
 
 
 class Outcome(enum.IntEnum):
@@ -68,15 +71,19 @@ def object_path(router_object: str) -> str:
 def check_layout(path: str) -> None:
     with Btf(path) as btf:
         values = btf.enum("xmit_outcome")
+        stats = btf.enum("xmit_event_stat")
     want = {"XMIT_" + o.name: o.value for o in Outcome} | {"XMIT_MAX": XMIT_MAX}
-    if values != want:
-        raise lo.LayoutMismatch(f"enum xmit_outcome differs in {path}: "
-                                f"{sorted(set(values.items()) ^ set(want.items()))[:4]}")
+    want_stats = {f"XMIT_EVENTS_{n.upper()}": i for i, n in enumerate(EVENT_STAT_NAMES)}
+    want_stats["XMIT_EVENT_STAT_MAX"] = len(EVENT_STAT_NAMES)
+    if values != want or stats != want_stats:
+        diff = (set(values.items()) ^ set(want.items())) | (set(stats.items()) ^ set(want_stats.items()))
+        raise lo.LayoutMismatch(f"enums xmit_outcome/xmit_event_stat differ in {path}: {sorted(diff)[:4]}")
 
 
-def attach(dp: Datapath, capture_prog_id: int = 0) -> None:
+def attach(dp: Datapath, capture_prog_id: int = 0, events: bool = True) -> None:
     """Load the outcome counters against this router's maps, attach them to
     the tracepoints and pin maps and links under the router's pin directory.
+    events: also put lost-redirect records into the router's event ring.
     Call from inside the router's network namespace (its inode is the filter)."""
     path = object_path(dp.object_path)
     check_layout(path)
@@ -85,6 +92,12 @@ def attach(dp: Datapath, capture_prog_id: int = 0) -> None:
     try:
         obj.reuse_map("ifaces", dp.ifaces.fd)
         obj.reuse_map("tx_ports", dp.tx_ports.fd)
+        obj.reuse_map("events", dp.maps["events"].fd)
+        obj.set_rodata("xmit_events", ctypes.c_uint32(int(events)))
+        try:
+            obj.set_rodata("jiffies_hz", ctypes.c_uint32(kernel_hz()))
+        except JiffiesError as e:
+            raise DatapathError(f"{e} (the redirect outcome events' clock needs it)") from None
         obj.set_rodata("router_netns", ctypes.c_uint32(os.stat("/proc/self/ns/net").st_ino))
         obj.set_rodata("tx_ports_id", ctypes.c_uint32(map_info(dp.tx_ports.fd).id))
         obj.set_rodata("router_prog_id", ctypes.c_uint32(dp.program.id))
@@ -94,7 +107,8 @@ def attach(dp: Datapath, capture_prog_id: int = 0) -> None:
         except BpfError as e:
             raise DatapathError(f"the kernel rejected the redirect outcome counters: {e}") from None
         try:
-            pin_object(obj.map_fd(COUNTERS), str(pin_dir / COUNTERS))
+            for m in (COUNTERS, EVENT_STATS):
+                pin_object(obj.map_fd(m), str(pin_dir / m))
             for name in PROGRAMS:
                 link = Link.create_tracing(obj.program(name))
                 try:
@@ -127,5 +141,17 @@ def read(dp: Datapath) -> dict[tuple[int, Outcome], int]:
             if n and outcome < XMIT_MAX and (slot == 0 or slot in slot_to_ifindex):
                 out[(slot_to_ifindex.get(slot, 0), Outcome(outcome))] = n
         return out
+    finally:
+        m.close()
+
+
+def event_stats(dp: Datapath) -> dict[str, int]:
+    """Lost-redirect events sent, held back by the rate cap, lost to a full ring."""
+    path = dp.pin_dir(dp.name) / EVENT_STATS
+    if not path.exists():
+        return dict.fromkeys(EVENT_STAT_NAMES, 0)
+    m = Map.pinned(str(path), ctypes.c_uint32, ctypes.c_uint64)
+    try:
+        return {n: sum(v.value for v in m.lookup(ctypes.c_uint32(i))) for i, n in enumerate(EVENT_STAT_NAMES)}
     finally:
         m.close()

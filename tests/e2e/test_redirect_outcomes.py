@@ -8,7 +8,9 @@ turns GRO on at the peer (bpfrouter/veth.py), so the test turns it off again
 behind the router's back."""
 import json
 import os
+import signal
 import subprocess
+import sys
 
 import pytest
 
@@ -16,7 +18,7 @@ from bpfrouter import xmit
 from bpfrouter.datapath import PIN_ROOT, Datapath
 from bpfrouter.lab import Lab
 from bpfrouter.observe import read_counters
-from tests.conftest import bpfrouter_cmd
+from tests.conftest import ROOT, bpfrouter_cmd
 
 from .test_veth_peer import gro, icmp
 
@@ -68,6 +70,10 @@ def test_redirects_into_a_peer_without_napi_are_counted_lost(lab):
     c = Counts(lab)
     lost0 = status(lab.name)["totals"]["redirect_lost"]
     fwd0, out0, echos0 = c.redirected("r-eth0"), c.outcomes("r-eth1"), icmp(lab, "h2", "InEchos")
+    events = subprocess.Popen([sys.executable, "-m", "bpfrouter", "events", "--name", lab.name, "-j",
+                               "-r", "no_xdp_xmit", "--duration", "20"], cwd=ROOT, text=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert "events of router" in events.stderr.readline()
     pings(lab, PINGS)
     echos = icmp(lab, "h2", "InEchos") - echos0
     toward_h2 = c.redirected("r-eth0") - fwd0
@@ -76,6 +82,12 @@ def test_redirects_into_a_peer_without_napi_are_counted_lost(lab):
     assert toward_h2 == PINGS, f"XDP redirected {toward_h2} of {PINGS} requests"
     assert out == {"no_xdp_xmit": PINGS}, f"r-eth1's redirect outcomes changed by {out}"
     assert status(lab.name)["totals"]["redirect_lost"] - lost0 == PINGS
+    events.send_signal(signal.SIGINT)
+    out, _ = events.communicate(timeout=30)
+    lost = [json.loads(line) for line in out.splitlines()]
+    assert lost and all((e["verdict"], e["iface"], e["egress"]) == ("redirect_lost", "r-eth0", "r-eth1")
+                        for e in lost), lost[:3]
+    assert sum(e["frames"] for e in lost) == PINGS, f"events for {sum(e['frames'] for e in lost)} frames"
 
     # GRO back on: every redirect delivered, and counted as sent on both ports
     gro(lab, "h2", on=True)
