@@ -10,7 +10,8 @@ traffic, for ever. The fast path therefore marks each entry it forwards with
 (bpf/include/neigh.h, once per pass), and `poke_used` replays that use to the
 kernel every POKE_SECONDS with RTM_NEWNEIGH + NTF_USE, which runs exactly
 neigh_event_send: the kernel then ages, probes and fails the entry as it
-would with its own traffic, at most POKE_SECONDS later. FAILED and INCOMPLETE
+would with its own traffic, at most POKE_SECONDS later (static and managed
+entries are left alone: see `poke`). FAILED and INCOMPLETE
 entries leave the map on the RTM_NEWNEIGH that follows (`set`), and the
 packets go to the kernel (reason no_neigh), which resolves the next hop again,
 a new MAC included.
@@ -33,7 +34,10 @@ from .datapath import layout as lo
 from .routespec import IPAddress
 
 BPF_EXIST = 2
-NTF_USE = 0x01
+NTF_USE, NTF_EXT_LEARNED, NTF_ROUTER = 0x01, 0x10, 0x80
+NTF_KEPT = NTF_EXT_LEARNED | NTF_ROUTER  # an entry's flags a poke must send back unchanged
+NTF_EXT_MANAGED = 0x01  # in NDA_FLAGS_EXT
+NUD_NEVER_AGED = 0x40 | 0x80  # NOARP, PERMANENT
 # How often the fast path's use is replayed to the kernel: at most the default
 # delay_first_probe_time (5 s), so a used REACHABLE entry goes to DELAY at
 # expiry as it would with kernel traffic.
@@ -99,11 +103,22 @@ class Neighbors:
     @staticmethod
     def poke(ipr, keys: list[lo.NeighKey]) -> int:
         """Tell the kernel these entries were used (NTF_USE: neigh_event_send);
-        returns how many it still had. Never creates an entry."""
+        returns how many it was told about. Never creates an entry.
+
+        NTF_USE goes through the kernel's admin update path, which would also
+        apply the request's flags and strip PERMANENT: so each entry is read
+        first, its own flags (extern_learn, router) are sent back unchanged,
+        and entries the kernel never ages are left alone: PERMANENT, NOARP
+        and kernel-managed ones (NTF_EXT_MANAGED, kept fresh by the kernel)."""
         n = 0
         for k in keys:
+            dst, fam = str(key_addr(k)), k.family
             try:
-                ipr.neigh("change", dst=str(key_addr(k)), ifindex=k.ifindex, family=k.family, flags=NTF_USE)
+                cur = ipr.neigh("get", dst=dst, ifindex=k.ifindex, family=fam)[0]
+                if cur["state"] & NUD_NEVER_AGED or (cur.get_attr("NDA_FLAGS_EXT") or 0) & NTF_EXT_MANAGED:
+                    continue
+                ipr.neigh("change", dst=dst, ifindex=k.ifindex, family=fam,
+                          flags=NTF_USE | (cur["flags"] & NTF_KEPT))
                 n += 1
             except NetlinkError as e:
                 if e.code not in (errno.ENOENT, errno.ENODEV):

@@ -18,6 +18,7 @@ derived from them: the entry's REACHABLE time (at most 1.5 x
 base_reachable_time), delay_first_probe_time, ucast_solicit probes
 retrans_time apart, plus one agent pass (POKE_SECONDS) and a slack for a
 busy host."""
+import ipaddress
 import json
 import os
 import sys
@@ -27,7 +28,7 @@ import pytest
 
 from bpfrouter.datapath import Datapath
 from bpfrouter.lab import Lab
-from bpfrouter.neighbors import POKE_SECONDS, Neighbors
+from bpfrouter.neighbors import POKE_SECONDS, Neighbors, neigh_key
 from tests.conftest import bpfrouter_cmd
 
 from bpfrouter.datapath import layout as lo
@@ -200,3 +201,48 @@ def assert_flow_in_fast_path(lab: Lab, version: int, nb: Neighbors) -> None:
     f0, r0 = fwd(nb, lab, version), udp_in(lab, "h2", version)
     assert wait_for(lambda: fwd(nb, lab, version) >= f0 + PACKETS and udp_in(lab, "h2", version) >= r0 + PACKETS,
                     timeout=30), "the flow did not return to the fast path and to h2"
+
+
+def test_replay_changes_only_what_traffic_would():
+    """NTF_USE runs the kernel's admin update path: sent bare, it strips
+    PERMANENT (the entry became INCOMPLETE) and clears extern_learn. The
+    replay reads each entry first: STALE ones go to DELAY with their flags
+    kept, static and kernel-managed ones are left alone, a vanished one is
+    skipped."""
+    import subprocess
+    from pyroute2 import IPRoute
+    ns = f"nl{os.getpid() % 100000}"
+    subprocess.run(["ip", "netns", "add", ns], check=True)
+    try:
+        def ip(*args):
+            subprocess.run(["ip", "-n", ns, *args], check=True)
+        ip("link", "add", "va", "type", "veth", "peer", "name", "vb")
+        ip("link", "set", "va", "up")
+        ip("link", "set", "vb", "up")
+        ip("addr", "add", "10.9.0.1/24", "dev", "va")
+        ip("neigh", "add", "10.9.0.2", "lladdr", "02:00:00:00:00:02", "dev", "va", "nud", "permanent")
+        ip("neigh", "add", "10.9.0.3", "lladdr", "02:00:00:00:00:03", "dev", "va", "nud", "stale", "extern_learn")
+        ip("neigh", "add", "10.9.0.4", "lladdr", "02:00:00:00:00:04", "dev", "va", "nud", "stale")
+        ip("neigh", "add", "10.9.0.6", "dev", "va", "managed")
+        ip("-6", "neigh", "add", "fd00::9", "lladdr", "02:00:00:00:00:09", "dev", "va", "nud", "stale", "router")
+
+        def table():
+            out = subprocess.run(["ip", "-n", ns, "-j", "neigh", "show", "dev", "va"], check=True,
+                                 capture_output=True, text=True).stdout
+            return {e["dst"]: (e.get("state", []), sorted(k for k in ("extern_learn", "router", "managed") if k in e))
+                    for e in json.loads(out)}
+
+        before = table()
+        with IPRoute(netns=ns) as ipr:
+            idx = ipr.link_lookup(ifname="va")[0]
+            keys = [neigh_key(idx, ipaddress.ip_address(d))
+                    for d in ("10.9.0.2", "10.9.0.3", "10.9.0.4", "10.9.0.6", "10.9.0.99", "fd00::9")]
+            assert Neighbors.poke(ipr, keys) == 3
+        after = table()
+        assert after["10.9.0.2"] == before["10.9.0.2"] == (["PERMANENT"], [])
+        assert after["10.9.0.6"] == before["10.9.0.6"]
+        assert after["10.9.0.3"] == (["DELAY"], ["extern_learn"])
+        assert after["10.9.0.4"] == (["DELAY"], [])
+        assert after["fd00::9"] == (["DELAY"], ["router"])
+    finally:
+        subprocess.run(["ip", "netns", "del", ns])
