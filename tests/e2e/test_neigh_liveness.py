@@ -27,12 +27,11 @@ import time
 import pytest
 
 from bpfrouter.datapath import Datapath
+from bpfrouter.datapath import layout as lo
 from bpfrouter.lab import Lab
 from bpfrouter.neighbors import POKE_SECONDS, Neighbors, neigh_key
-from tests.conftest import bpfrouter_cmd
-
-from bpfrouter.datapath import layout as lo
 from bpfrouter.observe import read_counters
+from tests.conftest import bpfrouter_cmd
 
 from .conftest import wait_for
 
