@@ -208,6 +208,16 @@ def status(name, as_json, pretty):
         for c in st["counters"]:
             t.add_row(c["iface"] or "?", c["verdict"], c["reason"], str(c["packets"]), str(c["bytes"]))
         console.print(t)
+    rd = st["redirects"]
+    if not rd["counted"]:
+        console.print("[yellow]redirect outcomes not counted[/] (router started by an older bpfrouter)")
+    elif rd["outcomes"]:
+        sent = sum(o["packets"] for o in rd["outcomes"] if o["outcome"] == "sent")
+        console.print(f"redirects: {sent} taken by the egress ports, {tot['redirect_lost']} lost after redirect")
+        t = Table("egress", "outcome", "packets", box=None, pad_edge=False)
+        for o in rd["outcomes"]:
+            t.add_row(o["iface"] or "?", o["outcome"], str(o["packets"]))
+        console.print(t)
     ob, ft = st["observers"], st["observers"]["flow_table"]
     console.print(f"events: {ob['events_sent']} sent, {ob['events_suppressed']} over the rate cap, "
                   f"{ob['events_lost']} lost (ring full); flows: {ft['entries']} of {ft['capacity']}, "

@@ -23,8 +23,9 @@ from .interfaces import Interfaces, ifname
 from .observe import read_counters
 from .telemetry import (L4_NAMES, EventStream, clock, decode_event, event_line, flow_table_stats, iter_flows_sorted,
                         obs_stats, read_flows)
+from .xmit import Outcome
 
-REASON_LABELS = sorted(r.label for r in lo.Reason)
+REASON_LABELS = sorted(r.label for r in lo.Reason) + sorted(o.label for o in Outcome if o != Outcome.SENT)
 err_console = console.__class__(stderr=True, highlight=False, soft_wrap=True)
 
 
@@ -64,7 +65,8 @@ def _until(count: int, duration: float | None):
 @name_option
 @json_options
 def events(reasons, iface, count, duration, name, as_json, pretty):
-    """Stream drop and pass-to-kernel events from the data plane.
+    """Stream drop and pass-to-kernel events from the data plane, and
+    redirects the egress port did not deliver (verdict redirect_lost).
 
     The data plane sends at most a fixed number of events per second per
     reason and CPU; what it holds back and what a full ring loses are

@@ -15,6 +15,7 @@ from .datapath import Datapath
 from .fib import fib_memory
 from .interfaces import ifname
 from .observe import read_counters
+from . import xmit
 from .telemetry import flow_table_stats, map_fill, obs_stats
 
 BPF_STATS = "/proc/sys/kernel/bpf_stats_enabled"
@@ -61,6 +62,12 @@ class RouterCollector(Collector):
             by.add_metric(labels, b)
         yield pk
         yield by
+        rd = CounterMetricFamily("bpfrouter_redirect_packets", "What became of the frames XDP redirected, by "
+                                 "egress interface: sent (taken by its driver) or the reason it was lost.",
+                                 labels=["router", "interface", "outcome"])
+        for (idx, outcome), n in xmit.read(dp).items():
+            rd.add_metric([r, ifname(idx) if idx else "unknown", outcome.label], n)
+        yield rd
 
         memory = fib_memory(dp)
         routes = GaugeMetricFamily("bpfrouter_fib_routes", "Routes in the data plane's FIB.",

@@ -8,7 +8,7 @@ import shutil
 
 from pyroute2 import IPRoute
 
-from . import netns, veth
+from . import netns, veth, xmit
 from .agent.client import AgentUnavailable, agent_pid, request, start_agent, stop_agent
 from .agent.kernel import link_from_msg
 from .bpf import prog_info, xdp_query
@@ -86,6 +86,9 @@ def up(ifnames: list[str], name: str = DEFAULT_NAME, fib_mode: str = "bpf",
     dp = Datapath.load(name, object_path, lo.FibMode[fib_mode.upper()], lo.FibImpl[fib_impl.upper()], groups,
                        observe=sum(lo.OBSERVERS[o] for o in meta.observers))
     try:
+        # before the first port is attached: no redirect goes uncounted
+        xmit.attach(dp, dp.capture_program().id if dp.has_capture_program() else 0,
+                    events="events" in meta.observers)
         ifaces = Interfaces(dp)
         modes = []
         for li in links:
@@ -139,6 +142,12 @@ def status(meta: RouterMeta) -> dict:
                              "verdict": reason.verdict, "reason": reason.label,
                              "packets": pk, "bytes": by})
             totals[reason.verdict] += pk
+        redirects, lost = [], 0
+        for (idx, outcome), n in sorted(xmit.read(dp).items(), key=lambda kv: (kv[0][0], kv[0][1])):
+            redirects.append({"iface": ifname(idx) if idx else None, "ifindex": idx,
+                              "outcome": outcome.label, "packets": n})
+            lost += n if outcome != xmit.Outcome.SENT else 0
+        totals["redirect_lost"] = lost
         by_version = fib_memory(dp)
         memory = {f"ipv{v}": m for v, m in by_version.items()}
         v4, v6 = memory["ipv4"]["routes"], memory["ipv6"]["routes"]
@@ -153,6 +162,7 @@ def status(meta: RouterMeta) -> dict:
                     "memory": memory},
             "neighbors": fill["neighbors"]["entries"],
             "totals": totals, "counters": counters,
+            "redirects": {"counted": xmit.attached(dp), "outcomes": redirects, "events": xmit.event_stats(dp)},
             "observers": {"enabled": meta.observers, **stats,
                           "capture_hook_on": [ifname(i) for i in dp.capture_hooked()],
                           "flow_table": flow_table_stats(dp, fill["flows"]["entries"], stats)},

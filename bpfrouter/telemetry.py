@@ -15,6 +15,7 @@ from .datapath import layout as lo
 from .interfaces import ifname
 from .observe import XDP_ACTIONS
 from .packet import mac_str
+from .xmit import Outcome
 
 L4_NAMES = {1: "icmp", 6: "tcp", 17: "udp", 58: "icmp6"}
 TCP_FLAGS = "FSRPAUEC"  # bit 0 (FIN) first, as tcpdump's letters
@@ -60,6 +61,11 @@ def decode_event(raw: bytes) -> dict:
         "route": None, "nexthop_id": e.nh_id or None,
         "egress": ifname(e.egress_ifindex) if e.egress_ifindex else None,
     }
+    if e.xmit_outcome:  # a redirect the egress did not deliver (bpf/xmit.bpf.c): `len` frames, no headers
+        out.update({"verdict": "redirect_lost", "reason": Outcome(e.xmit_outcome).label
+                    if e.xmit_outcome < len(Outcome) else str(e.xmit_outcome),
+                    "src_mac": None, "dst_mac": None, "ethertype": None, "frames": e.len})
+        return out
     if e.l4_proto in (1, 58) and e.family:
         out["icmp_type"], out["icmp_code"] = e.sport >> 8, e.sport & 0xFF
     if e.route_type:
@@ -90,6 +96,9 @@ def event_line(ev: dict) -> str:
             body += f" [{ev['tcp_flags']}]"
         if "icmp_type" in ev:
             body += f" type {ev['icmp_type']} code {ev['icmp_code']}"
+    elif "frames" in ev:
+        return f"{head}: {ev['frames']} frame(s) lost after redirect" + \
+            (f" to {ev['egress']}" if ev["egress"] else "")
     else:
         body = f"{ev['src_mac']} > {ev['dst_mac']} ethertype {ev['ethertype']}"
     tail = f" len {ev['len']}"

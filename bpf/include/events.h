@@ -6,51 +6,13 @@
 #define BPFROUTER_EVENTS_H
 
 #include "observe.h"
-
-#define EVENT_RING_BYTES (1 << 20)
+#include "event_record.h"
 
 /* Events per second per reason and CPU; set by the loader. */
 const volatile __u32 event_rate = 100;
 /* The kernel's CONFIG_HZ, for one-second windows in jiffies; set by the
  * loader (datapath/jiffies.py). */
 const volatile __u32 jiffies_hz = 250;
-
-struct event {
-	__u64 ts_ns;            /* bpf_ktime_get_ns() */
-	__u32 ifindex;          /* ingress */
-	__u32 len;              /* frame length */
-	__u32 reason;
-	__u32 action;           /* XDP action */
-	__u32 nh_id;
-	__u32 egress_ifindex;
-	__u16 vlan_id;          /* outer tag, 0 when untagged */
-	__u16 l3_proto;         /* ethertype after VLAN tags, host order */
-	__u8 family;            /* 4, 6 or 0 */
-	__u8 l4_proto;
-	__u8 ttl;
-	__u8 tcp_flags;
-	__u8 route_type;
-	__u8 prefixlen;         /* of the matched route (BPF FIB) */
-	__u8 route_proto;
-	__u8 vlan_depth;
-	__u8 src_mac[6];
-	__u8 dst_mac[6];
-	__u8 saddr[16];
-	__u8 daddr[16];
-	__u16 sport;
-	__u16 dport;
-	__u32 reserved;
-};
-
-struct event_window {
-	__u64 start_jiffies;
-	__u64 sent;
-};
-
-struct {
-	__uint(type, BPF_MAP_TYPE_RINGBUF);
-	__uint(max_entries, EVENT_RING_BYTES);
-} events SEC(".maps");
 
 struct {
 	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);

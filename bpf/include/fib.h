@@ -136,6 +136,8 @@ static __always_inline int fib_lookup_bpf(const struct pkt *p, struct fib_result
 	n = bpf_map_lookup_elem(&neighbors, &nk);
 	if (!n)
 		return REASON_PASS_NO_NEIGH;
+	if (!detail)    /* a probe (`route get`) is not traffic */
+		neigh_mark_used(n);
 	res->neigh_found = 1;
 	__builtin_memcpy(res->dmac, n->mac, 6);
 	__builtin_memcpy(res->smac, out->mac, 6);

@@ -1,4 +1,11 @@
-/* Neighbors (IP -> MAC per interface), mirrored from the kernel's table. */
+/* Neighbors (IP -> MAC per interface), mirrored from the kernel's table.
+ *
+ * Liveness: the kernel ages a neighbor only when its own traffic uses it
+ * (neigh_event_send: STALE -> DELAY -> PROBE -> REACHABLE or FAILED). XDP
+ * traffic never reaches that code, so the fast path marks the entries it
+ * forwards with (`used`), and the agent replays the use to the kernel with
+ * NTF_USE (bpfrouter/neighbors.py); an entry the kernel then finds dead
+ * (FAILED) leaves this map on the RTM_NEWNEIGH that follows. */
 #ifndef BPFROUTER_NEIGH_H
 #define BPFROUTER_NEIGH_H
 
@@ -14,6 +21,7 @@ struct neigh_key {
 struct neigh {
 	__u8 mac[6];
 	__u16 state;            /* kernel NUD_* state when mirrored */
+	__u32 used;             /* set by the fast path, cleared by the agent once it told the kernel */
 };
 
 struct {
@@ -22,5 +30,13 @@ struct {
 	__type(key, struct neigh_key);
 	__type(value, struct neigh);
 } neighbors SEC(".maps");
+
+/* Written only when it changes (once per agent pass), so forwarding CPUs do
+ * not bounce the entry's cache line on every packet. */
+static __always_inline void neigh_mark_used(struct neigh *n)
+{
+	if (!n->used)
+		n->used = 1;
+}
 
 #endif

@@ -38,7 +38,7 @@ from ..datapath import RUN_ROOT, Datapath, RouterMeta
 from ..datapath.layout import RTPROT_BPFROUTER, proto_name
 from ..fib import TABLE_MAIN, Fib, FibError, Route
 from ..interfaces import Interfaces, ifname
-from ..neighbors import Neighbors
+from ..neighbors import POKE_SECONDS, Neighbors
 from ..routespec import RouteSpec, RouteSpecError, parse_route
 from ..telemetry import fill_warnings, map_fill
 from .kernel import IFF_LOWER_UP, link_from_msg, neigh_from_msg
@@ -301,6 +301,7 @@ class Agent:
         threading.Thread(target=self._link_neigh_loop, args=(bound, synced), name="links", daemon=True).start()
         if not bound.wait(10):
             log.error("link/neighbor monitor did not start")
+        threading.Thread(target=self._neigh_liveness_loop, name="neigh-liveness", daemon=True).start()
         first = True
         while not self.stop.is_set():
             routes = RouteMonitor(NETLINK_RCVBUF, self.wake_fd)
@@ -367,6 +368,18 @@ class Agent:
                 burst = False  # idle again: the burst's objects join the frozen mirror
                 gc.freeze()
                 gc.enable()
+
+    def _neigh_liveness_loop(self) -> None:
+        """Replay the fast path's use of neighbors to the kernel (neighbors.py)."""
+        while not self.stop.wait(POKE_SECONDS):
+            try:
+                with IPRoute() as ipr:
+                    while not self.stop.wait(POKE_SECONDS):
+                        with self.lock:
+                            used = self.neighbors.take_used()
+                        self.neighbors.poke(ipr, used)
+            except Exception:
+                log.exception("neighbor liveness failed; restarting it")
 
     def _link_neigh_loop(self, bound: threading.Event, synced: threading.Event) -> None:
         resync = False

@@ -374,6 +374,14 @@ class Link:
         return cls(fd)
 
     @classmethod
+    def create_tracing(cls, prog: Program) -> "Link":
+        """Attach a tp_btf program to the tracepoint it was loaded for."""
+        fd = L.bpf_raw_tracepoint_open(None, prog.fd)
+        if fd < 0:
+            raise BpfError(f"attach tracing program {prog.name}", -fd)
+        return cls(fd)
+
+    @classmethod
     def pinned(cls, path: str) -> "Link":
         fd = L.bpf_obj_get(path.encode())
         if fd < 0:

@@ -223,3 +223,6 @@ def check_ptr(ptr, what: str):
     if not ptr:
         raise BpfError(what, ctypes.get_errno() or 22)
     return ptr
+
+# tp_btf/raw_tp attachment; returns a bpf_link fd (pinnable)
+bpf_raw_tracepoint_open = _decl("bpf_raw_tracepoint_open", c_int, c_char_p, c_int)

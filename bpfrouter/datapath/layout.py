@@ -134,7 +134,7 @@ class NeighKey(ctypes.Structure):
 
 
 class Neigh(ctypes.Structure):
-    _fields_ = [("mac", u8 * 6), ("state", u16)]
+    _fields_ = [("mac", u8 * 6), ("state", u16), ("used", u32)]
 
 
 class Route4Key(ctypes.Structure):
@@ -213,7 +213,7 @@ class Event(ctypes.Structure):
                 ("family", u8), ("l4_proto", u8), ("ttl", u8), ("tcp_flags", u8), ("route_type", u8),
                 ("prefixlen", u8), ("route_proto", u8), ("vlan_depth", u8), ("src_mac", u8 * 6),
                 ("dst_mac", u8 * 6), ("saddr", u8 * 16), ("daddr", u8 * 16), ("sport", u16), ("dport", u16),
-                ("reserved", u32)]
+                ("xmit_outcome", u16), ("reserved", u16)]
 
 
 class EventWindow(ctypes.Structure):

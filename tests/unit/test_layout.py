@@ -33,3 +33,10 @@ def test_enum_drift_is_detected(monkeypatch):
 def test_verdicts_follow_reason_names():
     for r in lo.Reason:
         assert r.verdict == {"FWD": "redirect", "PASS": "pass", "DROP": "drop"}[r.name.split("_")[0]]
+
+
+def test_redirect_outcomes_match_btf():
+    """bpfrouter/xmit.py's outcomes against bpf/include/xmit.h, and every one explained."""
+    from bpfrouter import xmit
+    xmit.check_layout(xmit.object_path(str(OBJECT)))
+    assert set(xmit.OUTCOME_TEXT) == set(xmit.Outcome)
