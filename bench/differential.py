@@ -1,0 +1,68 @@
+#!/usr/bin/env python3
+"""The frame differential at size (`make bench-differential`, docs/benchmarks.md).
+
+The corpus of tests/e2e/test_frame_differential.py, ten times the random
+part by default, through the kernel's forwarding and through bpfrouter in the
+same lab (tests/framediff.py says how). Prints every divergence, then a count
+per trait; exits 1 if a divergence has no trait the test's known list
+accepts (an unexpected one), 0 otherwise."""
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from tests.conftest import BASELINE, bpfrouter_cmd  # noqa: E402
+from tests.e2e.test_frame_differential import KNOWN_DIVERGENCES, unexpected  # noqa: E402
+from tests.framediff import FrameLab, build_corpus, compare  # noqa: E402
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--seed", type=int, default=None, help="corpus seed (default: random, printed)")
+    ap.add_argument("--valid", type=int, default=2000, help="valid frames (default 2000)")
+    ap.add_argument("--mutations", type=int, default=6000, help="randomly mutated frames (default 6000)")
+    ap.add_argument("--fib", choices=("bpf", "kernel"), default="bpf", help="bpfrouter's --fib")
+    ap.add_argument("--quiet", action="store_true", help="no divergence details, only the counts")
+    args = ap.parse_args()
+    seed = args.seed if args.seed is not None else random.randrange(1 << 32)
+    name = f"fdb{os.getpid() % 10000}"
+    fl = FrameLab(name, str(BASELINE))
+    try:
+        cases = build_corpus(seed, fl.r_mac, fl.h1_mac, args.valid, args.mutations)
+        print(f"frame differential: seed {seed}, {len(cases)} frames, bpfrouter --fib {args.fib}", flush=True)
+        t0 = time.monotonic()
+        kernel = fl.run(cases)
+        t1 = time.monotonic()
+        bpfrouter_cmd("up", "r-eth0", "r-eth1", "--name", name, "--fib", args.fib, netns=fl.lab.router_ns,
+                      check=True)
+        t2 = time.monotonic()
+        xdp = fl.run(cases)
+        t3 = time.monotonic()
+    finally:
+        fl.down()
+    diverged = compare(cases, kernel, xdp)
+    if not args.quiet:
+        for d in diverged:
+            print(d)
+    per_trait = Counter(t for d in diverged for t in (d.case.traits or {"(none)"}))
+    print(f"\n{len(diverged)} of {len(cases)} frames diverge (kernel run {t1 - t0:.1f} s, "
+          f"bpfrouter run {t3 - t2:.1f} s)")
+    for trait, n in per_trait.most_common():
+        print(f"  {n:6d}  {trait:28s} {KNOWN_DIVERGENCES.get(trait, 'UNEXPECTED')}")
+    bad = unexpected(diverged)
+    if bad:
+        print(f"{len(bad)} unexpected divergences (no known trait); seed {seed}")
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

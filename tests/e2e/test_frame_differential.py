@@ -1,0 +1,98 @@
+"""Differential test of whole frames: the kernel's forwarding against
+bpfrouter's, on one corpus (tests/framediff.py: how frames are sent, captured
+and compared, and why the outcome is deterministic).
+
+The same frames go through the lab router twice, first with the kernel alone,
+then with `bpfrouter up`: what arrives at h2 must be the same bytes, and what
+comes back to h1 (the kernel's ICMP errors, replies) the same. The corpus:
+valid TCP/UDP/ICMP of both families, TTL and hop limit 0 to 2, bad checksums,
+martian and spoofed addresses, fragments, IPv4 options, IPv6 extension-header
+chains, truncated and odd L4 headers, frames over the egress MTU with and
+without DF, VLAN tags, broadcast and multicast, and random header mutations
+of valid frames (seeded; the seed is printed on failure; FRAMEDIFF_SEED sets
+it).
+
+A frame whose outcomes differ is a divergence. KNOWN_DIVERGENCES lists the
+classes of divergence of today's data plane, by a trait read from the frame's
+bytes alone: a divergence is accepted when its frame has one of them, and
+each listed class is an expected failure of its own while frames of it still
+diverge (strict: once fixed it passes, and the entry must go). A divergence
+of a frame without a listed trait fails test_no_unexpected_divergence."""
+from __future__ import annotations
+
+import os
+import random
+
+import pytest
+
+from tests.conftest import BASELINE, BPF_SKIP, bpfrouter_cmd
+from tests.framediff import FrameLab, build_corpus, compare
+
+SEED = int(os.environ.get("FRAMEDIFF_SEED", random.randrange(1 << 32)))
+VALID, MUTATIONS = 200, 600   # bench/differential.py runs ten times more
+
+# trait -> why the fast path and the kernel disagree on such frames (issue 21)
+KNOWN_DIVERGENCES = {
+    "ipv4-bad-header-checksum": "IPv4 headers with a bad checksum are forwarded; the kernel drops them (RFC 1812 5.2.2)",
+    "reverse-path": "no reverse-path filter: a source the kernel would not route back out of the ingress port is "
+                    "forwarded; the kernel (rp_filter=1) drops it",
+    "martian-source": "martian sources (0/8, 127/8, multicast, class E, broadcast; IPv6 multicast, loopback, "
+                      "unspecified) are forwarded; the kernel drops them",
+    "local-source": "a source that is one of the router's own addresses is forwarded; the kernel drops it "
+                    "(accept_local=0)",
+    "trailing-bytes": "bytes after the IP packet (Ethernet padding) are forwarded with it; the kernel trims the "
+                      "frame to the IP length",
+    "l4-tcp-header": "a TCP header that is truncated or has a data offset under 5 or past the packet is dropped; "
+                     "the kernel forwards it",
+    "l4-udp-header": "a UDP header that is truncated or has a length under 8 is dropped; the kernel forwards it",
+    "l4-icmp-short": "ICMP under 8 bytes or ICMPv6 under 4 is dropped; the kernel forwards it",
+    "ipv6-exthdr-chain-over-8": "more than 8 IPv6 extension headers are dropped; the kernel forwards them",
+}
+
+
+def unexpected(divergences):
+    return [d for d in divergences if not d.case.traits & KNOWN_DIVERGENCES.keys()]
+
+
+@pytest.fixture(scope="module")
+def run():
+    """(corpus, kernel outcomes, bpfrouter outcomes, bpfrouter's status)."""
+    if BPF_SKIP:
+        pytest.skip(BPF_SKIP)
+    name = f"f{os.getpid() % 10000}"
+    fl = FrameLab(name, str(BASELINE))
+    try:
+        cases = build_corpus(SEED, fl.r_mac, fl.h1_mac, VALID, MUTATIONS)
+        kernel = fl.run(cases)
+        bpfrouter_cmd("up", "r-eth0", "r-eth1", "--name", name, netns=fl.lab.router_ns, check=True)
+        xdp = fl.run(cases)
+        status = bpfrouter_cmd("status", "-j", "--name", name, check=True).stdout
+    finally:
+        fl.down()
+    import json
+    return cases, kernel, xdp, json.loads(status)
+
+
+def test_fast_path_forwarded(run):
+    """The second run really went through XDP: every routable frame and the
+    two forwarded sentinels of every window were redirected by the program."""
+    cases, _, _, status = run
+    routable = sum(c.routable for c in cases)
+    assert status["totals"]["redirect"] >= routable + 2 * len(cases), status["totals"]
+
+
+def test_no_unexpected_divergence(run):
+    cases, kernel, xdp, _ = run
+    bad = unexpected(compare(cases, kernel, xdp))
+    assert not bad, f"seed {SEED}: {len(bad)} of {len(cases)} frames diverge from the kernel:\n" + \
+        "\n".join(str(d) for d in bad[:15])
+
+
+@pytest.mark.parametrize("trait", sorted(KNOWN_DIVERGENCES))
+def test_known_divergence(run, trait):
+    cases, kernel, xdp, _ = run
+    diverged = [d for d in compare(cases, kernel, xdp) if trait in d.case.traits]
+    if diverged:
+        pytest.xfail(f"{KNOWN_DIVERGENCES[trait]}; {len(diverged)} frames, e.g. {diverged[0]}")
+    assert not any(trait in c.traits for c in cases), \
+        f"frames with trait {trait} no longer diverge: remove it from KNOWN_DIVERGENCES"
