@@ -21,7 +21,7 @@ sys.path.insert(0, str(ROOT))
 
 from tests.conftest import BASELINE, bpfrouter_cmd  # noqa: E402
 from tests.e2e.test_frame_differential import KNOWN_DIVERGENCES, unexpected  # noqa: E402
-from tests.framediff import FrameLab, build_corpus, compare  # noqa: E402
+from tests.framediff import SYSCTL_PHASES, FrameLab, build_corpus, run_differential  # noqa: E402
 
 
 def main() -> int:
@@ -29,32 +29,35 @@ def main() -> int:
     ap.add_argument("--seed", type=int, default=None, help="corpus seed (default: random, printed)")
     ap.add_argument("--valid", type=int, default=2000, help="valid frames (default 2000)")
     ap.add_argument("--mutations", type=int, default=6000, help="randomly mutated frames (default 6000)")
+    ap.add_argument("--phase-frames", type=int, default=300, help="routable frames per sysctl phase (default 300)")
     ap.add_argument("--fib", choices=("bpf", "kernel"), default="bpf", help="bpfrouter's --fib")
     ap.add_argument("--quiet", action="store_true", help="no divergence details, only the counts")
     args = ap.parse_args()
     seed = args.seed if args.seed is not None else random.randrange(1 << 32)
     name = f"fdb{os.getpid() % 10000}"
     fl = FrameLab(name, str(BASELINE))
-    try:
-        cases = build_corpus(seed, fl.r_mac, fl.h1_mac, args.valid, args.mutations)
-        print(f"frame differential: seed {seed}, {len(cases)} frames, bpfrouter --fib {args.fib}", flush=True)
-        t0 = time.monotonic()
-        kernel = fl.run(cases)
-        t1 = time.monotonic()
+
+    def up():
         bpfrouter_cmd("up", "r-eth0", "r-eth1", "--name", name, "--fib", args.fib, netns=fl.lab.router_ns,
                       check=True)
-        t2 = time.monotonic()
-        xdp = fl.run(cases)
-        t3 = time.monotonic()
+
+    def down():
+        bpfrouter_cmd("down", "--name", name, check=True)
+
+    try:
+        cases = build_corpus(seed, fl.r_mac, fl.h1_mac, args.valid, args.mutations)
+        print(f"frame differential: seed {seed}, {len(cases)} frames, then {args.phase_frames} routable ones in "
+              f"each of {len(SYSCTL_PHASES)} sysctl phases, bpfrouter --fib {args.fib}", flush=True)
+        t0 = time.monotonic()
+        diverged = run_differential(fl, cases, sorted(SYSCTL_PHASES), args.phase_frames, up, down)
+        t1 = time.monotonic()
     finally:
         fl.down()
-    diverged = compare(cases, kernel, xdp)
     if not args.quiet:
         for d in diverged:
             print(d)
-    per_trait = Counter(t for d in diverged for t in (d.case.traits or {"(none)"}))
-    print(f"\n{len(diverged)} of {len(cases)} frames diverge (kernel run {t1 - t0:.1f} s, "
-          f"bpfrouter run {t3 - t2:.1f} s)")
+    per_trait = Counter(t for d in diverged for t in (d.traits or {"(none)"}))
+    print(f"\n{len(diverged)} frames diverge ({t1 - t0:.0f} s)")
     for trait, n in per_trait.most_common():
         print(f"  {n:6d}  {trait:28s} {KNOWN_DIVERGENCES.get(trait, 'UNEXPECTED')}")
     bad = unexpected(diverged)

@@ -31,9 +31,11 @@ outputs at once, XDP redirects in the same bulk queue, in order), so once the
 sentinels' frames are read at both hosts, the frame's outcome is complete."""
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import os
 import random
+import re
 import select
 import socket
 import struct
@@ -59,6 +61,13 @@ PACKET_OUTGOING = 4
 SO_RCVBUFFORCE = 33
 TAG = b"FDIF"              # corpus id follows, 4 bytes
 SENTINEL = b"SNTL"         # window number follows
+# What the sentinels make arrive where: UDP forwarded to beyond h2, UDP from h1
+# to h1 (back out of its port), UDP with TTL 1 (time exceeded back), an echo
+# request to the router (reply to h1) and an IPv6 one from h2's address (reply
+# to h2). A frame's outputs are complete when the first three have arrived, or
+# where the router must not forward, the last two.
+SENTINELS_FORWARDED = {("h2", "forward"), ("h1", "hairpin"), ("h1", "ttl")}
+SENTINELS_LOCAL = {("h1", "echo4"), ("h2", "echo6")}
 EGRESS_MTU = 1300          # r-eth1 and h2-eth0
 
 H1, H2, R1, R2 = "10.0.1.2", "10.0.2.2", "10.0.1.1", "10.0.2.1"
@@ -86,6 +95,17 @@ SYSCTLS = {
     "net.ipv4.conf.r-eth1.send_redirects": "0",
     # strict reverse-path filtering, as on a distribution's router (systemd sets 2, loose)
     "net.ipv4.conf.all.rp_filter": "1",
+}
+
+
+# Runs besides the first, each with sysctls of the router changed (and put back
+# after): the name is the trait every divergence of the run gets.
+SYSCTL_PHASES = {
+    "ipv4-forwarding-off-ingress": {"net.ipv4.conf.r-eth0.forwarding": ("0", "1")},
+    "ipv4-forwarding-off-egress": {"net.ipv4.conf.r-eth1.forwarding": ("0", "1")},
+    "ip-forward-off": {"net.ipv4.ip_forward": ("0", "1")},
+    "ipv6-forwarding-off": {"net.ipv6.conf.all.forwarding": ("0", "1")},
+    "ipv6-forwarding-off-ingress": {"net.ipv6.conf.r-eth0.forwarding": ("0", "1")},
 }
 
 
@@ -543,6 +563,17 @@ def _packet_socket(ns: str, ifname: str, proto: int) -> socket.socket:
     return s
 
 
+def sentinel_kind(frame: bytes) -> str:
+    """Which sentinel a frame at a host comes from (the quoted one for an error)."""
+    et, off = _l3(frame)
+    if et == 0x86DD:
+        return "echo6"
+    if frame[off + 9] == 1:
+        icmp = off + (frame[off] & 15) * 4
+        return "ttl" if frame[icmp] == 11 else "echo4"
+    return "hairpin" if frame[off + 16:off + 20] == frame[off + 12:off + 16] else "forward"
+
+
 def _sentinel_id(frame: bytes) -> int | None:
     i = frame.find(SENTINEL)
     return struct.unpack("!I", frame[i + 4:i + 8])[0] if i >= 0 and len(frame) >= i + 8 else None
@@ -589,6 +620,17 @@ class FrameLab:
                                            XDP_FLAGS_DRV_MODE))
         self.windows = 0
 
+    @contextlib.contextmanager
+    def sysctls(self, values: dict[str, tuple[str, str]]):
+        """Set the router's sysctls to values' first, then back to their second."""
+        for key, (value, _) in values.items():
+            self.lab.run("r", ["sysctl", "-qw", f"{key}={value}"], check=True)
+        try:
+            yield
+        finally:
+            for key, (_, back) in values.items():
+                self.lab.run("r", ["sysctl", "-qw", f"{key}={back}"], check=True)
+
     def down(self) -> None:
         for link in self.links:
             link.close()
@@ -596,17 +638,30 @@ class FrameLab:
         self.lab.down()
 
     def sentinels(self, n: int) -> list[bytes]:
-        """The three sentinel frames of window n (UDP without checksum, so the
-        window number is patched into built frames)."""
+        """The sentinel frames of window n, one of each kind (SENTINELS_*); the
+        window number is patched into frames built once."""
         if not hasattr(self, "_sentinels"):
             e = Ether(src=mac_str(self.h1_mac), dst=mac_str(self.r_mac))
-            udp = UDP(sport=9, dport=9, chksum=0) / Raw(SENTINEL + bytes(4))
+            tail = Raw(SENTINEL + bytes(4))
+            udp = UDP(sport=9, dport=9, chksum=0) / tail  # no checksum: nothing to recompute
             self._sentinels = [bytes(e / IP(src=H1, dst="10.99.255.254") / udp), bytes(e / IP(src=H1, dst=H1) / udp),
-                               bytes(e / IP(src=H1, dst="10.99.255.254", ttl=1) / udp)]
-        return [f[:-4] + struct.pack("!I", n) for f in self._sentinels]
+                               bytes(e / IP(src=H1, dst="10.99.255.254", ttl=1) / udp),
+                               bytes(e / IP(src=H1, dst=R1) / ICMP(id=9) / tail),
+                               bytes(e / IPv6(src=H2_6, dst=R1_6) / ICMPv6EchoRequest(id=9) / tail)]
+        out = [f[:-4] + struct.pack("!I", n) for f in self._sentinels]
+        echo4, echo6 = bytearray(out[3]), bytearray(out[4])
+        echo4[36:38] = b"\0\0"
+        echo4[36:38] = struct.pack("!H", ipsum(bytes(echo4[34:])))
+        echo6[56:58] = b"\0\0"
+        pseudo = bytes(echo6[22:54]) + struct.pack("!II", len(echo6) - 54, 58)
+        echo6[56:58] = struct.pack("!H", ipsum(pseudo + bytes(echo6[54:])))
+        return out[:3] + [bytes(echo4), bytes(echo6)]
 
-    def run(self, cases: list[Case], timeout: float = 10.0) -> dict[int, Outcome]:
-        """Each case's outcome: what reached h2 and h1 in its window."""
+    def run(self, cases: list[Case], forwarding: bool = True, timeout: float = 10.0) -> dict[int, Outcome]:
+        """Each case's outcome: what reached h2 and h1 in its window. Pass
+        forwarding=False when the router may not forward (the sentinels that
+        need it are not waited for)."""
+        want = SENTINELS_FORWARDED if forwarding else SENTINELS_LOCAL
         tx = _packet_socket(self.lab.ns("h1"), "h1-eth0", 0)
         rx = {"h1": _packet_socket(self.lab.ns("h1"), "h1-eth0", ETH_P_ALL),
               "h2": _packet_socket(self.lab.ns("h2"), "h2-eth0", ETH_P_ALL)}
@@ -625,11 +680,9 @@ class FrameLab:
                 for s in self.sentinels(n):
                     tx.send(s)
                 outcome = out.setdefault(case.id, Outcome())
-                # the sentinel's frames expected: h2 one, h1 two (forwarded back, time exceeded)
-                want = {"h2": 1, "h1": 2}
-                seen = {"h2": 0, "h1": 0}
+                seen: set[tuple[str, str]] = set()
                 deadline = time.monotonic() + timeout
-                while seen != want:
+                while not want <= seen:
                     left = deadline - time.monotonic()
                     if left <= 0:
                         raise AssertionError(f"the sentinels of case {case.id} ({case.desc}) did not come back "
@@ -648,7 +701,7 @@ class FrameLab:
                             sid = _sentinel_id(frame)
                             if sid is not None:
                                 if sid == n:
-                                    seen[host] += 1
+                                    seen.add((host, sentinel_kind(frame)))
                                 continue
                             owner = tag_of(frame)
                             target = out.setdefault(owner, Outcome()) if owner is not None else outcome
@@ -679,9 +732,14 @@ class Divergence:
     case: Case
     kernel: Outcome
     xdp: Outcome
+    phase: str = ""            # a SYSCTL_PHASES name, or "" for the first run
+
+    @property
+    def traits(self) -> frozenset[str]:
+        return self.case.traits | ({self.phase} if self.phase else set())
 
     def __str__(self) -> str:
-        return (f"#{self.case.id} {self.case.desc} [{', '.join(sorted(self.case.traits)) or 'no trait'}]\n"
+        return (f"#{self.case.id} {self.case.desc} [{', '.join(sorted(self.traits)) or 'no trait'}]\n"
                 f"    frame   {self.case.frame.hex()}\n"
                 f"    kernel: {describe(self.kernel)}\n"
                 f"    xdp:    {describe(self.xdp)}")
@@ -695,13 +753,46 @@ def describe(o: Outcome) -> str:
     return "; ".join(parts) or "nothing (dropped)"
 
 
-def compare(cases: list[Case], kernel: dict[int, Outcome], xdp: dict[int, Outcome]) -> list[Divergence]:
+def compare(cases: list[Case], kernel: dict[int, Outcome], xdp: dict[int, Outcome],
+            phase: str = "") -> list[Divergence]:
     out = []
     for c in cases:
         k, x = kernel.get(c.id, Outcome()), xdp.get(c.id, Outcome())
         if k.key() != x.key():
-            out.append(Divergence(c, k, x))
+            out.append(Divergence(c, k, x, phase))
     return out
+
+
+def phase_cases(cases: list[Case], n: int) -> list[Case]:
+    """The frames of a sysctl phase: the first n routable ones (both families,
+    all three protocols) and those with TTL or hop limit 0 to 2."""
+    return [c for c in cases if c.routable][:n] + \
+        [c for c in cases if re.fullmatch(r"IPv. \w+ (ttl|hop limit) [01]", c.desc)]
+
+
+def run_differential(fl: "FrameLab", cases: list[Case], phases: list[str], phase_frames: int, up, down,
+                     on_up=None) -> list[Divergence]:
+    """The corpus through the kernel, then through bpfrouter (up()/down()
+    start and stop it in the lab); then, for each phase, phase_cases with its
+    sysctls. bpfrouter is restarted for each phase, so it starts with the
+    sysctls set, as the kernel run had them. on_up() runs after the first
+    bpfrouter run, with the router up."""
+    sub = phase_cases(cases, phase_frames)
+    kernel = {"": fl.run(cases)}
+    for phase in phases:
+        with fl.sysctls(SYSCTL_PHASES[phase]):
+            kernel[phase] = fl.run(sub, forwarding=False)
+    up()
+    xdp = {"": fl.run(cases)}
+    if on_up:
+        on_up()
+    for phase in phases:
+        down()
+        with fl.sysctls(SYSCTL_PHASES[phase]):
+            up()
+            xdp[phase] = fl.run(sub, forwarding=False)
+    return compare(cases, kernel[""], xdp[""]) + \
+        [d for phase in phases for d in compare(sub, kernel[phase], xdp[phase], phase)]
 
 
 def build_corpus(seed: int, r_mac: bytes, h1_mac: bytes, valid: int, mutations: int) -> list[Case]:

@@ -20,16 +20,20 @@ diverge (strict: once fixed it passes, and the entry must go). A divergence
 of a frame without a listed trait fails test_no_unexpected_divergence."""
 from __future__ import annotations
 
+import json
 import os
 import random
 
 import pytest
 
 from tests.conftest import BASELINE, BPF_SKIP, bpfrouter_cmd
-from tests.framediff import FrameLab, build_corpus, compare
+from tests.framediff import SYSCTL_PHASES, FrameLab, build_corpus, run_differential
 
 SEED = int(os.environ.get("FRAMEDIFF_SEED", random.randrange(1 << 32)))
 VALID, MUTATIONS = 200, 600   # bench/differential.py runs ten times more
+# Runs with forwarding sysctls off, on some frames; bpfrouter restarts for
+# each (seconds), so two here, all of SYSCTL_PHASES in bench/differential.py.
+PHASES, PHASE_FRAMES = ["ipv4-forwarding-off-ingress", "ipv6-forwarding-off"], 30
 
 # trait -> why the fast path and the kernel disagree on such frames (issue 21)
 KNOWN_DIVERGENCES = {
@@ -47,52 +51,63 @@ KNOWN_DIVERGENCES = {
     "l4-udp-header": "a UDP header that is truncated or has a length under 8 is dropped; the kernel forwards it",
     "l4-icmp-short": "ICMP under 8 bytes or ICMPv6 under 4 is dropped; the kernel forwards it",
     "ipv6-exthdr-chain-over-8": "more than 8 IPv6 extension headers are dropped; the kernel forwards them",
+    "ipv4-forwarding-off-ingress": "net.ipv4.conf.<ingress>.forwarding=0 is ignored: frames are forwarded the "
+                                   "kernel drops",
+    "ip-forward-off": "net.ipv4.ip_forward=0 is ignored: frames are forwarded the kernel drops",
+    "ipv6-forwarding-off": "net.ipv6.conf.all.forwarding=0 is ignored: frames are forwarded the kernel drops",
 }
-
-
-def unexpected(divergences):
-    return [d for d in divergences if not d.case.traits & KNOWN_DIVERGENCES.keys()]
 
 
 @pytest.fixture(scope="module")
 def run():
-    """(corpus, kernel outcomes, bpfrouter outcomes, bpfrouter's status)."""
+    """(corpus, divergences, bpfrouter's status after the first run)."""
     if BPF_SKIP:
         pytest.skip(BPF_SKIP)
     name = f"f{os.getpid() % 10000}"
     fl = FrameLab(name, str(BASELINE))
+    status = {}
+
+    def up():
+        bpfrouter_cmd("up", "r-eth0", "r-eth1", "--name", name, netns=fl.lab.router_ns, check=True)
+
+    def down():
+        bpfrouter_cmd("down", "--name", name, check=True)
+
+    def read_status():
+        status.update(json.loads(bpfrouter_cmd("status", "-j", "--name", name, check=True).stdout))
+
     try:
         cases = build_corpus(SEED, fl.r_mac, fl.h1_mac, VALID, MUTATIONS)
-        kernel = fl.run(cases)
-        bpfrouter_cmd("up", "r-eth0", "r-eth1", "--name", name, netns=fl.lab.router_ns, check=True)
-        xdp = fl.run(cases)
-        status = bpfrouter_cmd("status", "-j", "--name", name, check=True).stdout
+        diverged = run_differential(fl, cases, PHASES, PHASE_FRAMES, up, down, read_status)
     finally:
         fl.down()
-    import json
-    return cases, kernel, xdp, json.loads(status)
+    return cases, diverged, status
+
+
+def unexpected(divergences):
+    return [d for d in divergences if not d.traits & KNOWN_DIVERGENCES.keys()]
 
 
 def test_fast_path_forwarded(run):
-    """The second run really went through XDP: every routable frame and the
+    """The bpfrouter run really went through XDP: every routable frame and the
     two forwarded sentinels of every window were redirected by the program."""
-    cases, _, _, status = run
+    cases, _, status = run
     routable = sum(c.routable for c in cases)
     assert status["totals"]["redirect"] >= routable + 2 * len(cases), status["totals"]
 
 
 def test_no_unexpected_divergence(run):
-    cases, kernel, xdp, _ = run
-    bad = unexpected(compare(cases, kernel, xdp))
-    assert not bad, f"seed {SEED}: {len(bad)} of {len(cases)} frames diverge from the kernel:\n" + \
+    cases, diverged, _ = run
+    bad = unexpected(diverged)
+    assert not bad, f"seed {SEED}: {len(bad)} frames diverge from the kernel:\n" + \
         "\n".join(str(d) for d in bad[:15])
 
 
 @pytest.mark.parametrize("trait", sorted(KNOWN_DIVERGENCES))
 def test_known_divergence(run, trait):
-    cases, kernel, xdp, _ = run
-    diverged = [d for d in compare(cases, kernel, xdp) if trait in d.case.traits]
-    if diverged:
-        pytest.xfail(f"{KNOWN_DIVERGENCES[trait]}; {len(diverged)} frames, e.g. {diverged[0]}")
-    assert not any(trait in c.traits for c in cases), \
+    cases, diverged, _ = run
+    these = [d for d in diverged if trait in d.traits]
+    if these:
+        pytest.xfail(f"{KNOWN_DIVERGENCES[trait]}; {len(these)} frames, e.g. {these[0]}")
+    assert trait not in PHASES and not any(trait in c.traits for c in cases), \
         f"frames with trait {trait} no longer diverge: remove it from KNOWN_DIVERGENCES"
