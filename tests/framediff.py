@@ -23,12 +23,20 @@ Determinism, which the comparison needs:
   NAPI (which XDP redirects into a veth need) without GRO holding TCP
   segments back, so frames reach the capture in the order they were queued.
 
-The sentinels, sent after each frame in one order from one CPU: UDP to
-beyond h2 (the fast path forwards it), UDP to h1 (forwarded back out of the
-port it came from) and UDP with TTL 1 (the kernel answers time exceeded). The
-frame's own outputs are queued ahead of them on each path (the kernel's
-outputs at once, XDP redirects in the same bulk queue, in order), so once the
-sentinels' frames are read at both hosts, the frame's outcome is complete."""
+The sentinels (SENTINELS_*), sent after each frame from the same CPU: UDP
+to beyond h2 and UDP from h1 to h1 (both forwarded, by XDP when it runs) and
+UDP with TTL 1 (the kernel answers time exceeded). The frame's own outputs
+are queued ahead of theirs on each path (the kernel's outputs at once, XDP
+redirects in the same bulk queue, in order), so once the sentinels' frames
+are read at both hosts, the frame's outcome is complete. Where the router may
+not forward (the sysctl phases), echo requests to the router close the
+window instead: everything runs in softirq on the one CPU, so the redirects
+of a poll are flushed before a host's receive poll runs.
+
+run_differential: the corpus through the kernel, then through bpfrouter,
+then some of its frames again with forwarding sysctls off (SYSCTL_PHASES),
+bpfrouter restarted for each. traits(): what is unusual about a frame, read
+from its bytes, which names the class of a divergence."""
 from __future__ import annotations
 
 import contextlib
@@ -40,7 +48,6 @@ import select
 import socket
 import struct
 import time
-from collections import Counter
 from dataclasses import dataclass, field
 
 from scapy.layers.inet import GRE, ICMP, IP, IPOption_NOP, IPOption_Router_Alert, IPOption_RR, IPOption_Timestamp, \
@@ -262,7 +269,8 @@ class CorpusBuilder:
             self.add(f"{fam} to {what} {dst}", self.eth() / self.ip(v, dst=dst) / self.l4(v, k, 24))
         # back out of the port it came from (redirects off: forwarded only)
         if v == 4:
-            self.add(f"{fam} to h1, out of the port it came in", self.eth() / self.ip(4, src=H1, dst=H1) / self.l4(4, k, 24))
+            self.add(f"{fam} to h1, out of the port it came in",
+                     self.eth() / self.ip(4, src=H1, dst=H1) / self.l4(4, k, 24))
         # trailing bytes after the IP packet (Ethernet padding of a short frame, or junk)
         pkt = bytes(self.eth() / self.ip(v) / self.l4(v, k, 8))
         padded = pkt.ljust(60, b"\0") if len(pkt) < 60 else pkt + b"\0" * 4
@@ -336,7 +344,8 @@ class CorpusBuilder:
             "hop-by-hop PadN": [IPv6ExtHdrHopByHop(options=[PadN(optdata=b"\0\0\0\0")])],
             "hop-by-hop router alert": [IPv6ExtHdrHopByHop(options=[RouterAlert()])],
             "hop-by-hop unknown option, skip": [IPv6ExtHdrHopByHop(options=[HBHOptUnknown(otype=0x1e, optdata=b"ab")])],
-            "hop-by-hop unknown option, discard": [IPv6ExtHdrHopByHop(options=[HBHOptUnknown(otype=0x5e, optdata=b"ab")])],
+            "hop-by-hop unknown option, discard":
+                [IPv6ExtHdrHopByHop(options=[HBHOptUnknown(otype=0x5e, optdata=b"ab")])],
             "hop-by-hop unknown option, ICMP": [IPv6ExtHdrHopByHop(options=[HBHOptUnknown(otype=0x9e, optdata=b"ab")])],
             "destination options": [IPv6ExtHdrDestOpt(options=[Pad1(), Pad1()])],
             "routing type 0, segments left 0": [IPv6ExtHdrRouting(type=0, segleft=0, addresses=["2001:db8::1"])],
@@ -798,6 +807,3 @@ def run_differential(fl: "FrameLab", cases: list[Case], phases: list[str], phase
 def build_corpus(seed: int, r_mac: bytes, h1_mac: bytes, valid: int, mutations: int) -> list[Case]:
     return CorpusBuilder(random.Random(seed), mac_str(r_mac), mac_str(h1_mac)).build(mutations, valid)
 
-
-def classes(divergences: list[Divergence]) -> Counter:
-    return Counter(t for d in divergences for t in d.case.traits)

@@ -10,14 +10,16 @@ martian and spoofed addresses, fragments, IPv4 options, IPv6 extension-header
 chains, truncated and odd L4 headers, frames over the egress MTU with and
 without DF, VLAN tags, broadcast and multicast, and random header mutations
 of valid frames (seeded; the seed is printed on failure; FRAMEDIFF_SEED sets
-it).
+it). Then some of the frames again with forwarding turned off by sysctl
+(PHASES), bpfrouter restarted with the sysctl set.
 
 A frame whose outcomes differ is a divergence. KNOWN_DIVERGENCES lists the
 classes of divergence of today's data plane, by a trait read from the frame's
-bytes alone: a divergence is accepted when its frame has one of them, and
-each listed class is an expected failure of its own while frames of it still
-diverge (strict: once fixed it passes, and the entry must go). A divergence
-of a frame without a listed trait fails test_no_unexpected_divergence."""
+bytes alone (or the sysctl phase it ran in): a divergence is accepted when
+its frame has one of them. Each listed class is an expected failure of its
+own while frames of it still diverge; once none does, that test fails and
+asks for the entry to go. A divergence of a frame without a listed trait
+fails test_no_unexpected_divergence."""
 from __future__ import annotations
 
 import json
@@ -27,7 +29,7 @@ import random
 import pytest
 
 from tests.conftest import BASELINE, BPF_SKIP, bpfrouter_cmd
-from tests.framediff import SYSCTL_PHASES, FrameLab, build_corpus, run_differential
+from tests.framediff import FrameLab, build_corpus, run_differential
 
 SEED = int(os.environ.get("FRAMEDIFF_SEED", random.randrange(1 << 32)))
 VALID, MUTATIONS = 200, 600   # bench/differential.py runs ten times more
@@ -37,7 +39,8 @@ PHASES, PHASE_FRAMES = ["ipv4-forwarding-off-ingress", "ipv6-forwarding-off"], 3
 
 # trait -> why the fast path and the kernel disagree on such frames (issue 21)
 KNOWN_DIVERGENCES = {
-    "ipv4-bad-header-checksum": "IPv4 headers with a bad checksum are forwarded; the kernel drops them (RFC 1812 5.2.2)",
+    "ipv4-bad-header-checksum": "IPv4 headers with a bad checksum are forwarded; the kernel drops them "
+                                "(RFC 1812 5.2.2)",
     "reverse-path": "no reverse-path filter: a source the kernel would not route back out of the ingress port is "
                     "forwarded; the kernel (rp_filter=1) drops it",
     "martian-source": "martian sources (0/8, 127/8, multicast, class E, broadcast; IPv6 multicast, loopback, "
