@@ -31,7 +31,7 @@ def main() -> int:
     ap.add_argument("--mutations", type=int, default=6000, help="randomly mutated frames (default 6000)")
     ap.add_argument("--phase-frames", type=int, default=300, help="routable frames per sysctl phase (default 300)")
     ap.add_argument("--fib", choices=("bpf", "kernel"), default="bpf", help="bpfrouter's --fib")
-    ap.add_argument("--quiet", action="store_true", help="no divergence details, only the counts")
+    ap.add_argument("--quiet", action="store_true", help="details of unexpected divergences only, and the counts")
     args = ap.parse_args()
     seed = args.seed if args.seed is not None else random.randrange(1 << 32)
     name = f"fdb{os.getpid() % 10000}"
@@ -62,6 +62,9 @@ def main() -> int:
         print(f"  {n:6d}  {trait:28s} {KNOWN_DIVERGENCES.get(trait, 'UNEXPECTED')}")
     bad = unexpected(diverged)
     if bad:
+        if args.quiet:
+            for d in bad:
+                print(d)
         print(f"{len(bad)} unexpected divergences (no known trait); seed {seed}")
         return 1
     return 0

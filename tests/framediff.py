@@ -556,10 +556,15 @@ def normalise_h1(frame: bytes) -> bytes:
 
 def is_noise(frame: bytes) -> bool:
     """What a router's kernel sends on its own: MLD reports, IGMP, ARP/ND it
-    originates (the corpus never makes it resolve a neighbour)."""
+    originates (the corpus never makes it resolve a neighbour), and the
+    unsolicited neighbour advertisements a change of IPv6 forwarding sends
+    from its addresses."""
     et, off = _l3(frame)
     if et == 0x86DD and len(frame) >= off + 42 and frame[off + 8] == 0xFE and frame[off + 6] in (0, 58):
         return True  # link-local source: MLD (behind hop-by-hop), ND
+    if et == 0x86DD and len(frame) >= off + 42 and frame[off + 6] == 58 and 133 <= frame[off + 40] <= 137 and \
+            ipaddress.ip_address(frame[off + 8:off + 24]) in ROUTER_ADDRS:
+        return True
     if et == 0x0800 and len(frame) >= off + 20 and frame[off + 9] == 2:
         return True
     return et == 0x0806 and frame[off + 6:off + 8] == b"\0\1"  # an ARP request: the router resolving
