@@ -6,7 +6,7 @@ BPF_HDRS := $(wildcard bpf/include/*.h bpf/stages/*.h)
 BPF_OBJS := $(patsubst bpf/%.bpf.c,build/%.bpf.o,$(BPF_SRCS))
 PY := .venv/bin/python
 
-.PHONY: all deps build test test-dataplane test-e2e test-unit demo bench bench-fib clean
+.PHONY: all deps build test test-dataplane test-e2e test-unit demo bench bench-fib bench-differential clean
 
 all: build
 
@@ -42,3 +42,8 @@ clean:
 bench-fib: deps
 	@$(MAKE) -s --no-print-directory build
 	@$(PY) bench/fib.py $(ARGS)
+
+# the frame differential at ten times the test's size (docs/benchmarks.md)
+bench-differential: deps
+	@$(MAKE) -s --no-print-directory build
+	@$(PY) bench/differential.py $(ARGS)

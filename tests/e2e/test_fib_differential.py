@@ -13,6 +13,9 @@ prefix, type, gateway and device.
   different metrics, added and deleted in random order, then routes of the
   local table (AnyIP prefixes of type local, unicast routes, addresses)
   over, under and beside main-table routes, then those removed again.
+- test_link_state_and_sysctls_match_kernel: several routes per prefix over
+  both ports, then one port set down and up, its carrier lost and back, with
+  ignore_routes_with_linkdown off and on.
 
 Which route wins is the kernel's answer, never a rule written here."""
 import ipaddress
@@ -283,3 +286,73 @@ def test_ipv6_local_table_prefix_shadows_longer_main_routes(router, prog, tmp_pa
         batch(lab, tmp_path, ["route del local fd77::/32 dev lo table local", "route del fd77:0:3::/48"])
     if bad:
         pytest.xfail(f"known bug, IPv6 local table not looked up first: {bad[0]}")
+
+
+def agree_after_change(lab: Lab, prog: Program, rng, prefixes, version: int, what: str, dests: int = 400) -> None:
+    """The program against the kernel after a change of link state or sysctl:
+    the kernel changes routes on these without telling (IPv4 flushes a downed
+    link's routes with no RTM_DELROUTE), so the mirror may follow by a re-dump;
+    the comparison is repeated until it agrees or 20 s have passed."""
+    settle(lab, prog, version)
+    sample = sample_destinations(rng, list(prefixes), dests, version)
+
+    def bad():
+        with KernelFib(lab.router_ns) as k:
+            return differences(k, prog.dp, sample, prog.iif, prog.mac, dp_ns=lab.router_ns)
+    wait_for(lambda: not bad(), timeout=20, interval=0.5)
+    found = bad()
+    assert not found, f"{what}: {len(found)} of {len(sample)} differ, e.g. " + "; ".join(found[:5])
+
+
+@pytest.mark.parametrize("version", [4, 6])
+def test_link_state_and_sysctls_match_kernel(router, prog, version, tmp_path):
+    """Several routes per prefix over gateways of both ports, then r-eth1 set
+    down and up again, its carrier lost (h2's end down) with
+    ignore_routes_with_linkdown off and then on, and the carrier back. After
+    each step: the program against the kernel for random destinations. The
+    lab is put back as it was (addresses, neighbours, sysctls) at the end."""
+    lab = router
+    rng = np.random.default_rng(3000 + version)
+    gws = GATEWAYS[version]
+    lab.run("r", ["ip", f"-{version}", "route", "flush", "table", "all", "proto", "boot"], check=True)
+    prefixes = [s.prefix for s in random_routes(rng, 100, version, gws)]
+    lines = []
+    for p in prefixes:
+        for metric in rng.choice(np.arange(1, 5000), int(rng.integers(1, 4)), replace=False).tolist():
+            lines.append(route_line("add", p, "unicast", gws[int(rng.integers(len(gws)))], metric))
+    batch(lab, tmp_path, [lines[i] for i in rng.permutation(len(lines)).tolist()])
+    agree_after_change(lab, prog, rng, prefixes, version, "routes installed")
+    sysctl = f"net.ipv{version}.conf.all.ignore_routes_with_linkdown"
+    try:
+        lab.run("r", ["ip", "link", "set", "r-eth1", "down"], check=True)
+        agree_after_change(lab, prog, rng, prefixes, version, "r-eth1 down")
+        lab.run("r", ["ip", "link", "set", "r-eth1", "up"], check=True)
+        restore_lab(lab)
+        agree_after_change(lab, prog, rng, prefixes, version, "r-eth1 up again (IPv4 routes via it flushed)")
+        batch(lab, tmp_path, [line.replace("route add", "route replace") for line in lines])
+        agree_after_change(lab, prog, rng, prefixes, version, "routes via r-eth1 back")
+        lab.run("h2", ["ip", "link", "set", "h2-eth0", "down"], check=True)
+        agree_after_change(lab, prog, rng, prefixes, version, "r-eth1 lost its carrier")
+        lab.run("r", ["sysctl", "-qw", f"{sysctl}=1"], check=True)
+        agree_after_change(lab, prog, rng, prefixes, version,
+                           "r-eth1 without carrier, ignore_routes_with_linkdown=1")
+        lab.run("h2", ["ip", "link", "set", "h2-eth0", "up"], check=True)
+        agree_after_change(lab, prog, rng, prefixes, version, "carrier back, ignore_routes_with_linkdown=1")
+        lab.run("r", ["sysctl", "-qw", f"{sysctl}=0"], check=True)
+        agree_after_change(lab, prog, rng, prefixes, version, "ignore_routes_with_linkdown=0 again")
+    finally:
+        lab.run("r", ["sysctl", "-qw", f"{sysctl}=0"])
+        lab.run("h2", ["ip", "link", "set", "h2-eth0", "up"])
+        lab.run("r", ["ip", "link", "set", "r-eth1", "up"])
+        restore_lab(lab)
+
+
+def restore_lab(lab: Lab) -> None:
+    """What a link set down takes with it: r-eth1's IPv6 address (no
+    keep_addr_on_down) and its permanent neighbours."""
+    lab.run("r", ["ip", "addr", "replace", "fd00:2::1/64", "dev", "r-eth1", "nodad"], check=True)
+    lab.run("r", ["ip", "addr", "replace", "10.0.2.1/24", "dev", "r-eth1"], check=True)
+    for v, gws in GATEWAYS.items():
+        for i, gw in enumerate(gws[2:], start=2):
+            lab.run("r", ["ip", "neigh", "replace", gw, "lladdr", f"02:00:00:00:0{v}:{i:02x}", "dev", "r-eth1",
+                          "nud", "permanent"], check=True)
