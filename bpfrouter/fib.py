@@ -16,7 +16,7 @@ then applies only the differences with a fresh kernel dump."""
 from __future__ import annotations
 
 import ipaddress
-from collections import Counter, deque
+from collections import Counter
 from dataclasses import dataclass
 from operator import attrgetter, itemgetter
 
@@ -24,7 +24,8 @@ import numpy as np
 
 from .datapath import Datapath
 from .datapath import layout as lo
-from .dirfib import CompressedRoot, DirTable
+from .dirfib import CompressedRoot, DirTable, FreeList
+from .grace import GRACE
 from .hashfib6 import HashTable6
 from .routespec import IPAddress, IPNetwork
 
@@ -171,14 +172,16 @@ def _nh_from_value(v: lo.NexthopValue) -> Nexthop:
 class NexthopTable:
     """Reference-counted next-hop ids in the `nexthops` array map (id 0 unused).
 
-    Freed ids go to the back of a FIFO, so an id is reused as late as possible."""
+    A freed id is cleared, and reused only after an RCU grace period (a packet
+    that read a route naming it may still read it; grace.py) and after the
+    ids freed before it (FIFO), so as late as possible."""
 
     def __init__(self, dp: Datapath):
         self.dp = dp
         self.ids: dict[Nexthop, int] = {}
         self.by_id: dict[int, Nexthop] = {}
         self.refs: dict[int, int] = {}
-        self.free: deque[int] = deque()
+        self.free = FreeList(dp.nexthops.max_entries, grace=GRACE)
         self.next_id = 1
 
     def id_of(self, nh: Nexthop) -> int:
@@ -186,11 +189,11 @@ class NexthopTable:
         reference: add_refs does, once the routes that use it are written."""
         nid = self.ids.get(nh)
         if nid is None:
-            if self.free:
-                nid = self.free.popleft()
-            elif self.next_id < self.dp.nexthops.max_entries:
-                nid = self.next_id
+            if self.next_id < self.dp.nexthops.max_entries:
+                nid = self.next_id  # never used: no packet reads it
                 self.next_id += 1
+            elif self.free:
+                nid = self.free.popleft()  # the oldest freed, after a grace period
             else:
                 raise FibError(f"next-hop table full ({self.dp.nexthops.max_entries} entries)")
             self.dp.nexthops.update(lo.u32(nid), _nh_value(nh))
@@ -242,7 +245,7 @@ class NexthopTable:
             nh = self.by_id.pop(nid)
             del self.ids[nh], self.refs[nid]
             self.dp.nexthops.update(lo.u32(nid), lo.NexthopValue())
-            self.free.append(nid)
+            self.free.release([nid])
 
     def recover(self) -> None:
         """Rebuild ids from the pinned map (refcounts are rebuilt by Fib.recover)."""
@@ -251,7 +254,9 @@ class NexthopTable:
                 nh = _nh_from_value(v)
                 self.ids[nh], self.by_id[k.value], self.refs[k.value] = k.value, nh, 0
         self.next_id = max(self.by_id, default=0) + 1
-        self.free = deque(i for i in range(1, self.next_id) if i not in self.by_id)
+        # the previous agent's freed ids: their grace period may not have passed
+        self.free = FreeList(self.dp.nexthops.max_entries, grace=GRACE)
+        self.free.release([i for i in range(1, self.next_id) if i not in self.by_id])
 
     def collect_unused(self) -> None:
         for nid in [i for i, r in self.refs.items() if r <= 0]:
