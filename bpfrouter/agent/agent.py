@@ -48,7 +48,7 @@ from pyroute2.netlink.rtnl import RTMGRP_IPV4_IFADDR, RTMGRP_IPV6_IFADDR, RTMGRP
 from .. import capture, metrics
 from ..datapath import RUN_ROOT, Datapath, RouterMeta
 from ..datapath.layout import RTPROT_BPFROUTER, proto_name
-from ..fib import TABLE_MAIN, Fib, FibError, Route
+from ..fib import TABLE_MAIN, Fib, FibError, Route, prefix_key
 from ..interfaces import Interfaces, ifname
 from ..neighbors import Neighbors
 from ..routespec import RouteSpec, RouteSpecError, parse_route
@@ -73,6 +73,7 @@ GC_THRESHOLDS = (200_000, 50, 1000)
 BATCH_ROUTES = 20000      # apply at most this many route events at once...
 BATCH_SECONDS = 0.05      # ...and never hold one back longer than this
 FILL_CHECK_SECONDS = 60    # how often the agent checks how full the maps are
+RETRY_LEFT_OUT_SECONDS = 10  # a full FIB's left-out routes are retried at most this often, after deletions
 BURST_ROUTES = 2000       # a batch this large pauses the garbage collector until idle
 # A command run at named points of a sync, with the point as its argument
 # ("start": sockets bound, before any dump; "routes-dumped": a route dump
@@ -470,7 +471,8 @@ class Agent:
         if not self.ready.wait(300):
             raise ApiError("the agent is still syncing with the kernel; try again shortly")
         if op == "ping":  # without the lock: a resync's dump holds it, and status must not wait
-            return {"pid": os.getpid(), "ready": True, **self.stats, "fib": self.fib.sizes()}
+            return {"pid": os.getpid(), "ready": True, **self.stats, "fib": self.fib.sizes(),
+                    "fib_full": self.fib.full_status()}
         with self.lock:
             if op in ("route_add", "route_replace"):
                 spec = parse_route(args, req.get("family"))
@@ -483,6 +485,9 @@ class Agent:
                 with IPRoute() as ipr:
                     kargs = self._kernel_route_args(spec, ipr)
                 self._kernel("replace" if op == "route_replace" else "add", kargs)
+                if prefix_key(spec.prefix) in self.fib.left_out:
+                    raise ApiError(f"route {spec.prefix} is in the kernel, but not in the fast path: its FIB is "
+                                   f"full ({self.fib.full_error}); the fast path passes its traffic to the kernel")
                 return {"prefix": str(spec.prefix)}
             if op == "route_del":
                 spec = parse_route(args, req.get("family"), need_target=False)
@@ -544,6 +549,16 @@ class Agent:
         except Exception:  # a check, never fatal for the agent
             log.exception("map fill check failed")
 
+    def _retry_left_out(self) -> None:
+        """Routes have gone since a full FIB left some out: there may be room now."""
+        try:
+            with self.lock:
+                n = self.fib.retry_left_out()
+            if n:
+                log.info("%d left-out routes now in the fast path", n)
+        except Exception:  # a retry, never fatal for the agent
+            log.exception("retrying the left-out routes failed")
+
     def _release_stale_capture(self) -> None:
         try:
             gone = capture.release_stale(self.dp)
@@ -567,14 +582,20 @@ class Agent:
         threading.Thread(target=self.monitor, name="netlink", daemon=True).start()
         if self.meta.metrics:
             try:
-                metrics.serve(self.name, self.meta.metrics)
+                metrics.serve(self.name, self.meta.metrics, self.fib.full_status)
                 log.info("metrics on http://%s/metrics", self.meta.metrics)
             except ValueError as e:
                 log.error("%s", e)
-        checked = 0.0
+        checked = retried = 0.0
+        deletions = self.fib.deletions
         try:
             while not self.stop.wait(1.0):
                 self._release_stale_capture()
+                if self.fib.left_out and self.fib.deletions != deletions \
+                        and time.monotonic() - retried >= RETRY_LEFT_OUT_SECONDS:
+                    retried = time.monotonic()
+                    self._retry_left_out()
+                    deletions = self.fib.deletions
                 if time.monotonic() - checked >= FILL_CHECK_SECONDS:
                     checked = time.monotonic()
                     self._warn_full_maps()

@@ -6,13 +6,23 @@ changes exactly there: after the sockets are bound and before any dump
 ("start"), or between a route dump and its apply ("routes-dumped"). Each
 test then waits for a marker route it adds afterwards, so every earlier
 event has been applied, and compares the data plane with the kernel."""
+import ipaddress
 import os
+import random
 import subprocess
 import sys
 
-from bpfrouter.agent.client import agent_pid, request
+import pytest
 
-from .conftest import wait_for
+from bpfrouter import netns
+from bpfrouter.agent.client import agent_pid, request
+from bpfrouter.datapath import Datapath
+from bpfrouter.interfaces import Interfaces
+from bpfrouter.observe import probe
+from tests.conftest import BPF_SKIP
+from tests.kernelfib import KernelFib, dataplane_match
+
+from .conftest import _make, wait_for
 from .test_link_state import dataplane_answer, kernel_answer, restore_r_eth1
 
 HOOK = """#!/bin/sh
@@ -100,3 +110,100 @@ def test_events_between_a_resync_dump_and_its_apply_are_applied_after_it(bpf_rou
             lab.run("r", ["ip", "route", "del", p])
         r.cli("agent", "stop")
         r.cli("agent", "start")
+
+
+@pytest.fixture(scope="module")
+def small_router():
+    """A router whose IPv4 FIB has 7 groups (each /24 holding a route longer
+    than /24 needs one); its local /32s take 4."""
+    if BPF_SKIP:
+        pytest.skip(BPF_SKIP)
+    lr = _make("bpf", "f", "--fib-groups", "8,64")
+    yield lr
+    lr.lab.down()
+
+
+class FastPath:
+    """The loaded program, probed in-process from the router's namespace,
+    against the kernel (tests/kernelfib.py)."""
+
+    def __init__(self, lab):
+        self.lab = lab
+        with netns.entered(lab.router_ns):
+            self.dp = Datapath.open(lab.name)
+            iface = Interfaces(self.dp).configured()
+        self.iif = min(iface)
+        self.mac = bytes(iface[self.iif].mac)
+
+    def probe(self, dst):
+        with netns.entered(self.lab.router_ns):
+            return probe(self.dp, ipaddress.ip_address(dst), self.iif, self.mac)
+
+    def outcomes(self, dests) -> dict[str, str]:
+        """Per destination: 'same' when the program finds the route the
+        kernel finds, 'passed' when it finds none and passes the packet to the
+        kernel; anything else fails."""
+        with KernelFib(self.lab.router_ns) as k:
+            want = k.match_many([ipaddress.ip_address(d) for d in dests])
+        out = {}
+        for dst, kernel in zip(dests, want, strict=True):
+            with netns.entered(self.lab.router_ns):
+                got = dataplane_match(self.dp, ipaddress.ip_address(dst), self.iif, self.mac)
+            if got.kind == "none":
+                out[dst] = "passed"
+                continue
+            assert kernel.agrees(got), f"{dst}: kernel {kernel}, fast path {got}"
+            out[dst] = "same"
+        return out
+
+    def close(self):
+        self.dp.close()
+
+
+N_LONG = 8  # /25s in distinct /24s: 3 groups are free for them
+
+
+def test_a_full_fib_leaves_out_what_does_not_fit_and_passes_its_traffic(small_router):
+    r, lab = small_router, small_router.lab
+    batch = ["route add 10.80.0.0/16 via 10.0.2.2", "route add 10.81.0.0/16 via 10.0.2.2"]
+    batch += [f"route add 10.80.{i}.0/25 via 10.0.1.2" for i in range(N_LONG)]
+    lab.run("r", ["ip", "-batch", "-"], input="\n".join(batch) + "\n", check=True)
+    applied_up_to_now(r)
+    full = r.json("status")["agent"]["fib_full"]
+    assert full and full["left_out"] >= N_LONG - 3 and "groups" in full["error"], full
+    assert full["withheld"] >= 1  # 10.80.0.0/16 at least
+
+    # every probe forwarded exactly as the kernel would, or passed to it
+    fp = FastPath(lab)
+    try:
+        rng = random.Random(7)
+        dests = [f"10.80.{i}.{h}" for i in range(N_LONG) for h in (1, 200)] + [f"10.81.{i}.1" for i in range(N_LONG)]
+        dests += [f"10.{rng.choice((0, 80, 81))}.{rng.randrange(256)}.{rng.randrange(256)}" for _ in range(300)]
+        outcome = fp.outcomes(dests)
+        assert all(outcome[f"10.81.{i}.1"] == "same" for i in range(N_LONG)), "routes covering none left out stay"
+        assert any(outcome[f"10.80.{i}.1"] == "same" for i in range(N_LONG)), "what fits is installed"
+        assert all(outcome[f"10.80.{i}.200"] == "passed" for i in range(N_LONG)), "the covering /16 is withheld"
+
+        # the API: the kernel takes the route, the answer says so in one line
+        proc = r.cli("route", "add", "10.80.50.0/25", "via", "10.0.1.2", check=False)
+        assert proc.returncode != 0
+        err = proc.stderr.strip()
+        assert len(err.splitlines()) == 1 and "is in the kernel" in err and "passes its traffic to the kernel" in err, err
+        assert "10.80.50.0/25" in lab.run("r", ["ip", "route", "show", "10.80.50.0/25"], check=True).stdout
+        assert fp.outcomes(["10.80.50.1"]) == {"10.80.50.1": "passed"}
+
+        # later events are still applied
+        lab.run("r", ["ip", "route", "add", "10.82.0.0/16", "via", "10.0.1.2"], check=True)
+        assert wait_for(lambda: fp.probe("10.82.0.1").prefix == "10.82.0.0/16", timeout=15)
+        assert fp.outcomes(["10.82.0.1"]) == {"10.82.0.1": "same"}
+
+        # room again: every route back in the fast path, as its routes change
+        gone = [f"route del 10.80.{i}.0/25" for i in list(range(N_LONG)) + [50]]
+        lab.run("r", ["ip", "-batch", "-"], input="\n".join(gone) + "\n", check=True)
+        assert wait_for(lambda: fp.probe("10.80.5.1").prefix == "10.80.0.0/16", timeout=15)
+        assert r.json("status")["agent"]["fib_full"] is None
+        assert all(v == "same" for d, v in fp.outcomes(dests).items() if d.startswith(("10.80.", "10.81.")))
+    finally:
+        fp.close()
+    for p in ("10.80.0.0/16", "10.81.0.0/16", "10.82.0.0/16", "10.96.0.0/16"):
+        lab.run("r", ["ip", "route", "del", p])
