@@ -618,6 +618,12 @@ class Fib:
             have = installed.get(pk)
             if have is not None:  # its old route, which the kernel no longer uses
                 withhold.append(have)
+            else:  # a write that failed after its table took the prefix (a full block half)
+                try:
+                    self.tables[pk[0]].delete(pk)
+                except Exception as e:
+                    if not _is_full(e):
+                        raise
             if pk in self._retrying:
                 continue  # its covers were never released
             for c in _covering(pk):
