@@ -200,6 +200,9 @@ def status(name, as_json, pretty):
            (f"{m['forwarding_bytes'] / 2**20:.1f} MiB read by forwarding of {m['bytes'] / 2**20:.1f} MiB"
             if "forwarding_bytes" in m else f"{m['bytes'] / 2**20:.1f} MiB") for fam, m in f["memory"].items()]
     console.print("fib memory: " + "; ".join(mem))
+    if full := ag.get("fib_full"):
+        console.print(f"[red]fib full[/] ({full['error']}): {full['left_out']} routes left out of the fast path "
+                      f"and {full['withheld']} covering them withheld; their traffic is passed to the kernel")
     tot = st["totals"]
     console.print(f"packets: {tot['redirect']} redirected by XDP, {tot['pass']} passed to the kernel, "
                   f"{tot['drop']} dropped")

@@ -17,19 +17,20 @@ What a packet can see during a change:
   - every entry is one aligned 32-bit store (a leaf is written before the
     entries that name it), and a route change rewrites its entries one store
     each,
-  - freed leaves and groups are reused last (FIFO).
+  - freed leaves and groups are reused last (FIFO), groups (which packets
+    read) only after a real RCU grace period (grace.py).
 """
 from __future__ import annotations
 
 import heapq
 import ipaddress
-import time
 from collections import deque
 from operator import itemgetter
 
 import numpy as np
 
 from .datapath import layout as lo
+from .grace import GRACE, GracePeriods
 from .routespec import IPNetwork
 
 EXT = np.uint32(lo.DIR_EXT)
@@ -82,18 +83,17 @@ class CompressedRoot:
     by a bump pointer, and a replaced block is garbage. When the half is
     full, every live block is copied, in one vectorized pass, to the start of
     the other half, and each /16's top switched to its copy; the half left
-    behind is written again only at the next compaction, and at least GRACE_S
-    later (a packet reads a /16's top and block within microseconds: XDP runs
-    to completion in softirq). Free space never fragments: a sync that grows
-    blocks batch by batch only compacts more often.
+    behind is written again only at the next compaction, and only after an
+    RCU grace period since it was left (grace.py: a packet reads a /16's top
+    and block inside one read-side section). Free space never fragments: a
+    sync that grows blocks batch by batch only compacts more often.
 
     Ids: a route's entry (type and next hop) gets one the first time a block
     names it, while any of the 255 is free, and its run_entries slot is
     written before that block. After a compaction, the ids no live block
-    names are freed, and reused no sooner than GRACE_S later (a packet may
+    names are freed, and reused only after a grace period (a packet may
     still read a replaced block)."""
 
-    GRACE_S = 0.01
     SLOTS = 1 << (ROOT_BITS - lo.DIR_TOP_BITS)  # root entries per /16
 
     def __init__(self, top_map, blocks_map, run_entries_map, writer: bool = True):
@@ -116,13 +116,14 @@ class CompressedRoot:
         self.half = self.nwords // 2  # words per half
         self.base = 0                 # first word of the active half
         self.bump = 0                 # the active half's words from here on are free
-        self.left_at = {0: 0.0, self.half: 0.0}  # when a compaction last left each half
+        # per half, the grace tag of when a compaction last left it (unknown at start: now)
+        self.left_tag = {0: GRACE.mark(), self.half: GRACE.mark()}
         self.compactions = 0
         self.ids: dict[int, int] = {0: 0}  # root entry -> its id; id 0 is entry 0 (no route)
         self._known = np.zeros(1, np.uint32)     # the same, sorted by entry, for numpy lookups
         self._known_ids = np.zeros(1, np.int64)
         self._free_ids: list[int] = list(range(1, lo.DIR_RUN_IDS))  # a heap: free now
-        self._pending_ids: deque[tuple[float, int]] = deque()  # (free from, id)
+        self._pending_ids: deque[tuple[int, int]] = deque()  # (grace tag, id): freed, not yet free
         self._recover()
 
     def close(self) -> None:
@@ -210,9 +211,11 @@ class CompressedRoot:
 
     def _new_ids(self, entries: list[int]) -> bool:
         """Ids for some of these entries, while any is free: whether any was taken."""
-        now = time.monotonic()
-        while self._pending_ids and self._pending_ids[0][0] <= now:
-            heapq.heappush(self._free_ids, self._pending_ids.popleft()[1])
+        pending = self._pending_ids
+        if pending and len(self._free_ids) < len(entries):
+            GRACE.wait(pending[-1][0])  # rather than blocks of raw entries
+        while pending and GRACE.passed(pending[0][0]):
+            heapq.heappush(self._free_ids, pending.popleft()[1])
         taken = False
         for e in entries[:len(self._free_ids)]:
             i = heapq.heappop(self._free_ids)
@@ -224,10 +227,10 @@ class CompressedRoot:
         return taken
 
     def _collect_ids(self) -> None:
-        """Free the ids no live block names (garbage may: reused GRACE_S later)."""
+        """Free the ids no live block names (garbage may: reused after a grace period)."""
         self._collect_due = False
         live = set(self._narrow_ids().tolist()) | {0}
-        ready = time.monotonic() + self.GRACE_S
+        ready = GRACE.mark()
         for e, i in list(self.ids.items()):
             if i not in live:
                 del self.ids[e]
@@ -252,7 +255,7 @@ class CompressedRoot:
         mine = upper if self.base else ~upper
         self.bump = int((first[mine] + self.block_words[chunks][mine]).max()) if mine.any() else self.base
         if not mine.all() and self.writer:  # (a reader may see the agent's compaction half done)
-            self.left_at[self.half - self.base] = time.monotonic()
+            self.left_tag[self.half - self.base] = GRACE.mark()
             self._move_to_bump(chunks[~mine])
 
     def _move_to_bump(self, chunks: np.ndarray) -> None:
@@ -274,17 +277,17 @@ class CompressedRoot:
 
     def _compact(self) -> None:
         """Every live block to the start of the other half, which no packet has
-        read for GRACE_S."""
+        read since a grace period."""
         other = self.half - self.base
-        time.sleep(max(0.0, self.left_at[other] + self.GRACE_S - time.monotonic()))
+        GRACE.wait(self.left_tag[other])
         chunks, first, _ = self.blocks()
         order = np.argsort(first)  # kept in address order: the copies stream
         chunks = chunks[order]
         sizes = self.block_words[chunks]
-        self.left_at[self.base] = time.monotonic()
         self.base, self.bump = other, other
         self._move(chunks, other + np.cumsum(sizes) - sizes)
         self.bump = other + int(sizes.sum())
+        self.left_tag[self.half - other] = GRACE.mark()  # after the switch: from now on no packet enters it
         self.compactions += 1
         self._collect_due = True  # at the next update: this one's new blocks may name ids no live one does
 
@@ -384,16 +387,47 @@ class CompressedRoot:
 
 class FreeList:
     """Free ids, reused first in, first out, in a numpy ring: a bulk load takes
-    a million at array speed, where a deque pops them one at a time."""
+    a million at array speed, where a deque pops them one at a time.
 
-    def __init__(self, capacity: int, ids=()):
+    With `grace`, ids given back by release() (packets may still read what
+    they name) join the ring only once a grace period has passed since; a
+    taker that finds too few ready waits for one. len() counts them too."""
+
+    def __init__(self, capacity: int, ids=(), grace: GracePeriods | None = None):
         self._ring = np.zeros(capacity, np.int64)
         self._head = 0
         self._count = 0
+        self._grace = grace
+        self._pending: deque[tuple[int, list[int]]] = deque()  # (grace tag, ids), oldest first
+        self._npending = 0
         self.extend(ids)
 
     def __len__(self) -> int:
-        return self._count
+        return self._count + self._npending
+
+    def release(self, ids) -> None:
+        """Ids no table names any more: free after a grace period (at once without grace)."""
+        ids = [int(i) for i in np.asarray(ids, np.int64).ravel().tolist()] if not isinstance(ids, list) else ids
+        if not ids:
+            return
+        if self._grace is None:
+            self.extend(ids)
+            return
+        self._pending.append((self._grace.mark(), ids))
+        self._npending += len(ids)
+
+    def _ready(self, n: int) -> None:
+        """Move released ids whose grace period passed into the ring; wait for
+        one if fewer than n would be ready."""
+        pending = self._pending
+        if not pending:
+            return
+        if self._count < n:
+            self._grace.wait(pending[-1][0])
+        while pending and self._grace.passed(pending[0][0]):
+            _, ids = pending.popleft()
+            self._npending -= len(ids)
+            self.extend(ids)
 
     def _positions(self, start: int, n: int) -> np.ndarray:
         return (start + np.arange(n)) % len(self._ring)
@@ -418,6 +452,7 @@ class FreeList:
         self._count += 1
 
     def popleft(self) -> int:
+        self._ready(1)
         if not self._count:
             raise IndexError("no free id")
         i = int(self._ring[self._head])
@@ -427,13 +462,16 @@ class FreeList:
 
     def take(self, n: int) -> np.ndarray:
         """The n oldest free ids (the caller checked there are n)."""
+        self._ready(n)
         out = self._ring[self._positions(self._head, n)]
         self._head = (self._head + n) % len(self._ring)
         self._count -= n
         return out
 
     def tolist(self) -> list[int]:
-        return self._ring[self._positions(self._head, self._count)].tolist()
+        """Every free id, released ones waiting for their grace period last."""
+        return self._ring[self._positions(self._head, self._count)].tolist() + \
+            [i for _, ids in self._pending for i in ids]
 
 
 def _offsets(counts: np.ndarray) -> np.ndarray:
@@ -566,7 +604,8 @@ class DirTable(LeafTable):
         self.group_leaf = np.frombuffer(self._mmaps[2], np.uint32, self.ngroups * 256).reshape(self.ngroups, 256)
         self.root_depth = np.zeros(n_root, np.uint8)
         self.group_depth = np.zeros((self.ngroups, 256), np.uint8)
-        self.free_groups = FreeList(self.ngroups)
+        self.free_groups = FreeList(self.ngroups, grace=GRACE)
+        self._unlinked_groups: list[int] = []  # freed by this change: released after its flush
         if recover:
             self._recover()
 
@@ -584,7 +623,14 @@ class DirTable(LeafTable):
         self._dirty_chunks.append(((rows * span) >> shift)[:, None] + np.arange(per))
 
     def _flush(self) -> None:
-        """Write the /16s the last change touched to the compressed root."""
+        """Write the /16s the last change touched to the compressed root; then
+        the groups it unlinked start their grace period."""
+        unlinked, self._unlinked_groups = self._unlinked_groups, []
+        self._flush_root()  # (if it fails, packets may still reach them: never reused)
+        if unlinked:
+            self.free_groups.release(unlinked)
+
+    def _flush_root(self) -> None:
         if not (self._dirty or self._dirty_chunks):
             return
         shift = ROOT_BITS - lo.DIR_TOP_BITS
@@ -843,8 +889,8 @@ class DirTable(LeafTable):
         self.root_depth[:] = 0
         free = np.zeros(self.ngroups, bool)
         free[0] = True
-        free[self.free_groups.tolist()] = True
-        self.free_groups.extend(np.nonzero(~free)[0])
+        free[self.free_groups.tolist() + self._unlinked_groups] = True
+        self._unlinked_groups.extend(np.nonzero(~free)[0].tolist())
 
     def _collapse(self, addr: int, path: list[tuple[int, int]]) -> None:
         """Fold groups that became uniform back into their parent entry, deepest first."""
@@ -862,7 +908,7 @@ class DirTable(LeafTable):
                 pg, pbyte = path[i - 1]
                 self.group_depth[pg, pbyte], self.group_leaf[pg, pbyte] = drow[0], lrow[0]
                 self.groups[pg, pbyte] = row[0]
-            self.free_groups.append(g)
+            self._unlinked_groups.append(g)
 
     def set_many(self, pks: list[tuple[int, int, int]], words) -> None:
         """Bulk insert: prefix keys (version, address as int, length) and their
@@ -936,7 +982,7 @@ class DirTable(LeafTable):
             gext = (block & EXT) != 0
             self.group_depth[gids] = np.where(gext, 0, plen[np.where(gext, 0, self.group_leaf[gids])])
             gids = np.unique(block[gext] & ~EXT)
-        self.free_groups = FreeList(self.ngroups, np.nonzero(~in_use)[0])
+        self.free_groups = FreeList(self.ngroups, np.nonzero(~in_use)[0], grace=GRACE)
 
     def memory(self) -> dict[str, int]:
         """Bytes the structure holds in the kernel, what forwarding reads of

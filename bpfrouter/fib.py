@@ -12,24 +12,39 @@ Updates are make-before-break: a new next hop is written before the route
 that uses it, and an old next hop is cleared only after no route points at
 it, so a packet always sees a complete old or new entry. A restarted agent
 reads the installed routes and next-hop ids back from the pinned maps and
-then applies only the differences with a fresh kernel dump."""
+then applies only the differences with a fresh kernel dump.
+
+A full FIB degrades, it does not fail: a route the tables have no room for
+(leaves, groups, hash space, next-hop ids) is left out, and so is every
+route that covers it (withheld), so no packet for it is forwarded by a
+shorter route: the fast path finds no route there and passes the packet to
+the kernel, which has them all. Routes longer than it and all other routes
+are still forwarded. Each left-out prefix is retried whenever it changes,
+and all of them at every full resync."""
 from __future__ import annotations
 
+import errno
 import ipaddress
-from collections import Counter, deque
+import logging
+from collections import Counter
 from dataclasses import dataclass
 from operator import attrgetter, itemgetter
 
 import numpy as np
 
+from .bpf import BpfError
 from .datapath import Datapath
 from .datapath import layout as lo
-from .dirfib import CompressedRoot, DirTable
+from .dirfib import CompressedRoot, DirFull, DirTable, FreeList
+from .grace import GRACE
 from .hashfib6 import HashTable6
 from .routespec import IPAddress, IPNetwork
 
 RouteType = lo.RouteType
 TABLE_MAIN, TABLE_LOCAL = 254, 255
+FALLBACK_CHUNK = 4096  # a batch that did not fit is retried in chunks of this many, then route by route
+
+log = logging.getLogger("bpfrouter.fib")
 
 
 PrefixKey = tuple[int, int, int]  # (IP version, address as int, length): cheap to hash
@@ -138,6 +153,21 @@ class FibError(Exception):
     pass
 
 
+def _is_full(e: Exception) -> bool:
+    """A table out of room (and nothing else)."""
+    if isinstance(e, (DirFull, FibError)):
+        return True
+    return isinstance(e, BpfError) and e.errno in (errno.E2BIG, errno.ENOSPC, errno.ENOMEM)
+
+
+def _covering(pk: PrefixKey) -> list[PrefixKey]:
+    """The keys of every prefix strictly shorter than pk that contains it."""
+    version, addr, length = pk
+    width = 32 if version == 4 else 128
+    ones = (1 << width) - 1
+    return [(version, addr & (ones ^ ((1 << (width - n)) - 1)), n) for n in range(length)]
+
+
 def _fib_key(prefix: IPNetwork):
     if prefix.version == 4:
         return lo.Route4Key(prefix.prefixlen, (lo.u8 * 4)(*prefix.network_address.packed))
@@ -171,14 +201,16 @@ def _nh_from_value(v: lo.NexthopValue) -> Nexthop:
 class NexthopTable:
     """Reference-counted next-hop ids in the `nexthops` array map (id 0 unused).
 
-    Freed ids go to the back of a FIFO, so an id is reused as late as possible."""
+    A freed id is cleared, and reused only after an RCU grace period (a packet
+    that read a route naming it may still read it; grace.py) and after the
+    ids freed before it (FIFO), so as late as possible."""
 
     def __init__(self, dp: Datapath):
         self.dp = dp
         self.ids: dict[Nexthop, int] = {}
         self.by_id: dict[int, Nexthop] = {}
         self.refs: dict[int, int] = {}
-        self.free: deque[int] = deque()
+        self.free = FreeList(dp.nexthops.max_entries, grace=GRACE)
         self.next_id = 1
 
     def id_of(self, nh: Nexthop) -> int:
@@ -186,11 +218,11 @@ class NexthopTable:
         reference: add_refs does, once the routes that use it are written."""
         nid = self.ids.get(nh)
         if nid is None:
-            if self.free:
-                nid = self.free.popleft()
-            elif self.next_id < self.dp.nexthops.max_entries:
-                nid = self.next_id
+            if self.next_id < self.dp.nexthops.max_entries:
+                nid = self.next_id  # never used: no packet reads it
                 self.next_id += 1
+            elif self.free:
+                nid = self.free.popleft()  # the oldest freed, after a grace period
             else:
                 raise FibError(f"next-hop table full ({self.dp.nexthops.max_entries} entries)")
             self.dp.nexthops.update(lo.u32(nid), _nh_value(nh))
@@ -242,7 +274,7 @@ class NexthopTable:
             nh = self.by_id.pop(nid)
             del self.ids[nh], self.refs[nid]
             self.dp.nexthops.update(lo.u32(nid), lo.NexthopValue())
-            self.free.append(nid)
+            self.free.release([nid])
 
     def recover(self) -> None:
         """Rebuild ids from the pinned map (refcounts are rebuilt by Fib.recover)."""
@@ -251,7 +283,9 @@ class NexthopTable:
                 nh = _nh_from_value(v)
                 self.ids[nh], self.by_id[k.value], self.refs[k.value] = k.value, nh, 0
         self.next_id = max(self.by_id, default=0) + 1
-        self.free = deque(i for i in range(1, self.next_id) if i not in self.by_id)
+        # the previous agent's freed ids: their grace period may not have passed
+        self.free = FreeList(self.dp.nexthops.max_entries, grace=GRACE)
+        self.free.release([i for i in range(1, self.next_id) if i not in self.by_id])
 
     def collect_unused(self) -> None:
         for nid in [i for i, r in self.refs.items() if r <= 0]:
@@ -372,6 +406,14 @@ class Fib:
         self.alternates: dict[PrefixKey, dict[RouteKey, Route]] = {}  # prefixes with 2+ routes
         self.installed: dict[PrefixKey, Route] = {}  # what the BPF FIB holds
         self.counts = {4: 0, 6: 0}  # installed prefixes per family, kept as they change
+        # A full table: best routes left out, prefix keys covering one of them
+        # (how many each; withheld while > 0), and why the last one was left out.
+        self.left_out: dict[PrefixKey, Route] = {}
+        self.covers: Counter[PrefixKey] = Counter()
+        self.full_error: str | None = None
+        self._logged_full = False
+        self._retrying: set[PrefixKey] = set()  # left out, tried again by this change; covers still counted
+        self.deletions = 0  # prefixes removed from the tables so far: room may have come back
 
     # --- the kernel's routes ------------------------------------------------------
     def _add(self, r: Route, replace: bool) -> None:
@@ -453,7 +495,10 @@ class Fib:
                     del alternates[pk]
                 kernel[pk] = _best(alts)
         self.kernel, self.alternates = kernel, alternates
-        changed = self._reconcile(kernel.keys() | self.installed.keys() if self.installed else kernel)
+        if self.installed or self.left_out:  # (everything left out is tried again)
+            changed = self._reconcile(kernel.keys() | self.installed.keys() | self.left_out.keys())
+        else:
+            changed = self._reconcile(kernel)
         self.nexthops.collect_unused()
         return changed
 
@@ -461,11 +506,34 @@ class Fib:
     def _reconcile(self, touched) -> int:
         """Make the BPF FIB hold the best route of each touched prefix, with one
         vectorized write; returns the number of prefixes changed."""
+        changed = self._reconcile_touched(touched)
+        if self._retrying:
+            # the left-out prefixes tried again that went in (or went away): the
+            # routes they alone kept withheld go back in, only now
+            done = [pk for pk in self._retrying if pk not in self.left_out]
+            self._retrying.clear()
+            freed = self._release_covers(done)
+            if freed:
+                changed += self._reconcile_touched(freed)
+        if bool(self.left_out) != self._logged_full:  # the log says when the table fills and empties
+            self._logged_full = bool(self.left_out)
+            if self.left_out:
+                log.warning("FIB full (%s): %d routes left out of the fast path, with the routes "
+                            "covering them; their traffic is passed to the kernel", self.full_error,
+                            len(self.left_out))
+            else:
+                log.info("FIB no longer full: every route is in the fast path again")
+        return changed
+
+    def _reconcile_touched(self, touched) -> int:
         kernel, installed = self.kernel, self.installed
+        if self.left_out:
+            touched = self._retry_left_out(touched)
+        covers = self.covers
         if not installed and touched is kernel:  # a first load: everything is new
-            self._write_many(list(kernel.values()), whole=kernel)
+            self._write_or_leave_out(list(kernel.values()), None, whole=kernel)
             return len(kernel)
-        if len(touched) == 1:  # most netlink events: one prefix, without the batch's lists
+        if len(touched) == 1 and not covers:  # most netlink events: one prefix, without the batch's lists
             pk, = touched
             want, have = kernel.get(pk), installed.get(pk)
             if want is None:
@@ -476,13 +544,18 @@ class Fib:
             if have is not None and want.same_forwarding(have):
                 installed[pk] = want
                 return 0
-            self._write_one(want, have)
+            try:
+                self._write_one(want, have)
+            except Exception as e:
+                if not _is_full(e):
+                    raise
+                self._leave_out([want], e)
             return 1
         routes: list[Route] = []
         olds: list[Route | None] = []
         gone: list[Route] = []
         for pk in touched:
-            want = kernel.get(pk)
+            want = kernel.get(pk) if not covers or pk not in covers else None  # withheld
             have = installed.get(pk)
             if want is None:
                 if have is not None:
@@ -493,8 +566,109 @@ class Fib:
                 routes.append(want)
                 olds.append(have)
         self._delete_many(gone)
-        self._write_many(routes, olds)
+        self._write_or_leave_out(routes, olds)
         return len(routes) + len(gone)
+
+    # --- a full table ---------------------------------------------------------------
+    def _write_or_leave_out(self, routes: list[Route], olds: list[Route | None] | None,
+                            whole: dict[PrefixKey, Route] | None = None) -> None:
+        """_write_many; if a table is full, what fits is written (in chunks, then
+        route by route) and the rest left out."""
+        try:
+            self._write_many(routes, olds, whole)
+            return
+        except Exception as e:
+            if not _is_full(e):
+                raise
+            error = e
+        # A failed batch may have written some routes: what the tables hold is
+        # rewritten in place, the installed view and references fixed on the way.
+        failed: list[Route] = []
+        for i in range(0, len(routes), FALLBACK_CHUNK):
+            chunk = routes[i:i + FALLBACK_CHUNK]
+            try:
+                self._write_many(chunk, [self.installed.get(r.pkey) for r in chunk])
+                continue
+            except Exception as e:
+                if not _is_full(e):
+                    raise
+                error = e
+            for r in chunk:
+                have = self.installed.get(r.pkey)
+                try:
+                    self._write_one(r, have)
+                except Exception as e:
+                    if not _is_full(e):
+                        raise
+                    error = e
+                    failed.append(r)
+        if failed:
+            self._leave_out(failed, error)
+
+    def _leave_out(self, routes: list[Route], error: Exception) -> None:
+        """Routes the tables had no room for: out of the fast path, with every
+        installed route that covers one (its traffic would take them)."""
+        withhold: list[Route] = []
+        installed = self.installed
+        for r in routes:
+            pk = r.pkey
+            if pk in self.left_out:
+                continue
+            self.left_out[pk] = r
+            have = installed.get(pk)
+            if have is not None:  # its old route, which the kernel no longer uses
+                withhold.append(have)
+            else:  # a write that failed after its table took the prefix (a full block half)
+                try:
+                    self.tables[pk[0]].delete(pk)
+                except Exception as e:
+                    if not _is_full(e):
+                        raise
+            if pk in self._retrying:
+                continue  # its covers were never released
+            for c in _covering(pk):
+                self.covers[c] += 1
+                if self.covers[c] == 1 and (cover := installed.get(c)) is not None:
+                    withhold.append(cover)
+        self._delete_many(list({id(r): r for r in withhold}.values()))
+        self.full_error = str(error)
+
+    def _retry_left_out(self, touched):
+        """Touched prefixes that were left out get another try. The routes
+        covering them stay withheld until they are in (_reconcile)."""
+        left_out = self.left_out
+        again = [pk for pk in touched if pk in left_out]
+        for pk in again:
+            del left_out[pk]
+        self._retrying.update(again)
+        return touched
+
+    def _release_covers(self, pks: list[PrefixKey]) -> set[PrefixKey]:
+        """Prefixes no longer left out: the kernel prefixes they alone withheld."""
+        covers, freed = self.covers, set()
+        for pk in pks:
+            for c in _covering(pk):
+                covers[c] -= 1
+                if covers[c] <= 0:
+                    del covers[c]
+                    if c in self.kernel:
+                        freed.add(c)
+        return freed
+
+    def retry_left_out(self) -> int:
+        """Try the left-out routes again (room may have come back); returns how many went in."""
+        before = len(self.left_out)
+        if before:
+            self._reconcile(set(self.left_out))
+        return before - len(self.left_out)
+
+    def full_status(self) -> dict | None:
+        """What a full table left out, for status and metrics (None: nothing)."""
+        if not self.left_out:
+            self.full_error = None
+            return None
+        withheld = sum(1 for c in self.covers if c in self.kernel)
+        return {"left_out": len(self.left_out), "withheld": withheld, "error": self.full_error}
 
     def _delete_many(self, gone: list[Route]) -> None:
         """Remove installed routes with one table call per family."""
@@ -507,6 +681,7 @@ class Fib:
             if pks:
                 self.tables[version].delete_many(pks)
                 self.counts[version] -= len(pks)
+        self.deletions += len(gone)
         installed = self.installed
         for r in gone:
             del installed[r.pkey]
@@ -517,6 +692,7 @@ class Fib:
         pk = r.pkey
         self.tables[pk[0]].delete(pk)
         self.counts[pk[0]] -= 1
+        self.deletions += 1
         del self.installed[pk]
         self.nexthops.release_routes([r])
 

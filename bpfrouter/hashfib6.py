@@ -18,20 +18,20 @@ packet can read at any time (the header says how it reads them):
     the old one is emptied, the last move first,
   - a rebuild (when a key finds no room, a new prefix length needs its own
     level, or a batch is large) writes every level into the other half of
-    the buckets, which no packet has read for GRACE_S, and switches with
-    one store to h6_active.
+    the buckets, which no packet has read since an RCU grace period
+    (grace.py), and switches with one store to h6_active.
 """
 from __future__ import annotations
 
 import ctypes
 import math
-import time
 from dataclasses import dataclass, field
 from operator import itemgetter
 
 import numpy as np
 
 from .datapath import layout as lo
+from .grace import GRACE
 from .dirfib import DirFull, LeafTable, _offsets, _plen_of, entries_of, entry_of
 
 M32, M64 = (1 << 32) - 1, (1 << 64) - 1
@@ -144,8 +144,6 @@ class Level:
 class HashTable6(LeafTable):
     """IPv6's BPF FIB: the interface of dirfib.DirTable, over hash levels."""
 
-    GRACE_S = 0.01
-
     def __init__(self, buckets_map, leaf_map, filter_map, conf_map, active_map, leaves_map, recover: bool = True):
         super().__init__(leaves_map, WIDTH)
         self._mmaps = [m.mmap() for m in (buckets_map, conf_map, active_map, filter_map, leaf_map)]
@@ -160,7 +158,7 @@ class HashTable6(LeafTable):
         self.active = np.frombuffer(self._mmaps[2], np.uint64, 1)
         self.filter = np.frombuffer(self._mmaps[3], np.uint64, nb)
         self.levels: list[Level] = []  # longest first, as the data plane probes them
-        self.left_at = [0.0, 0.0]      # when a rebuild last left each half
+        self.left_tag = [GRACE.mark(), GRACE.mark()]  # grace tag of when a rebuild last left each half
         self.rebuilds = self.moves = 0  # since this agent started
         if recover:
             self._recover_rules()
@@ -474,7 +472,7 @@ class HashTable6(LeafTable):
                 break
         else:
             raise self._space_full()
-        time.sleep(max(0.0, self.left_at[other] + self.GRACE_S - time.monotonic()))
+        GRACE.wait(self.left_tag[other])
         self.entry[base:base + self.half] = 0
         self.filter[base:base + self.half] = 0
         conf = self.conf[other]
@@ -499,8 +497,9 @@ class HashTable6(LeafTable):
             conf.lv[i].first, conf.lv[i].nbuckets, conf.lv[i].len, conf.lv[i].wide = first, nb, L, int(lv.wide)
             levels.append(lv)
         conf.nlevels = len(levels)
-        self.left_at[self.cur] = time.monotonic()
+        left = self.cur
         self.active[0] = other  # the switch: one aligned store
+        self.left_tag[left] = GRACE.mark()
         self.levels = levels
         self.rebuilds += 1
 

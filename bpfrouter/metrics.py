@@ -40,8 +40,9 @@ def bpf_stats_enabled() -> bool:
 class RouterCollector(Collector):
     """Every metric of one router, collected from its maps on each scrape."""
 
-    def __init__(self, name: str):
+    def __init__(self, name: str, fib_full=None):
         self.name = name
+        self.fib_full = fib_full  # the agent's Fib.full_status, when the agent serves
 
     def collect(self):
         dp = Datapath.open(self.name)
@@ -79,6 +80,12 @@ class RouterCollector(Collector):
             mem.add_metric([r, f"ipv{v}"], m["bytes"])
         yield routes
         yield mem
+        if self.fib_full is not None:
+            full = self.fib_full() or {"left_out": 0, "withheld": 0}
+            yield _gauge("bpfrouter_fib_left_out_routes", "Routes the full FIB had no room for: their traffic, "
+                         "and that of the routes covering them, is passed to the kernel.", r, full["left_out"])
+            yield _gauge("bpfrouter_fib_withheld_routes", "Routes kept out of the fast path because they cover "
+                         "a route left out.", r, full["withheld"])
 
         fill = map_fill(dp, memory)
         entries = GaugeMetricFamily("bpfrouter_map_entries", "Entries in a BPF map.", labels=["router", "map"])
@@ -132,17 +139,17 @@ def _gauge(name: str, doc: str, router_name: str, value: float) -> GaugeMetricFa
     return m
 
 
-def registry_for(name: str) -> CollectorRegistry:
+def registry_for(name: str, fib_full=None) -> CollectorRegistry:
     reg = CollectorRegistry()
-    reg.register(RouterCollector(name))
+    reg.register(RouterCollector(name, fib_full))
     return reg
 
 
-def serve(name: str, listen: str):
+def serve(name: str, listen: str, fib_full=None):
     """Start the HTTP endpoint in a background thread; returns (server, thread)."""
     from prometheus_client import start_http_server
     host, port = parse_listen(listen)
     try:
-        return start_http_server(port, addr=host, registry=registry_for(name))
+        return start_http_server(port, addr=host, registry=registry_for(name, fib_full))
     except OSError as e:
         raise ValueError(f"cannot listen on {listen}: {os.strerror(e.errno) if e.errno else e}") from None

@@ -125,7 +125,7 @@ def status(meta: RouterMeta) -> dict:
         if pid is not None:
             try:
                 info = request(meta.name, "ping", timeout=5)
-                agent.update({k: info.get(k) for k in ("events", "resyncs", "enobufs", "last_resync")})
+                agent.update({k: info.get(k) for k in ("events", "resyncs", "enobufs", "last_resync", "fib_full")})
             except AgentUnavailable:
                 agent["running"] = False
         pinfo = prog_info(dp.program.fd)

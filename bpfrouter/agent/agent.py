@@ -13,7 +13,18 @@ flushes a downed link's routes with no RTM_DELROUTE; a lost carrier flags next
 hops linkdown, dead with ignore_routes_with_linkdown). Each such change makes
 the route thread dump the routes again, after the route events queued before
 it, so the mirror ends up where the kernel is and a dump never undoes a newer
-event."""
+event.
+
+Ordering of dumps and events. The route socket is bound before any dump.
+Every route dump is taken by the route thread, under the lock, right after
+it discarded the route events queued so far: those are older than the dump,
+which supersedes them (replaying them could bring back a route the kernel
+flushed silently in between). Events queued during the dump are applied
+after it, in order; each is a route's whole new state, so replaying one the
+dump already holds changes nothing. A silent change during a dump is a link
+change, whose event asks for another dump. At start the links are dumped
+before the routes: a link change the link dump missed asks for a route dump
+after it, and one it saw happened before the route events were discarded."""
 from __future__ import annotations
 
 import contextlib
@@ -25,6 +36,7 @@ import logging
 import os
 import signal
 import socketserver
+import subprocess
 import threading
 import time
 from pathlib import Path
@@ -36,7 +48,7 @@ from pyroute2.netlink.rtnl import RTMGRP_IPV4_IFADDR, RTMGRP_IPV6_IFADDR, RTMGRP
 from .. import capture, metrics
 from ..datapath import RUN_ROOT, Datapath, RouterMeta
 from ..datapath.layout import RTPROT_BPFROUTER, proto_name
-from ..fib import TABLE_MAIN, Fib, FibError, Route
+from ..fib import TABLE_MAIN, Fib, FibError, Route, prefix_key
 from ..interfaces import Interfaces, ifname
 from ..neighbors import POKE_SECONDS, Neighbors
 from ..routespec import RouteSpec, RouteSpecError, parse_route
@@ -61,7 +73,12 @@ GC_THRESHOLDS = (200_000, 50, 1000)
 BATCH_ROUTES = 20000      # apply at most this many route events at once...
 BATCH_SECONDS = 0.05      # ...and never hold one back longer than this
 FILL_CHECK_SECONDS = 60    # how often the agent checks how full the maps are
+RETRY_LEFT_OUT_SECONDS = 10  # a full FIB's left-out routes are retried at most this often, after deletions
 BURST_ROUTES = 2000       # a batch this large pauses the garbage collector until idle
+# A command run at named points of a sync, with the point as its argument
+# ("start": sockets bound, before any dump; "routes-dumped": a route dump
+# taken, not yet applied), so a test can change the kernel exactly there.
+SYNC_HOOK = os.environ.get("BPFROUTER_SYNC_HOOK")
 
 
 def socket_path(name: str) -> Path:
@@ -127,14 +144,20 @@ class Agent:
                       "last_resync": None, "sync": None}
 
     # --- kernel sync -------------------------------------------------------------
-    def full_sync(self, why: str) -> None:
+    def full_sync(self, why: str, mon: RouteMonitor) -> None:
         """Links, neighbors and routes from fresh dumps: at start, before the
-        link thread applies events (it waits for `synced`)."""
+        link thread applies events (it waits for `synced`). Links first (see
+        the module's docstring), and the route events queued before the route
+        dump discarded."""
         t0 = time.monotonic()
+        sync_hook("start")
         self.stats["sync"] = {"phase": "dump", "routes": 0}
         links, neighs = self._dump_links_neighs()
-        routes = dump_routes(self.decoder, progress=lambda n: self.stats.__setitem__(
-            "sync", {"phase": "dump", "routes": n}))
+        with self.lock:  # (no API call before `ready`: the lock only orders this with echoes)
+            self._discard_queued(mon)
+            routes = dump_routes(self.decoder, progress=lambda n: self.stats.__setitem__(
+                "sync", {"phase": "dump", "routes": n}))
+            sync_hook("routes-dumped")
         self.stats["sync"] = {"phase": "apply", "routes": len(routes)}
         with self.lock:
             self._sync_links(links)
@@ -185,39 +208,31 @@ class Agent:
     def _resync_routes(self, mon: RouteMonitor) -> None:
         """Dump the routes again, asked for by another thread (link state) or a
         netconf change. The route events queued before the request are older
-        than the change behind it: applying them after the dump could bring
-        back a route the kernel flushed silently. So they go first, then the
-        dump, under the lock, so no API echo falls between dump and apply."""
+        than the change behind it: applied after the dump, they could bring
+        back a route the kernel flushed silently; sync_routes discards them."""
         with self.resync_cond:
             why, self.resync_why = self.resync_why, []
             upto = self.resync_asked  # a later request may still have older events queued
-        try:
-            while True:
-                pending: list = []
-                if not mon.read(self.decoder, pending, 0, BATCH_ROUTES):
-                    break
-                with self.lock:
-                    self.stats["events"] += len(pending)
-                    self.fib.apply_batch(pending)
-        except OSError as e:
-            if e.errno != errno.ENOBUFS:
-                raise
-            mon.drain()  # lost events: the dump below supersedes them
-            self.stats["enobufs"] += 1
-            why.append("route overrun")
-        mon.conf_changed = False  # a netconf change read while draining: the dump covers it
-        self.sync_routes(", ".join(why) or "requested", upto)
+        self.sync_routes(", ".join(why) or "requested", mon, upto)
 
-    def sync_routes(self, why: str, upto: int | None = None) -> None:
-        """Routes from a fresh dump, rewriting only what differs. Route thread only:
-        it is the one that applies route events, so none can be older than the dump.
-        Resync requests up to ticket `upto` (default: all so far) are then done."""
+    def _discard_queued(self, mon: RouteMonitor) -> None:
+        """Drop the route events queued so far: the dump that follows supersedes them."""
+        mon.drain()
+        mon.conf_changed = False  # a netconf change among them: the dump covers it too
+
+    def sync_routes(self, why: str, mon: RouteMonitor, upto: int | None = None) -> None:
+        """Routes from a fresh dump, rewriting only what differs. Route thread
+        only (it applies the route events): the events queued before the dump
+        are discarded, those after it applied after it. Resync requests up to
+        ticket `upto` (default: all so far) are then done."""
         t0 = time.monotonic()
         if upto is None:
             with self.resync_cond:
                 upto = self.resync_asked
-        with self.lock:
+        with self.lock:  # no API echo between dump and apply
+            self._discard_queued(mon)
             routes = dump_routes(self.decoder)
+            sync_hook("routes-dumped")
             changed = self.fib.replace_all(routes)
             self._synced()
         with self.resync_cond:
@@ -307,9 +322,9 @@ class Agent:
             routes = RouteMonitor(NETLINK_RCVBUF, self.wake_fd)
             try:
                 if first:
-                    self.full_sync("start")
+                    self.full_sync("start", routes)
                 else:  # the link thread runs on: links and neighbors are its own
-                    self.sync_routes("monitor restart")
+                    self.sync_routes("monitor restart", routes)
                 first = False
                 self.ready.set()
                 synced.set()
@@ -321,11 +336,11 @@ class Agent:
                 routes.close()
         synced.set()
 
-    def _overrun(self, which: str) -> None:
+    def _overrun(self, which: str, mon: RouteMonitor | None = None) -> None:
         self.stats["enobufs"] += 1
         log.warning("netlink overrun (ENOBUFS) on the %s socket: events were lost, resyncing", which)
-        if which == "route":
-            self.sync_routes("route overrun")
+        if mon is not None:
+            self.sync_routes("route overrun", mon)
         else:
             self.sync_links_neighs(f"{which} overrun")
 
@@ -348,8 +363,7 @@ class Agent:
                 if e.errno != errno.ENOBUFS:
                     raise
                 pending = []  # superseded by the dump
-                mon.drain()
-                self._overrun("route")
+                self._overrun("route", mon)
                 continue
             if was_empty and pending:
                 first = time.monotonic()
@@ -470,7 +484,8 @@ class Agent:
         if not self.ready.wait(300):
             raise ApiError("the agent is still syncing with the kernel; try again shortly")
         if op == "ping":  # without the lock: a resync's dump holds it, and status must not wait
-            return {"pid": os.getpid(), "ready": True, **self.stats, "fib": self.fib.sizes()}
+            return {"pid": os.getpid(), "ready": True, **self.stats, "fib": self.fib.sizes(),
+                    "fib_full": self.fib.full_status()}
         with self.lock:
             if op in ("route_add", "route_replace"):
                 spec = parse_route(args, req.get("family"))
@@ -483,6 +498,9 @@ class Agent:
                 with IPRoute() as ipr:
                     kargs = self._kernel_route_args(spec, ipr)
                 self._kernel("replace" if op == "route_replace" else "add", kargs)
+                if prefix_key(spec.prefix) in self.fib.left_out:
+                    raise ApiError(f"route {spec.prefix} is in the kernel, but not in the fast path: its FIB is "
+                                   f"full ({self.fib.full_error}); the fast path passes its traffic to the kernel")
                 return {"prefix": str(spec.prefix)}
             if op == "route_del":
                 spec = parse_route(args, req.get("family"), need_target=False)
@@ -544,6 +562,16 @@ class Agent:
         except Exception:  # a check, never fatal for the agent
             log.exception("map fill check failed")
 
+    def _retry_left_out(self) -> None:
+        """Routes have gone since a full FIB left some out: there may be room now."""
+        try:
+            with self.lock:
+                n = self.fib.retry_left_out()
+            if n:
+                log.info("%d left-out routes now in the fast path", n)
+        except Exception:  # a retry, never fatal for the agent
+            log.exception("retrying the left-out routes failed")
+
     def _release_stale_capture(self) -> None:
         try:
             gone = capture.release_stale(self.dp)
@@ -567,14 +595,20 @@ class Agent:
         threading.Thread(target=self.monitor, name="netlink", daemon=True).start()
         if self.meta.metrics:
             try:
-                metrics.serve(self.name, self.meta.metrics)
+                metrics.serve(self.name, self.meta.metrics, self.fib.full_status)
                 log.info("metrics on http://%s/metrics", self.meta.metrics)
             except ValueError as e:
                 log.error("%s", e)
-        checked = 0.0
+        checked = retried = 0.0
+        deletions = self.fib.deletions
         try:
             while not self.stop.wait(1.0):
                 self._release_stale_capture()
+                if self.fib.left_out and self.fib.deletions != deletions \
+                        and time.monotonic() - retried >= RETRY_LEFT_OUT_SECONDS:
+                    retried = time.monotonic()
+                    self._retry_left_out()
+                    deletions = self.fib.deletions
                 if time.monotonic() - checked >= FILL_CHECK_SECONDS:
                     checked = time.monotonic()
                     self._warn_full_maps()
@@ -586,6 +620,11 @@ class Agent:
             log.info("agent stopped; the data plane keeps forwarding with its last state")
             # self.lock_fd stays open until the process exits: the netlink threads may
             # still be writing a batch, and the lock must cover every write
+
+
+def sync_hook(point: str) -> None:
+    if SYNC_HOOK:
+        subprocess.run([SYNC_HOOK, point], check=False)
 
 
 def kernel_error(e: NetlinkError, args: dict) -> str:

@@ -126,6 +126,14 @@ class BpfProgInfo(ctypes.Structure):
     ]
 
 
+class MapCreateOpts(ctypes.Structure):
+    """struct bpf_map_create_opts (libbpf 1.1)."""
+    _fields_ = [("sz", c_size_t), ("btf_fd", c_uint), ("btf_key_type_id", c_uint),
+                ("btf_value_type_id", c_uint), ("btf_vmlinux_value_type_id", c_uint),
+                ("inner_map_fd", c_uint), ("map_flags", c_uint), ("map_extra", ctypes.c_uint64),
+                ("numa_node", c_uint), ("map_ifindex", c_uint)]
+
+
 class BpfLinkInfo(ctypes.Structure):
     _fields_ = [("type", c_uint), ("id", c_uint), ("prog_id", c_uint), ("_pad", c_uint),
                 ("ifindex", c_uint), ("_rest", ctypes.c_uint8 * 44)]
@@ -185,6 +193,8 @@ btf__type_by_id = _decl("btf__type_by_id", ctypes.POINTER(BtfType), c_void_p, c_
 btf__name_by_offset = _decl("btf__name_by_offset", c_char_p, c_void_p, c_uint)
 btf__resolve_size = _decl("btf__resolve_size", ctypes.c_int64, c_void_p, c_uint)
 
+bpf_map_create = _decl("bpf_map_create", c_int, c_int, c_char_p, c_uint, c_uint, c_uint,
+                        ctypes.POINTER(MapCreateOpts))
 bpf_map_lookup_elem = _decl("bpf_map_lookup_elem", c_int, c_int, c_void_p, c_void_p)
 bpf_map_update_elem = _decl("bpf_map_update_elem", c_int, c_int, c_void_p, c_void_p, ctypes.c_uint64)
 bpf_map_delete_elem = _decl("bpf_map_delete_elem", c_int, c_int, c_void_p)

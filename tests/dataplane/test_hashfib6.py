@@ -11,7 +11,6 @@ import threading
 import numpy as np
 import pytest
 
-from bpfrouter.dirfib import DirFull
 from bpfrouter.fib import Fib, Nexthop, Route, RouteType
 from bpfrouter.hashfib6 import SLOTS, HashTable6
 from bpfrouter.observe import probe
@@ -129,21 +128,32 @@ def test_single_adds_fill_a_level_past_90_percent_before_it_grows(env, dp):
     fib.close()
 
 
-def test_a_change_that_does_not_fit_is_refused_whole(env, dp):
+def test_a_change_that_does_not_fit_is_refused_whole_and_left_out(env, dp):
+    """Past the hash space, each new prefix is refused whole by the table
+    (which keeps what it had) and left out of the fast path by the mirror:
+    a packet for it finds no route and goes to the kernel."""
     rng = np.random.default_rng(6)
     fib = Fib(dp)
     table = fib.tables[6]
-    routes: dict[str, Route] = {}
     harness = len(table.rules)  # the harness's own routes
-    with pytest.raises(DirFull, match="hash levels full"):
-        for i in range(400):  # 320 slots per half
-            r = route(env, f"2001:db8:{i:x}::/48")
-            fib.update(r)
-            routes[str(r.prefix)] = r
-    assert len(table.rules) == harness + len(routes) and fib.sizes()["ipv6"] == len(routes)
-    assert len(routes) > 200
+    routes = [route(env, f"2001:db8:{i:x}::/48") for i in range(400)]  # 320 slots per half
+    for r in routes:
+        fib.update(r)
+    left_out = [r for r in routes if r.pkey in fib.left_out]
+    installed = {str(r.prefix): r for r in routes if r.pkey not in fib.left_out}
+    assert len(installed) > 200 and left_out, "the table was to fill up"
+    assert "hash levels full" in fib.full_status()["error"]
+    assert len(table.rules) == harness + len(installed) and fib.sizes()["ipv6"] == len(installed)
     assert_levels(table)
-    assert_answers(env, dp, routes, rng)
+    assert_answers(env, dp, installed, rng)
+    for r in left_out[:20]:
+        assert probe(dp, r.prefix.network_address + 1, env.ifindex["dpt0"], env.mac["dpt0"]).prefix is None
+    for r in installed.values():  # room again: the left-out ones go in as their prefixes change
+        fib.delete(r)
+    for r in left_out:
+        fib.update(r)
+    assert fib.full_status() is None
+    assert_answers(env, dp, {str(r.prefix): r for r in left_out}, rng)
     fib.close()
 
 
