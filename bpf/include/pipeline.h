@@ -1,4 +1,5 @@
-/* The router's per-packet pipeline: parse -> classify -> fib -> rewrite ->
+/* The router's per-packet pipeline: parse -> classify -> fib -> kernel
+ * policy -> rewrite ->
  * verdict, then the observers (capture, flows, events). The XDP entry
  * program (router.bpf.c) only calls it; the FIB benchmark (fibbench.bpf.c)
  * runs it in a loop over many destinations. */
@@ -12,6 +13,7 @@
 #include "classify.h"
 #include "neigh.h"
 #include "fib.h"
+#include "kernelpolicy.h"
 #include "rewrite.h"
 #include "counters.h"
 #include "probe.h"
@@ -48,13 +50,21 @@ static __always_inline void record(struct probe_meta *probe, __u32 slot, int rea
 	probe->flags = res->neigh_found ? PROBE_F_NEIGH : 0;
 }
 
+/* A reason the verifier cannot see through: every pass and drop reaches
+ * the observers as one path, not one per reason (each a walk through
+ * flows, events and capture). A global function, so it is. */
+__attribute__((noinline)) int bpfrouter_opaque(int reason)
+{
+	return reason >= 0 && reason < REASON_MAX ? reason : REASON_PASS_NON_IP;
+}
+
 /* The decision, without observers: d records what it found for them. */
 static __always_inline int bpfrouter_pipeline(struct xdp_md *ctx, struct decision *d)
 {
 	struct probe_meta *probe = probe_from_ctx(ctx);
 	struct pkt *p = &d->p;
 	struct iface *in;
-	int reason;
+	int reason, src;
 
 	p->data = (void *)(long)ctx->data;
 	p->data_end = (void *)(long)ctx->data_end;
@@ -80,12 +90,18 @@ static __always_inline int bpfrouter_pipeline(struct xdp_md *ctx, struct decisio
 		reason = fib_lookup_bpf(p, &d->res, probe != NULL);
 	if (reason > REASON_FWD_IPV6)
 		goto out;
+	src = kernel_policy(ctx, p, in, &d->res);
+	if (src >= 0) {
+		reason = src;
+		goto out;
+	}
 
 	rewrite_forward(p, &d->res);
 	d->reason = reason;
 	record(probe, d->slot, reason, p, &d->res);
 	return bpf_redirect_map(&tx_ports, d->res.egress_ifindex, 0);
 out:
+	reason = bpfrouter_opaque(reason);
 	d->reason = reason;
 	record(probe, d->slot, reason, p, &d->res);
 	return reason_action(reason);
