@@ -47,10 +47,10 @@ REASON_TEXT: dict[Reason, str] = {
     Reason.PASS_SOURCE_UNVERIFIED: ('the source check needs what the fast path cannot evaluate (custom rules, '
                                     'VRF, multipath route back in the kernel FIB)'),
     Reason.DROP_BLACKHOLE: 'blackhole route',
-    Reason.DROP_MARTIAN_SOURCE: ('martian source: multicast, limited broadcast, 0/8, 127/8 without '
+    Reason.DROP_MARTIAN_SOURCE: ('martian source: multicast, limited broadcast, 0.0.0.0, 127/8 without '
                                  'route_localnet, a local or broadcast address with rp_filter on (IPv6: '
-                                 'multicast, loopback, v4-mapped, unspecified)'),
-    Reason.DROP_MARTIAN_DEST: 'martian destination: 0/8, 127/8 without route_localnet (IPv6: loopback)',
+                                 'multicast, loopback, unspecified)'),
+    Reason.DROP_MARTIAN_DEST: 'martian destination: 0.0.0.0, 127/8 without route_localnet (IPv6: loopback)',
     Reason.DROP_RPFILTER: ('reverse-path filter: no route back to the source (loose), or not through the '
                            'ingress port (strict)'),
     Reason.DROP_TRUNC_L2: 'frame shorter than its Ethernet/VLAN headers',

@@ -7,9 +7,10 @@
  * (`route get`) still reports the route.
  *
  * IPv4, in the kernel's order:
- *   martians: multicast or limited-broadcast source; 0/8 source; 0/8
- *     destination; 127/8 destination, else 127/8 source, unless
- *     route_localnet (class E, 240/4, is unicast to the kernel).
+ *   martians: multicast or limited-broadcast source; source 0.0.0.0
+ *     (to 0.0.0.0: delivered); destination 0.0.0.0; 127/8 destination,
+ *     else 127/8 source, unless route_localnet (class E, 240/4, and the
+ *     rest of 0/8 are unicast to the kernel).
  *   forwarding off on the ingress (conf.<ingress>.forwarding): to the kernel.
  *   egress = ingress: to the kernel, which may send a redirect.
  *   fib_validate_source (net/ipv4/fib_frontend.c), oif = the egress:
@@ -47,9 +48,12 @@ static __always_inline int martian4(__u32 src, __u32 dst, __u32 flags)
 {
 	if ((src >> 28) == 0xE || src == 0xFFFFFFFF)
 		return REASON_DROP_MARTIAN_SOURCE;
-	if ((src >> 24) == 0)
+	if (!src && !dst)
+		return REASON_PASS_LOCAL;       /* brd_input: delivered to the router */
+	/* ipv4_is_zeronet: 0.0.0.0 alone since Linux 5.3 (the rest of 0/8 is unicast) */
+	if (!src)
 		return REASON_DROP_MARTIAN_SOURCE;
-	if ((dst >> 24) == 0)
+	if (!dst)
 		return REASON_DROP_MARTIAN_DEST;
 	if ((dst >> 24) == 127) {
 		if (!(flags & IFACE_F_ROUTE_LOCALNET))

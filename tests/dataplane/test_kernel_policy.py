@@ -77,8 +77,11 @@ CASES4 = [
     # ip_route_input_slow's martians, before any route
     ("224.0.0.9", "10.20.1.1", 0, "DROP_MARTIAN_SOURCE"),
     ("255.255.255.255", "10.20.1.1", 0, "DROP_MARTIAN_SOURCE"),
-    ("0.1.2.3", "10.20.1.1", 0, "DROP_MARTIAN_SOURCE"),
-    ("10.1.0.2", "0.1.2.3", 0, "DROP_MARTIAN_DEST"),
+    ("0.0.0.0", "10.20.1.1", 0, "DROP_MARTIAN_SOURCE"),
+    ("0.0.0.0", "0.0.0.0", 0, "PASS_LOCAL"),            # brd_input: delivered
+    ("10.1.0.2", "0.0.0.0", 0, "DROP_MARTIAN_DEST"),
+    ("0.1.2.3", "10.20.1.1", 0, "FWD_IPV4"),            # only 0.0.0.0 is zeronet since Linux 5.3
+    ("10.1.0.2", "0.1.2.3", 0, "FWD_IPV4"),
     ("10.1.0.2", "127.1.1.1", 0, "DROP_MARTIAN_DEST"),
     ("10.1.0.2", "127.1.1.1", F.ROUTE_LOCALNET, "FWD_IPV4"),
     ("127.0.0.5", "10.20.1.1", 0, "DROP_MARTIAN_SOURCE"),
@@ -152,7 +155,7 @@ CASES_KERNEL = [
     ("10.66.0.1", STRICT, "DROP_RPFILTER"),
     ("10.1.0.1", STRICT, "DROP_RPFILTER"),
     ("10.1.0.1", 0, "PASS_LOCAL_SOURCE"),
-    ("0.1.2.3", 0, "DROP_MARTIAN_SOURCE"),
+    ("0.0.0.0", 0, "DROP_MARTIAN_SOURCE"),
 ]
 
 
