@@ -189,9 +189,9 @@ def status(name, as_json, pretty):
     where = f"netns {st['netns']}, " if st["netns"] else ""
     console.print(f"router [bold]{st['name']}[/] ({where}fib {st['fib_mode']}, program id "
                   f"{st['program']['id']}, {agent})")
-    t = Table("interface", "ifindex", "xdp", "mac", "mtu", box=None, pad_edge=False)
+    t = Table("interface", "ifindex", "xdp", "mac", "mtu", "policy", box=None, pad_edge=False)
     for i in st["interfaces"]:
-        t.add_row(i["name"], str(i["ifindex"]), i["xdp_mode"], i["mac"], str(i["mtu"]))
+        t.add_row(i["name"], str(i["ifindex"]), i["xdp_mode"], i["mac"], str(i["mtu"]), i.get("policy", ""))
     console.print(t)
     f = st["fib"]
     console.print(f"fib: {f['ipv4']} IPv4 + {f['ipv6']} IPv6 routes, {f['nexthops']} next hops, "

@@ -1,7 +1,11 @@
-"""Interfaces the data plane is attached to: the `ifaces` map and the devmap."""
+"""Interfaces the data plane is attached to: the `ifaces` map and the devmap,
+and the kernel's policy for what each receives (forwarding, rp_filter,
+accept_local, route_localnet), mirrored into the map's flags."""
 from __future__ import annotations
 
+import enum
 import socket
+from pathlib import Path
 
 from .datapath import Datapath
 from .datapath import layout as lo
@@ -11,6 +15,70 @@ class InterfaceError(Exception):
     pass
 
 
+class IfaceFlag(enum.IntFlag):
+    """bpf/include/iface.h enum iface_flag; 0 is the kernel's default."""
+    NO_FWD4 = 1 << 0
+    NO_FWD6 = 1 << 1
+    RPF_STRICT = 1 << 2
+    RPF_LOOSE = 1 << 3
+    ACCEPT_LOCAL = 1 << 4
+    ROUTE_LOCALNET = 1 << 5
+    NO_ADDR4 = 1 << 6
+    SOURCE_UNSURE = 1 << 7
+
+
+SYSCTL = Path("/proc/sys/net")
+
+
+def _sysctl(path: str) -> int:
+    """An integer sysctl of the current network namespace; a device that went
+    away reads as 0 (its entry goes with the next link event)."""
+    try:
+        return int((SYSCTL / path).read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
+def policy_flags(name: str, has_addr4: bool = True, source_unsure: bool = False) -> IfaceFlag:
+    """The flags of port `name` as the kernel combines conf.all and conf.<name>
+    (include/linux/inetdevice.h: forwarding is the port's own, rp_filter the
+    larger, accept_local and route_localnet either; IPv6 forwards on
+    conf.all.forwarding: force_forwarding alone is left to the kernel)."""
+    v4, v6 = f"ipv4/conf/{name}", f"ipv6/conf/{name}"
+    flags = IfaceFlag(0)
+    if not _sysctl(f"{v4}/forwarding"):
+        flags |= IfaceFlag.NO_FWD4
+    if not _sysctl("ipv6/conf/all/forwarding") or _sysctl(f"{v6}/disable_ipv6") \
+            or _sysctl("ipv6/conf/all/disable_ipv6"):
+        flags |= IfaceFlag.NO_FWD6
+    rpf = max(_sysctl("ipv4/conf/all/rp_filter"), _sysctl(f"{v4}/rp_filter"))
+    if rpf == 1:
+        flags |= IfaceFlag.RPF_STRICT
+    elif rpf >= 2:
+        flags |= IfaceFlag.RPF_LOOSE
+    for key, flag in (("accept_local", IfaceFlag.ACCEPT_LOCAL), ("route_localnet", IfaceFlag.ROUTE_LOCALNET)):
+        if _sysctl(f"ipv4/conf/all/{key}") or _sysctl(f"{v4}/{key}"):
+            flags |= flag
+    if not has_addr4:
+        flags |= IfaceFlag.NO_ADDR4
+    if source_unsure:
+        flags |= IfaceFlag.SOURCE_UNSURE
+    return flags
+
+
+def flags_text(flags: int) -> str:
+    """The mirrored policy in sysctl terms, for status."""
+    f = IfaceFlag(flags)
+    parts = [f"forwarding4={'off' if f & IfaceFlag.NO_FWD4 else 'on'}",
+             f"forwarding6={'off' if f & IfaceFlag.NO_FWD6 else 'on'}",
+             f"rp_filter={1 if f & IfaceFlag.RPF_STRICT else 2 if f & IfaceFlag.RPF_LOOSE else 0}"]
+    parts += [n.lower() for n, b in (("ACCEPT_LOCAL", IfaceFlag.ACCEPT_LOCAL),
+                                     ("ROUTE_LOCALNET", IfaceFlag.ROUTE_LOCALNET),
+                                     ("NO_ADDR4", IfaceFlag.NO_ADDR4),
+                                     ("SOURCE_UNSURE", IfaceFlag.SOURCE_UNSURE)) if f & b]
+    return " ".join(parts)
+
+
 class Interfaces:
     def __init__(self, dp: Datapath):
         self.dp = dp
@@ -18,9 +86,13 @@ class Interfaces:
     def configured(self) -> dict[int, lo.Iface]:
         return {k.value: v for k, v in self.dp.ifaces.lookup_batch()}
 
-    def configure(self, ifindex: int, mac: bytes, mtu: int) -> int:
-        """Add or refresh one interface; returns its counter slot."""
+    def configure(self, ifindex: int, mac: bytes, mtu: int, flags: int | None = None) -> int:
+        """Add or refresh one interface; returns its counter slot. Without
+        `flags`, an interface keeps its policy flags, and a new one gets its
+        sysctls' (the agent keeps them current: set_flags)."""
         current = self.configured()
+        if flags is None:
+            flags = current[ifindex].flags if ifindex in current else policy_flags(ifname(ifindex))
         if ifindex in current:
             slot = current[ifindex].slot
         else:
@@ -31,8 +103,17 @@ class Interfaces:
             slot = free[0]
         # devmap first: once `ifaces` lists it, the program may redirect to it.
         self.dp.tx_ports.update(lo.u32(ifindex), lo.u32(ifindex))
-        self.dp.ifaces.update(lo.u32(ifindex), lo.Iface(slot=slot, mtu=mtu, mac=(lo.u8 * 6)(*mac)))
+        self.dp.ifaces.update(lo.u32(ifindex), lo.Iface(slot=slot, mtu=mtu, mac=(lo.u8 * 6)(*mac), flags=flags))
         return slot
+
+    def set_flags(self, ifindex: int, flags: int) -> bool:
+        """Write one configured interface's policy flags; True if they changed."""
+        cur = self.dp.ifaces.lookup(lo.u32(ifindex))
+        if cur is None or cur.flags == flags:
+            return False
+        cur.flags = flags
+        self.dp.ifaces.update(lo.u32(ifindex), cur)
+        return True
 
     def remove(self, ifindex: int) -> None:
         self.dp.ifaces.delete(lo.u32(ifindex))

@@ -40,16 +40,26 @@ REASON_TEXT: dict[Reason, str] = {
     Reason.PASS_UNKNOWN_IFACE: 'arrived on a port the router has no entry for',
     Reason.PASS_NEXTHOP_INVALID: 'route points at an empty next hop (a transient during updates)',
     Reason.PASS_STAGE_MISSING: 'the next stage of the data plane is not loaded (never once the router is up)',
+    Reason.PASS_FORWARDING_OFF: ('forwarding is off for the ingress (IPv4 conf.<port>.forwarding; IPv6 '
+                                 'conf.all.forwarding, or disable_ipv6): the kernel decides'),
+    Reason.PASS_HAIRPIN: 'egress port is the ingress port: the kernel may send a redirect',
+    Reason.PASS_LOCAL_SOURCE: ('source is a local or broadcast address of the router with rp_filter off: '
+                               'the kernel decides'),
+    Reason.PASS_SOURCE_UNVERIFIED: ('the source check needs what the fast path cannot evaluate (custom rules, '
+                                    'VRF, multipath route back in the kernel FIB)'),
     Reason.DROP_BLACKHOLE: 'blackhole route',
+    Reason.DROP_MARTIAN_SOURCE: ('martian source: multicast, limited broadcast, 0.0.0.0, 127/8 without '
+                                 'route_localnet, a local or broadcast address with rp_filter on (IPv6: '
+                                 'multicast, loopback, unspecified)'),
+    Reason.DROP_MARTIAN_DEST: 'martian destination: 0.0.0.0, 127/8 without route_localnet (IPv6: loopback)',
+    Reason.DROP_RPFILTER: ('reverse-path filter: no route back to the source (loose), or not through the '
+                           'ingress port (strict)'),
     Reason.DROP_TRUNC_L2: 'frame shorter than its Ethernet/VLAN headers',
     Reason.DROP_TRUNC_L3: 'shorter than its IPv4/IPv6 header (options included)',
     Reason.DROP_BAD_IP_VERSION: 'version field does not match the EtherType',
     Reason.DROP_BAD_IHL: 'IPv4 header length below 5 words',
     Reason.DROP_BAD_TOTAL_LEN: 'IPv4 total length / IPv6 payload length inconsistent with header or frame',
-    Reason.DROP_TRUNC_EXTHDR: 'IPv6 extension header cut short',
-    Reason.DROP_TOO_MANY_EXTHDRS: 'more than 8 IPv6 extension headers',
-    Reason.DROP_TRUNC_L4: 'TCP/UDP/ICMP header cut short',
-    Reason.DROP_BAD_L4_HEADER: 'TCP data offset below 5, UDP length below 8',
+    Reason.DROP_BAD_CHECKSUM: 'IPv4 header checksum wrong (RFC 1812 5.2.2; the kernel drops it in ip_rcv)',
 }
 XDP_ACTIONS = {0: "aborted", 1: "drop", 2: "pass", 3: "tx", 4: "redirect"}
 

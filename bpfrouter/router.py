@@ -15,7 +15,7 @@ from .bpf import prog_info, xdp_query
 from .datapath import (Datapath, DatapathError, RouterMeta, check_bpffs, default_object,
                        running_routers, validate_name)
 from .datapath import layout as lo
-from .interfaces import Interfaces, ifname
+from .interfaces import Interfaces, flags_text, ifname
 from .fib import fib_memory
 from .observe import clear_slot, read_counters
 from .packet import mac_str
@@ -134,7 +134,7 @@ def status(meta: RouterMeta) -> dict:
         interfaces = []
         for idx, v in sorted(ifaces.items()):
             interfaces.append({"name": ifname(idx), "ifindex": idx, "xdp_mode": attached.get(idx, "detached"),
-                               "mac": mac_str(bytes(v.mac)), "mtu": v.mtu})
+                               "mac": mac_str(bytes(v.mac)), "mtu": v.mtu, "policy": flags_text(v.flags)})
         counters = []
         totals = {"redirect": 0, "pass": 0, "drop": 0}
         for (idx, reason), (pk, by) in sorted(read_counters(dp).items(), key=lambda kv: (kv[0][0], kv[0][1])):

@@ -1,16 +1,31 @@
-/* Interfaces the router is attached to: their MAC, MTU and counter slot,
- * and the devmap used to redirect frames out of them. */
+/* Interfaces the router is attached to: their MAC, MTU, counter slot and
+ * the kernel's policy for packets they receive, and the devmap used to
+ * redirect frames out of them. */
 #ifndef BPFROUTER_IFACE_H
 #define BPFROUTER_IFACE_H
 
 #include "common.h"
 #include "consts.h"
 
+/* The ingress's sysctls as the kernel combines them (conf.all and
+ * conf.<port>), mirrored by the agent (bpfrouter/interfaces.py). 0 is the
+ * kernel's default: forwarding on, rp_filter 0. */
+enum iface_flag {
+	IFACE_F_NO_FWD4 = 1 << 0,          /* conf.<port>.forwarding = 0 */
+	IFACE_F_NO_FWD6 = 1 << 1,          /* conf.all.forwarding = 0, or disable_ipv6 */
+	IFACE_F_RPF_STRICT = 1 << 2,       /* max(all, port) rp_filter = 1 */
+	IFACE_F_RPF_LOOSE = 1 << 3,        /* ... = 2 */
+	IFACE_F_ACCEPT_LOCAL = 1 << 4,     /* all or port */
+	IFACE_F_ROUTE_LOCALNET = 1 << 5,   /* all or port */
+	IFACE_F_NO_ADDR4 = 1 << 6,         /* the port has no IPv4 address */
+	IFACE_F_SOURCE_UNSURE = 1 << 7,    /* custom rules or a VRF: the FIB mirror cannot check sources */
+};
+
 struct iface {
 	__u32 slot;             /* counter slot, 1..MAX_IFACES-1 */
 	__u32 mtu;
 	__u8 mac[6];
-	__u16 flags;
+	__u16 flags;            /* enum iface_flag */
 };
 
 struct {

@@ -17,6 +17,7 @@
 #include "consts.h"
 #include "parse.h"
 #include "fib.h"
+#include "iface.h"
 
 #define PCTX_F_IP_OPTIONS 1     /* IPv4 header carries options */
 #define PCTX_F_HOP_BY_HOP 2     /* IPv6 hop-by-hop header present */
@@ -34,7 +35,7 @@ struct packet_ctx {
 	__u8 vlan_depth;
 	__u8 flags;             /* PCTX_F_* */
 	__u8 probe;             /* a `route get` probe (probe.h): report, don't count */
-	__u8 reserved[2];
+	__u16 iface_flags;     /* the ingress's enum iface_flag (iface.h) */
 	struct fib_result res;
 };
 

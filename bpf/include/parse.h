@@ -1,7 +1,8 @@
 /* Stage 1: parse Ethernet, VLAN tags, IPv4/IPv6 (options, extension
- * headers) and TCP/UDP/ICMP/ICMPv6. Every access is bounds-checked; a
- * malformed packet yields a DROP_* reason, a well-formed one fills
- * struct pkt for the later stages. */
+ * headers) and TCP/UDP/ICMP/ICMPv6. Every access is bounds-checked. A
+ * packet the kernel's IP input drops (bad header, checksum, length) yields
+ * a DROP_* reason; anything past the IP header is the hosts' business and
+ * never drops a packet. The rest fills struct pkt for the later stages. */
 #ifndef BPFROUTER_PARSE_H
 #define BPFROUTER_PARSE_H
 
@@ -36,47 +37,55 @@ struct pkt {
 	__u8 hop_by_hop;          /* IPv6 hop-by-hop header present */
 };
 
-/* Returns -1 when the packet parsed, else the DROP_* reason. */
-static __always_inline int parse_l4(struct pkt *p, void *l4, __u8 proto)
+/* The L4 header's fixed part, for the observers and classify (ICMPv6
+ * type). A router forwards whatever follows the IP header, so an L4 header
+ * that is short, cut off or inconsistent (TCP doff < 5, UDP length < 8) is
+ * not a reason to drop: p->l4 stays NULL ("not understood") and the packet
+ * is routed as the kernel routes it. l4_len: the bytes the IP header says
+ * follow (frames may carry padding past them). */
+static __always_inline void parse_l4(struct pkt *p, void *l4, __u32 l4_len, __u8 proto)
 {
 	void *end = p->data_end;
 
 	p->l4_proto = proto;
 	switch (proto) {
-	case IPPROTO_TCP: {
-		struct tcphdr *th = l4;
-		if ((void *)(th + 1) > end)
-			return REASON_DROP_TRUNC_L4;
-		if (th->doff < 5)
-			return REASON_DROP_BAD_L4_HEADER;
-		if (l4 + th->doff * 4 > end)
-			return REASON_DROP_TRUNC_L4;
+	case IPPROTO_TCP:
+		if (l4_len < sizeof(struct tcphdr) || l4 + sizeof(struct tcphdr) > end)
+			return;
 		break;
-	}
-	case IPPROTO_UDP: {
-		struct udphdr *uh = l4;
-		if ((void *)(uh + 1) > end)
-			return REASON_DROP_TRUNC_L4;
-		if (bpf_ntohs(uh->len) < sizeof(*uh))
-			return REASON_DROP_BAD_L4_HEADER;
-		break;
-	}
+	case IPPROTO_UDP:
 	case IPPROTO_ICMP:
-		if (l4 + 8 > end)
-			return REASON_DROP_TRUNC_L4;
+		if (l4_len < 8 || l4 + 8 > end)
+			return;
 		break;
 	case IPPROTO_ICMPV6:
-		if (l4 + 4 > end)
-			return REASON_DROP_TRUNC_L4;
+		if (l4_len < 4 || l4 + 4 > end)
+			return;
 		break;
 	default:
-		return -1;     /* other protocols are forwarded unparsed */
+		return;        /* other protocols are forwarded unparsed */
 	}
 	p->l4 = l4;
 	p->l4_off = l4 - p->data;
-	return -1;
 }
 
+/* RFC 1812 5.2.2: a router verifies the header checksum (the kernel in
+ * ip_rcv_core). Only option-less headers: those with options go to the
+ * kernel, which checks them. */
+static __always_inline int ipv4_csum_ok(const struct iphdr *iph)
+{
+	const __u32 *w = (const __u32 *)iph;
+	__u64 sum = (__u64)w[0] + w[1] + w[2] + w[3] + w[4];
+
+	sum = (sum & 0xffffffff) + (sum >> 32);
+	sum = (sum & 0xffff) + (sum >> 16);
+	sum = (sum & 0xffff) + (sum >> 16);
+	sum = (sum & 0xffff) + (sum >> 16);
+	return sum == 0xffff;
+}
+
+/* Returns -1 when the IP header is valid (the kernel would process the
+ * packet), else the DROP_* reason of the kernel's ip_rcv_core. */
 static __always_inline int parse_ipv4(struct pkt *p, void *l3)
 {
 	struct iphdr *iph = l3;
@@ -92,6 +101,8 @@ static __always_inline int parse_ipv4(struct pkt *p, void *l3)
 	hlen = iph->ihl * 4;
 	if (l3 + hlen > end)
 		return REASON_DROP_TRUNC_L3;
+	if (hlen == sizeof(*iph) && !ipv4_csum_ok(iph))
+		return REASON_DROP_BAD_CHECKSUM;
 	tot = bpf_ntohs(iph->tot_len);
 	if (tot < hlen || l3 + tot > end)
 		return REASON_DROP_BAD_TOTAL_LEN;
@@ -101,21 +112,26 @@ static __always_inline int parse_ipv4(struct pkt *p, void *l3)
 	/* Only the first fragment carries the L4 header. */
 	if (iph->frag_off & bpf_htons(0x1FFF))
 		return -1;
-	return parse_l4(p, l3 + hlen, iph->protocol);
+	parse_l4(p, l3 + hlen, tot - hlen, iph->protocol);
+	return -1;
 }
 
+/* The kernel forwards IPv6 without reading extension headers other than
+ * hop-by-hop (which goes to the kernel here), so a chain that is cut off
+ * or longer than MAX_IPV6_EXTHDRS only leaves the L4 header unknown. */
 static __always_inline int parse_ipv6(struct pkt *p, void *l3)
 {
 	struct ipv6hdr *ip6h = l3;
 	void *end = p->data_end;
-	void *cur;
+	void *cur, *payload_end;
 	__u8 nexthdr;
 
 	if ((void *)(ip6h + 1) > end)
 		return REASON_DROP_TRUNC_L3;
 	if (ip6h->version != 6)
 		return REASON_DROP_BAD_IP_VERSION;
-	if ((void *)(ip6h + 1) + bpf_ntohs(ip6h->payload_len) > end)
+	payload_end = (void *)(ip6h + 1) + bpf_ntohs(ip6h->payload_len);
+	if (payload_end > end)
 		return REASON_DROP_BAD_TOTAL_LEN;
 	p->ip6 = ip6h;
 	p->l3_off = l3 - p->data;
@@ -133,19 +149,19 @@ static __always_inline int parse_ipv6(struct pkt *p, void *l3)
 		case IPPROTO_ROUTING:
 		case IPPROTO_DSTOPTS:
 			if ((void *)(h + 8) > end)
-				return REASON_DROP_TRUNC_EXTHDR;
+				return -1;
 			nexthdr = h[0];
 			cur += (h[1] + 1) * 8;
 			continue;
 		case IPPROTO_AH:
 			if ((void *)(h + 8) > end)
-				return REASON_DROP_TRUNC_EXTHDR;
+				return -1;
 			nexthdr = h[0];
 			cur += (h[1] + 2) * 4;
 			continue;
 		case IPPROTO_FRAGMENT:
 			if ((void *)(h + 8) > end)
-				return REASON_DROP_TRUNC_EXTHDR;
+				return -1;
 			/* Non-first fragment: no L4 header follows. */
 			if (((__u16)h[2] << 8 | h[3]) & 0xFFF8)
 				return -1;
@@ -153,19 +169,23 @@ static __always_inline int parse_ipv6(struct pkt *p, void *l3)
 			cur += 8;
 			continue;
 		default:
-			return parse_l4(p, cur, nexthdr);
+			if (cur <= payload_end)
+				parse_l4(p, cur, payload_end - cur, nexthdr);
+			return -1;
 		}
 	}
-	/* Walked MAX_IPV6_EXTHDRS headers without reaching an upper layer. */
+	/* Walked MAX_IPV6_EXTHDRS headers: a longer chain's L4 stays unknown. */
 	switch (nexthdr) {
 	case IPPROTO_HOPOPTS:
 	case IPPROTO_ROUTING:
 	case IPPROTO_DSTOPTS:
 	case IPPROTO_AH:
 	case IPPROTO_FRAGMENT:
-		return REASON_DROP_TOO_MANY_EXTHDRS;
+		return -1;
 	}
-	return parse_l4(p, cur, nexthdr);
+	if (cur <= payload_end)
+		parse_l4(p, cur, payload_end - cur, nexthdr);
+	return -1;
 }
 
 static __always_inline int parse_packet(struct pkt *p)

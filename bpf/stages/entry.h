@@ -25,6 +25,8 @@ static __always_inline int entry_stage(struct xdp_md *ctx, struct packet_ctx *pc
 	in = iface_lookup(ctx->ingress_ifindex);
 	if (in && in->slot < MAX_IFACES)
 		pc->slot = in->slot;
+	if (in)
+		pc->iface_flags = in->flags;
 
 	reason = parse_packet(&p);
 	packet_ctx_save(pc, &p);

@@ -13,11 +13,13 @@
 
 #include "entry.h"
 #include "fib.h"
+#include "kernel_policy.h"
 #include "forward.h"
 #include "observe.h"
 
 #define DECISION_STAGES(X) \
 	X(FIB, fib) \
+	X(KERNEL_POLICY, kernel_policy) \
 	X(FORWARD, forward)
 
 #endif

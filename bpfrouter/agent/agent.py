@@ -54,6 +54,7 @@ from ..neighbors import POKE_SECONDS, Neighbors
 from ..routespec import RouteSpec, RouteSpecError, parse_route
 from ..telemetry import fill_warnings, map_fill
 from .kernel import IFF_LOWER_UP, link_from_msg, neigh_from_msg
+from .policy import PolicyMirror
 from .rtnl import DeadRoute, Decoder, RouteMonitor, dead_event, dump_routes
 
 log = logging.getLogger("bpfrouter.agent")
@@ -130,6 +131,7 @@ class Agent:
         self.interfaces = Interfaces(self.dp)
         self.lock = threading.RLock()
         self.stop = threading.Event()
+        self.policy = PolicyMirror(self.interfaces, self.lock, self.stop)
         self.ready = threading.Event()
         self.decoder = Decoder()
         self.link_states: dict[int, tuple] = {}  # ifindex -> LinkInfo.state, every link
@@ -161,6 +163,8 @@ class Agent:
         self.stats["sync"] = {"phase": "apply", "routes": len(routes)}
         with self.lock:
             self._sync_links(links)
+            with IPRoute() as ipr:  # before the first event: the thread keeps it current
+                self.policy.refresh(ipr)
             changed = self.fib.replace_all(routes)
             self.neighbors.replace_all(neighs)
             self._synced()
@@ -593,6 +597,7 @@ class Agent:
                  self.name, os.getpid(), len(self.fib.installed))
         server = self.serve()  # answers pings (with sync progress) during the first sync
         threading.Thread(target=self.monitor, name="netlink", daemon=True).start()
+        self.policy.start()
         if self.meta.metrics:
             try:
                 metrics.serve(self.name, self.meta.metrics, self.fib.full_status)

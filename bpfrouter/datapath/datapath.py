@@ -25,7 +25,7 @@ from ..bpf import (BpfError, BpfObject, Link, Map, Program, XDP_FLAGS_DRV_MODE, 
                    prog_info, xdp_query)
 from . import layout as lo
 from .jiffies import JiffiesError
-from .stages import STAGE_ARRAY, Chain, ChainConfig, load_chain
+from .stages import STAGE_ARRAY, STAGES, Chain, ChainConfig, load_chain
 
 PIN_ROOT = Path(os.environ.get("BPFROUTER_PIN_ROOT", "/sys/fs/bpf/bpfrouter"))
 RUN_ROOT = Path(os.environ.get("BPFROUTER_RUN_ROOT", "/run/bpfrouter"))
@@ -291,11 +291,14 @@ class Datapath:
     def chain_programs(self, capture: bool = False) -> list[Program]:
         """The programs of the chain (the capture chain's with capture): its
         entry, then its configured stages, each opened from its pin; the
-        caller closes them."""
+        caller closes them. In slot order, as the stage list gives it."""
         pin_dir = self.pin_dir(self.name)
         entry = CAPTURE_PROGRAM if capture else PROGRAM
-        stages = sorted(pin_dir.glob((CAPTURE_PREFIX if capture else "") + "stage_*"))
-        return [Program.pinned(str(pin_dir / entry)), *(Program.pinned(str(p)) for p in stages)]
+        pinned = {p.name: p for p in pin_dir.glob((CAPTURE_PREFIX if capture else "") + "stage_*")}
+        prefix = CAPTURE_PREFIX if capture else ""
+        in_order = [pinned[n] for s in STAGES for n in (prefix + f"stage_{s.name}",
+                                                         prefix + f"stage_{s.name}_capture") if n in pinned]
+        return [Program.pinned(str(pin_dir / entry)), *(Program.pinned(str(p)) for p in in_order)]
 
     def _link(self, ifindex: int) -> Link | None:
         p = self.link_path(ifindex)

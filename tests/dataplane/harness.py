@@ -175,6 +175,11 @@ def _sysctls():
     for key in ("net/ipv4/ip_forward", "net/ipv6/conf/all/forwarding"):
         with open(f"/proc/sys/{key}", "w") as f:
             f.write("1")
+    # A new namespace copies init_net's rp_filter (2 where systemd sets it); the
+    # fixture's sources have no route back in the BPF FIB, so the filter is off.
+    for dev in ("all", "default", "dpt0", "dpt1", "dpt2"):
+        with open(f"/proc/sys/net/ipv4/conf/{dev}/rp_filter", "w") as f:
+            f.write("0")
 
 
 def teardown_env(env: Env | None = None) -> None:

@@ -1,5 +1,8 @@
-"""Malformed and truncated packets: dropped and counted with a reason, never
-forwarded, never passed on half-parsed."""
+"""Malformed and truncated packets. What the kernel's IP input drops (bad
+header, checksum, lengths) is dropped and counted with a reason, never
+forwarded, never passed on half-parsed. What follows the IP header is the
+hosts' business: a short, cut or odd L4 header, a long or cut IPv6
+extension chain, is forwarded as the kernel forwards it."""
 
 import pytest
 from scapy.layers.inet import ICMP, IP, TCP, UDP
@@ -69,10 +72,9 @@ def l4_truncated_v4(env, l4: bytes, proto: int, keep: int) -> bytes:
     (1, bytes(ICMP())),
 ])
 def test_l4_truncated_with_consistent_lengths(env, proto, l4):
-    for keep in range(0, len(l4)):
+    for keep in range(0, len(l4) + 1):
         res = run_packet(env, "bpf", l4_truncated_v4(env, l4, proto, keep))
-        assert (res.action, res.reason.name) == (XDP_DROP, "DROP_TRUNC_L4"), f"proto {proto}, {keep} bytes"
-    assert run_packet(env, "bpf", l4_truncated_v4(env, l4, proto, len(l4))).action == XDP_REDIRECT
+        assert (res.action, res.reason.name) == (XDP_REDIRECT, "FWD_IPV4"), f"proto {proto}, {keep} bytes"
 
 
 def test_ipv6_exthdr_truncated_with_consistent_length(env):
@@ -80,7 +82,7 @@ def test_ipv6_exthdr_truncated_with_consistent_length(env):
     for keep in range(1, 8):
         frame = bytes(Ether(dst=env.if0_mac) / IPv6(src="fd01::2", dst="fd20::5", nh=60) / Raw(ext[:keep]))
         res = run_packet(env, "bpf", frame)
-        assert (res.action, res.reason.name) == (XDP_DROP, "DROP_TRUNC_EXTHDR"), keep
+        assert (res.action, res.reason.name) == (XDP_REDIRECT, "FWD_IPV6"), keep
 
 
 def _v4(env, **kw):
@@ -101,18 +103,24 @@ BAD = [
     ("ipv6 payload length beyond frame", lambda env: bytes(Ether(dst=env.if0_mac) /
                                                            IPv6(src="fd01::2", dst="fd20::5", plen=400) / UDP()),
      "DROP_BAD_TOTAL_LEN"),
+    ("bad ipv4 header checksum", lambda env: bytes(_v4(env, chksum=0x1234)), "DROP_BAD_CHECKSUM"),
+    ("vlan tag cut short", lambda env: bytes(Ether(dst=env.if0_mac, type=0x8100)) + b"\x00", "DROP_TRUNC_L2"),
+]
+
+
+# The kernel forwards these: the router has no business with what follows the IP header.
+FORWARDED = [
     ("tcp data offset below 5", lambda env: bytes(Ether(dst=env.if0_mac) / IP(src="10.1.0.2", dst="10.20.1.2") /
-                                                  TCP(dataofs=4) / Raw(b"\0" * 20)), "DROP_BAD_L4_HEADER"),
+                                                  TCP(dataofs=4) / Raw(b"\0" * 20)), "FWD_IPV4"),
     ("tcp data offset beyond packet", lambda env: bytes(Ether(dst=env.if0_mac) / IP(src="10.1.0.2", dst="10.20.1.2") /
-                                                        TCP(dataofs=15)), "DROP_TRUNC_L4"),
+                                                        TCP(dataofs=15)), "FWD_IPV4"),
     ("udp length below 8", lambda env: bytes(Ether(dst=env.if0_mac) / IP(src="10.1.0.2", dst="10.20.1.2") /
-                                             UDP(len=4)), "DROP_BAD_L4_HEADER"),
+                                             UDP(len=4)), "FWD_IPV4"),
     ("too many ipv6 extension headers", lambda env: bytes(
         Ether(dst=env.if0_mac) / IPv6(src="fd01::2", dst="fd20::5") /
         IPv6ExtHdrDestOpt() / IPv6ExtHdrDestOpt() / IPv6ExtHdrDestOpt() / IPv6ExtHdrDestOpt() /
         IPv6ExtHdrDestOpt() / IPv6ExtHdrDestOpt() / IPv6ExtHdrDestOpt() / IPv6ExtHdrDestOpt() /
-        IPv6ExtHdrDestOpt() / UDP()), "DROP_TOO_MANY_EXTHDRS"),
-    ("vlan tag cut short", lambda env: bytes(Ether(dst=env.if0_mac, type=0x8100)) + b"\x00", "DROP_TRUNC_L2"),
+        IPv6ExtHdrDestOpt() / UDP()), "FWD_IPV6"),
 ]
 
 
@@ -124,6 +132,12 @@ def _raw_set(frame: bytes, offset: int, value: int) -> bytes:
 def test_bad_fields(env, mode, desc, build, reason):
     res = run_packet(env, mode, build(env))
     assert (res.action, res.reason.name) == (XDP_DROP, reason)
+
+
+@pytest.mark.parametrize("desc,build,reason", FORWARDED, ids=[b[0] for b in FORWARDED])
+def test_odd_l4_forwarded(env, desc, build, reason):
+    res = run_packet(env, "bpf", build(env))
+    assert (res.action, res.reason.name) == (XDP_REDIRECT, reason)
 
 
 def test_ipv6_fragments(env):

@@ -53,10 +53,10 @@ def test_drop_and_pass_events_carry_what_the_pipeline_knew(env, dp):
     run(env, dp, frame(env, "10.66.1.1", TCP(sport=1234, dport=80, flags="S")))       # blackhole
     run(env, dp, frame(env, "10.99.9.9", UDP(sport=5000, dport=53)))                  # no route
     run(env, dp, frame(env, "10.20.1.1", UDP(sport=5000, dport=53), ttl=1))          # TTL expires here
-    run(env, dp, frame(env, "10.20.1.1", Raw(b"\x13\x88\x00\x35"), proto=17))      # UDP header cut short
+    run(env, dp, frame(env, "10.20.1.1", Raw(b"\x13\x88\x00\x35"), proto=17, chksum=0x1234))  # bad checksum
     run(env, dp, frame(env, "10.20.1.1", UDP(sport=5000, dport=53)))                  # forwarded: no event
     ev = drain(dp)
-    assert [e["reason"] for e in ev] == ["blackhole", "fib_miss", "ttl_exceeded", "trunc_l4"]
+    assert [e["reason"] for e in ev] == ["blackhole", "fib_miss", "ttl_exceeded", "bad_checksum"]
     bh = ev[0]
     assert (bh["verdict"], bh["xdp_action"], bh["iface"], bh["proto"]) == ("drop", "drop", "dpt0", "tcp")
     assert (bh["src"], bh["dst"], bh["sport"], bh["dport"], bh["tcp_flags"], bh["ttl"]) == \
