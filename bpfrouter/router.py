@@ -122,7 +122,7 @@ def status(meta: RouterMeta) -> dict:
         if pid is not None:
             try:
                 info = request(meta.name, "ping", timeout=5)
-                agent.update({k: info.get(k) for k in ("events", "resyncs", "enobufs", "last_resync")})
+                agent.update({k: info.get(k) for k in ("events", "resyncs", "enobufs", "last_resync", "policy")})
             except AgentUnavailable:
                 agent["running"] = False
         pinfo = prog_info(dp.program.fd)
@@ -131,7 +131,10 @@ def status(meta: RouterMeta) -> dict:
         interfaces = []
         for idx, v in sorted(ifaces.items()):
             interfaces.append({"name": ifname(idx), "ifindex": idx, "xdp_mode": attached.get(idx, "detached"),
-                               "mac": mac_str(bytes(v.mac)), "mtu": v.mtu})
+                               "mac": mac_str(bytes(v.mac)), "mtu": v.mtu,
+                               # families passed to the kernel: rules or VRFs could route them otherwise
+                               "policy_passed": [f for f, bit in (("ipv4", lo.IFACE_F_PASS_POLICY4),
+                                                                  ("ipv6", lo.IFACE_F_PASS_POLICY6)) if v.flags & bit]})
         counters = []
         totals = {"redirect": 0, "pass": 0, "drop": 0}
         for (idx, reason), (pk, by) in sorted(read_counters(dp).items(), key=lambda kv: (kv[0][0], kv[0][1])):

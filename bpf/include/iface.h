@@ -13,6 +13,13 @@ struct iface {
 	__u16 flags;
 };
 
+/* Policy routing the fast path does not implement (rules other than the
+ * defaults, VRFs) could route this port's packets of that family
+ * differently: pass them to the kernel. High bits: the low ones are the
+ * sysctl flags'. */
+#define IFACE_F_PASS_POLICY4 0x4000
+#define IFACE_F_PASS_POLICY6 0x8000
+
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
 	__uint(max_entries, MAX_IFACES);

@@ -73,6 +73,12 @@ static __always_inline int bpfrouter_pipeline(struct xdp_md *ctx, struct decisio
 	reason = classify(p, in);
 	if (reason >= 0)
 		goto out;
+	/* bpf_fib_lookup (FIB_MODE_KERNEL) applies the rules itself */
+	if (fib_mode == FIB_MODE_BPF &&
+	    (in->flags & (p->ip4 ? IFACE_F_PASS_POLICY4 : IFACE_F_PASS_POLICY6))) {
+		reason = REASON_PASS_POLICY;
+		goto out;
+	}
 
 	if (fib_mode == FIB_MODE_KERNEL)
 		reason = fib_lookup_kernel(ctx, p, &d->res);

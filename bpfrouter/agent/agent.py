@@ -31,24 +31,28 @@ from pathlib import Path
 
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
-from pyroute2.netlink.rtnl import RTMGRP_IPV4_IFADDR, RTMGRP_IPV6_IFADDR, RTMGRP_LINK, RTMGRP_NEIGH
+from pyroute2.netlink.rtnl import (RTMGRP_IPV4_IFADDR, RTMGRP_IPV4_RULE, RTMGRP_IPV6_IFADDR, RTMGRP_IPV6_RULE,
+                                   RTMGRP_LINK, RTMGRP_NEIGH)
 
 from .. import capture, metrics
 from ..datapath import RUN_ROOT, Datapath, RouterMeta
 from ..datapath.layout import RTPROT_BPFROUTER, proto_name
-from ..fib import TABLE_MAIN, Fib, FibError, Route
+from ..fib import TABLE_MAIN, Fib, FibError, Route, RouteType, kernel_route_info
 from ..interfaces import Interfaces, ifname
 from ..neighbors import Neighbors
 from ..routespec import RouteSpec, RouteSpecError, parse_route
 from ..telemetry import fill_warnings, map_fill
 from .kernel import IFF_LOWER_UP, link_from_msg, neigh_from_msg
+from .rules import read_policy
 from .rtnl import DeadRoute, Decoder, RouteMonitor, dead_event, dump_routes
 
 log = logging.getLogger("bpfrouter.agent")
 
 NLM_F_REPLACE = 0x100
 # addresses too: removing one removes routes, some of them silently
-LINK_NEIGH_GROUPS = RTMGRP_LINK | RTMGRP_NEIGH | RTMGRP_IPV4_IFADDR | RTMGRP_IPV6_IFADDR
+# rules too: they decide which ports' packets the kernel must route (agent/rules.py)
+LINK_NEIGH_GROUPS = RTMGRP_LINK | RTMGRP_NEIGH | RTMGRP_IPV4_IFADDR | RTMGRP_IPV6_IFADDR | RTMGRP_IPV4_RULE \
+    | RTMGRP_IPV6_RULE
 # Receive buffer of the monitor sockets (SO_RCVBUFFORCE, so it may exceed
 # net.core.rmem_max): a full table arriving at once fits. A small value makes
 # overruns, and the resync they trigger, easy to test.
@@ -138,6 +142,7 @@ class Agent:
         self.stats["sync"] = {"phase": "apply", "routes": len(routes)}
         with self.lock:
             self._sync_links(links)
+            self.sync_policy("start")
             changed = self.fib.replace_all(routes)
             self.neighbors.replace_all(neighs)
             self._synced()
@@ -165,6 +170,7 @@ class Agent:
         with self.lock:
             self._sync_links(links)
             self.neighbors.replace_all(neighs)
+            self.sync_policy(why)
         log.info("links and neighbors resynced (%s): %d links, %d neighbors", why, len(links), len(neighs))
         self.request_resync(why)
 
@@ -205,7 +211,7 @@ class Agent:
             mon.drain()  # lost events: the dump below supersedes them
             self.stats["enobufs"] += 1
             why.append("route overrun")
-        mon.conf_changed = False  # a netconf change read while draining: the dump covers it
+        mon.conf_changed = ""  # a netconf or next-hop change read while draining: the dump covers it
         self.sync_routes(", ".join(why) or "requested", upto)
 
     def sync_routes(self, why: str, upto: int | None = None) -> None:
@@ -225,6 +231,19 @@ class Agent:
             self.resync_cond.notify_all()
         log.info("routes resynced (%s): %d routes, %d prefixes changed in %.1f ms",
                  why, len(routes), changed, (time.monotonic() - t0) * 1e3)
+
+    def sync_policy(self, why: str) -> None:
+        """Pass to the kernel the ports and families that rules or VRFs could
+        route other than by main alone (agent/rules.py); caller holds the lock."""
+        with IPRoute() as ipr:
+            flags, reasons = read_policy(ipr, list(self.interfaces.configured()))
+        changed = self.interfaces.set_policy_flags(flags)
+        self.stats["policy"] = reasons
+        if changed:
+            passed = [f"{ifname(i)} ({'+'.join(f for f, bit in (('ipv4', 0x4000), ('ipv6', 0x8000)) if b & bit)})"
+                      for i, b in sorted(flags.items()) if b]
+            log.info("policy routing (%s): passed to the kernel: %s%s", why, ", ".join(passed) or "nothing",
+                     "".join(f"; {fam}: {r}" for fam, r in reasons.items()))
 
     def _link_event(self, event: str, li) -> None:
         """A link's state changed (admin, carrier, operstate) or it went away:
@@ -291,6 +310,9 @@ class Agent:
                         self.dp.detach(li.ifindex)
                     else:
                         self.interfaces.configure(li.ifindex, li.mac, li.mtu)
+                self.sync_policy(f"link {li.name}")  # names and masters decide what `iif` rules match
+            elif event in ("RTM_NEWRULE", "RTM_DELRULE"):
+                self.sync_policy("rules changed")
 
     def monitor(self) -> None:
         """Both monitor sockets are bound before the first dump, so no change
@@ -333,9 +355,9 @@ class Agent:
         first = 0.0
         burst = False
         while not self.stop.is_set():
-            if mon.conf_changed:  # ignore_routes_with_linkdown: routes died or revived silently
-                mon.conf_changed = False
-                self.request_resync("ignore_routes_with_linkdown changed")
+            if mon.conf_changed:  # routes died, revived or changed silently
+                why, mon.conf_changed = mon.conf_changed, ""
+                self.request_resync(why)
             if self.resync_why and not pending:
                 self._resync_routes(mon)
                 continue
@@ -596,4 +618,5 @@ def route_json(r: Route, installed=None) -> dict:
         "nexthops": [{"ifindex": nh.ifindex, "gateway": str(nh.gateway) if nh.gateway else None}
                      for nh in r.nexthops],
         "selected": installed == r,
+        "passed": kernel_route_info(r.word_bits & 0xFFFFFFFF) if r.installed_type == RouteType.KERNEL else None,
     }

@@ -45,6 +45,9 @@ class Reason(enum.IntEnum):
     PASS_KERNEL_NOT_FWDED = enum.auto()
     PASS_UNKNOWN_IFACE = enum.auto()
     PASS_NEXTHOP_INVALID = enum.auto()
+    PASS_ENCAP = enum.auto()
+    PASS_ROUTE_TYPE = enum.auto()
+    PASS_POLICY = enum.auto()
     DROP_BLACKHOLE = enum.auto()
     DROP_TRUNC_L2 = enum.auto()
     DROP_TRUNC_L3 = enum.auto()
@@ -79,6 +82,11 @@ class RouteType(enum.IntEnum):
     UNREACHABLE = 4
     PROHIBIT = 5
     MULTIPATH = 6
+    KERNEL = 7  # only the kernel can route it; the entry's nh_id holds the reason
+
+
+KERNEL_ROUTE_REASON_MASK = 0xFF
+IFACE_F_PASS_POLICY4, IFACE_F_PASS_POLICY6 = 0x4000, 0x8000
 
 
 # rtm_protocol values: who installed a route (iproute2's rt_protos).
