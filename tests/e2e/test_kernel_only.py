@@ -186,10 +186,12 @@ def test_throw_route_is_passed_and_the_kernel_goes_on_to_the_next_table(bpf_rout
     lab.run("r", ["ip", "route", "add", "10.77.0.0/16", "via", "10.0.1.2", "dev", "r-eth0", "table", "default"],
             check=True)
     lab.run("r", ["ip", "route", "add", "nat", "10.78.0.0/16", "scope", "255"], check=True)
+    lab.run("r", ["ip", "-6", "route", "add", "throw", "fd77::/32"], check=True)
     try:
         assert kernel_dev(lab, "10.77.1.1") == "r-eth0"
-        assert wait_for(lambda: probe("10.77.1.1")["reason"] == "route_type", timeout=10), probe("10.77.1.1")
-        assert probe("10.78.1.1")["reason"] == "route_type"
+        dsts = ("10.77.1.1", "10.78.1.1", "fd77::1")
+        assert wait_for(lambda: all(probe(d)["reason"] == "route_type" for d in dsts), timeout=10), \
+            [probe(d) for d in dsts]
         kinds = {x["prefix"]: x["passed"]["kernel_type"] for x in r.json("route", "show") if x["passed"]}
         assert kinds["10.77.0.0/16"] == "throw" and kinds["10.78.0.0/16"] == "nat"
         assert probe.policy() == {"r-eth0": [], "r-eth1": []}, "the default table behind main changes nothing"
@@ -200,6 +202,7 @@ def test_throw_route_is_passed_and_the_kernel_goes_on_to_the_next_table(bpf_rout
         lab.run("r", ["ip", "route", "del", "throw", "10.77.0.0/16"])
         lab.run("r", ["ip", "route", "del", "10.77.0.0/16", "table", "default"])
         lab.run("r", ["ip", "route", "del", "nat", "10.78.0.0/16"])
+        lab.run("r", ["ip", "-6", "route", "del", "throw", "fd77::/32"])
 
 
 def test_rule_to_another_table_passes_and_the_packet_goes_where_the_kernel_sends_it(bpf_router, wire, probe):
@@ -279,9 +282,11 @@ def test_nexthop_objects(bpf_router, wire, probe, compat):
         lab.run("r", ["ip", "route", "add", "10.73.0.0/16", "nhid", "53"], check=True)
 
         assert kernel_dev(lab, "10.70.1.1") == "r-eth0"
-        assert wait_for(lambda: probe("10.70.1.1")["egress"] == "r-eth0", timeout=10), probe("10.70.1.1")
-        assert probe("10.72.1.1")["reason"] == "multipath"
-        assert probe("10.73.1.1")["reason"] == "blackhole"
+        want = {"10.70.1.1": ("ipv4", "r-eth0"), "10.72.1.1": ("multipath", None), "10.73.1.1": ("blackhole", None)}
+
+        def got():  # the agent applies events in batches: wait for all of them
+            return {d: (p["reason"], p["egress"]) for d in want if (p := probe(d))}
+        assert wait_for(lambda: got() == want, timeout=10), got()
         before = probe.counted("ipv4")
         assert wire.send("10.70.1.1") == {"h1": {b"K": N}, "h2": {}}
         assert probe.counted("ipv4") - before == N  # forwarded by the fast path
