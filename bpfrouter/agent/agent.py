@@ -36,7 +36,7 @@ from pyroute2.netlink.rtnl import (RTMGRP_IPV4_IFADDR, RTMGRP_IPV4_RULE, RTMGRP_
 
 from .. import capture, metrics
 from ..datapath import RUN_ROOT, Datapath, RouterMeta
-from ..datapath.layout import RTPROT_BPFROUTER, proto_name
+from ..datapath.layout import IFACE_F_PASS_POLICY4, IFACE_F_PASS_POLICY6, RTPROT_BPFROUTER, proto_name
 from ..fib import TABLE_MAIN, Fib, FibError, Route, RouteType, kernel_route_info
 from ..interfaces import Interfaces, ifname
 from ..neighbors import Neighbors
@@ -240,7 +240,8 @@ class Agent:
         changed = self.interfaces.set_policy_flags(flags)
         self.stats["policy"] = reasons
         if changed:
-            passed = [f"{ifname(i)} ({'+'.join(f for f, bit in (('ipv4', 0x4000), ('ipv6', 0x8000)) if b & bit)})"
+            bits = (("ipv4", IFACE_F_PASS_POLICY4), ("ipv6", IFACE_F_PASS_POLICY6))
+            passed = [f"{ifname(i)} ({'+'.join(f for f, bit in bits if b & bit)})"
                       for i, b in sorted(flags.items()) if b]
             log.info("policy routing (%s): passed to the kernel: %s%s", why, ", ".join(passed) or "nothing",
                      "".join(f"; {fam}: {r}" for fam, r in reasons.items()))
