@@ -43,6 +43,7 @@ RTMGRP_IPV4_ROUTE, RTMGRP_IPV6_ROUTE = 0x40, 0x400
 RTMGRP_IPV4_NETCONF, RTMGRP_IPV6_NETCONF = 1 << (24 - 1), 1 << (25 - 1)  # RTNLGRP_IPV{4,6}_NETCONF
 NETCONFA_IFINDEX, NETCONFA_IGNORE_ROUTES_WITH_LINKDOWN = 1, 6
 RTM_F_CLONED = 0x200
+RTN_MULTICAST = 5
 RTNH_F_DEAD = 0x1
 # Kernel route types (rtm_type) the fast path implements; any other (throw,
 # nat, multicast, xresolve, ...) is a KERNEL route: its packets are passed.
@@ -176,6 +177,8 @@ class Decoder:
             return None
         pkey = (4 if family == AF_INET else 6, int.from_bytes(dst, "big") if dst else 0, dst_len)
         if kind is None:  # throw, nat, ...: the kernel's own
+            if rtype == RTN_MULTICAST and _in_multicast_range(pkey):
+                return None  # (the kernel's ff00::/8 per device) its destinations are passed before the lookup
             return Route.from_key(pkey, RouteType.KERNEL, (), proto, metric, table,
                                   kernel_route_bits(Reason.PASS_ROUTE_TYPE, rtype))
         hops: tuple[Nexthop, ...] = ()
@@ -317,6 +320,15 @@ class Decoder:
                     conf = conf or "next-hop object replaced or deleted"
             off += (length + 3) & ~3
         return conf
+
+
+def _in_multicast_range(pkey) -> bool:
+    """A prefix inside 224.0.0.0/4 or ff00::/8, whose packets the data plane
+    passes as multicast before any route lookup."""
+    version, addr, length = pkey
+    if version == 4:
+        return length >= 4 and addr >> 28 == 0xE
+    return length >= 8 and addr >> 120 == 0xFF
 
 
 def dead_event(r: DeadRoute, replace: int, out: list) -> None:

@@ -187,9 +187,10 @@ def test_throw_route_is_passed_and_the_kernel_goes_on_to_the_next_table(bpf_rout
             check=True)
     lab.run("r", ["ip", "route", "add", "nat", "10.78.0.0/16", "scope", "255"], check=True)
     lab.run("r", ["ip", "-6", "route", "add", "throw", "fd77::/32"], check=True)
+    lab.run("r", ["ip", "route", "add", "multicast", "10.79.0.0/16", "dev", "r-eth1"], check=True)
     try:
         assert kernel_dev(lab, "10.77.1.1") == "r-eth0"
-        dsts = ("10.77.1.1", "10.78.1.1", "fd77::1")
+        dsts = ("10.77.1.1", "10.78.1.1", "fd77::1", "10.79.1.1")  # multicast route, unicast destination
         assert wait_for(lambda: all(probe(d)["reason"] == "route_type" for d in dsts), timeout=10), \
             [probe(d) for d in dsts]
         kinds = {x["prefix"]: x["passed"]["kernel_type"] for x in r.json("route", "show") if x["passed"]}
@@ -203,6 +204,7 @@ def test_throw_route_is_passed_and_the_kernel_goes_on_to_the_next_table(bpf_rout
         lab.run("r", ["ip", "route", "del", "10.77.0.0/16", "table", "default"])
         lab.run("r", ["ip", "route", "del", "nat", "10.78.0.0/16"])
         lab.run("r", ["ip", "-6", "route", "del", "throw", "fd77::/32"])
+        lab.run("r", ["ip", "route", "del", "multicast", "10.79.0.0/16"])
 
 
 def test_rule_to_another_table_passes_and_the_packet_goes_where_the_kernel_sends_it(bpf_router, wire, probe):
