@@ -18,7 +18,7 @@ from .agent.client import AgentUnavailable, agent_pid, log_path, request, start_
 from .bpf import BpfError
 from .datapath import Datapath, DatapathError
 from .datapath.layout import OBSERVERS, LayoutMismatch, RouteType, proto_name
-from .fib import read_installed
+from .fib import kernel_route_info, read_installed
 from .interfaces import Interfaces, InterfaceError, ifname
 from .lab import Lab, LabError, list_labs
 from .netns import NetnsError
@@ -189,10 +189,13 @@ def status(name, as_json, pretty):
     where = f"netns {st['netns']}, " if st["netns"] else ""
     console.print(f"router [bold]{st['name']}[/] ({where}fib {st['fib_mode']}, program id "
                   f"{st['program']['id']}, {agent})")
-    t = Table("interface", "ifindex", "xdp", "mac", "mtu", "policy", box=None, pad_edge=False)
+    t = Table("interface", "ifindex", "xdp", "mac", "mtu", "sysctls", "rules", box=None, pad_edge=False)
     for i in st["interfaces"]:
-        t.add_row(i["name"], str(i["ifindex"]), i["xdp_mode"], i["mac"], str(i["mtu"]), i.get("policy", ""))
+        t.add_row(i["name"], str(i["ifindex"]), i["xdp_mode"], i["mac"], str(i["mtu"]), i.get("sysctls", ""),
+                  "passed " + "+".join(i["policy_passed"]) if i["policy_passed"] else "-")
     console.print(t)
+    for fam, why in (ag.get("policy") or {}).items():
+        console.print(f"policy routing: {fam} passed to the kernel: {why}")
     f = st["fib"]
     console.print(f"fib: {f['ipv4']} IPv4 + {f['ipv6']} IPv6 routes, {f['nexthops']} next hops, "
                   f"{st['neighbors']} neighbors")
@@ -345,23 +348,33 @@ def route_show(v4, v6, show_all, name, as_json, pretty):
         for prefix, v, nh in read_installed(dp):
             if (v4 and prefix.version != 4) or (v6 and prefix.version != 6):
                 continue
+            kernel = v.type == RouteType.KERNEL
             rows.append({"prefix": str(prefix), "type": RouteType(v.type).name.lower(),
                          "proto": proto_name(v.proto),
                          "gateway": str(nh.gateway) if nh and nh.gateway else None,
                          "dev": ifname(nh.ifindex) if nh else None,
-                         "nexthop_id": v.nh_id or None})
+                         "nexthop_id": (v.nh_id or None) if not kernel else None,
+                         "passed": kernel_route_info(v.nh_id) if kernel else None})
     finally:
         dp.close()
     if as_json or pretty:
         return emit_json(rows, pretty)
     for r in rows:
         words = [r["prefix"] if r["type"] == "unicast" else f"{r['type']} {r['prefix']}"]
+        if r["passed"]:
+            words.append(_passed_words(r["passed"]))
         if r["gateway"]:
             words.append(f"via {r['gateway']}")
         if r["dev"]:
             words.append(f"dev {r['dev']}")
         words.append(f"proto {r['proto']}")
         console.print(" ".join(words))
+
+
+def _passed_words(info: dict) -> str:
+    """How `route show` says why a KERNEL route's packets go to the kernel."""
+    what = f"encap {info['encap']}" if info["encap"] else info["kernel_type"]
+    return f"({what}: passed to the kernel, reason {info['reason']})"
 
 
 def _route_show_all(meta, v4, v6, as_json, pretty):
@@ -374,6 +387,8 @@ def _route_show_all(meta, v4, v6, as_json, pretty):
         return emit_json(rows, pretty)
     for r in rows:
         words = ["*" if r["selected"] else " ", r["prefix"] if r["type"] == "unicast" else f"{r['type']} {r['prefix']}"]
+        if r.get("passed"):
+            words.append(_passed_words(r["passed"]))
         for nh in r["nexthops"]:
             words += (["nexthop"] if len(r["nexthops"]) > 1 else []) + \
                 ([f"via {nh['gateway']}"] if nh["gateway"] else []) + [f"dev {nh['dev']}"]

@@ -90,6 +90,28 @@ def _route_key(pkey: PrefixKey, table: int, metric: int, nexthops: tuple) -> tup
     return _ROUTE_KEYS.get(key, key)
 
 
+# A RouteType.KERNEL route's entry holds, in place of a next-hop id, why the
+# kernel must route it: the pass reason (the data plane reads only these 8
+# bits), the kernel's route type (rtm_type) and the encapsulation type.
+RTN_NAMES = {0: "unspec", 1: "unicast", 2: "local", 3: "broadcast", 4: "anycast", 5: "multicast",
+             6: "blackhole", 7: "unreachable", 8: "prohibit", 9: "throw", 10: "nat", 11: "xresolve"}
+ENCAP_NAMES = {1: "mpls", 2: "ip", 3: "ila", 4: "ip6", 5: "seg6", 6: "bpf", 7: "seg6local", 8: "rpl",
+               9: "ioam6", 10: "xfrm"}
+
+
+def kernel_route_bits(reason: lo.Reason, rtm_type: int = 1, encap: int = 0) -> int:
+    return int(reason) | (rtm_type & 0xFF) << 8 | (encap & 0xFF) << 16
+
+
+def kernel_route_info(bits: int) -> dict:
+    """What a RouteType.KERNEL entry's bits say: {"reason", "kernel_type", "encap"}."""
+    reason = bits & lo.KERNEL_ROUTE_REASON_MASK
+    encap = bits >> 16 & 0xFF
+    return {"reason": lo.Reason(reason).label if reason in lo.Reason._value2member_map_ else str(reason),
+            "kernel_type": RTN_NAMES.get(bits >> 8 & 0xFF, str(bits >> 8 & 0xFF)),
+            "encap": ENCAP_NAMES.get(encap, str(encap)) if encap else None}
+
+
 def _word_bits(installed_type: RouteType, pkey: PrefixKey, proto: int) -> int:
     """The route's 64-bit little-endian word (struct route; see dirfib.route_word)
     without its next-hop id, which the writer ORs in."""
@@ -105,26 +127,28 @@ class Route:
     _FIELDS = ("prefix", "type", "nexthops", "proto", "metric", "table")
 
     def __init__(self, prefix: IPNetwork, type: RouteType, nexthops: tuple[Nexthop, ...] = (),
-                 proto: int = lo.RTPROT_BPFROUTER, metric: int = 0, table: int = TABLE_MAIN):
-        self._set(prefix_key(prefix), type, tuple(nexthops), proto, metric, table)
+                 proto: int = lo.RTPROT_BPFROUTER, metric: int = 0, table: int = TABLE_MAIN,
+                 kernel_bits: int = 0):
+        self._set(prefix_key(prefix), type, tuple(nexthops), proto, metric, table, kernel_bits)
         self._prefix = prefix
 
     @classmethod
     def from_key(cls, pkey: PrefixKey, type: RouteType, nexthops: tuple[Nexthop, ...], proto: int,
-                 metric: int, table: int) -> Route:
-        """Fast constructor for the netlink hot path: `prefix` is built only when read."""
+                 metric: int, table: int, kernel_bits: int = 0) -> Route:
+        """Fast constructor for the netlink hot path: `prefix` is built only when read.
+        kernel_bits: a RouteType.KERNEL route's kernel_route_bits."""
         r = object.__new__(cls)
-        r._set(pkey, type, nexthops, proto, metric, table)
+        r._set(pkey, type, nexthops, proto, metric, table, kernel_bits)
         r._prefix = None
         return r
 
     def _set(self, pkey: PrefixKey, type: RouteType, nexthops: tuple[Nexthop, ...], proto: int, metric: int,
-             table: int) -> None:
+             table: int, kernel_bits: int = 0) -> None:
         self.pkey, self.type, self.nexthops, self.proto, self.metric, self.table = \
             pkey, type, nexthops, proto, metric, table
         self.installed_type = installed_type = _installed_type(type, nexthops)
         self.key = _route_key(pkey, table, metric, nexthops)
-        self.word_bits = _word_bits(installed_type, pkey, proto)
+        self.word_bits = _word_bits(installed_type, pkey, proto) | kernel_bits
 
     @property
     def prefix(self) -> IPNetwork:
@@ -133,7 +157,7 @@ class Route:
         return self._prefix
 
     def _fields(self) -> tuple:
-        return (self.pkey, self.type, self.nexthops, self.proto, self.metric, self.table)
+        return (self.pkey, self.type, self.nexthops, self.proto, self.metric, self.table, self.word_bits)
 
     def __eq__(self, other) -> bool:
         return isinstance(other, Route) and self._fields() == other._fields()
@@ -145,8 +169,9 @@ class Route:
         return "Route(" + ", ".join(f"{f}={getattr(self, f)!r}" for f in self._FIELDS) + ")"
 
     def same_forwarding(self, other: Route | None) -> bool:
-        return other is not None and (self.installed_type, self.nexthops, self.proto) == \
-            (other.installed_type, other.nexthops, other.proto)
+        """The same entry in the BPF FIB (a KERNEL route's next hops are not in it)."""
+        return other is not None and self.word_bits == other.word_bits and \
+            (self.nexthops == other.nexthops or self.installed_type is RouteType.KERNEL)
 
 
 class FibError(Exception):
@@ -773,7 +798,9 @@ class Fib:
         for version, table in self.tables.items():
             pks, nids, rtypes, protos = table.installed_fields()
             hops = {nid: (by_id[nid],) for nid in set(nids) if nid in by_id}  # one tuple per next hop
-            routes = [Route.from_key(pk, types[t], hops.get(nid, ()) if t == unicast else (), proto, 0, TABLE_MAIN)
+            kernel = int(RouteType.KERNEL)
+            routes = [Route.from_key(pk, types[t], hops.get(nid, ()) if t == unicast else (), proto, 0, TABLE_MAIN,
+                                     nid if t == kernel else 0)
                       for pk, nid, t, proto in zip(pks, nids, rtypes, protos, strict=True)]
             self.installed.update(zip(pks, routes))
             self.counts[version] += len(routes)
@@ -809,7 +836,8 @@ def read_installed(dp: Datapath) -> list[tuple[IPNetwork, lo.RouteValue, Nexthop
     tables = make_tables(dp, recover=False)
     try:
         for table in tables.values():
-            out.extend((prefix, v, nhs.get(v.nh_id)) for prefix, v in table.installed())
+            out.extend((prefix, v, nhs.get(v.nh_id) if v.type == RouteType.UNICAST else None)
+                       for prefix, v in table.installed())
     finally:
         for t in tables.values():
             t.close()

@@ -11,6 +11,10 @@ from .datapath import Datapath
 from .datapath import layout as lo
 
 
+# Set by the rule analysis (agent/rules.py), the other bits by the sysctl mirror (agent/policy.py)
+RULE_PASS_FLAGS = lo.IFACE_F_PASS_POLICY4 | lo.IFACE_F_PASS_POLICY6
+
+
 class InterfaceError(Exception):
     pass
 
@@ -95,6 +99,7 @@ class Interfaces:
             flags = current[ifindex].flags if ifindex in current else policy_flags(ifname(ifindex))
         if ifindex in current:
             slot = current[ifindex].slot
+            flags = (flags & ~RULE_PASS_FLAGS) | (current[ifindex].flags & RULE_PASS_FLAGS)  # the rules' own
         else:
             used = {v.slot for v in current.values()}
             free = [s for s in range(1, lo.MAX_IFACES) if s not in used]
@@ -107,13 +112,27 @@ class Interfaces:
         return slot
 
     def set_flags(self, ifindex: int, flags: int) -> bool:
-        """Write one configured interface's policy flags; True if they changed."""
+        """Write one configured interface's sysctl flags; True if they changed."""
         cur = self.dp.ifaces.lookup(lo.u32(ifindex))
-        if cur is None or cur.flags == flags:
+        if cur is None:
+            return False
+        flags = (flags & ~RULE_PASS_FLAGS) | (cur.flags & RULE_PASS_FLAGS)  # set_rule_pass_flags' bits
+        if cur.flags == flags:
             return False
         cur.flags = flags
         self.dp.ifaces.update(lo.u32(ifindex), cur)
         return True
+
+    def set_rule_pass_flags(self, flags: dict[int, int]) -> list[int]:
+        """Set the IFACE_F_PASS_POLICY* bits of configured ports; returns those changed."""
+        changed = []
+        for ifindex, v in self.configured().items():
+            want = (v.flags & ~RULE_PASS_FLAGS) | (flags.get(ifindex, 0) & RULE_PASS_FLAGS)
+            if want != v.flags:
+                v.flags = want
+                self.dp.ifaces.update(lo.u32(ifindex), v)
+                changed.append(ifindex)
+        return changed
 
     def remove(self, ifindex: int) -> None:
         self.dp.ifaces.delete(lo.u32(ifindex))

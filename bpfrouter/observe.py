@@ -47,6 +47,9 @@ REASON_TEXT: dict[Reason, str] = {
                                'the kernel decides'),
     Reason.PASS_SOURCE_UNVERIFIED: ('the source check needs what the fast path cannot evaluate (custom rules, '
                                     'VRF, multipath route back in the kernel FIB)'),
+    Reason.PASS_ENCAP: 'route with encapsulation (mpls, ip, seg6, ...): only the kernel adds it',
+    Reason.PASS_ROUTE_TYPE: 'route of a type the fast path does not implement (throw, nat, ...)',
+    Reason.PASS_POLICY: 'rules or VRFs could route this port and family other than by main alone',
     Reason.DROP_BLACKHOLE: 'blackhole route',
     Reason.DROP_MARTIAN_SOURCE: ('martian source: multicast, limited broadcast, 0.0.0.0, 127/8 without '
                                  'route_localnet, a local or broadcast address with rp_filter on (IPv6: '

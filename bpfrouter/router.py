@@ -125,7 +125,8 @@ def status(meta: RouterMeta) -> dict:
         if pid is not None:
             try:
                 info = request(meta.name, "ping", timeout=5)
-                agent.update({k: info.get(k) for k in ("events", "resyncs", "enobufs", "last_resync", "fib_full")})
+                agent.update({k: info.get(k) for k in ("events", "resyncs", "enobufs", "last_resync", "fib_full",
+                                                       "policy")})
             except AgentUnavailable:
                 agent["running"] = False
         pinfo = prog_info(dp.program.fd)
@@ -134,7 +135,11 @@ def status(meta: RouterMeta) -> dict:
         interfaces = []
         for idx, v in sorted(ifaces.items()):
             interfaces.append({"name": ifname(idx), "ifindex": idx, "xdp_mode": attached.get(idx, "detached"),
-                               "mac": mac_str(bytes(v.mac)), "mtu": v.mtu, "policy": flags_text(v.flags)})
+                               "mac": mac_str(bytes(v.mac)), "mtu": v.mtu,
+                               "sysctls": flags_text(v.flags),   # the kernel's input policy as mirrored
+                               # families passed to the kernel: rules or VRFs could route them otherwise
+                               "policy_passed": [f for f, bit in (("ipv4", lo.IFACE_F_PASS_POLICY4),
+                                                                  ("ipv6", lo.IFACE_F_PASS_POLICY6)) if v.flags & bit]})
         counters = []
         totals = {"redirect": 0, "pass": 0, "drop": 0}
         for (idx, reason), (pk, by) in sorted(read_counters(dp).items(), key=lambda kv: (kv[0][0], kv[0][1])):

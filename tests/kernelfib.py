@@ -24,7 +24,7 @@ from bpfrouter.observe import probe
 RTM_NEWROUTE, RTM_GETROUTE, NLMSG_ERROR = 24, 26, 2
 NLM_F_REQUEST = 0x1
 RTM_F_FIB_MATCH = 0x2000
-RTA_DST, RTA_OIF, RTA_GATEWAY, RTA_MULTIPATH, RTA_TABLE, RTA_VIA = 1, 4, 5, 9, 15, 18
+RTA_DST, RTA_OIF, RTA_GATEWAY, RTA_MULTIPATH, RTA_TABLE, RTA_VIA, RTA_ENCAP_TYPE = 1, 4, 5, 9, 15, 18, 21
 SO_RCVBUFFORCE = 33
 # a route of an error type answers with the error, not the route (no prefix)
 KERNEL_ERRORS = {22: "blackhole", 113: "unreachable", 13: "prohibit", 101: "none"}
@@ -114,7 +114,7 @@ def _decode(buf: bytes, off: int, length: int) -> Match:
     family, dst_len, _, _, _, _, _, rtype, _ = _rtmsg.unpack_from(buf, off + 16)
     dst = gw = None
     oif = 0
-    multipath = False
+    multipath = encap = False
     pos, end = off + 28, off + length
     while pos + 4 <= end:
         alen, atype = _rta.unpack_from(buf, pos)
@@ -131,11 +131,15 @@ def _decode(buf: bytes, off: int, length: int) -> Match:
             gw = value[2:]
         elif atype == RTA_MULTIPATH:
             multipath = True
+        elif atype == RTA_ENCAP_TYPE:
+            encap = True
         pos += (alen + 3) & ~3
     width = 32 if family == socket.AF_INET else 128
     raw = int.from_bytes(dst, "big") if dst else 0
     prefix = str((ipaddress.IPv4Network if width == 32 else ipaddress.IPv6Network)((raw, dst_len)))
     kind = KERNEL_TYPES.get(rtype, f"type {rtype}")
+    if kind == "unicast" and encap:  # the fast path passes it: only the kernel encapsulates
+        return Match("kernel", prefix)
     if kind == "unicast" and multipath:
         return Match("multipath", prefix)
     if kind != "unicast":

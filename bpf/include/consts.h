@@ -45,6 +45,9 @@ enum reason {
 	REASON_PASS_HAIRPIN,
 	REASON_PASS_LOCAL_SOURCE,
 	REASON_PASS_SOURCE_UNVERIFIED,
+	REASON_PASS_ENCAP,
+	REASON_PASS_ROUTE_TYPE,
+	REASON_PASS_POLICY,
 	/* dropped */
 	REASON_DROP_BLACKHOLE,
 	REASON_DROP_MARTIAN_SOURCE,
@@ -67,7 +70,13 @@ enum route_type {
 	RTYPE_UNREACHABLE,
 	RTYPE_PROHIBIT,
 	RTYPE_MULTIPATH,
+	/* Only the kernel can route it (encapsulation, throw, nat, ...): the
+	 * entry's nh_id holds the pass reason in its low 8 bits (and, for the
+	 * control plane's display, the kernel's route type and encap type). */
+	RTYPE_KERNEL,
 };
+
+#define KERNEL_ROUTE_REASON_MASK 0xFF
 
 enum fib_mode {
 	FIB_MODE_BPF = 0,

@@ -68,6 +68,16 @@ static __always_inline int route_type_reason(__u8 type)
 	return REASON_PASS_FIB_MISS;
 }
 
+/* A RTYPE_KERNEL route's reason, from its entry (a PASS_* reason). */
+static __always_inline int kernel_route_reason(__u32 nh_id)
+{
+	int reason = nh_id & KERNEL_ROUTE_REASON_MASK;
+
+	if (reason > REASON_FWD_IPV6 && reason < REASON_DROP_BLACKHOLE)
+		return reason;
+	return REASON_PASS_ROUTE_TYPE;
+}
+
 /* Set by the loader before verification, so unused code is removed. */
 const volatile __u32 fib_mode = FIB_MODE_BPF;
 const volatile __u32 fib_impl = FIB_IMPL_DIR;
@@ -105,6 +115,8 @@ static __always_inline int fib_lookup_bpf(const struct pkt *p, struct fib_result
 	res->route_type = rt->type;
 	res->prefixlen = rt->prefixlen;
 	res->route_proto = rt->proto;
+	if (rt->type == RTYPE_KERNEL)
+		return kernel_route_reason(rt->nh_id);
 	if (rt->type != RTYPE_UNICAST)
 		return route_type_reason(rt->type);
 

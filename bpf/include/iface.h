@@ -19,6 +19,11 @@ enum iface_flag {
 	IFACE_F_ROUTE_LOCALNET = 1 << 5,   /* all or port */
 	IFACE_F_NO_ADDR4 = 1 << 6,         /* the port has no IPv4 address */
 	IFACE_F_SOURCE_UNSURE = 1 << 7,    /* custom rules or a VRF: the FIB mirror cannot check sources */
+	/* Policy routing the fast path does not implement (rules other than
+	 * the defaults, VRFs) could route this port's packets of that family
+	 * other than by main: pass them (bpfrouter/agent/rules.py). */
+	IFACE_F_PASS_POLICY4 = 1 << 14,
+	IFACE_F_PASS_POLICY6 = 1 << 15,
 };
 
 struct iface {

@@ -34,7 +34,14 @@ static __always_inline int entry_stage(struct xdp_md *ctx, struct packet_ctx *pc
 		return reason;
 	if (!in)
 		return REASON_PASS_UNKNOWN_IFACE;
-	return classify(&p, in);
+	reason = classify(&p, in);
+	if (reason >= 0)
+		return reason;
+	/* rules and VRFs the fast path does not implement yet; bpf_fib_lookup
+	 * (FIB_MODE_KERNEL) applies them itself */
+	if (fib_mode == FIB_MODE_BPF && (in->flags & (p.ip4 ? IFACE_F_PASS_POLICY4 : IFACE_F_PASS_POLICY6)))
+		return REASON_PASS_POLICY;
+	return -1;
 }
 
 #endif

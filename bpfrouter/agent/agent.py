@@ -43,25 +43,29 @@ from pathlib import Path
 
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
-from pyroute2.netlink.rtnl import RTMGRP_IPV4_IFADDR, RTMGRP_IPV6_IFADDR, RTMGRP_LINK, RTMGRP_NEIGH
+from pyroute2.netlink.rtnl import (RTMGRP_IPV4_IFADDR, RTMGRP_IPV4_RULE, RTMGRP_IPV6_IFADDR, RTMGRP_IPV6_RULE,
+                                   RTMGRP_LINK, RTMGRP_NEIGH)
 
 from .. import capture, metrics
 from ..datapath import RUN_ROOT, Datapath, RouterMeta
-from ..datapath.layout import RTPROT_BPFROUTER, proto_name
-from ..fib import TABLE_MAIN, Fib, FibError, Route, prefix_key
+from ..datapath.layout import IFACE_F_PASS_POLICY4, IFACE_F_PASS_POLICY6, RTPROT_BPFROUTER, proto_name
+from ..fib import TABLE_MAIN, Fib, FibError, Route, RouteType, kernel_route_info, prefix_key
 from ..interfaces import Interfaces, ifname
 from ..neighbors import POKE_SECONDS, Neighbors
 from ..routespec import RouteSpec, RouteSpecError, parse_route
 from ..telemetry import fill_warnings, map_fill
 from .kernel import IFF_LOWER_UP, link_from_msg, neigh_from_msg
 from .policy import PolicyMirror
+from .rules import read_policy
 from .rtnl import DeadRoute, Decoder, RouteMonitor, dead_event, dump_routes
 
 log = logging.getLogger("bpfrouter.agent")
 
 NLM_F_REPLACE = 0x100
 # addresses too: removing one removes routes, some of them silently
-LINK_NEIGH_GROUPS = RTMGRP_LINK | RTMGRP_NEIGH | RTMGRP_IPV4_IFADDR | RTMGRP_IPV6_IFADDR
+# rules too: they decide which ports' packets the kernel must route (agent/rules.py)
+LINK_NEIGH_GROUPS = RTMGRP_LINK | RTMGRP_NEIGH | RTMGRP_IPV4_IFADDR | RTMGRP_IPV6_IFADDR | RTMGRP_IPV4_RULE \
+    | RTMGRP_IPV6_RULE
 # Receive buffer of the monitor sockets (SO_RCVBUFFORCE, so it may exceed
 # net.core.rmem_max): a full table arriving at once fits. A small value makes
 # overruns, and the resync they trigger, easy to test.
@@ -165,6 +169,7 @@ class Agent:
             self._sync_links(links)
             with IPRoute() as ipr:  # before the first event: the thread keeps it current
                 self.policy.refresh(ipr)
+            self.sync_policy("start")
             changed = self.fib.replace_all(routes)
             self.neighbors.replace_all(neighs)
             self._synced()
@@ -192,6 +197,7 @@ class Agent:
         with self.lock:
             self._sync_links(links)
             self.neighbors.replace_all(neighs)
+            self.sync_policy(why)
         log.info("links and neighbors resynced (%s): %d links, %d neighbors", why, len(links), len(neighs))
         self.request_resync(why)
 
@@ -222,7 +228,7 @@ class Agent:
     def _discard_queued(self, mon: RouteMonitor) -> None:
         """Drop the route events queued so far: the dump that follows supersedes them."""
         mon.drain()
-        mon.conf_changed = False  # a netconf change among them: the dump covers it too
+        mon.conf_changed = ""  # a netconf or next-hop change among them: the dump covers it too
 
     def sync_routes(self, why: str, mon: RouteMonitor, upto: int | None = None) -> None:
         """Routes from a fresh dump, rewriting only what differs. Route thread
@@ -244,6 +250,20 @@ class Agent:
             self.resync_cond.notify_all()
         log.info("routes resynced (%s): %d routes, %d prefixes changed in %.1f ms",
                  why, len(routes), changed, (time.monotonic() - t0) * 1e3)
+
+    def sync_policy(self, why: str) -> None:
+        """Pass to the kernel the ports and families that rules or VRFs could
+        route other than by main alone (agent/rules.py); caller holds the lock."""
+        with IPRoute() as ipr:
+            flags, reasons = read_policy(ipr, list(self.interfaces.configured()))
+        changed = self.interfaces.set_rule_pass_flags(flags)
+        self.stats["policy"] = reasons
+        if changed:
+            bits = (("ipv4", IFACE_F_PASS_POLICY4), ("ipv6", IFACE_F_PASS_POLICY6))
+            passed = [f"{ifname(i)} ({'+'.join(f for f, bit in bits if b & bit)})"
+                      for i, b in sorted(flags.items()) if b]
+            log.info("policy routing (%s): passed to the kernel: %s%s", why, ", ".join(passed) or "nothing",
+                     "".join(f"; {fam}: {r}" for fam, r in reasons.items()))
 
     def _link_event(self, event: str, li) -> None:
         """A link's state changed (admin, carrier, operstate) or it went away:
@@ -310,6 +330,9 @@ class Agent:
                         self.dp.detach(li.ifindex)
                     else:
                         self.interfaces.configure(li.ifindex, li.mac, li.mtu)
+                self.sync_policy(f"link {li.name}")  # names and masters decide what `iif` rules match
+            elif event in ("RTM_NEWRULE", "RTM_DELRULE"):
+                self.sync_policy("rules changed")
 
     def monitor(self) -> None:
         """Both monitor sockets are bound before the first dump, so no change
@@ -353,9 +376,9 @@ class Agent:
         first = 0.0
         burst = False
         while not self.stop.is_set():
-            if mon.conf_changed:  # ignore_routes_with_linkdown: routes died or revived silently
-                mon.conf_changed = False
-                self.request_resync("ignore_routes_with_linkdown changed")
+            if mon.conf_changed:  # routes died, revived or changed silently
+                why, mon.conf_changed = mon.conf_changed, ""
+                self.request_resync(why)
             if self.resync_why and not pending:
                 self._resync_routes(mon)
                 continue
@@ -653,4 +676,5 @@ def route_json(r: Route, installed=None) -> dict:
         "nexthops": [{"ifindex": nh.ifindex, "gateway": str(nh.gateway) if nh.gateway else None}
                      for nh in r.nexthops],
         "selected": installed == r,
+        "passed": kernel_route_info(r.word_bits & 0xFFFFFFFF) if r.installed_type == RouteType.KERNEL else None,
     }

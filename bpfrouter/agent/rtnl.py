@@ -21,8 +21,10 @@ import os
 import select
 import socket
 import struct
+from dataclasses import dataclass
 
-from ..fib import TABLE_LOCAL, TABLE_MAIN, Nexthop, Route, RouteType
+from ..datapath.layout import Reason
+from ..fib import TABLE_LOCAL, TABLE_MAIN, Nexthop, Route, RouteType, kernel_route_bits
 
 NETLINK_ROUTE = 0
 SOL_NETLINK = 270
@@ -30,13 +32,21 @@ SO_RCVBUFFORCE = 33
 NLMSG_ERROR, NLMSG_DONE = 2, 3
 RTM_NEWROUTE, RTM_DELROUTE, RTM_GETROUTE = 24, 25, 26
 RTM_NEWNETCONF = 80
+RTM_NEWNEXTHOP, RTM_DELNEXTHOP, RTM_GETNEXTHOP = 104, 105, 106
 NLM_F_REQUEST, NLM_F_MULTI, NLM_F_REPLACE, NLM_F_DUMP = 0x1, 0x2, 0x100, 0x300
 RTA_DST, RTA_OIF, RTA_GATEWAY, RTA_PRIORITY, RTA_MULTIPATH, RTA_TABLE, RTA_VIA = 1, 4, 5, 6, 9, 15, 18
+RTA_ENCAP_TYPE, RTA_NH_ID = 21, 30
+NHA_ID, NHA_GROUP, NHA_BLACKHOLE, NHA_OIF, NHA_GATEWAY, NHA_ENCAP_TYPE, NHA_FDB = 1, 2, 4, 5, 6, 7, 11
+RTNLGRP_NEXTHOP = 32  # above 31: joined with NETLINK_ADD_MEMBERSHIP, not the bind mask
+NETLINK_ADD_MEMBERSHIP = 1
 RTMGRP_IPV4_ROUTE, RTMGRP_IPV6_ROUTE = 0x40, 0x400
 RTMGRP_IPV4_NETCONF, RTMGRP_IPV6_NETCONF = 1 << (24 - 1), 1 << (25 - 1)  # RTNLGRP_IPV{4,6}_NETCONF
 NETCONFA_IFINDEX, NETCONFA_IGNORE_ROUTES_WITH_LINKDOWN = 1, 6
 RTM_F_CLONED = 0x200
+RTN_MULTICAST = 5
 RTNH_F_DEAD = 0x1
+# Kernel route types (rtm_type) the fast path implements; any other (throw,
+# nat, multicast, xresolve, ...) is a KERNEL route: its packets are passed.
 RTN = {1: RouteType.UNICAST, 2: RouteType.LOCAL, 3: RouteType.LOCAL, 4: RouteType.LOCAL,
        6: RouteType.BLACKHOLE, 7: RouteType.UNREACHABLE, 8: RouteType.PROHIBIT}
 AF_INET, AF_INET6 = 2, 10
@@ -46,6 +56,9 @@ _rtmsg = struct.Struct("=BBBBBBBBI")    # rtmsg
 _rta = struct.Struct("=HH")
 _u32 = struct.Struct("=I")
 _rtnh = struct.Struct("=HBBi")          # rtnexthop: len, flags, hops, ifindex
+_nhmsg = struct.Struct("=BBBBI")        # nhmsg: family, scope, protocol, reserved, flags
+_nh_grp = struct.Struct("=IBBH")        # nexthop_grp: id, weight, weight_high, reserved
+_u16 = struct.Struct("=H")
 # The kernel's layout of an IPv4 route via a gateway, without and with a metric:
 # rtmsg, RTA_TABLE, RTA_DST, [RTA_PRIORITY,] RTA_GATEWAY, RTA_OIF. One unpack
 # instead of a loop: most of a full table looks like this.
@@ -60,12 +73,27 @@ class DeadRoute(Route):
     __slots__ = ()
 
 
+@dataclass(frozen=True)
+class NexthopObject:
+    """A kernel next-hop object (`ip nexthop`): one gateway and device, a
+    blackhole, or a group of other objects' ids."""
+    hop: Nexthop | None = None
+    blackhole: bool = False
+    group: tuple[int, ...] = ()
+    encap: int = 0       # lwtunnel encapsulation type, 0: none
+    dead: bool = False   # RTNH_F_DEAD: its device is down
+
+
 class Decoder:
-    """Parses route messages; interns next hops so repeated gateways cost nothing."""
+    """Parses route and next-hop messages; interns next hops so repeated
+    gateways cost nothing. Keeps the kernel's next-hop objects by id
+    (`nexthop_objects`): routes that name one (RTA_NH_ID) are resolved
+    through it, since with nexthop_compat_mode=0 they carry nothing else."""
 
     def __init__(self):
         self._hops: dict[tuple, Nexthop] = {}
         self._single: dict[tuple, tuple[Nexthop]] = {}
+        self.nexthop_objects: dict[int, NexthopObject] = {}
 
     def _hop(self, oif: int, gw: bytes | None) -> Nexthop:
         key = (oif, gw)
@@ -116,13 +144,11 @@ class Decoder:
 
     def _route_general(self, buf, off: int, length: int) -> Route | None:
         family, dst_len, _, _, table, proto, _, rtype, rflags = _rtmsg.unpack_from(buf, off + 16)
-        if rflags & RTM_F_CLONED:
+        if rflags & RTM_F_CLONED or family not in (AF_INET, AF_INET6):  # e.g. AF_MPLS's label routes
             return None
         kind = RTN.get(rtype)
-        if kind is None:
-            return None
         dst = gw = mp = None
-        oif = metric = 0
+        oif = metric = encap = nh_id = 0
         pos, end = off + 28, off + length
         while pos + 4 <= end:
             alen, atype = _rta.unpack_from(buf, pos)
@@ -142,12 +168,25 @@ class Decoder:
                 mp = (pos + 4, pos + alen)
             elif atype == RTA_VIA:
                 gw = bytes(buf[pos + 6:pos + alen])  # rtvia: family (2 bytes), address
+            elif atype == RTA_ENCAP_TYPE:
+                encap = _u16.unpack_from(buf, pos + 4)[0]
+            elif atype == RTA_NH_ID:
+                nh_id = _u32.unpack_from(buf, pos + 4)[0]
             pos += (alen + 3) & ~3
         if table not in (TABLE_MAIN, TABLE_LOCAL):
             return None
         pkey = (4 if family == AF_INET else 6, int.from_bytes(dst, "big") if dst else 0, dst_len)
+        if kind is None:  # throw, nat, ...: the kernel's own
+            if rtype == RTN_MULTICAST and _in_multicast_range(pkey):
+                return None  # (the kernel's ff00::/8 per device) its destinations are passed before the lookup
+            return Route.from_key(pkey, RouteType.KERNEL, (), proto, metric, table,
+                                  kernel_route_bits(Reason.PASS_ROUTE_TYPE, rtype))
         hops: tuple[Nexthop, ...] = ()
         dead = bool(rflags & RTNH_F_DEAD)  # a single next hop's flags are the route's
+        if nh_id and kind == RouteType.UNICAST:
+            # a next-hop object's: with nexthop_compat_mode=1 the message repeats its
+            # gateway, but only the object tells a blackhole, a group or an encap apart
+            return self._object_route(pkey, nh_id, proto, metric, table, dead)
         if mp:
             live: list[bool] = []
             hops = tuple(self._multipath(buf, *mp, live))
@@ -158,7 +197,34 @@ class Decoder:
             if not oif:
                 return None
             hops = self._only_hop(oif, gw if gw and len(gw) in (4, 16) else None)
+        if encap and kind == RouteType.UNICAST:
+            # lwtunnel (mpls, ip, seg6, ...): forwarding without it would send the packet bare
+            return (DeadRoute if dead else Route).from_key(pkey, RouteType.KERNEL, hops, proto, metric, table,
+                                                            kernel_route_bits(Reason.PASS_ENCAP, rtype, encap))
         return (DeadRoute if dead else Route).from_key(pkey, kind, hops, proto, metric, table)
+
+    def _object_route(self, pkey, nh_id: int, proto: int, metric: int, table: int, dead: bool) -> Route:
+        """A unicast route through next-hop object nh_id, as the kernel forwards it."""
+        obj = self.nexthop_objects.get(nh_id)
+        if obj is None:  # the kernel announces an object before its routes; pass if not
+            return Route.from_key(pkey, RouteType.KERNEL, (), proto, metric, table,
+                                  kernel_route_bits(Reason.PASS_NEXTHOP_INVALID))
+        if obj.blackhole:
+            return Route.from_key(pkey, RouteType.BLACKHOLE, (), proto, metric, table)
+        if obj.group:
+            members = [self.nexthop_objects.get(i) for i in obj.group]
+            hops = tuple(m.hop for m in members if m is not None and m.hop is not None)
+            dead = dead or all(m is None or m.dead for m in members)
+            # a group is multipath, passed until ECMP lands (also with one member)
+            return (DeadRoute if dead else Route).from_key(pkey, RouteType.MULTIPATH, hops, proto, metric, table)
+        cls = DeadRoute if dead or obj.dead else Route
+        if obj.encap or obj.hop is None:
+            return cls.from_key(pkey, RouteType.KERNEL, (obj.hop,) if obj.hop else (), proto, metric, table,
+                                kernel_route_bits(Reason.PASS_ENCAP if obj.encap else Reason.PASS_ROUTE_TYPE,
+                                                  1, obj.encap))
+        return cls.from_key(pkey, RouteType.UNICAST, self._only_hop(obj.hop.ifindex, obj.hop.gateway.packed
+                                                                     if obj.hop.gateway else None),
+                            proto, metric, table)
 
     def _multipath(self, buf, pos: int, end: int, live: list[bool]):
         """Yield each next hop; append whether it is alive to `live`."""
@@ -181,13 +247,61 @@ class Decoder:
             yield self._hop(ifindex, gw)
             pos += (nlen + 3) & ~3
 
-    def events(self, buf, out: list) -> bool:
-        """Append (new, replace, route) for each route message in a datagram.
-        Returns True if it also said that ignore_routes_with_linkdown changed:
-        routes then die or revive without a notification of their own."""
+    def nexthop_object(self, buf, off: int, length: int) -> tuple[int, NexthopObject | None]:
+        """(id, object) of an RTM_NEWNEXTHOP/RTM_DELNEXTHOP message; None for an
+        object routes cannot use (fdb next hops, which only vxlan uses)."""
+        _, _, _, _, nflags = _nhmsg.unpack_from(buf, off + 16)
+        nh_id = oif = encap = 0
+        gw = None
+        blackhole = fdb = False
+        group: list[int] = []
+        pos, end = off + 24, off + length
+        while pos + 4 <= end:
+            alen, atype = _rta.unpack_from(buf, pos)
+            if alen < 4:
+                break
+            if atype == NHA_ID:
+                nh_id = _u32.unpack_from(buf, pos + 4)[0]
+            elif atype == NHA_OIF:
+                oif = _u32.unpack_from(buf, pos + 4)[0]
+            elif atype == NHA_GATEWAY:
+                gw = bytes(buf[pos + 4:pos + alen])
+            elif atype == NHA_BLACKHOLE:
+                blackhole = True
+            elif atype == NHA_ENCAP_TYPE:
+                encap = _u16.unpack_from(buf, pos + 4)[0]
+            elif atype == NHA_FDB:
+                fdb = True
+            elif atype == NHA_GROUP:
+                group = [_nh_grp.unpack_from(buf, p)[0] for p in range(pos + 4, pos + alen - 7, 8)]
+            pos += (alen + 3) & ~3
+        if fdb:
+            return nh_id, None
+        hop = self._hop(oif, gw if gw and len(gw) in (4, 16) else None) if oif else None
+        return nh_id, NexthopObject(hop, blackhole, tuple(group), encap, bool(nflags & RTNH_F_DEAD))
+
+    def apply_nexthop(self, new: bool, buf, off: int, length: int) -> bool:
+        """Apply a next-hop object message to `nexthop_objects`. True when it
+        replaced or deleted an object routes may use: the kernel changes those
+        routes without a notification (nexthop_compat_mode=0), so the caller
+        must read the routes again."""
+        nh_id, obj = self.nexthop_object(buf, off, length)
+        old = self.nexthop_objects.get(nh_id)
+        if new and obj is not None:
+            self.nexthop_objects[nh_id] = obj
+            return old is not None and old != obj
+        self.nexthop_objects.pop(nh_id, None)
+        return old is not None
+
+    def events(self, buf, out: list) -> str:
+        """Append (new, replace, route) for each route message in a datagram,
+        and apply its next-hop object messages. Returns why the routes must be
+        read again ("" if they need not): ignore_routes_with_linkdown changed,
+        or a next-hop object routes use was replaced or deleted; routes then
+        change without a notification of their own."""
         off, end = 0, len(buf)
         route = self.route
-        conf = False
+        conf = ""
         while off + 16 <= end:
             length, mtype, flags, _, _ = _hdr.unpack_from(buf, off)
             if length < 16:
@@ -199,9 +313,22 @@ class Decoder:
                 else:
                     out.append((mtype == RTM_NEWROUTE, flags & NLM_F_REPLACE, r))
             elif mtype == RTM_NEWNETCONF:
-                conf = conf or _linkdown_conf_change(buf, off, length)
+                if _linkdown_conf_change(buf, off, length):
+                    conf = conf or "ignore_routes_with_linkdown changed"
+            elif mtype == RTM_NEWNEXTHOP or mtype == RTM_DELNEXTHOP:
+                if self.apply_nexthop(mtype == RTM_NEWNEXTHOP, buf, off, length):
+                    conf = conf or "next-hop object replaced or deleted"
             off += (length + 3) & ~3
         return conf
+
+
+def _in_multicast_range(pkey) -> bool:
+    """A prefix inside 224.0.0.0/4 or ff00::/8, whose packets the data plane
+    passes as multicast before any route lookup."""
+    version, addr, length = pkey
+    if version == 4:
+        return length >= 4 and addr >> 28 == 0xE
+    return length >= 8 and addr >> 120 == 0xFF
 
 
 def dead_event(r: DeadRoute, replace: int, out: list) -> None:
@@ -248,6 +375,8 @@ class RouteMonitor:
     def __init__(self, rcvbuf: int, wake_fd: int | None = None):
         self.sock = _socket(RTMGRP_IPV4_ROUTE | RTMGRP_IPV6_ROUTE | RTMGRP_IPV4_NETCONF | RTMGRP_IPV6_NETCONF,
                             rcvbuf)
+        # next-hop objects on the same socket: in order with the routes that use them
+        self.sock.setsockopt(SOL_NETLINK, NETLINK_ADD_MEMBERSHIP, RTNLGRP_NEXTHOP)
         self.sock.setblocking(False)
         self.poller = select.poll()
         self.poller.register(self.sock.fileno(), select.POLLIN)
@@ -256,7 +385,7 @@ class RouteMonitor:
             self.poller.register(wake_fd, select.POLLIN)
         self.buf = bytearray(1 << 20)
         self.view = memoryview(self.buf)
-        self.conf_changed = False
+        self.conf_changed = ""  # why routes changed without notifications ("" : they did not)
 
     def read(self, decoder: "Decoder", out: list, timeout: float, limit: int) -> int:
         """Decode up to `limit` queued datagrams into `out`; if none is queued,
@@ -278,8 +407,9 @@ class RouteMonitor:
                     return n  # the caller has something to do
                 timeout = 0
                 continue
-            if events(view[:size], out):
-                self.conf_changed = True
+            why = events(view[:size], out)
+            if why:
+                self.conf_changed = why
             n += 1
         return n
 
@@ -300,31 +430,52 @@ class RouteMonitor:
         self.sock.close()
 
 
+def _dump(s: socket.socket, decoder: Decoder, mtype: int, body: bytes, seq: int, each) -> None:
+    """Send a dump request and call each(view, offset, length) per message."""
+    s.send(_hdr.pack(16 + len(body), mtype, NLM_F_REQUEST | NLM_F_DUMP, seq, 0) + body)
+    buf = bytearray(1 << 20)
+    while True:
+        n = s.recv_into(buf)
+        view = memoryview(buf)[:n]
+        for rtype, _, off, length in decoder.messages(view):
+            if rtype == NLMSG_DONE:
+                return
+            if rtype == NLMSG_ERROR:
+                code = -struct.unpack_from("=i", view, off + 16)[0]
+                raise OSError(code, f"dump failed: {os.strerror(code)}")
+            each(view, off, length)
+
+
+def dump_nexthop_objects(decoder: Decoder, s: socket.socket) -> None:
+    """Replace the decoder's next-hop objects with a fresh dump's."""
+    objects: dict[int, NexthopObject] = {}
+
+    def each(view, off, length):
+        nh_id, obj = decoder.nexthop_object(view, off, length)
+        if obj is not None:
+            objects[nh_id] = obj
+    _dump(s, decoder, RTM_GETNEXTHOP, _nhmsg.pack(0, 0, 0, 0, 0), 2, each)
+    decoder.nexthop_objects = objects
+
+
 def dump_routes(decoder: Decoder, rcvbuf: int = 32 << 20, progress=None) -> list[Route]:
     """All routes of both families (main and local tables) that carry traffic,
-    from a fresh dump. progress(n) is called every 65536 routes."""
+    from a fresh dump, after the next-hop objects they may name.
+    progress(n) is called every 65536 routes."""
     s = _socket(0, rcvbuf)
+    routes: list[Route] = []
+
+    def each(view, off, length):
+        if _hdr.unpack_from(view, off)[1] != RTM_NEWROUTE:
+            return
+        r = decoder.route(view, off, length)
+        if r is not None and r.__class__ is not DeadRoute:
+            routes.append(r)
+            if progress and not len(routes) & 0xFFFF:
+                progress(len(routes))
     try:
-        req = _hdr.pack(16 + 12, RTM_GETROUTE, NLM_F_REQUEST | NLM_F_DUMP, 1, 0) + _rtmsg.pack(
-            0, 0, 0, 0, 0, 0, 0, 0, 0)
-        s.send(req)
-        buf = bytearray(1 << 20)
-        routes: list[Route] = []
-        while True:
-            n = s.recv_into(buf)
-            view = memoryview(buf)[:n]
-            for mtype, _, off, length in decoder.messages(view):
-                if mtype == NLMSG_DONE:
-                    return routes
-                if mtype == NLMSG_ERROR:
-                    code = -struct.unpack_from("=i", view, off + 16)[0]
-                    raise OSError(code, f"route dump failed: {os.strerror(code)}")
-                if mtype == RTM_NEWROUTE:
-                    r = decoder.route(view, off, length)
-                    if r is not None and r.__class__ is not DeadRoute:
-                        routes.append(r)
-                        if progress and not len(routes) & 0xFFFF:
-                            progress(len(routes))
+        dump_nexthop_objects(decoder, s)
+        _dump(s, decoder, RTM_GETROUTE, _rtmsg.pack(0, 0, 0, 0, 0, 0, 0, 0, 0), 1, each)
+        return routes
     finally:
         s.close()
-

@@ -50,6 +50,9 @@ class Reason(enum.IntEnum):
     PASS_HAIRPIN = enum.auto()
     PASS_LOCAL_SOURCE = enum.auto()
     PASS_SOURCE_UNVERIFIED = enum.auto()
+    PASS_ENCAP = enum.auto()
+    PASS_ROUTE_TYPE = enum.auto()
+    PASS_POLICY = enum.auto()
     DROP_BLACKHOLE = enum.auto()
     DROP_MARTIAN_SOURCE = enum.auto()
     DROP_MARTIAN_DEST = enum.auto()
@@ -84,6 +87,11 @@ class RouteType(enum.IntEnum):
     UNREACHABLE = 4
     PROHIBIT = 5
     MULTIPATH = 6
+    KERNEL = 7  # only the kernel can route it; the entry's nh_id holds the reason
+
+
+KERNEL_ROUTE_REASON_MASK = 0xFF
+IFACE_F_PASS_POLICY4, IFACE_F_PASS_POLICY6 = 0x4000, 0x8000
 
 
 # rtm_protocol values: who installed a route (iproute2's rt_protos).

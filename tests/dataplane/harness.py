@@ -247,9 +247,6 @@ class KRoute:
         return " ".join(words + ["metric", str(metric), "table", self.table])
 
 
-MIRRORED_TYPES = ("unicast", "local", "broadcast", "anycast", "blackhole", "unreachable", "prohibit")
-
-
 class KernelRib:
     """A network namespace of its own whose kernel FIB is a test's RIB, as on a
     router: the test changes routes there with `ip`, a Fib mirrors what the
@@ -303,17 +300,20 @@ class KernelRib:
         return netns.run_in(self.ns, dump_routes, self.decoder)
 
     def prefixes(self) -> dict:
-        """The prefixes of the main and local tables whose type the agent
-        mirrors, each with its number of routes, as iproute2 lists them (not
-        through the agent's decoder)."""
+        """The prefixes of the main and local tables (the agent mirrors every
+        type: those the fast path does not implement as passed to the kernel),
+        each with its number of routes, as iproute2 lists them (not through
+        the agent's decoder)."""
         out: dict = {}
         for family in ("-4", "-6"):
             p = subprocess.run(["ip", "-n", self.ns, "-j", family, "route", "show", "table", "all"],
                                check=True, capture_output=True, text=True)
             for r in json.loads(p.stdout):
-                if r.get("table", "main") in ("main", "local") and r.get("type", "unicast") in MIRRORED_TYPES:
+                if r.get("table", "main") in ("main", "local"):
                     dst = r["dst"] if r["dst"] != "default" else ("0.0.0.0/0" if family == "-4" else "::/0")
                     net = ipaddress.ip_network(dst)
+                    if r.get("type") == "multicast" and net.is_multicast:
+                        continue  # its destinations are passed before any lookup: not mirrored
                     out[net] = out.get(net, 0) + 1
         return dict(sorted(out.items(), key=lambda t: (t[0].version, int(t[0].network_address), t[0].prefixlen)))
 
