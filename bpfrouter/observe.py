@@ -50,6 +50,8 @@ REASON_TEXT: dict[Reason, str] = {
     Reason.PASS_ENCAP: 'route with encapsulation (mpls, ip, seg6, ...): only the kernel adds it',
     Reason.PASS_ROUTE_TYPE: 'route of a type the fast path does not implement (throw, nat, ...)',
     Reason.PASS_POLICY: 'rules or VRFs could route this port and family other than by main alone',
+    Reason.PASS_TRIM_FAILED: ('bytes past the IP packet could not be cut (bpf_xdp_adjust_tail refused): '
+                              'the kernel trims them'),
     Reason.DROP_BLACKHOLE: 'blackhole route',
     Reason.DROP_MARTIAN_SOURCE: ('martian source: multicast, limited broadcast, 0.0.0.0, 127/8 without '
                                  'route_localnet, a local or broadcast address with rp_filter on (IPv6: '

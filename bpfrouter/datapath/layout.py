@@ -53,6 +53,7 @@ class Reason(enum.IntEnum):
     PASS_ENCAP = enum.auto()
     PASS_ROUTE_TYPE = enum.auto()
     PASS_POLICY = enum.auto()
+    PASS_TRIM_FAILED = enum.auto()
     DROP_BLACKHOLE = enum.auto()
     DROP_MARTIAN_SOURCE = enum.auto()
     DROP_MARTIAN_DEST = enum.auto()

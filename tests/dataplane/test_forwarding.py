@@ -160,3 +160,17 @@ def test_route_to_an_empty_nexthop_is_passed(env):
         finally:
             table.delete((4, int(prefix.network_address), 16))
             table.close()
+
+
+@pytest.mark.parametrize("family", [4, 6])
+@pytest.mark.parametrize("padding", [1, 4, 18])
+def test_bytes_past_the_ip_packet_are_trimmed(env, mode, family, padding):
+    """As the kernel's input trims a frame to its IP length (Ethernet padding,
+    or a length shorter than the frame): the forwarded frame ends with the
+    IP packet."""
+    frame = (v4("10.20.1.2") if family == 4 else v6("fd20::1"))(env)
+    res = run_packet(env, mode, frame + b"\xee" * padding)
+    assert res.action == XDP_REDIRECT
+    assert len(res.out) == len(frame)
+    sent = Ether(frame)
+    assert bytes(Ether(res.out).payload.payload) == bytes(sent.payload.payload)
