@@ -8,7 +8,7 @@ import ipaddress
 import struct
 
 
-def _csum(data: bytes) -> int:
+def inet_checksum(data: bytes) -> int:
     if len(data) % 2:
         data += b"\0"
     s = sum(struct.unpack(f"!{len(data) // 2}H", data))
@@ -33,7 +33,7 @@ def udp_probe(src, dst, dst_mac: bytes, src_mac: bytes = b"\x02\0\0\0\0\x01",
     if dst.version == 4:
         ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + udp_len, 0, 0x4000, ttl, 17, 0,
                          src.packed, dst.packed)
-        ip = ip[:10] + struct.pack("!H", _csum(ip)) + ip[12:]
+        ip = ip[:10] + struct.pack("!H", inet_checksum(ip)) + ip[12:]
         pseudo = src.packed + dst.packed + struct.pack("!BBH", 0, 17, udp_len)
         ethertype = 0x0800
     else:
@@ -41,6 +41,6 @@ def udp_probe(src, dst, dst_mac: bytes, src_mac: bytes = b"\x02\0\0\0\0\x01",
         pseudo = src.packed + dst.packed + struct.pack("!IxxxB", udp_len, 17)
         ethertype = 0x86DD
     udp = struct.pack("!HHHH", sport, dport, udp_len, 0) + payload
-    csum = _csum(pseudo + udp) or 0xFFFF
+    csum = inet_checksum(pseudo + udp) or 0xFFFF
     udp = udp[:6] + struct.pack("!H", csum) + udp[8:]
     return dst_mac + src_mac + struct.pack("!H", ethertype) + ip + udp

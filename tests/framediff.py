@@ -62,6 +62,7 @@ from scapy.packet import Raw
 from bpfrouter import netns
 from bpfrouter.bpf import BpfObject, Link, XDP_FLAGS_DRV_MODE
 from bpfrouter.lab import Lab
+from bpfrouter.packet import inet_checksum
 
 ETH_P_ALL = 0x0003
 PACKET_OUTGOING = 4
@@ -413,17 +414,8 @@ def mutate(rng: random.Random, frame: bytes) -> bytes:
         hl = (raw[14] & 15) * 4
         if len(raw) >= 14 + hl:
             raw[24:26] = b"\0\0"
-            raw[24:26] = struct.pack("!H", ipsum(bytes(raw[14:14 + hl])))
+            raw[24:26] = struct.pack("!H", inet_checksum(bytes(raw[14:14 + hl])))
     return bytes(raw)
-
-
-def ipsum(data: bytes) -> int:
-    if len(data) % 2:
-        data += b"\0"
-    s = sum(struct.unpack(f"!{len(data) // 2}H", data))
-    while s >> 16:
-        s = (s & 0xFFFF) + (s >> 16)
-    return ~s & 0xFFFF
 
 
 def _l3(frame: bytes) -> tuple[int, int]:
@@ -486,7 +478,7 @@ def traits(frame: bytes) -> frozenset[str]:
         tot = int.from_bytes(frame[off + 2:off + 4], "big")
         if frame[off] >> 4 != 4 or ihl < 20 or len(frame) < off + ihl or tot < ihl or len(frame) < off + tot:
             return frozenset({"ipv4-malformed"})
-        if ipsum(frame[off:off + ihl]) != 0:
+        if inet_checksum(frame[off:off + ihl]) != 0:
             out.add("ipv4-bad-header-checksum")
         if len(frame) > off + tot:
             out.add("trailing-bytes")
@@ -665,10 +657,10 @@ class FrameLab:
         out = [f[:-4] + struct.pack("!I", n) for f in self._sentinels]
         echo4, echo6 = bytearray(out[3]), bytearray(out[4])
         echo4[36:38] = b"\0\0"
-        echo4[36:38] = struct.pack("!H", ipsum(bytes(echo4[34:])))
+        echo4[36:38] = struct.pack("!H", inet_checksum(bytes(echo4[34:])))
         echo6[56:58] = b"\0\0"
         pseudo = bytes(echo6[22:54]) + struct.pack("!II", len(echo6) - 54, 58)
-        echo6[56:58] = struct.pack("!H", ipsum(pseudo + bytes(echo6[54:])))
+        echo6[56:58] = struct.pack("!H", inet_checksum(pseudo + bytes(echo6[54:])))
         return out[:3] + [bytes(echo4), bytes(echo6)]
 
     def run(self, cases: list[Case], forwarding: bool = True, timeout: float = 10.0) -> dict[int, Outcome]:

@@ -11,10 +11,36 @@ from pathlib import Path
 
 import pytest
 
+import ipaddress
+
+from bpfrouter import netns
+from bpfrouter.datapath import Datapath
+from bpfrouter.interfaces import Interfaces
 from bpfrouter.lab import Lab
+from bpfrouter.observe import probe
 from tests.conftest import BPF_SKIP, bpfrouter_cmd
 
 HERE = Path(__file__).parent
+
+
+class RouterProgram:
+    """A lab router's loaded program, probed in-process from inside its
+    namespace (as `route get` probes it), from its first port."""
+
+    def __init__(self, lab: Lab):
+        self.lab = lab
+        with netns.entered(lab.router_ns):
+            self.dp = Datapath.open(lab.name)
+            iface = Interfaces(self.dp).configured()
+        self.iif = min(iface)
+        self.mac = bytes(iface[self.iif].mac)
+
+    def probe(self, dst):
+        with netns.entered(self.lab.router_ns):
+            return probe(self.dp, ipaddress.ip_address(dst), self.iif, self.mac)
+
+    def close(self) -> None:
+        self.dp.close()
 
 
 class LabRouter:

@@ -16,13 +16,10 @@ import pytest
 
 from bpfrouter import netns
 from bpfrouter.agent.client import agent_pid, request
-from bpfrouter.datapath import Datapath
-from bpfrouter.interfaces import Interfaces
-from bpfrouter.observe import probe
 from tests.conftest import BPF_SKIP
 from tests.kernelfib import KernelFib, dataplane_match
 
-from .conftest import _make, wait_for
+from .conftest import RouterProgram, _make, wait_for
 from .test_link_state import dataplane_answer, kernel_answer, restore_r_eth1
 
 HOOK = """#!/bin/sh
@@ -123,21 +120,8 @@ def small_router():
     lr.lab.down()
 
 
-class FastPath:
-    """The loaded program, probed in-process from the router's namespace,
-    against the kernel (tests/kernelfib.py)."""
-
-    def __init__(self, lab):
-        self.lab = lab
-        with netns.entered(lab.router_ns):
-            self.dp = Datapath.open(lab.name)
-            iface = Interfaces(self.dp).configured()
-        self.iif = min(iface)
-        self.mac = bytes(iface[self.iif].mac)
-
-    def probe(self, dst):
-        with netns.entered(self.lab.router_ns):
-            return probe(self.dp, ipaddress.ip_address(dst), self.iif, self.mac)
+class FastPath(RouterProgram):
+    """The loaded program against the kernel (tests/kernelfib.py)."""
 
     def outcomes(self, dests) -> dict[str, str]:
         """Per destination: 'same' when the program finds the route the
@@ -155,9 +139,6 @@ class FastPath:
             assert kernel.agrees(got), f"{dst}: kernel {kernel}, fast path {got}"
             out[dst] = "same"
         return out
-
-    def close(self):
-        self.dp.close()
 
 
 N_LONG = 8  # /25s in distinct /24s: 3 groups are free for them

@@ -27,18 +27,14 @@ import re
 import numpy as np
 import pytest
 
-from bpfrouter import netns
-from bpfrouter.datapath import Datapath
 from bpfrouter.fib import fib_memory
 from bpfrouter.fibcheck import is_routable, sample_destinations
-from bpfrouter.interfaces import Interfaces
 from bpfrouter.lab import Lab
 from bpfrouter.labroutes import random_routes
-from bpfrouter.observe import probe
 from tests.conftest import BPF_SKIP, bpfrouter_cmd
 from tests.kernelfib import KernelFib, Match, differences
 
-from .conftest import wait_for
+from .conftest import RouterProgram, wait_for
 
 ROUTES = {4: 3000, 6: 3000}
 DESTS = 3000
@@ -73,7 +69,7 @@ def kernel_prefixes(lab: Lab, version: int) -> int:
                 and not (r.get("type") == "multicast" and ipaddress.ip_network(r["dst"]).is_multicast)})
 
 
-def mirrored(prog: "Program", version: int) -> int:
+def mirrored(prog: "RouterProgram", version: int) -> int:
     """The prefixes the data plane's maps hold, counted as `bpfrouter status` does."""
     return fib_memory(prog.dp)[version]["routes"]
 
@@ -87,26 +83,7 @@ def batch(lab: Lab, tmp_path, lines: list[str]) -> None:
         f"{p.stderr.strip()}"
 
 
-class Program:
-    """The router's loaded program, probed from inside its namespace."""
-
-    def __init__(self, lab: Lab):
-        self.lab = lab
-        with netns.entered(lab.router_ns):
-            self.dp = Datapath.open(lab.name)
-            iface = Interfaces(self.dp).configured()
-        self.iif = min(iface)
-        self.mac = bytes(iface[self.iif].mac)
-
-    def probe(self, dst):
-        with netns.entered(self.lab.router_ns):
-            return probe(self.dp, dst, self.iif, self.mac)
-
-    def close(self) -> None:
-        self.dp.close()
-
-
-def settle(lab: Lab, prog: Program, version: int) -> None:
+def settle(lab: Lab, prog: RouterProgram, version: int) -> None:
     """Wait until the agent has applied every change made so far (a count of
     prefixes would not tell a changed metric). The agent reads the kernel's
     notifications in order and applies them in batches, one after the other,
@@ -123,7 +100,7 @@ def settle(lab: Lab, prog: Program, version: int) -> None:
             f"the agent did not mirror {host}"
 
 
-def check(lab: Lab, prog: Program, rng, prefixes, version: int, dests: int = DESTS, also=()) -> None:
+def check(lab: Lab, prog: RouterProgram, rng, prefixes, version: int, dests: int = DESTS, also=()) -> None:
     """The program against the kernel, for random destinations (half inside
     the given prefixes) and those in also."""
     settle(lab, prog, version)
@@ -136,7 +113,7 @@ def check(lab: Lab, prog: Program, rng, prefixes, version: int, dests: int = DES
 
 @pytest.fixture
 def prog(router):
-    p = Program(router)
+    p = RouterProgram(router)
     yield p
     p.close()
 
@@ -289,7 +266,7 @@ def test_ipv6_local_table_prefix_shadows_longer_main_routes(router, prog, tmp_pa
         pytest.xfail(f"known bug, IPv6 local table not looked up first: {bad[0]}")
 
 
-def agree_after_change(lab: Lab, prog: Program, rng, prefixes, version: int, what: str, dests: int = 400) -> None:
+def agree_after_change(lab: Lab, prog: RouterProgram, rng, prefixes, version: int, what: str, dests: int = 400) -> None:
     """The program against the kernel after a change of link state or sysctl:
     the kernel changes routes on these without telling (IPv4 flushes a downed
     link's routes with no RTM_DELROUTE), so the mirror may follow by a re-dump;

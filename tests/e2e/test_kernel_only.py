@@ -244,7 +244,7 @@ def test_iif_and_l3mdev_rules_pass_only_the_ports_they_can_match(bpf_router, wir
     """`iif r-eth1` matches packets that enter r-eth1 only; the l3mdev rule a
     VRF adds matches packets entering a port enslaved to one (none here: this
     kernel has no VRF driver); `oif` rules never match forwarded packets."""
-    r, lab = bpf_router, bpf_router.lab
+    lab = bpf_router.lab
     lab.run("r", ["ip", "route", "add", "10.89.0.0/16", "via", "10.0.1.2", "dev", "r-eth0", "table", "101"],
             check=True)
     rules = [["iif", "r-eth1", "table", "101", "pref", "200"], ["l3mdev", "pref", "1000"],
@@ -270,7 +270,7 @@ def test_nexthop_objects(bpf_router, wire, probe, compat):
     """Routes through kernel next-hop objects, as FRR installs them: with
     nexthop_compat_mode=0 a route carries only its nhid. Replacing the object
     moves every route that uses it, with no route notification."""
-    r, lab = bpf_router, bpf_router.lab
+    lab = bpf_router.lab
     ip = ["ip", "nexthop"]
     lab.run("r", ["sysctl", "-qw", f"net.ipv4.nexthop_compat_mode={compat}"], check=True)
     try:
