@@ -17,8 +17,14 @@ from .routespec import IPAddress, IPNetwork
 
 Reason = lo.Reason
 KERNEL_ERRORS = {22: "blackhole", 113: "unreachable", 13: "prohibit", 101: "no_route"}
+# The route is a forward (the probe's own fate aside: the kernel policy stage
+# decides those after the route, on the probe's source and ingress, which an
+# output lookup such as `ip route get DST` does not consider)
 FORWARD_REASONS = {Reason.FWD_IPV4, Reason.FWD_IPV6, Reason.PASS_NO_NEIGH, Reason.PASS_FRAG_NEEDED,
-                   Reason.PASS_TTL_EXCEEDED, Reason.PASS_EGRESS_UNMANAGED}
+                   Reason.PASS_TTL_EXCEEDED, Reason.PASS_EGRESS_UNMANAGED,
+                   Reason.PASS_FORWARDING_OFF, Reason.PASS_HAIRPIN, Reason.PASS_LOCAL_SOURCE,
+                   Reason.PASS_SOURCE_UNVERIFIED, Reason.DROP_MARTIAN_SOURCE, Reason.DROP_MARTIAN_DEST,
+                   Reason.DROP_RPFILTER}
 REASON_KIND = {Reason.PASS_LOCAL: "local", Reason.DROP_BLACKHOLE: "blackhole",
                Reason.PASS_UNREACHABLE: "unreachable", Reason.PASS_PROHIBIT: "prohibit",
                Reason.PASS_FIB_MISS: "no_route", Reason.PASS_MULTIPATH: "multipath"}

@@ -16,10 +16,10 @@ it). Then some of the frames again with forwarding turned off by sysctl
 A frame whose outcomes differ is a divergence. KNOWN_DIVERGENCES lists the
 classes of divergence of today's data plane, by a trait read from the frame's
 bytes alone (or the sysctl phase it ran in): a divergence is accepted when
-its frame has one of them. Each listed class is an expected failure of its
-own while frames of it still diverge; once none does, that test fails and
-asks for the entry to go. A divergence of a frame without a listed trait
-fails test_no_unexpected_divergence."""
+its frame has one of them (none is listed today). A listed class whose frames
+no longer diverge fails test_known_divergences_still_diverge, which asks for
+the entry to go. A divergence of a frame without a listed trait fails
+test_no_unexpected_divergence."""
 from __future__ import annotations
 
 import json
@@ -37,28 +37,9 @@ VALID, MUTATIONS = 200, 600   # bench/differential.py runs ten times more
 # each (seconds), so two here, all of SYSCTL_PHASES in bench/differential.py.
 PHASES, PHASE_FRAMES = ["ipv4-forwarding-off-ingress", "ipv6-forwarding-off"], 30
 
-# trait -> why the fast path and the kernel disagree on such frames (issue 21)
-KNOWN_DIVERGENCES = {
-    "ipv4-bad-header-checksum": "IPv4 headers with a bad checksum are forwarded; the kernel drops them "
-                                "(RFC 1812 5.2.2)",
-    "reverse-path": "no reverse-path filter: a source the kernel would not route back out of the ingress port is "
-                    "forwarded; the kernel (rp_filter=1) drops it",
-    "martian-source": "martian sources (0/8, 127/8, multicast, class E, broadcast; IPv6 multicast, loopback, "
-                      "unspecified) are forwarded; the kernel drops them",
-    "local-source": "a source that is one of the router's own addresses is forwarded; the kernel drops it "
-                    "(accept_local=0)",
-    "trailing-bytes": "bytes after the IP packet (Ethernet padding) are forwarded with it; the kernel trims the "
-                      "frame to the IP length",
-    "l4-tcp-header": "a TCP header that is truncated or has a data offset under 5 or past the packet is dropped; "
-                     "the kernel forwards it",
-    "l4-udp-header": "a UDP header that is truncated or has a length under 8 is dropped; the kernel forwards it",
-    "l4-icmp-short": "ICMP under 8 bytes or ICMPv6 under 4 is dropped; the kernel forwards it",
-    "ipv6-exthdr-chain-over-8": "more than 8 IPv6 extension headers are dropped; the kernel forwards them",
-    "ipv4-forwarding-off-ingress": "net.ipv4.conf.<ingress>.forwarding=0 is ignored: frames are forwarded the "
-                                   "kernel drops",
-    "ip-forward-off": "net.ipv4.ip_forward=0 is ignored: frames are forwarded the kernel drops",
-    "ipv6-forwarding-off": "net.ipv6.conf.all.forwarding=0 is ignored: frames are forwarded the kernel drops",
-}
+# trait -> why the fast path and the kernel disagree on such frames: none known today. An entry
+# makes frames with that trait an expected failure until they agree again.
+KNOWN_DIVERGENCES: dict[str, str] = {}
 
 
 @pytest.fixture(scope="module")
@@ -93,10 +74,14 @@ def unexpected(divergences):
 
 def test_fast_path_forwarded(run):
     """The bpfrouter run really went through XDP: every routable frame and the
-    two forwarded sentinels of every window were redirected by the program."""
+    sentinel to beyond h2 of every window were redirected by the program, and
+    the sentinel from h1 to h1 was passed to the kernel as a hairpin (which
+    the kernel may answer with a redirect)."""
     cases, _, status = run
     routable = sum(c.routable for c in cases)
-    assert status["totals"]["redirect"] >= routable + 2 * len(cases), status["totals"]
+    assert status["totals"]["redirect"] >= routable + len(cases), status["totals"]
+    hairpins = sum(c["packets"] for c in status["counters"] if c["reason"] == "hairpin")
+    assert hairpins >= len(cases), hairpins
 
 
 def test_no_unexpected_divergence(run):
@@ -106,11 +91,9 @@ def test_no_unexpected_divergence(run):
         "\n".join(str(d) for d in bad[:15])
 
 
-@pytest.mark.parametrize("trait", sorted(KNOWN_DIVERGENCES))
-def test_known_divergence(run, trait):
-    cases, diverged, _ = run
-    these = [d for d in diverged if trait in d.traits]
-    if these:
-        pytest.xfail(f"{KNOWN_DIVERGENCES[trait]}; {len(these)} frames, e.g. {these[0]}")
-    assert trait not in PHASES and not any(trait in c.traits for c in cases), \
-        f"frames with trait {trait} no longer diverge: remove it from KNOWN_DIVERGENCES"
+def test_known_divergences_still_diverge(run):
+    """An entry of KNOWN_DIVERGENCES whose frames agree with the kernel again
+    (or no longer occur) must go."""
+    _, diverged, _ = run
+    stale = [t for t in KNOWN_DIVERGENCES if not any(t in d.traits for d in diverged)]
+    assert not stale, f"no longer diverge: remove {stale} from KNOWN_DIVERGENCES"
