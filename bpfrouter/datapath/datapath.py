@@ -176,6 +176,10 @@ class Datapath:
         lo.check_layouts(object_path)
         if observe is None:
             observe = sum(lo.OBSERVERS.values())
+        if fib_mode == lo.FibMode.KERNEL:
+            # the BPF FIB only mirrors here (`route show`, the kernel policy's
+            # source lookups): the small LPM structure, DIR's maps left unsized
+            fib_impl = lo.FibImpl.LPM
         cfg = ChainConfig(fib_mode, fib_impl, observe, False, event_rate)
 
         def size_maps(obj: BpfObject) -> None:
