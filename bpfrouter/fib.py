@@ -7,6 +7,8 @@ which handles every packet XDP passes up, always agree. This module mirrors
 the best route per prefix into the BPF FIB:
   1. a route of the kernel's local table (the router's own addresses)
   2. else the main table's route with the lowest metric
+IPv6 looks its local table up before main as a whole, so an IPv6 main route
+inside a local-table prefix (shorter than /128) is mirrored as local.
 
 Updates are make-before-break: a new next hop is written before the route
 that uses it, and an old next hop is cleared only after no route points at
@@ -191,6 +193,13 @@ def _covering(pk: PrefixKey) -> list[PrefixKey]:
     width = 32 if version == 4 else 128
     ones = (1 << width) - 1
     return [(version, addr & (ones ^ ((1 << (width - n)) - 1)), n) for n in range(length)]
+
+
+def _inside(pk: PrefixKey, outer: PrefixKey) -> bool:
+    """pk lies strictly inside outer (both of one IP version)."""
+    width = 32 if pk[0] == 4 else 128
+    shift = width - outer[2]
+    return pk[2] > outer[2] and pk[1] >> shift == outer[1] >> shift
 
 
 def _fib_key(prefix: IPNetwork):
@@ -439,6 +448,10 @@ class Fib:
         self._logged_full = False
         self._retrying: set[PrefixKey] = set()  # left out, tried again by this change; covers still counted
         self.deletions = 0  # prefixes removed from the tables so far: room may have come back
+        # IPv6 looks its local table up first, as a whole (fib6_rule_lookup without
+        # custom rules): a local-table prefix shorter than /128 shadows every
+        # longer main-table route inside it, which the FIB image then holds as local
+        self.shadows6: set[PrefixKey] = set()
 
     # --- the kernel's routes ------------------------------------------------------
     def _add(self, r: Route, replace: bool) -> None:
@@ -483,26 +496,29 @@ class Fib:
             self.kernel[pk] = _best(alts)
 
     def update(self, route: Route, replace: bool = False) -> None:
-        self._add(route, replace)
-        self._reconcile((route.pkey,))
+        self.apply_batch([(True, replace, route)])
 
     def delete(self, route: Route) -> None:
-        if self._remove(route):
-            self._reconcile((route.pkey,))
+        self.apply_batch([(False, False, route)])
 
     def apply_batch(self, events) -> int:
         """Apply route notifications, (new, replace, route) tuples, in one go:
         the RIB first, then one vectorized FIB write. Returns prefixes touched."""
         touched: set[PrefixKey] = set()
         add, remove = self._add, self._remove
+        local6: list[PrefixKey] = []
         for new, replace, r in events:
             if r is None:
                 continue
+            if r.table == TABLE_LOCAL and r.pkey[0] == 6:
+                local6.append(r.pkey)
             if new:
                 add(r, replace)
                 touched.add(r.pkey)
             elif remove(r):
                 touched.add(r.pkey)
+        if local6:
+            touched |= self._shadows_changed(local6)
         self._reconcile(touched)
         return len(touched)
 
@@ -520,6 +536,8 @@ class Fib:
                     del alternates[pk]
                 kernel[pk] = _best(alts)
         self.kernel, self.alternates = kernel, alternates
+        self.shadows6 = set()
+        self._shadows_changed([r.pkey for r in routes if r.table == TABLE_LOCAL and r.pkey[0] == 6])
         if self.installed or self.left_out:  # (everything left out is tried again)
             changed = self._reconcile(kernel.keys() | self.installed.keys() | self.left_out.keys())
         else:
@@ -528,6 +546,29 @@ class Fib:
         return changed
 
     # --- the BPF FIB ---------------------------------------------------------------
+    def _shadows_changed(self, local6: list[PrefixKey]) -> set[PrefixKey]:
+        """Bring shadows6 up to date for these IPv6 prefixes, which had local-table
+        routes come or go; returns the prefixes whose image changes with it."""
+        changed = []
+        for pk in set(local6):
+            best = self.kernel.get(pk)
+            shadow = pk[2] < 128 and best is not None and best.table == TABLE_LOCAL
+            if shadow != (pk in self.shadows6):
+                (self.shadows6.add if shadow else self.shadows6.discard)(pk)
+                changed.append(pk)
+        if not changed:
+            return set()
+        return {pk for pk in self.kernel if pk[0] == 6 and any(_inside(pk, s) for s in changed)}
+
+    def _want(self, pk: PrefixKey) -> Route | None:
+        """The best kernel route of pk as the FIB image holds it (see shadows6)."""
+        r = self.kernel.get(pk)
+        if r is None or not self.shadows6 or pk[0] != 6 or r.table == TABLE_LOCAL:
+            return r
+        if any(_inside(pk, s) for s in self.shadows6):
+            return Route.from_key(pk, RouteType.LOCAL, (), r.proto, r.metric, TABLE_LOCAL)
+        return r
+
     def _reconcile(self, touched) -> int:
         """Make the BPF FIB hold the best route of each touched prefix, with one
         vectorized write; returns the number of prefixes changed."""
@@ -555,12 +596,13 @@ class Fib:
         if self.left_out:
             touched = self._retry_left_out(touched)
         covers = self.covers
-        if not installed and touched is kernel:  # a first load: everything is new
+        if not installed and touched is kernel and not self.shadows6:  # a first load: everything is new
             self._write_or_leave_out(list(kernel.values()), None, whole=kernel)
             return len(kernel)
+        want_of = self._want if self.shadows6 else kernel.get
         if len(touched) == 1 and not covers:  # most netlink events: one prefix, without the batch's lists
             pk, = touched
-            want, have = kernel.get(pk), installed.get(pk)
+            want, have = want_of(pk), installed.get(pk)
             if want is None:
                 if have is None:
                     return 0
@@ -580,7 +622,7 @@ class Fib:
         olds: list[Route | None] = []
         gone: list[Route] = []
         for pk in touched:
-            want = kernel.get(pk) if not covers or pk not in covers else None  # withheld
+            want = want_of(pk) if not covers or pk not in covers else None  # withheld
             have = installed.get(pk)
             if want is None:
                 if have is not None:

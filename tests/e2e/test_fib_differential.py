@@ -27,12 +27,13 @@ import re
 import numpy as np
 import pytest
 
+from bpfrouter import netns
 from bpfrouter.fib import fib_memory
 from bpfrouter.fibcheck import is_routable, sample_destinations
 from bpfrouter.lab import Lab
 from bpfrouter.labroutes import random_routes
 from tests.conftest import BPF_SKIP, bpfrouter_cmd
-from tests.kernelfib import KernelFib, Match, differences
+from tests.kernelfib import KernelFib, Match, dataplane_match, differences
 
 from .conftest import RouterProgram, wait_for
 
@@ -248,22 +249,36 @@ def test_metrics_and_tables_match_kernel(router, prog, version, tmp_path):
 def test_ipv6_local_table_prefix_shadows_longer_main_routes(router, prog, tmp_path):
     """IPv6 looks its local table up first as a whole (fib6_rule_lookup without
     custom rules), so a local-table prefix wins over a longer main-table route
-    inside it; IPv4's merged table takes the longest prefix of both. The BPF
-    FIB takes the longest prefix for both families: a known bug, reported as
-    an expected failure until fixed (the test then passes)."""
+    inside it (IPv4's merged table takes the longest prefix of both). The
+    fast path's image holds the shadowed route as local, at its own prefix,
+    and gives it back when the local prefix goes."""
     lab = router
-    lines = ["route add fd77:0:3::/48 via fd00:1::10", "route add local fd77::/32 dev lo table local"]
-    batch(lab, tmp_path, lines)
+    dst = ipaddress.ip_address("fd77:0:3::5")
+    batch(lab, tmp_path, ["route add fd77:0:3::/48 via fd00:1::10"])
     try:
         settle(lab, prog, 6)
-        dst = ipaddress.ip_address("fd77:0:3::5")
         with KernelFib(lab.router_ns) as k:
-            assert k.match(dst) == Match("local", "fd77::/32"), "the kernel's behaviour this test is about"
-            bad = differences(k, prog.dp, [dst], prog.iif, prog.mac, dp_ns=lab.router_ns)
+            assert k.match(dst).kind == "unicast"
+            assert not differences(k, prog.dp, [dst], prog.iif, prog.mac, dp_ns=lab.router_ns)
+        for local_first in (True, False):   # the local prefix after the main route, then before it
+            if not local_first:
+                batch(lab, tmp_path, ["route del fd77:0:3::/48"])
+            batch(lab, tmp_path, ["route add local fd77::/32 dev lo table local"])
+            if not local_first:
+                batch(lab, tmp_path, ["route add fd77:0:3::/48 via fd00:1::10"])
+            settle(lab, prog, 6)
+            with KernelFib(lab.router_ns) as k:
+                assert k.match(dst) == Match("local", "fd77::/32"), "the kernel's behaviour this test is about"
+            with netns.entered(lab.router_ns):
+                got = dataplane_match(prog.dp, dst, prog.iif, prog.mac)
+            assert (got.kind, got.prefix) == ("local", "fd77:0:3::/48"), got
+            batch(lab, tmp_path, ["route del local fd77::/32 dev lo table local"])
+            settle(lab, prog, 6)
+            with KernelFib(lab.router_ns) as k:
+                bad = differences(k, prog.dp, [dst], prog.iif, prog.mac, dp_ns=lab.router_ns)
+            assert not bad, bad
     finally:
-        batch(lab, tmp_path, ["route del local fd77::/32 dev lo table local", "route del fd77:0:3::/48"])
-    if bad:
-        pytest.xfail(f"known bug, IPv6 local table not looked up first: {bad[0]}")
+        batch(lab, tmp_path, ["route del fd77:0:3::/48"])
 
 
 def agree_after_change(lab: Lab, prog: RouterProgram, rng, prefixes, version: int, what: str, dests: int = 400) -> None:
