@@ -109,7 +109,7 @@ def affected_ports(rules: list[Rule], ports: list[Port]) -> tuple[set[int], str 
     return everyone, "no unconditional lookup main rule"
 
 
-def policy_flags(rules: list[Rule], ports: list[Port]) -> tuple[dict[int, int], dict[str, str]]:
+def rule_pass_flags(rules: list[Rule], ports: list[Port]) -> tuple[dict[int, int], dict[str, str]]:
     """IFACE_F_PASS_POLICY* bits for each port, and why, per family with any."""
     flags = {p.ifindex: 0 for p in ports}
     why: dict[str, str] = {}
@@ -123,11 +123,11 @@ def policy_flags(rules: list[Rule], ports: list[Port]) -> tuple[dict[int, int], 
 
 
 def read_policy(ipr, ifindexes) -> tuple[dict[int, int], dict[str, str]]:
-    """policy_flags for the given ports, from fresh dumps of rules and links
+    """rule_pass_flags for the given ports, from fresh dumps of rules and links
     (pyroute2 IPRoute `ipr`, in the router's namespace)."""
     links = {m["index"]: m for m in ipr.link("dump")}
     names = {i: m.get_attr("IFLA_IFNAME") for i, m in links.items()}
     ports = [Port(i, names[i], names.get(links[i].get_attr("IFLA_MASTER") or 0))
              for i in ifindexes if i in links]
     rules = [rule_from_msg(m) for family in (AF_INET, AF_INET6) for m in ipr.get_rules(family=family)]
-    return policy_flags(rules, ports)
+    return rule_pass_flags(rules, ports)
