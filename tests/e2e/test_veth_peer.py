@@ -13,6 +13,7 @@ from bpfrouter import netns
 from bpfrouter.datapath import PIN_ROOT
 from bpfrouter.lab import Lab
 from tests.conftest import bpfrouter_cmd
+from .conftest import wait_for
 
 from .test_errors import assert_one_line_error
 
@@ -116,6 +117,9 @@ def test_peer_in_a_namespace_only_a_process_holds(lab):
     holder = lab.popen("h1", ["sleep", "600"])
     try:
         ns_file = f"/proc/{holder.pid}/ns/net"  # nsenter execs sleep: same pid
+        # until nsenter has entered h1's namespace, the pid is still in ours
+        h1_ns = os.stat(netns.path(lab.ns("h1"))).st_ino
+        assert wait_for(lambda: os.stat(ns_file).st_ino == h1_ns, timeout=10), "the holder never entered h1"
         subprocess.run(["ip", "netns", "delete", lab.ns("h1")], check=True)
         assert not gro(lab, "h1", on=False, ns_file=ns_file)
         proc = bpfrouter_cmd("up", "r-eth0", "r-eth1", "--name", lab.name, netns=lab.router_ns)
