@@ -156,8 +156,27 @@ static __always_inline int fib_lookup_bpf(const struct pkt *p, struct fib_result
 	return p->ip4 ? REASON_FWD_IPV4 : REASON_FWD_IPV6;
 }
 
+/* bpf_fib_lookup leaves the next hop's address in params (the gateway, or
+ * the destination on a connected route); the mirrored entry for it is marked
+ * so the agent replays the use, as the kernel's own entry is not touched. */
+static __always_inline void neigh_mark_used_kernel(const struct bpf_fib_lookup *params)
+{
+	struct neigh_key nk = {};
+	struct neigh *n;
+
+	nk.ifindex = params->ifindex;
+	nk.family = params->family;
+	if (params->family == AF_INET)
+		__builtin_memcpy(nk.addr, &params->ipv4_dst, 4);
+	else
+		__builtin_memcpy(nk.addr, params->ipv6_dst, 16);
+	n = bpf_map_lookup_elem(&neighbors, &nk);
+	if (n)
+		neigh_mark_used(n);
+}
+
 static __always_inline int fib_lookup_kernel(struct xdp_md *ctx, const struct pkt *p,
-					     struct fib_result *res)
+					     struct fib_result *res, int detail)
 {
 	struct bpf_fib_lookup params = {};
 	long rc;
@@ -208,6 +227,8 @@ static __always_inline int fib_lookup_kernel(struct xdp_md *ctx, const struct pk
 		return REASON_PASS_TTL_EXCEEDED;
 	if (!iface_lookup(params.ifindex))
 		return REASON_PASS_EGRESS_UNMANAGED;
+	if (!detail)    /* a probe (`route get`) is not traffic */
+		neigh_mark_used_kernel(&params);
 	res->neigh_found = 1;
 	__builtin_memcpy(res->dmac, params.dmac, 6);
 	__builtin_memcpy(res->smac, params.smac, 6);

@@ -16,7 +16,7 @@ static __always_inline int fib_stage(struct xdp_md *ctx, struct packet_ctx *pc)
 	if (reason >= 0)
 		return reason;
 	if (fib_mode == FIB_MODE_KERNEL)
-		reason = fib_lookup_kernel(ctx, &p, &pc->res);
+		reason = fib_lookup_kernel(ctx, &p, &pc->res, pc->probe);
 	else
 		reason = fib_lookup_bpf(&p, &pc->res, pc->probe);
 	return reason <= REASON_FWD_IPV6 ? -1 : reason;

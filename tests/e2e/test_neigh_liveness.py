@@ -83,8 +83,8 @@ def unreachables(lab: Lab, node: str, version: int) -> int:
     return int(snmp6["Icmp6InDestUnreachs"])
 
 
-# --fib kernel: bpf_fib_lookup reads the kernel's own entries, and the kernel
-# sees them used without the replay (this test passes with it turned off)
+# --fib kernel: bpf_fib_lookup reads the kernel's own entries but does not
+# mark them used either; the stage marks the mirrored entry it resolved to
 @pytest.fixture(params=[(4, "bpf"), (6, "bpf"), (4, "kernel")], ids=["4", "6", "4-fib-kernel"])
 def flow(request):
     version, fib = request.param
