@@ -404,14 +404,31 @@ def _route_show_all(meta, v4, v6, as_json, pretty):
 def route_get(address, extra, name, as_json, pretty):
     """Ask the loaded program what it does with a packet to ADDRESS.
 
-    Optional words: `from SRC`, `iif IFACE`, `ttl N`. The probe packet runs
-    through the live program (BPF_PROG_TEST_RUN) against the live maps; it is
-    not sent and not counted."""
+    Optional words, as `ip route get` takes them: `from SRC`, `iif IFACE`,
+    `ipproto tcp|udp`, `sport N`, `dport N`, `tos N`, `flowlabel N`, and
+    `ttl N`. The probe packet runs through the live program
+    (BPF_PROG_TEST_RUN) against the live maps; it is not sent and not
+    counted. For a multipath route it shows the flow's hash and the path or
+    bucket taken."""
     dst = parse_address(address, "destination")
     opts = dict(zip(extra[::2], extra[1::2], strict=False))  # an odd word is reported below
-    unknown = set(opts) - {"from", "iif", "ttl"} or (len(extra) % 2 and {extra[-1]})
+    unknown = set(opts) - {"from", "iif", "ttl", "ipproto", "sport", "dport", "tos", "dsfield", "flowlabel"} \
+        or (len(extra) % 2 and {extra[-1]})
     if unknown:
-        raise click.ClickException(f"unexpected {sorted(unknown)[0]!r}: expected from SRC, iif IFACE, ttl N")
+        raise click.ClickException(f"unexpected {sorted(unknown)[0]!r}: expected from SRC, iif IFACE, ipproto "
+                                   "tcp|udp, sport N, dport N, tos N, flowlabel N, ttl N")
+    proto = {"udp": 17, "tcp": 6, "17": 17, "6": 6}.get(opts.get("ipproto", "udp").lower())
+    if proto is None:
+        raise click.ClickException(f"invalid ipproto {opts['ipproto']!r}: expected tcp or udp")
+    fields = {}
+    for word, top in (("sport", 65535), ("dport", 65535), ("tos", 255), ("dsfield", 255), ("flowlabel", 0xFFFFF)):
+        if word in opts:
+            try:
+                fields[word] = int(opts[word], 0)
+            except ValueError:
+                fields[word] = -1
+            if not 0 <= fields[word] <= top:
+                raise click.ClickException(f"invalid {word} {opts[word]!r}: expected 0..{top}")
     meta = router.resolve(name)
     dp = Datapath.open(meta.name)
     try:
@@ -431,7 +448,9 @@ def route_get(address, extra, name, as_json, pretty):
         ttl = opts.get("ttl", "64")
         if not ttl.isdigit() or not 0 <= int(ttl) <= 255:
             raise click.ClickException(f"invalid ttl {ttl!r}: expected 0..255")
-        d = probe(dp, dst, iif, bytes(configured[iif].mac), src, int(ttl))
+        d = probe(dp, dst, iif, bytes(configured[iif].mac), src, int(ttl), proto=proto,
+                  sport=fields.get("sport", 40000), dport=fields.get("dport", 33434),
+                  tos=fields.get("tos", fields.get("dsfield", 0)), flowlabel=fields.get("flowlabel", 0))
     finally:
         dp.close()
     out = {
@@ -444,6 +463,7 @@ def route_get(address, extra, name, as_json, pretty):
         out["route"] = {"prefix": d.prefix, "type": d.route_type, "proto": d.proto}
     if d.nh_id or d.gateway:
         out["nexthop"] = {"id": d.nh_id or None, "gateway": d.gateway}
+    out["ecmp"] = d.ecmp
     if as_json or pretty:
         return emit_json(out, pretty)
     line = [d.dst]
@@ -460,6 +480,10 @@ def route_get(address, extra, name, as_json, pretty):
     console.print(" ".join(line))
     console.print(f"    verdict {d.verdict} ({out['reason']}), xdp {d.action}, iif {out['iif']}"
                   + (f", ttl {d.ttl_in}->{d.ttl_out}" if d.ttl_out is not None else ""))
+    if d.ecmp:
+        e = d.ecmp
+        console.print(f"    ecmp group {e['group']} ({e['type']}, {e['paths']} paths), hash {e['hash']}, "
+                      + (f"bucket {e['bucket']} of {e['buckets']}" if "bucket" in e else f"path {e['path']}"))
 
 
 @cli.command()

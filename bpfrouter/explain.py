@@ -10,7 +10,7 @@ from .datapath import Datapath
 from .datapath import layout as lo
 from .fib import _nh_from_value
 from .interfaces import ifname
-from .observe import REASON_TEXT, XDP_ACTIONS, run_probe
+from .observe import REASON_TEXT, XDP_ACTIONS, ecmp_choice, run_probe
 from .packet import mac_str
 from .telemetry import L4_NAMES, tcp_flags_str
 
@@ -185,6 +185,7 @@ def explain(dp: Datapath, frame: bytes, iif: int, fib_mode: str, fib_impl: str) 
                 fib["prefix"] = str(ipaddress.ip_network(f"{dst}/{out.prefixlen}", strict=False))
                 fib["proto"] = lo.proto_name(out.route_proto)
         result["fib"] = fib
+    result["ecmp"] = ecmp_choice(dp, out)
     if out.nh_id:
         v = dp.nexthops.lookup(lo.u32(out.nh_id))
         nh = _nh_from_value(v) if v is not None and v.ifindex else None
@@ -220,6 +221,11 @@ def explain_lines(r: dict) -> list[str]:
                          (f", proto {f['proto']}" if f.get("proto") else ""))
         else:
             lines.append(f"fib      {f['lookup']}: no route")
+    if r.get("ecmp"):
+        e = r["ecmp"]
+        lines.append(f"ecmp     group {e['group']} ({e['type']}, {e['paths']} paths"
+                     + (f", kernel id {e['kernel_id']}" if e.get("kernel_id") else "") + f"): hash {e['hash']}, "
+                     + (f"bucket {e['bucket']} of {e['buckets']}" if "bucket" in e else f"path {e['path']}"))
     if r["nexthop"]:
         n = r["nexthop"]
         lines.append(f"nexthop  id {n['id']}: " + (f"via {n['gateway']} " if n["gateway"] else "connected ") +

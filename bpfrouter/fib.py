@@ -38,6 +38,7 @@ from .bpf import BpfError
 from .datapath import Datapath
 from .datapath import layout as lo
 from .dirfib import CompressedRoot, DirFull, DirTable, FreeList
+from .ecmp import GroupSpaceFull, GroupTable, NexthopGroup
 from .grace import GRACE
 from .hashfib6 import HashTable6
 from .routespec import IPAddress, IPNetwork
@@ -73,10 +74,12 @@ class Nexthop:
         return self._hash
 
 
-def _installed_type(rtype: RouteType, nexthops: tuple) -> RouteType:
-    """What the data plane stores: ECMP routes are MULTIPATH until ECMP lands."""
-    # the length first: comparing IntEnums is slow, and this runs per route
-    return RouteType.MULTIPATH if len(nexthops) > 1 and rtype == RouteType.UNICAST else rtype
+def _installed_type(rtype: RouteType, nexthops: tuple, group) -> RouteType:
+    """What the data plane stores: a route with a next-hop group is MULTIPATH."""
+    # the group first: comparing IntEnums is slow, and this runs per route
+    if group is not None or (len(nexthops) > 1 and rtype == RouteType.UNICAST):
+        return RouteType.MULTIPATH
+    return rtype
 
 
 _ROUTE_KEYS: dict[tuple[int, int, int], tuple[int, int, int]] = {}
@@ -125,30 +128,34 @@ class Route:
     full table is a million of these, about 250 bytes each with the decoder's
     shared next-hop tuples and route keys, instead of 580."""
     __slots__ = ("pkey", "type", "nexthops", "proto", "metric", "table", "installed_type", "key", "word_bits",
-                 "_prefix")
+                 "group", "_prefix")
     _FIELDS = ("prefix", "type", "nexthops", "proto", "metric", "table")
 
     def __init__(self, prefix: IPNetwork, type: RouteType, nexthops: tuple[Nexthop, ...] = (),
                  proto: int = lo.RTPROT_BPFROUTER, metric: int = 0, table: int = TABLE_MAIN,
-                 kernel_bits: int = 0):
-        self._set(prefix_key(prefix), type, tuple(nexthops), proto, metric, table, kernel_bits)
+                 kernel_bits: int = 0, group: NexthopGroup | None = None):
+        self._set(prefix_key(prefix), type, tuple(nexthops), proto, metric, table, kernel_bits, group)
         self._prefix = prefix
 
     @classmethod
     def from_key(cls, pkey: PrefixKey, type: RouteType, nexthops: tuple[Nexthop, ...], proto: int,
-                 metric: int, table: int, kernel_bits: int = 0) -> Route:
+                 metric: int, table: int, kernel_bits: int = 0, group: NexthopGroup | None = None) -> Route:
         """Fast constructor for the netlink hot path: `prefix` is built only when read.
-        kernel_bits: a RouteType.KERNEL route's kernel_route_bits."""
+        kernel_bits: a RouteType.KERNEL route's kernel_route_bits. group: a
+        multipath route's (its nexthops are the group's members)."""
         r = object.__new__(cls)
-        r._set(pkey, type, nexthops, proto, metric, table, kernel_bits)
+        r._set(pkey, type, nexthops, proto, metric, table, kernel_bits, group)
         r._prefix = None
         return r
 
     def _set(self, pkey: PrefixKey, type: RouteType, nexthops: tuple[Nexthop, ...], proto: int, metric: int,
-             table: int, kernel_bits: int = 0) -> None:
+             table: int, kernel_bits: int = 0, group: NexthopGroup | None = None) -> None:
         self.pkey, self.type, self.nexthops, self.proto, self.metric, self.table = \
             pkey, type, nexthops, proto, metric, table
-        self.installed_type = installed_type = _installed_type(type, nexthops)
+        self.installed_type = installed_type = _installed_type(type, nexthops, group)
+        if group is None and installed_type is RouteType.MULTIPATH:
+            group = NexthopGroup(tuple((h, 1) for h in nexthops))
+        self.group = group
         self.key = _route_key(pkey, table, metric, nexthops)
         self.word_bits = _word_bits(installed_type, pkey, proto) | kernel_bits
 
@@ -159,7 +166,7 @@ class Route:
         return self._prefix
 
     def _fields(self) -> tuple:
-        return (self.pkey, self.type, self.nexthops, self.proto, self.metric, self.table, self.word_bits)
+        return (self.pkey, self.type, self.nexthops, self.proto, self.metric, self.table, self.word_bits, self.group)
 
     def __eq__(self, other) -> bool:
         return isinstance(other, Route) and self._fields() == other._fields()
@@ -173,7 +180,17 @@ class Route:
     def same_forwarding(self, other: Route | None) -> bool:
         """The same entry in the BPF FIB (a KERNEL route's next hops are not in it)."""
         return other is not None and self.word_bits == other.word_bits and \
-            (self.nexthops == other.nexthops or self.installed_type is RouteType.KERNEL)
+            (self.nexthops == other.nexthops or self.installed_type is RouteType.KERNEL) and \
+            self.group == other.group
+
+
+@dataclass(frozen=True)
+class BucketChange:
+    """The kernel moved a bucket of a resilient group (RTM_NEWNEXTHOPBUCKET);
+    it travels with route events, in their order."""
+    kernel_id: int
+    index: int
+    hop: Nexthop | None
 
 
 class FibError(Exception):
@@ -182,7 +199,7 @@ class FibError(Exception):
 
 def _is_full(e: Exception) -> bool:
     """A table out of room (and nothing else)."""
-    if isinstance(e, (DirFull, FibError)):
+    if isinstance(e, (DirFull, FibError, GroupSpaceFull)):
         return True
     return isinstance(e, BpfError) and e.errno in (errno.E2BIG, errno.ENOSPC, errno.ENOMEM)
 
@@ -436,6 +453,7 @@ class Fib:
         self.dp = dp
         self.tables = make_tables(dp)
         self.nexthops = NexthopTable(dp)
+        self.groups = GroupTable(dp, self.nexthops)
         self.kernel: dict[PrefixKey, Route] = {}
         self.alternates: dict[PrefixKey, dict[RouteKey, Route]] = {}  # prefixes with 2+ routes
         self.installed: dict[PrefixKey, Route] = {}  # what the BPF FIB holds
@@ -510,6 +528,9 @@ class Fib:
         for new, replace, r in events:
             if r is None:
                 continue
+            if r.__class__ is BucketChange:
+                self.groups.set_bucket(r.kernel_id, r.index, r.hop)
+                continue
             if r.table == TABLE_LOCAL and r.pkey[0] == 6:
                 local6.append(r.pkey)
             if new:
@@ -542,7 +563,7 @@ class Fib:
             changed = self._reconcile(kernel.keys() | self.installed.keys() | self.left_out.keys())
         else:
             changed = self._reconcile(kernel)
-        self.nexthops.collect_unused()
+        self._collect_unused()
         return changed
 
     # --- the BPF FIB ---------------------------------------------------------------
@@ -752,7 +773,7 @@ class Fib:
         installed = self.installed
         for r in gone:
             del installed[r.pkey]
-        self.nexthops.release_routes(gone)
+        self._release(gone)
 
     def _delete_one(self, r: Route) -> None:
         """_delete_many for one installed route."""
@@ -761,25 +782,45 @@ class Fib:
         self.counts[pk[0]] -= 1
         self.deletions += 1
         del self.installed[pk]
-        self.nexthops.release_routes([r])
+        self._release([r])
+
+    def _release(self, routes: list[Route | None]) -> None:
+        """Drop the next-hop and group references of replaced or removed routes."""
+        self.nexthops.release_routes(routes)
+        for r in routes:
+            if r is not None and r.installed_type is RouteType.MULTIPATH:
+                self.groups.release(self.groups.ids.get(r.group, 0))
+
+    def _collect_unused(self) -> None:
+        self.groups.collect_unused()
+        self.nexthops.collect_unused()
+
+    def _target(self, r: Route) -> int:
+        """The id a route's entry names: its next hop's, or its group's."""
+        if r.installed_type is RouteType.UNICAST:
+            return self.nexthops.id_of(r.nexthops[0])
+        if r.installed_type is RouteType.MULTIPATH:
+            return self.groups.id_of(r.group)
+        return 0
 
     def _write_one(self, r: Route, old: Route | None) -> None:
         """_write_many for one route, replacing `old` (None: a new prefix)."""
-        nexthops = self.nexthops
-        nid = nexthops.id_of(r.nexthops[0]) if r.installed_type is RouteType.UNICAST else 0
         pk = r.pkey
         try:
+            nid = self._target(r)
             self.tables[pk[0]].set_key(pk[1], pk[2], r.word_bits | nid)
         except Exception:
-            nexthops.collect_unused()
+            self._collect_unused()
             raise
-        if nid:
-            nexthops.refs[nid] += 1
+        if r.installed_type is RouteType.MULTIPATH:
+            self.groups.refs[nid] += 1
+        elif nid:
+            self.nexthops.refs[nid] += 1
         self.installed[pk] = r
         if old is None:
             self.counts[pk[0]] += 1
         else:
-            nexthops.release_routes([old])
+            self._release([old])
 
     def _write_many(self, routes: list[Route], olds: list[Route | None] | None = None,
                     whole: dict[PrefixKey, Route] | None = None) -> None:
@@ -789,16 +830,23 @@ class Fib:
         first, old ones released after."""
         if not routes:
             return
-        unicast, id_of = RouteType.UNICAST, self.nexthops.id_of
+        unicast, multipath, id_of = RouteType.UNICAST, RouteType.MULTIPATH, self.nexthops.id_of
         n = len(routes)
+        gids: list[int] = []
+        try:
+            gids = [self.groups.id_of(r.group) for r in routes if r.installed_type is multipath]
+        except Exception:
+            self._collect_unused()
+            raise
         if n <= 16:  # single events: numpy's per-call overhead would cost more than the work
             nids = [id_of(r.nexthops[0]) if r.installed_type is unicast else 0 for r in routes]
             pks = [r.pkey for r in routes]
             by_version: dict = {}
+            group_ids = iter(gids)
             for r, nid in zip(routes, nids, strict=True):
                 vpks, vwords = by_version.setdefault(r.pkey[0], ([], []))
                 vpks.append(r.pkey)
-                vwords.append(r.word_bits | nid)
+                vwords.append(r.word_bits | (next(group_ids) if r.installed_type is multipath else nid))
         else:
             hops = [r.nexthops[0] if r.installed_type is unicast else None for r in routes]
             # by object identity: the decoder interns next hops, so this hashes a few
@@ -807,14 +855,18 @@ class Fib:
             nids = np.fromiter(map(nid_of.__getitem__, map(id, hops)), np.uint64, n)
             pks = list(whole) if whole is not None else list(map(attrgetter("pkey"), routes))
             words = np.fromiter(map(attrgetter("word_bits"), routes), np.uint64, n) | nids
+            if gids:
+                at = [i for i, r in enumerate(routes) if r.installed_type is multipath]
+                words[at] |= np.asarray(gids, np.uint64)
             by_version = _split_versions(pks, words)
         try:
             for version, (vpks, vwords) in by_version.items():
                 self.tables[version].set_many(vpks, vwords)
         except Exception:  # e.g. table full: the RIB view stays as it was
-            self.nexthops.collect_unused()
+            self._collect_unused()
             raise
         self.nexthops.add_refs(nids)
+        self.groups.add_refs(gids)
         if whole is not None:
             self.installed = dict(whole)  # a copy of the table, no hashing
         else:
@@ -825,7 +877,7 @@ class Fib:
             for old in olds:
                 if old is not None:
                     self.counts[old.pkey[0]] -= 1
-            self.nexthops.release_routes(olds)
+            self._release(olds)
 
     def close(self) -> None:
         for t in self.tables.values():
@@ -835,18 +887,26 @@ class Fib:
     def recover(self) -> None:
         """Read what the pinned maps hold, so a resync rewrites only differences."""
         self.nexthops.recover()
-        by_id, unicast = self.nexthops.by_id, int(RouteType.UNICAST)
+        by_id, unicast, multipath = self.nexthops.by_id, int(RouteType.UNICAST), int(RouteType.MULTIPATH)
+        self.groups.recover(by_id.get)
+        groups = self.groups.by_id
         types = {int(t): t for t in RouteType}
         for version, table in self.tables.items():
             pks, nids, rtypes, protos = table.installed_fields()
             hops = {nid: (by_id[nid],) for nid in set(nids) if nid in by_id}  # one tuple per next hop
             kernel = int(RouteType.KERNEL)
-            routes = [Route.from_key(pk, types[t], hops.get(nid, ()) if t == unicast else (), proto, 0, TABLE_MAIN,
-                                     nid if t == kernel else 0)
-                      for pk, nid, t, proto in zip(pks, nids, rtypes, protos, strict=True)]
+            routes = []
+            for pk, nid, t, proto in zip(pks, nids, rtypes, protos, strict=True):
+                group = groups.get(nid) if t == multipath else None
+                if group is not None:
+                    routes.append(Route.from_key(pk, types[t], group.hops, proto, 0, TABLE_MAIN, group=group))
+                else:
+                    routes.append(Route.from_key(pk, types[t], hops.get(nid, ()) if t == unicast else (), proto,
+                                                 0, TABLE_MAIN, nid if t == kernel else 0))
             self.installed.update(zip(pks, routes))
             self.counts[version] += len(routes)
             self.nexthops.add_refs([nid for nid, t in zip(nids, rtypes, strict=True) if t == unicast and nid in hops])
+            self.groups.add_refs([nid for nid, t in zip(nids, rtypes, strict=True) if t == multipath and nid in groups])
 
     # --- views ------------------------------------------------------------------
     def routes(self, prefix: IPNetwork | None = None) -> list[Route]:
@@ -864,7 +924,8 @@ class Fib:
         return self.installed.get(prefix_key(prefix))
 
     def sizes(self) -> dict[str, int]:
-        return {"ipv4": self.counts[4], "ipv6": self.counts[6], "nexthops": len(self.nexthops.by_id)}
+        return {"ipv4": self.counts[4], "ipv6": self.counts[6], "nexthops": len(self.nexthops.by_id),
+                "nexthop_groups": len(self.groups.by_id)}
 
 
 def _sort_key(p: IPNetwork):

@@ -117,6 +117,7 @@ class Decision:
     dmac: str | None = None
     ttl_in: int = 64
     ttl_out: int | None = None
+    ecmp: dict | None = None    # a multipath route's choice (ecmp_choice)
 
     @property
     def verdict(self) -> str:
@@ -132,12 +133,33 @@ def run_probe(dp: Datapath, frame: bytes, iif: int):
     return lo.ProbeMeta.from_buffer_copy(res.meta.ljust(ctypes.sizeof(lo.ProbeMeta), b"\0")), res
 
 
-def probe(dp: Datapath, dst, iif: int, iif_mac: bytes, src=None, ttl: int = 64) -> Decision:
-    """Run a UDP probe to `dst`, arriving on `iif`, through the live program."""
+def ecmp_choice(dp: Datapath, out: lo.ProbeMeta) -> dict | None:
+    """What the ecmp stage chose for a probe of a multipath route: its group
+    (from the nh_groups map), the flow's hash, the bucket or path taken."""
+    if out.route_type != lo.RouteType.MULTIPATH or not out.magic or out.magic == lo.PROBE_MAGIC:
+        return None
+    g = dp.nh_groups.lookup(lo.u32(out.magic))
+    if g is None or not g.count:
+        return None
+    choice: dict = {"group": out.magic, "type": "resilient" if g.buckets else "hash-threshold",
+                    "paths": g.count, "hash": f"0x{out.hash:08x}"}
+    if g.kernel_id:
+        choice["kernel_id"] = g.kernel_id
+    if g.buckets:
+        choice.update(buckets=g.buckets, bucket=out.bucket)
+    else:
+        choice["path"] = out.path
+    return choice
+
+
+def probe(dp: Datapath, dst, iif: int, iif_mac: bytes, src=None, ttl: int = 64, proto: int = 17,
+          sport: int = 40000, dport: int = 33434, tos: int = 0, flowlabel: int = 0) -> Decision:
+    """Run a UDP (or TCP) probe to `dst`, arriving on `iif`, through the live program."""
     dst = ipaddress.ip_address(dst)
     if src is None:
         src = ipaddress.ip_address("192.0.2.1" if dst.version == 4 else "2001:db8::1")
-    frame = udp_probe(src, dst, iif_mac, ttl=ttl)
+    frame = udp_probe(src, dst, iif_mac, ttl=ttl, proto=proto, sport=sport, dport=dport, tos=tos,
+                      flowlabel=flowlabel)
     out, res = run_probe(dp, frame, iif)
     d = Decision(str(dst), iif, Reason(out.reason), XDP_ACTIONS.get(res.retval, str(res.retval)),
                  ttl_in=ttl)
@@ -154,6 +176,7 @@ def probe(dp: Datapath, dst, iif: int, iif_mac: bytes, src=None, ttl: int = 64) 
             d.gateway = str(gw) if gw else None
     d.egress_ifindex = out.egress_ifindex
     d.neigh_found = bool(out.flags & lo.PROBE_F_NEIGH)
+    d.ecmp = ecmp_choice(dp, out)
     if d.verdict == "redirect" and len(res.data) >= 14:
         d.dmac, d.smac = mac_str(res.data[0:6]), mac_str(res.data[6:12])
         d.ttl_out = res.data[22] if dst.version == 4 else res.data[21]

@@ -13,13 +13,7 @@
 #include "dirfib.h"
 #include "hashfib6.h"
 #include "lpmfib.h"
-
-struct {
-	__uint(type, BPF_MAP_TYPE_ARRAY);
-	__uint(max_entries, MAX_NEXTHOPS);
-	__type(key, __u32);
-	__type(value, struct nexthop);
-} nexthops SEC(".maps");
+#include "nexthop.h"
 
 struct fib_result {
 	__u32 egress_ifindex;
@@ -31,6 +25,10 @@ struct fib_result {
 	__u8 route_proto;
 	__u8 neigh_found;
 	__u32 slot6;            /* the matched IPv6 slot (hash levels), for events */
+	__u32 group;            /* RTYPE_MULTIPATH: the route's next-hop group (nexthop.h) */
+	__u32 hash;             /* RTYPE_MULTIPATH: the flow's hash */
+	__u16 path;             /* RTYPE_MULTIPATH: the member taken (hash-threshold) */
+	__u16 bucket;           /* RTYPE_MULTIPATH: the bucket taken (resilient) */
 };
 
 static __always_inline __u32 pkt_l3_len(const struct pkt *p)
@@ -62,8 +60,6 @@ static __always_inline int route_type_reason(__u8 type)
 		return REASON_PASS_UNREACHABLE;
 	case RTYPE_PROHIBIT:
 		return REASON_PASS_PROHIBIT;
-	case RTYPE_MULTIPATH:
-		return REASON_PASS_MULTIPATH;
 	}
 	return REASON_PASS_FIB_MISS;
 }
@@ -92,35 +88,15 @@ static __always_inline int fib_route6(const __u8 *daddr, struct route *rt, int d
 	return fib_impl == FIB_IMPL_LPM ? lpm6_lookup(daddr, rt) : h6_lookup(daddr, rt, detail, slot);
 }
 
-/* The kernel's forwarding order: route type, TTL, MTU, then neighbor.
- * detail: a probe wants the matched prefix length and protocol too. */
-static __always_inline int fib_lookup_bpf(const struct pkt *p, struct fib_result *res, int detail)
+/* A route's next hop nh_id, in the kernel's forwarding order after the
+ * route type: TTL, MTU, then neighbor. detail: a probe, which is not traffic. */
+static __always_inline int nexthop_resolve(const struct pkt *p, struct fib_result *res, __u32 nh_id, int detail)
 {
-	struct route route = {}, *rt = &route;
-	int found;
 	struct nexthop *nh;
 	struct iface *out;
 	struct neigh_key nk = {};
 	struct neigh *n;
-	__u32 nh_id;
 
-	if (p->ip4)
-		found = fib_route4(p->ip4->daddr, rt, detail);
-	else if (p->ip6)
-		found = fib_route6(p->ip6->daddr.in6_u.u6_addr8, rt, detail, &res->slot6);
-	else
-		return REASON_PASS_NON_IP;
-	if (!found || rt->type == RTYPE_NONE)
-		return REASON_PASS_FIB_MISS;
-	res->route_type = rt->type;
-	res->prefixlen = rt->prefixlen;
-	res->route_proto = rt->proto;
-	if (rt->type == RTYPE_KERNEL)
-		return kernel_route_reason(rt->nh_id);
-	if (rt->type != RTYPE_UNICAST)
-		return route_type_reason(rt->type);
-
-	nh_id = rt->nh_id;
 	res->nh_id = nh_id;
 	nh = bpf_map_lookup_elem(&nexthops, &nh_id);
 	if (!nh || !nh->ifindex)
@@ -148,12 +124,42 @@ static __always_inline int fib_lookup_bpf(const struct pkt *p, struct fib_result
 	n = bpf_map_lookup_elem(&neighbors, &nk);
 	if (!n)
 		return REASON_PASS_NO_NEIGH;
-	if (!detail)    /* a probe (`route get`) is not traffic */
+	if (!detail)
 		neigh_mark_used(n);
 	res->neigh_found = 1;
 	__builtin_memcpy(res->dmac, n->mac, 6);
 	__builtin_memcpy(res->smac, out->mac, 6);
 	return p->ip4 ? REASON_FWD_IPV4 : REASON_FWD_IPV6;
+}
+
+/* The route, then its next hop. A multipath route's group is left in
+ * res->group for the ecmp stage, which picks the path (-1: go on).
+ * detail: a probe wants the matched prefix length and protocol too. */
+static __always_inline int fib_lookup_bpf(const struct pkt *p, struct fib_result *res, int detail)
+{
+	struct route route = {}, *rt = &route;
+	int found;
+
+	if (p->ip4)
+		found = fib_route4(p->ip4->daddr, rt, detail);
+	else if (p->ip6)
+		found = fib_route6(p->ip6->daddr.in6_u.u6_addr8, rt, detail, &res->slot6);
+	else
+		return REASON_PASS_NON_IP;
+	if (!found || rt->type == RTYPE_NONE)
+		return REASON_PASS_FIB_MISS;
+	res->route_type = rt->type;
+	res->prefixlen = rt->prefixlen;
+	res->route_proto = rt->proto;
+	if (rt->type == RTYPE_KERNEL)
+		return kernel_route_reason(rt->nh_id);
+	if (rt->type == RTYPE_MULTIPATH) {
+		res->group = rt->nh_id;
+		return -1;
+	}
+	if (rt->type != RTYPE_UNICAST)
+		return route_type_reason(rt->type);
+	return nexthop_resolve(p, res, rt->nh_id, detail);
 }
 
 /* bpf_fib_lookup leaves the next hop's address in params (the gateway, or
@@ -197,6 +203,12 @@ static __always_inline int fib_lookup_kernel(struct xdp_md *ctx, const struct pk
 		__builtin_memcpy(params.ipv6_dst, &p->ip6->daddr, 16);
 	} else {
 		return REASON_PASS_NON_IP;
+	}
+	/* the ports, for fib_multipath_hash_policy 1 and 3 */
+	if (p->l4 && !p->fragment && (p->l4_proto == IPPROTO_TCP || p->l4_proto == IPPROTO_UDP ||
+				      p->l4_proto == IPPROTO_SCTP || p->l4_proto == IPPROTO_UDPLITE)) {
+		params.sport = ((__be16 *)p->l4)[0];
+		params.dport = ((__be16 *)p->l4)[1];
 	}
 	rc = bpf_fib_lookup(ctx, &params, sizeof(params), 0);
 	switch (rc) {

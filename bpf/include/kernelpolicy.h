@@ -127,7 +127,19 @@ static __always_inline int source_check4(struct xdp_md *ctx, __be32 saddr, __be3
 			return REASON_DROP_MARTIAN_SOURCE;
 		return REASON_PASS_LOCAL_SOURCE;
 	case RTYPE_MULTIPATH:
-		return rpf ? REASON_PASS_SOURCE_UNVERIFIED : -1;
+		if (!rpf)
+			return -1;
+		switch (ecmp_group_uses_dev(route.nh_id, ctx->ingress_ifindex)) {
+		case 1:
+			return -1;
+		case 0:
+			break;
+		default:
+			return REASON_PASS_SOURCE_UNVERIFIED;
+		}
+		if ((flags & IFACE_F_RPF_LOOSE) && !(flags & IFACE_F_NO_ADDR4))
+			return -1;
+		return REASON_DROP_RPFILTER;
 	default:                /* blackhole, unreachable, prohibit: the lookup fails */
 		return rpf ? REASON_DROP_RPFILTER : -1;
 	}

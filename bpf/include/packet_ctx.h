@@ -21,6 +21,7 @@
 
 #define PCTX_F_IP_OPTIONS 1     /* IPv4 header carries options */
 #define PCTX_F_HOP_BY_HOP 2     /* IPv6 hop-by-hop header present */
+#define PCTX_F_FRAGMENT 4       /* an IP fragment */
 
 struct packet_ctx {
 	__u32 len;              /* frame length */
@@ -64,7 +65,8 @@ static __always_inline void packet_ctx_save(struct packet_ctx *pc, const struct 
 	pc->vlan_id[1] = p->vlan_id[1];
 	pc->vlan_depth = p->vlan_depth;
 	pc->l4_proto = p->l4_proto;
-	pc->flags = (p->ip_options ? PCTX_F_IP_OPTIONS : 0) | (p->hop_by_hop ? PCTX_F_HOP_BY_HOP : 0);
+	pc->flags = (p->ip_options ? PCTX_F_IP_OPTIONS : 0) | (p->hop_by_hop ? PCTX_F_HOP_BY_HOP : 0) |
+		    (p->fragment ? PCTX_F_FRAGMENT : 0);
 }
 
 /* The parsed view again, in a later stage: the Ethernet and IP headers (and
@@ -90,6 +92,7 @@ static __always_inline int pkt_restore(struct xdp_md *ctx, const struct packet_c
 	p->l4_proto = pc->l4_proto;
 	p->ip_options = !!(pc->flags & PCTX_F_IP_OPTIONS);
 	p->hop_by_hop = !!(pc->flags & PCTX_F_HOP_BY_HOP);
+	p->fragment = !!(pc->flags & PCTX_F_FRAGMENT);
 	if (data + sizeof(struct ethhdr) > end)
 		return REASON_DROP_TRUNC_L2;
 	p->eth = data;

@@ -66,6 +66,10 @@ static __always_inline void record(struct xdp_md *ctx, const struct packet_ctx *
 	probe->prefixlen = res->prefixlen;
 	probe->route_proto = res->route_proto;
 	probe->flags = res->neigh_found ? PROBE_F_NEIGH : 0;
+	probe->hash = res->hash;
+	probe->path = res->path;
+	probe->bucket = res->bucket;
+	probe->magic = res->group;      /* read last: nothing checks the magic after this */
 }
 
 /* A stage decided the packet's reason: its action (a forward's redirect
@@ -169,11 +173,15 @@ int stage_observe_capture(struct xdp_md *ctx)
 
 #else /* BPFROUTER_SINGLE_PROGRAM */
 
+/* The context lives in the chain's per-CPU array here too: on the stack it
+ * would take most of the 512 bytes the inlined stages share. */
 static __always_inline int single_program(struct xdp_md *ctx, const int capture)
 {
-	struct packet_ctx ctx_on_stack, *pc = &ctx_on_stack;
+	struct packet_ctx *pc = packet_ctx_get();
 	int reason;
 
+	if (!pc)
+		return XDP_PASS;
 	if (capture)
 		capture_begin(ctx);
 	reason = entry_stage(ctx, pc);

@@ -12,15 +12,18 @@
 #define PROBE_MAGIC 0x4252504fU  /* "BRPO" */
 #define PROBE_F_NEIGH 1          /* a neighbor entry was found */
 
-struct probe_meta {
-	__u32 magic;
-	__u32 reason;
+struct probe_meta {     /* 32 bytes: all XDP metadata can hold */
+	__u32 magic;            /* PROBE_MAGIC in; out: a multipath route's group (nexthop.h) */
 	__u32 nh_id;
 	__u32 egress_ifindex;
+	__u32 hash;             /* a multipath route's: the flow hash */
+	__u8 reason;
 	__u8 route_type;
 	__u8 prefixlen;
 	__u8 route_proto;
 	__u8 flags;
+	__u8 path;              /* a multipath route's: the member (hash-threshold) */
+	__u16 bucket;           /* a multipath route's: the bucket (resilient) */
 	/* what the parser found */
 	__u16 l3_off;           /* 0: no IP header */
 	__u16 l4_off;           /* 0: no L4 header */

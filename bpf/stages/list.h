@@ -13,12 +13,14 @@
 
 #include "entry.h"
 #include "fib.h"
+#include "ecmp.h"
 #include "kernel_policy.h"
 #include "forward.h"
 #include "observe.h"
 
 #define DECISION_STAGES(X) \
 	X(FIB, fib) \
+	X(ECMP, ecmp) \
 	X(KERNEL_POLICY, kernel_policy) \
 	X(FORWARD, forward)
 

@@ -48,6 +48,7 @@ from pyroute2.netlink.rtnl import (RTMGRP_IPV4_IFADDR, RTMGRP_IPV4_RULE, RTMGRP_
 
 from .. import capture, metrics
 from ..datapath import RUN_ROOT, Datapath, RouterMeta
+from ..ecmp import mirror_hash_config
 from ..datapath.layout import IFACE_F_PASS_POLICY4, IFACE_F_PASS_POLICY6, RTPROT_BPFROUTER, proto_name
 from ..fib import TABLE_MAIN, Fib, FibError, Route, RouteType, kernel_route_info, prefix_key
 from ..interfaces import Interfaces, ifname
@@ -135,7 +136,7 @@ class Agent:
         self.interfaces = Interfaces(self.dp)
         self.lock = threading.RLock()
         self.stop = threading.Event()
-        self.policy = PolicyMirror(self.interfaces, self.lock, self.stop)
+        self.policy = PolicyMirror(self.interfaces, self.lock, self.stop, also=lambda: mirror_hash_config(self.dp))
         self.ready = threading.Event()
         self.decoder = Decoder()
         self.link_states: dict[int, tuple] = {}  # ifindex -> LinkInfo.state, every link

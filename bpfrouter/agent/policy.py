@@ -1,6 +1,7 @@
 """The kernel's per-port policy (forwarding, rp_filter, accept_local,
 route_localnet, IPv4 addresses, custom rules) mirrored into the data plane's
-interface flags (bpfrouter/interfaces.py, bpf/include/iface.h).
+interface flags (bpfrouter/interfaces.py, bpf/include/iface.h), and the
+multipath hash sysctls (ecmp.py).
 
 forwarding and rp_filter changes arrive as RTM_NEWNETCONF, address and rule
 changes as their own notifications; accept_local and route_localnet send
@@ -50,8 +51,10 @@ def read_flags(ipr: IPRoute, ifindexes) -> dict[int, int]:
 class PolicyMirror:
     """A thread that keeps the interface flags equal to the kernel's policy."""
 
-    def __init__(self, interfaces: Interfaces, lock: threading.RLock, stop: threading.Event):
+    def __init__(self, interfaces: Interfaces, lock: threading.RLock, stop: threading.Event,
+                 also=lambda: None):
         self.interfaces = interfaces
+        self.also = also  # more sysctls to mirror with each refresh
         self.lock = lock
         self.stop = stop
         self.refreshes = 0
@@ -63,6 +66,7 @@ class PolicyMirror:
             configured = self.interfaces.configured()
             flags = read_flags(ipr, configured)
             changed = [i for i, f in flags.items() if self.interfaces.set_flags(i, f)]
+            self.also()
         self.refreshes += 1
         self.changes += len(changed)
         for i in changed:

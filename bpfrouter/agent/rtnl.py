@@ -23,8 +23,9 @@ import socket
 import struct
 from dataclasses import dataclass
 
-from ..datapath.layout import Reason
-from ..fib import TABLE_LOCAL, TABLE_MAIN, Nexthop, Route, RouteType, kernel_route_bits
+from ..datapath.layout import MAX_ECMP_PATHS, Reason
+from ..ecmp import NexthopGroup
+from ..fib import TABLE_LOCAL, TABLE_MAIN, BucketChange, Nexthop, Route, RouteType, kernel_route_bits
 
 NETLINK_ROUTE = 0
 SOL_NETLINK = 270
@@ -33,10 +34,14 @@ NLMSG_ERROR, NLMSG_DONE = 2, 3
 RTM_NEWROUTE, RTM_DELROUTE, RTM_GETROUTE = 24, 25, 26
 RTM_NEWNETCONF = 80
 RTM_NEWNEXTHOP, RTM_DELNEXTHOP, RTM_GETNEXTHOP = 104, 105, 106
+RTM_NEWNEXTHOPBUCKET, RTM_GETNEXTHOPBUCKET = 116, 118
 NLM_F_REQUEST, NLM_F_MULTI, NLM_F_REPLACE, NLM_F_DUMP = 0x1, 0x2, 0x100, 0x300
 RTA_DST, RTA_OIF, RTA_GATEWAY, RTA_PRIORITY, RTA_MULTIPATH, RTA_TABLE, RTA_VIA = 1, 4, 5, 6, 9, 15, 18
 RTA_ENCAP_TYPE, RTA_NH_ID = 21, 30
-NHA_ID, NHA_GROUP, NHA_BLACKHOLE, NHA_OIF, NHA_GATEWAY, NHA_ENCAP_TYPE, NHA_FDB = 1, 2, 4, 5, 6, 7, 11
+NHA_ID, NHA_GROUP, NHA_GROUP_TYPE, NHA_BLACKHOLE, NHA_OIF, NHA_GATEWAY, NHA_ENCAP_TYPE = 1, 2, 3, 4, 5, 6, 7
+NHA_FDB, NHA_RES_GROUP, NHA_RES_BUCKET = 11, 12, 13
+NHA_RES_GROUP_BUCKETS, NHA_RES_BUCKET_INDEX, NHA_RES_BUCKET_NH_ID = 1, 1, 3
+NEXTHOP_GRP_TYPE_RES = 1
 RTNLGRP_NEXTHOP = 32  # above 31: joined with NETLINK_ADD_MEMBERSHIP, not the bind mask
 NETLINK_ADD_MEMBERSHIP = 1
 RTMGRP_IPV4_ROUTE, RTMGRP_IPV6_ROUTE = 0x40, 0x400
@@ -82,6 +87,8 @@ class NexthopObject:
     group: tuple[int, ...] = ()
     encap: int = 0       # lwtunnel encapsulation type, 0: none
     dead: bool = False   # RTNH_F_DEAD: its device is down
+    weights: tuple[int, ...] = ()   # a group's, per member
+    buckets: int = 0     # a resilient group's bucket count; 0: hash-threshold
 
 
 class Decoder:
@@ -94,6 +101,8 @@ class Decoder:
         self._hops: dict[tuple, Nexthop] = {}
         self._single: dict[tuple, tuple[Nexthop]] = {}
         self.nexthop_objects: dict[int, NexthopObject] = {}
+        # resilient groups' bucket tables: group id -> member object id per bucket
+        self.res_buckets: dict[int, list[int]] = {}
 
     def _hop(self, oif: int, gw: bytes | None) -> Nexthop:
         key = (oif, gw)
@@ -188,11 +197,18 @@ class Decoder:
             # gateway, but only the object tells a blackhole, a group or an encap apart
             return self._object_route(pkey, nh_id, proto, metric, table, dead)
         if mp:
-            live: list[bool] = []
-            hops = tuple(self._multipath(buf, *mp, live))
-            # the kernel spreads over the live ones; the data plane passes multipath
-            # routes to it, so only a route with none left is gone for the mirror
-            dead = dead or not any(live)
+            paths = list(self._multipath(buf, *mp))
+            encap = encap or max(e for _, _, _, e in paths)
+            members = tuple((hop, weight) for hop, weight, live, _ in paths if live)
+            hops = tuple(h for h, _ in members)
+            # the kernel spreads over the live ones; a route with none left is gone
+            dead = dead or not members
+            if kind == RouteType.UNICAST and not encap and members:
+                if len(members) > MAX_ECMP_PATHS:
+                    return Route.from_key(pkey, RouteType.KERNEL, hops, proto, metric, table,
+                                          kernel_route_bits(Reason.PASS_MULTIPATH))
+                group = NexthopGroup(members, partial=len(members) < len(paths))
+                return (DeadRoute if dead else Route).from_key(pkey, kind, hops, proto, metric, table, group=group)
         elif kind == RouteType.UNICAST:
             if not oif:
                 return None
@@ -212,11 +228,7 @@ class Decoder:
         if obj.blackhole:
             return Route.from_key(pkey, RouteType.BLACKHOLE, (), proto, metric, table)
         if obj.group:
-            members = [self.nexthop_objects.get(i) for i in obj.group]
-            hops = tuple(m.hop for m in members if m is not None and m.hop is not None)
-            dead = dead or all(m is None or m.dead for m in members)
-            # a group is multipath, passed until ECMP lands (also with one member)
-            return (DeadRoute if dead else Route).from_key(pkey, RouteType.MULTIPATH, hops, proto, metric, table)
+            return self._group_route(pkey, nh_id, obj, proto, metric, table, dead)
         cls = DeadRoute if dead or obj.dead else Route
         if obj.encap or obj.hop is None:
             return cls.from_key(pkey, RouteType.KERNEL, (obj.hop,) if obj.hop else (), proto, metric, table,
@@ -226,14 +238,37 @@ class Decoder:
                                                                      if obj.hop.gateway else None),
                             proto, metric, table)
 
-    def _multipath(self, buf, pos: int, end: int, live: list[bool]):
-        """Yield each next hop; append whether it is alive to `live`."""
+    def _group_route(self, pkey, nh_id: int, obj: NexthopObject, proto: int, metric: int, table: int,
+                     dead: bool) -> Route:
+        """A route through kernel next-hop group nh_id: its live members, by weight;
+        a resilient group's with the kernel's bucket table."""
+        objs = self.nexthop_objects
+        members = tuple((m.hop, w) for i, w in zip(obj.group, obj.weights, strict=True)
+                        if (m := objs.get(i)) is not None and m.hop is not None and not m.dead and not m.encap)
+        hops = tuple(h for h, _ in members)
+        if dead or not members:
+            return DeadRoute.from_key(pkey, RouteType.UNICAST, hops, proto, metric, table)
+        bucket_hops: tuple = ()
+        if obj.buckets:
+            table_ = self.res_buckets.get(nh_id, [])
+            bucket_hops = tuple(objs[i].hop if i in objs and objs[i].hop else None for i in table_)
+        if len(members) > MAX_ECMP_PATHS or len(members) < len(obj.group) and obj.buckets or \
+                obj.buckets and (len(bucket_hops) != obj.buckets or None in bucket_hops):
+            # wider than a group here, or a resilient group whose buckets are not all known
+            return Route.from_key(pkey, RouteType.KERNEL, hops, proto, metric, table,
+                                  kernel_route_bits(Reason.PASS_MULTIPATH))
+        group = NexthopGroup(members, nh_id if obj.buckets else 0, obj.buckets, len(members) < len(obj.group),
+                             bucket_hops)
+        return Route.from_key(pkey, RouteType.UNICAST, hops, proto, metric, table, group=group)
+
+    def _multipath(self, buf, pos: int, end: int):
+        """Yield (next hop, weight, alive, encap type) for each path of RTA_MULTIPATH."""
         while pos + 8 <= end:
-            nlen, nflags, _, ifindex = _rtnh.unpack_from(buf, pos)
+            nlen, nflags, weight, ifindex = _rtnh.unpack_from(buf, pos)
             if nlen < 8:
                 return
-            live.append(not nflags & RTNH_F_DEAD)
             gw = None
+            encap = 0
             apos = pos + 8
             while apos + 4 <= pos + nlen:
                 alen, atype = _rta.unpack_from(buf, apos)
@@ -243,8 +278,10 @@ class Decoder:
                     gw = bytes(buf[apos + 4:apos + alen])
                 elif atype == RTA_VIA:
                     gw = bytes(buf[apos + 6:apos + alen])
+                elif atype == RTA_ENCAP_TYPE:
+                    encap = _u16.unpack_from(buf, apos + 4)[0]
                 apos += (alen + 3) & ~3
-            yield self._hop(ifindex, gw)
+            yield self._hop(ifindex, gw), weight + 1, not nflags & RTNH_F_DEAD, encap
             pos += (nlen + 3) & ~3
 
     def nexthop_object(self, buf, off: int, length: int) -> tuple[int, NexthopObject | None]:
@@ -255,6 +292,8 @@ class Decoder:
         gw = None
         blackhole = fdb = False
         group: list[int] = []
+        weights: list[int] = []
+        buckets = 0
         pos, end = off + 24, off + length
         while pos + 4 <= end:
             alen, atype = _rta.unpack_from(buf, pos)
@@ -273,12 +312,49 @@ class Decoder:
             elif atype == NHA_FDB:
                 fdb = True
             elif atype == NHA_GROUP:
-                group = [_nh_grp.unpack_from(buf, p)[0] for p in range(pos + 4, pos + alen - 7, 8)]
+                for p in range(pos + 4, pos + alen - 7, 8):
+                    member, weight, weight_high, _ = _nh_grp.unpack_from(buf, p)
+                    group.append(member)
+                    weights.append((weight | weight_high << 8) + 1)
+            elif atype & 0x3FFF == NHA_RES_GROUP:  # nested: NLA_F_NESTED set
+                for apos, atype2, alen2 in _nested(buf, pos + 4, pos + alen):
+                    if atype2 == NHA_RES_GROUP_BUCKETS:
+                        buckets = _u16.unpack_from(buf, apos + 4)[0]
             pos += (alen + 3) & ~3
         if fdb:
             return nh_id, None
         hop = self._hop(oif, gw if gw and len(gw) in (4, 16) else None) if oif else None
-        return nh_id, NexthopObject(hop, blackhole, tuple(group), encap, bool(nflags & RTNH_F_DEAD))
+        return nh_id, NexthopObject(hop, blackhole, tuple(group), encap, bool(nflags & RTNH_F_DEAD), tuple(weights),
+                                    buckets)
+
+    def bucket(self, buf, off: int, length: int) -> tuple[int, int, int] | None:
+        """(group id, bucket index, member id) of an RTM_NEWNEXTHOPBUCKET message."""
+        gid = index = member = None
+        for pos, atype, alen in _nested(buf, off + 24, off + length):
+            if atype == NHA_ID:
+                gid = _u32.unpack_from(buf, pos + 4)[0]
+            elif atype == NHA_RES_BUCKET:
+                for apos, atype2, _ in _nested(buf, pos + 4, pos + alen):
+                    if atype2 == NHA_RES_BUCKET_INDEX:
+                        index = _u16.unpack_from(buf, apos + 4)[0]
+                    elif atype2 == NHA_RES_BUCKET_NH_ID:
+                        member = _u32.unpack_from(buf, apos + 4)[0]
+        if gid is None or index is None or member is None:
+            return None
+        return gid, index, member
+
+    def apply_bucket(self, buf, off: int, length: int) -> BucketChange | None:
+        """Record a bucket's member; the change for the FIB's copy."""
+        got = self.bucket(buf, off, length)
+        if got is None:
+            return None
+        gid, index, member = got
+        table = self.res_buckets.setdefault(gid, [])
+        if index >= len(table):
+            table.extend([0] * (index + 1 - len(table)))
+        table[index] = member
+        obj = self.nexthop_objects.get(member)
+        return BucketChange(gid, index, obj.hop if obj is not None else None)
 
     def apply_nexthop(self, new: bool, buf, off: int, length: int) -> bool:
         """Apply a next-hop object message to `nexthop_objects`. True when it
@@ -289,7 +365,8 @@ class Decoder:
         old = self.nexthop_objects.get(nh_id)
         if new and obj is not None:
             self.nexthop_objects[nh_id] = obj
-            return old is not None and old != obj
+            # a new resilient group's buckets are read with the routes
+            return old is not None and old != obj or old is None and obj.buckets > 0
         self.nexthop_objects.pop(nh_id, None)
         return old is not None
 
@@ -318,8 +395,22 @@ class Decoder:
             elif mtype == RTM_NEWNEXTHOP or mtype == RTM_DELNEXTHOP:
                 if self.apply_nexthop(mtype == RTM_NEWNEXTHOP, buf, off, length):
                     conf = conf or "next-hop object replaced or deleted"
+            elif mtype == RTM_NEWNEXTHOPBUCKET:
+                change = self.apply_bucket(buf, off, length)
+                if change is not None:
+                    out.append((True, 0, change))
             off += (length + 3) & ~3
         return conf
+
+
+def _nested(buf, pos: int, end: int):
+    """Yield (offset, type, length) of each attribute in [pos, end)."""
+    while pos + 4 <= end:
+        alen, atype = _rta.unpack_from(buf, pos)
+        if alen < 4:
+            return
+        yield pos, atype & 0x3FFF, alen
+        pos += (alen + 3) & ~3
 
 
 def _in_multicast_range(pkey) -> bool:
@@ -455,7 +546,20 @@ def dump_nexthop_objects(decoder: Decoder, s: socket.socket) -> None:
         if obj is not None:
             objects[nh_id] = obj
     _dump(s, decoder, RTM_GETNEXTHOP, _nhmsg.pack(0, 0, 0, 0, 0), 2, each)
+    buckets: dict[int, list[int]] = {}
+
+    def each_bucket(view, off, length):
+        got = decoder.bucket(view, off, length)
+        if got is not None:
+            gid, index, member = got
+            table = buckets.setdefault(gid, [])
+            if index >= len(table):
+                table.extend([0] * (index + 1 - len(table)))
+            table[index] = member
+    if any(o.buckets for o in objects.values()):
+        _dump(s, decoder, RTM_GETNEXTHOPBUCKET, _nhmsg.pack(0, 0, 0, 0, 0), 3, each_bucket)
     decoder.nexthop_objects = objects
+    decoder.res_buckets = buckets
 
 
 def dump_routes(decoder: Decoder, rcvbuf: int = 32 << 20, progress=None) -> list[Route]:

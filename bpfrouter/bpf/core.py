@@ -293,6 +293,12 @@ class TestRunResult:
     meta: bytes = b""
 
 
+
+class XdpMd(ctypes.Structure):
+    """struct xdp_md, the context BPF_PROG_TEST_RUN takes and returns."""
+    _fields_ = [(n, ctypes.c_uint32) for n in
+                ("data", "data_end", "data_meta", "ingress_ifindex", "rx_queue_index", "egress_ifindex")]
+
 class Program:
     def __init__(self, fd: int, name: str = "", owns_fd: bool = False):
         self.fd = fd
@@ -335,12 +341,6 @@ class Program:
         live = bool(flags & L.BPF_F_TEST_XDP_LIVE_FRAMES)
         out_len = 0 if live else (out_size or len(data_in) + 256)
         out_buf = ctypes.create_string_buffer(out_len) if out_len else None
-
-        class XdpMd(ctypes.Structure):
-            _fields_ = [(n, ctypes.c_uint32) for n in
-                        ("data", "data_end", "data_meta", "ingress_ifindex", "rx_queue_index",
-                         "egress_ifindex")]
-
         ctx_in = XdpMd(data=len(meta), data_end=len(data_in), ingress_ifindex=ingress_ifindex)
         ctx_out = XdpMd()
         opts = L.TestRunOpts(

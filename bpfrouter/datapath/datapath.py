@@ -43,6 +43,9 @@ MAPS: dict[str, tuple[type, type | None]] = {
     "fib4": (lo.Route4Key, lo.RouteValue),
     "fib6": (lo.Route6Key, lo.RouteValue),
     "nexthops": (ctypes.c_uint32, lo.NexthopValue),
+    "nh_groups": (ctypes.c_uint32, lo.NhGroup),
+    "nh_buckets": (ctypes.c_uint32, ctypes.c_uint32),
+    "ecmp_hash": (ctypes.c_uint32, lo.EcmpHashConfig),
     "dir4_top": (ctypes.c_uint32, lo.DirChunk),
     "dir4_blocks": (ctypes.c_uint32, None),  # bytes, as many as the loader made it
     "dir4_run_entries": (ctypes.c_uint32, ctypes.c_uint32 * lo.DIR_RUN_IDS),
@@ -151,6 +154,9 @@ class Datapath:
     fib4 = property(lambda self: self.maps["fib4"])
     fib6 = property(lambda self: self.maps["fib6"])
     nexthops = property(lambda self: self.maps["nexthops"])
+    nh_groups = property(lambda self: self.maps["nh_groups"])
+    nh_buckets = property(lambda self: self.maps["nh_buckets"])
+    ecmp_hash = property(lambda self: self.maps["ecmp_hash"])
 
     @staticmethod
     def pin_dir(name: str) -> Path:

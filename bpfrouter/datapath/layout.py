@@ -14,6 +14,10 @@ u8, u16, u32, u64 = ctypes.c_uint8, ctypes.c_uint16, ctypes.c_uint32, ctypes.c_u
 
 MAX_IFACES = 256
 MAX_NEXTHOPS = 65536
+MAX_ECMP_PATHS = 32
+MAX_NH_GROUPS = 4096
+MAX_NH_BUCKETS = 1 << 18
+NH_GROUP_F_PARTIAL = 1
 PROBE_MAGIC = 0x4252504F
 PROBE_F_NEIGH = 1
 NEXTHOP_F_GATEWAY = 1
@@ -166,6 +170,15 @@ class NexthopValue(ctypes.Structure):
     _fields_ = [("ifindex", u32), ("family", u8), ("flags", u8), ("reserved", u16), ("gw", u8 * 16)]
 
 
+class NhGroup(ctypes.Structure):
+    _fields_ = [("count", u16), ("buckets", u16), ("bucket_base", u32), ("kernel_id", u32), ("flags", u32),
+                ("nh", u32 * MAX_ECMP_PATHS), ("upper", u32 * MAX_ECMP_PATHS)]
+
+
+class EcmpHashConfig(ctypes.Structure):
+    _fields_ = [("fields", u32 * 2), ("seed", u32), ("reserved", u32)]
+
+
 class DirChunk(ctypes.Structure):
     _fields_ = [("e", u32 * DIR_CHUNK)]
 
@@ -200,8 +213,9 @@ class H6Conf(ctypes.Structure):
 
 
 class ProbeMeta(ctypes.Structure):
-    _fields_ = [("magic", u32), ("reason", u32), ("nh_id", u32), ("egress_ifindex", u32),
-                ("route_type", u8), ("prefixlen", u8), ("route_proto", u8), ("flags", u8),
+    _fields_ = [("magic", u32), ("nh_id", u32), ("egress_ifindex", u32), ("hash", u32),
+                ("reason", u8), ("route_type", u8), ("prefixlen", u8), ("route_proto", u8), ("flags", u8),
+                ("path", u8), ("bucket", u16),
                 ("l3_off", u16), ("l4_off", u16), ("l3_proto", u16), ("l4_proto", u8), ("vlan_depth", u8)]
 
 
@@ -271,6 +285,8 @@ STRUCTS: dict[str, type[ctypes.Structure]] = {
     "route6_key": Route6Key,
     "route": RouteValue,
     "nexthop": NexthopValue,
+    "nh_group": NhGroup,
+    "ecmp_hash_config": EcmpHashConfig,
     "probe_meta": ProbeMeta,
     "dir_chunk": DirChunk,
     "dir_group": DirGroup,

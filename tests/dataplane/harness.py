@@ -21,6 +21,7 @@ from bpfrouter import netns
 from bpfrouter.agent.rtnl import Decoder, RouteMonitor, dump_routes
 from bpfrouter.datapath import Datapath
 from bpfrouter.datapath import layout as lo
+from bpfrouter.ecmp import mirror_hash_config
 from bpfrouter.fib import Fib, Nexthop, Route, RouteType
 from bpfrouter.interfaces import Interfaces
 from bpfrouter.neighbors import Neighbors
@@ -132,6 +133,7 @@ def load_datapath(name: str, object_path: str, fib_mode: lo.FibMode, impl: lo.Fi
         ifaces = Interfaces(dp)
         for d, mtu in (("dpt0", 1500), ("dpt1", 1400)):
             ifaces.configure(ifindex[d], mac[d], mtu)
+        mirror_hash_config(dp)
         if fib_mode == lo.FibMode.BPF:
             fib = Fib(dp)
             for r in fixture_routes(ifindex):

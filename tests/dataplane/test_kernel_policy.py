@@ -106,14 +106,14 @@ CASES4 = [
     ("10.67.0.1", "10.20.1.1", STRICT, "DROP_RPFILTER"),
     ("10.1.0.1", "10.20.1.1", STRICT, "DROP_MARTIAN_SOURCE"),
     ("10.1.0.1", "10.20.1.1", STRICT | F.ACCEPT_LOCAL, "PASS_LOCAL_SOURCE"),
-    ("10.40.0.1", "10.20.1.1", STRICT, "PASS_SOURCE_UNVERIFIED"),   # multipath route back
+    ("10.40.0.1", "10.20.1.1", STRICT, "DROP_RPFILTER"),   # a multipath route back, no path out of dpt0
     ("10.1.0.2", "10.20.1.1", STRICT | F.SOURCE_UNSURE, "PASS_SOURCE_UNVERIFIED"),
     # loose: any route back will do, unless the ingress has no IPv4 address
     ("10.2.0.7", "10.20.1.1", LOOSE, "FWD_IPV4"),
     ("10.2.0.7", "10.20.1.1", LOOSE | F.NO_ADDR4, "DROP_RPFILTER"),
     ("10.1.0.2", "10.20.1.1", LOOSE | F.NO_ADDR4, "FWD_IPV4"),
     ("10.99.0.1", "10.20.1.1", LOOSE, "DROP_RPFILTER"),
-    ("10.40.0.1", "10.20.1.1", LOOSE, "PASS_SOURCE_UNVERIFIED"),
+    ("10.40.0.1", "10.20.1.1", LOOSE, "FWD_IPV4"),
     # a probe of a martian still has its route: the checks follow the FIB stage
     ("10.1.0.2", "10.66.1.1", STRICT, "DROP_BLACKHOLE"),
     ("10.99.0.1", "10.67.1.1", STRICT, "PASS_UNREACHABLE"),

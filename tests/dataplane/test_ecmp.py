@@ -1,0 +1,207 @@
+"""ECMP in the fast path (bpf/stages/ecmp.h, bpfrouter/ecmp.py), measured
+over 100k flows through the loaded program (BPF_PROG_TEST_RUN):
+
+- weighted hash-threshold groups: each path's share within 2 percentage
+  points of its weight's;
+- the hash fields follow fib_multipath_hash_policy: policy 0 keeps every
+  flow between two hosts on one path, policy 1 spreads them by port;
+- resilient groups, as the kernel builds them (`ip nexthop ... type
+  resilient`) and decoded by the agent's reader: removing one of 8 members
+  moves exactly the flows it carried, and every flow lands where the
+  kernel's bucket table says its bucket goes.
+
+A path is told by the destination MAC the program wrote: each gateway has
+its own."""
+from __future__ import annotations
+
+import ipaddress
+import random
+import struct
+import subprocess
+
+import pytest
+
+from bpfrouter import netns
+from bpfrouter.datapath import layout as lo
+from bpfrouter.ecmp import NexthopGroup, mirror_hash_config
+from bpfrouter.fib import Fib, Nexthop, Route, RouteType
+from bpfrouter.neighbors import Neighbors
+from bpfrouter.observe import probe, read_counters
+from bpfrouter.packet import udp_probe
+
+from .harness import NS, XDP_REDIRECT, kernel_rib, own_datapath
+
+FLOWS = 100_000
+GATEWAYS = [f"10.2.0.{20 + i}" for i in range(8)]
+
+
+def gw_mac(i: int) -> bytes:
+    return bytes([2, 0, 0, 0, 0xEC, i])
+
+
+@pytest.fixture
+def ecmp_dp(env):
+    """A BPF-FIB router of the test's own, with eight gateways on dpt1 (each
+    with its own MAC) in its neighbor map."""
+    with own_datapath(env, "ecmp") as dp:
+        nb = Neighbors(dp)
+        for i, gw in enumerate(GATEWAYS):
+            nb.set(env.ifindex["dpt1"], ipaddress.ip_address(gw), gw_mac(i), 0x80)
+        with netns.entered(NS):
+            mirror_hash_config(dp)
+        yield dp
+
+
+def flows(n: int, seed: int, same_hosts: bool = False):
+    """n UDP flows (source, destination as integers, ports) to 10.50.0.0/16:
+    random sources in 10/8, destinations and ports (with same_hosts: one
+    source and one destination, random ports)."""
+    rng = random.Random(seed)
+    net = 0x0A320000
+    for _ in range(n):
+        if same_hosts:
+            src, dst = 0x0A010007, net + 7
+        else:
+            src, dst = rng.getrandbits(24) | 0x0A000000, net + rng.getrandbits(16)
+        yield src, dst, rng.randrange(1024, 65536), rng.randrange(1, 65536)
+
+
+def flow_probe(env, dp, flow):
+    """`route get` of one flow."""
+    src, dst, sport, dport = flow
+    with netns.entered(NS):
+        return probe(dp, ipaddress.IPv4Address(dst), env.ifindex["dpt0"], env.mac["dpt0"],
+                     src=ipaddress.IPv4Address(src), sport=sport, dport=dport)
+
+
+def flow_frames(mac: bytes, flow_list):
+    """Each flow's UDP frame, made by patching one template (udp_probe per
+    frame would cost more than the program): addresses, ports, the IPv4
+    header checksum; the UDP checksum stays 0 (none, valid in IPv4)."""
+    template = bytearray(udp_probe("10.1.0.7", "10.50.0.7", mac))
+    template[40:42] = b"\0\0"
+    for src, dst, sport, dport in flow_list:
+        f = bytearray(template)
+        struct.pack_into("!IIHH", f, 26, src, dst, sport, dport)
+        f[24:26] = b"\0\0"
+        words = sum(struct.unpack_from("!10H", f, 14))
+        words = (words & 0xFFFF) + (words >> 16)
+        struct.pack_into("!H", f, 24, ~((words & 0xFFFF) + (words >> 16)) & 0xFFFF)
+        yield bytes(f)
+
+
+def paths_taken(env, dp, flow_list) -> list[int]:
+    """The gateway (index into GATEWAYS) each flow's frame was sent to."""
+    iif, mac = env.ifindex["dpt0"], env.mac["dpt0"]
+    by_mac = {gw_mac(i): i for i in range(len(GATEWAYS))}
+    out = []
+    with netns.entered(NS):
+        run = dp.program.test_run
+        for frame in flow_frames(mac, flow_list):
+            res = run(frame, ingress_ifindex=iif)
+            assert res.retval == XDP_REDIRECT, (frame.hex(), res.retval)
+            out.append(by_mac[res.data[:6]])
+    return out
+
+
+def hops(env, n: int) -> list[Nexthop]:
+    return [Nexthop(env.ifindex["dpt1"], ipaddress.ip_address(gw)) for gw in GATEWAYS[:n]]
+
+
+def install(dp, route: Route) -> Fib:
+    fib = Fib(dp)
+    fib.update(route)
+    return fib
+
+
+def test_weights_give_their_share(env, ecmp_dp):
+    weights = [1, 2, 3, 2]
+    members = tuple(zip(hops(env, 4), weights, strict=True))
+    fib = install(ecmp_dp, Route(ipaddress.ip_network("10.50.0.0/16"), RouteType.UNICAST, tuple(h for h, _ in members),
+                                 proto=3, group=NexthopGroup(members)))
+    try:
+        before = read_counters(ecmp_dp, env.ifindex["dpt0"]).get((env.ifindex["dpt0"], lo.Reason.FWD_IPV4), (0, 0))[0]
+        taken = paths_taken(env, ecmp_dp, flows(FLOWS, seed=1))
+        after = read_counters(ecmp_dp, env.ifindex["dpt0"])[(env.ifindex["dpt0"], lo.Reason.FWD_IPV4)][0]
+        assert after - before == FLOWS, "every flow's packet is counted as forwarded"
+        for i, w in enumerate(weights):
+            share = taken.count(i) / FLOWS
+            assert abs(share - w / sum(weights)) <= 0.02, \
+                f"path {i} (weight {w}) took {share:.3%} of the flows, not {w / sum(weights):.3%}"
+    finally:
+        fib.close()
+
+
+def set_policy(dp, policy: int) -> None:
+    with netns.entered(NS):
+        with open("/proc/sys/net/ipv4/fib_multipath_hash_policy", "w") as f:
+            f.write(str(policy))
+        mirror_hash_config(dp)
+
+
+def test_hash_policy_selects_the_fields(env, ecmp_dp):
+    fib = install(ecmp_dp, Route(ipaddress.ip_network("10.50.0.0/16"), RouteType.UNICAST, tuple(hops(env, 8)),
+                                 proto=3))
+    try:
+        same_hosts = list(flows(2000, seed=2, same_hosts=True))
+        set_policy(ecmp_dp, 0)  # L3: source and destination address only
+        assert len(set(paths_taken(env, ecmp_dp, same_hosts))) == 1
+        set_policy(ecmp_dp, 1)  # L4: the ports too
+        spread = paths_taken(env, ecmp_dp, same_hosts)
+        assert all(abs(spread.count(i) / len(spread) - 1 / 8) < 0.04 for i in range(8)), \
+            [spread.count(i) for i in range(8)]
+        # a flow keeps its path: the same packets again, the same choices
+        assert paths_taken(env, ecmp_dp, same_hosts) == spread
+        # route get names the hash and the path the flow took
+        d = flow_probe(env, ecmp_dp, same_hosts[0])
+        assert d.route_type == "multipath" and d.ecmp["type"] == "hash-threshold" and d.ecmp["paths"] == 8
+        assert d.gateway == GATEWAYS[spread[0]] and d.ecmp["path"] == spread[0]
+    finally:
+        set_policy(ecmp_dp, 0)
+        fib.close()
+
+
+def kernel_buckets(rib, group: int) -> list[str]:
+    """The kernel's bucket table of a resilient group: each bucket's gateway."""
+    out = subprocess.run(["ip", "-n", rib.ns, "-j", "nexthop", "bucket", "show", "id", str(group)],
+                         check=True, capture_output=True, text=True).stdout
+    import json
+    table = {b["bucket"]["index"]: b["bucket"]["nhid"] for b in json.loads(out)}
+    return [GATEWAYS[table[i] - 1] for i in range(len(table))]
+
+
+def test_resilient_group_moves_only_the_removed_members_flows(env, ecmp_dp):
+    with kernel_rib(env, "res") as rib:
+        for i, gw in enumerate(GATEWAYS):
+            rib.ip("nexthop", "add", "id", str(i + 1), "via", gw, "dev", "dpt1")
+        members = "/".join(str(i + 1) for i in range(8))
+        rib.ip("nexthop", "add", "id", "100", "group", members, "type", "resilient", "buckets", "512",
+               "idle_timer", "0")
+        rib.ip("route", "add", "10.50.0.0/16", "nhid", "100")
+        fib = Fib(ecmp_dp)
+        try:
+            fib.replace_all(rib.dump())
+            installed = fib.installed_route(ipaddress.ip_network("10.50.0.0/16"))
+            assert installed.installed_type is RouteType.MULTIPATH and installed.group.buckets == 512
+            flow_list = list(flows(FLOWS, seed=3))
+            before = paths_taken(env, ecmp_dp, flow_list)
+            buckets = kernel_buckets(rib, 100)
+            # each flow went where the kernel's table sends its bucket
+            for flow in flow_list[:200]:
+                d = flow_probe(env, ecmp_dp, flow)
+                assert d.ecmp["type"] == "resilient" and d.ecmp["kernel_id"] == 100
+                assert d.gateway == buckets[d.ecmp["bucket"]]
+            assert all(abs(before.count(i) / FLOWS - 1 / 8) < 0.02 for i in range(8))
+
+            # member 8 leaves: the kernel gives its buckets to the others at once
+            rib.ip("nexthop", "replace", "id", "100", "group", "/".join(str(i + 1) for i in range(7)),
+                   "type", "resilient", "buckets", "512", "idle_timer", "0")
+            fib.replace_all(rib.dump())
+            after = paths_taken(env, ecmp_dp, flow_list)
+            moved = [i for i in range(FLOWS) if before[i] != after[i]]
+            carried = [i for i in range(FLOWS) if before[i] == 7]
+            assert moved == carried, f"{len(moved)} flows moved, the removed member carried {len(carried)}"
+            assert 7 not in after
+            assert len(fib.groups.by_id) == 1, "the old group was released"
+        finally:
+            fib.close()
