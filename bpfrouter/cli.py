@@ -22,7 +22,7 @@ from .fib import kernel_route_info, read_installed
 from .interfaces import Interfaces, InterfaceError, ifname
 from .lab import Lab, LabError, list_labs
 from .netns import NetnsError
-from .observe import probe
+from .observe import ecmp_text, probe
 from .packet import mac_str
 from .routespec import RouteSpecError, parse_address, parse_route
 
@@ -481,9 +481,7 @@ def route_get(address, extra, name, as_json, pretty):
     console.print(f"    verdict {d.verdict} ({out['reason']}), xdp {d.action}, iif {out['iif']}"
                   + (f", ttl {d.ttl_in}->{d.ttl_out}" if d.ttl_out is not None else ""))
     if d.ecmp:
-        e = d.ecmp
-        console.print(f"    ecmp group {e['group']} ({e['type']}, {e['paths']} paths), hash {e['hash']}, "
-                      + (f"bucket {e['bucket']} of {e['buckets']}" if "bucket" in e else f"path {e['path']}"))
+        console.print(f"    ecmp {ecmp_text(d.ecmp)}")
 
 
 @cli.command()

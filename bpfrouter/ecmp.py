@@ -3,12 +3,15 @@ multipath hash fields the kernel's sysctls select.
 
 A multipath route (RTA_MULTIPATH) or a route through a kernel next-hop group
 (`ip nexthop add id N group ...`) is installed as RTYPE_MULTIPATH naming a
-group id here. Hash-threshold groups hold their live members and each one's
-upper hash bound, sized by the weights as the kernel sizes them
-(fib_rebalance, nh_hthr_group_rebalance). Resilient groups also hold the
-kernel's bucket table, mirrored bucket by bucket: the kernel decides which
-bucket goes to which member and when it moves (its idle and unbalanced
-timers), and announces each move (RTM_NEWNEXTHOPBUCKET).
+group id here, and each group has a bucket table: a flow takes bucket
+hash % size. A resilient group's table is the kernel's, mirrored bucket by
+bucket: the kernel decides which bucket goes to which member and when it
+moves (its idle and unbalanced timers), and announces each move
+(RTM_NEWNEXTHOPBUCKET). A hash-threshold group's table is filled here by
+weight (fill_table), and when a route moves to another group (a path added
+or removed) the new table keeps every bucket whose member stays: the kernel
+would move flows between the remaining paths too, the fast path moves only
+those that must move.
 
 Groups are reference-counted by the routes that name them, and hold a
 reference on each member's next-hop id. A group is written before the first
@@ -61,15 +64,42 @@ def field_names(fields: int) -> list[str]:
     return [name for bit, name in FIELD_NAMES.items() if fields & bit]
 
 
-def upper_bounds(weights: list[int]) -> list[int]:
-    """Each member's highest 31-bit hash, as the kernel computes them
-    (DIV_ROUND_CLOSEST_ULL(cumulative weight << 31, total) - 1)."""
+HTHR_BUCKETS = 256  # a hash-threshold group's table: weight shares to 1/256
+
+
+def quotas(weights: list[int], n: int) -> list[int]:
+    """n buckets shared by weight (largest remainder: each share within one
+    bucket of exact)."""
     total = sum(weights)
-    out, cum = [], 0
-    for w in weights:
-        cum += w
-        out.append(((cum << 31) + total // 2) // total - 1)
+    exact = [n * w / total for w in weights]
+    out = [int(x) for x in exact]
+    for i in sorted(range(len(weights)), key=lambda i: (out[i] - exact[i], i))[:n - sum(out)]:
+        out[i] += 1
     return out
+
+
+def fill_table(members, n: int, previous: list | None = None) -> list:
+    """A hash-threshold group's bucket table: each member gets buckets by
+    weight. From the table of the group it replaces, every bucket whose
+    member stays keeps it (up to the member's new share), so only the
+    flows of a removed member, or of the buckets a new one takes, move."""
+    want: dict = {}
+    for hop, weight in members:  # (a next hop listed twice counts once, with both weights)
+        want[hop] = want.get(hop, 0) + weight
+    share = dict(zip(want, quotas(list(want.values()), n), strict=True))
+    table: list = [None] * n
+    have = dict.fromkeys(share, 0)
+    if previous is not None and len(previous) == n:
+        for i, hop in enumerate(previous):
+            if hop in share and have[hop] < share[hop]:
+                table[i] = hop
+                have[hop] += 1
+    for i in range(n):  # the rest, to the member furthest below its share: members interleave
+        if table[i] is None:
+            hop = max(share, key=lambda h: share[h] - have[h])
+            table[i] = hop
+            have[hop] += 1
+    return table
 
 
 @dataclass(frozen=True)
@@ -144,7 +174,8 @@ class GroupSpaceFull(Exception):
 
 
 class GroupTable:
-    """Reference-counted group ids in the `nh_groups` array map (id 0 unused)."""
+    """Reference-counted group ids in the `nh_groups` array map (id 0 unused),
+    each with its bucket table in nh_buckets."""
 
     def __init__(self, dp, nexthops: NexthopTable):
         self.dp = dp
@@ -152,18 +183,27 @@ class GroupTable:
         self.ids: dict[NexthopGroup, int] = {}
         self.by_id: dict[int, NexthopGroup] = {}
         self.refs: dict[int, int] = {}
-        self.bucket_base: dict[int, int] = {}    # resilient group id -> its first bucket
+        self.tables: dict[int, list] = {}        # group id -> each bucket's next hop
+        self.bucket_base: dict[int, int] = {}    # group id -> its first bucket
         self.by_kernel: dict[int, int] = {}      # kernel group id -> group id (resilient)
         self.free = FreeList(lo.MAX_NH_GROUPS, grace=GRACE)
         self.next_id = 1
         self.space = BucketSpace(lo.MAX_NH_BUCKETS)
+        self.bucket_moves = 0  # resilient buckets the kernel moved, applied
 
-    def id_of(self, group: NexthopGroup) -> int:
-        """The group's id, written to the map first if it is new (with its
-        members' next hops). Takes no reference: add_refs does."""
+    def id_of(self, group: NexthopGroup, previous: NexthopGroup | None = None) -> int:
+        """The group's id, written to the maps first if it is new: its
+        members' next hops, its table (a hash-threshold group's derived from
+        `previous`, the group the route had, when installed), then the group.
+        Takes no reference: add_refs does."""
         gid = self.ids.get(group)
         if gid is not None:
             return gid
+        if group.resilient:
+            table = list(group.bucket_hops)
+        else:
+            prev = self.ids.get(previous) if previous is not None else None
+            table = fill_table(group.members, HTHR_BUCKETS, self.tables.get(prev) if prev else None)
         if self.next_id < lo.MAX_NH_GROUPS:
             gid = self.next_id
             self.next_id += 1
@@ -172,49 +212,45 @@ class GroupTable:
         else:
             from .fib import FibError
             raise FibError(f"next-hop group table full ({lo.MAX_NH_GROUPS} groups)")
+        try:
+            base = self.space.take(len(table))
+        except GroupSpaceFull:
+            self.free.release([gid])
+            raise
         nids = [self.nexthops.id_of(h) for h, _ in group.members]
         for nid in nids:  # held by the group from now on
             self.nexthops.refs[nid] += 1
-        v = lo.NhGroup(count=len(nids), kernel_id=group.kernel_id,
-                       flags=lo.NH_GROUP_F_PARTIAL if group.partial else 0)
-        for i, (nid, bound) in enumerate(zip(nids, upper_bounds([w for _, w in group.members]), strict=True)):
-            v.nh[i], v.upper[i] = nid, bound
-        if group.resilient:
-            try:
-                base = self.space.take(group.buckets)
-            except GroupSpaceFull:
-                self._drop_members(nids)
-                self.free.release([gid])
-                raise
-            self.bucket_base[gid] = base
-            self.by_kernel[group.kernel_id] = gid
-            v.buckets, v.bucket_base = group.buckets, base
-            self._write_buckets(gid, group.bucket_hops)
+        self.bucket_base[gid], self.tables[gid] = base, [None] * len(table)
+        for i, hop in enumerate(table):
+            self._set_bucket(gid, i, hop)
+        v = lo.NhGroup(count=len(nids), buckets=len(table), bucket_base=base, kernel_id=group.kernel_id,
+                       flags=(lo.NH_GROUP_F_PARTIAL if group.partial else 0)
+                       | (lo.NH_GROUP_F_RESILIENT if group.resilient else 0))
+        for i, nid in enumerate(nids):
+            v.nh[i] = nid
         self.dp.nh_groups.update(lo.u32(gid), v)
+        if group.resilient:
+            self.by_kernel[group.kernel_id] = gid
         self.ids[group], self.by_id[gid], self.refs[gid] = gid, group, 0
         return gid
 
-    def _write_buckets(self, gid: int, hops) -> None:
-        base = self.bucket_base[gid]
-        for i, hop in enumerate(hops):
-            self.set_bucket_id(base + i, hop)
-
-    def set_bucket_id(self, key: int, hop: Nexthop) -> None:
+    def _set_bucket(self, gid: int, index: int, hop: Nexthop) -> None:
         """A bucket's member; its next hop holds a reference per bucket."""
         nid = self.nexthops.id_of(hop)
         self.nexthops.refs[nid] += 1
-        old = self.dp.nh_buckets.lookup(lo.u32(key))
-        self.dp.nh_buckets.update(lo.u32(key), lo.u32(nid))
-        if old is not None and old.value:
-            self.nexthops.release(old.value)
+        old = self.tables[gid][index]
+        self.dp.nh_buckets.update(lo.u32(self.bucket_base[gid] + index), lo.u32(nid))
+        self.tables[gid][index] = hop
+        if old is not None:
+            self.nexthops.release(self.nexthops.ids.get(old, 0))
 
     def set_bucket(self, kernel_id: int, index: int, hop: Nexthop | None) -> bool:
         """The kernel moved a bucket of resilient group kernel_id (RTM_NEWNEXTHOPBUCKET)."""
         gid = self.by_kernel.get(kernel_id)
-        group = self.by_id.get(gid) if gid else None
-        if group is None or hop is None or index >= group.buckets:
+        if gid is None or hop is None or index >= len(self.tables[gid]) or self.tables[gid][index] == hop:
             return False
-        self.set_bucket_id(self.bucket_base[gid] + index, hop)
+        self._set_bucket(gid, index, hop)
+        self.bucket_moves += 1
         return True
 
     def add_refs(self, gids) -> None:
@@ -234,21 +270,16 @@ class GroupTable:
         v = self.dp.nh_groups.lookup(lo.u32(gid))
         self.dp.nh_groups.update(lo.u32(gid), lo.NhGroup())
         if v is not None:
-            self._drop_members(list(v.nh[:v.count]))
-        base = self.bucket_base.pop(gid, None)
-        if base is not None:
-            if self.by_kernel.get(group.kernel_id) == gid:
-                del self.by_kernel[group.kernel_id]
-            for key in range(base, base + group.buckets):
-                old = self.dp.nh_buckets.lookup(lo.u32(key))
-                if old is not None and old.value:
-                    self.nexthops.release(old.value)
-            self.space.give(base, group.buckets)
+            for nid in list(v.nh[:v.count]):
+                self.nexthops.release(int(nid))
+        if self.by_kernel.get(group.kernel_id) == gid:
+            del self.by_kernel[group.kernel_id]
+        table = self.tables.pop(gid)
+        for hop in table:
+            if hop is not None:
+                self.nexthops.release(self.nexthops.ids.get(hop, 0))
+        self.space.give(self.bucket_base.pop(gid), len(table))
         self.free.release([gid])
-
-    def _drop_members(self, nids) -> None:
-        for nid in nids:
-            self.nexthops.release(int(nid))
 
     def collect_unused(self) -> None:
         for gid in [g for g, r in self.refs.items() if r <= 0]:
@@ -256,35 +287,34 @@ class GroupTable:
             self.release(gid)
 
     def recover(self, hop_of) -> None:
-        """Rebuild groups from the pinned map; hop_of(next-hop id) -> Nexthop.
+        """Rebuild groups from the pinned maps; hop_of(next-hop id) -> Nexthop.
         References come back with the routes (Fib.recover)."""
         for k, v in self.dp.nh_groups.lookup_batch():
             if not v.count:
                 continue
             hops = [hop_of(v.nh[i]) for i in range(v.count)]
-            if any(h is None for h in hops):
+            table = [hop_of(self.dp.nh_buckets.lookup(lo.u32(v.bucket_base + i)).value) for i in range(v.buckets)]
+            if None in hops or None in table:
                 continue
-            # the map keeps bounds, not weights: equal weights are assumed, and a
-            # weighted group is written anew by the resync that follows
-            members = tuple((h, 1) for h in hops)
-            group = NexthopGroup(members, v.kernel_id, v.buckets, bool(v.flags & lo.NH_GROUP_F_PARTIAL))
+            # the maps keep tables, not weights: equal weights are assumed, and a
+            # weighted group is written anew (from this table) by the resync that follows
+            resilient = bool(v.flags & lo.NH_GROUP_F_RESILIENT)
+            group = NexthopGroup(tuple((h, 1) for h in hops), v.kernel_id, v.buckets if resilient else 0,
+                                 bool(v.flags & lo.NH_GROUP_F_PARTIAL), tuple(table) if resilient else ())
             gid = k.value
             self.ids[group], self.by_id[gid], self.refs[gid] = gid, group, 0
-            for nid in v.nh[:v.count]:
-                self.nexthops.refs[nid] = self.nexthops.refs.get(nid, 0) + 1
-            if v.buckets:
-                self.bucket_base[gid] = v.bucket_base
+            self.tables[gid], self.bucket_base[gid] = table, v.bucket_base
+            refs = self.nexthops.refs
+            for nid in [*v.nh[:v.count], *(self.nexthops.ids[h] for h in table)]:
+                refs[nid] = refs.get(nid, 0) + 1
+            if resilient:
                 self.by_kernel[v.kernel_id] = gid
-                for key in range(v.bucket_base, v.bucket_base + v.buckets):
-                    b = self.dp.nh_buckets.lookup(lo.u32(key))
-                    if b is not None and b.value in self.nexthops.refs:
-                        self.nexthops.refs[b.value] += 1
         self.next_id = max(self.by_id, default=0) + 1
         self.free = FreeList(lo.MAX_NH_GROUPS, grace=GRACE)
         self.free.release([i for i in range(1, self.next_id) if i not in self.by_id])
-        used = sorted((self.bucket_base[g], self.by_id[g].buckets) for g in self.bucket_base)
         self.space = BucketSpace(lo.MAX_NH_BUCKETS)
-        self.space.free = _gaps(used, lo.MAX_NH_BUCKETS)
+        self.space.free = _gaps(sorted((self.bucket_base[g], len(t)) for g, t in self.tables.items()),
+                                lo.MAX_NH_BUCKETS)
 
 
 def _gaps(used: list[tuple[int, int]], size: int) -> list[tuple[int, int]]:

@@ -10,7 +10,7 @@ from .datapath import Datapath
 from .datapath import layout as lo
 from .fib import _nh_from_value
 from .interfaces import ifname
-from .observe import REASON_TEXT, XDP_ACTIONS, ecmp_choice, run_probe
+from .observe import REASON_TEXT, XDP_ACTIONS, ecmp_choice, ecmp_text, run_probe
 from .packet import mac_str
 from .telemetry import L4_NAMES, tcp_flags_str
 
@@ -222,10 +222,7 @@ def explain_lines(r: dict) -> list[str]:
         else:
             lines.append(f"fib      {f['lookup']}: no route")
     if r.get("ecmp"):
-        e = r["ecmp"]
-        lines.append(f"ecmp     group {e['group']} ({e['type']}, {e['paths']} paths"
-                     + (f", kernel id {e['kernel_id']}" if e.get("kernel_id") else "") + f"): hash {e['hash']}, "
-                     + (f"bucket {e['bucket']} of {e['buckets']}" if "bucket" in e else f"path {e['path']}"))
+        lines.append(f"ecmp     {ecmp_text(r['ecmp'])}")
     if r["nexthop"]:
         n = r["nexthop"]
         lines.append(f"nexthop  id {n['id']}: " + (f"via {n['gateway']} " if n["gateway"] else "connected ") +

@@ -795,19 +795,20 @@ class Fib:
         self.groups.collect_unused()
         self.nexthops.collect_unused()
 
-    def _target(self, r: Route) -> int:
-        """The id a route's entry names: its next hop's, or its group's."""
+    def _target(self, r: Route, old: Route | None) -> int:
+        """The id a route's entry names: its next hop's, or its group's (a new
+        group's table follows the one of the group it replaces, see ecmp.py)."""
         if r.installed_type is RouteType.UNICAST:
             return self.nexthops.id_of(r.nexthops[0])
         if r.installed_type is RouteType.MULTIPATH:
-            return self.groups.id_of(r.group)
+            return self.groups.id_of(r.group, old.group if old is not None else None)
         return 0
 
     def _write_one(self, r: Route, old: Route | None) -> None:
         """_write_many for one route, replacing `old` (None: a new prefix)."""
         pk = r.pkey
         try:
-            nid = self._target(r)
+            nid = self._target(r, old)
             self.tables[pk[0]].set_key(pk[1], pk[2], r.word_bits | nid)
         except Exception:
             self._collect_unused()
@@ -834,7 +835,8 @@ class Fib:
         n = len(routes)
         gids: list[int] = []
         try:
-            gids = [self.groups.id_of(r.group) for r in routes if r.installed_type is multipath]
+            gids = [self.groups.id_of(r.group, olds[i].group if olds and olds[i] is not None else None)
+                    for i, r in enumerate(routes) if r.installed_type is multipath]
         except Exception:
             self._collect_unused()
             raise

@@ -141,15 +141,20 @@ def ecmp_choice(dp: Datapath, out: lo.ProbeMeta) -> dict | None:
     g = dp.nh_groups.lookup(lo.u32(out.magic))
     if g is None or not g.count:
         return None
-    choice: dict = {"group": out.magic, "type": "resilient" if g.buckets else "hash-threshold",
-                    "paths": g.count, "hash": f"0x{out.hash:08x}"}
+    members = list(g.nh[:g.count])
+    choice: dict = {"group": out.magic, "type": "resilient" if g.flags & lo.NH_GROUP_F_RESILIENT else "hash-threshold",
+                    "paths": g.count, "hash": f"0x{out.hash:08x}", "bucket": out.bucket, "buckets": g.buckets,
+                    "path": members.index(out.nh_id) if out.nh_id in members else None}
     if g.kernel_id:
         choice["kernel_id"] = g.kernel_id
-    if g.buckets:
-        choice.update(buckets=g.buckets, bucket=out.bucket)
-    else:
-        choice["path"] = out.path
     return choice
+
+
+def ecmp_text(e: dict) -> str:
+    """One line of what the ecmp stage chose (ecmp_choice)."""
+    return (f"group {e['group']} ({e['type']}, {e['paths']} paths"
+            + (f", kernel id {e['kernel_id']}" if e.get("kernel_id") else "")
+            + f"): hash {e['hash']}, bucket {e['bucket']} of {e['buckets']} -> path {e['path']}")
 
 
 def probe(dp: Datapath, dst, iif: int, iif_mac: bytes, src=None, ttl: int = 64, proto: int = 17,

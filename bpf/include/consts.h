@@ -7,10 +7,9 @@
 #define MAX_IFACES 256          /* counter slots; slot 0 = unknown ingress */
 #define MAX_NEXTHOPS 65536
 #define MAX_NEIGHBORS 65536
-#define MAX_ECMP_PATHS 32         /* a power of two: members of a hash-threshold group */
-#define ECMP_SEARCH_STEPS 6       /* log2(MAX_ECMP_PATHS) + 1 */
+#define MAX_ECMP_PATHS 32         /* members of a group the fast path holds */
 #define MAX_NH_GROUPS 4096
-#define MAX_NH_BUCKETS (1 << 18)  /* resilient groups' buckets, all groups together */
+#define MAX_NH_BUCKETS (1 << 20)  /* all groups' tables together */
 #define MAX_ROUTES_V4 (1 << 20)
 #define MAX_ROUTES_V6 (1 << 18)
 #define MAX_VLAN_DEPTH 2

@@ -27,8 +27,7 @@ struct fib_result {
 	__u32 slot6;            /* the matched IPv6 slot (hash levels), for events */
 	__u32 group;            /* RTYPE_MULTIPATH: the route's next-hop group (nexthop.h) */
 	__u32 hash;             /* RTYPE_MULTIPATH: the flow's hash */
-	__u16 path;             /* RTYPE_MULTIPATH: the member taken (hash-threshold) */
-	__u16 bucket;           /* RTYPE_MULTIPATH: the bucket taken (resilient) */
+	__u32 bucket;           /* RTYPE_MULTIPATH: the bucket taken */
 };
 
 static __always_inline __u32 pkt_l3_len(const struct pkt *p)

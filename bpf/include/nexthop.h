@@ -1,19 +1,20 @@
 /* Next-hop groups: a multipath route (RTA_MULTIPATH, or a kernel next-hop
  * group, `ip nexthop add id N group ...`) names a group instead of a next
- * hop, and the ecmp stage picks one of its paths per flow.
+ * hop, and the ecmp stage picks one of its members per flow: bucket
+ * hash % buckets of the group's table in nh_buckets, as the kernel's
+ * resilient groups do (nexthop_select_path_res).
  *
- * Hash-threshold groups (multipath routes, `type mpath`): the 31-bit flow
- * hash falls into one member's range; member i takes hashes up to upper[i],
- * the ranges sized by the weights, as the kernel's fib_rebalance and
- * nh_hthr_group_rebalance size them. Removing a member moves about half of
- * all flows; that is the kernel's behaviour for these groups.
+ * Resilient groups (`type resilient`): the table is the kernel's, mirrored
+ * bucket by bucket (its dump, and RTM_NEWNEXTHOPBUCKET for each bucket the
+ * kernel moves as its idle and unbalanced timers allow).
  *
- * Resilient groups (`type resilient`): the kernel assigns each of the
- * group's buckets to a member and moves buckets only as its idle and
- * unbalanced timers allow; the agent mirrors the kernel's bucket table
- * (dump and RTM_NEWNEXTHOPBUCKET) into nh_buckets, and a flow takes bucket
- * hash % buckets, as nexthop_select_path_res does. Removing a member moves
- * only the flows of its buckets.
+ * Hash-threshold groups (multipath routes, `type mpath`): the kernel splits
+ * the hash space by weight, so removing one member moves flows between
+ * the others too. Here the agent fills a table of its own by weight
+ * (bpfrouter/ecmp.py), and when a route's group changes it keeps every
+ * bucket whose member stays: removing a member moves only its flows,
+ * adding one moves only the flows it takes over. Each flow still takes a
+ * member of the kernel's group, at the member's weight.
  *
  * The flow hash covers the fields the kernel's fib_multipath_hash_policy
  * and fib_multipath_hash_fields select (the agent mirrors both sysctls of
@@ -36,16 +37,16 @@ struct {
 } nexthops SEC(".maps");
 
 struct nh_group {
-	__u16 count;            /* members (hash-threshold); 0: the group is empty */
-	__u16 buckets;          /* resilient: bucket count; 0: hash-threshold */
-	__u32 bucket_base;      /* resilient: its first entry in nh_buckets */
+	__u16 count;            /* members; 0: the group is empty */
+	__u16 buckets;          /* the size of its table */
+	__u32 bucket_base;      /* its table's first entry in nh_buckets */
 	__u32 kernel_id;        /* the kernel's next-hop group id, 0: a multipath route's */
 	__u32 flags;            /* NH_GROUP_F_* */
-	__u32 nh[MAX_ECMP_PATHS];       /* member next-hop ids (the nexthops map), resilient ones too */
-	__u32 upper[MAX_ECMP_PATHS];    /* hash-threshold: member i takes hashes <= upper[i] */
+	__u32 nh[MAX_ECMP_PATHS];       /* member next-hop ids (the nexthops map) */
 };
 
 #define NH_GROUP_F_PARTIAL 1        /* the kernel's route has members left out here (dead) */
+#define NH_GROUP_F_RESILIENT 2      /* the table is the kernel's */
 
 struct {
 	__uint(type, BPF_MAP_TYPE_ARRAY);
@@ -220,36 +221,19 @@ static __always_inline int ecmp_group_uses_dev(__u32 group, __u32 ifindex)
 	return g->flags & NH_GROUP_F_PARTIAL ? -1 : 0;
 }
 
-/* The group member for hash: its next-hop id, and its index (path) or
- * bucket for `route get`. 0: the group is empty or unknown. */
-static __always_inline __u32 ecmp_pick(__u32 group, __u32 hash, __u16 *path, __u16 *bucket)
+/* The group member for hash: its next-hop id (0: the group is empty or
+ * unknown), and the bucket taken, for `route get`. */
+static __always_inline __u32 ecmp_pick(__u32 group, __u32 hash, __u32 *bucket)
 {
 	struct nh_group *g = bpf_map_lookup_elem(&nh_groups, &group);
-	__u32 lo = 0, hi, key, *nh;
+	__u32 key, *nh;
 
-	if (!g || !g->count)
+	if (!g || !g->count || !g->buckets)
 		return 0;
-	if (g->buckets) {
-		*bucket = hash % g->buckets;
-		key = g->bucket_base + *bucket;
-		nh = bpf_map_lookup_elem(&nh_buckets, &key);
-		return nh ? *nh : 0;
-	}
-	/* the first member whose range reaches the hash: a binary search */
-	hi = g->count - 1;
-#pragma unroll
-	for (int i = 0; i < ECMP_SEARCH_STEPS; i++) {
-		__u32 mid = (lo + hi) >> 1;
-
-		if (lo >= hi)
-			break;
-		if (hash <= g->upper[mid & (MAX_ECMP_PATHS - 1)])
-			hi = mid;
-		else
-			lo = mid + 1;
-	}
-	*path = lo;
-	return g->nh[lo & (MAX_ECMP_PATHS - 1)];
+	*bucket = hash % g->buckets;
+	key = g->bucket_base + *bucket;
+	nh = bpf_map_lookup_elem(&nh_buckets, &key);
+	return nh ? *nh : 0;
 }
 
 #endif

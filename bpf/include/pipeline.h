@@ -67,7 +67,6 @@ static __always_inline void record(struct xdp_md *ctx, const struct packet_ctx *
 	probe->route_proto = res->route_proto;
 	probe->flags = res->neigh_found ? PROBE_F_NEIGH : 0;
 	probe->hash = res->hash;
-	probe->path = res->path;
 	probe->bucket = res->bucket;
 	probe->magic = res->group;      /* read last: nothing checks the magic after this */
 }

@@ -22,8 +22,8 @@ struct probe_meta {     /* 32 bytes: all XDP metadata can hold */
 	__u8 prefixlen;
 	__u8 route_proto;
 	__u8 flags;
-	__u8 path;              /* a multipath route's: the member (hash-threshold) */
-	__u16 bucket;           /* a multipath route's: the bucket (resilient) */
+	__u8 reserved;
+	__u16 bucket;           /* a multipath route's: the bucket taken */
 	/* what the parser found */
 	__u16 l3_off;           /* 0: no IP header */
 	__u16 l4_off;           /* 0: no L4 header */

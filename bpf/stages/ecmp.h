@@ -24,7 +24,7 @@ static __always_inline int ecmp_stage(struct xdp_md *ctx, struct packet_ctx *pc)
 	if (reason >= 0)
 		return reason;
 	res->hash = ecmp_flow_hash(&p, p.fragment);
-	nh_id = ecmp_pick(res->group, res->hash, &res->path, &res->bucket);
+	nh_id = ecmp_pick(res->group, res->hash, &res->bucket);
 	if (!nh_id)
 		return REASON_PASS_NEXTHOP_INVALID;
 	reason = nexthop_resolve(&p, res, nh_id, pc->probe);

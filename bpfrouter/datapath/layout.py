@@ -16,8 +16,8 @@ MAX_IFACES = 256
 MAX_NEXTHOPS = 65536
 MAX_ECMP_PATHS = 32
 MAX_NH_GROUPS = 4096
-MAX_NH_BUCKETS = 1 << 18
-NH_GROUP_F_PARTIAL = 1
+MAX_NH_BUCKETS = 1 << 20
+NH_GROUP_F_PARTIAL, NH_GROUP_F_RESILIENT = 1, 2
 PROBE_MAGIC = 0x4252504F
 PROBE_F_NEIGH = 1
 NEXTHOP_F_GATEWAY = 1
@@ -172,7 +172,7 @@ class NexthopValue(ctypes.Structure):
 
 class NhGroup(ctypes.Structure):
     _fields_ = [("count", u16), ("buckets", u16), ("bucket_base", u32), ("kernel_id", u32), ("flags", u32),
-                ("nh", u32 * MAX_ECMP_PATHS), ("upper", u32 * MAX_ECMP_PATHS)]
+                ("nh", u32 * MAX_ECMP_PATHS)]
 
 
 class EcmpHashConfig(ctypes.Structure):
@@ -215,7 +215,7 @@ class H6Conf(ctypes.Structure):
 class ProbeMeta(ctypes.Structure):
     _fields_ = [("magic", u32), ("nh_id", u32), ("egress_ifindex", u32), ("hash", u32),
                 ("reason", u8), ("route_type", u8), ("prefixlen", u8), ("route_proto", u8), ("flags", u8),
-                ("path", u8), ("bucket", u16),
+                ("reserved", u8), ("bucket", u16),
                 ("l3_off", u16), ("l4_off", u16), ("l3_proto", u16), ("l4_proto", u8), ("vlan_depth", u8)]
 
 

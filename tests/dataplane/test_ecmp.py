@@ -2,7 +2,8 @@
 over 100k flows through the loaded program (BPF_PROG_TEST_RUN):
 
 - weighted hash-threshold groups: each path's share within 2 percentage
-  points of its weight's;
+  points of its weight's; removing a path moves only its flows, adding one
+  only the flows it takes (the kernel would move others too: see ecmp.py);
 - the hash fields follow fib_multipath_hash_policy: policy 0 keeps every
   flow between two hosts on one path, policy 1 spreads them by port;
 - resilient groups, as the kernel builds them (`ip nexthop ... type
@@ -128,6 +129,22 @@ def test_weights_give_their_share(env, ecmp_dp):
             share = taken.count(i) / FLOWS
             assert abs(share - w / sum(weights)) <= 0.02, \
                 f"path {i} (weight {w}) took {share:.3%} of the flows, not {w / sum(weights):.3%}"
+        # one path less: only its flows move; the path back: only the flows it takes
+        flow_list = list(flows(FLOWS // 2, seed=4))
+        before = paths_taken(env, ecmp_dp, flow_list)
+        three = tuple(m for m in members if m[0] != hops(env, 4)[1])
+        fib.update(Route(ipaddress.ip_network("10.50.0.0/16"), RouteType.UNICAST, tuple(h for h, _ in three),
+                         proto=3, group=NexthopGroup(three)), replace=True)
+        after = paths_taken(env, ecmp_dp, flow_list)
+        moved = {i for i, (a, b) in enumerate(zip(before, after, strict=True)) if a != b}
+        assert moved == {i for i, a in enumerate(before) if a == 1}
+        fib.update(Route(ipaddress.ip_network("10.50.0.0/16"), RouteType.UNICAST, tuple(h for h, _ in members),
+                         proto=3, group=NexthopGroup(members)), replace=True)
+        again = paths_taken(env, ecmp_dp, flow_list)
+        moved = [i for i, (a, b) in enumerate(zip(after, again, strict=True)) if a != b]
+        assert {again[i] for i in moved} == {1}, "flows moved to a path that was there before"
+        assert abs(len(moved) / len(flow_list) - weights[1] / sum(weights)) <= 0.02
+        assert len(fib.groups.by_id) == 1, "the groups no route names were released"
     finally:
         fib.close()
 
@@ -155,7 +172,7 @@ def test_hash_policy_selects_the_fields(env, ecmp_dp):
         # route get names the hash and the path the flow took
         d = flow_probe(env, ecmp_dp, same_hosts[0])
         assert d.route_type == "multipath" and d.ecmp["type"] == "hash-threshold" and d.ecmp["paths"] == 8
-        assert d.gateway == GATEWAYS[spread[0]] and d.ecmp["path"] == spread[0]
+        assert d.gateway == GATEWAYS[spread[0]] and d.ecmp["path"] == spread[0] and d.ecmp["buckets"] == 256
     finally:
         set_policy(ecmp_dp, 0)
         fib.close()
