@@ -253,6 +253,18 @@ class GroupTable:
         self.bucket_moves += 1
         return True
 
+    def sync(self, group: NexthopGroup) -> int:
+        """A fresh dump's table of an installed resilient group: the buckets
+        that differ are rewritten (moves announced while events were lost)."""
+        gid = self.ids.get(group)
+        if gid is None or not group.resilient:
+            return 0
+        changed = [i for i, (have, want) in enumerate(zip(self.tables[gid], group.bucket_hops, strict=True))
+                   if have != want]
+        for i in changed:
+            self._set_bucket(gid, i, group.bucket_hops[i])
+        return len(changed)
+
     def add_refs(self, gids) -> None:
         for gid in gids:
             if gid:

@@ -563,6 +563,9 @@ class Fib:
             changed = self._reconcile(kernel.keys() | self.installed.keys() | self.left_out.keys())
         else:
             changed = self._reconcile(kernel)
+        for group in {id(r.group): r.group for r in self.installed.values()
+                      if r.group is not None and r.group.resilient}.values():
+            self.groups.sync(group)
         self._collect_unused()
         return changed
 

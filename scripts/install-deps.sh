@@ -4,9 +4,10 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-# libpcap0.8: `bpfrouter capture` compiles tcpdump filters with it; tshark reads captures in tests
+# libpcap0.8: `bpfrouter capture` compiles tcpdump filters with it; tshark reads captures in tests;
+# frr: a real routing daemon drives ECMP in the tests (zebra, staticd, vtysh)
 PKGS=(clang-19 llvm-19 libbpf-dev libbpf1 bpftool iproute2 iputils-ping ethtool iperf3
-      util-linux python3-venv libpcap0.8 tshark)
+      util-linux python3-venv libpcap0.8 tshark frr)
 missing=()
 for p in "${PKGS[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing+=("$p")

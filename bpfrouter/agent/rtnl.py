@@ -253,7 +253,7 @@ class Decoder:
             table_ = self.res_buckets.get(nh_id, [])
             bucket_hops = tuple(objs[i].hop if i in objs and objs[i].hop else None for i in table_)
         if len(members) > MAX_ECMP_PATHS or len(members) < len(obj.group) and obj.buckets or \
-                obj.buckets and (len(bucket_hops) != obj.buckets or None in bucket_hops):
+                obj.buckets and (len(bucket_hops) != obj.buckets or not set(bucket_hops) <= set(hops)):
             # wider than a group here, or a resilient group whose buckets are not all known
             return Route.from_key(pkey, RouteType.KERNEL, hops, proto, metric, table,
                                   kernel_route_bits(Reason.PASS_MULTIPATH))
@@ -365,6 +365,10 @@ class Decoder:
         old = self.nexthop_objects.get(nh_id)
         if new and obj is not None:
             self.nexthop_objects[nh_id] = obj
+            if old is not None and old != obj:
+                # a resilient group's buckets are stale until its next dump: its
+                # routes go to the kernel meanwhile (_group_route)
+                self.res_buckets.pop(nh_id, None)
             # a new resilient group's buckets are read with the routes
             return old is not None and old != obj or old is None and obj.buckets > 0
         self.nexthop_objects.pop(nh_id, None)
