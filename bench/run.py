@@ -142,6 +142,28 @@ def cold_datapath(lab: Lab, version: int, size: int, rng) -> tuple[Datapath, Fib
     return dp, fib, prefixes
 
 
+ECMP_PATHS = 8
+
+
+def add_ecmp_routes(lab: Lab) -> None:
+    """Two /16s toward h2 for the ECMP rows: 10.62/16 over ECMP_PATHS
+    gateways (addresses of h2, resolved first), 10.63/16 through the first
+    alone; the same random destinations in each set the group's cost apart."""
+    gws = [f"10.0.2.{31 + i}" for i in range(ECMP_PATHS)]
+    for gw in gws:
+        lab.run("h2", ["ip", "addr", "add", f"{gw}/24", "dev", "h2-eth0"], check=True)
+        lab.run("r", ["ping", "-c1", "-W2", gw], check=True)
+    lab.run("r", ["ip", "route", "add", "10.62.0.0/16", *[w for gw in gws for w in ("nexthop", "via", gw)]],
+            check=True)
+    lab.run("r", ["ip", "route", "add", "10.63.0.0/16", "via", gws[0]], check=True)
+    for prefix, kind in (("10.62.1.1", "multipath"), ("10.63.1.1", "unicast")):
+        deadline = time.monotonic() + 10
+        while f"({kind}" not in bpfrouter("route", "get", prefix, "--name", "bench"):
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the agent did not mirror the {kind} route to {prefix}")
+            time.sleep(0.1)
+
+
 def bench_per_packet(lab: Lab, quick: bool) -> list[dict]:
     packets, rounds = (200_000, 3) if quick else (1_000_000, 7)
     sizes = {4: 100_000, 6: 23_000} if quick else {4: 1_000_000, 6: 230_000}
@@ -157,10 +179,16 @@ def bench_per_packet(lab: Lab, quick: bool) -> list[dict]:
                 ifaces.configure(idx, mac, 1500)
             hot = {"bpf": lab_dp, "kernel": kernel_dp}
             one = {v: ipaddress.ip_address(lab.addr("h2", v)).packed for v in (4, 6)}
+            spread = {net: destinations(rng, [ipaddress.ip_network(net)], packets, 4)
+                      for net in ("10.62.0.0/16", "10.63.0.0/16")}
             cases = [Case("hot IPv4 forward", 4, one[4], hot, lo.Reason.FWD_IPV4, lo.Reason.FWD_IPV4),
                      Case("hot IPv6 forward", 6, one[6], hot, lo.Reason.FWD_IPV6, lo.Reason.FWD_IPV6),
                      Case("hot IPv4 no route (pass)", 4, ipaddress.ip_address("198.51.100.1").packed, hot,
-                          lo.Reason.PASS_FIB_MISS, lo.Reason.PASS_KERNEL_NOT_FWDED, floor=False, single=False)]
+                          lo.Reason.PASS_FIB_MISS, lo.Reason.PASS_KERNEL_NOT_FWDED, floor=False, single=False),
+                     Case("IPv4 /16, random destinations", 4, spread["10.63.0.0/16"], hot, lo.Reason.FWD_IPV4,
+                          lo.Reason.FWD_IPV4),
+                     Case(f"IPv4 /16 {ECMP_PATHS}-way ECMP, random dsts", 4, spread["10.62.0.0/16"], hot,
+                          lo.Reason.FWD_IPV4, lo.Reason.FWD_IPV4)]
             for case in cases:
                 rows.append(run_case(case, lab, packets, rounds))
         finally:
@@ -373,6 +401,7 @@ def main() -> None:
         start_lab_router(lab, "bench")
         for v in (4, 6):
             lab.run("h1", ["ping", "-c", "1", lab.addr("h2", v)], check=True)
+        add_ecmp_routes(lab)
         per_packet = bench_per_packet(lab, args.quick)
         hook = idle_capture_hook()
         budget = stage_budget()

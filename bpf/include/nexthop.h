@@ -175,6 +175,10 @@ static __always_inline __u32 ecmp_flow_hash(const struct pkt *p, int fragment)
 		if (fields & HASH_F_IP_PROTO)
 			h = hash_mix(h, p->ip4->protocol);
 	} else if (p->ip6) {
+		/* a fragment header right after the IPv6 header (where it is in
+		 * practice): marking it in the parser's header walk doubles the
+		 * entry stage's verification */
+		fragment |= p->ip6->nexthdr == IPPROTO_FRAGMENT;
 		fields = cfg->fields[1];
 		if (fields & HASH_F_SRC_IP)
 			h = hash_addr6(h, &p->ip6->saddr);

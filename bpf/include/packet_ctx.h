@@ -19,6 +19,10 @@
 #include "fib.h"
 #include "iface.h"
 
+/* What a stage returns when it has not decided the packet (else: a reason). */
+#define STAGE_NEXT (-1)         /* go on with the next stage */
+#define STAGE_SKIP_NEXT (-2)    /* go on past the next stage (list.h says which that is) */
+
 #define PCTX_F_IP_OPTIONS 1     /* IPv4 header carries options */
 #define PCTX_F_HOP_BY_HOP 2     /* IPv6 hop-by-hop header present */
 #define PCTX_F_FRAGMENT 4       /* an IP fragment */

@@ -35,7 +35,7 @@ struct pkt {
 	__u8 l4_proto;
 	__u8 ip_options;          /* IPv4 header carries options */
 	__u8 hop_by_hop;          /* IPv6 hop-by-hop header present */
-	__u8 fragment;            /* a fragment (first or not): its ports do not hash */
+	__u8 fragment;            /* an IPv4 fragment (first or not): its ports do not hash */
 };
 
 /* The L4 header's fixed part, for the observers and classify (ICMPv6
@@ -164,7 +164,6 @@ static __always_inline int parse_ipv6(struct pkt *p, void *l3)
 		case IPPROTO_FRAGMENT:
 			if ((void *)(h + 8) > end)
 				return -1;
-			p->fragment = 1;
 			/* Non-first fragment: no L4 header follows. */
 			if (((__u16)h[2] << 8 | h[3]) & 0xFFF8)
 				return -1;

@@ -96,15 +96,18 @@ struct {
  * deciding stages do not even try the tail call. */
 const volatile __u32 observe_in_chain = 1;
 
-/* After stage SLOT returned `reason`: go on to the next slot (-1) or end
- * with the verdict. A next stage missing from the chain (the loader fills
- * every slot before attaching) passes the packet to the kernel, counted. */
+/* After stage SLOT returned `reason`: go on to the next slot (STAGE_NEXT),
+ * past it (STAGE_SKIP_NEXT), or end with the verdict. A next stage missing
+ * from the chain (the loader fills every slot before attaching) passes the
+ * packet to the kernel, counted. */
 #define STAGE_RETURN(ctx, pc, SLOT, reason) do {				\
 	int reason_ = (reason);							\
-	if (reason_ < 0) {							\
+	if (reason_ == STAGE_SKIP_NEXT)						\
+		bpf_tail_call_static(ctx, &stages, (SLOT) + 2);			\
+	else if (reason_ < 0)							\
 		bpf_tail_call_static(ctx, &stages, (SLOT) + 1);			\
+	if (reason_ < 0)							\
 		reason_ = REASON_PASS_STAGE_MISSING;				\
-	}									\
 	if (decided(ctx, pc, reason_) && observe_in_chain)			\
 		bpf_tail_call_static(ctx, &stages, STAGE_OBSERVE);		\
 	return (pc)->action;							\
@@ -184,7 +187,11 @@ static __always_inline int single_program(struct xdp_md *ctx, const int capture)
 	if (capture)
 		capture_begin(ctx);
 	reason = entry_stage(ctx, pc);
-#define STAGE_CALL(SLOT, name) if (reason < 0) reason = name##_stage(ctx, pc);
+#define STAGE_CALL(SLOT, name)							\
+	if (reason == STAGE_SKIP_NEXT)						\
+		reason = STAGE_NEXT;						\
+	else if (reason < 0)							\
+		reason = name##_stage(ctx, pc);
 	DECISION_STAGES(STAGE_CALL)
 #undef STAGE_CALL
 	if (reason < 0)

@@ -19,7 +19,10 @@ static __always_inline int fib_stage(struct xdp_md *ctx, struct packet_ctx *pc)
 		reason = fib_lookup_kernel(ctx, &p, &pc->res, pc->probe);
 	else
 		reason = fib_lookup_bpf(&p, &pc->res, pc->probe);
-	return reason <= REASON_FWD_IPV6 ? -1 : reason;
+	if (reason > REASON_FWD_IPV6)
+		return reason;
+	/* the ecmp stage follows (list.h): only a multipath route needs it */
+	return pc->res.route_type == RTYPE_MULTIPATH ? STAGE_NEXT : STAGE_SKIP_NEXT;
 }
 
 #endif

@@ -18,6 +18,7 @@
 #include "forward.h"
 #include "observe.h"
 
+/* fib skips ecmp (STAGE_SKIP_NEXT) unless the route is multipath. */
 #define DECISION_STAGES(X) \
 	X(FIB, fib) \
 	X(ECMP, ecmp) \
