@@ -13,12 +13,11 @@ from rich.console import Console
 from rich.table import Table
 
 from . import netns, router
-from .agent.agent import AgentRunning
+from .agent.paths import AgentRunning
 from .agent.client import AgentUnavailable, agent_pid, log_path, request, start_agent, stop_agent
 from .bpf import BpfError
 from .datapath import Datapath, DatapathError
 from .datapath.layout import OBSERVERS, LayoutMismatch, RouteType, proto_name
-from .fib import kernel_route_info, read_installed
 from .interfaces import Interfaces, InterfaceError, ifname
 from .lab import Lab, LabError, list_labs
 from .netns import NetnsError
@@ -339,6 +338,7 @@ def route_load(file, name):
 @json_options
 def route_show(v4, v6, show_all, name, as_json, pretty):
     """Routes in the data plane's FIB, with the protocol that installed each (its source)."""
+    from .fib import kernel_route_info, read_installed  # (numpy: only where routes are read)
     meta = router.resolve(name)
     if show_all:
         return _route_show_all(meta, v4, v6, as_json, pretty)
@@ -499,6 +499,7 @@ def verify(count, seed, v4, v6, name, as_json, pretty):
     Exits 1 on any difference."""
     import numpy as np
     from pyroute2 import IPRoute
+    from .fib import read_installed
     from .fibcheck import sample_destinations, verify as run_verify
     meta = router.resolve(name)
     dp = Datapath.open(meta.name)

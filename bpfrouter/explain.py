@@ -8,7 +8,7 @@ import re
 
 from .datapath import Datapath
 from .datapath import layout as lo
-from .fib import _nh_from_value
+from .nexthop import nexthop_of_value
 from .interfaces import ifname
 from .observe import REASON_TEXT, XDP_ACTIONS, ecmp_choice, ecmp_text, run_probe
 from .packet import mac_str
@@ -188,7 +188,7 @@ def explain(dp: Datapath, frame: bytes, iif: int, fib_mode: str, fib_impl: str) 
     result["ecmp"] = ecmp_choice(dp, out)
     if out.nh_id:
         v = dp.nexthops.lookup(lo.u32(out.nh_id))
-        nh = _nh_from_value(v) if v is not None and v.ifindex else None
+        nh = nexthop_of_value(v) if v is not None and v.ifindex else None
         result["nexthop"] = {"id": out.nh_id, "gateway": str(nh.gateway) if nh and nh.gateway else None,
                              "dev": ifname(nh.ifindex) if nh else None}
         if nh is not None:

@@ -40,8 +40,9 @@ from .datapath import layout as lo
 from .dirfib import CompressedRoot, DirFull, DirTable, FreeList
 from .ecmp import GroupSpaceFull, GroupTable, NexthopGroup
 from .grace import GRACE
+from .nexthop import Nexthop, nexthop_of_value, nexthop_value
 from .hashfib6 import HashTable6
-from .routespec import IPAddress, IPNetwork
+from .routespec import IPNetwork
 
 RouteType = lo.RouteType
 TABLE_MAIN, TABLE_LOCAL = 254, 255
@@ -59,19 +60,6 @@ def prefix_key(prefix: IPNetwork) -> PrefixKey:
 
 def key_network(k: PrefixKey) -> IPNetwork:
     return (ipaddress.IPv4Network if k[0] == 4 else ipaddress.IPv6Network)((k[1], k[2]))
-
-
-@dataclass(frozen=True)
-class Nexthop:
-    ifindex: int
-    gateway: IPAddress | None = None
-
-    def __post_init__(self):
-        # ipaddress objects do not cache their hash; this one is hashed per route
-        object.__setattr__(self, "_hash", hash((self.ifindex, int(self.gateway) if self.gateway is not None else -1)))
-
-    def __hash__(self) -> int:
-        return self._hash
 
 
 def _installed_type(rtype: RouteType, nexthops: tuple, group) -> RouteType:
@@ -231,24 +219,6 @@ def _key_prefix(key) -> IPNetwork:
     return ipaddress.ip_network(f"{addr}/{key.prefixlen}")
 
 
-def _nh_value(nh: Nexthop) -> lo.NexthopValue:
-    v = lo.NexthopValue(ifindex=nh.ifindex)
-    if nh.gateway is not None:
-        v.flags = lo.NEXTHOP_F_GATEWAY
-        v.family = lo.AF_INET if nh.gateway.version == 4 else lo.AF_INET6
-        packed = nh.gateway.packed
-        v.gw = (lo.u8 * 16)(*packed.ljust(16, b"\0"))
-    return v
-
-
-def _nh_from_value(v: lo.NexthopValue) -> Nexthop:
-    gw = None
-    if v.flags & lo.NEXTHOP_F_GATEWAY:
-        raw = bytes(v.gw)
-        gw = ipaddress.ip_address(raw[:4] if v.family == lo.AF_INET else raw)
-    return Nexthop(v.ifindex, gw)
-
-
 class NexthopTable:
     """Reference-counted next-hop ids in the `nexthops` array map (id 0 unused).
 
@@ -276,7 +246,7 @@ class NexthopTable:
                 nid = self.free.popleft()  # the oldest freed, after a grace period
             else:
                 raise FibError(f"next-hop table full ({self.dp.nexthops.max_entries} entries)")
-            self.dp.nexthops.update(lo.u32(nid), _nh_value(nh))
+            self.dp.nexthops.update(lo.u32(nid), nexthop_value(nh))
             self.ids[nh], self.by_id[nid], self.refs[nid] = nid, nh, 0
         return nid
 
@@ -331,7 +301,7 @@ class NexthopTable:
         """Rebuild ids from the pinned map (refcounts are rebuilt by Fib.recover)."""
         for k, v in self.dp.nexthops.lookup_batch():
             if v.ifindex:
-                nh = _nh_from_value(v)
+                nh = nexthop_of_value(v)
                 self.ids[nh], self.by_id[k.value], self.refs[k.value] = k.value, nh, 0
         self.next_id = max(self.by_id, default=0) + 1
         # the previous agent's freed ids: their grace period may not have passed
@@ -939,7 +909,7 @@ def _sort_key(p: IPNetwork):
 
 def read_installed(dp: Datapath) -> list[tuple[IPNetwork, lo.RouteValue, Nexthop | None]]:
     """The BPF FIB as the data plane sees it (for `route show` without the agent)."""
-    nhs = {k.value: _nh_from_value(v) for k, v in dp.nexthops.lookup_batch() if v.ifindex}
+    nhs = {k.value: nexthop_of_value(v) for k, v in dp.nexthops.lookup_batch() if v.ifindex}
     out = []
     tables = make_tables(dp, recover=False)
     try:

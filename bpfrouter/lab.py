@@ -16,8 +16,6 @@ import signal
 import subprocess
 from dataclasses import dataclass
 
-from pyroute2 import IPRoute
-from pyroute2 import netns as pr_netns
 
 from . import netns
 from .agent.client import stop_agent
@@ -84,6 +82,8 @@ class Lab:
             raise
 
     def _build(self) -> None:
+        from pyroute2 import IPRoute  # (a second to import: not for every `bpfrouter` command)
+        from pyroute2 import netns as pr_netns
         for node in NODES:
             pr_netns.create(self.ns(node))
             netns.run_in(self.ns(node), _sysctl, {
@@ -137,10 +137,12 @@ class Lab:
                     except ProcessLookupError:
                         pass
             if netns.exists(ns):
+                from pyroute2 import netns as pr_netns
                 pr_netns.remove(ns)
 
     def link(self, node: str, ifname: str) -> tuple[int, bytes]:
         """(ifindex, MAC) of an interface of a node."""
+        from pyroute2 import IPRoute
         with IPRoute(netns=self.ns(node)) as ipr:
             msg = ipr.link("get", index=ipr.link_lookup(ifname=ifname)[0])[0]
         return msg["index"], bytes.fromhex(msg.get_attr("IFLA_ADDRESS").replace(":", ""))
@@ -165,7 +167,7 @@ class Lab:
         return subprocess.Popen(self.cmd(node, argv), **kw)
 
 
-def _add_addrs(ipr: IPRoute, idx: int, addrs: list[str]) -> None:
+def _add_addrs(ipr, idx: int, addrs: list[str]) -> None:
     for a in addrs:
         iface = ipaddress.ip_interface(a)
         kw = {"flags": IFA_F_NODAD} if iface.version == 6 else {}

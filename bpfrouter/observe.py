@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 from .datapath import Datapath
 from .datapath import layout as lo
-from .fib import _nh_from_value
+from .nexthop import nexthop_of_value
 from .packet import mac_str, udp_probe
 
 Reason = lo.Reason
@@ -34,7 +34,8 @@ REASON_TEXT: dict[Reason, str] = {
     Reason.PASS_TTL_EXCEEDED: 'TTL or hop limit <= 1: the kernel sends time-exceeded',
     Reason.PASS_NO_NEIGH: "next hop's MAC unknown: the kernel resolves it; later packets take the fast path",
     Reason.PASS_FRAG_NEEDED: 'larger than the egress MTU: the kernel fragments or sends packet-too-big',
-    Reason.PASS_MULTIPATH: 'ECMP route, until ECMP lands in the fast path',
+    Reason.PASS_MULTIPATH: ('multipath route the fast path cannot hold: more than 32 live paths, or a resilient '
+                            'group whose buckets are not known yet'),
     Reason.PASS_EGRESS_UNMANAGED: 'egress port is not attached to this router',
     Reason.PASS_KERNEL_NOT_FWDED: '--fib kernel: bpf_fib_lookup says local delivery, no route, or forwarding disabled',
     Reason.PASS_UNKNOWN_IFACE: 'arrived on a port the router has no entry for',
@@ -46,7 +47,7 @@ REASON_TEXT: dict[Reason, str] = {
     Reason.PASS_LOCAL_SOURCE: ('source is a local or broadcast address of the router with rp_filter off: '
                                'the kernel decides'),
     Reason.PASS_SOURCE_UNVERIFIED: ('the source check needs what the fast path cannot evaluate (custom rules, '
-                                    'VRF, multipath route back in the kernel FIB)'),
+                                    'VRF, a multipath route back with dead paths left out)'),
     Reason.PASS_ENCAP: 'route with encapsulation (mpls, ip, seg6, ...): only the kernel adds it',
     Reason.PASS_ROUTE_TYPE: 'route of a type the fast path does not implement (throw, nat, ...)',
     Reason.PASS_POLICY: 'rules or VRFs could route this port and family other than by main alone',
@@ -177,7 +178,7 @@ def probe(dp: Datapath, dst, iif: int, iif_mac: bytes, src=None, ttl: int = 64, 
     if out.nh_id:
         v = dp.nexthops.lookup(lo.u32(out.nh_id))
         if v is not None and v.ifindex:
-            gw = _nh_from_value(v).gateway
+            gw = nexthop_of_value(v).gateway
             d.gateway = str(gw) if gw else None
     d.egress_ifindex = out.egress_ifindex
     d.neigh_found = bool(out.flags & lo.PROBE_F_NEIGH)

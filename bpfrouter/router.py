@@ -6,9 +6,7 @@ from __future__ import annotations
 
 import shutil
 
-from pyroute2 import IPRoute
-
-from . import netns, veth, xmit
+from . import netns, xmit
 from .agent.client import AgentUnavailable, agent_pid, request, start_agent, stop_agent
 from .agent.kernel import link_from_msg
 from .bpf import prog_info, xdp_query
@@ -16,7 +14,6 @@ from .datapath import (Datapath, DatapathError, RouterMeta, check_bpffs, default
                        running_routers, validate_name)
 from .datapath import layout as lo
 from .interfaces import Interfaces, flags_text, ifname
-from .fib import fib_memory
 from .observe import clear_slot, read_counters
 from .packet import mac_str
 from .telemetry import fill_warnings, flow_table_stats, map_fill, obs_stats
@@ -40,6 +37,7 @@ def resolve(name: str | None) -> RouterMeta:
 
 
 def _read_links(ifnames: list[str]):
+    from pyroute2 import IPRoute  # (a second to import: not for every `bpfrouter` command)
     with IPRoute() as ipr:
         links = {li.name: li for li in (link_from_msg(m) for m in ipr.link("dump"))}
     missing = [n for n in ifnames if n not in links]
@@ -72,6 +70,7 @@ def up(ifnames: list[str], name: str = DEFAULT_NAME, fib_mode: str = "bpf",
                                 f"detach it first (`ip link set {li.name} xdp off`)")
     # Native redirects into a veth need its peer's NAPI (bpfrouter/veth.py); every
     # peer is checked before one is changed, so a refusal changes nothing.
+    from . import veth  # (pyroute2: imported by the commands that use it)
     for peer in veth.peers_to_fix(ifnames) if xdp_mode == "native" else []:
         veth.turn_gro_on(peer)
         if notify:
@@ -153,6 +152,7 @@ def status(meta: RouterMeta) -> dict:
                               "outcome": outcome.label, "packets": n})
             lost += n if outcome != xmit.Outcome.SENT else 0
         totals["redirect_lost"] = lost
+        from .fib import fib_memory  # (numpy: not for every `bpfrouter` command)
         by_version = fib_memory(dp)
         memory = {f"ipv{v}": m for v, m in by_version.items()}
         v4, v6 = memory["ipv4"]["routes"], memory["ipv6"]["routes"]

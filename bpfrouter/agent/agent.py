@@ -39,7 +39,6 @@ import socketserver
 import subprocess
 import threading
 import time
-from pathlib import Path
 
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
@@ -47,7 +46,7 @@ from pyroute2.netlink.rtnl import (RTMGRP_IPV4_IFADDR, RTMGRP_IPV4_RULE, RTMGRP_
                                    RTMGRP_LINK, RTMGRP_NEIGH)
 
 from .. import capture, metrics
-from ..datapath import RUN_ROOT, Datapath, RouterMeta
+from ..datapath import Datapath, RouterMeta
 from ..ecmp import mirror_hash_config
 from ..datapath.layout import IFACE_F_PASS_POLICY4, IFACE_F_PASS_POLICY6, RTPROT_BPFROUTER, proto_name
 from ..fib import TABLE_MAIN, Fib, FibError, Route, RouteType, kernel_route_info, prefix_key
@@ -56,6 +55,7 @@ from ..neighbors import POKE_SECONDS, Neighbors
 from ..routespec import RouteSpec, RouteSpecError, parse_route
 from ..telemetry import fill_warnings, map_fill
 from .kernel import IFF_LOWER_UP, link_from_msg, neigh_from_msg
+from .paths import AgentRunning, lock_path, pid_path, socket_path
 from .policy import PolicyMirror
 from .rules import read_policy
 from .rtnl import DeadRoute, Decoder, RouteMonitor, dead_event, dump_routes
@@ -87,24 +87,8 @@ BURST_ROUTES = 2000       # a batch this large pauses the garbage collector unti
 SYNC_HOOK = os.environ.get("BPFROUTER_SYNC_HOOK")
 
 
-def socket_path(name: str) -> Path:
-    return RUN_ROOT / name / "agent.sock"
-
-
-def pid_path(name: str) -> Path:
-    return RUN_ROOT / name / "agent.pid"
-
-
-def lock_path(name: str) -> Path:
-    return RUN_ROOT / name / "agent.lock"
-
-
 class ApiError(Exception):
     pass
-
-
-class AgentRunning(Exception):
-    """Another agent already writes this router's maps."""
 
 
 def take_lock(name: str) -> int:

@@ -11,7 +11,7 @@ import sys
 import time
 
 from ..datapath import RUN_ROOT
-from .agent import pid_path, socket_path
+from .paths import pid_path, socket_path
 
 
 class AgentUnavailable(Exception):

@@ -34,12 +34,10 @@ import pytest
 from bpfrouter import netns
 from bpfrouter.datapath import Datapath
 from bpfrouter.datapath import layout as lo
-from bpfrouter.fib import _nh_from_value
+from bpfrouter.nexthop import nexthop_of_value
 from bpfrouter.interfaces import Interfaces
 from bpfrouter.observe import probe
-from tests.conftest import BPF_SKIP
-
-from .conftest import _make, wait_for
+from .conftest import wait_for
 
 PATHS = 4
 PORT = 7000
@@ -97,35 +95,31 @@ class Sink:
 
 
 @pytest.fixture(scope="module")
-def ecmp_lab():
-    if BPF_SKIP:
-        pytest.skip(BPF_SKIP)
-    lr = _make("bpf", "m")
+def ecmp_lab(bpf_router):
+    """The module's lab router, with h2's four ports and the sink."""
+    lr = bpf_router
     lab = lr.lab
-    try:
-        ports = {}
-        for i, gw in enumerate(GATEWAYS):
-            name = f"p{i + 1}"
-            lab.run("h2", ["ip", "link", "add", name, "link", "h2-eth0", "type", "macvlan", "mode", "bridge"], check=True)
-            lab.run("h2", ["ip", "link", "set", name, "address", f"02:00:00:00:ec:0{i + 1}", "up"], check=True)
-            lab.run("h2", ["ip", "addr", "add", f"{gw}/24", "dev", name], check=True)
-            ports[json.loads(lab.run("h2", ["ip", "-j", "link", "show", name], check=True).stdout)[0]["ifindex"]] = i
-        for net in ("10.60.0.0/16", "10.61.0.0/16"):
-            lab.run("h2", ["ip", "route", "add", "local", net, "dev", "lo"], check=True)
-        for key in ("all", "default", *(f"p{i + 1}" for i in range(PATHS))):
-            lab.run("h2", ["sysctl", "-qw", f"net.ipv4.conf.{key}.rp_filter=0"], check=True)
-        # each port answers ARP for its own address only (h2-eth0 would answer for
-        # all), and asks with its own (a reply leaving h2-eth0 from 10.0.2.11 would
-        # teach the router h2-eth0's MAC for it)
-        lab.run("h2", ["sysctl", "-qw", "net.ipv4.conf.all.arp_ignore=1"], check=True)
-        lab.run("h2", ["sysctl", "-qw", "net.ipv4.conf.all.arp_announce=2"], check=True)
-        for gw in GATEWAYS:  # the router resolves its next hops before the traffic
-            assert lab.run("r", ["ping", "-c1", "-W2", gw]).returncode == 0
-        sink = Sink(lab)
-        yield lr, sink, ports
-        sink.close()
-    finally:
-        lab.down()
+    ports = {}
+    for i, gw in enumerate(GATEWAYS):
+        name = f"p{i + 1}"
+        lab.run("h2", ["ip", "link", "add", name, "link", "h2-eth0", "type", "macvlan", "mode", "bridge"], check=True)
+        lab.run("h2", ["ip", "link", "set", name, "address", f"02:00:00:00:ec:0{i + 1}", "up"], check=True)
+        lab.run("h2", ["ip", "addr", "add", f"{gw}/24", "dev", name], check=True)
+        ports[json.loads(lab.run("h2", ["ip", "-j", "link", "show", name], check=True).stdout)[0]["ifindex"]] = i
+    for net in ("10.60.0.0/16", "10.61.0.0/16"):
+        lab.run("h2", ["ip", "route", "add", "local", net, "dev", "lo"], check=True)
+    for key in ("all", "default", *(f"p{i + 1}" for i in range(PATHS))):
+        lab.run("h2", ["sysctl", "-qw", f"net.ipv4.conf.{key}.rp_filter=0"], check=True)
+    # each port answers ARP for its own address only (h2-eth0 would answer for
+    # all), and asks with its own (a reply leaving h2-eth0 from 10.0.2.11 would
+    # teach the router h2-eth0's MAC for it)
+    lab.run("h2", ["sysctl", "-qw", "net.ipv4.conf.all.arp_ignore=1"], check=True)
+    lab.run("h2", ["sysctl", "-qw", "net.ipv4.conf.all.arp_announce=2"], check=True)
+    for gw in GATEWAYS:  # the router resolves its next hops before the traffic
+        assert lab.run("r", ["ping", "-c1", "-W2", gw]).returncode == 0
+    sink = Sink(lab)
+    yield lr, sink, ports
+    sink.close()
 
 
 def send(lr, sink, ports, dsts: list[str]) -> list[int]:
@@ -166,7 +160,7 @@ class Router:
         gws = []
         for i in range(g.buckets):
             nid = self.dp.nh_buckets.lookup(lo.u32(g.bucket_base + i)).value
-            gws.append(str(_nh_from_value(self.dp.nexthops.lookup(lo.u32(nid))).gateway))
+            gws.append(str(nexthop_of_value(self.dp.nexthops.lookup(lo.u32(nid))).gateway))
         return gws
 
     def close(self):
