@@ -16,6 +16,7 @@ its own."""
 from __future__ import annotations
 
 import ipaddress
+import json
 import random
 import struct
 import subprocess
@@ -182,7 +183,6 @@ def kernel_buckets(rib, group: int) -> list[str]:
     """The kernel's bucket table of a resilient group: each bucket's gateway."""
     out = subprocess.run(["ip", "-n", rib.ns, "-j", "nexthop", "bucket", "show", "id", str(group)],
                          check=True, capture_output=True, text=True).stdout
-    import json
     table = {b["bucket"]["index"]: b["bucket"]["nhid"] for b in json.loads(out)}
     return [GATEWAYS[table[i] - 1] for i in range(len(table))]
 

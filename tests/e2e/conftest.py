@@ -35,9 +35,10 @@ class RouterProgram:
         self.iif = min(iface)
         self.mac = bytes(iface[self.iif].mac)
 
-    def probe(self, dst):
+    def probe(self, dst, **fields):
+        """observe.probe's Decision; fields: src, sport, dport, ... as it takes them."""
         with netns.entered(self.lab.router_ns):
-            return probe(self.dp, ipaddress.ip_address(dst), self.iif, self.mac)
+            return probe(self.dp, ipaddress.ip_address(dst), self.iif, self.mac, **fields)
 
     def close(self) -> None:
         self.dp.close()

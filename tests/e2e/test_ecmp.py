@@ -31,13 +31,10 @@ from pathlib import Path
 
 import pytest
 
-from bpfrouter import netns
-from bpfrouter.datapath import Datapath
 from bpfrouter.datapath import layout as lo
 from bpfrouter.nexthop import nexthop_of_value
-from bpfrouter.interfaces import Interfaces
-from bpfrouter.observe import probe
-from .conftest import wait_for
+
+from .conftest import RouterProgram, wait_for
 
 PATHS = 4
 PORT = 7000
@@ -132,21 +129,12 @@ def send(lr, sink, ports, dsts: list[str]) -> list[int]:
     return [ports[sink.got[d]] for d in dsts]
 
 
-class Router:
+class Router(RouterProgram):
     """The lab router's maps, read in its namespace: what the fast path
-    would do with a flow, and the bucket table of its group."""
-
-    def __init__(self, lab):
-        self.lab = lab
-        with netns.entered(lab.router_ns):
-            self.dp = Datapath.open(lab.name)
-            ifaces = Interfaces(self.dp).configured()
-        self.iif = min(ifaces)
-        self.mac = bytes(ifaces[self.iif].mac)
+    would do with a flow from h1, and the bucket table of its group."""
 
     def probe(self, dst: str):
-        with netns.entered(self.lab.router_ns):
-            return probe(self.dp, dst, self.iif, self.mac, src="10.0.1.2", sport=0)
+        return super().probe(dst, src="10.0.1.2", sport=0)
 
     def paths(self, dst: str) -> int | None:
         """How many paths the group of dst's route has (None: not ECMP now)."""
@@ -163,8 +151,6 @@ class Router:
             gws.append(str(nexthop_of_value(self.dp.nexthops.lookup(lo.u32(nid))).gateway))
         return gws
 
-    def close(self):
-        self.dp.close()
 
 
 @pytest.fixture(scope="module")
