@@ -113,6 +113,8 @@ class NexthopGroup:
     buckets: int = 0            # resilient: the bucket count; 0: hash-threshold
     partial: bool = False       # the kernel's route has dead members, left out here
     bucket_hops: tuple = field(default=(), compare=False, hash=False)
+    recovered: int = 0          # read back from the maps by a restarted agent: its group id (an
+                                # identity of its own: weights are not in the maps)
 
     @property
     def resilient(self) -> bool:
@@ -217,18 +219,29 @@ class GroupTable:
         except GroupSpaceFull:
             self.free.release([gid])
             raise
-        nids = [self.nexthops.id_of(h) for h, _ in group.members]
-        for nid in nids:  # held by the group from now on
-            self.nexthops.refs[nid] += 1
+        nids: list[int] = []
         self.bucket_base[gid], self.tables[gid] = base, [None] * len(table)
-        for i, hop in enumerate(table):
-            self._set_bucket(gid, i, hop)
-        v = lo.NhGroup(count=len(nids), buckets=len(table), bucket_base=base, kernel_id=group.kernel_id,
-                       flags=(lo.NH_GROUP_F_PARTIAL if group.partial else 0)
-                       | (lo.NH_GROUP_F_RESILIENT if group.resilient else 0))
-        for i, nid in enumerate(nids):
-            v.nh[i] = nid
-        self.dp.nh_groups.update(lo.u32(gid), v)
+        try:
+            for hop, _ in group.members:  # held by the group from now on
+                nids.append(self.nexthops.id_of(hop))
+                self.nexthops.refs[nids[-1]] += 1
+            for i, hop in enumerate(table):
+                self._set_bucket(gid, i, hop)
+            v = lo.NhGroup(count=len(nids), buckets=len(table), bucket_base=base, kernel_id=group.kernel_id,
+                           flags=(lo.NH_GROUP_F_PARTIAL if group.partial else 0)
+                           | (lo.NH_GROUP_F_RESILIENT if group.resilient else 0))
+            for i, nid in enumerate(nids):
+                v.nh[i] = nid
+            self.dp.nh_groups.update(lo.u32(gid), v)
+        except Exception:  # (the next-hop table full, ...): give back what was taken
+            for nid in nids:
+                self.nexthops.release(nid)
+            for hop in self.tables.pop(gid):
+                if hop is not None:
+                    self.nexthops.release(self.nexthops.ids.get(hop, 0))
+            self.space.give(self.bucket_base.pop(gid), len(table))
+            self.free.release([gid])
+            raise
         if group.resilient:
             self.by_kernel[group.kernel_id] = gid
         self.ids[group], self.by_id[gid], self.refs[gid] = gid, group, 0
@@ -308,11 +321,12 @@ class GroupTable:
             table = [hop_of(self.dp.nh_buckets.lookup(lo.u32(v.bucket_base + i)).value) for i in range(v.buckets)]
             if None in hops or None in table:
                 continue
-            # the maps keep tables, not weights: equal weights are assumed, and a
-            # weighted group is written anew (from this table) by the resync that follows
+            # the maps keep tables, not weights: the resync that follows writes each
+            # route's group anew, its table derived from this one (its flows stay)
             resilient = bool(v.flags & lo.NH_GROUP_F_RESILIENT)
             group = NexthopGroup(tuple((h, 1) for h in hops), v.kernel_id, v.buckets if resilient else 0,
-                                 bool(v.flags & lo.NH_GROUP_F_PARTIAL), tuple(table) if resilient else ())
+                                 bool(v.flags & lo.NH_GROUP_F_PARTIAL), tuple(table) if resilient else (),
+                                 recovered=k.value)
             gid = k.value
             self.ids[group], self.by_id[gid], self.refs[gid] = gid, group, 0
             self.tables[gid], self.bucket_base[gid] = table, v.bucket_base

@@ -440,6 +440,7 @@ class Fib:
         # custom rules): a local-table prefix shorter than /128 shadows every
         # longer main-table route inside it, which the FIB image then holds as local
         self.shadows6: set[PrefixKey] = set()
+        self.resync_why = ""  # set when an event needs the routes read again (the agent does)
 
     # --- the kernel's routes ------------------------------------------------------
     def _add(self, r: Route, replace: bool) -> None:
@@ -459,6 +460,13 @@ class Fib:
                 del alts[key]
         alts[r.key] = r
         self._settle(pk, alts)
+
+    def _one_path_of_multipath(self, r: Route) -> bool:
+        """An IPv6 route of one path with the table and metric of an installed
+        multipath route of its prefix: `ip -6 route append` or `del ... via`
+        changed one path of that route and announced only that path."""
+        have = self.installed.get(r.pkey)
+        return have is not None and have.installed_type is RouteType.MULTIPATH and have.key[:2] == r.key[:2]
 
     def _remove(self, r: Route) -> bool:
         """A kernel route went away; False if it was not known."""
@@ -501,6 +509,8 @@ class Fib:
             if r.__class__ is BucketChange:
                 self.groups.set_bucket(r.kernel_id, r.index, r.hop)
                 continue
+            if r.pkey[0] == 6 and r.key[2] and self._one_path_of_multipath(r):
+                self.resync_why = "one path of an IPv6 multipath route changed"
             if r.table == TABLE_LOCAL and r.pkey[0] == 6:
                 local6.append(r.pkey)
             if new:

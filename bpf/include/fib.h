@@ -204,7 +204,8 @@ static __always_inline int fib_lookup_kernel(struct xdp_md *ctx, const struct pk
 		return REASON_PASS_NON_IP;
 	}
 	/* the ports, for fib_multipath_hash_policy 1 and 3 */
-	if (p->l4 && !p->fragment && (p->l4_proto == IPPROTO_TCP || p->l4_proto == IPPROTO_UDP ||
+	if (p->l4 && !p->fragment && !(p->ip6 && p->ip6->nexthdr == IPPROTO_FRAGMENT) &&
+	    (p->l4_proto == IPPROTO_TCP || p->l4_proto == IPPROTO_UDP ||
 				      p->l4_proto == IPPROTO_SCTP || p->l4_proto == IPPROTO_UDPLITE)) {
 		params.sport = ((__be16 *)p->l4)[0];
 		params.dport = ((__be16 *)p->l4)[1];

@@ -140,6 +140,8 @@ static __always_inline int source_check4(struct xdp_md *ctx, __be32 saddr, __be3
 		if ((flags & IFACE_F_RPF_LOOSE) && !(flags & IFACE_F_NO_ADDR4))
 			return -1;
 		return REASON_DROP_RPFILTER;
+	case RTYPE_KERNEL:      /* only the kernel routes it (a group too wide, encap, throw, ...) */
+		return rpf ? REASON_PASS_SOURCE_UNVERIFIED : -1;
 	default:                /* blackhole, unreachable, prohibit: the lookup fails */
 		return rpf ? REASON_DROP_RPFILTER : -1;
 	}

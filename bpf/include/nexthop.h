@@ -118,15 +118,27 @@ static __always_inline __u32 hash_addr6(__u32 h, const struct in6_addr *a)
 	return hash_mix(h, a->in6_u.u6_addr32[3]);
 }
 
-/* The inner IPv4 or IPv6 header of an IP-in-IP packet (policy 2, or the
- * inner fields of policy 3), else 0. */
-static __always_inline __u32 hash_inner(const struct pkt *p, __u32 h, __u32 fields)
+/* What follows the IP header, for protocols the parser leaves alone
+ * (IP-in-IP, SCTP, UDP-Lite): right after the IPv4 header of a first or
+ * only fragment, or right after the IPv6 header (no extension header). */
+static __always_inline void *after_ip(const struct pkt *p, __u8 proto, int fragment)
 {
-	void *inner = p->l4;
+	if (fragment)
+		return NULL;
+	if (p->ip4)
+		return p->ip4->protocol == proto ? (void *)p->ip4 + (p->ip4->ihl & 0xF) * 4 : NULL;
+	if (p->ip6)
+		return p->ip6->nexthdr == proto ? (void *)(p->ip6 + 1) : NULL;
+	return NULL;
+}
 
-	if (!inner)
-		return h;
-	if (p->l4_proto == IPPROTO_IPIP) {
+/* The inner IPv4 or IPv6 header of an IP-in-IP packet (policy 2, or the
+ * inner fields of policy 3). */
+static __always_inline __u32 hash_inner(const struct pkt *p, __u32 h, __u32 fields, int fragment)
+{
+	void *inner;
+
+	if ((inner = after_ip(p, IPPROTO_IPIP, fragment))) {
 		struct iphdr *in4 = inner;
 
 		if ((void *)(in4 + 1) > p->data_end || in4->version != 4)
@@ -137,7 +149,7 @@ static __always_inline __u32 hash_inner(const struct pkt *p, __u32 h, __u32 fiel
 			h = hash_mix(h, in4->daddr);
 		if (fields & HASH_F_INNER_IP_PROTO)
 			h = hash_mix(h, in4->protocol);
-	} else if (p->l4_proto == IPPROTO_IPV6) {
+	} else if ((inner = after_ip(p, IPPROTO_IPV6, fragment))) {
 		struct ipv6hdr *in6 = inner;
 
 		if ((void *)(in6 + 1) > p->data_end || in6->version != 6)
@@ -184,22 +196,27 @@ static __always_inline __u32 ecmp_flow_hash(const struct pkt *p, int fragment)
 			h = hash_addr6(h, &p->ip6->saddr);
 		if (fields & HASH_F_DST_IP)
 			h = hash_addr6(h, &p->ip6->daddr);
+		/* a fragment's protocol is its fragment header, as the kernel's
+		 * flow dissector stops there */
 		if (fields & HASH_F_IP_PROTO)
-			h = hash_mix(h, p->l4_proto ? p->l4_proto : p->ip6->nexthdr);
+			h = hash_mix(h, p->l4_proto && !fragment ? p->l4_proto : p->ip6->nexthdr);
 		if (fields & HASH_F_FLOWLABEL)
 			h = hash_mix(h, *(__be32 *)p->ip6 & bpf_htonl(0x000FFFFF));
 	} else {
 		return 0;
 	}
-	if (ports && !fragment && (p->l4_proto == IPPROTO_TCP || p->l4_proto == IPPROTO_UDP ||
-				   p->l4_proto == IPPROTO_SCTP || p->l4_proto == IPPROTO_UDPLITE)) {
+	if (!ports && !fragment)         /* the parser reads TCP and UDP ports only */
+		ports = after_ip(p, IPPROTO_SCTP, 0) ?: after_ip(p, IPPROTO_UDPLITE, 0);
+	if (ports && (void *)(ports + 2) <= p->data_end && !fragment &&
+	    (p->l4_proto == IPPROTO_TCP || p->l4_proto == IPPROTO_UDP ||
+	     p->l4_proto == IPPROTO_SCTP || p->l4_proto == IPPROTO_UDPLITE)) {
 		if (fields & HASH_F_SRC_PORT)
 			h = hash_mix(h, ports[0]);
 		if (fields & HASH_F_DST_PORT)
 			h = hash_mix(h, (__u32)ports[1] << 16);
 	}
 	if (fields & HASH_F_INNER_L3)
-		h = hash_inner(p, h, fields);
+		h = hash_inner(p, h, fields, fragment);
 	return hash_final(h) >> 1;
 }
 
@@ -210,7 +227,7 @@ static __always_inline int ecmp_group_uses_dev(__u32 group, __u32 ifindex)
 {
 	struct nh_group *g = bpf_map_lookup_elem(&nh_groups, &group);
 
-	if (!g)
+	if (!g || !g->count)
 		return -1;
 	for (int i = 0; i < MAX_ECMP_PATHS; i++) {
 		__u32 id = g->nh[i];
@@ -219,7 +236,9 @@ static __always_inline int ecmp_group_uses_dev(__u32 group, __u32 ifindex)
 		if (i >= g->count)
 			break;
 		nh = bpf_map_lookup_elem(&nexthops, &id);
-		if (nh && nh->ifindex == ifindex)
+		if (!nh || !nh->ifindex)        /* cleared under us: cannot tell */
+			return -1;
+		if (nh->ifindex == ifindex)
 			return 1;
 	}
 	return g->flags & NH_GROUP_F_PARTIAL ? -1 : 0;

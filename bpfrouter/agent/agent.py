@@ -364,6 +364,9 @@ class Agent:
             if mon.conf_changed:  # routes died, revived or changed silently
                 why, mon.conf_changed = mon.conf_changed, ""
                 self.request_resync(why)
+            if self.fib.resync_why:  # an event the mirror cannot apply alone
+                why, self.fib.resync_why = self.fib.resync_why, ""
+                self.request_resync(why)
             if self.resync_why and not pending:
                 self._resync_routes(mon)
                 continue

@@ -222,3 +222,98 @@ def test_resilient_group_moves_only_the_removed_members_flows(env, ecmp_dp):
             assert len(fib.groups.by_id) == 1, "the old group was released"
         finally:
             fib.close()
+
+
+GATEWAYS6 = [f"fd02::{20 + i}" for i in range(4)]
+
+
+def ipv6_paths(env, dp, frames) -> list[int]:
+    by_mac = {gw_mac(0x60 + i): i for i in range(len(GATEWAYS6))}
+    with netns.entered(NS):
+        out = []
+        for f in frames:
+            res = dp.program.test_run(f, ingress_ifindex=env.ifindex["dpt0"])
+            assert res.retval == XDP_REDIRECT, res.retval
+            out.append(by_mac[res.data[:6]])
+    return out
+
+
+def test_ipv6_fragments_keep_their_datagrams_path_and_ip_in_ip_hashes_inside(env, ecmp_dp):
+    """IPv6: the fragments of one datagram take one path under policy 1 (the
+    kernel does not hash a fragment's ports); IPv4 policy 2 spreads IP-in-IP
+    tunnels between two endpoints by their inner addresses."""
+    from scapy.layers.inet import IP, UDP
+    from scapy.layers.inet6 import IPv6, IPv6ExtHdrFragment
+    from scapy.layers.l2 import Ether
+    nb = Neighbors(ecmp_dp)
+    for i, gw in enumerate(GATEWAYS6):
+        nb.set(env.ifindex["dpt1"], ipaddress.ip_address(gw), gw_mac(0x60 + i), 0x80)
+    six = [Nexthop(env.ifindex["dpt1"], ipaddress.ip_address(gw)) for gw in GATEWAYS6]
+    fib = install(ecmp_dp, Route(ipaddress.ip_network("fd50::/32"), RouteType.UNICAST, tuple(six), proto=3))
+    fib.update(Route(ipaddress.ip_network("10.50.0.0/16"), RouteType.UNICAST, tuple(hops(env, 4)), proto=3))
+    try:
+        eth = Ether(dst=env.mac["dpt0"], src="02:00:00:00:00:01")
+        with netns.entered(NS):
+            with open("/proc/sys/net/ipv6/fib_multipath_hash_policy", "w") as f:
+                f.write("1")
+            mirror_hash_config(ecmp_dp)
+        rng = random.Random(5)
+        firsts, rests, whole = [], [], []
+        for i in range(300):
+            ip6 = IPv6(src="fd01::7", dst=f"fd50::{i + 1:x}")
+            sport = rng.randrange(1024, 65536)
+            firsts.append(bytes(eth / ip6 / IPv6ExtHdrFragment(id=i, m=1, offset=0) / UDP(sport=sport, dport=53)
+                                / (b"x" * 64)))
+            rests.append(bytes(eth / ip6 / IPv6ExtHdrFragment(id=i, m=0, offset=9, nh=17) / (b"y" * 64)))
+            whole.append(bytes(eth / ip6 / UDP(sport=sport, dport=53) / b"z"))
+        assert ipv6_paths(env, ecmp_dp, firsts) == ipv6_paths(env, ecmp_dp, rests), \
+            "fragments of one datagram took different paths"
+        assert set(ipv6_paths(env, ecmp_dp, whole)) == set(range(4))
+
+        tunnels = [bytes(eth / IP(src="10.1.0.7", dst="10.50.0.7", proto=4)
+                         / IP(src=f"192.168.{i // 250}.{i % 250 + 1}", dst="192.168.100.1") / UDP() / b"t")
+                   for i in range(300)]
+        set_policy(ecmp_dp, 0)
+        assert len(set(paths_taken_frames(env, ecmp_dp, tunnels))) == 1
+        set_policy(ecmp_dp, 2)
+        assert set(paths_taken_frames(env, ecmp_dp, tunnels)) == set(range(4)), "policy 2 ignored the inner header"
+    finally:
+        with netns.entered(NS):
+            with open("/proc/sys/net/ipv6/fib_multipath_hash_policy", "w") as f:
+                f.write("0")
+        set_policy(ecmp_dp, 0)
+        fib.close()
+
+
+def paths_taken_frames(env, dp, frames) -> list[int]:
+    by_mac = {gw_mac(i): i for i in range(len(GATEWAYS))}
+    with netns.entered(NS):
+        out = []
+        for f in frames:
+            res = dp.program.test_run(f, ingress_ifindex=env.ifindex["dpt0"])
+            assert res.retval == XDP_REDIRECT, res.retval
+            out.append(by_mac[res.data[:6]])
+    return out
+
+
+def test_one_path_of_an_ipv6_multipath_route_changed_asks_for_a_resync(env, ecmp_dp):
+    """`ip -6 route del P via A` takes one path out of a multipath route and
+    announces that path alone: the mirror cannot apply it by itself and asks
+    the agent to read the routes again, which brings the route's remaining
+    paths."""
+    with kernel_rib(env, "mp6") as rib:
+        rib.ip("-6", "route", "add", "fd50::/32", "nexthop", "via", GATEWAYS6[0], "dev", "dpt1",
+               "nexthop", "via", GATEWAYS6[1], "dev", "dpt1")
+        fib = Fib(ecmp_dp)
+        try:
+            fib.replace_all(rib.dump())
+            rib.events()
+            assert len(fib.installed_route(ipaddress.ip_network("fd50::/32")).group.members) == 2
+            rib.ip("-6", "route", "del", "fd50::/32", "via", GATEWAYS6[1], "dev", "dpt1")
+            fib.apply_batch(rib.events())
+            assert fib.resync_why, "the one-path deletion was applied as if it were the route's"
+            fib.replace_all(rib.dump())
+            assert fib.installed_route(ipaddress.ip_network("fd50::/32")).nexthops == \
+                (Nexthop(env.ifindex["dpt1"], ipaddress.ip_address(GATEWAYS6[0])),)
+        finally:
+            fib.close()
