@@ -14,7 +14,8 @@ destination address (the multipath hash policy is 0: addresses only).
 - FRR: zebra and staticd install four static routes to one prefix as a
   kernel next-hop group; removing one (vtysh) moves only its flows. The
   kernel's hash-threshold group would move others too; the fast path keeps
-  them (bpfrouter/ecmp.py). Every flow lands on a path of the kernel's group.
+  them (bpfrouter/ecmp.py). Every flow lands on a path of the kernel's group,
+  and stays there across an agent restart.
 
 Kernel VRFs (l3mdev) are not built into this kernel (CONFIG_NET_VRF), so
 FRR's VRF route is not part of this test."""
@@ -273,3 +274,8 @@ def test_frr_ecmp_through_kernel_next_hop_objects(ecmp_lab, router, frr):
     after = send(lr, sink, ports, dsts)
     assert moved(before, after) == {i for i, p in enumerate(before) if p == 2}, "flows of staying paths moved"
     assert {GATEWAYS[p] for p in after} <= kernel_gateways(lab, "10.61.0.0/16")
+
+    # a restarted agent reads the groups back and keeps every flow where it was
+    lr.cli("agent", "stop")
+    lr.cli("agent", "start")
+    assert send(lr, sink, ports, dsts) == after, "flows moved across an agent restart"
