@@ -345,15 +345,19 @@ def route_show(v4, v6, show_all, name, as_json, pretty):
     dp = Datapath.open(meta.name)
     try:
         rows = []
-        for prefix, v, nh in read_installed(dp):
+        for prefix, v, hops in read_installed(dp):
             if (v4 and prefix.version != 4) or (v6 and prefix.version != 6):
                 continue
-            kernel = v.type == RouteType.KERNEL
+            kernel, multipath = v.type == RouteType.KERNEL, v.type == RouteType.MULTIPATH
+            nh = hops[0] if hops and not multipath else None
             rows.append({"prefix": str(prefix), "type": RouteType(v.type).name.lower(),
                          "proto": proto_name(v.proto),
                          "gateway": str(nh.gateway) if nh and nh.gateway else None,
                          "dev": ifname(nh.ifindex) if nh else None,
-                         "nexthop_id": (v.nh_id or None) if not kernel else None,
+                         "nexthop_id": (v.nh_id or None) if not kernel and not multipath else None,
+                         "group": v.nh_id if multipath else None,
+                         "nexthops": [{"gateway": str(h.gateway) if h.gateway else None, "dev": ifname(h.ifindex)}
+                                      for h in hops] if multipath else None,
                          "passed": kernel_route_info(v.nh_id) if kernel else None})
     finally:
         dp.close()
@@ -367,6 +371,8 @@ def route_show(v4, v6, show_all, name, as_json, pretty):
             words.append(f"via {r['gateway']}")
         if r["dev"]:
             words.append(f"dev {r['dev']}")
+        for h in r["nexthops"] or []:
+            words += ["nexthop"] + ([f"via {h['gateway']}"] if h["gateway"] else []) + [f"dev {h['dev']}"]
         words.append(f"proto {r['proto']}")
         console.print(" ".join(words))
 

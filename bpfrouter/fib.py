@@ -917,15 +917,25 @@ def _sort_key(p: IPNetwork):
     return (p.version, p.network_address.packed, p.prefixlen)
 
 
-def read_installed(dp: Datapath) -> list[tuple[IPNetwork, lo.RouteValue, Nexthop | None]]:
-    """The BPF FIB as the data plane sees it (for `route show` without the agent)."""
+def read_installed(dp: Datapath) -> list[tuple[IPNetwork, lo.RouteValue, tuple[Nexthop, ...]]]:
+    """The BPF FIB as the data plane sees it (for `route show` without the
+    agent): each entry with its next hop, or a multipath route's group's
+    members."""
     nhs = {k.value: nexthop_of_value(v) for k, v in dp.nexthops.lookup_batch() if v.ifindex}
+    groups = {k.value: tuple(nhs[i] for i in v.nh[:v.count] if i in nhs)
+              for k, v in dp.nh_groups.lookup_batch() if v.count}
+
+    def hops(v: lo.RouteValue) -> tuple[Nexthop, ...]:
+        if v.type == RouteType.UNICAST:
+            return (nhs[v.nh_id],) if v.nh_id in nhs else ()
+        if v.type == RouteType.MULTIPATH:
+            return groups.get(v.nh_id, ())
+        return ()
     out = []
     tables = make_tables(dp, recover=False)
     try:
         for table in tables.values():
-            out.extend((prefix, v, nhs.get(v.nh_id) if v.type == RouteType.UNICAST else None)
-                       for prefix, v in table.installed())
+            out.extend((prefix, v, hops(v)) for prefix, v in table.installed())
     finally:
         for t in tables.values():
             t.close()

@@ -262,6 +262,8 @@ def test_frr_ecmp_through_kernel_next_hop_objects(ecmp_lab, router, frr):
     route = json.loads(lab.run("r", ["ip", "-j", "route", "show", "10.61.0.0/16"], check=True).stdout)[0]
     assert route.get("nhid") and route["protocol"] == "static", route  # a kernel next-hop object of zebra's
     assert wait_for(lambda: router.paths(dsts[0]) == PATHS, timeout=10)
+    shown = next(r for r in lr.json("route", "show") if r["prefix"] == "10.61.0.0/16")
+    assert shown["type"] == "multipath" and {h["gateway"] for h in shown["nexthops"]} == set(GATEWAYS), shown
 
     before = send(lr, sink, ports, dsts)
     assert set(before) == set(range(PATHS)), "a path carried nothing"
