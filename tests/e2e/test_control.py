@@ -23,7 +23,8 @@ def test_cli_route_add_del(bpf_router):
     assert r.forwarded() - before >= 6
     shown = [x for x in r.json("route", "show") if x["prefix"] == "10.99.0.0/16"]
     assert shown == [{"prefix": "10.99.0.0/16", "type": "unicast", "proto": "bpfrouter",
-                      "gateway": "10.0.2.2", "dev": "r-eth1", "nexthop_id": shown[0]["nexthop_id"], "passed": None}]
+                      "gateway": "10.0.2.2", "dev": "r-eth1", "nexthop_id": shown[0]["nexthop_id"], "group": None,
+                      "nexthops": None, "passed": None}]
     dup = r.cli("route", "add", "10.99.0.0/16", "via", "10.0.2.2", check=False)
     assert dup.returncode != 0 and "already exists" in dup.stderr
     r.cli("route", "replace", "10.99.0.0/16", "dev", "r-eth1")
