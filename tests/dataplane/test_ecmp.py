@@ -92,18 +92,23 @@ def flow_frames(mac: bytes, flow_list):
         yield bytes(f)
 
 
-def paths_taken(env, dp, flow_list) -> list[int]:
-    """The gateway (index into GATEWAYS) each flow's frame was sent to."""
-    iif, mac = env.ifindex["dpt0"], env.mac["dpt0"]
-    by_mac = {gw_mac(i): i for i in range(len(GATEWAYS))}
+def frame_paths(env, dp, frames, first_mac: int = 0) -> list[int]:
+    """The gateway each frame was sent to: its index among the gateways
+    whose MACs are gw_mac(first_mac), gw_mac(first_mac + 1), ..."""
+    by_mac = {gw_mac(first_mac + i): i for i in range(len(GATEWAYS))}
     out = []
     with netns.entered(NS):
         run = dp.program.test_run
-        for frame in flow_frames(mac, flow_list):
-            res = run(frame, ingress_ifindex=iif)
+        for frame in frames:
+            res = run(frame, ingress_ifindex=env.ifindex["dpt0"])
             assert res.retval == XDP_REDIRECT, (frame.hex(), res.retval)
             out.append(by_mac[res.data[:6]])
     return out
+
+
+def paths_taken(env, dp, flow_list) -> list[int]:
+    """The gateway (index into GATEWAYS) each flow's frame was sent to."""
+    return frame_paths(env, dp, flow_frames(env.mac["dpt0"], flow_list))
 
 
 def hops(env, n: int) -> list[Nexthop]:
@@ -227,17 +232,6 @@ def test_resilient_group_moves_only_the_removed_members_flows(env, ecmp_dp):
 GATEWAYS6 = [f"fd02::{20 + i}" for i in range(4)]
 
 
-def ipv6_paths(env, dp, frames) -> list[int]:
-    by_mac = {gw_mac(0x60 + i): i for i in range(len(GATEWAYS6))}
-    with netns.entered(NS):
-        out = []
-        for f in frames:
-            res = dp.program.test_run(f, ingress_ifindex=env.ifindex["dpt0"])
-            assert res.retval == XDP_REDIRECT, res.retval
-            out.append(by_mac[res.data[:6]])
-    return out
-
-
 def test_ipv6_fragments_keep_their_datagrams_path_and_ip_in_ip_hashes_inside(env, ecmp_dp):
     """IPv6: the fragments of one datagram take one path under policy 1 (the
     kernel does not hash a fragment's ports); IPv4 policy 2 spreads IP-in-IP
@@ -266,34 +260,23 @@ def test_ipv6_fragments_keep_their_datagrams_path_and_ip_in_ip_hashes_inside(env
                                 / (b"x" * 64)))
             rests.append(bytes(eth / ip6 / IPv6ExtHdrFragment(id=i, m=0, offset=9, nh=17) / (b"y" * 64)))
             whole.append(bytes(eth / ip6 / UDP(sport=sport, dport=53) / b"z"))
-        assert ipv6_paths(env, ecmp_dp, firsts) == ipv6_paths(env, ecmp_dp, rests), \
+        assert frame_paths(env, ecmp_dp, firsts, 0x60) == frame_paths(env, ecmp_dp, rests, 0x60), \
             "fragments of one datagram took different paths"
-        assert set(ipv6_paths(env, ecmp_dp, whole)) == set(range(4))
+        assert set(frame_paths(env, ecmp_dp, whole, 0x60)) == set(range(4))
 
         tunnels = [bytes(eth / IP(src="10.1.0.7", dst="10.50.0.7", proto=4)
                          / IP(src=f"192.168.{i // 250}.{i % 250 + 1}", dst="192.168.100.1") / UDP() / b"t")
                    for i in range(300)]
         set_policy(ecmp_dp, 0)
-        assert len(set(paths_taken_frames(env, ecmp_dp, tunnels))) == 1
+        assert len(set(frame_paths(env, ecmp_dp, tunnels))) == 1
         set_policy(ecmp_dp, 2)
-        assert set(paths_taken_frames(env, ecmp_dp, tunnels)) == set(range(4)), "policy 2 ignored the inner header"
+        assert set(frame_paths(env, ecmp_dp, tunnels)) == set(range(4)), "policy 2 ignored the inner header"
     finally:
         with netns.entered(NS):
             with open("/proc/sys/net/ipv6/fib_multipath_hash_policy", "w") as f:
                 f.write("0")
         set_policy(ecmp_dp, 0)
         fib.close()
-
-
-def paths_taken_frames(env, dp, frames) -> list[int]:
-    by_mac = {gw_mac(i): i for i in range(len(GATEWAYS))}
-    with netns.entered(NS):
-        out = []
-        for f in frames:
-            res = dp.program.test_run(f, ingress_ifindex=env.ifindex["dpt0"])
-            assert res.retval == XDP_REDIRECT, res.retval
-            out.append(by_mac[res.data[:6]])
-    return out
 
 
 def test_one_path_of_an_ipv6_multipath_route_changed_asks_for_a_resync(env, ecmp_dp):
