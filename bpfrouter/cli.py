@@ -21,7 +21,7 @@ from .datapath.layout import OBSERVERS, LayoutMismatch, RouteType, proto_name
 from .interfaces import Interfaces, InterfaceError, ifname
 from .lab import Lab, LabError, list_labs
 from .netns import NetnsError
-from .observe import ecmp_text, probe
+from .observe import ecmp_text, probe, rule_text
 from .packet import mac_str
 from .routespec import RouteSpecError, parse_address, parse_route
 
@@ -411,23 +411,27 @@ def route_get(address, extra, name, as_json, pretty):
     """Ask the loaded program what it does with a packet to ADDRESS.
 
     Optional words, as `ip route get` takes them: `from SRC`, `iif IFACE`,
-    `ipproto tcp|udp`, `sport N`, `dport N`, `tos N`, `flowlabel N`, and
-    `ttl N`. The probe packet runs through the live program
+    `mark N`, `ipproto tcp|udp|icmp|N`, `sport N`, `dport N`, `tos N`,
+    `flowlabel N`, and `ttl N`. The probe packet runs through the live program
     (BPF_PROG_TEST_RUN) against the live maps; it is not sent and not
     counted. For a multipath route it shows the flow's hash and the path or
     bucket taken."""
     dst = parse_address(address, "destination")
     opts = dict(zip(extra[::2], extra[1::2], strict=False))  # an odd word is reported below
-    unknown = set(opts) - {"from", "iif", "ttl", "ipproto", "sport", "dport", "tos", "dsfield", "flowlabel"} \
-        or (len(extra) % 2 and {extra[-1]})
+    unknown = set(opts) - {"from", "iif", "ttl", "ipproto", "sport", "dport", "tos", "dsfield", "flowlabel",
+                           "mark", "fwmark"} or (len(extra) % 2 and {extra[-1]})
     if unknown:
-        raise click.ClickException(f"unexpected {sorted(unknown)[0]!r}: expected from SRC, iif IFACE, ipproto "
-                                   "tcp|udp, sport N, dport N, tos N, flowlabel N, ttl N")
-    proto = {"udp": 17, "tcp": 6, "17": 17, "6": 6}.get(opts.get("ipproto", "udp").lower())
+        raise click.ClickException(f"unexpected {sorted(unknown)[0]!r}: expected from SRC, iif IFACE, mark N, "
+                                   "ipproto tcp|udp|icmp|N, sport N, dport N, tos N, flowlabel N, ttl N")
+    word = opts.get("ipproto", "udp").lower()
+    proto = {"udp": 17, "tcp": 6, "icmp": 1, "ipv6-icmp": 58, "icmpv6": 58}.get(word)
+    if proto is None and word.isdigit() and int(word) < 256:
+        proto = int(word)
     if proto is None:
-        raise click.ClickException(f"invalid ipproto {opts['ipproto']!r}: expected tcp or udp")
+        raise click.ClickException(f"invalid ipproto {opts['ipproto']!r}: expected tcp, udp, icmp or 0..255")
     fields = {}
-    for word, top in (("sport", 65535), ("dport", 65535), ("tos", 255), ("dsfield", 255), ("flowlabel", 0xFFFFF)):
+    for word, top in (("sport", 65535), ("dport", 65535), ("tos", 255), ("dsfield", 255), ("flowlabel", 0xFFFFF),
+                      ("mark", 0xFFFFFFFF), ("fwmark", 0xFFFFFFFF)):
         if word in opts:
             try:
                 fields[word] = int(opts[word], 0)
@@ -456,7 +460,8 @@ def route_get(address, extra, name, as_json, pretty):
             raise click.ClickException(f"invalid ttl {ttl!r}: expected 0..255")
         d = probe(dp, dst, iif, bytes(configured[iif].mac), src, int(ttl), proto=proto,
                   sport=fields.get("sport", 40000), dport=fields.get("dport", 33434),
-                  tos=fields.get("tos", fields.get("dsfield", 0)), flowlabel=fields.get("flowlabel", 0))
+                  tos=fields.get("tos", fields.get("dsfield", 0)), flowlabel=fields.get("flowlabel", 0),
+                  mark=fields.get("mark", fields.get("fwmark", 0)))
     finally:
         dp.close()
     out = {
@@ -470,6 +475,9 @@ def route_get(address, extra, name, as_json, pretty):
     if d.nh_id or d.gateway:
         out["nexthop"] = {"id": d.nh_id or None, "gateway": d.gateway}
     out["ecmp"] = d.ecmp
+    out["rule"] = d.rule
+    if d.rule and d.rule["table"] and out["route"]:
+        out["route"]["table"] = d.rule["table"]
     if as_json or pretty:
         return emit_json(out, pretty)
     line = [d.dst]
@@ -486,6 +494,8 @@ def route_get(address, extra, name, as_json, pretty):
     console.print(" ".join(line))
     console.print(f"    verdict {d.verdict} ({out['reason']}), xdp {d.action}, iif {out['iif']}"
                   + (f", ttl {d.ttl_in}->{d.ttl_out}" if d.ttl_out is not None else ""))
+    if d.rule:
+        console.print(f"    {rule_text(d.rule)}")
     if d.ecmp:
         console.print(f"    ecmp {ecmp_text(d.ecmp)}")
 

@@ -10,7 +10,7 @@ from .datapath import Datapath
 from .datapath import layout as lo
 from .nexthop import nexthop_of_value
 from .interfaces import ifname
-from .observe import REASON_TEXT, XDP_ACTIONS, ecmp_choice, ecmp_text, run_probe
+from .observe import REASON_TEXT, XDP_ACTIONS, ecmp_choice, ecmp_text, rule_choice, rule_text, run_probe
 from .packet import mac_str
 from .telemetry import L4_NAMES, tcp_flags_str
 
@@ -146,11 +146,13 @@ def explain(dp: Datapath, frame: bytes, iif: int, fib_mode: str, fib_impl: str) 
     """The decision path of `frame` arriving on `iif`, as a JSON-ready dict."""
     out, res = run_probe(dp, frame, iif)
     reason = lo.Reason(out.reason)
-    parse: dict = {"vlan_tags": out.vlan_depth, "ethertype": f"0x{out.l3_proto:04x}" if out.l3_proto else None}
+    at = 12 + 4 * out.vlan_depth  # the ethertype after the tags the parser went past
+    l3_proto = int.from_bytes(frame[at:at + 2], "big") if out.l3_off and len(frame) >= at + 2 else 0
+    parse: dict = {"vlan_tags": out.vlan_depth, "ethertype": f"0x{l3_proto:04x}" if l3_proto else None}
     layers = ["ethernet"] + ["vlan"] * out.vlan_depth
     src = dst = None
     if out.l3_off:
-        family = 4 if out.l3_proto == 0x0800 else 6
+        family = 4 if l3_proto == 0x0800 else 6
         layers.append(f"ipv{family}")
         parse["l3_offset"] = out.l3_off
         a = 12 if family == 4 else 8
@@ -175,12 +177,16 @@ def explain(dp: Datapath, frame: bytes, iif: int, fib_mode: str, fib_impl: str) 
         "xdp_action": XDP_ACTIONS.get(res.retval, str(res.retval)),
         "egress": ifname(out.egress_ifindex) if out.egress_ifindex else None, "output": None,
     }
+    rule = rule_choice(dp, out, family) if out.l3_off else None
+    result["rule"] = rule
     if out.route_type or reason in (lo.Reason.PASS_FIB_MISS,):
         fib: dict = {"lookup": "bpf_fib_lookup (kernel FIB)" if fib_mode == "kernel" else f"BPF FIB ({fib_impl})",
                      "matched": bool(out.route_type)}
         if out.route_type:
             rtype = lo.RouteType(out.route_type).name.lower()
-            fib.update(type=rtype, table="local" if rtype == "local" else "main")
+            table = rule["table"] if rule and rule["table"] not in (None, "main", "local") else \
+                "local" if rtype == "local" else "main"
+            fib.update(type=rtype, table=table)
             if out.route_proto and dst is not None:
                 fib["prefix"] = str(ipaddress.ip_network(f"{dst}/{out.prefixlen}", strict=False))
                 fib["proto"] = lo.proto_name(out.route_proto)
@@ -197,7 +203,7 @@ def explain(dp: Datapath, frame: bytes, iif: int, fib_mode: str, fib_impl: str) 
                                   "lladdr": mac_str(res.data[0:6]) if reason.verdict == "redirect" else None}
     if reason.verdict == "redirect":
         result["output"] = {"len": len(res.data), "summary": frame_summary(res.data), "hex": res.data.hex(),
-                            "ttl": res.data[out.l3_off + (8 if out.l3_proto == 0x0800 else 7)]
+                            "ttl": res.data[out.l3_off + (8 if l3_proto == 0x0800 else 7)]
                             if out.l3_off and len(res.data) > out.l3_off + 8 else None}
     return result
 
@@ -213,6 +219,8 @@ def explain_lines(r: dict) -> list[str]:
         if p.get("tcp_flags"):
             parse += f" [{p['tcp_flags']}]"
     lines.append(f"parse    {parse}")
+    if r.get("rule"):
+        lines.append(f"rule     {rule_text(r['rule'])}")
     if r["fib"]:
         f = r["fib"]
         if f["matched"]:

@@ -360,6 +360,46 @@ class LpmTable:
         pass
 
 
+class TableTrie(LpmTable):
+    """One table's routes in its family's `tables4`/`tables6` LPM trie, whose
+    keys start with the table id (bpf/include/tables.h)."""
+
+    def __init__(self, m, version: int, table: int):
+        super().__init__(m, version)
+        self.table = table
+        self.key_type = lo.Table4Key if version == 4 else lo.Table6Key
+        self.width = 32 if version == 4 else 128
+
+    def _key(self, pk: PrefixKey):
+        k = self.key_type(prefixlen=32 + pk[2])
+        k.table[:] = self.table.to_bytes(4, "big")
+        k.addr[:] = pk[1].to_bytes(self.width // 8, "big")
+        return k
+
+    def set(self, prefix: IPNetwork, value: lo.RouteValue) -> None:
+        self.map.update(self._key(prefix_key(prefix)), value)
+
+    def set_many(self, pks: list[PrefixKey], words) -> None:
+        self.map.update_batch([(self._key(pk), lo.RouteValue.from_buffer_copy(int(w).to_bytes(8, "little")))
+                               for pk, w in zip(pks, words, strict=True)])
+
+    def delete(self, pk: PrefixKey) -> bool:
+        return self.map.delete(self._key(pk))
+
+    def installed(self) -> list[tuple[IPNetwork, lo.RouteValue]]:
+        net = ipaddress.IPv4Network if self.version == 4 else ipaddress.IPv6Network
+        return [(net((int.from_bytes(bytes(k.addr), "big"), k.prefixlen - 32)), v) for k, v in self.map.lookup_batch()
+                if int.from_bytes(bytes(k.table), "big") == self.table]
+
+    def count(self) -> int:
+        return len(self.installed())
+
+
+def trie_tables(dp: Datapath) -> set[int]:
+    """The table ids the `tables4`/`tables6` tries hold routes of."""
+    return {int.from_bytes(bytes(k.table), "big") for m in ("tables4", "tables6") for k in dp.maps[m].keys()}
+
+
 def fib_memory(dp) -> dict[int, dict]:
     """Each FIB table's memory() by IP version, read from the pinned maps."""
     tables = make_tables(dp, recover=False)
@@ -419,11 +459,22 @@ class Fib:
     keep all of them in `alternates` (a dict per prefix cost a second per
     million routes)."""
 
-    def __init__(self, dp: Datapath):
+    def __init__(self, dp: Datapath, table: int = TABLE_MAIN, main: "Fib | None" = None):
+        """The image of local and main (table TABLE_MAIN), or, with `main`,
+        the image of another table in the table tries, sharing main's next
+        hops and groups."""
         self.dp = dp
-        self.tables = make_tables(dp)
-        self.nexthops = NexthopTable(dp)
-        self.groups = GroupTable(dp, self.nexthops)
+        self.table = table
+        if main is None:
+            self.tables = make_tables(dp)
+            self.nexthops = NexthopTable(dp)
+            self.groups = GroupTable(dp, self.nexthops)
+        else:
+            self.tables = {4: TableTrie(dp.maps["tables4"], 4, table), 6: TableTrie(dp.maps["tables6"], 6, table)}
+            self.nexthops, self.groups = main.nexthops, main.groups
+        self.others: dict[int, Fib] = {}  # main's: the other tables' images
+        self.generation = 0  # counts changes, for what is computed from the routes
+        self._local_kind: tuple = ((), False)
         self.kernel: dict[PrefixKey, Route] = {}
         self.alternates: dict[PrefixKey, dict[RouteKey, Route]] = {}  # prefixes with 2+ routes
         self.installed: dict[PrefixKey, Route] = {}  # what the BPF FIB holds
@@ -503,11 +554,15 @@ class Fib:
         touched: set[PrefixKey] = set()
         add, remove = self._add, self._remove
         local6: list[PrefixKey] = []
+        other: dict[int, list] = {}
         for new, replace, r in events:
             if r is None:
                 continue
             if r.__class__ is BucketChange:
                 self.groups.set_bucket(r.kernel_id, r.index, r.hop)
+                continue
+            if r.table != TABLE_MAIN and r.table != TABLE_LOCAL and self.table == TABLE_MAIN:
+                other.setdefault(r.table, []).append((new, replace, r))
                 continue
             if r.pkey[0] == 6 and r.key[2] and self._one_path_of_multipath(r):
                 self.resync_why = "one path of an IPv6 multipath route changed"
@@ -521,10 +576,48 @@ class Fib:
         if local6:
             touched |= self._shadows_changed(local6)
         self._reconcile(touched)
-        return len(touched)
+        self.generation += 1
+        n = len(touched)
+        for table, evs in other.items():
+            n += self.other(table).apply_batch(evs)
+        return n
+
+    def local_kind_elsewhere(self) -> bool:
+        """Whether a table other than local and main holds a route the kernel's
+        source check refuses (local, broadcast, multicast: RTYPE_LOCAL, or one
+        only the kernel routes): with custom rules, the reverse lookup of a
+        source may end there, which the fast path's check cannot follow."""
+        gens = tuple((t, f.generation) for t, f in sorted(self.others.items()))
+        if self._local_kind[0] != gens:
+            kinds = (RouteType.LOCAL, RouteType.KERNEL)
+            self._local_kind = (gens, any(r.installed_type in kinds for f in self.others.values()
+                                          for r in f.installed.values()))
+        return self._local_kind[1]
+
+    def other(self, table: int) -> "Fib":
+        """Another table's image (made when it is first needed)."""
+        fib = self.others.get(table)
+        if fib is None:
+            fib = self.others[table] = Fib(self.dp, table, main=self)
+        return fib
 
     def replace_all(self, routes: list[Route]) -> int:
         """Full resync with a fresh kernel dump; returns the number of prefixes changed."""
+        if self.table == TABLE_MAIN and any(r.table != TABLE_MAIN and r.table != TABLE_LOCAL for r in routes) \
+                or self.others:
+            by_table: dict[int, list[Route]] = {t: [] for t in self.others}
+            mine = []
+            for r in routes:
+                if r.table == TABLE_MAIN or r.table == TABLE_LOCAL:
+                    mine.append(r)
+                else:
+                    by_table.setdefault(r.table, []).append(r)
+            changed = sum(self.other(t).replace_all(rs) for t, rs in by_table.items())
+            return changed + self._replace_own(mine)
+        return self._replace_own(routes)
+
+    def _replace_own(self, routes: list[Route]) -> int:
+        self.generation += 1
         kernel = dict(zip(map(attrgetter("pkey"), routes), routes))
         alternates: dict[PrefixKey, dict[RouteKey, Route]] = {}
         if len(kernel) != len(routes):  # some prefixes have several routes
@@ -871,9 +964,12 @@ class Fib:
     # --- restart --------------------------------------------------------------
     def recover(self) -> None:
         """Read what the pinned maps hold, so a resync rewrites only differences."""
-        self.nexthops.recover()
+        if self.table == TABLE_MAIN:
+            self.nexthops.recover()
+            self.groups.recover(self.nexthops.by_id.get)
+            for table in sorted(trie_tables(self.dp)):
+                self.other(table).recover()
         by_id, unicast, multipath = self.nexthops.by_id, int(RouteType.UNICAST), int(RouteType.MULTIPATH)
-        self.groups.recover(by_id.get)
         groups = self.groups.by_id
         types = {int(t): t for t in RouteType}
         for version, table in self.tables.items():
@@ -884,17 +980,23 @@ class Fib:
             for pk, nid, t, proto in zip(pks, nids, rtypes, protos, strict=True):
                 group = groups.get(nid) if t == multipath else None
                 if group is not None:
-                    routes.append(Route.from_key(pk, types[t], group.hops, proto, 0, TABLE_MAIN, group=group))
+                    routes.append(Route.from_key(pk, types[t], group.hops, proto, 0, self.table, group=group))
                 else:
                     routes.append(Route.from_key(pk, types[t], hops.get(nid, ()) if t == unicast else (), proto,
-                                                 0, TABLE_MAIN, nid if t == kernel else 0))
+                                                 0, self.table, nid if t == kernel else 0))
             self.installed.update(zip(pks, routes))
             self.counts[version] += len(routes)
             self.nexthops.add_refs([nid for nid, t in zip(nids, rtypes, strict=True) if t == unicast and nid in hops])
             self.groups.add_refs([nid for nid, t in zip(nids, rtypes, strict=True) if t == multipath and nid in groups])
 
     # --- views ------------------------------------------------------------------
-    def routes(self, prefix: IPNetwork | None = None) -> list[Route]:
+    def routes(self, prefix: IPNetwork | None = None, table: int | None = None) -> list[Route]:
+        """The kernel's routes of local and main (table None), of one table, or
+        of every table (table 0)."""
+        if table == 0:
+            return self.routes(prefix) + [r for t in sorted(self.others) for r in self.others[t].routes(prefix)]
+        if table is not None and table not in (TABLE_MAIN, TABLE_LOCAL):
+            return self.others[table].routes(prefix) if table in self.others else []
         keys = [prefix_key(prefix)] if prefix is not None else sorted(self.kernel)
         out = []
         for k in keys:
@@ -903,14 +1005,20 @@ class Fib:
                 out.extend(sorted(alts.values(), key=lambda r: r.key))
             elif k in self.kernel:
                 out.append(self.kernel[k])
+        if table is not None:
+            out = [r for r in out if r.table == table]
         return out
 
-    def installed_route(self, prefix: IPNetwork) -> Route | None:
+    def installed_route(self, prefix: IPNetwork, table: int | None = None) -> Route | None:
+        if table is not None and table not in (TABLE_MAIN, TABLE_LOCAL):
+            return self.others[table].installed_route(prefix) if table in self.others else None
         return self.installed.get(prefix_key(prefix))
 
-    def sizes(self) -> dict[str, int]:
+    def sizes(self) -> dict:
         return {"ipv4": self.counts[4], "ipv6": self.counts[6], "nexthops": len(self.nexthops.by_id),
-                "nexthop_groups": len(self.groups.by_id)}
+                "nexthop_groups": len(self.groups.by_id),
+                "tables": {str(t): {"ipv4": f.counts[4], "ipv6": f.counts[6]}
+                           for t, f in sorted(self.others.items()) if f.counts[4] or f.counts[6]}}
 
 
 def _sort_key(p: IPNetwork):

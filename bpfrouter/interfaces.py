@@ -43,7 +43,8 @@ def _sysctl(path: str) -> int:
         return 0
 
 
-def policy_flags(name: str, has_addr4: bool = True, source_unsure: bool = False) -> IfaceFlag:
+def policy_flags(name: str, has_addr4: bool = True, source_unsure: bool = False,
+                 custom_rules: bool = False) -> IfaceFlag:
     """The flags of port `name` as the kernel combines conf.all and conf.<name>
     (include/linux/inetdevice.h: forwarding is the port's own, rp_filter the
     larger, accept_local and route_localnet either; IPv6 forwards on
@@ -65,7 +66,10 @@ def policy_flags(name: str, has_addr4: bool = True, source_unsure: bool = False)
             flags |= flag
     if not has_addr4:
         flags |= IfaceFlag.NO_ADDR4
-    if source_unsure:
+    # With custom rules the kernel checks every source by a lookup through the
+    # rules (fib_validate_source); the fast path follows that only with
+    # rp_filter 0, where the check refuses no more than local sources.
+    if source_unsure or (custom_rules and rpf):
         flags |= IfaceFlag.SOURCE_UNSURE
     return flags
 

@@ -119,17 +119,19 @@ class Decision:
     ttl_in: int = 64
     ttl_out: int | None = None
     ecmp: dict | None = None    # a multipath route's choice (ecmp_choice)
+    rule: dict | None = None    # the rule the walk ended at (rule_choice)
 
     @property
     def verdict(self) -> str:
         return self.reason.verdict
 
 
-def run_probe(dp: Datapath, frame: bytes, iif: int):
-    """Run `frame`, arriving on `iif`, through the live program with a probe
-    header in the XDP metadata: the program reports its decision there and
-    neither counts nor observes the packet. Returns (ProbeMeta, test-run result)."""
-    meta = lo.ProbeMeta(magic=lo.PROBE_MAGIC, reason=0xFFFFFFFF)
+def run_probe(dp: Datapath, frame: bytes, iif: int, mark: int = 0):
+    """Run `frame`, arriving on `iif` with fwmark `mark`, through the live
+    program with a probe header in the XDP metadata: the program reports its
+    decision there and neither counts nor observes the packet. Returns
+    (ProbeMeta, test-run result)."""
+    meta = lo.ProbeMeta(magic=lo.PROBE_MAGIC, reason=0xFF, nh_id=mark)
     res = dp.program.test_run(frame, ingress_ifindex=iif, meta=bytes(meta))
     return lo.ProbeMeta.from_buffer_copy(res.meta.ljust(ctypes.sizeof(lo.ProbeMeta), b"\0")), res
 
@@ -151,6 +153,34 @@ def ecmp_choice(dp: Datapath, out: lo.ProbeMeta) -> dict | None:
     return choice
 
 
+def rule_choice(dp: Datapath, out: lo.ProbeMeta, family: int) -> dict | None:
+    """The rule a probe's rule walk ended at (None: the family has no rules to
+    walk), from the bank in use: its index, priority, action and table."""
+    if not out.rule:
+        return None
+    if out.rule == lo.PROBE_RULE_NONE:
+        return {"index": None, "priority": None, "action": "none matched", "table": None}
+    fam6 = int(family == 6)
+    bank = (dp.maps["rule_active"].lookup(lo.u32(fam6)) or lo.u32(0)).value & 1
+    act = dp.maps["rule_actions"].lookup(lo.u32((bank * 2 + fam6) * lo.MAX_RULES + out.rule - 1))
+    if act is None:
+        return None
+    kind = lo.RuleKind(act.kind).name.lower() if act.kind in lo.RuleKind._value2member_map_ else str(act.kind)
+    return {"index": out.rule - 1, "priority": act.priority, "action": kind,
+            "table": table_name(act.table) if act.kind == lo.RuleKind.LOOKUP else None}
+
+
+def table_name(table: int) -> str:
+    return {254: "main", 255: "local", 253: "default"}.get(table, str(table))
+
+
+def rule_text(r: dict) -> str:
+    """One line of the rule a walk ended at (rule_choice)."""
+    if r["index"] is None:
+        return "no rule matched"
+    return f"rule {r['priority']} ({r['action']}" + (f" table {r['table']}" if r["table"] else "") + ")"
+
+
 def ecmp_text(e: dict) -> str:
     """One line of what the ecmp stage chose (ecmp_choice)."""
     return (f"group {e['group']} ({e['type']}, {e['paths']} paths"
@@ -159,14 +189,14 @@ def ecmp_text(e: dict) -> str:
 
 
 def probe(dp: Datapath, dst, iif: int, iif_mac: bytes, src=None, ttl: int = 64, proto: int = 17,
-          sport: int = 40000, dport: int = 33434, tos: int = 0, flowlabel: int = 0) -> Decision:
+          sport: int = 40000, dport: int = 33434, tos: int = 0, flowlabel: int = 0, mark: int = 0) -> Decision:
     """Run a UDP (or TCP) probe to `dst`, arriving on `iif`, through the live program."""
     dst = ipaddress.ip_address(dst)
     if src is None:
         src = ipaddress.ip_address("192.0.2.1" if dst.version == 4 else "2001:db8::1")
     frame = udp_probe(src, dst, iif_mac, ttl=ttl, proto=proto, sport=sport, dport=dport, tos=tos,
                       flowlabel=flowlabel)
-    out, res = run_probe(dp, frame, iif)
+    out, res = run_probe(dp, frame, iif, mark)
     d = Decision(str(dst), iif, Reason(out.reason), XDP_ACTIONS.get(res.retval, str(res.retval)),
                  ttl_in=ttl)
     if out.route_type:
@@ -183,6 +213,7 @@ def probe(dp: Datapath, dst, iif: int, iif_mac: bytes, src=None, ttl: int = 64, 
     d.egress_ifindex = out.egress_ifindex
     d.neigh_found = bool(out.flags & lo.PROBE_F_NEIGH)
     d.ecmp = ecmp_choice(dp, out)
+    d.rule = rule_choice(dp, out, dst.version)
     if d.verdict == "redirect" and len(res.data) >= 14:
         d.dmac, d.smac = mac_str(res.data[0:6]), mac_str(res.data[6:12])
         d.ttl_out = res.data[22] if dst.version == 4 else res.data[21]

@@ -23,8 +23,9 @@ from bpfrouter.observe import probe
 
 RTM_NEWROUTE, RTM_GETROUTE, NLMSG_ERROR = 24, 26, 2
 NLM_F_REQUEST = 0x1
-RTM_F_FIB_MATCH = 0x2000
+RTM_F_FIB_MATCH, RTM_F_LOOKUP_TABLE = 0x2000, 0x1000
 RTA_DST, RTA_OIF, RTA_GATEWAY, RTA_MULTIPATH, RTA_TABLE, RTA_VIA, RTA_ENCAP_TYPE = 1, 4, 5, 9, 15, 18, 21
+RTA_SRC, RTA_IIF, RTA_MARK, RTA_IP_PROTO, RTA_SPORT, RTA_DPORT = 2, 3, 16, 27, 28, 29
 SO_RCVBUFFORCE = 33
 # a route of an error type answers with the error, not the route (no prefix)
 KERNEL_ERRORS = {22: "blackhole", 113: "unreachable", 13: "prohibit", 101: "none"}
@@ -42,12 +43,28 @@ class Match(NamedTuple):
     prefix: str | None = None
     gateway: str | None = None
     oif: int = 0
+    table: int | None = None  # input lookups (match_input): the table the route is in
 
     def agrees(self, other: Match) -> bool:
-        """Equal, leaving the prefix out where either side does not know it."""
-        if self.prefix is None or other.prefix is None:
-            return self._replace(prefix=None) == other._replace(prefix=None)
-        return self == other
+        """Equal, leaving the prefix and table out where either side does not know them."""
+        a, b = self, other
+        if a.table is None or b.table is None:
+            a, b = a._replace(table=None), b._replace(table=None)
+        if a.prefix is None or b.prefix is None:
+            return a._replace(prefix=None) == b._replace(prefix=None)
+        return a == b
+
+
+class Packet(NamedTuple):
+    """What an input route lookup sees of a packet (`ip route get ... iif`)."""
+    dst: str
+    src: str
+    iif: int
+    mark: int = 0
+    tos: int = 0
+    proto: int = 17
+    sport: int = 0
+    dport: int = 0
 
 
 class KernelFib:
@@ -84,14 +101,35 @@ class KernelFib:
     def match(self, dst) -> Match:
         return self.match_many([dst])[0]
 
-    def _batch(self, dests) -> list[Match]:
+    def match_input(self, packets: list[Packet]) -> list[Match]:
+        """The route each packet takes on input (RTM_GETROUTE with RTA_IIF and
+        the flow's fields, as `ip route get ... iif ... fibmatch`), with its table."""
+        out: list[Match] = []
+        for i in range(0, len(packets), self.BATCH):
+            out += self._batch([ipaddress.ip_address(p.dst) for p in packets[i:i + self.BATCH]],
+                               packets[i:i + self.BATCH])
+        return out
+
+    def _batch(self, dests, packets=None) -> list[Match]:
         first = self.seq + 1
         req = bytearray()
-        for d in dests:
+        for i, d in enumerate(dests):
             self.seq += 1
             family = socket.AF_INET if d.version == 4 else socket.AF_INET6
             attr = _rta.pack(4 + len(d.packed), RTA_DST) + d.packed
-            body = _rtmsg.pack(family, d.max_prefixlen, 0, 0, 0, 0, 0, 0, RTM_F_FIB_MATCH) + attr
+            tos, flags = 0, RTM_F_FIB_MATCH
+            if packets is not None:
+                flags |= RTM_F_LOOKUP_TABLE
+                p = packets[i]
+                src = ipaddress.ip_address(p.src).packed
+                attr += _rta.pack(4 + len(src), RTA_SRC) + src + _rta.pack(8, RTA_IIF) + struct.pack("=I", p.iif)
+                attr += _rta.pack(8, RTA_MARK) + struct.pack("=I", p.mark)
+                attr += _rta.pack(5, RTA_IP_PROTO) + bytes([p.proto, 0, 0, 0])
+                if p.proto in (6, 17):
+                    attr += _rta.pack(6, RTA_SPORT) + struct.pack("!H", p.sport) + b"\0\0"
+                    attr += _rta.pack(6, RTA_DPORT) + struct.pack("!H", p.dport) + b"\0\0"
+                tos = p.tos
+            body = _rtmsg.pack(family, d.max_prefixlen, 0, tos, 0, 0, 0, 0, flags) + attr
             req += _hdr.pack(16 + len(body), RTM_GETROUTE, NLM_F_REQUEST, self.seq, 0) + body
         self.sock.send(req)
         got: dict[int, Match] = {}
@@ -111,7 +149,7 @@ class KernelFib:
 
 
 def _decode(buf: bytes, off: int, length: int) -> Match:
-    family, dst_len, _, _, _, _, _, rtype, _ = _rtmsg.unpack_from(buf, off + 16)
+    family, dst_len, _, _, table, _, _, rtype, _ = _rtmsg.unpack_from(buf, off + 16)
     dst = gw = None
     oif = 0
     multipath = encap = False
@@ -133,18 +171,20 @@ def _decode(buf: bytes, off: int, length: int) -> Match:
             multipath = True
         elif atype == RTA_ENCAP_TYPE:
             encap = True
+        elif atype == RTA_TABLE:
+            table = struct.unpack("=I", value)[0]
         pos += (alen + 3) & ~3
     width = 32 if family == socket.AF_INET else 128
     raw = int.from_bytes(dst, "big") if dst else 0
     prefix = str((ipaddress.IPv4Network if width == 32 else ipaddress.IPv6Network)((raw, dst_len)))
     kind = KERNEL_TYPES.get(rtype, f"type {rtype}")
     if kind == "unicast" and encap:  # the fast path passes it: only the kernel encapsulates
-        return Match("kernel", prefix)
+        return Match("kernel", prefix, table=table)
     if kind == "unicast" and multipath:
-        return Match("multipath", prefix)
+        return Match("multipath", prefix, table=table)
     if kind != "unicast":
-        return Match(kind, prefix)
-    return Match(kind, prefix, str(ipaddress.ip_address(gw)) if gw else None, oif)
+        return Match(kind, prefix, table=table)
+    return Match(kind, prefix, str(ipaddress.ip_address(gw)) if gw else None, oif, table)
 
 
 def dataplane_match(dp, dst, iif: int, iif_mac: bytes) -> Match:

@@ -81,6 +81,11 @@ enum route_type {
 };
 
 #define KERNEL_ROUTE_REASON_MASK 0xFF
+#define KERNEL_ROUTE_TYPE_SHIFT 8   /* the kernel's route type (RTN_*) in a RTYPE_KERNEL entry */
+#define RTN_THROW_ 9
+
+#define RT_TABLE_MAIN 254
+#define RT_TABLE_LOCAL 255
 
 enum fib_mode {
 	FIB_MODE_BPF = 0,

@@ -14,6 +14,7 @@
 #include "hashfib6.h"
 #include "lpmfib.h"
 #include "nexthop.h"
+#include "tables.h"
 
 struct fib_result {
 	__u32 egress_ifindex;
@@ -131,22 +132,31 @@ static __always_inline int nexthop_resolve(const struct pkt *p, struct fib_resul
 	return p->ip4 ? REASON_FWD_IPV4 : REASON_FWD_IPV6;
 }
 
-/* The route, then its next hop. A multipath route's group is left in
- * res->group for the ecmp stage, which picks the path (-1: go on).
- * detail: a probe wants the matched prefix length and protocol too. */
-static __always_inline int fib_lookup_bpf(const struct pkt *p, struct fib_result *res, int detail)
+/* The route of the table in `table` (include/rules.h): 0, main and local
+ * are the image of local and main as one, which a lookup without rules
+ * walks; any other table is a prefix of the keys of one LPM trie per
+ * family. detail: fill in the prefix length (and protocol) too. */
+static __always_inline int fib_find(const struct pkt *p, struct route *rt, __u32 table, int detail,
+				    struct fib_result *res)
 {
-	struct route route = {}, *rt = &route;
-	int found;
-
+	if (table && table != RT_TABLE_MAIN && table != RT_TABLE_LOCAL) {
+		if (p->ip4)
+			return tables4_lookup(table, p->ip4->daddr, rt);
+		if (p->ip6)
+			return tables6_lookup(table, p->ip6->daddr.in6_u.u6_addr8, rt);
+		return 0;
+	}
 	if (p->ip4)
-		found = fib_route4(p->ip4->daddr, rt, detail);
-	else if (p->ip6)
-		found = fib_route6(p->ip6->daddr.in6_u.u6_addr8, rt, detail, &res->slot6);
-	else
-		return REASON_PASS_NON_IP;
-	if (!found || rt->type == RTYPE_NONE)
-		return REASON_PASS_FIB_MISS;
+		return fib_route4(p->ip4->daddr, rt, detail);
+	if (p->ip6)
+		return fib_route6(p->ip6->daddr.in6_u.u6_addr8, rt, detail, &res->slot6);
+	return 0;
+}
+
+/* A found route: its reason, or its next hop. A multipath route's group
+ * is left in res->group for the ecmp stage, which picks the path (-1: go on). */
+static __always_inline int fib_apply(const struct pkt *p, struct fib_result *res, const struct route *rt, int detail)
+{
 	res->route_type = rt->type;
 	res->prefixlen = rt->prefixlen;
 	res->route_proto = rt->proto;
@@ -159,6 +169,18 @@ static __always_inline int fib_lookup_bpf(const struct pkt *p, struct fib_result
 	if (rt->type != RTYPE_UNICAST)
 		return route_type_reason(rt->type);
 	return nexthop_resolve(p, res, rt->nh_id, detail);
+}
+
+/* The route, then its next hop, without rules to walk. */
+static __always_inline int fib_lookup_bpf(const struct pkt *p, struct fib_result *res, int detail)
+{
+	struct route rt = {};
+
+	if (!p->ip4 && !p->ip6)
+		return REASON_PASS_NON_IP;
+	if (!fib_find(p, &rt, 0, detail, res) || rt.type == RTYPE_NONE)
+		return REASON_PASS_FIB_MISS;
+	return fib_apply(p, res, &rt, detail);
 }
 
 /* bpf_fib_lookup leaves the next hop's address in params (the gateway, or

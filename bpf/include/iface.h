@@ -18,7 +18,7 @@ enum iface_flag {
 	IFACE_F_ACCEPT_LOCAL = 1 << 4,     /* all or port */
 	IFACE_F_ROUTE_LOCALNET = 1 << 5,   /* all or port */
 	IFACE_F_NO_ADDR4 = 1 << 6,         /* the port has no IPv4 address */
-	IFACE_F_SOURCE_UNSURE = 1 << 7,    /* custom rules or a VRF: the FIB mirror cannot check sources */
+	IFACE_F_SOURCE_UNSURE = 1 << 7,    /* the FIB mirror cannot check sources (kernelpolicy.h) */
 	/* Policy routing the fast path does not implement (rules other than
 	 * the defaults, VRFs) could route this port's packets of that family
 	 * other than by main: pass them (bpfrouter/agent/rules.py). */

@@ -27,8 +27,12 @@
  *       through the ingress: accepted. Through another port: refused when
  *       the ingress has no IPv4 address or rp_filter is 1 (strict),
  *       accepted when 2 (loose).
- *     What the mirror cannot evaluate goes to the kernel: custom rules or
- *     a VRF (IFACE_F_SOURCE_UNSURE), a multipath route back.
+ *     With custom rules the kernel makes that lookup through the rules
+ *     even with rp_filter 0; local and main come first there (the rule
+ *     walk's precondition), so the mirror's check holds unless another
+ *     table holds local routes. What the mirror cannot evaluate goes to
+ *     the kernel (IFACE_F_SOURCE_UNSURE): custom rules with rp_filter on
+ *     or with such a table, a VRF, a multipath route back.
  * IPv6 (ip6_rcv_core, ip6_forward): loopback or multicast source, loopback
  *   destination; conf.all.forwarding off or disable_ipv6: to the kernel;
  *   egress = ingress: to the kernel; unspecified source. No reverse-path

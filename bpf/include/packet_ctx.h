@@ -22,6 +22,7 @@
 /* What a stage returns when it has not decided the packet (else: a reason). */
 #define STAGE_NEXT (-1)         /* go on with the next stage */
 #define STAGE_SKIP_NEXT (-2)    /* go on past the next stage (list.h says which that is) */
+#define STAGE_REPEAT (-3)       /* back to the policy stage: the rule's table did not decide */
 
 #define PCTX_F_IP_OPTIONS 1     /* IPv4 header carries options */
 #define PCTX_F_HOP_BY_HOP 2     /* IPv6 hop-by-hop header present */
@@ -41,6 +42,13 @@ struct packet_ctx {
 	__u8 flags;             /* PCTX_F_* */
 	__u8 probe;             /* a `route get` probe (probe.h): report, don't count */
 	__u16 iface_flags;     /* the ingress's enum iface_flag (iface.h) */
+	/* policy routing (stages/policy.h) */
+	__u32 table;            /* the table fib looks up; 0: local and main as one, no rules */
+	__u32 mark;             /* the fwmark: 0 from the wire (nothing set one yet), a probe's own */
+	__u16 rule;             /* the rule whose action decides or is under way */
+	__u16 rule_next;        /* where the rule walk goes on */
+	__u8 rounds;            /* policy stage runs so far */
+	__u8 bank;              /* the rule bank of the first round */
 	struct fib_result res;
 };
 

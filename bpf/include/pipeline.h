@@ -56,7 +56,7 @@ static __always_inline void record(struct xdp_md *ctx, const struct packet_ctx *
 		return;
 	probe->l3_off = pc->l3_off;
 	probe->l4_off = pc->l4_off;
-	probe->l3_proto = pc->l3_proto;
+	probe->rule = !pc->rounds ? 0 : pc->rule == RULE_NONE ? 0xFFFF : pc->rule + 1;
 	probe->l4_proto = pc->l4_proto;
 	probe->vlan_depth = pc->vlan_depth;
 	probe->reason = pc->reason;
@@ -104,6 +104,8 @@ const volatile __u32 observe_in_chain = 1;
 	int reason_ = (reason);							\
 	if (reason_ == STAGE_SKIP_NEXT)						\
 		bpf_tail_call_static(ctx, &stages, (SLOT) + 2);			\
+	else if (reason_ == STAGE_REPEAT)					\
+		bpf_tail_call_static(ctx, &stages, STAGE_POLICY);		\
 	else if (reason_ < 0)							\
 		bpf_tail_call_static(ctx, &stages, (SLOT) + 1);			\
 	if (reason_ < 0)							\
@@ -192,7 +194,17 @@ static __always_inline int single_program(struct xdp_md *ctx, const int capture)
 		reason = STAGE_NEXT;						\
 	else if (reason < 0)							\
 		reason = name##_stage(ctx, pc);
-	DECISION_STAGES(STAGE_CALL)
+	/* The rule walk goes round between two stages by tail calls, which
+	 * inlined rounds would multiply past the verifier's limit; this build,
+	 * which measures what the chain costs, passes the families that have
+	 * rules to walk (with the kernel's FIB, entry always goes on). */
+	if (reason == STAGE_NEXT && fib_mode == FIB_MODE_BPF)
+		reason = REASON_PASS_POLICY;
+	else if (reason == STAGE_SKIP_NEXT)
+		reason = STAGE_NEXT;
+	if (reason < 0)
+		reason = fib_stage(ctx, pc);
+	AFTER_ROUTE_STAGES(STAGE_CALL)
 #undef STAGE_CALL
 	if (reason < 0)
 		reason = REASON_PASS_STAGE_MISSING;

@@ -14,7 +14,7 @@
 
 struct probe_meta {     /* 32 bytes: all XDP metadata can hold */
 	__u32 magic;            /* PROBE_MAGIC in; out: a multipath route's group (nexthop.h) */
-	__u32 nh_id;
+	__u32 nh_id;            /* in: the packet's fwmark */
 	__u32 egress_ifindex;
 	__u32 hash;             /* a multipath route's: the flow hash */
 	__u8 reason;
@@ -27,7 +27,7 @@ struct probe_meta {     /* 32 bytes: all XDP metadata can hold */
 	/* what the parser found */
 	__u16 l3_off;           /* 0: no IP header */
 	__u16 l4_off;           /* 0: no L4 header */
-	__u16 l3_proto;
+	__u16 rule;             /* the rule that decided, + 1 (0: no rule walk) */
 	__u8 l4_proto;
 	__u8 vlan_depth;
 };

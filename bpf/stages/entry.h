@@ -9,17 +9,22 @@
 #include "../include/iface.h"
 #include "../include/classify.h"
 #include "../include/probe.h"
+#include "../include/rules.h"
 
 /* Returns -1 to go on to the next stage, else the packet's reason. */
 static __always_inline int entry_stage(struct xdp_md *ctx, struct packet_ctx *pc)
 {
+	struct probe_meta *probe = probe_from_ctx(ctx);
 	struct pkt p = {};
 	struct iface *in;
 	int reason;
 
 	__builtin_memset(pc, 0, sizeof(*pc));
 	pc->reason = -1;
-	pc->probe = probe_from_ctx(ctx) != NULL;
+	if (probe) {
+		pc->probe = 1;
+		pc->mark = probe->nh_id;
+	}
 	p.data = (void *)(long)ctx->data;
 	p.data_end = (void *)(long)ctx->data_end;
 	in = iface_lookup(ctx->ingress_ifindex);
@@ -37,11 +42,14 @@ static __always_inline int entry_stage(struct xdp_md *ctx, struct packet_ctx *pc
 	reason = classify(&p, in);
 	if (reason >= 0)
 		return reason;
-	/* rules and VRFs the fast path does not implement yet; bpf_fib_lookup
-	 * (FIB_MODE_KERNEL) applies them itself */
+	/* rule sets and VRFs the fast path cannot follow (bpfrouter/policy/);
+	 * bpf_fib_lookup (FIB_MODE_KERNEL) applies the rules itself */
 	if (fib_mode == FIB_MODE_BPF && (in->flags & (p.ip4 ? IFACE_F_PASS_POLICY4 : IFACE_F_PASS_POLICY6)))
 		return REASON_PASS_POLICY;
-	return -1;
+	/* the policy stage follows (list.h): only a family with rules to walk needs it */
+	if (fib_mode == FIB_MODE_BPF && !(rules_state(!p.ip4) & RULE_ACTIVE_ON))
+		return STAGE_SKIP_NEXT;
+	return STAGE_NEXT;
 }
 
 #endif

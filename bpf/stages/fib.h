@@ -1,12 +1,54 @@
 /* Stage fib: the route, next hop, TTL, MTU and neighbor checks, into the
  * context's fib_result. The back end is fixed at load (fib_mode, fib_impl:
  * the BPF FIB's DIR or LPM structure, or the kernel's FIB through
- * bpf_fib_lookup); the verifier removes the others. */
+ * bpf_fib_lookup); the verifier removes the others. With rules to walk, the
+ * policy stage names the table, and a table that does not decide the
+ * packet sends it back there (STAGE_REPEAT). */
 #ifndef BPFROUTER_STAGE_FIB_H
 #define BPFROUTER_STAGE_FIB_H
 
 #include "../include/packet_ctx.h"
 #include "../include/fib.h"
+#include "../include/rules.h"
+
+/* fib_rules_lookup goes on to the next rule when the rule's table has no
+ * route, a throw route, or a result the rule suppresses; errors
+ * (blackhole, unreachable, prohibit) are never suppressed. The local and
+ * main tables are one image here: the rule walk starts with the local
+ * rule (the agent makes sure of it), for which a route of any other kind
+ * than the local table's (local, broadcast: passed) is not its own. */
+static __always_inline int rule_goes_on(const struct packet_ctx *pc, int found, const struct route *rt,
+					const struct rule_action *act)
+{
+	if (!found || rt->type == RTYPE_NONE)
+		return 1;
+	if (rt->type == RTYPE_KERNEL && ((rt->nh_id >> KERNEL_ROUTE_TYPE_SHIFT) & 0xff) == RTN_THROW_)
+		return 1;
+	if (pc->table == RT_TABLE_LOCAL)
+		return rt->type != RTYPE_LOCAL && rt->type != RTYPE_KERNEL;
+	if (rt->type == RTYPE_BLACKHOLE || rt->type == RTYPE_UNREACHABLE || rt->type == RTYPE_PROHIBIT)
+		return 0;
+	return rt->prefixlen <= act->suppress_prefixlen && act->suppress_prefixlen != 0xFF;
+}
+
+static __always_inline int fib_lookup_rule(const struct pkt *p, struct packet_ctx *pc)
+{
+	const struct rule_action *act = rule_action_of(pc->bank, !p->ip4, pc->rule);
+	struct route rt = {};
+	int found;
+
+	if (!act)
+		return REASON_PASS_POLICY;
+	found = fib_find(p, &rt, pc->table, pc->probe || act->suppress_prefixlen != 0xFF, &pc->res);
+	if (rule_goes_on(pc, found, &rt, act))
+		return STAGE_REPEAT;
+	if ((act->flags & RULE_A_SUPPRESS_IFGROUP) && rt.type != RTYPE_BLACKHOLE &&
+	    rt.type != RTYPE_UNREACHABLE && rt.type != RTYPE_PROHIBIT)
+		return REASON_PASS_POLICY;      /* the egress device's group is the kernel's to check */
+	if (!pc->probe)
+		rule_count(pc->bank, !p->ip4, pc->rule);
+	return fib_apply(p, &pc->res, &rt, pc->probe);
+}
 
 static __always_inline int fib_stage(struct xdp_md *ctx, struct packet_ctx *pc)
 {
@@ -17,9 +59,11 @@ static __always_inline int fib_stage(struct xdp_md *ctx, struct packet_ctx *pc)
 		return reason;
 	if (fib_mode == FIB_MODE_KERNEL)
 		reason = fib_lookup_kernel(ctx, &p, &pc->res, pc->probe);
+	else if (pc->rounds)
+		reason = fib_lookup_rule(&p, pc);
 	else
 		reason = fib_lookup_bpf(&p, &pc->res, pc->probe);
-	if (reason > REASON_FWD_IPV6)
+	if (reason > REASON_FWD_IPV6 || reason == STAGE_REPEAT)
 		return reason;
 	/* the ecmp stage follows (list.h): only a multipath route needs it */
 	return pc->res.route_type == RTYPE_MULTIPATH ? STAGE_NEXT : STAGE_SKIP_NEXT;

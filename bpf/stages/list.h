@@ -12,17 +12,23 @@
 #define BPFROUTER_STAGE_LIST_H
 
 #include "entry.h"
+#include "policy.h"
 #include "fib.h"
 #include "ecmp.h"
 #include "kernel_policy.h"
 #include "forward.h"
 #include "observe.h"
 
-/* fib skips ecmp (STAGE_SKIP_NEXT) unless the route is multipath. */
-#define DECISION_STAGES(X) \
-	X(FIB, fib) \
+/* entry skips policy (STAGE_SKIP_NEXT) unless the family has rules to
+ * walk, fib goes back to it (STAGE_REPEAT) when a rule's table does not
+ * decide, and skips ecmp unless the route is multipath. */
+#define ROUTE_STAGES(X) \
+	X(POLICY, policy) \
+	X(FIB, fib)
+#define AFTER_ROUTE_STAGES(X) \
 	X(ECMP, ecmp) \
 	X(KERNEL_POLICY, kernel_policy) \
 	X(FORWARD, forward)
+#define DECISION_STAGES(X) ROUTE_STAGES(X) AFTER_ROUTE_STAGES(X)
 
 #endif

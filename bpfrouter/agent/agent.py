@@ -57,7 +57,8 @@ from ..telemetry import fill_warnings, map_fill
 from .kernel import IFF_LOWER_UP, link_from_msg, neigh_from_msg
 from .paths import AgentRunning, lock_path, pid_path, socket_path
 from .policy import PolicyMirror
-from .rules import read_policy
+from ..policy.image import RuleImage
+from .rules import read_ports, sync_rules
 from .rtnl import DeadRoute, Decoder, RouteMonitor, dead_event, dump_routes
 
 log = logging.getLogger("bpfrouter.agent")
@@ -116,11 +117,14 @@ class Agent:
         self.lock_fd = take_lock(name)
         self.dp = Datapath.open(name, self.meta.object_path)
         self.fib = Fib(self.dp)
+        self.rules = RuleImage(self.dp)
+        self.policy_due: str | None = None  # why the rules must be compiled again
         self.neighbors = Neighbors(self.dp)
         self.interfaces = Interfaces(self.dp)
         self.lock = threading.RLock()
         self.stop = threading.Event()
-        self.policy = PolicyMirror(self.interfaces, self.lock, self.stop, also=lambda: mirror_hash_config(self.dp))
+        self.policy = PolicyMirror(self.interfaces, self.lock, self.stop, also=lambda: mirror_hash_config(self.dp),
+                                   local_elsewhere=self.fib.local_kind_elsewhere)
         self.ready = threading.Event()
         self.decoder = Decoder()
         self.link_states: dict[int, tuple] = {}  # ifindex -> LinkInfo.state, every link
@@ -237,18 +241,21 @@ class Agent:
                  why, len(routes), changed, (time.monotonic() - t0) * 1e3)
 
     def sync_policy(self, why: str) -> None:
-        """Pass to the kernel the ports and families that rules or VRFs could
-        route other than by main alone (agent/rules.py); caller holds the lock."""
+        """Mirror the kernel's rules into the fast path (agent/rules.py), and
+        pass the families it cannot follow; caller holds the lock."""
         with IPRoute() as ipr:
-            flags, reasons = read_policy(ipr, list(self.interfaces.configured()))
+            ports = read_ports(ipr, list(self.interfaces.configured()))
+        flags, reasons = sync_rules(self.rules, ports)
         changed = self.interfaces.set_rule_pass_flags(flags)
+        if reasons != self.stats.get("policy"):
+            log.info("policy routing (%s): %s", why, "; ".join(f"{fam}: {r}" for fam, r in reasons.items())
+                     or "default rules")
         self.stats["policy"] = reasons
         if changed:
             bits = (("ipv4", IFACE_F_PASS_POLICY4), ("ipv6", IFACE_F_PASS_POLICY6))
             passed = [f"{ifname(i)} ({'+'.join(f for f, bit in bits if b & bit)})"
                       for i, b in sorted(flags.items()) if b]
-            log.info("policy routing (%s): passed to the kernel: %s%s", why, ", ".join(passed) or "nothing",
-                     "".join(f"; {fam}: {r}" for fam, r in reasons.items()))
+            log.info("policy routing: passed to the kernel: %s", ", ".join(passed) or "nothing")
 
     def _link_event(self, event: str, li) -> None:
         """A link's state changed (admin, carrier, operstate) or it went away:
@@ -315,9 +322,17 @@ class Agent:
                         self.dp.detach(li.ifindex)
                     else:
                         self.interfaces.configure(li.ifindex, li.mac, li.mtu)
-                self.sync_policy(f"link {li.name}")  # names and masters decide what `iif` rules match
+                self.policy_due = f"link {li.name}"  # names and masters decide what `iif` rules match
             elif event in ("RTM_NEWRULE", "RTM_DELRULE"):
-                self.sync_policy("rules changed")
+                self.policy_due = "rules changed"
+
+    def apply_policy_due(self) -> None:
+        """Compile the rules once for the events of one read (a daemon adds
+        hundreds at a time)."""
+        if self.policy_due:
+            with self.lock:
+                why, self.policy_due = self.policy_due, None
+                self.sync_policy(why)
 
     def monitor(self) -> None:
         """Both monitor sockets are bound before the first dump, so no change
@@ -427,6 +442,7 @@ class Agent:
                         except Exception:
                             log.exception("failed to apply %s; resyncing", msg.get("event"))
                             self.sync_links_neighs("apply error")
+                    self.apply_policy_due()
             except OSError as e:
                 resync = True  # a fresh socket, then a dump
                 if e.errno != errno.ENOBUFS:

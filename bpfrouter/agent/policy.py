@@ -40,20 +40,23 @@ def custom_rules(ipr: IPRoute) -> bool:
     return False
 
 
-def read_flags(ipr: IPRoute, ifindexes) -> dict[int, int]:
-    """Each port's flags from the kernel as it is now."""
+def read_flags(ipr: IPRoute, ifindexes, local_elsewhere: bool = False) -> dict[int, int]:
+    """Each port's flags from the kernel as it is now. local_elsewhere: a
+    table besides local and main holds local routes (Fib.local_kind_elsewhere)."""
     with_addr4 = {a["index"] for a in ipr.get_addr(family=socket.AF_INET)}
     enslaved = {m["index"] for m in ipr.get_links() if m.get_attr("IFLA_MASTER")}
-    unsure = custom_rules(ipr)
-    return {i: int(policy_flags(ifname(i), i in with_addr4, unsure or i in enslaved)) for i in ifindexes}
+    custom = custom_rules(ipr)
+    return {i: int(policy_flags(ifname(i), i in with_addr4, i in enslaved or (custom and local_elsewhere), custom))
+            for i in ifindexes}
 
 
 class PolicyMirror:
     """A thread that keeps the interface flags equal to the kernel's policy."""
 
     def __init__(self, interfaces: Interfaces, lock: threading.RLock, stop: threading.Event,
-                 also=lambda: None):
+                 also=lambda: None, local_elsewhere=lambda: False):
         self.interfaces = interfaces
+        self.local_elsewhere = local_elsewhere
         self.also = also  # more sysctls to mirror with each refresh
         self.lock = lock
         self.stop = stop
@@ -64,7 +67,7 @@ class PolicyMirror:
         """Re-read and write what changed; returns the number of ports changed."""
         with self.lock:
             configured = self.interfaces.configured()
-            flags = read_flags(ipr, configured)
+            flags = read_flags(ipr, configured, self.local_elsewhere())
             changed = [i for i, f in flags.items() if self.interfaces.set_flags(i, f)]
             self.also()
         self.refreshes += 1

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 from ..datapath.layout import MAX_ECMP_PATHS, Reason
 from ..ecmp import NexthopGroup
-from ..fib import TABLE_LOCAL, TABLE_MAIN, BucketChange, Nexthop, Route, RouteType, kernel_route_bits
+from ..fib import BucketChange, Nexthop, Route, RouteType, kernel_route_bits
 
 NETLINK_ROUTE = 0
 SOL_NETLINK = 270
@@ -133,12 +133,12 @@ class Decoder:
 
     def route(self, buf, off: int, length: int) -> Route | None:
         """The route of an RTM_NEWROUTE/RTM_DELROUTE message: a Route, a DeadRoute,
-        or None for what the mirror never holds (cached clones, other tables)."""
+        or None for what the mirror never holds (cached clones)."""
         if length == 60:
             (family, dst_len, _, _, _, proto, _, rtype, rflags, _, t_tab, table, _, t_dst, dst,
              _, t_gw, gw, _, t_oif, oif) = _v4gw.unpack_from(buf, off + 16)
             if family == AF_INET and (t_tab, t_dst, t_gw, t_oif) == (RTA_TABLE, RTA_DST, RTA_GATEWAY, RTA_OIF) \
-                    and rtype == 1 and not rflags & _SKIP_FAST and table in (TABLE_MAIN, TABLE_LOCAL):
+                    and rtype == 1 and not rflags & _SKIP_FAST and table:
                 return Route.from_key((4, int.from_bytes(dst, "big"), dst_len), RouteType.UNICAST,
                                       self._only_hop(oif, gw), proto, 0, table)
         elif length == 68:
@@ -146,7 +146,7 @@ class Decoder:
              _, t_pri, metric, _, t_gw, gw, _, t_oif, oif) = _v4gw_metric.unpack_from(buf, off + 16)
             if family == AF_INET and (t_tab, t_dst, t_pri, t_gw, t_oif) == \
                     (RTA_TABLE, RTA_DST, RTA_PRIORITY, RTA_GATEWAY, RTA_OIF) \
-                    and rtype == 1 and not rflags & _SKIP_FAST and table in (TABLE_MAIN, TABLE_LOCAL):
+                    and rtype == 1 and not rflags & _SKIP_FAST and table:
                 return Route.from_key((4, int.from_bytes(dst, "big"), dst_len), RouteType.UNICAST,
                                       self._only_hop(oif, gw), proto, metric, table)
         return self._route_general(buf, off, length)
@@ -182,7 +182,7 @@ class Decoder:
             elif atype == RTA_NH_ID:
                 nh_id = _u32.unpack_from(buf, pos + 4)[0]
             pos += (alen + 3) & ~3
-        if table not in (TABLE_MAIN, TABLE_LOCAL):
+        if not table:
             return None
         pkey = (4 if family == AF_INET else 6, int.from_bytes(dst, "big") if dst else 0, dst_len)
         if kind is None:  # throw, nat, ...: the kernel's own
@@ -567,7 +567,7 @@ def dump_nexthop_objects(decoder: Decoder, s: socket.socket) -> None:
 
 
 def dump_routes(decoder: Decoder, rcvbuf: int = 32 << 20, progress=None) -> list[Route]:
-    """All routes of both families (main and local tables) that carry traffic,
+    """All routes of both families (every table) that carry traffic,
     from a fresh dump, after the next-hop objects they may name.
     progress(n) is called every 65536 routes."""
     s = _socket(0, rcvbuf)

@@ -216,7 +216,75 @@ class ProbeMeta(ctypes.Structure):
     _fields_ = [("magic", u32), ("nh_id", u32), ("egress_ifindex", u32), ("hash", u32),
                 ("reason", u8), ("route_type", u8), ("prefixlen", u8), ("route_proto", u8), ("flags", u8),
                 ("reserved", u8), ("bucket", u16),
-                ("l3_off", u16), ("l4_off", u16), ("l3_proto", u16), ("l4_proto", u8), ("vlan_depth", u8)]
+                ("l3_off", u16), ("l4_off", u16), ("rule", u16), ("l4_proto", u8), ("vlan_depth", u8)]
+
+
+PROBE_RULE_NONE = 0xFFFF  # ProbeMeta.rule: the rules were walked and none matched
+
+# Policy routing (bpf/include/rules.h, tables.h)
+MAX_RULES = 1024
+RULE_WORDS = MAX_RULES // 64
+MAX_RULE_VECTORS = 4096
+MAX_RULE_MASKS = 4
+RULE_PORT_SLOTS = 2048
+RULE_ACTIVE_ON = 2
+RULE_A_SUPPRESS_IFGROUP = 1
+
+
+class RuleKind(enum.IntEnum):
+    LOOKUP = 1
+    GOTO = 2
+    BLACKHOLE = 6
+    UNREACHABLE = 7
+    PROHIBIT = 8
+    PASS = 255
+
+
+class RuleField(enum.IntFlag):
+    SRC = 1
+    DST = 2
+    IIF = 4
+    PROTO = 8
+    TOS = 16
+    MARK = 32
+    SPORT = 64
+    DPORT = 128
+
+
+class RuleAction(ctypes.Structure):
+    _fields_ = [("kind", u8), ("flags", u8), ("suppress_prefixlen", u8), ("reserved", u8), ("table", u32),
+                ("target", u32), ("ifgroup", u32), ("priority", u32)]
+
+
+class RuleSet(ctypes.Structure):
+    _fields_ = [("count", u32), ("fields", u32), ("all", u32), ("invert", u32), ("miss", u32 * 8),
+                ("mask", u32 * MAX_RULE_MASKS), ("mask_miss", u32 * MAX_RULE_MASKS), ("nmasks", u32),
+                ("nbounds", u32 * 2)]
+
+
+class RuleVector(ctypes.Structure):
+    _fields_ = [("w", ctypes.c_uint64 * RULE_WORDS)]
+
+
+class RulePrefixKey(ctypes.Structure):
+    _fields_ = [("prefixlen", u32), ("bank", u8), ("family", u8), ("field", u8), ("reserved", u8),
+                ("addr", u8 * 16)]
+
+
+class RuleU32Key(ctypes.Structure):
+    _fields_ = [("value", u32), ("bank", u8), ("family", u8), ("field", u8), ("reserved", u8)]
+
+
+class RuleBound(ctypes.Structure):
+    _fields_ = [("lo", u32), ("vector", u32)]
+
+
+class Table4Key(ctypes.Structure):
+    _fields_ = [("prefixlen", u32), ("table", u8 * 4), ("addr", u8 * 4)]
+
+
+class Table6Key(ctypes.Structure):
+    _fields_ = [("prefixlen", u32), ("table", u8 * 4), ("addr", u8 * 16)]
 
 
 class ObsStat(enum.IntEnum):
@@ -288,6 +356,14 @@ STRUCTS: dict[str, type[ctypes.Structure]] = {
     "nh_group": NhGroup,
     "ecmp_hash_config": EcmpHashConfig,
     "probe_meta": ProbeMeta,
+    "rule_action": RuleAction,
+    "rule_set": RuleSet,
+    "rule_vector": RuleVector,
+    "rule_prefix_key": RulePrefixKey,
+    "rule_u32_key": RuleU32Key,
+    "rule_bound": RuleBound,
+    "table4_key": Table4Key,
+    "table6_key": Table6Key,
     "dir_chunk": DirChunk,
     "dir_group": DirGroup,
     "dir_leaf4": DirLeaf4,

@@ -207,9 +207,11 @@ def test_throw_route_is_passed_and_the_kernel_goes_on_to_the_next_table(bpf_rout
         lab.run("r", ["ip", "route", "del", "multicast", "10.79.0.0/16"])
 
 
-def test_rule_to_another_table_passes_and_the_packet_goes_where_the_kernel_sends_it(bpf_router, wire, probe):
+def test_rule_to_another_table_is_walked_and_the_packet_goes_where_the_kernel_sends_it(bpf_router, wire, probe):
     """The issue's own example: a rule sends 10.0.1.0/24 -> 10.88.0.0/16 to
-    table 100, which routes it back out of r-eth0."""
+    table 100, which routes it back out of r-eth0. The fast path walks the
+    rule and looks table 100 up itself; the route back out of the ingress is
+    its hairpin, which the kernel forwards."""
     r, lab = bpf_router, bpf_router.lab
     lab.run("r", ["ip", "route", "add", "10.88.0.0/16", "via", "10.0.1.2", "dev", "r-eth0", "table", "100"],
             check=True)
@@ -217,33 +219,36 @@ def test_rule_to_another_table_passes_and_the_packet_goes_where_the_kernel_sends
             check=True)
     try:
         assert kernel_dev(lab, "10.88.1.1", "from", "10.0.1.2", "iif", "r-eth0") == "r-eth0"
-        assert wait_for(lambda: probe.policy()["r-eth0"] == ["ipv4"], timeout=10), probe.policy()
-        assert probe.policy()["r-eth1"] == ["ipv4"]  # a rule on addresses may match on any port
-        assert probe("10.88.1.1", src="10.0.1.2")["reason"] == "policy"
+        assert wait_for(lambda: probe("10.88.1.1", src="10.0.1.2") == {"reason": "hairpin", "egress": "r-eth0"},
+                        timeout=10), probe("10.88.1.1", src="10.0.1.2")
+        assert probe.policy() == {"r-eth0": [], "r-eth1": []}, "no family is passed for its rules"
         cli = r.json("route", "get", "10.88.1.1", "from", "10.0.1.2", "iif", "r-eth0")
-        assert (cli["verdict"], cli["reason"]) == ("pass", "policy")
-        status = r.json("status")
-        assert {i["name"]: i["policy_passed"] for i in status["interfaces"]} == {"r-eth0": ["ipv4"], "r-eth1": ["ipv4"]}
-        assert "rule 100" in status["agent"]["policy"]["ipv4"]
-        before = probe.counted("policy")
+        assert (cli["verdict"], cli["reason"], cli["route"]["prefix"], cli["route"]["table"]) == \
+            ("pass", "hairpin", "10.88.0.0/16", "100")
+        assert (cli["rule"]["priority"], cli["rule"]["action"]) == (100, "lookup")
+        assert r.json("status")["agent"]["policy"]["ipv4"] == "4 rules walked"
+        before = probe.counted("hairpin")
         assert wire.send("10.88.1.1") == {"h1": {b"K": N}, "h2": {}}
-        assert probe.counted("policy") - before == N
-        # IPv6 has no rule: its fast path stays
-        assert probe("fd00:2::2")["reason"] in ("ipv6", "no_neigh")
+        assert probe.counted("hairpin") - before == N
+        # from another source the rule does not match: main's 10/8, forwarded
+        assert probe("10.88.1.1", src="10.0.3.2")["egress"] == "r-eth1"
+        # IPv6 has no rule: no walk
+        assert "ipv6" not in r.json("status")["agent"]["policy"]
     finally:
         lab.run("r", ["ip", "rule", "del", "pref", "100"])
         lab.run("r", ["ip", "route", "flush", "table", "100"])
-    # only the default rules again: routed as before, by the fast path
-    assert wait_for(lambda: probe.policy() == {"r-eth0": [], "r-eth1": []}, timeout=10), probe.policy()
+    # only the default rules again: main's route, by the fast path
+    assert wait_for(lambda: probe("10.88.1.1", src="10.0.1.2")["egress"] == "r-eth1", timeout=10)
     before = probe.counted("ipv4")
     assert wire.send("10.88.1.1") == {"h1": {}, "h2": {b"K": N}}
     assert probe.counted("ipv4") - before == N
 
 
-def test_iif_and_l3mdev_rules_pass_only_the_ports_they_can_match(bpf_router, wire, probe):
+def test_iif_l3mdev_and_oif_rules(bpf_router, wire, probe):
     """`iif r-eth1` matches packets that enter r-eth1 only; the l3mdev rule a
     VRF adds matches packets entering a port enslaved to one (none here: this
-    kernel has no VRF driver); `oif` rules never match forwarded packets."""
+    kernel has no VRF driver); `oif` rules never match forwarded packets. All
+    walked by the fast path, none passed."""
     lab = bpf_router.lab
     lab.run("r", ["ip", "route", "add", "10.89.0.0/16", "via", "10.0.1.2", "dev", "r-eth0", "table", "101"],
             check=True)
@@ -252,20 +257,21 @@ def test_iif_and_l3mdev_rules_pass_only_the_ports_they_can_match(bpf_router, wir
     for rule in rules:
         lab.run("r", ["ip", "rule", "add", *rule], check=True)
     try:
-        assert wait_for(lambda: probe.policy() == {"r-eth0": [], "r-eth1": ["ipv4"]}, timeout=10), probe.policy()
-        assert probe("10.89.1.1", iif="r-eth1")["reason"] == "policy"
+        assert wait_for(lambda: probe("10.89.1.1", iif="r-eth1")["egress"] == "r-eth0", timeout=10)
+        assert probe.policy() == {"r-eth0": [], "r-eth1": []}
         assert kernel_dev(lab, "10.89.1.1", "from", "10.0.1.2", "iif", "r-eth0") == "r-eth1"  # main's 10/8
+        assert kernel_dev(lab, "10.89.1.1", "from", "10.0.2.2", "iif", "r-eth1") == "r-eth0"  # table 101
         before = {why: probe.counted(why) for why in ("ipv4", "source_unverified", "policy")}
         assert wire.send("10.89.1.1") == {"h1": {}, "h2": {b"K": N}}
         moved = {why: probe.counted(why) - n for why, n in before.items()}
-        # r-eth0's packets are not passed for the rule; their source check, which custom rules
-        # can change (the kernel's reverse lookup runs through them), goes to the kernel
-        assert moved["policy"] == 0 and moved["ipv4"] + moved["source_unverified"] == N, moved
+        # with rp_filter 0 the kernel's source check through the rules refuses
+        # only local sources, which the fast path checks: forwarded
+        assert moved == {"ipv4": N, "source_unverified": 0, "policy": 0}, moved
     finally:
         for pref in ("200", "201", "1000"):
             lab.run("r", ["ip", "rule", "del", "pref", pref])
         lab.run("r", ["ip", "route", "flush", "table", "101"])
-    assert wait_for(lambda: probe.policy() == {"r-eth0": [], "r-eth1": []}, timeout=10), probe.policy()
+    assert wait_for(lambda: probe("10.89.1.1", iif="r-eth1")["egress"] == "r-eth1", timeout=10)
 
 
 @pytest.mark.parametrize("compat", [0, 1])

@@ -1,51 +1,96 @@
-"""Which ports the kernel's rules could route other than local-then-main
-(agent/rules.py), rule by rule. The e2e tests (tests/e2e/test_kernel_only.py)
-check the same with real rules and traffic."""
+"""The rule compiler (bpfrouter/policy/rules.py): which rule sets the fast
+path walks, which rules it leaves out, and what it refuses. What the walk
+decides is checked against the kernel in tests/e2e/test_policy_differential.py."""
+import ipaddress
+import struct
+
 import pytest
 
-from bpfrouter.agent.rules import Port, affected_ports, rule_from_msg
+from bpfrouter.datapath import layout as lo
+from bpfrouter.policy.rules import (AF_INET, AF_INET6, FR_ACT_BLACKHOLE, FR_ACT_GOTO, FR_ACT_NOP, FR_ACT_TO_TBL, Port,
+                                    Rule, Unsupported, compile_rules, rule_from_bytes)
 
-SUPPRESS_NONE = ("FRA_SUPPRESS_PREFIXLEN", 0xFFFFFFFF)
-
-
-def msg(pref: int, table: int, *attrs, action=1, flags=0, src_len=0, dst_len=0, tos=0, family=2):
-    """A rule as pyroute2 gives it (fibmsg), with the kernel's usual attributes."""
-    a = [("FRA_TABLE", table), SUPPRESS_NONE, ("FRA_PROTOCOL", 2)] + ([("FRA_PRIORITY", pref)] if pref else [])
-    return rule_from_msg({"family": family, "table": min(table, 255), "action": action, "flags": flags,
-                          "src_len": src_len, "dst_len": dst_len, "tos": tos, "attrs": a + list(attrs)})
+LOCAL, MAIN, DEFAULT = Rule(AF_INET, 0, FR_ACT_TO_TBL, 255), Rule(AF_INET, 32766, FR_ACT_TO_TBL, 254), \
+    Rule(AF_INET, 32767, FR_ACT_TO_TBL, 253)
+PORTS = [Port(2, "r-eth0", None), Port(3, "r-eth1", None)]
 
 
-DEFAULTS = [msg(0, 255), msg(32766, 254), msg(32767, 253)]
-PORTS = [Port(2, "r-eth0", None), Port(3, "r-eth1", None), Port(4, "r-eth2", "vrf-blue")]
-ALL = {2, 3, 4}
+def rules(*extra: Rule) -> list[Rule]:
+    return sorted([LOCAL, *extra, MAIN, DEFAULT], key=lambda r: r.priority)
 
 
-@pytest.mark.parametrize("extra, want", [
-    ([], set()),
-    ([msg(100, 100, ("FRA_SRC", "10.0.1.0"), ("FRA_DST", "10.88.0.0"), src_len=24, dst_len=16)], ALL),
-    ([msg(100, 100, ("FRA_IIFNAME", "r-eth1"))], {3}),
-    ([msg(100, 100, ("FRA_IIFNAME", "vrf-blue"))], {4}),     # a port's master is its packets' iif
-    ([msg(100, 100, ("FRA_IIFNAME", "gone0"))], set()),      # no such device: matches nothing
-    ([msg(100, 100, ("FRA_IIFNAME", "lo"))], set()),         # locally generated only
-    ([msg(100, 100, ("FRA_IIFNAME", "r-eth1"), flags=2)], ALL),  # not iif r-eth1
-    ([msg(1000, 0, ("FRA_L3MDEV", 1))], {4}),                # the VRF rule: enslaved ports
-    ([msg(100, 100, ("FRA_OIFNAME", "r-eth1"))], set()),     # forwarded packets have no oif
-    ([msg(100, 100, ("FRA_OIFNAME", "r-eth1"), flags=2)], ALL),
-    ([msg(100, 100, ("FRA_FWMARK", 1))], ALL),
-    ([msg(100, 254, ("FRA_SUPPRESS_PREFIXLEN", 0))], ALL),  # lookup main, but not as the fast path does
-    ([msg(100, 0, action=6)], ALL),                         # blackhole for everything
-    ([msg(40000, 100, ("FRA_SRC", "10.0.1.0"), src_len=24)], set()),  # behind main: misses and throws only
+def test_defaults_need_no_walk():
+    assert compile_rules(rules(), PORTS) is None
+    assert compile_rules([Rule(AF_INET6, 0, FR_ACT_TO_TBL, 255), Rule(AF_INET6, 32766, FR_ACT_TO_TBL, 254)],
+                         PORTS) is None
+
+
+def test_a_custom_rule_is_walked():
+    c = compile_rules(rules(Rule(AF_INET, 100, FR_ACT_TO_TBL, 100, src=ipaddress.ip_network("10.1.0.0/16"))), PORTS)
+    assert [r.priority for r in c.rules] == [0, 100, 32766, 32767]
+    assert c.fields == lo.RuleField.SRC
+    assert [a.table for a in c.actions] == [255, 100, 254, 253]
+    # 10.1.0.0/16's vector holds every rule; the miss vector all but rule 100
+    assert int.from_bytes(c.vectors[c.prefixes[(0, ipaddress.ip_network("10.1.0.0/16"))]], "little") == 0b1111
+    assert int.from_bytes(c.vectors[c.miss[0]], "little") == 0b1101
+
+
+@pytest.mark.parametrize("extra, why", [
+    ([Rule(AF_INET, 0, FR_ACT_TO_TBL, 254)], "first rule is not `lookup local`"),
+    ([Rule(AF_INET, 100, FR_ACT_TO_TBL, 100, unknown=("dscp",))], "selects on dscp"),
+    ([Rule(AF_INET, 100, FR_ACT_TO_TBL, 0, l3mdev=True)], "l3mdev"),
+    ([Rule(AF_INET, 100 + i, FR_ACT_TO_TBL, 100, mark=1, mask=m) for i, m in enumerate((1, 2, 4, 8, 16))], "masks"),
 ])
-def test_rules_before_main_decide(extra, want):
-    assert affected_ports(DEFAULTS + extra, PORTS)[0] == want
+def test_what_the_walk_cannot_follow(extra, why):
+    ports = PORTS + [Port(4, "r-eth2", "vrf-blue")]
+    rs = extra + [LOCAL, MAIN] if extra[0].priority == 0 else rules(*extra)
+    with pytest.raises(Unsupported, match=why):
+        compile_rules(rs, ports)
 
 
-def test_without_the_main_rule_or_with_main_before_local_every_port_is_passed():
-    assert affected_ports([msg(0, 255), msg(32767, 253)], PORTS)[0] == ALL
-    assert affected_ports([msg(32766, 254), msg(40000, 255)], PORTS)[0] == ALL
+@pytest.mark.parametrize("rule, kept", [
+    (Rule(AF_INET, 100, FR_ACT_TO_TBL, 100, oif="r-eth1"), False),              # no oif on input
+    (Rule(AF_INET, 100, FR_ACT_TO_TBL, 100, oif="r-eth1", invert=True), True),  # ... so `not oif` always matches
+    (Rule(AF_INET, 100, FR_ACT_TO_TBL, 100, iif="nosuch0"), False),             # names no port
+    (Rule(AF_INET, 100, FR_ACT_TO_TBL, 100, uid=(1, 100)), False),              # forwarded packets are uid 0
+    (Rule(AF_INET, 100, FR_ACT_TO_TBL, 100, uid=(0, 100)), True),
+    (Rule(AF_INET, 100, FR_ACT_TO_TBL, 100, tun_id=7), False),
+    (Rule(AF_INET, 100, FR_ACT_NOP), False),                                     # never decides
+    (Rule(AF_INET, 100, FR_ACT_TO_TBL, 0), False),                               # no table 0: -EAGAIN
+    (Rule(AF_INET, 100, FR_ACT_BLACKHOLE, iif="r-eth1"), True),
+])
+def test_rules_decided_at_compile_time(rule, kept):
+    c = compile_rules(rules(rule), PORTS)
+    assert (100 in [r.priority for r in c.rules]) == kept
+    if kept and rule.oif:  # constant: in every vector, not inverted
+        assert c.invert == 0 and c.fields == 0
 
 
-def test_reason_names_the_rule():
-    _, why = affected_ports(DEFAULTS + [msg(100, 100, ("FRA_IIFNAME", "r-eth1"))], PORTS)
-    assert why == "rule 100 (iif r-eth1)"
-    assert affected_ports(DEFAULTS, PORTS)[1] is None
+def test_goto_lands_on_the_next_kept_rule():
+    c = compile_rules(rules(Rule(AF_INET, 10, FR_ACT_GOTO, goto=20, src=ipaddress.ip_network("10.0.0.0/8")),
+                            Rule(AF_INET, 20, FR_ACT_TO_TBL, 100, oif="x"),  # left out
+                            Rule(AF_INET, 30, FR_ACT_TO_TBL, 101)), PORTS)
+    assert [r.priority for r in c.rules] == [0, 10, 30, 32766, 32767]
+    assert c.actions[1].kind == lo.RuleKind.GOTO and c.actions[1].target == 2
+
+
+def test_port_ranges_become_intervals():
+    c = compile_rules(rules(Rule(AF_INET, 100, FR_ACT_TO_TBL, 100, ipproto=6, dport=(1000, 1999)),
+                            Rule(AF_INET, 101, FR_ACT_TO_TBL, 101, dport=(1500, 1500))), PORTS)
+    assert [b for b, _ in c.bounds[1]] == [0, 1000, 1500, 1501, 2000]
+    vec = {b: int.from_bytes(c.vectors[v], "little") for b, v in c.bounds[1]}
+    assert vec[1500] == 0b11111 and vec[1000] == 0b11011 and vec[2000] == 0b11001
+
+
+def test_rule_from_the_kernels_bytes():
+    attr = lambda t, v: struct.pack("=HH", 4 + len(v), t) + v + b"\0" * (-len(v) % 4)  # noqa: E731
+    body = struct.pack("=BBBBBBBBI", AF_INET, 0, 8, 0x10, 100, 0, 0, FR_ACT_TO_TBL, 2) + \
+        attr(6, struct.pack("=I", 200)) + attr(2, bytes([10, 0, 0, 0])) + attr(10, struct.pack("=I", 5)) + \
+        attr(16, struct.pack("=I", 0xFF)) + attr(3, b"r-eth0\0") + attr(22, bytes([17])) + \
+        attr(24, struct.pack("=HH", 53, 53)) + attr(29, struct.pack("=H", 0xFFFF)) + \
+        attr(14, struct.pack("=I", 0xFFFFFFFF)) + attr(21, bytes([4]))
+    r = rule_from_bytes(body)
+    assert r == Rule(AF_INET, 200, FR_ACT_TO_TBL, 100, src=ipaddress.ip_network("10.0.0.0/8"), tos=0x10, iif="r-eth0",
+                     mark=5, mask=0xFF, ipproto=17, dport=(53, 53), invert=True)
+    assert r.text() == "not from 10.0.0.0/8 tos 0x10 fwmark 0x5/0xff iif r-eth0 ipproto 17 dport 53 lookup 100"
+    assert rule_from_bytes(body + attr(29, struct.pack("=H", 0xFF))).unknown == ("dport mask",)

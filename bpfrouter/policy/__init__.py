@@ -1,0 +1,1 @@
+"""Policy routing: the kernel's rules and tables in the fast path."""
