@@ -21,7 +21,7 @@ from .datapath.layout import OBSERVERS, LayoutMismatch, RouteType, proto_name
 from .interfaces import Interfaces, InterfaceError, ifname
 from .lab import Lab, LabError, list_labs
 from .netns import NetnsError
-from .observe import ecmp_text, probe, rule_text
+from .observe import ecmp_text, probe, rule_text, table_name
 from .packet import mac_str
 from .routespec import RouteSpecError, parse_address, parse_route
 
@@ -330,27 +330,39 @@ def route_load(file, name):
 
 
 @route.command("show")
+@click.argument("words", nargs=-1)
 @click.option("-4", "v4", is_flag=True, help="IPv4 only.")
 @click.option("-6", "v6", is_flag=True, help="IPv6 only.")
 @click.option("--all", "show_all", is_flag=True,
               help="Every route the agent mirrors, also those not selected (asks the agent).")
 @name_option
 @json_options
-def route_show(v4, v6, show_all, name, as_json, pretty):
-    """Routes in the data plane's FIB, with the protocol that installed each (its source)."""
+def route_show(words, v4, v6, show_all, name, as_json, pretty):
+    """Routes in the data plane's FIB, with the protocol that installed each (its source).
+
+    `table N` (a number, main, local or default) shows one table, `table
+    all` every table; without it, local and main, which the fast path
+    looks up as one."""
     from .fib import kernel_route_info, read_installed  # (numpy: only where routes are read)
+    from .routespec import parse_table
+    table: int | None = None
+    if words:
+        if len(words) != 2 or words[0] != "table":
+            raise click.ClickException(f"unexpected {' '.join(words)!r}: expected table N|main|local|default|all")
+        table = 0 if words[1] == "all" else parse_table(words[1])
     meta = router.resolve(name)
     if show_all:
-        return _route_show_all(meta, v4, v6, as_json, pretty)
+        return _route_show_all(meta, v4, v6, as_json, pretty, table)
     dp = Datapath.open(meta.name)
     try:
         rows = []
-        for prefix, v, hops in read_installed(dp):
+        for prefix, v, hops, tid in read_installed(dp, table):
             if (v4 and prefix.version != 4) or (v6 and prefix.version != 6):
                 continue
             kernel, multipath = v.type == RouteType.KERNEL, v.type == RouteType.MULTIPATH
             nh = hops[0] if hops and not multipath else None
             rows.append({"prefix": str(prefix), "type": RouteType(v.type).name.lower(),
+                         "table": table_name(tid) if tid else "local" if v.type == RouteType.LOCAL else "main",
                          "proto": proto_name(v.proto),
                          "gateway": str(nh.gateway) if nh and nh.gateway else None,
                          "dev": ifname(nh.ifindex) if nh else None,
@@ -374,6 +386,8 @@ def route_show(v4, v6, show_all, name, as_json, pretty):
         for h in r["nexthops"] or []:
             words += ["nexthop"] + ([f"via {h['gateway']}"] if h["gateway"] else []) + [f"dev {h['dev']}"]
         words.append(f"proto {r['proto']}")
+        if r["table"] != "main":
+            words.append(f"table {r['table']}")
         console.print(" ".join(words))
 
 
@@ -383,9 +397,11 @@ def _passed_words(info: dict) -> str:
     return f"({what}: passed to the kernel, reason {info['reason']})"
 
 
-def _route_show_all(meta, v4, v6, as_json, pretty):
+def _route_show_all(meta, v4, v6, as_json, pretty, table: int | None):
     resp = request(meta.name, "routes")
-    rows = [r for r in resp["routes"] if not ((v4 and ":" in r["prefix"]) or (v6 and ":" not in r["prefix"]))]
+    want = None if table is None else table_name(table)
+    rows = [r for r in resp["routes"] if not ((v4 and ":" in r["prefix"]) or (v6 and ":" not in r["prefix"]))
+            and (r["table"] == want if want else table == 0 or r["table"] in ("main", "local"))]
     for r in rows:
         for nh in r["nexthops"]:
             nh["dev"] = ifname(nh.pop("ifindex"))
@@ -398,7 +414,7 @@ def _route_show_all(meta, v4, v6, as_json, pretty):
         for nh in r["nexthops"]:
             words += (["nexthop"] if len(r["nexthops"]) > 1 else []) + \
                 ([f"via {nh['gateway']}"] if nh["gateway"] else []) + [f"dev {nh['dev']}"]
-        words += [f"proto {r['proto']}", f"metric {r['metric']}"] + (["table local"] if r["table"] == "local" else [])
+        words += [f"proto {r['proto']}", f"metric {r['metric']}"] + ([f"table {r['table']}"] if r["table"] != "main" else [])
         console.print(" ".join(words))
 
 
@@ -523,7 +539,7 @@ def verify(count, seed, v4, v6, name, as_json, pretty):
     try:
         configured = Interfaces(dp).configured()
         iif = min(configured)
-        prefixes = [p for p, _, _ in read_installed(dp)]
+        prefixes = [p for p, _, _, _ in read_installed(dp)]
         result = {"checked": 0, "mismatches": []}
         versions = [4] if v4 else [6] if v6 else [4, 6]
         with IPRoute() as ipr, SyncProgress("comparing with the kernel", total=count * len(versions),

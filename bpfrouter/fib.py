@@ -1025,10 +1025,12 @@ def _sort_key(p: IPNetwork):
     return (p.version, p.network_address.packed, p.prefixlen)
 
 
-def read_installed(dp: Datapath) -> list[tuple[IPNetwork, lo.RouteValue, tuple[Nexthop, ...]]]:
+def read_installed(dp: Datapath, table: int | None = None) -> list[tuple[IPNetwork, lo.RouteValue,
+                                                                        tuple[Nexthop, ...], int]]:
     """The BPF FIB as the data plane sees it (for `route show` without the
     agent): each entry with its next hop, or a multipath route's group's
-    members."""
+    members, and its table (0: the image of local and main). table: None
+    for local and main, 0 for every table, else that table."""
     nhs = {k.value: nexthop_of_value(v) for k, v in dp.nexthops.lookup_batch() if v.ifindex}
     groups = {k.value: tuple(nhs[i] for i in v.nh[:v.count] if i in nhs)
               for k, v in dp.nh_groups.lookup_batch() if v.count}
@@ -1040,12 +1042,18 @@ def read_installed(dp: Datapath) -> list[tuple[IPNetwork, lo.RouteValue, tuple[N
             return groups.get(v.nh_id, ())
         return ()
     out = []
-    tables = make_tables(dp, recover=False)
-    try:
-        for table in tables.values():
-            out.extend((prefix, v, hops(v)) for prefix, v in table.installed())
-    finally:
-        for t in tables.values():
-            t.close()
-    out.sort(key=lambda t: _sort_key(t[0]))
+    if table in (None, 0, TABLE_MAIN, TABLE_LOCAL):
+        tables = make_tables(dp, recover=False)
+        try:
+            for t in tables.values():
+                out.extend((prefix, v, hops(v), 0) for prefix, v in t.installed()
+                           if table in (None, 0) or (v.type == RouteType.LOCAL) == (table == TABLE_LOCAL))
+        finally:
+            for t in tables.values():
+                t.close()
+    for tid in sorted(trie_tables(dp)):
+        if table == 0 or table == tid:
+            for version, m in ((4, "tables4"), (6, "tables6")):
+                out.extend((prefix, v, hops(v), tid) for prefix, v in TableTrie(dp.maps[m], version, tid).installed())
+    out.sort(key=lambda t: (t[3], *_sort_key(t[0])))
     return out

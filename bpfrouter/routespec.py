@@ -1,6 +1,6 @@
 """Parse iproute2-style route arguments (pure Python, no kernel access).
 
-    [TYPE] PREFIX [via ADDR] [dev IFNAME] [metric N] [proto P]
+    [TYPE] PREFIX [via ADDR] [dev IFNAME] [metric N] [table T] [proto P]
     [TYPE] PREFIX nexthop via ADDR [dev IFNAME] nexthop via ADDR [dev IFNAME] ...
 
 TYPE is unicast (default), local, blackhole, unreachable or prohibit;
@@ -32,6 +32,19 @@ class RouteSpec:
     type: str = "unicast"
     nexthops: tuple[NexthopSpec, ...] = ()
     metric: int = 0
+    table: int = 254
+
+
+TABLE_NAMES = {"main": 254, "local": 255, "default": 253}
+
+
+def parse_table(text: str) -> int:
+    """A routing table by name (main, local, default) or number (1..4294967295)."""
+    if text in TABLE_NAMES:
+        return TABLE_NAMES[text]
+    if not text.isdigit() or not 0 < int(text) <= 0xFFFFFFFF:
+        raise RouteSpecError(f"invalid table {text!r}: expected main, local, default or 1..4294967295")
+    return int(text)
 
 
 def parse_prefix(text: str, family: int | None = None) -> IPNetwork:
@@ -95,13 +108,14 @@ def parse_route(tokens: list[str] | tuple[str, ...], family: int | None = None,
     i = 1
     nexthops: list[NexthopSpec] = []
     metric = 0
+    table = TABLE_NAMES["main"]
     while i < len(tokens):
         word = tokens[i]
         if word in ("via", "dev"):
             nh, i = _parse_nexthop(tokens, i, {"metric", "nexthop", "proto", "table"})
             nexthops.append(nh)
         elif word == "nexthop":
-            nh, i = _parse_nexthop(tokens, i + 1, {"nexthop", "metric", "proto"})
+            nh, i = _parse_nexthop(tokens, i + 1, {"nexthop", "metric", "proto", "table"})
             if nh.gateway is None and nh.dev is None:
                 raise RouteSpecError("'nexthop' needs 'via ADDR' and/or 'dev IFNAME'")
             nexthops.append(nh)
@@ -115,12 +129,10 @@ def parse_route(tokens: list[str] | tuple[str, ...], family: int | None = None,
             _take(tokens, i, word)
             i += 2
         elif word == "table":
-            value = _take(tokens, i, word)
-            if value not in ("main", "254"):
-                raise RouteSpecError(f"table {value!r} is not supported yet: bpfrouter routes the main table")
+            table = parse_table(_take(tokens, i, word))
             i += 2
         else:
-            raise RouteSpecError(f"unexpected {word!r}: expected via, dev, nexthop or metric")
+            raise RouteSpecError(f"unexpected {word!r}: expected via, dev, nexthop, metric or table")
     for nh in nexthops:
         if nh.gateway is not None and nh.gateway.version != prefix.version:
             raise RouteSpecError(f"an IPv{prefix.version} route via IPv{nh.gateway.version} gateway "
@@ -130,4 +142,4 @@ def parse_route(tokens: list[str] | tuple[str, ...], family: int | None = None,
                              f"(or a type: blackhole, unreachable, prohibit, local)")
     if rtype != "unicast" and any(nh.gateway for nh in nexthops):
         raise RouteSpecError(f"a {rtype} route takes no gateway")
-    return RouteSpec(prefix, rtype, tuple(nexthops), metric)
+    return RouteSpec(prefix, rtype, tuple(nexthops), metric, table)

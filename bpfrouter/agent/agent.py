@@ -58,6 +58,7 @@ from .kernel import IFF_LOWER_UP, link_from_msg, neigh_from_msg
 from .paths import AgentRunning, lock_path, pid_path, socket_path
 from .policy import PolicyMirror
 from ..policy.image import RuleImage
+from ..policy.rules import table_name
 from .rules import read_ports, sync_rules
 from .rtnl import DeadRoute, Decoder, RouteMonitor, dead_event, dump_routes
 
@@ -458,7 +459,7 @@ class Agent:
 
     # --- control API -------------------------------------------------------------
     def _kernel_route_args(self, spec: RouteSpec, ipr: IPRoute) -> dict:
-        args: dict = {"dst": str(spec.prefix), "table": TABLE_MAIN, "proto": RTPROT_BPFROUTER,
+        args: dict = {"dst": str(spec.prefix), "table": spec.table, "proto": RTPROT_BPFROUTER,
                       "priority": spec.metric, "type": spec.type}
         hops = []
         for nh in spec.nexthops:
@@ -478,7 +479,7 @@ class Agent:
         return args
 
     def _same_slot(self, spec: RouteSpec) -> list[Route]:
-        return [r for r in self.fib.routes(spec.prefix) if r.table == TABLE_MAIN and r.metric == spec.metric]
+        return [r for r in self.fib.routes(spec.prefix, spec.table) if r.metric == spec.metric]
 
     def _kernel(self, op: str, args: dict) -> None:
         """Change the kernel FIB and mirror the kernel's echo of it at once, so the
@@ -493,7 +494,7 @@ class Agent:
     def _kernel_del_dead(self, spec: RouteSpec, with_metric: bool) -> bool:
         """Delete bpfrouter's dead routes of a prefix (all next hops dead): the
         kernel holds them, the mirror does not. False if there was none."""
-        args: dict = {"dst": str(spec.prefix), "table": TABLE_MAIN, "proto": RTPROT_BPFROUTER}
+        args: dict = {"dst": str(spec.prefix), "table": spec.table, "proto": RTPROT_BPFROUTER}
         if with_metric:
             args["priority"] = spec.metric
         deleted = 0
@@ -529,18 +530,19 @@ class Agent:
                 with IPRoute() as ipr:
                     kargs = self._kernel_route_args(spec, ipr)
                 self._kernel("replace" if op == "route_replace" else "add", kargs)
-                if prefix_key(spec.prefix) in self.fib.left_out:
+                fib = self.fib if spec.table in (TABLE_MAIN, 255) else self.fib.other(spec.table)
+                if prefix_key(spec.prefix) in fib.left_out:
                     raise ApiError(f"route {spec.prefix} is in the kernel, but not in the fast path: its FIB is "
-                                   f"full ({self.fib.full_error}); the fast path passes its traffic to the kernel")
+                                   f"full ({fib.full_error}); the fast path passes its traffic to the kernel")
                 return {"prefix": str(spec.prefix)}
             if op == "route_del":
                 spec = parse_route(args, req.get("family"), need_target=False)
-                mine = [r for r in self.fib.routes(spec.prefix)
+                mine = [r for r in self.fib.routes(spec.prefix, spec.table)
                         if r.proto == RTPROT_BPFROUTER and ("metric" not in args or r.metric == spec.metric)]
                 if not mine and self._kernel_del_dead(spec, "metric" in args):
                     return {"prefix": str(spec.prefix)}
                 if not mine:
-                    theirs = sorted({proto_name(r.proto) for r in self.fib.routes(spec.prefix)})
+                    theirs = sorted({proto_name(r.proto) for r in self.fib.routes(spec.prefix, spec.table)})
                     where = (f"it comes from proto {', '.join(theirs)}: remove it with `ip route del` "
                              f"or its routing daemon") if theirs else "there is none"
                     raise ApiError(f"no bpfrouter route for {spec.prefix}; {where}")
@@ -549,7 +551,8 @@ class Agent:
                                          "priority": r.metric, "type": r.type.name.lower()})
                 return {"prefix": str(spec.prefix)}
             if op == "routes":
-                return {"routes": [route_json(r, self.fib.installed_route(r.prefix)) for r in self.fib.routes()]}
+                return {"routes": [route_json(r, self.fib.installed_route(r.prefix, r.table))
+                                   for r in self.fib.routes(table=0)]}
             if op != "resync":
                 raise ApiError(f"unknown operation {op!r}")
         if not self.wait_resync(self.request_resync("requested"), 300):
@@ -676,7 +679,7 @@ def route_json(r: Route, installed=None) -> dict:
         "type": r.installed_type.name.lower(),
         "proto": proto_name(r.proto),
         "metric": r.metric,
-        "table": {254: "main", 255: "local"}.get(r.table, str(r.table)),
+        "table": table_name(r.table),
         "nexthops": [{"ifindex": nh.ifindex, "gateway": str(nh.gateway) if nh.gateway else None}
                      for nh in r.nexthops],
         "selected": installed == r,

@@ -22,7 +22,7 @@ def test_cli_route_add_del(bpf_router):
     assert r.ping("h1", "10.99.0.1", count=3)
     assert r.forwarded() - before >= 6
     shown = [x for x in r.json("route", "show") if x["prefix"] == "10.99.0.0/16"]
-    assert shown == [{"prefix": "10.99.0.0/16", "type": "unicast", "proto": "bpfrouter",
+    assert shown == [{"prefix": "10.99.0.0/16", "type": "unicast", "table": "main", "proto": "bpfrouter",
                       "gateway": "10.0.2.2", "dev": "r-eth1", "nexthop_id": shown[0]["nexthop_id"], "group": None,
                       "nexthops": None, "passed": None}]
     dup = r.cli("route", "add", "10.99.0.0/16", "via", "10.0.2.2", check=False)
@@ -32,6 +32,42 @@ def test_cli_route_add_del(bpf_router):
     r.cli("route", "del", "10.99.0.0/16")
     assert r.json("route", "get", "10.99.0.1")["reason"] == "fib_miss"
     assert not r.ping("h1", "10.99.0.1", count=1)
+
+
+def test_cli_routes_in_another_table(bpf_router):
+    """`route add|show|del ... table N`, and a rule that sends packets there."""
+    r, lab = bpf_router, bpf_router.lab
+    r.cli("route", "add", "10.97.0.0/16", "via", "10.0.1.2", "table", "100")
+    try:
+        kernel = lab.run("r", ["ip", "route", "show", "table", "100"], check=True).stdout
+        assert "10.97.0.0/16 via 10.0.1.2" in kernel and "proto 250" in kernel
+        shown = r.json("route", "show", "table", "100")
+        assert [(x["prefix"], x["table"], x["gateway"], x["proto"]) for x in shown] == \
+            [("10.97.0.0/16", "100", "10.0.1.2", "bpfrouter")]
+        assert not [x for x in r.json("route", "show") if x["prefix"] == "10.97.0.0/16"], "not in main"
+        assert [x["table"] for x in r.json("route", "show", "table", "all") if x["prefix"] == "10.97.0.0/16"] == ["100"]
+        assert "table 100" in r.cli("route", "show", "table", "100").stdout
+        # no rule looks table 100 up yet: main has no route
+        assert r.json("route", "get", "10.97.1.1", "from", "10.0.1.2")["reason"] == "fib_miss"
+        lab.run("r", ["ip", "rule", "add", "pref", "150", "iif", "r-eth0", "lookup", "100"], check=True)
+        got = wait_for(lambda: (g := r.json("route", "get", "10.97.1.1", "from", "10.0.1.2", "iif", "r-eth0"))
+                       ["rule"] and g, timeout=10)
+        assert got["route"]["table"] == "100" and got["route"]["prefix"] == "10.97.0.0/16"
+        assert (got["rule"]["priority"], got["rule"]["table"], got["egress"]) == (150, "100", "r-eth0")
+        assert "rule 150 (lookup table 100)" in r.cli("route", "get", "10.97.1.1", "iif", "r-eth0").stdout
+        dup = r.cli("route", "add", "10.97.0.0/16", "via", "10.0.1.2", "table", "100", check=False)
+        assert dup.returncode != 0 and "already exists" in dup.stderr
+        r.cli("route", "del", "10.97.0.0/16", "table", "100")
+        assert r.json("route", "show", "table", "100") == []
+        assert "10.97.0.0/16" not in lab.run("r", ["ip", "route", "show", "table", "100"], check=True).stdout
+    finally:
+        lab.run("r", ["ip", "rule", "del", "pref", "150"])
+        lab.run("r", ["ip", "route", "flush", "table", "100"])
+    for bad, why in ((["table", "x"], "invalid table 'x'"), (["table", "0"], "invalid table '0'")):
+        p = r.cli("route", "add", "10.97.0.0/16", "via", "10.0.1.2", *bad, check=False)
+        assert p.returncode != 0 and why in p.stderr and "Traceback" not in p.stderr
+    p = r.cli("route", "show", "table", check=False)
+    assert p.returncode != 0 and "expected table N" in p.stderr
 
 
 def test_bpfrouter_route_with_lower_metric_wins_and_blackhole_counts_drops(bpf_router):
