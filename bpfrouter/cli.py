@@ -266,6 +266,60 @@ _route_change_command("replace", "Add or replace a bpfrouter route.")
 _route_change_command("del", "Delete a route added with bpfrouter.")
 
 
+@cli.group()
+def rule():
+    """Policy routing rules, with `ip rule`'s syntax, and their fast-path walk."""
+
+
+def _rule_change_command(op: str, help_text: str) -> None:
+    @rule.command(op, help=help_text, context_settings={"ignore_unknown_options": True})
+    @click.argument("args", nargs=-1, required=True)
+    @click.option("-4", "v4", is_flag=True, help="IPv4 (the default without addresses).")
+    @click.option("-6", "v6", is_flag=True, help="IPv6.")
+    @name_option
+    def cmd(args, v4, v6, name):
+        if "dscp" in args:
+            from .policy.rules import AF_INET, AF_INET6, RuleSyntaxError, parse_own_rule
+            try:  # syntax first
+                parse_own_rule(list(args), {4: AF_INET, 6: AF_INET6}.get(_family(v4, v6)))
+            except RuleSyntaxError as e:
+                raise click.ClickException(str(e)) from None
+        meta = router.resolve(name)
+        resp = request(meta.name, f"rule_{op}", args=list(args), family=_family(v4, v6))
+        if not resp.get("ok"):
+            raise click.ClickException(resp.get("error", "request failed"))
+
+
+_rule_change_command("add", "Add a rule: a kernel rule (`ip rule add ARGS protocol bpfrouter`), or, with `dscp N` "
+                     "(the exact DSCP, which `ip rule` lacks), a rule of bpfrouter's own, which only the fast path "
+                     "follows. The fast path walks it on return.")
+_rule_change_command("del", "Delete a rule, as `ip rule del` takes it (with `dscp N`: one of bpfrouter's own).")
+
+
+@rule.command("show")
+@click.option("-4", "v4", is_flag=True, help="IPv4 only.")
+@click.option("-6", "v6", is_flag=True, help="IPv6 only.")
+@name_option
+@json_options
+def rule_show(v4, v6, name, as_json, pretty):
+    """The rules, as `ip rule show` lists them, with what the fast path makes of
+    each (walked, left out because it never matches a forwarded packet, or
+    passed to the kernel) and the packets each walked rule decided."""
+    meta = router.resolve(name)
+    resp = request(meta.name, "rules")
+    if not resp.get("ok"):
+        raise click.ClickException(resp.get("error", "request failed"))
+    fams = {k: v for k, v in resp["families"].items() if not ((v4 and k == "ipv6") or (v6 and k == "ipv4"))}
+    if as_json or pretty:
+        return emit_json(fams, pretty)
+    for fam, f in fams.items():
+        console.print(f"{fam}: {f['state']}")
+        for r in f["rules"]:
+            count = f"{r['packets']} packets" if r["packets"] is not None else r["fast_path"]
+            own = "  [bpfrouter: fast path only]" if r["source"].startswith("bpfrouter (") else ""
+            console.print(f"{r['priority']}:\t{r['rule']}{own}  ({count})", markup=False)
+
+
 @route.command("load")
 @click.argument("file", type=click.File("r"))
 @name_option

@@ -13,6 +13,7 @@ from rich.live import Live
 from rich.table import Table
 
 from . import router
+from .agent.client import AgentUnavailable, request
 from .capture import Capture, CaptureError, PcapFilter, PcapWriter
 from .cli import cli, console, emit_json, json_options, name_option
 from .datapath import Datapath
@@ -367,12 +368,20 @@ def metrics(listen, once, name):
 
     from .metrics import parse_listen, registry_for, serve
     meta = router.resolve(name)
+
+    def rule_counts() -> list[dict]:  # from the agent, which knows the rules
+        try:
+            fams = request(meta.name, "rules").get("families", {})
+        except AgentUnavailable:
+            return []
+        return [{"family": fam, "priority": r["priority"], "rule": r["rule"], "packets": r["packets"],
+                 "table": r["table"] or ""} for fam, f in fams.items() for r in f["rules"] if r["packets"] is not None]
     if once:
-        click.echo(generate_latest(registry_for(meta.name)).decode(), nl=False)
+        click.echo(generate_latest(registry_for(meta.name, rule_counts=rule_counts)).decode(), nl=False)
         return
     try:
         parse_listen(listen)
-        server, _ = serve(meta.name, listen)
+        server, _ = serve(meta.name, listen, rule_counts=rule_counts)
     except ValueError as e:
         raise click.ClickException(str(e)) from None
     err_console.print(f"metrics of router {meta.name} on http://{listen}/metrics; Ctrl-C to stop")

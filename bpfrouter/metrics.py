@@ -40,9 +40,10 @@ def bpf_stats_enabled() -> bool:
 class RouterCollector(Collector):
     """Every metric of one router, collected from its maps on each scrape."""
 
-    def __init__(self, name: str, fib_full=None):
+    def __init__(self, name: str, fib_full=None, rule_counts=None):
         self.name = name
         self.fib_full = fib_full  # the agent's Fib.full_status, when the agent serves
+        self.rule_counts = rule_counts  # the agent's Agent.rule_counts
 
     def collect(self):
         dp = Datapath.open(self.name)
@@ -118,6 +119,22 @@ class RouterCollector(Collector):
         cp.add_metric([r, "lost"], st["capture_lost"])
         yield cp
 
+        if self.rule_counts is not None:
+            rules = self.rule_counts()
+            per_rule = CounterMetricFamily("bpfrouter_rule_packets", "Packets each rule the fast path walks "
+                                           "decided (its table's route, or its action).",
+                                           labels=["router", "family", "priority", "rule"])
+            per_table = CounterMetricFamily("bpfrouter_table_packets", "Packets routed by each table that "
+                                            "rules looked up.", labels=["router", "family", "table"])
+            tables: dict[tuple[str, str], int] = {}
+            for x in rules:
+                per_rule.add_metric([r, x["family"], str(x["priority"]), x["rule"]], x["packets"])
+                if x["table"]:
+                    tables[(x["family"], x["table"])] = tables.get((x["family"], x["table"]), 0) + x["packets"]
+            for (fam, table), n in sorted(tables.items()):
+                per_table.add_metric([r, fam, table], n)
+            yield per_rule
+            yield per_table
         runs, run_ns = dp.program_stats()
         yield _gauge("bpfrouter_program_stats_enabled", "1 when kernel.bpf_stats_enabled=1, which the run "
                      "count and time below need.", r, 1 if bpf_stats_enabled() else 0)
@@ -139,17 +156,17 @@ def _gauge(name: str, doc: str, router_name: str, value: float) -> GaugeMetricFa
     return m
 
 
-def registry_for(name: str, fib_full=None) -> CollectorRegistry:
+def registry_for(name: str, fib_full=None, rule_counts=None) -> CollectorRegistry:
     reg = CollectorRegistry()
-    reg.register(RouterCollector(name, fib_full))
+    reg.register(RouterCollector(name, fib_full, rule_counts))
     return reg
 
 
-def serve(name: str, listen: str, fib_full=None):
+def serve(name: str, listen: str, fib_full=None, rule_counts=None):
     """Start the HTTP endpoint in a background thread; returns (server, thread)."""
     from prometheus_client import start_http_server
     host, port = parse_listen(listen)
     try:
-        return start_http_server(port, addr=host, registry=registry_for(name, fib_full))
+        return start_http_server(port, addr=host, registry=registry_for(name, fib_full, rule_counts))
     except OSError as e:
         raise ValueError(f"cannot listen on {listen}: {os.strerror(e.errno) if e.errno else e}") from None

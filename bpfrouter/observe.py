@@ -159,7 +159,7 @@ def rule_choice(dp: Datapath, out: lo.ProbeMeta, family: int) -> dict | None:
     if not out.rule:
         return None
     if out.rule == lo.PROBE_RULE_NONE:
-        return {"index": None, "priority": None, "action": "none matched", "table": None}
+        return {"index": None, "priority": None, "action": "none decided", "table": None}
     fam6 = int(family == 6)
     bank = (dp.maps["rule_active"].lookup(lo.u32(fam6)) or lo.u32(0)).value & 1
     act = dp.maps["rule_actions"].lookup(lo.u32((bank * 2 + fam6) * lo.MAX_RULES + out.rule - 1))
@@ -177,7 +177,7 @@ def table_name(table: int) -> str:
 def rule_text(r: dict) -> str:
     """One line of the rule a walk ended at (rule_choice)."""
     if r["index"] is None:
-        return "no rule matched"
+        return "no rule decided (the tables the rules looked up had no route): unreachable"
     return f"rule {r['priority']} ({r['action']}" + (f" table {r['table']}" if r["table"] else "") + ")"
 
 

@@ -58,8 +58,8 @@ from .kernel import IFF_LOWER_UP, link_from_msg, neigh_from_msg
 from .paths import AgentRunning, lock_path, pid_path, socket_path
 from .policy import PolicyMirror
 from ..policy.image import RuleImage
-from ..policy.rules import table_name
-from .rules import read_ports, sync_rules
+from ..policy.rules import AF_INET, AF_INET6, RuleSyntaxError, dump_rules, merge_own, parse_own_rule, table_name
+from .rules import own_rule_json, read_ports, sync_rules
 from .rtnl import DeadRoute, Decoder, RouteMonitor, dead_event, dump_routes
 
 log = logging.getLogger("bpfrouter.agent")
@@ -120,6 +120,7 @@ class Agent:
         self.fib = Fib(self.dp)
         self.rules = RuleImage(self.dp)
         self.policy_due: str | None = None  # why the rules must be compiled again
+        self.own_rules = self._load_own_rules()
         self.neighbors = Neighbors(self.dp)
         self.interfaces = Interfaces(self.dp)
         self.lock = threading.RLock()
@@ -246,7 +247,7 @@ class Agent:
         pass the families it cannot follow; caller holds the lock."""
         with IPRoute() as ipr:
             ports = read_ports(ipr, list(self.interfaces.configured()))
-        flags, reasons = sync_rules(self.rules, ports)
+        flags, reasons = sync_rules(self.rules, ports, self.own_rules)
         changed = self.interfaces.set_rule_pass_flags(flags)
         if reasons != self.stats.get("policy"):
             log.info("policy routing (%s): %s", why, "; ".join(f"{fam}: {r}" for fam, r in reasons.items())
@@ -326,6 +327,80 @@ class Agent:
                 self.policy_due = f"link {li.name}"  # names and masters decide what `iif` rules match
             elif event in ("RTM_NEWRULE", "RTM_DELRULE"):
                 self.policy_due = "rules changed"
+
+    def _own_rules_path(self):
+        return RouterMeta.path(self.name).parent / "rules.json"
+
+    def _load_own_rules(self) -> list:
+        """bpfrouter's own rules, kept across agent restarts in the run directory."""
+        try:
+            saved = json.loads(self._own_rules_path().read_text())
+        except FileNotFoundError:
+            return []
+        return [parse_own_rule(x["words"], x["family"]) for x in saved]
+
+    def _save_own_rules(self) -> None:
+        p = self._own_rules_path()
+        tmp = p.with_suffix(".tmp")
+        tmp.write_text(json.dumps([own_rule_json(r) for r in self.own_rules]))
+        tmp.replace(p)
+
+    def _rule_change(self, op: str, args: list[str], family: int | None) -> dict:
+        """`rule add|del`: a rule with bpfrouter's own selector (dscp) is the
+        fast path's alone; any other is the kernel's (`ip rule`, protocol
+        bpfrouter). Either way the walk is compiled again before this returns."""
+        if "dscp" in args:
+            try:
+                rule = parse_own_rule(args, {4: AF_INET, 6: AF_INET6}.get(family))
+            except RuleSyntaxError as e:
+                raise ApiError(str(e)) from None
+            same = [r for r in self.own_rules if r == rule]
+            if op == "rule_add":
+                if same:
+                    raise ApiError(f"rule {rule.priority} ({rule.text()}) already exists")
+                self.own_rules.append(rule)
+            else:
+                if not same:
+                    raise ApiError(f"no rule of bpfrouter's own is `pref {rule.priority} {rule.text()}`")
+                self.own_rules.remove(same[0])
+            self._save_own_rules()
+        else:
+            fam = ["-6"] if family == 6 else ["-4"] if family == 4 else []
+            proc = subprocess.run(["ip", *fam, "rule", "add" if op == "rule_add" else "del", *args,
+                                   "protocol", str(RTPROT_BPFROUTER)], capture_output=True, text=True)
+            if proc.returncode:
+                msg = " ".join(proc.stderr.split()) or f"ip rule exited with {proc.returncode}"
+                raise ApiError(f"the kernel refused the rule: {msg}")
+        self.policy_due = None
+        self.sync_policy("rule " + ("added" if op == "rule_add" else "deleted"))
+        return {"rules": self.rule_report()}
+
+    def rule_report(self) -> dict:
+        """Per family: how the fast path follows the kernel's rules (walked,
+        passed and why, or the defaults), and each rule with what became of it
+        there and the packets it decided; caller holds the lock."""
+        out = {}
+        for family, fam6, label in ((AF_INET, 0, "ipv4"), (AF_INET6, 1, "ipv6")):
+            kernel = merge_own(dump_rules(family), [r for r in self.own_rules if r.family == family])
+            counts = dict(self.rules.rule_totals(fam6))
+            state = (self.stats.get("policy") or {}).get(label) or "default rules: local and main as one"
+            rows = []
+            for r in kernel:
+                packets = counts.get(r)
+                where = "walked" if packets is not None else "passed" if state.startswith("passed") \
+                    else "left out" if counts else "default"
+                rows.append({"priority": r.priority, "rule": r.text(), "fast_path": where, "packets": packets,
+                             "table": table_name(r.table) if r.action == 1 else None,
+                             "source": "bpfrouter (fast path only)" if r.own else proto_name(r.protocol)})
+            out[label] = {"state": state, "rules": rows}
+        return out
+
+    def rule_counts(self) -> list[dict]:
+        """Packets each walked rule decided, for the metrics."""
+        with self.lock:
+            return [{"family": label, "priority": r.priority, "rule": r.text(), "packets": n,
+                     "table": table_name(r.table) if r.action == 1 else ""}
+                    for fam6, label in ((0, "ipv4"), (1, "ipv6")) for r, n in self.rules.rule_totals(fam6)]
 
     def apply_policy_due(self) -> None:
         """Compile the rules once for the events of one read (a daemon adds
@@ -550,6 +625,10 @@ class Agent:
                     self._kernel("del", {"dst": str(r.prefix), "table": r.table, "proto": r.proto,
                                          "priority": r.metric, "type": r.type.name.lower()})
                 return {"prefix": str(spec.prefix)}
+            if op == "rules":
+                return {"families": self.rule_report()}
+            if op in ("rule_add", "rule_del"):
+                return self._rule_change(op, args, req.get("family"))
             if op == "routes":
                 return {"routes": [route_json(r, self.fib.installed_route(r.prefix, r.table))
                                    for r in self.fib.routes(table=0)]}
@@ -630,7 +709,7 @@ class Agent:
         self.policy.start()
         if self.meta.metrics:
             try:
-                metrics.serve(self.name, self.meta.metrics, self.fib.full_status)
+                metrics.serve(self.name, self.meta.metrics, self.fib.full_status, self.rule_counts)
                 log.info("metrics on http://%s/metrics", self.meta.metrics)
             except ValueError as e:
                 log.error("%s", e)

@@ -10,7 +10,7 @@ import logging
 
 from ..datapath.layout import IFACE_F_PASS_POLICY4, IFACE_F_PASS_POLICY6
 from ..policy.image import RuleImage
-from ..policy.rules import AF_INET, AF_INET6, Port, Unsupported, compile_rules, dump_rules
+from ..policy.rules import AF_INET, AF_INET6, Port, Rule, Unsupported, compile_rules, dump_rules, merge_own
 
 log = logging.getLogger("bpfrouter.agent")
 FAMILIES = ((AF_INET, 0, IFACE_F_PASS_POLICY4, "ipv4"), (AF_INET6, 1, IFACE_F_PASS_POLICY6, "ipv6"))
@@ -23,14 +23,15 @@ def read_ports(ipr, ifindexes) -> list[Port]:
     return [Port(i, names[i], names.get(links[i].get_attr("IFLA_MASTER") or 0)) for i in ifindexes if i in links]
 
 
-def sync_rules(image: RuleImage, ports: list[Port]) -> tuple[dict[int, int], dict[str, str]]:
-    """Compile and write both families' rules; returns the ports' pass bits
-    and, per family passed or walked, why or how many rules."""
+def sync_rules(image: RuleImage, ports: list[Port], own: list[Rule] = ()) -> tuple[dict[int, int], dict[str, str]]:
+    """Compile and write both families' rules (the kernel's, and bpfrouter's
+    own among them); returns the ports' pass bits and, per family passed or
+    walked, why or how many rules."""
     flags = {p.ifindex: 0 for p in ports}
     why: dict[str, str] = {}
     for family, fam6, bit, label in FAMILIES:
         try:
-            compiled = compile_rules(dump_rules(family), ports)
+            compiled = compile_rules(merge_own(dump_rules(family), [r for r in own if r.family == family]), ports)
         except Exception as e:  # Unsupported, or a bug: either way the kernel routes the family
             if not isinstance(e, Unsupported):
                 log.exception("compiling the %s rules failed", label)
@@ -43,3 +44,7 @@ def sync_rules(image: RuleImage, ports: list[Port]) -> tuple[dict[int, int], dic
         if compiled is not None:
             why[label] = f"{len(compiled.rules)} rules walked"
     return flags, why
+
+
+def own_rule_json(r: Rule) -> dict:
+    return {"family": r.family, "words": ["pref", str(r.priority), *r.text().split()]}

@@ -25,7 +25,7 @@ class RuleImage:
         m = dp.maps
         self.active, self.sets, self.actions = m["rule_active"], m["rule_sets"], m["rule_actions"]
         self.vectors, self.prefixes, self.values = m["rule_vectors"], m["rule_prefixes"], m["rule_values"]
-        self.bytes_, self.bounds, self.hits = m["rule_bytes"], m["rule_bounds"], m["rule_hits"]
+        self.bytes_, self.bounds, self.hit_counts = m["rule_bytes"], m["rule_bounds"], m["rule_hits"]
         # per family: the bank in use, the rules each bank holds, the grace tag of its retirement
         self.state = [self.active.lookup(u32(f)).value for f in (0, 1)]
         self.rules: dict[tuple[int, int], list[Rule]] = {}
@@ -99,10 +99,15 @@ class RuleImage:
 
     def hits(self, fam6: int) -> list[int]:
         """Packets each rule of the walked set decided, since it was written."""
-        st = self.state[fam6]
-        rules = self.walking(fam6)
-        s = self._set(st & 1, fam6)
-        return [sum(v.value for v in self.hits.lookup(u32(s * lo.MAX_RULES + i))) for i in range(len(rules))]
+        n = len(self.walking(fam6))
+        if not n:
+            return []
+        base = self._set(self.state[fam6] & 1, fam6) * lo.MAX_RULES
+        counts = [0] * n
+        for k, per_cpu in self.hit_counts.lookup_batch():
+            if base <= k.value < base + n:
+                counts[k.value - base] = sum(v.value for v in per_cpu)
+        return counts
 
     def rule_totals(self, fam6: int) -> list[tuple[Rule, int]]:
         """Each walked rule with the packets it decided, over all its banks."""
@@ -113,10 +118,10 @@ class RuleImage:
     def _fold(self, bank: int, fam6: int) -> None:
         """Add a bank's counts to its rules' totals and zero them."""
         s = self._set(bank, fam6)
-        zero = (ctypes.c_uint64 * self.hits.ncpus)()
+        zero = (ctypes.c_uint64 * self.hit_counts.ncpus)()
         for i, r in enumerate(self.rules.get((bank, fam6), [])):
             key = u32(s * lo.MAX_RULES + i)
-            n = sum(v.value for v in self.hits.lookup(key))
+            n = sum(v.value for v in self.hit_counts.lookup(key))
             if n:
                 self.totals[(fam6, r.priority, r.text())] += n
-                self.hits.update(key, zero)
+                self.hit_counts.update(key, zero)

@@ -73,6 +73,9 @@ class Rule:
     suppress_prefixlen: int = -1
     suppress_ifgroup: int = -1
     unknown: tuple[str, ...] = ()   # selectors the classifier does not know
+    dscp: int | None = None         # bpfrouter's own selector: the exact DSCP (0..63)
+    own: bool = False               # a rule of bpfrouter's own: in the fast path only
+    protocol: int = 0               # who added it (FRA_PROTOCOL)
 
     @property
     def is_plain_lookup(self) -> bool:
@@ -88,6 +91,8 @@ class Rule:
             words += ["to", str(self.dst)]
         if self.tos:
             words += ["tos", f"0x{self.tos:02x}"]
+        if self.dscp is not None:
+            words += ["dscp", str(self.dscp)]
         if self.mark is not None:
             words += ["fwmark", f"0x{self.mark:x}" + (f"/0x{self.mask:x}" if self.mask != NONE32 else "")]
         if self.iif:
@@ -108,7 +113,7 @@ class Rule:
         return words + list(self.unknown)
 
     def text(self) -> str:
-        """As `ip rule show` writes it."""
+        """As `ip rule show` writes it (and `bpfrouter rule add` takes it)."""
         words = (["not"] if self.invert else []) + (self.selectors() or ["from", "all"])
         if self.action == FR_ACT_TO_TBL:
             words += ["lookup", table_name(self.table)]
@@ -178,8 +183,10 @@ def rule_from_bytes(buf: bytes) -> Rule:
         elif atype in (FRA_SPORT_MASK, FRA_DPORT_MASK):
             if struct.unpack_from("=H", v)[0] != 0xFFFF:  # a single port has this mask
                 unknown.append(f"{'sport' if atype == FRA_SPORT_MASK else 'dport'} mask")
-        elif atype in (FRA_PROTOCOL, FRA_PAD, FRA_FLOW):
-            pass  # who added it; padding; a realm (tclassid), which selects nothing
+        elif atype == FRA_PROTOCOL:
+            kw["protocol"] = v[0]
+        elif atype in (FRA_PAD, FRA_FLOW):
+            pass  # padding; a realm (tclassid), which selects nothing
         else:
             unknown.append({FRA_DSCP: "dscp", FRA_DSCP_MASK: "dscp mask", FRA_FLOWLABEL: "flowlabel",
                             FRA_FLOWLABEL_MASK: "flowlabel mask"}.get(atype, f"attribute {atype}"))
@@ -213,6 +220,106 @@ def dump_rules(family: int) -> list[Rule]:
                 off += (length + 3) & ~3
 
 
+def merge_own(kernel: list[Rule], own: list[Rule]) -> list[Rule]:
+    """The kernel's rules with bpfrouter's own among them by priority (after
+    the kernel's of the same priority, as the kernel adds a rule after those)."""
+    out = list(kernel)
+    for r in sorted(own, key=lambda r: r.priority):
+        at = next((i for i, k in enumerate(out) if k.priority > r.priority), len(out))
+        out.insert(at, r)
+    return out
+
+
+OWN_ACTIONS = {"blackhole": FR_ACT_BLACKHOLE, "unreachable": FR_ACT_UNREACHABLE, "prohibit": FR_ACT_PROHIBIT}
+
+
+class RuleSyntaxError(ValueError):
+    """One line telling the user what is wrong with the rule's words."""
+
+
+def parse_own_rule(words: list[str], family: int | None = None) -> Rule:
+    """A rule of bpfrouter's own from `ip rule` words plus `dscp N`: pref,
+    from, to, tos, dscp, fwmark, iif, ipproto, sport, dport, not; lookup
+    (table), blackhole, unreachable, prohibit."""
+    kw: dict = {}
+    action, table = FR_ACT_TO_TBL, TABLE_MAIN
+    i = 0
+
+    def value() -> str:
+        if i + 1 >= len(words):
+            raise RuleSyntaxError(f"{words[i]!r} needs a value")
+        return words[i + 1]
+
+    def number(text: str, top: int, what: str) -> int:
+        try:
+            n = int(text, 0)
+        except ValueError:
+            n = -1
+        if not 0 <= n <= top:
+            raise RuleSyntaxError(f"invalid {what} {text!r}: expected 0..{top}")
+        return n
+
+    def port_range(text: str, what: str) -> tuple[int, int]:
+        lo_, _, hi = text.partition("-")
+        rng = (number(lo_, 65535, what), number(hi or lo_, 65535, what))
+        if rng[0] > rng[1]:
+            raise RuleSyntaxError(f"invalid {what} {text!r}: the range is empty")
+        return rng
+
+    while i < len(words):
+        w = words[i]
+        if w == "not":
+            kw["invert"] = True
+            i += 1
+            continue
+        if w in OWN_ACTIONS:
+            action = OWN_ACTIONS[w]
+            i += 1
+            continue
+        v = value()
+        if w in ("pref", "priority", "preference", "order"):
+            kw["priority"] = number(v, 0xFFFFFFFF, "priority")
+        elif w in ("from", "to"):
+            if v != "all":
+                try:
+                    net = ipaddress.ip_network(v, strict=False)
+                except ValueError:
+                    raise RuleSyntaxError(f"invalid prefix {v!r}") from None
+                if family is not None and net.version != (4 if family == AF_INET else 6):
+                    raise RuleSyntaxError(f"{v} is not of the rule's family")
+                family = AF_INET if net.version == 4 else AF_INET6
+                kw["src" if w == "from" else "dst"] = net
+        elif w in ("tos", "dsfield"):
+            kw["tos"] = number(v, 255, "tos")
+        elif w == "dscp":
+            kw["dscp"] = number(v, 63, "dscp")
+        elif w == "fwmark":
+            mark, _, mask = v.partition("/")
+            kw["mark"] = number(mark, 0xFFFFFFFF, "fwmark")
+            kw["mask"] = number(mask, 0xFFFFFFFF, "fwmark mask") if mask else NONE32
+        elif w in ("iif", "dev"):
+            kw["iif"] = v
+        elif w == "ipproto":
+            kw["ipproto"] = {"tcp": 6, "udp": 17, "icmp": 1, "ipv6-icmp": 58}.get(v) or number(v, 255, "ipproto")
+        elif w in ("sport", "dport"):
+            kw[w] = port_range(v, w)
+        elif w in ("lookup", "table"):
+            table = {"main": TABLE_MAIN, "local": TABLE_LOCAL, "default": TABLE_DEFAULT}.get(v) \
+                or number(v, 0xFFFFFFFF, "table")
+            if not table:
+                raise RuleSyntaxError("invalid table '0': expected main, local, default or 1..4294967295")
+        else:
+            raise RuleSyntaxError(f"unexpected {w!r}: expected pref, from, to, tos, dscp, fwmark, iif, ipproto, "
+                                  "sport, dport, lookup, blackhole, unreachable or prohibit")
+        i += 2
+    if "priority" not in kw:
+        raise RuleSyntaxError("a rule of bpfrouter's own needs `pref N`")
+    if not kw["priority"]:
+        raise RuleSyntaxError("pref 0 is the local table's: pick 1 or more")
+    return Rule(family or AF_INET, kw.pop("priority"), action, table if action == FR_ACT_TO_TBL else 0,
+                own=True, **kw)
+
+
 @dataclass(frozen=True)
 class Port:
     ifindex: int
@@ -223,6 +330,8 @@ class Port:
 def tos_matches(r: Rule, dsfield: int) -> bool:
     """fib4_rule_match / fib6_rule_match on the DS field: IPv4 compares the
     legacy TOS bits the rule may hold, IPv6 the whole DSCP."""
+    if r.dscp is not None and dsfield >> 2 != r.dscp:
+        return False
     if not r.tos:
         return True
     if r.family == AF_INET:
@@ -340,7 +449,7 @@ def compile_rules(rules: list[Rule], ports: list[Port]) -> Compiled | None:
         out.fields |= lo.RuleField.PROTO
         for v in range(256):
             out.bytes_[(0, v)] = vid(bits_of(lambda r, v=v: not r.ipproto or r.ipproto == v))
-    if any(r.tos for _, r, always in kept if not always):
+    if any(r.tos or r.dscp is not None for _, r, always in kept if not always):
         out.fields |= lo.RuleField.TOS
         for v in range(256):
             out.bytes_[(1, v)] = vid(bits_of(lambda r, v=v: tos_matches(r, v)))

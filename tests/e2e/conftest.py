@@ -65,6 +65,10 @@ class LabRouter:
     def ping(self, src: str, dst: str, count: int = 3) -> bool:
         return self.lab.run(src, ["ping", "-c", str(count), "-i", "0.2", "-W", "2", dst]).returncode == 0
 
+    def ping_tos(self, src: str, dst: str, tos: int, count: int = 3) -> bool:
+        """A ping whose packets carry DS field `tos`."""
+        return self.lab.run(src, ["ping", "-Q", hex(tos), "-c", str(count), "-i", "0.2", "-W", "1", dst]).returncode == 0
+
     def kernel_forwarded(self) -> int:
         return self.lab.kernel_forwarded()
 
