@@ -46,7 +46,8 @@ def test_metric():
     ("blackhole 10.0.0.0/8 via 1.2.3.4", "takes no gateway"),
     ("2001:db8::/32 via 1.2.3.4", "is not supported"),
     ("10.0.0.0/8 via inet6 fe80::1 dev eth0", "is not supported"),
-    ("10.0.0.0/8 dev eth0 table 100", "not supported yet"),
+    ("10.0.0.0/8 dev eth0 table 0", "invalid table '0'"),
+    ("10.0.0.0/8 dev eth0 table blue", "invalid table 'blue'"),
 ])
 def test_errors_are_one_line(args, message):
     with pytest.raises(RouteSpecError) as e:

@@ -91,6 +91,6 @@ def test_rule_from_the_kernels_bytes():
         attr(14, struct.pack("=I", 0xFFFFFFFF)) + attr(21, bytes([4]))
     r = rule_from_bytes(body)
     assert r == Rule(AF_INET, 200, FR_ACT_TO_TBL, 100, src=ipaddress.ip_network("10.0.0.0/8"), tos=0x10, iif="r-eth0",
-                     mark=5, mask=0xFF, ipproto=17, dport=(53, 53), invert=True)
+                     mark=5, mask=0xFF, ipproto=17, dport=(53, 53), invert=True, protocol=4)
     assert r.text() == "not from 10.0.0.0/8 tos 0x10 fwmark 0x5/0xff iif r-eth0 ipproto 17 dport 53 lookup 100"
     assert rule_from_bytes(body + attr(29, struct.pack("=H", 0xFF))).unknown == ("dport mask",)
