@@ -31,17 +31,50 @@ static __always_inline int rule_goes_on(const struct packet_ctx *pc, int found, 
 	return rt->prefixlen <= act->suppress_prefixlen && act->suppress_prefixlen != 0xFF;
 }
 
+/* The local rule's lookup found no local route: the image's answer is
+ * main's. When the next rule that matches is `lookup main`, it is taken
+ * here on that answer, saving a round (the usual walk: local, rules that do
+ * not match, main). Returns the rule's action, or NULL to go back to the
+ * policy stage. */
+static __always_inline const struct rule_action *rule_main_after_local(struct packet_ctx *pc, __u32 fam6,
+									int detail)
+{
+	__u32 zero = 0, next;
+	struct rule_walk *walk = bpf_map_lookup_elem(&rule_scratch, &zero);
+	const struct rule_action *act;
+
+	if (!walk)
+		return NULL;
+	next = rule_next(walk, pc->rule_next);
+	if (next == RULE_NONE)
+		return NULL;
+	act = rule_action_of(pc->bank, fam6, next);
+	if (!act || act->kind != RULE_LOOKUP || act->table != RT_TABLE_MAIN ||
+	    (act->suppress_prefixlen != 0xFF && !detail))
+		return NULL;
+	pc->rule = next;
+	pc->rule_next = next + 1;
+	pc->table = RT_TABLE_MAIN;
+	return act;
+}
+
 static __always_inline int fib_lookup_rule(const struct pkt *p, struct packet_ctx *pc)
 {
 	const struct rule_action *act = rule_action_of(pc->bank, !p->ip4, pc->rule);
 	struct route rt = {};
-	int found;
+	int found, detail;
 
 	if (!act)
 		return REASON_PASS_POLICY;
-	found = fib_find(p, &rt, pc->table, pc->probe || act->suppress_prefixlen != 0xFF, &pc->res);
-	if (rule_goes_on(pc, found, &rt, act))
-		return STAGE_REPEAT;
+	detail = pc->probe || act->suppress_prefixlen != 0xFF;
+	found = fib_find(p, &rt, pc->table, detail, &pc->res);
+	if (rule_goes_on(pc, found, &rt, act)) {
+		if (pc->table != RT_TABLE_LOCAL)
+			return STAGE_REPEAT;
+		act = rule_main_after_local(pc, !p->ip4, detail);
+		if (!act || rule_goes_on(pc, found, &rt, act))
+			return STAGE_REPEAT;
+	}
 	if ((act->flags & RULE_A_SUPPRESS_IFGROUP) && rt.type != RTYPE_BLACKHOLE &&
 	    rt.type != RTYPE_UNREACHABLE && rt.type != RTYPE_PROHIBIT)
 		return REASON_PASS_POLICY;      /* the egress device's group is the kernel's to check */

@@ -14,7 +14,7 @@ from collections import Counter
 
 from ..datapath import layout as lo
 from ..grace import GRACE
-from .rules import Compiled, Rule
+from .rules import Compiled, Rule, signature
 
 u32 = lo.u32
 
@@ -31,6 +31,7 @@ class RuleImage:
         self.rules: dict[tuple[int, int], list[Rule]] = {}
         self.retired: dict[tuple[int, int], int] = {}
         self.totals: Counter[tuple[int, int, str]] = Counter()  # (family, priority, text) -> packets
+        self.written: list[tuple | None] = [None, None]  # per family: signature() of the set in use
 
     def walking(self, fam6: int) -> list[Rule]:
         """The rules the fast path walks for a family ([] when none)."""
@@ -40,6 +41,11 @@ class RuleImage:
     def apply(self, fam6: int, compiled: Compiled | None) -> None:
         """Make `compiled` the family's rule set (None: no walk)."""
         st = self.state[fam6]
+        sig = signature(compiled) if compiled is not None else None
+        if sig is not None and sig == self.written[fam6] and st & lo.RULE_ACTIVE_ON:
+            self.rules[(st & 1, fam6)] = compiled.rules  # the same set: no switch, no packet passed for it
+            return
+        self.written[fam6] = sig
         if compiled is None:
             if st & lo.RULE_ACTIVE_ON:
                 self.active.update(u32(fam6), u32(st & 1))
