@@ -194,7 +194,13 @@ def status(name, as_json, pretty):
                   "passed " + "+".join(i["policy_passed"]) if i["policy_passed"] else "-")
     console.print(t)
     for fam, why in (ag.get("policy") or {}).items():
-        console.print(f"policy routing: {fam} passed to the kernel: {why}")
+        by_table = (ag.get("rule_packets") or {}).get(fam)
+        counts = ", ".join(f"{t} {n}" for t, n in (by_table or {}).items() if n)
+        console.print(f"policy routing: {fam}: {why}" + (f"; packets by table: {counts}" if counts else ""),
+                      markup=False, soft_wrap=True)
+    if ag.get("tables"):
+        console.print("tables: " + ", ".join(f"{t} ({n['ipv4']} IPv4 + {n['ipv6']} IPv6 routes)"
+                                             for t, n in ag["tables"].items()))
     f = st["fib"]
     console.print(f"fib: {f['ipv4']} IPv4 + {f['ipv6']} IPv6 routes, {f['nexthops']} next hops, "
                   f"{st['neighbors']} neighbors")

@@ -12,7 +12,8 @@ from .datapath import layout as lo
 
 
 # Set by the rule analysis (agent/rules.py), the other bits by the sysctl mirror (agent/policy.py)
-RULE_PASS_FLAGS = lo.IFACE_F_PASS_POLICY4 | lo.IFACE_F_PASS_POLICY6
+# the bits the rule mirror owns (agent/rules.py): passed or walked families
+RULE_PASS_FLAGS = lo.IFACE_F_PASS_POLICY4 | lo.IFACE_F_PASS_POLICY6 | lo.IFACE_F_RULES4 | lo.IFACE_F_RULES6
 
 
 class InterfaceError(Exception):
@@ -128,7 +129,7 @@ class Interfaces:
         return True
 
     def set_rule_pass_flags(self, flags: dict[int, int]) -> list[int]:
-        """Set the IFACE_F_PASS_POLICY* bits of configured ports; returns those changed."""
+        """Set the IFACE_F_PASS_POLICY* and IFACE_F_RULES* bits of configured ports; returns those changed."""
         changed = []
         for ifindex, v in self.configured().items():
             want = (v.flags & ~RULE_PASS_FLAGS) | (flags.get(ifindex, 0) & RULE_PASS_FLAGS)

@@ -116,6 +116,19 @@ def down(name: str) -> None:
         shutil.rmtree(RouterMeta.path(name).parent, ignore_errors=True)
 
 
+def rule_packets_by_table(name: str, policy: dict) -> dict:
+    """Per family with rules walked, the packets the walk's lookups routed, by table."""
+    if not any("walked" in why for why in policy.values()):
+        return {}
+    out: dict = {}
+    for fam, f in request(name, "rules", timeout=5).get("families", {}).items():
+        for r in f["rules"]:
+            if r["packets"] is not None and r["table"]:
+                out.setdefault(fam, {})
+                out[fam][r["table"]] = out[fam].get(r["table"], 0) + r["packets"]
+    return out
+
+
 def status(meta: RouterMeta) -> dict:
     dp = Datapath.open(meta.name)
     try:
@@ -126,6 +139,8 @@ def status(meta: RouterMeta) -> dict:
                 info = request(meta.name, "ping", timeout=5)
                 agent.update({k: info.get(k) for k in ("events", "resyncs", "enobufs", "last_resync", "fib_full",
                                                        "policy")})
+                agent["tables"] = (info.get("fib") or {}).get("tables", {})  # routes of tables besides main
+                agent["rule_packets"] = rule_packets_by_table(meta.name, agent.get("policy") or {})
             except AgentUnavailable:
                 agent["running"] = False
         pinfo = prog_info(dp.program.fd)

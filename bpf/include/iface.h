@@ -22,6 +22,11 @@ enum iface_flag {
 	/* Policy routing the fast path does not implement (rules other than
 	 * the defaults, VRFs) could route this port's packets of that family
 	 * other than by main: pass them (bpfrouter/agent/rules.py). */
+	/* The family has rules to walk (include/rules.h): entry sends its
+	 * packets through the policy stage. Here, not in a map of its own, as
+	 * entry has the port's flags at hand. */
+	IFACE_F_RULES4 = 1 << 12,
+	IFACE_F_RULES6 = 1 << 13,
 	IFACE_F_PASS_POLICY4 = 1 << 14,
 	IFACE_F_PASS_POLICY6 = 1 << 15,
 };

@@ -9,7 +9,6 @@
 #include "../include/iface.h"
 #include "../include/classify.h"
 #include "../include/probe.h"
-#include "../include/rules.h"
 
 /* Returns -1 to go on to the next stage, else the packet's reason. */
 static __always_inline int entry_stage(struct xdp_md *ctx, struct packet_ctx *pc)
@@ -47,7 +46,7 @@ static __always_inline int entry_stage(struct xdp_md *ctx, struct packet_ctx *pc
 	if (fib_mode == FIB_MODE_BPF && (in->flags & (p.ip4 ? IFACE_F_PASS_POLICY4 : IFACE_F_PASS_POLICY6)))
 		return REASON_PASS_POLICY;
 	/* the policy stage follows (list.h): only a family with rules to walk needs it */
-	if (fib_mode == FIB_MODE_BPF && !(rules_state(!p.ip4) & RULE_ACTIVE_ON))
+	if (fib_mode == FIB_MODE_BPF && !(in->flags & (p.ip4 ? IFACE_F_RULES4 : IFACE_F_RULES6)))
 		return STAGE_SKIP_NEXT;
 	return STAGE_NEXT;
 }

@@ -256,7 +256,7 @@ class Agent:
         if changed:
             bits = (("ipv4", IFACE_F_PASS_POLICY4), ("ipv6", IFACE_F_PASS_POLICY6))
             passed = [f"{ifname(i)} ({'+'.join(f for f, bit in bits if b & bit)})"
-                      for i, b in sorted(flags.items()) if b]
+                      for i, b in sorted(flags.items()) if b & (IFACE_F_PASS_POLICY4 | IFACE_F_PASS_POLICY6)]
             log.info("policy routing: passed to the kernel: %s", ", ".join(passed) or "nothing")
 
     def _link_event(self, event: str, li) -> None:

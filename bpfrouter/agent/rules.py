@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import logging
 
-from ..datapath.layout import IFACE_F_PASS_POLICY4, IFACE_F_PASS_POLICY6
+from ..datapath.layout import IFACE_F_PASS_POLICY4, IFACE_F_PASS_POLICY6, IFACE_F_RULES4, IFACE_F_RULES6
 from ..policy.image import RuleImage
 from ..policy.rules import AF_INET, AF_INET6, Port, Rule, Unsupported, compile_rules, dump_rules, merge_own
 
 log = logging.getLogger("bpfrouter.agent")
-FAMILIES = ((AF_INET, 0, IFACE_F_PASS_POLICY4, "ipv4"), (AF_INET6, 1, IFACE_F_PASS_POLICY6, "ipv6"))
+FAMILIES = ((AF_INET, 0, IFACE_F_PASS_POLICY4, IFACE_F_RULES4, "ipv4"),
+            (AF_INET6, 1, IFACE_F_PASS_POLICY6, IFACE_F_RULES6, "ipv6"))
 
 
 def read_ports(ipr, ifindexes) -> list[Port]:
@@ -25,11 +26,12 @@ def read_ports(ipr, ifindexes) -> list[Port]:
 
 def sync_rules(image: RuleImage, ports: list[Port], own: list[Rule] = ()) -> tuple[dict[int, int], dict[str, str]]:
     """Compile and write both families' rules (the kernel's, and bpfrouter's
-    own among them); returns the ports' pass bits and, per family passed or
+    own among them); returns the ports' bits (passed, or walked: set after
+    the rules are written, as the caller does) and, per family passed or
     walked, why or how many rules."""
     flags = {p.ifindex: 0 for p in ports}
     why: dict[str, str] = {}
-    for family, fam6, bit, label in FAMILIES:
+    for family, fam6, bit, walk_bit, label in FAMILIES:
         try:
             compiled = compile_rules(merge_own(dump_rules(family), [r for r in own if r.family == family]), ports)
         except Exception as e:  # Unsupported, or a bug: either way the kernel routes the family
@@ -43,6 +45,8 @@ def sync_rules(image: RuleImage, ports: list[Port], own: list[Rule] = ()) -> tup
         image.apply(fam6, compiled)
         if compiled is not None:
             why[label] = f"{len(compiled.rules)} rules walked"
+            for p in ports:
+                flags[p.ifindex] |= walk_bit
     return flags, why
 
 

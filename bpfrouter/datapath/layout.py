@@ -97,6 +97,7 @@ class RouteType(enum.IntEnum):
 
 KERNEL_ROUTE_REASON_MASK = 0xFF
 IFACE_F_PASS_POLICY4, IFACE_F_PASS_POLICY6 = 0x4000, 0x8000
+IFACE_F_RULES4, IFACE_F_RULES6 = 0x1000, 0x2000  # the family's rules are walked
 
 
 # rtm_protocol values: who installed a route (iproute2's rt_protos).

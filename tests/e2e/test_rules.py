@@ -39,6 +39,13 @@ def test_kernel_and_own_rules(bpf_router):
         assert rule_rows(r)[100]["packets"] - counted == 3
         assert metric(r, "bpfrouter_rule_packets_total", priority="100") == counted + 3
         assert metric(r, "bpfrouter_table_packets_total", table="100") == counted + 3
+        st = r.json("status")["agent"]
+        assert st["rule_packets"]["ipv4"]["100"] == counted + 3 and st["tables"]["100"] == {"ipv4": 1, "ipv6": 0}
+        assert re.search(r"policy routing: ipv4: 4 rules walked; packets by table: .*\b100 \d+", r.cli("status").stdout)
+        why = r.json("explain", "udp", "10.0.1.2:4000", ">", "10.96.0.1:53", "iif", "r-eth0")
+        assert (why["rule"]["priority"], why["fib"]["table"], why["egress"]) == (100, "100", "r-eth1")
+        assert "rule     rule 100 (lookup table 100)" in r.cli("explain", "udp", "10.0.1.2:4000", ">",
+                                                               "10.96.0.1:53", "iif", "r-eth0").stdout
 
         # a rule of bpfrouter's own: DSCP 46 (EF) goes to table 101, which blackholes it
         r.cli("rule", "add", "pref", "50", "dscp", "46", "lookup", "101")
