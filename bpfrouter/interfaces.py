@@ -95,7 +95,7 @@ class Interfaces:
     def configured(self) -> dict[int, lo.Iface]:
         return {k.value: v for k, v in self.dp.ifaces.lookup_batch()}
 
-    def configure(self, ifindex: int, mac: bytes, mtu: int, flags: int | None = None) -> int:
+    def configure(self, ifindex: int, mac: bytes, mtu: int, flags: int | None = None, group: int = 0) -> int:
         """Add or refresh one interface; returns its counter slot. Without
         `flags`, an interface keeps its policy flags, and a new one gets its
         sysctls' (the agent keeps them current: set_flags)."""
@@ -113,7 +113,8 @@ class Interfaces:
             slot = free[0]
         # devmap first: once `ifaces` lists it, the program may redirect to it.
         self.dp.tx_ports.update(lo.u32(ifindex), lo.u32(ifindex))
-        self.dp.ifaces.update(lo.u32(ifindex), lo.Iface(slot=slot, mtu=mtu, mac=(lo.u8 * 6)(*mac), flags=flags))
+        self.dp.ifaces.update(lo.u32(ifindex), lo.Iface(slot=slot, mtu=mtu, mac=(lo.u8 * 6)(*mac), flags=flags,
+                                                        group=group))
         return slot
 
     def set_flags(self, ifindex: int, flags: int) -> bool:

@@ -91,7 +91,7 @@ def up(ifnames: list[str], name: str = DEFAULT_NAME, fib_mode: str = "bpf",
         ifaces = Interfaces(dp)
         modes = []
         for li in links:
-            slot = ifaces.configure(li.ifindex, li.mac, li.mtu)
+            slot = ifaces.configure(li.ifindex, li.mac, li.mtu, group=li.group)
             clear_slot(dp, slot)
             modes.append(dp.attach(li.ifindex, xdp_mode))
             meta.interfaces[li.name] = li.ifindex

@@ -36,6 +36,7 @@ struct iface {
 	__u32 mtu;
 	__u8 mac[6];
 	__u16 flags;            /* enum iface_flag */
+	__u32 group;            /* the device group, for rules' suppress_ifgroup */
 };
 
 struct {

@@ -58,6 +58,27 @@ static __always_inline const struct rule_action *rule_main_after_local(struct pa
 	return act;
 }
 
+/* The group of a route's device as fib4_rule_suppress sees it (its first
+ * next hop's): known for a unicast route out of a port; -1 otherwise (a
+ * multipath route, whose first path may be one the mirror left out; a
+ * local route's device), which the kernel is left to check. */
+static __always_inline int route_dev_group(const struct route *rt)
+{
+	struct nexthop *nh;
+	struct iface *out;
+	__u32 nh_id = rt->nh_id;
+
+	if (rt->type != RTYPE_UNICAST)
+		return -1;
+	nh = bpf_map_lookup_elem(&nexthops, &nh_id);
+	if (!nh || !nh->ifindex)
+		return -1;
+	out = iface_lookup(nh->ifindex);
+	if (!out || out->group > 0x7FFFFFFF)
+		return -1;
+	return out->group;
+}
+
 static __always_inline int fib_lookup_rule(const struct pkt *p, struct packet_ctx *pc)
 {
 	const struct rule_action *act = rule_action_of(pc->bank, !p->ip4, pc->rule);
@@ -76,8 +97,14 @@ static __always_inline int fib_lookup_rule(const struct pkt *p, struct packet_ct
 			return STAGE_REPEAT;
 	}
 	if ((act->flags & RULE_A_SUPPRESS_IFGROUP) && rt.type != RTYPE_BLACKHOLE &&
-	    rt.type != RTYPE_UNREACHABLE && rt.type != RTYPE_PROHIBIT)
-		return REASON_PASS_POLICY;      /* the egress device's group is the kernel's to check */
+	    rt.type != RTYPE_UNREACHABLE && rt.type != RTYPE_PROHIBIT) {
+		int group = route_dev_group(&rt);
+
+		if (group < 0)
+			return REASON_PASS_POLICY;
+		if ((__u32)group == act->ifgroup)
+			return STAGE_REPEAT;
+	}
 	if (!pc->probe)
 		rule_count(pc->bank, !p->ip4, pc->rule);
 	return fib_apply(p, &pc->res, &rt, pc->probe);

@@ -284,7 +284,7 @@ class Agent:
                 self.interfaces.remove(ifindex)
                 self.dp.detach(ifindex)
             else:
-                self.interfaces.configure(ifindex, li.mac, li.mtu)
+                self.interfaces.configure(ifindex, li.mac, li.mtu, group=li.group)
 
     def handle(self, msg) -> None:
         event = msg["event"]
@@ -323,7 +323,7 @@ class Agent:
                         self.interfaces.remove(li.ifindex)
                         self.dp.detach(li.ifindex)
                     else:
-                        self.interfaces.configure(li.ifindex, li.mac, li.mtu)
+                        self.interfaces.configure(li.ifindex, li.mac, li.mtu, group=li.group)
                 self.policy_due = f"link {li.name}"  # names and masters decide what `iif` rules match
             elif event in ("RTM_NEWRULE", "RTM_DELRULE"):
                 self.policy_due = "rules changed"

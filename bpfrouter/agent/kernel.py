@@ -30,10 +30,12 @@ class LinkInfo:
     mtu: int
     up: bool
     state: tuple = ()  # (IFF_UP and IFF_LOWER_UP bits, operstate): what the kernel's routes follow
+    group: int = 0     # the device group (`ip link set ... group`), for suppress_ifgroup rules
 
 
 def link_from_msg(msg) -> LinkInfo:
     addr = msg.get_attr("IFLA_ADDRESS") or "00:00:00:00:00:00"
     return LinkInfo(msg["index"], msg.get_attr("IFLA_IFNAME"), bytes.fromhex(addr.replace(":", "")),
                     msg.get_attr("IFLA_MTU") or 1500, bool(msg["flags"] & IFF_UP),
-                    (msg["flags"] & (IFF_UP | IFF_LOWER_UP), msg.get_attr("IFLA_OPERSTATE")))
+                    (msg["flags"] & (IFF_UP | IFF_LOWER_UP), msg.get_attr("IFLA_OPERSTATE")),
+                    msg.get_attr("IFLA_GROUP") or 0)

@@ -140,7 +140,7 @@ H6_SLOTS = 5
 
 
 class Iface(ctypes.Structure):
-    _fields_ = [("slot", u32), ("mtu", u32), ("mac", u8 * 6), ("flags", u16)]
+    _fields_ = [("slot", u32), ("mtu", u32), ("mac", u8 * 6), ("flags", u16), ("group", u32)]
 
 
 class Counter(ctypes.Structure):

@@ -3,7 +3,8 @@ kernel's.
 
 Random rule sets (several hundred rules: from, to, tos, fwmark/mask, iif,
 ipproto, sport and dport ranges, `not`; lookup, goto, nop, blackhole,
-unreachable, prohibit; suppress_prefixlength) and random overlapping routes
+unreachable, prohibit; suppress_prefixlength, suppress_ifgroup of the
+group one port is in) and random overlapping routes
 in several tables (unicast, blackhole, unreachable, prohibit, throw) go into
 the router namespace's kernel, and the agent mirrors them. For thousands of
 random packets, the program's decision (what `bpfrouter route get ... iif
@@ -52,6 +53,7 @@ def router():
         for i, (gw, dev) in enumerate(gws):
             lab.run("r", ["ip", "neigh", "add", gw, "lladdr", f"02:00:00:00:0{v}:{i:02x}", "dev", dev,
                           "nud", "permanent"], check=True)
+    lab.run("r", ["ip", "link", "set", "r-eth1", "group", "5"], check=True)  # for suppress_ifgroup
     bpfrouter_cmd("up", "r-eth0", "r-eth1", "--name", lab.name, netns=lab.router_ns, check=True)
     yield lab
     lab.down()
@@ -120,6 +122,8 @@ def random_rules(rng, version: int, n: int) -> list[str]:
             words += ["lookup", str(rng.choice(TABLES + [999]))]
             if rng.random() < 0.12:
                 words += ["suppress_prefixlength", str(int(rng.integers(0, 28)))]
+            if rng.random() < 0.15:
+                words += ["suppress_ifgroup", str(rng.choice([5, 5, 6]))]
         elif roll < 0.78 and later:
             words += ["goto", str(rng.choice(later))]
         elif roll < 0.82:
@@ -181,10 +185,16 @@ def ours(prog: RouterProgram, p: Packet, ifindex_mac: dict) -> Match | str:
 
 def random_packets(rng, version: int, iifs: list[int], rules: list[str], n: int) -> list[Packet]:
     marks = [0] + [int(m, 16) for line in rules for m in re.findall(r"fwmark 0x([0-9a-f]+)", line)]
+    # half the addresses inside the rules' own prefixes, so that their selectors decide often
+    froms = [ipaddress.ip_network(x) for line in rules for x in re.findall(r"from (\S+)", line)]
+    tos_ = [ipaddress.ip_network(x) for line in rules for x in re.findall(r" to (\S+)", line)]
+
+    def pick(space, nets):
+        net = nets[int(rng.integers(len(nets)))] if nets and rng.random() < 0.5 else space
+        return net.network_address + 1 + below(rng, max(net.num_addresses - 2, 1))
     out = []
     for _ in range(n):
-        dst = DST_SPACE[version].network_address + below(rng, DST_SPACE[version].num_addresses - 64)
-        src = SRC_SPACE[version].network_address + 1 + below(rng, SRC_SPACE[version].num_addresses - 2)
+        dst, src = pick(DST_SPACE[version], tos_), pick(SRC_SPACE[version], froms)
         proto = int(rng.choice([6, 17, 1 if version == 4 else 58]))
         tos = int(rng.choice(TOS[version] + [0, 0, int(rng.integers(0, 64)) << 2]))
         out.append(Packet(str(dst), str(src), int(rng.choice(iifs)), int(rng.choice(marks)) if rng.random() < 0.5
@@ -230,7 +240,7 @@ def test_rules_match_kernel(router, version, tmp_path):
         # the walk decides nearly every packet itself, many of them by other tables
         print(f"IPv{version}: {kinds}")
         assert kinds["passed"] < PACKETS * 0.05, kinds
-        assert kinds["other_tables"] > PACKETS * 0.1, kinds
+        assert kinds["other_tables"] > PACKETS * 0.02, kinds
         assert kinds["forwarded"] > PACKETS * 0.1, kinds
 
         # a third of the rules go; the walk follows
