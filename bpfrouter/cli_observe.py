@@ -370,12 +370,11 @@ def metrics(listen, once, name):
     meta = router.resolve(name)
 
     def rule_counts() -> list[dict]:  # from the agent, which knows the rules
+        from .policy.image import report_counts
         try:
-            fams = request(meta.name, "rules").get("families", {})
+            return report_counts(request(meta.name, "rules").get("families", {}))
         except AgentUnavailable:
             return []
-        return [{"family": fam, "priority": r["priority"], "rule": r["rule"], "packets": r["packets"],
-                 "table": r["table"] or ""} for fam, f in fams.items() for r in f["rules"] if r["packets"] is not None]
     if once:
         click.echo(generate_latest(registry_for(meta.name, rule_counts=rule_counts)).decode(), nl=False)
         return

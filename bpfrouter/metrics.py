@@ -16,6 +16,7 @@ from .fib import fib_memory
 from .interfaces import ifname
 from .observe import read_counters
 from . import xmit
+from .policy.image import packets_by_table
 from .telemetry import flow_table_stats, map_fill, obs_stats
 
 BPF_STATS = "/proc/sys/kernel/bpf_stats_enabled"
@@ -126,13 +127,11 @@ class RouterCollector(Collector):
                                            labels=["router", "family", "priority", "rule"])
             per_table = CounterMetricFamily("bpfrouter_table_packets", "Packets routed by each table that "
                                             "rules looked up.", labels=["router", "family", "table"])
-            tables: dict[tuple[str, str], int] = {}
             for x in rules:
                 per_rule.add_metric([r, x["family"], str(x["priority"]), x["rule"]], x["packets"])
-                if x["table"]:
-                    tables[(x["family"], x["table"])] = tables.get((x["family"], x["table"]), 0) + x["packets"]
-            for (fam, table), n in sorted(tables.items()):
-                per_table.add_metric([r, fam, table], n)
+            for fam, tables in sorted(packets_by_table(rules).items()):
+                for table, n in sorted(tables.items()):
+                    per_table.add_metric([r, fam, table], n)
             yield per_rule
             yield per_table
         runs, run_ns = dp.program_stats()

@@ -16,6 +16,7 @@ from .datapath import layout as lo
 from .interfaces import Interfaces, flags_text, ifname
 from .observe import clear_slot, read_counters
 from .packet import mac_str
+from .policy.image import packets_by_table, report_counts
 from .telemetry import fill_warnings, flow_table_stats, map_fill, obs_stats
 
 DEFAULT_NAME = "default"
@@ -120,13 +121,7 @@ def rule_packets_by_table(name: str, policy: dict) -> dict:
     """Per family with rules walked, the packets the walk's lookups routed, by table."""
     if not any("walked" in why for why in policy.values()):
         return {}
-    out: dict = {}
-    for fam, f in request(name, "rules", timeout=5).get("families", {}).items():
-        for r in f["rules"]:
-            if r["packets"] is not None and r["table"]:
-                out.setdefault(fam, {})
-                out[fam][r["table"]] = out[fam].get(r["table"], 0) + r["packets"]
-    return out
+    return packets_by_table(report_counts(request(name, "rules", timeout=5).get("families", {})))
 
 
 def status(meta: RouterMeta) -> dict:

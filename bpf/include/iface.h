@@ -19,14 +19,13 @@ enum iface_flag {
 	IFACE_F_ROUTE_LOCALNET = 1 << 5,   /* all or port */
 	IFACE_F_NO_ADDR4 = 1 << 6,         /* the port has no IPv4 address */
 	IFACE_F_SOURCE_UNSURE = 1 << 7,    /* the FIB mirror cannot check sources (kernelpolicy.h) */
-	/* Policy routing the fast path does not implement (rules other than
-	 * the defaults, VRFs) could route this port's packets of that family
-	 * other than by main: pass them (bpfrouter/agent/rules.py). */
 	/* The family has rules to walk (include/rules.h): entry sends its
 	 * packets through the policy stage. Here, not in a map of its own, as
 	 * entry has the port's flags at hand. */
 	IFACE_F_RULES4 = 1 << 12,
 	IFACE_F_RULES6 = 1 << 13,
+	/* The family's rules are ones the walk cannot follow (agent/rules.py):
+	 * pass this port's packets of that family. */
 	IFACE_F_PASS_POLICY4 = 1 << 14,
 	IFACE_F_PASS_POLICY6 = 1 << 15,
 };

@@ -73,27 +73,27 @@ static __always_inline int rule_classify(struct xdp_md *ctx, const struct packet
 			return REASON_PASS_POLICY;
 	}
 	if (fields & RULE_F_SRC)
-		rule_and(acc, bank * 2 + fam6, rule_prefix_vector(rs, bank, fam6, 0, &src));
+		rule_and(acc, set, rule_prefix_vector(rs, bank, fam6, 0, &src));
 	if (fields & RULE_F_DST)
-		rule_and(acc, bank * 2 + fam6, rule_prefix_vector(rs, bank, fam6, 1, &dst));
+		rule_and(acc, set, rule_prefix_vector(rs, bank, fam6, 1, &dst));
 	if (fields & RULE_F_IIF)
-		rule_and(acc, bank * 2 + fam6, rule_value_vector(bank, fam6, 0, ctx->ingress_ifindex, rs->miss[2]));
+		rule_and(acc, set, rule_value_vector(bank, fam6, 0, ctx->ingress_ifindex, rs->miss[2]));
 	if (fields & RULE_F_PROTO)
-		rule_and(acc, bank * 2 + fam6, rule_byte_vector(bank, fam6, 0, p->l4_proto));
+		rule_and(acc, set, rule_byte_vector(bank, fam6, 0, p->l4_proto));
 	if (fields & RULE_F_TOS)
-		rule_and(acc, bank * 2 + fam6, rule_byte_vector(bank, fam6, 1, tos));
+		rule_and(acc, set, rule_byte_vector(bank, fam6, 1, tos));
 	if (fields & RULE_F_MARK) {
 #pragma unroll
 		for (int i = 0; i < MAX_RULE_MASKS; i++) {
 			if (i >= rs->nmasks)
 				break;
-			rule_and(acc, bank * 2 + fam6, rule_value_vector(bank, fam6, 1 + i, pc->mark & rs->mask[i], rs->mask_miss[i]));
+			rule_and(acc, set, rule_value_vector(bank, fam6, 1 + i, pc->mark & rs->mask[i], rs->mask_miss[i]));
 		}
 	}
 	if (fields & RULE_F_SPORT)
-		rule_and(acc, bank * 2 + fam6, rule_port_vector(rs, bank, fam6, 0, sport));
+		rule_and(acc, set, rule_port_vector(rs, bank, fam6, 0, sport));
 	if (fields & RULE_F_DPORT)
-		rule_and(acc, bank * 2 + fam6, rule_port_vector(rs, bank, fam6, 1, dport));
+		rule_and(acc, set, rule_port_vector(rs, bank, fam6, 1, dport));
 	if (rs->invert) {
 		struct rule_vector *inv;
 
@@ -114,7 +114,7 @@ static __always_inline int rule_classify(struct xdp_md *ctx, const struct packet
 
 static __always_inline int policy_stage(struct xdp_md *ctx, struct packet_ctx *pc)
 {
-	__u32 zero = 0, fam6, state, bank, rule;
+	__u32 zero = 0, fam6, state, bank, set, rule;
 	struct rule_walk *walk = bpf_map_lookup_elem(&rule_scratch, &zero);
 	const struct rule_action *act;
 	const struct rule_set *rs;
@@ -131,8 +131,8 @@ static __always_inline int policy_stage(struct xdp_md *ctx, struct packet_ctx *p
 	if (!(state & RULE_ACTIVE_ON))
 		return STAGE_NEXT;      /* the set went away since entry looked */
 	bank = state & 1;
-	zero = bank * 2 + fam6;
-	rs = bpf_map_lookup_elem(&rule_sets, &zero);
+	set = bank * 2 + fam6;
+	rs = bpf_map_lookup_elem(&rule_sets, &set);
 	if (!rs)
 		return REASON_PASS_POLICY;
 	if (pc->rounds == 0) {
@@ -165,6 +165,10 @@ static __always_inline int policy_stage(struct xdp_md *ctx, struct packet_ctx *p
 		case RULE_GOTO:
 			rule = act->target;
 			continue;
+		}
+		if (!pc->probe)         /* the rule decides the packet itself */
+			rule_count(bank, fam6, rule);
+		switch (act->kind) {
 		case RULE_BLACKHOLE:
 			return REASON_DROP_BLACKHOLE;
 		case RULE_UNREACHABLE:

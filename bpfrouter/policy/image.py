@@ -131,3 +131,20 @@ class RuleImage:
             if n:
                 self.totals[(fam6, r.priority, r.text())] += n
                 self.hit_counts.update(key, zero)
+
+
+def report_counts(families: dict) -> list[dict]:
+    """The agent's rule report (`rules`: per family, its rules) as one row per
+    walked rule: {family, priority, rule, table, packets}, as Agent.rule_counts gives them."""
+    return [{"family": fam, "priority": r["priority"], "rule": r["rule"], "packets": r["packets"],
+             "table": r["table"] or ""} for fam, f in families.items() for r in f["rules"] if r["packets"] is not None]
+
+
+def packets_by_table(counts: list[dict]) -> dict[str, dict[str, int]]:
+    """Per family, the packets the walked rules' lookups routed, by table."""
+    out: dict[str, dict[str, int]] = {}
+    for x in counts:
+        if x["table"]:
+            fam = out.setdefault(x["family"], {})
+            fam[x["table"]] = fam.get(x["table"], 0) + x["packets"]
+    return out
