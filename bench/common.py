@@ -163,9 +163,11 @@ def write_destinations(obj: BpfObject, version: int, dests: bytes, header: bytes
 class PacketBench:
     """Runs a target XDP program on `frame`, with the next of `dests` as its
     destination each time, `packets` times in one BPF_PROG_TEST_RUN
-    (pktbench.bpf.c). dests: network-order addresses, 4 or 16 bytes each."""
+    (pktbench.bpf.c). dests: network-order addresses, 4 or 16 bytes each;
+    with sources=True, they are the packets' sources instead (a new flow
+    each, to the frame's destination)."""
 
-    def __init__(self, frame: bytes, dests: bytes, version: int):
+    def __init__(self, frame: bytes, dests: bytes, version: int, sources: bool = False):
         width = 4 if version == 4 else 16
         self.n = len(dests) // width
         if not 1 <= self.n <= 1 << 21 or len(dests) % width:
@@ -177,8 +179,13 @@ class PacketBench:
             self.obj.only_programs(self.prog_name)
             self.obj.set_rodata("bench_n", ctypes.c_uint32(self.n))
             self.obj.set_rodata("bench_eth", (ctypes.c_uint8 * 14)(*frame[:14]))
+            self.obj.set_rodata("bench_len", ctypes.c_uint32(len(frame)))
+            self.obj.set_rodata("bench_set_src", ctypes.c_uint8(sources))
             self.obj.load()
-            write_destinations(self.obj, version, dests, frame[14:34])
+            header = frame[14:34]
+            if sources:  # the checksum is a sum: the varying word may take the destination's place
+                header = header[:12] + header[16:20] + header[12:16]
+            write_destinations(self.obj, version, dests, header)
         except BaseException:
             self.obj.close()
             raise

@@ -54,8 +54,8 @@ from bpfrouter.labroutes import internet_routes4, internet_routes6  # noqa: E402
 from bpfrouter.neighbors import Neighbors  # noqa: E402
 from bpfrouter.packet import udp_probe  # noqa: E402
 from bpfrouter.datapath.stages import ChainConfig, load_chain  # noqa: E402
-from common import (BASELINE, ROUTER_SINGLE, Floor, PacketBench, bpfrouter, destinations,  # noqa: E402
-                    fastest_above_harness, make_routes, provenance, save, start_lab_router)
+from common import (BASELINE, ROUTER_SINGLE, RUNS_PER_LOAD, BenchError, Floor, PacketBench, bpfrouter,  # noqa: E402
+                    destinations, fastest_above_harness, make_routes, provenance, save, start_lab_router)
 
 OBJECT = str(ROOT / "build" / "router.bpf.o")
 ALL_OBSERVERS = lo.OBS_F_EVENTS | lo.OBS_F_FLOWS  # what `bpfrouter up` attaches (the capture hook is swapped in)
@@ -70,12 +70,20 @@ STAGED_COST_LIMIT = 1.10  # the chain may cost at most 10% more than the single 
 
 class Case:
     """One row: packets of one family to `dests`, run through each target,
-    each expected to end with `reason` (for the kernel FIB: kernel_reason)."""
+    each expected to end with `reason` (for the kernel FIB: kernel_reason).
+    With `to`, every packet goes to that address and `dests` are their
+    sources (the load balancer's rows: a VIP, and one flow or new ones)."""
 
     def __init__(self, label: str, version: int, dests: bytes, dps: dict[str, Datapath], reason: lo.Reason,
-                 kernel_reason: lo.Reason | None = None, floor: bool = True, single: bool = True):
+                 kernel_reason: lo.Reason | None = None, floor: bool = True, single: bool = True,
+                 to: str | None = None):
         self.label, self.version, self.dests, self.dps = label, version, dests, dps
         self.reason, self.kernel_reason, self.floor, self.single = reason, kernel_reason, floor, single
+        self.to = to
+
+    def routers(self) -> int:
+        """The router targets a round runs (every one but the floor)."""
+        return sum(1 for k in VARIANTS if k != "kernel FIB" or self.kernel_reason is not None) + self.single
 
 
 def run_case(case: Case, lab: Lab, packets: int, rounds: int) -> dict:
@@ -89,8 +97,8 @@ def run_case(case: Case, lab: Lab, packets: int, rounds: int) -> dict:
     r_eth0, r_mac = lab.link("r", "r-eth0")
     r_eth1, r1_mac = lab.link("r", "r-eth1")
     _, h2_mac = lab.link("h2", "h2-eth0")
-    frame = udp_probe(lab.addr("h1", case.version), lab.addr("h2", case.version), r_mac)
-    bench = PacketBench(frame, case.dests, case.version)
+    frame = udp_probe(lab.addr("h1", case.version), case.to or lab.addr("h2", case.version), r_mac)
+    bench = PacketBench(frame, case.dests, case.version, sources=case.to is not None)
     targets = (["floor"] if case.floor else []) + [k for k in VARIANTS
                                                    if k != "kernel FIB" or case.kernel_reason is not None]
     targets += [SINGLE] if case.single else []
@@ -165,6 +173,50 @@ def add_ecmp_routes(lab: Lab) -> None:
 
 
 RULE_COUNTS = (0, 10, 100, 1000)
+VIP4, VIP6, VIP_PORT = "10.0.200.1", "fd00:200::1", 33434   # the bench frame's UDP port
+
+
+def add_bench_services(lab: Lab) -> dict[int, str]:
+    """A UDP service per family, to h2's addresses (resolved neighbors):
+    the ECMP gateways' 8 for IPv4, h2's own for IPv6. Returns each
+    family's service as `service show` names it."""
+    out = {}
+    for v, vip, backends in ((4, VIP4, [f"10.0.2.{31 + i}" for i in range(ECMP_PATHS)]),
+                             (6, VIP6, [lab.addr("h2", 6)])):
+        key = f"{vip}:{VIP_PORT}" if v == 4 else f"[{vip}]:{VIP_PORT}"
+        bpfrouter("service", "add", "udp", key, "check", "none", "--name", "bench")
+        for b in backends:
+            bpfrouter("service", "backend", "add", "udp", key, b, "--name", "bench")
+        out[v] = f"udp {key}"
+    return out
+
+
+def lb_packets(service: str) -> int:
+    s = json.loads(bpfrouter("service", "show", "-j", "--name", "bench"))
+    return next(x["stats"]["packets"] for x in s if x["service"] == service)
+
+
+def bench_lb(lab: Lab, hot: dict, packets: int, rounds: int) -> list[dict]:
+    """A VIP's packets: one established flow (its connection entry found),
+    and a new flow each packet (1M sources, over what the connection table
+    holds per CPU, so every packet misses, learns and evicts). Each row
+    checks that every router run balanced every packet (the service's
+    counter) and forwarded it (the port's)."""
+    services = add_bench_services(lab)
+    rows = []
+    new_sources = (np.arange(1 << 20, dtype=">u4") + (11 << 24)).tobytes()
+    for label, v, srcs in (("IPv4 VIP, established flow", 4, ipaddress.ip_address(lab.addr("h1")).packed),
+                           ("IPv4 VIP, a new flow each packet", 4, new_sources),
+                           ("IPv6 VIP, established flow", 6, ipaddress.ip_address(lab.addr("h1", 6)).packed)):
+        case = Case(label, v, srcs, hot, lo.Reason.FWD_IPV4 if v == 4 else lo.Reason.FWD_IPV6,
+                    to=VIP4 if v == 4 else VIP6)
+        before = lb_packets(services[v])
+        rows.append(run_case(case, lab, packets, rounds))
+        balanced = lb_packets(services[v]) - before
+        want = case.routers() * rounds * packets * RUNS_PER_LOAD
+        if balanced != want:
+            raise BenchError(f"{label}: the service balanced {balanced} packets of {want}")
+    return rows
 
 
 def set_bench_rules(lab: Lab, n: int, had: int) -> None:
@@ -219,6 +271,7 @@ def bench_per_packet(lab: Lab, quick: bool) -> list[dict]:
                 rows.append(run_case(Case(f"IPv4 forward, {n} rules before main", 4, one[4], hot, lo.Reason.FWD_IPV4,
                                           lo.Reason.FWD_IPV4, single=False), lab, packets, rounds))
             set_bench_rules(lab, 0, had)
+            rows += bench_lb(lab, hot, packets, rounds)
         finally:
             kernel_dp.destroy()
             lab_dp.close()
@@ -236,6 +289,29 @@ def bench_per_packet(lab: Lab, quick: bool) -> list[dict]:
     for r in rows:
         r["packets"], r["rounds"] = packets, rounds
     return rows
+
+
+def maglev_disruption(trials: int) -> dict:
+    """Maglev's disruption: the share of flows (table slots) that move when
+    1 of 100 equal backends goes, over `trials` random backend sets, beside
+    the minimum (the 1% it carried); and the largest max/avg load."""
+    from bpfrouter.lb import maglev
+    rng = np.random.default_rng(7)
+    out = {}
+    for size in (maglev.table_size(100), maglev.SIZES[-3]):
+        moved, loads = [], []
+        for _ in range(trials):
+            addrs = [str(ipaddress.ip_address(int(x))) for x in rng.choice(1 << 24, 100, replace=False) + (10 << 24)]
+            members = [maglev.Member(a, 1) for a in addrs]
+            full = [addrs[i] for i in maglev.build(members, size)]
+            gone = int(rng.integers(100))
+            rest = members[:gone] + members[gone + 1:]
+            after = [rest[i].key for i in maglev.build(rest, size)]
+            moved.append(maglev.moved(full, after))
+            loads.append(max(maglev.shares(maglev.build(members, size), 100)) * 100)
+        out[str(size)] = {"moved_mean": float(np.mean(moved)), "moved_max": float(np.max(moved)),
+                          "minimum": 0.01, "max_over_avg_load": float(np.max(loads))}
+    return {"backends": 100, "removed": 1, "trials": trials, "table_sizes": out}
 
 
 def busy_jiffies() -> int:
@@ -431,6 +507,7 @@ def main() -> None:
             lab.run("h1", ["ping", "-c", "1", lab.addr("h2", v)], check=True)
         add_ecmp_routes(lab)
         per_packet = bench_per_packet(lab, args.quick)
+        disruption = maglev_disruption(5 if args.quick else 20)
         hook = idle_capture_hook()
         budget = stage_budget()
         bpfrouter("down", "--name", "bench")
@@ -444,6 +521,7 @@ def main() -> None:
                        "method": "pktbench.bpf.c: one BPF_PROG_TEST_RUN, each run restores "
                        "the frame with its next destination and tail-calls the program; ns per packet above the "
                        "harness alone", "rows": per_packet},
+        "maglev": disruption,
         "idle_capture_hook": hook, "capture_hook_target_ns": 2, "observers_target_extra_ns": 15,
         "stage_budget": {"verifier_limit_insns": 1_000_000, "stack_limit_bytes": 512, "programs": budget},
         "staged_cost_limit": STAGED_COST_LIMIT,
@@ -487,6 +565,27 @@ def report(r: dict, saved: Path) -> None:
         if 10 in by_rules and 1000 in by_rules:
             print(f"  (1000 rules cost {by_rules[1000]['bpfrouter'] / by_rules[10]['bpfrouter']:.2f}x what 10 cost; "
                   "target <= 2x. The rule walk is classified by per-field bit vectors)")
+    fwd = {x["case"]: x for x in rows}
+    vip = [x for x in rows if "VIP" in x["case"]]
+    if vip:
+        print("\nthe load balancer: a VIP's packet (Maglev, connection table, IPIP/IPv6 encapsulation, then the "
+              "route to its backend), ns per packet:")
+        print(f"  {'case':34} {'floor':>6} {'bpfrouter':>9} {'plain forward':>13} {'extra':>6}")
+        for x in vip:
+            plain = fwd["hot IPv4 forward" if "IPv4" in x["case"] else "hot IPv6 forward"]["bpfrouter"]
+            print(f"  {x['case']:34} {x['floor']:6.1f} {x['bpfrouter']:9.1f} {plain:13.1f} "
+                  f"{x['bpfrouter'] - plain:6.1f}")
+        print("  (plain forward: the hot forward of the same family above; new flow: 1M clients over a table "
+              "that holds\n   half of them per CPU, so each packet misses, learns and evicts. IPVS: not in this "
+              "kernel, CONFIG_IP_VS unset)")
+    mg = r.get("maglev")
+    if mg:
+        print(f"\nMaglev disruption: {mg['removed']} of {mg['backends']} equal backends removed, "
+              f"{mg['trials']} random backend sets:")
+        print(f"  {'table size':>10} {'flows moved':>11} {'worst':>6} {'minimum':>8} {'max/avg load':>13}")
+        for size, m in mg["table_sizes"].items():
+            print(f"  {size:>10} {100 * m['moved_mean']:10.2f}% {100 * m['moved_max']:5.2f}% "
+                  f"{100 * m['minimum']:7.2f}% {m['max_over_avg_load']:13.3f}")
     print("\nthe observers' share, ns per packet: the program compiled without them, with one, with both:")
     print(f"  {'case':34} {'none':>6} {'flows':>6} {'events':>7} {'both':>6} {'both +':>7}")
     for x in rows:

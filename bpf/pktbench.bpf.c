@@ -27,6 +27,8 @@ struct {
 
 const volatile __u32 bench_n = 1;          /* destinations in the table */
 const volatile __u8 bench_eth[ETH_HLEN] = {};
+const volatile __u32 bench_len = 0;        /* the frame's length: what an encapsulation added goes */
+const volatile __u8 bench_set_src = 0;     /* the table holds sources (new flows to one destination) */
 
 struct bench_state {
 	__u32 next;             /* the next destination's index */
@@ -54,6 +56,17 @@ static __always_inline int reset_eth(struct ethhdr *eth)
 	return 0;
 }
 
+/* The load balancer put an outer header in front of the frame last time:
+ * take it off again (the client's packet behind it is unchanged). */
+static __always_inline int restore_len(struct xdp_md *ctx)
+{
+	__u32 len = ctx->data_end - ctx->data;
+
+	if (bench_len && len > bench_len && bpf_xdp_adjust_head(ctx, len - bench_len))
+		return -1;
+	return 0;
+}
+
 static __always_inline int run_target(struct xdp_md *ctx)
 {
 	bench_state.runs++;
@@ -64,16 +77,24 @@ static __always_inline int run_target(struct xdp_md *ctx)
 SEC("xdp")
 int bench_packet4(struct xdp_md *ctx)
 {
-	void *data = (void *)(long)ctx->data, *end = (void *)(long)ctx->data_end;
-	struct iphdr *iph = data + ETH_HLEN;
+	void *data, *end;
+	struct iphdr *iph;
 	__u32 i = next_index();
 	struct dst4 *d = bpf_map_lookup_elem(&bench_dst4, &i);
 
+	if (restore_len(ctx))
+		return XDP_ABORTED;
+	data = (void *)(long)ctx->data;
+	end = (void *)(long)ctx->data_end;
+	iph = data + ETH_HLEN;
 	if (!d || (void *)(iph + 1) > end)
 		return XDP_ABORTED;
 	reset_eth(data);
 	iph->ttl = 64;
-	iph->daddr = d->addr;
+	if (bench_set_src)
+		iph->saddr = d->addr;
+	else
+		iph->daddr = d->addr;
 	iph->check = d->check;
 	return run_target(ctx);
 }
@@ -81,16 +102,24 @@ int bench_packet4(struct xdp_md *ctx)
 SEC("xdp")
 int bench_packet6(struct xdp_md *ctx)
 {
-	void *data = (void *)(long)ctx->data, *end = (void *)(long)ctx->data_end;
-	struct ipv6hdr *ip6h = data + ETH_HLEN;
+	void *data, *end;
+	struct ipv6hdr *ip6h;
 	__u32 i = next_index();
 	struct dst6 *d = bpf_map_lookup_elem(&bench_dst6, &i);
 
+	if (restore_len(ctx))
+		return XDP_ABORTED;
+	data = (void *)(long)ctx->data;
+	end = (void *)(long)ctx->data_end;
+	ip6h = data + ETH_HLEN;
 	if (!d || (void *)(ip6h + 1) > end)
 		return XDP_ABORTED;
 	reset_eth(data);
 	ip6h->hop_limit = 64;
-	__builtin_memcpy(&ip6h->daddr, d->addr, 16);
+	if (bench_set_src)
+		__builtin_memcpy(&ip6h->saddr, d->addr, 16);
+	else
+		__builtin_memcpy(&ip6h->daddr, d->addr, 16);
 	return run_target(ctx);
 }
 

@@ -722,6 +722,7 @@ def lab_list():
 
 
 from . import cli_observe  # noqa: E402,F401  (registers events, flows, top, capture, explain, metrics)
+from . import cli_service  # noqa: E402,F401  (registers service)
 
 
 def main():

@@ -375,12 +375,18 @@ def metrics(listen, once, name):
             return report_counts(request(meta.name, "rules").get("families", {}))
         except AgentUnavailable:
             return []
+    def services() -> dict:
+        try:
+            return request(meta.name, "services")
+        except AgentUnavailable:
+            return {}
     if once:
-        click.echo(generate_latest(registry_for(meta.name, rule_counts=rule_counts)).decode(), nl=False)
+        click.echo(generate_latest(registry_for(meta.name, rule_counts=rule_counts, services=services)).decode(),
+                   nl=False)
         return
     try:
         parse_listen(listen)
-        server, _ = serve(meta.name, listen, rule_counts=rule_counts)
+        server, _ = serve(meta.name, listen, rule_counts=rule_counts, services=services)
     except ValueError as e:
         raise click.ClickException(str(e)) from None
     err_console.print(f"metrics of router {meta.name} on http://{listen}/metrics; Ctrl-C to stop")

@@ -11,9 +11,12 @@ from .datapath import Datapath
 from .datapath import layout as lo
 
 
-# Set by the rule analysis (agent/rules.py), the other bits by the sysctl mirror (agent/policy.py)
 # the bits the rule mirror owns (agent/rules.py): passed or walked families
 RULE_PASS_FLAGS = lo.IFACE_F_PASS_POLICY4 | lo.IFACE_F_PASS_POLICY6 | lo.IFACE_F_RULES4 | lo.IFACE_F_RULES6
+# the load balancer's (lb/image.py): families with services
+LB_FLAGS = lo.IFACE_F_LB4 | lo.IFACE_F_LB6
+# bits no sysctl sets; the sysctl mirror (agent/policy.py) keeps them
+OWNED_FLAGS = RULE_PASS_FLAGS | LB_FLAGS
 
 
 class InterfaceError(Exception):
@@ -104,7 +107,7 @@ class Interfaces:
             flags = current[ifindex].flags if ifindex in current else policy_flags(ifname(ifindex))
         if ifindex in current:
             slot = current[ifindex].slot
-            flags = (flags & ~RULE_PASS_FLAGS) | (current[ifindex].flags & RULE_PASS_FLAGS)  # the rules' own
+            flags = (flags & ~OWNED_FLAGS) | (current[ifindex].flags & OWNED_FLAGS)
         else:
             used = {v.slot for v in current.values()}
             free = [s for s in range(1, lo.MAX_IFACES) if s not in used]
@@ -122,7 +125,7 @@ class Interfaces:
         cur = self.dp.ifaces.lookup(lo.u32(ifindex))
         if cur is None:
             return False
-        flags = (flags & ~RULE_PASS_FLAGS) | (cur.flags & RULE_PASS_FLAGS)  # set_rule_pass_flags' bits
+        flags = (flags & ~OWNED_FLAGS) | (cur.flags & OWNED_FLAGS)
         if cur.flags == flags:
             return False
         cur.flags = flags
@@ -139,6 +142,14 @@ class Interfaces:
                 self.dp.ifaces.update(lo.u32(ifindex), v)
                 changed.append(ifindex)
         return changed
+
+    def set_lb_flags(self, bits: int) -> None:
+        """Set the IFACE_F_LB* bits of every configured port to `bits`."""
+        for ifindex, v in self.configured().items():
+            want = (v.flags & ~LB_FLAGS) | (bits & LB_FLAGS)
+            if want != v.flags:
+                v.flags = want
+                self.dp.ifaces.update(lo.u32(ifindex), v)
 
     def remove(self, ifindex: int) -> None:
         self.dp.ifaces.delete(lo.u32(ifindex))

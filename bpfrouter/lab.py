@@ -3,6 +3,10 @@ between them, built from network namespaces and veth pairs.
 
     h1 (10.0.1.2, fd00:1::2) --h1-eth0 == r-eth0-- r --r-eth1 == h2-eth0-- h2 (10.0.2.2, fd00:2::2)
 
+With backends (the load balancer's lab), each backend bN is a host of its
+own behind the router: r-eth(N+1) == bN-eth0, bN at 10.0.(10+N).2 and
+fd00:(10+N)::2.
+
 Namespaces are named <lab>-h1, <lab>-r, <lab>-h2, so labs with different
 names coexist. `up` first clears leftovers of a lab of the same name, and
 `down` kills what still runs inside and removes everything, so both are safe
@@ -35,6 +39,13 @@ HOSTS = {
            "gateways": ["10.0.2.1", "fd00:2::1"]},
 }
 NODES = ("h1", "r", "h2")
+MAX_BACKENDS = 8
+
+
+def backend_host(i: int) -> tuple[str, dict]:
+    """Backend i (1-based): its node name and host entry."""
+    return f"b{i}", {"ifname": f"b{i}-eth0", "addrs": [f"10.0.{10 + i}.2/24", f"fd00:{10 + i}::2/64"],
+                     "gateways": [f"10.0.{10 + i}.1", f"fd00:{10 + i}::1"]}
 
 
 class LabError(Exception):
@@ -50,6 +61,21 @@ def _sysctl(values: dict[str, str]) -> None:
 @dataclass
 class Lab:
     name: str = "lab"
+    backends: int = 0           # backend hosts b1..bN (at most MAX_BACKENDS)
+
+    def hosts(self) -> dict[str, dict]:
+        return {**HOSTS, **dict(backend_host(i) for i in range(1, self.backends + 1))}
+
+    def router_ports(self) -> list[tuple[str, str, str, list[str]]]:
+        ports = list(TOPOLOGY["r"])
+        for i in range(1, self.backends + 1):
+            node, h = backend_host(i)
+            ports.append((f"r-eth{i + 1}", node, h["ifname"], [g + ("/24" if "." in g else "/64")
+                                                               for g in h["gateways"]]))
+        return ports
+
+    def nodes(self) -> list[str]:
+        return [*NODES, *(f"b{i}" for i in range(1, self.backends + 1))]
 
     def ns(self, node: str) -> str:
         return f"{self.name}-{node}"
@@ -59,8 +85,8 @@ class Lab:
         return self.ns("r")
 
     def addr(self, node: str, version: int = 4) -> str:
-        """The main address of a host (h1, h2) for an IP version."""
-        for a in HOSTS[node]["addrs"]:
+        """The main address of a host (h1, h2, bN) for an IP version."""
+        for a in self.hosts()[node]["addrs"]:
             ip = ipaddress.ip_interface(a).ip
             if ip.version == version:
                 return str(ip)
@@ -72,6 +98,8 @@ class Lab:
     def up(self) -> None:
         if os.geteuid() != 0:
             raise LabError("the lab needs root: run it with sudo")
+        if not 0 <= self.backends <= MAX_BACKENDS:
+            raise LabError(f"a lab has 0 to {MAX_BACKENDS} backends")
         if len(self.router_ns) > 28 or not self.name.replace("-", "").replace("_", "").isalnum():
             raise LabError(f"invalid lab name {self.name!r}: use up to 25 letters, digits, '-' or '_'")
         self.down()
@@ -84,7 +112,7 @@ class Lab:
     def _build(self) -> None:
         from pyroute2 import IPRoute  # (a second to import: not for every `bpfrouter` command)
         from pyroute2 import netns as pr_netns
-        for node in NODES:
+        for node in self.nodes():
             pr_netns.create(self.ns(node))
             netns.run_in(self.ns(node), _sysctl, {
                 "net.ipv6.conf.all.accept_dad": "0", "net.ipv6.conf.default.accept_dad": "0",
@@ -93,14 +121,14 @@ class Lab:
         netns.run_in(self.router_ns, _sysctl, {"net.ipv4.ip_forward": "1",
                                                "net.ipv6.conf.all.forwarding": "1"})
         with IPRoute(netns=self.router_ns) as ipr:
-            for ifname, peer_node, peer_ifname, addrs in TOPOLOGY["r"]:
+            for ifname, peer_node, peer_ifname, addrs in self.router_ports():
                 ipr.link("add", ifname=ifname, kind="veth",
                          peer={"ifname": peer_ifname, "net_ns_fd": self.ns(peer_node)})
                 idx = ipr.link_lookup(ifname=ifname)[0]
                 _add_addrs(ipr, idx, addrs)
                 ipr.link("set", index=idx, state="up")
             ipr.link("set", index=ipr.link_lookup(ifname="lo")[0], state="up")
-        for host, cfg in HOSTS.items():
+        for host, cfg in self.hosts().items():
             with IPRoute(netns=self.ns(host)) as ipr:
                 idx = ipr.link_lookup(ifname=cfg["ifname"])[0]
                 _add_addrs(ipr, idx, cfg["addrs"])
@@ -128,7 +156,8 @@ class Lab:
                 except DatapathError:
                     pass
                 shutil.rmtree(RouterMeta.path(router).parent, ignore_errors=True)
-        for node in NODES:
+        # every backend a lab of this name may have had
+        for node in [*NODES, *(f"b{i}" for i in range(1, MAX_BACKENDS + 1))]:
             ns = self.ns(node)
             for pid in netns.pids_in(ns):
                 if pid != os.getpid():

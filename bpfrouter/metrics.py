@@ -41,10 +41,11 @@ def bpf_stats_enabled() -> bool:
 class RouterCollector(Collector):
     """Every metric of one router, collected from its maps on each scrape."""
 
-    def __init__(self, name: str, fib_full=None, rule_counts=None):
+    def __init__(self, name: str, fib_full=None, rule_counts=None, services=None):
         self.name = name
         self.fib_full = fib_full  # the agent's Fib.full_status, when the agent serves
         self.rule_counts = rule_counts  # the agent's Agent.rule_counts
+        self.services = services  # the agent's `services` answer (agent/lb.py: Balancer.request)
 
     def collect(self):
         dp = Datapath.open(self.name)
@@ -134,6 +135,8 @@ class RouterCollector(Collector):
                     per_table.add_metric([r, fam, table], n)
             yield per_rule
             yield per_table
+        if self.services is not None:
+            yield from lb_metrics(r, self.services())
         runs, run_ns = dp.program_stats()
         yield _gauge("bpfrouter_program_stats_enabled", "1 when kernel.bpf_stats_enabled=1, which the run "
                      "count and time below need.", r, 1 if bpf_stats_enabled() else 0)
@@ -141,6 +144,51 @@ class RouterCollector(Collector):
                        "hook (kernel.bpf_stats_enabled=1).", r, runs)
         yield _counter("bpfrouter_program_run_seconds", "Time spent in the XDP programs, with and without "
                        "the capture hook (kernel.bpf_stats_enabled=1).", r, run_ns / 1e9)
+
+
+LB_STATS = {  # lb_stat field -> (metric, help)
+    "packets": ("bpfrouter_lb_packets", "Packets sent to a service's backends."),
+    "new_flows": ("bpfrouter_lb_new_flows", "Flows without a connection entry, given a backend by the table."),
+    "unlearned": ("bpfrouter_lb_unlearned_flows", "New flows the connection table did not learn: over "
+                  "new-conn-limit (the flood switch)."),
+    "flood_windows": ("bpfrouter_lb_flood_windows", "One-second windows of a CPU that went over new-conn-limit."),
+    "no_backend": ("bpfrouter_lb_no_backend_drops", "Packets dropped: no backend takes new flows."),
+}
+
+
+def lb_metrics(r: str, answer: dict):
+    """The load balancer's metrics from the agent's `services` answer."""
+    services = answer.get("services", [])
+    for field, (name, doc) in LB_STATS.items():
+        m = CounterMetricFamily(name, doc, labels=["router", "service"])
+        for s in services:
+            m.add_metric([r, s["service"]], s["stats"].get(field, 0))
+        yield m
+    be = CounterMetricFamily("bpfrouter_lb_backend_packets", "Packets sent to each backend.",
+                             labels=["router", "service", "backend"])
+    up = GaugeMetricFamily("bpfrouter_lb_backend_state", "1 for the backend's state (active, draining, "
+                           "unhealthy).", labels=["router", "service", "backend", "state"])
+    share = GaugeMetricFamily("bpfrouter_lb_backend_share", "The backend's share of its service's table.",
+                              labels=["router", "service", "backend"])
+    for s in services:
+        for b in s["backends"]:
+            be.add_metric([r, s["service"], b["address"]], b["packets"])
+            share.add_metric([r, s["service"], b["address"]], b["share"])
+            for state in ("active", "draining", "unhealthy"):
+                up.add_metric([r, s["service"], b["address"], state], 1 if b["state"] == state else 0)
+    load = GaugeMetricFamily("bpfrouter_lb_max_over_avg_load", "Maglev's max/avg load: the busiest backend's "
+                             "share of the table over what its weight asks for.", labels=["router", "service"])
+    moved = GaugeMetricFamily("bpfrouter_lb_moved_ratio", "The share of flows the service's last table change "
+                              "moved.", labels=["router", "service"])
+    for s in services:
+        load.add_metric([r, s["service"]], s["max_over_avg_load"])
+        if s["moved_last_change"] is not None:
+            moved.add_metric([r, s["service"]], s["moved_last_change"])
+    tr = CounterMetricFamily("bpfrouter_lb_health_transitions", "Backends becoming healthy or unhealthy, by "
+                             "their health checks.", labels=["router", "service", "backend", "to"])
+    for t in answer.get("transitions", []):
+        tr.add_metric([r, t["service"], t["backend"], t["to"]], t["count"])
+    yield from (be, up, share, load, moved, tr)
 
 
 def _counter(name: str, doc: str, router_name: str, value: float) -> CounterMetricFamily:
@@ -155,17 +203,17 @@ def _gauge(name: str, doc: str, router_name: str, value: float) -> GaugeMetricFa
     return m
 
 
-def registry_for(name: str, fib_full=None, rule_counts=None) -> CollectorRegistry:
+def registry_for(name: str, fib_full=None, rule_counts=None, services=None) -> CollectorRegistry:
     reg = CollectorRegistry()
-    reg.register(RouterCollector(name, fib_full, rule_counts))
+    reg.register(RouterCollector(name, fib_full, rule_counts, services))
     return reg
 
 
-def serve(name: str, listen: str, fib_full=None, rule_counts=None):
+def serve(name: str, listen: str, fib_full=None, rule_counts=None, services=None):
     """Start the HTTP endpoint in a background thread; returns (server, thread)."""
     from prometheus_client import start_http_server
     host, port = parse_listen(listen)
     try:
-        return start_http_server(port, addr=host, registry=registry_for(name, fib_full, rule_counts))
+        return start_http_server(port, addr=host, registry=registry_for(name, fib_full, rule_counts, services))
     except OSError as e:
         raise ValueError(f"cannot listen on {listen}: {os.strerror(e.errno) if e.errno else e}") from None

@@ -135,7 +135,7 @@ class Outcome:
     at_h1: list[bytes] = field(default_factory=list)   # frames sent back to h1
 
     def key(self) -> tuple:
-        return (tuple(sorted(self.at_h2)), tuple(sorted(normalise_h1(f) for f in self.at_h1)))
+        return (tuple(sorted(normalise(f) for f in self.at_h2)), tuple(sorted(normalise(f) for f in self.at_h1)))
 
 
 # ---------------------------------------------------------------- the corpus
@@ -535,11 +535,13 @@ def traits(frame: bytes) -> frozenset[str]:
 
 # ---------------------------------------------------------------- the lab
 
-def normalise_h1(frame: bytes) -> bytes:
-    """The router's IPv4 ICMP errors carry an IP id of its choosing (no DF: a
-    hashed counter), different on every run: zeroed with the header checksum."""
+def normalise(frame: bytes) -> bytes:
+    """The router's own IPv4 ICMP (errors, replies; to either host) carry an
+    IP id of its choosing (no DF: a hashed counter), different on every run:
+    zeroed with the header checksum. Forwarded frames stay exact."""
     et, off = _l3(frame)
-    if et == 0x0800 and len(frame) >= off + 20 and frame[off + 9] == 1:
+    if et == 0x0800 and len(frame) >= off + 20 and frame[off + 9] == 1 and \
+            ipaddress.ip_address(frame[off + 12:off + 16]) in ROUTER_ADDRS:
         frame = frame[:off + 4] + b"\0\0" + frame[off + 6:off + 10] + b"\0\0" + frame[off + 12:]
         icmp = off + (frame[off] & 15) * 4
         if frame[icmp:icmp + 1] == b"\x0e":  # a timestamp reply carries the time: its checksum and times go

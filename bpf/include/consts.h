@@ -52,6 +52,8 @@ enum reason {
 	REASON_PASS_ROUTE_TYPE,
 	REASON_PASS_POLICY,
 	REASON_PASS_TRIM_FAILED,
+	REASON_PASS_LB_FRAGMENT,        /* a fragment to a VIP: no ports to pick a backend by */
+	REASON_PASS_LB_ENCAP_FAILED,    /* the frame could not grow for the outer header */
 	/* dropped */
 	REASON_DROP_BLACKHOLE,
 	REASON_DROP_MARTIAN_SOURCE,
@@ -63,6 +65,7 @@ enum reason {
 	REASON_DROP_BAD_IHL,
 	REASON_DROP_BAD_TOTAL_LEN,
 	REASON_DROP_BAD_CHECKSUM,
+	REASON_DROP_LB_NO_BACKEND,      /* a service's packet, no backend takes new flows */
 	REASON_MAX,
 };
 

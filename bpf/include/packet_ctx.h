@@ -22,11 +22,13 @@
 /* What a stage returns when it has not decided the packet (else: a reason). */
 #define STAGE_NEXT (-1)         /* go on with the next stage */
 #define STAGE_SKIP_NEXT (-2)    /* go on past the next stage (list.h says which that is) */
-#define STAGE_REPEAT (-3)       /* back to the policy stage: the rule's table did not decide */
+#define STAGE_TO_POLICY (-3)    /* to the policy stage: the walk starts, or the rule's table did not decide */
+#define STAGE_TO_FIB (-4)       /* to the fib stage: local and main as one, no rules to walk */
 
 #define PCTX_F_IP_OPTIONS 1     /* IPv4 header carries options */
 #define PCTX_F_HOP_BY_HOP 2     /* IPv6 hop-by-hop header present */
 #define PCTX_F_FRAGMENT 4       /* an IP fragment */
+#define PCTX_F_LB 8             /* encapsulated by the load balancer (stages/lb.h): the router's own packet */
 
 struct packet_ctx {
 	__u32 len;              /* frame length */
@@ -79,6 +81,19 @@ static __always_inline void packet_ctx_save(struct packet_ctx *pc, const struct 
 	pc->l4_proto = p->l4_proto;
 	pc->flags = (p->ip_options ? PCTX_F_IP_OPTIONS : 0) | (p->hop_by_hop ? PCTX_F_HOP_BY_HOP : 0) |
 		    (p->fragment ? PCTX_F_FRAGMENT : 0);
+}
+
+/* Where routing starts for a packet no earlier stage took: the policy
+ * stage for a family with rules to walk, else fib. A family whose rules
+ * the walk cannot follow (bpfrouter/policy/) is passed; bpf_fib_lookup
+ * (FIB_MODE_KERNEL) applies the rules itself. */
+static __always_inline int route_start(const struct packet_ctx *pc, int ip4)
+{
+	if (fib_mode != FIB_MODE_BPF)
+		return STAGE_TO_FIB;
+	if (pc->iface_flags & (ip4 ? IFACE_F_PASS_POLICY4 : IFACE_F_PASS_POLICY6))
+		return REASON_PASS_POLICY;
+	return pc->iface_flags & (ip4 ? IFACE_F_RULES4 : IFACE_F_RULES6) ? STAGE_TO_POLICY : STAGE_TO_FIB;
 }
 
 /* The parsed view again, in a later stage: the Ethernet and IP headers (and

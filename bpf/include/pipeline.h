@@ -97,15 +97,18 @@ struct {
 const volatile __u32 observe_in_chain = 1;
 
 /* After stage SLOT returned `reason`: go on to the next slot (STAGE_NEXT),
- * past it (STAGE_SKIP_NEXT), or end with the verdict. A next stage missing
+ * past it (STAGE_SKIP_NEXT), to policy or fib (STAGE_TO_*), or end with
+ * the verdict. A next stage missing
  * from the chain (the loader fills every slot before attaching) passes the
  * packet to the kernel, counted. */
 #define STAGE_RETURN(ctx, pc, SLOT, reason) do {				\
 	int reason_ = (reason);							\
 	if (reason_ == STAGE_SKIP_NEXT)						\
 		bpf_tail_call_static(ctx, &stages, (SLOT) + 2);			\
-	else if (reason_ == STAGE_REPEAT)					\
+	else if (reason_ == STAGE_TO_POLICY)					\
 		bpf_tail_call_static(ctx, &stages, STAGE_POLICY);		\
+	else if (reason_ == STAGE_TO_FIB)					\
+		bpf_tail_call_static(ctx, &stages, STAGE_FIB);			\
 	else if (reason_ < 0)							\
 		bpf_tail_call_static(ctx, &stages, (SLOT) + 1);			\
 	if (reason_ < 0)							\
@@ -194,15 +197,15 @@ static __always_inline int single_program(struct xdp_md *ctx, const int capture)
 		reason = STAGE_NEXT;						\
 	else if (reason < 0)							\
 		reason = name##_stage(ctx, pc);
+	if (reason == STAGE_NEXT)
+		reason = lb_stage(ctx, pc);
 	/* The rule walk goes round between two stages by tail calls, which
 	 * inlined rounds would multiply past the verifier's limit; this build,
 	 * which measures what the chain costs, passes the families that have
-	 * rules to walk (with the kernel's FIB, entry always goes on). */
-	if (reason == STAGE_NEXT && fib_mode == FIB_MODE_BPF)
+	 * rules to walk. */
+	if (reason == STAGE_TO_POLICY)
 		reason = REASON_PASS_POLICY;
-	else if (reason == STAGE_SKIP_NEXT)
-		reason = STAGE_NEXT;
-	if (reason < 0)
+	if (reason == STAGE_TO_FIB)
 		reason = fib_stage(ctx, pc);
 	AFTER_ROUTE_STAGES(STAGE_CALL)
 #undef STAGE_CALL

@@ -21,7 +21,7 @@
  * A rule's action runs in the policy stage (goto, blackhole, unreachable,
  * prohibit) or sends the packet to the fib stage with a table; when that
  * table has no route for it, a throw route, or a result the rule
- * suppresses, fib hands it back (STAGE_REPEAT) and the walk goes on after
+ * suppresses, fib hands it back (STAGE_TO_POLICY) and the walk goes on after
  * the rule, as fib_rules_lookup does.
  *
  * Two banks: the agent writes a new rule set into the bank not in use and

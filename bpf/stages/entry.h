@@ -41,14 +41,10 @@ static __always_inline int entry_stage(struct xdp_md *ctx, struct packet_ctx *pc
 	reason = classify(&p, in);
 	if (reason >= 0)
 		return reason;
-	/* rule sets and VRFs the fast path cannot follow (bpfrouter/policy/);
-	 * bpf_fib_lookup (FIB_MODE_KERNEL) applies the rules itself */
-	if (fib_mode == FIB_MODE_BPF && (in->flags & (p.ip4 ? IFACE_F_PASS_POLICY4 : IFACE_F_PASS_POLICY6)))
-		return REASON_PASS_POLICY;
-	/* the policy stage follows (list.h): only a family with rules to walk needs it */
-	if (fib_mode == FIB_MODE_BPF && !(in->flags & (p.ip4 ? IFACE_F_RULES4 : IFACE_F_RULES6)))
-		return STAGE_SKIP_NEXT;
-	return STAGE_NEXT;
+	/* the lb stage follows (list.h): only a family with services needs it */
+	if (in->flags & (p.ip4 ? IFACE_F_LB4 : IFACE_F_LB6))
+		return STAGE_NEXT;
+	return route_start(pc, !!p.ip4);
 }
 
 #endif

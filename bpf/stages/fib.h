@@ -3,7 +3,7 @@
  * the BPF FIB's DIR or LPM structure, or the kernel's FIB through
  * bpf_fib_lookup); the verifier removes the others. With rules to walk, the
  * policy stage names the table, and a table that does not decide the
- * packet sends it back there (STAGE_REPEAT). */
+ * packet sends it back there (STAGE_TO_POLICY). */
 #ifndef BPFROUTER_STAGE_FIB_H
 #define BPFROUTER_STAGE_FIB_H
 
@@ -91,10 +91,10 @@ static __always_inline int fib_lookup_rule(const struct pkt *p, struct packet_ct
 	found = fib_find(p, &rt, pc->table, detail, &pc->res);
 	if (rule_goes_on(pc, found, &rt, act)) {
 		if (pc->table != RT_TABLE_LOCAL)
-			return STAGE_REPEAT;
+			return STAGE_TO_POLICY;
 		act = rule_main_after_local(pc, !p->ip4, detail);
 		if (!act || rule_goes_on(pc, found, &rt, act))
-			return STAGE_REPEAT;
+			return STAGE_TO_POLICY;
 	}
 	if ((act->flags & RULE_A_SUPPRESS_IFGROUP) && rt.type != RTYPE_BLACKHOLE &&
 	    rt.type != RTYPE_UNREACHABLE && rt.type != RTYPE_PROHIBIT) {
@@ -103,7 +103,7 @@ static __always_inline int fib_lookup_rule(const struct pkt *p, struct packet_ct
 		if (group < 0)
 			return REASON_PASS_POLICY;
 		if ((__u32)group == act->ifgroup)
-			return STAGE_REPEAT;
+			return STAGE_TO_POLICY;
 	}
 	if (!pc->probe)
 		rule_count(pc->bank, !p->ip4, pc->rule);
@@ -123,7 +123,7 @@ static __always_inline int fib_stage(struct xdp_md *ctx, struct packet_ctx *pc)
 		reason = fib_lookup_rule(&p, pc);
 	else
 		reason = fib_lookup_bpf(&p, &pc->res, pc->probe);
-	if (reason > REASON_FWD_IPV6 || reason == STAGE_REPEAT)
+	if (reason > REASON_FWD_IPV6 || reason == STAGE_TO_POLICY)
 		return reason;
 	/* the ecmp stage follows (list.h): only a multipath route needs it */
 	return pc->res.route_type == RTYPE_MULTIPATH ? STAGE_NEXT : STAGE_SKIP_NEXT;

@@ -12,6 +12,7 @@
 #define BPFROUTER_STAGE_LIST_H
 
 #include "entry.h"
+#include "lb.h"
 #include "policy.h"
 #include "fib.h"
 #include "ecmp.h"
@@ -19,9 +20,13 @@
 #include "forward.h"
 #include "observe.h"
 
-/* entry skips policy (STAGE_SKIP_NEXT) unless the family has rules to
- * walk, fib goes back to it (STAGE_REPEAT) when a rule's table does not
- * decide, and skips ecmp unless the route is multipath. */
+/* entry goes to lb only for a family with services; routing starts
+ * (route_start: policy for a family with rules to walk, else fib) from
+ * entry, or from lb for what it does not take; fib goes back to policy
+ * (STAGE_TO_POLICY) when a rule's table does not decide, and skips ecmp
+ * unless the route is multipath. */
+#define BEFORE_ROUTE_STAGES(X) \
+	X(LB, lb)
 #define ROUTE_STAGES(X) \
 	X(POLICY, policy) \
 	X(FIB, fib)
@@ -29,6 +34,6 @@
 	X(ECMP, ecmp) \
 	X(KERNEL_POLICY, kernel_policy) \
 	X(FORWARD, forward)
-#define DECISION_STAGES(X) ROUTE_STAGES(X) AFTER_ROUTE_STAGES(X)
+#define DECISION_STAGES(X) BEFORE_ROUTE_STAGES(X) ROUTE_STAGES(X) AFTER_ROUTE_STAGES(X)
 
 #endif

@@ -1,6 +1,6 @@
 /* Stage policy: the kernel's rules (include/rules.h). It finds the packet's
  * next rule that matches and does its action; a lookup goes on to the fib
- * stage with the rule's table, which comes back here (STAGE_REPEAT) when
+ * stage with the rule's table, which comes back here (STAGE_TO_POLICY) when
  * that table does not decide the packet. Entry skips this stage for a
  * family without rules to walk; fib then looks local and main up as one.
  * Loaded with the BPF FIB only: bpf_fib_lookup applies the rules itself. */

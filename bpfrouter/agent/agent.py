@@ -60,6 +60,8 @@ from .policy import PolicyMirror
 from ..policy.image import RuleImage
 from ..policy.rules import AF_INET, AF_INET6, RuleSyntaxError, dump_rules, merge_own, parse_own_rule, table_name
 from .rules import own_rule_json, read_ports, sync_rules
+from .lb import Balancer
+from ..lb.service import ServiceError
 from .rtnl import DeadRoute, Decoder, RouteMonitor, dead_event, dump_routes
 
 log = logging.getLogger("bpfrouter.agent")
@@ -87,6 +89,10 @@ BURST_ROUTES = 2000       # a batch this large pauses the garbage collector unti
 # ("start": sockets bound, before any dump; "routes-dumped": a route dump
 # taken, not yet applied), so a test can change the kernel exactly there.
 SYNC_HOOK = os.environ.get("BPFROUTER_SYNC_HOOK")
+
+
+LB_OPS = ("services", "service_add", "service_del", "backend_add", "backend_del", "backend_weight", "backend_drain",
+          "lb_set")
 
 
 class ApiError(Exception):
@@ -125,6 +131,8 @@ class Agent:
         self.interfaces = Interfaces(self.dp)
         self.lock = threading.RLock()
         self.stop = threading.Event()
+        self.lb = Balancer(self.dp, RouterMeta.path(name).parent / "services.json", self.lock,
+                           self.interfaces.set_lb_flags)
         self.policy = PolicyMirror(self.interfaces, self.lock, self.stop, also=lambda: mirror_hash_config(self.dp),
                                    local_elsewhere=self.fib.local_kind_elsewhere)
         self.ready = threading.Event()
@@ -249,6 +257,7 @@ class Agent:
             ports = read_ports(ipr, list(self.interfaces.configured()))
         flags, reasons = sync_rules(self.rules, ports, self.own_rules)
         changed = self.interfaces.set_rule_pass_flags(flags)
+        self.interfaces.set_lb_flags(self.lb.image.families())  # a new port has none yet
         if reasons != self.stats.get("policy"):
             log.info("policy routing (%s): %s", why, "; ".join(f"{fam}: {r}" for fam, r in reasons.items())
                      or "default rules")
@@ -401,6 +410,10 @@ class Agent:
             return [{"family": label, "priority": r.priority, "rule": r.text(), "packets": n,
                      "table": table_name(r.table) if r.action == 1 else ""}
                     for fam6, label in ((0, "ipv4"), (1, "ipv6")) for r, n in self.rules.rule_totals(fam6)]
+
+    def lb_metrics(self) -> dict:
+        with self.lock:
+            return self.lb.request("services", [])
 
     def apply_policy_due(self) -> None:
         """Compile the rules once for the events of one read (a daemon adds
@@ -629,6 +642,8 @@ class Agent:
                 return {"families": self.rule_report()}
             if op in ("rule_add", "rule_del"):
                 return self._rule_change(op, args, req.get("family"))
+            if op in LB_OPS:
+                return self.lb.request(op, args)
             if op == "routes":
                 return {"routes": [route_json(r, self.fib.installed_route(r.prefix, r.table))
                                    for r in self.fib.routes(table=0)]}
@@ -651,7 +666,7 @@ class Agent:
                     if not isinstance(req, dict):
                         raise ApiError("request must be a JSON object")
                     resp = {"ok": True, **agent.api(req)}
-                except (ApiError, RouteSpecError, FibError) as e:
+                except (ApiError, RouteSpecError, FibError, ServiceError) as e:
                     resp = {"ok": False, "error": str(e)}
                 except json.JSONDecodeError as e:
                     resp = {"ok": False, "error": f"bad request: {e}"}
@@ -702,6 +717,7 @@ class Agent:
             signal.signal(sig, lambda *_: self.stop.set())
         with self.lock:
             self.fib.recover()
+            self.lb.load()
         log.info("agent for router %s started (pid %d); recovered %d installed routes",
                  self.name, os.getpid(), len(self.fib.installed))
         server = self.serve()  # answers pings (with sync progress) during the first sync
@@ -709,7 +725,8 @@ class Agent:
         self.policy.start()
         if self.meta.metrics:
             try:
-                metrics.serve(self.name, self.meta.metrics, self.fib.full_status, self.rule_counts)
+                metrics.serve(self.name, self.meta.metrics, self.fib.full_status, self.rule_counts,
+                              self.lb_metrics)
                 log.info("metrics on http://%s/metrics", self.meta.metrics)
             except ValueError as e:
                 log.error("%s", e)
@@ -731,6 +748,7 @@ class Agent:
             server.server_close()
             socket_path(self.name).unlink(missing_ok=True)
             pid_path(self.name).unlink(missing_ok=True)
+            self.lb.stop()
             log.info("agent stopped; the data plane keeps forwarding with its last state")
             # self.lock_fd stays open until the process exits: the netlink threads may
             # still be writing a batch, and the lock must cover every write

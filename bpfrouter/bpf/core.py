@@ -150,6 +150,11 @@ class Map(Generic[K, V]):
         L.check(L.bpf_map_update_elem(self.fd, ctypes.byref(key), ctypes.byref(value), flags),
                 f"update map {self.name}")
 
+    def zero(self, key: K) -> None:
+        """Set the entry to zero bytes (on every CPU, for a per-CPU map)."""
+        L.check(L.bpf_map_update_elem(self.fd, ctypes.byref(key), self._value_buf(), L.BPF_ANY),
+                f"update map {self.name}")
+
     def delete(self, key: K) -> bool:
         rc = L.bpf_map_delete_elem(self.fd, ctypes.byref(key))
         if rc == -2:

@@ -58,6 +58,8 @@ class Reason(enum.IntEnum):
     PASS_ROUTE_TYPE = enum.auto()
     PASS_POLICY = enum.auto()
     PASS_TRIM_FAILED = enum.auto()
+    PASS_LB_FRAGMENT = enum.auto()
+    PASS_LB_ENCAP_FAILED = enum.auto()
     DROP_BLACKHOLE = enum.auto()
     DROP_MARTIAN_SOURCE = enum.auto()
     DROP_MARTIAN_DEST = enum.auto()
@@ -68,6 +70,7 @@ class Reason(enum.IntEnum):
     DROP_BAD_IHL = enum.auto()
     DROP_BAD_TOTAL_LEN = enum.auto()
     DROP_BAD_CHECKSUM = enum.auto()
+    DROP_LB_NO_BACKEND = enum.auto()
 
     @property
     def verdict(self) -> str:
@@ -98,6 +101,7 @@ class RouteType(enum.IntEnum):
 KERNEL_ROUTE_REASON_MASK = 0xFF
 IFACE_F_PASS_POLICY4, IFACE_F_PASS_POLICY6 = 0x4000, 0x8000
 IFACE_F_RULES4, IFACE_F_RULES6 = 0x1000, 0x2000  # the family's rules are walked
+IFACE_F_LB4, IFACE_F_LB6 = 0x100, 0x200  # the family has services (the lb stage)
 
 
 # rtm_protocol values: who installed a route (iproute2's rt_protos).
@@ -288,6 +292,51 @@ class Table6Key(ctypes.Structure):
     _fields_ = [("prefixlen", u32), ("table", u8 * 4), ("addr", u8 * 16)]
 
 
+# The load balancer (bpf/include/lb.h).
+MAX_LB_SERVICES = 1024
+MAX_LB_BACKENDS = 65536
+MAX_LB_RING = 1 << 22
+LB_HASH_SEED = 0x62706672
+LB_SVC_F_NO_AFFINITY = 1
+LB_BE_F_CONNS = 1
+
+
+class LbServiceKey(ctypes.Structure):
+    _fields_ = [("addr", u8 * 16), ("port", u16), ("proto", u8), ("family", u8)]  # port: network order
+
+
+class LbService(ctypes.Structure):
+    _fields_ = [("id", u32), ("ring_base", u32), ("ring_size", u32), ("flags", u32)]
+
+
+class LbVipKey(ctypes.Structure):
+    _fields_ = [("addr", u8 * 16), ("family", u32)]
+
+
+class LbBackend(ctypes.Structure):
+    _fields_ = [("addr", u8 * 16), ("family", u8), ("flags", u8), ("reserved", u16), ("service", u32),
+                ("gen", u32)]
+
+
+class LbConnKey(ctypes.Structure):
+    _fields_ = [("saddr", u8 * 16), ("daddr", u8 * 16), ("sport", u16), ("dport", u16), ("proto", u8),
+                ("family", u8), ("reserved", u16)]
+
+
+class LbConn(ctypes.Structure):
+    _fields_ = [("backend", u32), ("gen", u32)]
+
+
+class LbConfig(ctypes.Structure):
+    _fields_ = [("src4", u8 * 4), ("src4_hostmask", u8 * 4), ("src6", u8 * 16), ("new_conn_limit", u32),
+                ("reserved", u32)]
+
+
+class LbStat(ctypes.Structure):
+    _fields_ = [("packets", u64), ("bytes", u64), ("new_flows", u64), ("unlearned", u64), ("no_backend", u64),
+                ("flood_windows", u64)]
+
+
 class ObsStat(enum.IntEnum):
     EVENTS_SENT = 0
     EVENTS_SUPPRESSED = enum.auto()
@@ -363,6 +412,14 @@ STRUCTS: dict[str, type[ctypes.Structure]] = {
     "rule_prefix_key": RulePrefixKey,
     "rule_u32_key": RuleU32Key,
     "rule_bound": RuleBound,
+    "lb_service_key": LbServiceKey,
+    "lb_service": LbService,
+    "lb_vip_key": LbVipKey,
+    "lb_backend": LbBackend,
+    "lb_conn_key": LbConnKey,
+    "lb_conn": LbConn,
+    "lb_config": LbConfig,
+    "lb_stat": LbStat,
     "table4_key": Table4Key,
     "table6_key": Table6Key,
     "dir_chunk": DirChunk,

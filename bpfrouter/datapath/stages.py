@@ -54,6 +54,7 @@ def _observers(cfg: ChainConfig) -> bool:
 
 # The stage list after entry, in slot order: bpf/stages/list.h's DECISION_STAGES, then observe.
 STAGES: tuple[Stage, ...] = (
+    Stage("lb", lambda cfg: True),
     Stage("policy", lambda cfg: cfg.fib_mode == lo.FibMode.BPF),
     Stage("fib", lambda cfg: True),
     Stage("ecmp", lambda cfg: cfg.fib_mode == lo.FibMode.BPF),

@@ -114,6 +114,7 @@ OTHERS = {
     "baseline.bpf.o": {"floor_ifindex": ctypes.c_uint32(1)},
     "selftest.bpf.o": {},
     "xmit.bpf.o": {},  # the redirect outcome counters (tracepoints), as `up` loads them but unattached
+    "decap.bpf.o": {},  # a backend's decapsulation (`bpfrouter decap attach`)
 }
 
 

@@ -1,0 +1,88 @@
+// SPDX-License-Identifier: GPL-2.0
+/* The backend's side of direct server return (bpfrouter/lb/decap.py,
+ * `bpfrouter decap attach DEV`): XDP on a backend's port strips the outer
+ * IPv4 or IPv6 header the load balancer added (include/encap.h) and hands
+ * the client's packet to the kernel, which delivers it to the VIP on lo.
+ * For backends whose kernel has no ipip or ip6tnl device (or to skip the
+ * tunnel device's cost, as Katran's decap program does). Everything else
+ * passes untouched. */
+#include "include/common.h"
+#include "include/parse.h"
+
+enum decap_stat {
+	DECAP_V4_IN_V4 = 0,
+	DECAP_V6_IN_V4,
+	DECAP_V4_IN_V6,
+	DECAP_V6_IN_V6,
+	DECAP_FAILED,           /* the frame could not shrink: passed as it came */
+	DECAP_STAT_MAX,
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, DECAP_STAT_MAX);
+	__type(key, __u32);
+	__type(value, __u64);
+} decap_stats SEC(".maps");
+
+const volatile enum decap_stat btf_anchor_decap_stat = DECAP_STAT_MAX;
+
+static __always_inline void decap_count(__u32 stat)
+{
+	__u64 *n = bpf_map_lookup_elem(&decap_stats, &stat);
+
+	if (n)
+		(*n)++;
+}
+
+SEC("xdp")
+int bpfrouter_decap(struct xdp_md *ctx)
+{
+	void *data = (void *)(long)ctx->data;
+	void *end = (void *)(long)ctx->data_end;
+	struct ethhdr *eth = data, copy;
+	__u32 outer, stat;
+	__u8 inner;
+
+	if ((void *)(eth + 1) > end)
+		return XDP_PASS;
+	if (eth->h_proto == bpf_htons(ETH_P_IP)) {
+		struct iphdr *o = (void *)(eth + 1);
+
+		if ((void *)(o + 1) > end || o->ihl != 5 || (o->frag_off & bpf_htons(0x3FFF)))
+			return XDP_PASS;   /* options or a fragment: the kernel's */
+		inner = o->protocol;
+		outer = sizeof(*o);
+		stat = inner == IPPROTO_IPIP ? DECAP_V4_IN_V4 : DECAP_V6_IN_V4;
+	} else if (eth->h_proto == bpf_htons(ETH_P_IPV6)) {
+		struct ipv6hdr *o = (void *)(eth + 1);
+
+		if ((void *)(o + 1) > end)
+			return XDP_PASS;
+		inner = o->nexthdr;
+		outer = sizeof(*o);
+		stat = inner == IPPROTO_IPIP ? DECAP_V4_IN_V6 : DECAP_V6_IN_V6;
+	} else {
+		return XDP_PASS;
+	}
+	if (inner != IPPROTO_IPIP && inner != IPPROTO_IPV6)
+		return XDP_PASS;
+	__builtin_memcpy(&copy, eth, sizeof(copy));
+	copy.h_proto = bpf_htons(inner == IPPROTO_IPIP ? ETH_P_IP : ETH_P_IPV6);
+	if (bpf_xdp_adjust_head(ctx, outer)) {
+		decap_count(DECAP_FAILED);
+		return XDP_PASS;
+	}
+	data = (void *)(long)ctx->data;
+	end = (void *)(long)ctx->data_end;
+	eth = data;
+	if ((void *)(eth + 1) > end) {  /* never, for a parsed outer header */
+		decap_count(DECAP_FAILED);
+		return XDP_DROP;
+	}
+	__builtin_memcpy(eth, &copy, sizeof(copy));
+	decap_count(stat);
+	return XDP_PASS;
+}
+
+char _license[] SEC("license") = "GPL";

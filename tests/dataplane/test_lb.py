@@ -1,0 +1,341 @@
+"""The load balancer's stage (bpf/stages/lb.h) through BPF_PROG_TEST_RUN:
+
+- fixtures as a table (input frame, expected verdict and reason, check of
+  the output frame) for each outer and inner family, a port-0 service, a
+  fragment, a port that is no service's, a service without backends, a
+  backend whose neighbor is unresolved; in both FIB modes;
+- over thousands of flows: weights give their shares, the connection
+  table keeps flows on their backend when backends come, go or drain, the
+  flood switch stops learning above its limit, and a second router with
+  the same definition sends every flow where the first does."""
+from __future__ import annotations
+
+import ipaddress
+import os
+import random
+import struct
+
+import pytest
+from scapy.layers.inet import IP, TCP, UDP
+from scapy.layers.inet6 import IPv6
+from scapy.layers.l2 import Ether
+from scapy.packet import Raw
+
+from bpfrouter import netns
+from bpfrouter.datapath import layout as lo
+from bpfrouter.interfaces import Interfaces
+from bpfrouter.lb.image import DEFAULT_SRC4, DEFAULT_SRC6, LbImage
+from bpfrouter.lb.service import Backend, Service, ServiceId
+
+from .harness import MAC_GW, MAC_GW6, NS, XDP_DROP, XDP_PASS, XDP_REDIRECT, own_datapath, run_packet
+
+VIP4, VIP6 = "10.20.99.1", "fd20::99:1"      # inside routed prefixes: a non-service port is simply routed
+BE4 = ["10.20.5.1", "10.20.5.2", "10.20.5.3"]  # via 10.2.0.2 out of dpt1
+BE6 = "fd20::5:1"
+CLIENT = "10.1.0.2"
+
+
+def service(proto, vip, port, backends, **kw) -> Service:
+    return Service(ServiceId(proto, vip, port), {a: Backend(a, w) for a, w in backends}, **kw)
+
+
+@pytest.fixture(scope="module")
+def lb(env):
+    """Services on the shared data planes (both FIB modes), removed after."""
+    sids = []
+    images = {m: LbImage(env.dps[m]) for m in ("bpf", "kernel")}
+    with netns.entered(NS):
+        for img in images.values():
+            img.set_config(DEFAULT_SRC4, DEFAULT_SRC6, 0)
+            for svc in (service("tcp", VIP4, 80, [(BE4[0], 1)]),
+                        service("udp", VIP4, 0, [(BE4[1], 1)]),
+                        service("tcp", VIP6, 443, [(BE6, 1)]),
+                        service("tcp", VIP4, 8080, [(BE6, 1)]),          # IPv4 inside IPv6
+                        service("tcp", VIP4, 81, [(BE4[2], 1)]),
+                        service("tcp", VIP4, 82, [("10.2.0.77", 1)]),    # connected, no neighbor
+                        service("tcp", VIP4, 83, [(BE4[0], 1)])):
+                img.apply(svc, {})
+                sids.append(svc.id)
+            img.apply(service("tcp", VIP4, 81, [(BE4[2], 1)]), {BE4[2]: False})  # unhealthy: no backend
+        for m in images:
+            Interfaces(env.dps[m]).set_lb_flags(images[m].families())
+    yield images
+    with netns.entered(NS):
+        for m, img in images.items():
+            for sid in set(sids):
+                img.remove(sid)
+            Interfaces(env.dps[m]).set_lb_flags(0)
+
+
+def tcp4(dport, dst=VIP4, sport=40000, frag=0):
+    return bytes(Ether(src="02:00:00:00:01:01") / IP(src=CLIENT, dst=dst, ttl=50, flags=frag) /
+                 TCP(sport=sport, dport=dport, flags="S") / Raw(b"hello"))
+
+
+def frames(env, raw):
+    """The frame addressed to the ingress port."""
+    return Ether(dst=env.if0_mac, src="02:00:00:00:01:01") / Ether(raw).payload
+
+
+def encapsulated(outer_family, backend, inner_family):
+    def check(env, sent, out):
+        pkt = Ether(out)
+        inner_sent = bytes(Ether(sent).payload)
+        if outer_family == 4:
+            o = pkt[IP]
+            assert o.dst == backend and ipaddress.ip_address(o.src) in DEFAULT_SRC4
+            assert o.proto == (4 if inner_family == 4 else 41) and o.ttl == 63 and o.flags == 0
+            assert o.len == 20 + len(inner_sent)
+            sum_sent = o.chksum
+            del o.chksum
+            assert IP(bytes(o)).chksum == sum_sent, "outer IPv4 checksum"
+            assert pkt.dst == MAC_GW and pkt.src == env.if1_mac
+            assert bytes(o.payload) == inner_sent, "the client's packet travels unchanged"
+        else:
+            o = pkt[IPv6]
+            assert o.dst == backend and ipaddress.ip_address(o.src) in DEFAULT_SRC6
+            assert o.nh == (4 if inner_family == 4 else 41) and o.hlim == 63 and o.plen == len(inner_sent)
+            assert pkt.dst == MAC_GW6 and pkt.src == env.if1_mac
+            assert bytes(o.payload) == inner_sent
+    return check
+
+
+# (description, frame, (action, reason), check(env, sent, out) or None)
+CASES = [
+    ("tcp to VIP:80, IPIP to its backend", lambda: tcp4(80),
+     (XDP_REDIRECT, "FWD_IPV4"), encapsulated(4, BE4[0], 4)),
+    ("udp to a port-0 service, any port", lambda: bytes(Ether() / IP(src=CLIENT, dst=VIP4) / UDP(sport=5, dport=53)),
+     (XDP_REDIRECT, "FWD_IPV4"), encapsulated(4, BE4[1], 4)),
+    ("tcp to an IPv6 VIP, IPv6-in-IPv6", lambda: bytes(Ether() / IPv6(src="fd01::2", dst=VIP6) /
+                                                      TCP(sport=1000, dport=443) / Raw(b"x" * 30)),
+     (XDP_REDIRECT, "FWD_IPV6"), encapsulated(6, BE6, 6)),
+    ("IPv4 VIP to an IPv6 backend, IPv4-in-IPv6", lambda: tcp4(8080),
+     (XDP_REDIRECT, "FWD_IPV6"), encapsulated(6, BE6, 4)),
+    ("tcp to the VIP on no service's port: routed as is", lambda: tcp4(9999),
+     (XDP_REDIRECT, "FWD_IPV4"), lambda env, sent, out: Ether(out)[IP].proto == 6 or pytest.fail("encapsulated")),
+    ("udp to a tcp service's port goes to the udp service of every port",
+     lambda: bytes(Ether() / IP(src=CLIENT, dst=VIP4) / UDP(sport=5, dport=80)),
+     (XDP_REDIRECT, "FWD_IPV4"), encapsulated(4, BE4[1], 4)),
+    ("a fragment to a VIP is the kernel's", lambda: tcp4(80, frag="MF"),
+     (XDP_PASS, "PASS_LB_FRAGMENT"), None),
+    ("service whose only backend is unhealthy", lambda: tcp4(81),
+     (XDP_DROP, "DROP_LB_NO_BACKEND"), None),
+    ("backend's neighbor unresolved: the encapsulated packet is the kernel's", lambda: tcp4(82),
+     (XDP_PASS, "PASS_NO_NEIGH"), None),
+]
+
+
+@pytest.mark.parametrize("mode", ["bpf", "kernel"])
+@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+def test_fixture(env, lb, mode, case):
+    desc, frame, (action, reason), check = case
+    sent = bytes(frames(env, frame()))
+    r = run_packet(env, mode, sent)
+    assert (r.action, r.reason.name) == (action, reason), desc
+    if check:
+        check(env, sent, r.out)
+
+
+def test_no_neigh_pass_carries_the_encapsulation(env, lb):
+    """The kernel resolves the neighbor and sends what it was handed."""
+    sent = bytes(frames(env, tcp4(82)))
+    r = run_packet(env, "bpf", sent)
+    o = Ether(r.out)[IP]
+    assert o.dst == "10.2.0.77" and o.proto == 4 and bytes(o.payload) == bytes(Ether(sent).payload)
+
+
+# --- many flows ---------------------------------------------------------------------------------
+
+FLOWS = 20_000
+
+
+def flow_frames(env, n, seed, vip=VIP4, dport=80):
+    """n TCP frames of distinct flows (random client addresses and ports) to vip:dport,
+    built by patching one template."""
+    rng = random.Random(seed)
+    template = bytearray(bytes(frames(env, tcp4(dport, dst=vip))))
+    out = []
+    for _ in range(n):
+        f = bytearray(template)
+        struct.pack_into("!I", f, 26, 0x0B000000 | rng.getrandbits(24))
+        struct.pack_into("!H", f, 34, rng.randrange(1024, 65536))
+        f[24:26] = b"\0\0"
+        words = sum(struct.unpack_from("!10H", f, 14))
+        words = (words & 0xFFFF) + (words >> 16)
+        struct.pack_into("!H", f, 24, ~((words & 0xFFFF) + (words >> 16)) & 0xFFFF)
+        out.append(bytes(f))
+    return out
+
+
+def backends_taken(env, dp, fr) -> list[str]:
+    """The backend (outer destination) each frame was sent to."""
+    out = []
+    with netns.entered(NS):
+        run = dp.program.test_run
+        for f in fr:
+            res = run(f, ingress_ifindex=env.ifindex["dpt0"])
+            assert res.retval == XDP_REDIRECT, res.retval
+            out.append(str(ipaddress.ip_address(res.data[30:34])))
+    return out
+
+
+@pytest.fixture
+def lb_dp(env):
+    with own_datapath(env, "lb") as dp:
+        img = LbImage(dp)
+        with netns.entered(NS):
+            img.set_config(DEFAULT_SRC4, DEFAULT_SRC6, 0)
+        yield dp, img
+
+
+def apply(env, dp, img, svc, healthy=None):
+    with netns.entered(NS):
+        img.apply(svc, healthy or {})
+        Interfaces(dp).set_lb_flags(img.families())
+
+
+def test_weights_affinity_drain(env, lb_dp):
+    dp, img = lb_dp
+    svc = service("tcp", VIP4, 80, [(BE4[0], 1), (BE4[1], 2), (BE4[2], 1)])
+    apply(env, dp, img, svc)
+    fr = flow_frames(env, FLOWS, seed=1)
+    first = backends_taken(env, dp, fr)
+    for a, w in ((BE4[0], 1), (BE4[1], 2), (BE4[2], 1)):
+        share = first.count(a) / FLOWS
+        assert abs(share - w / 4) <= 0.015, f"{a} (weight {w}) took {share:.3%}, not {w / 4:.1%}"
+    stats = img.service_stats(svc.id)
+    assert stats["packets"] == FLOWS and stats["new_flows"] == FLOWS
+    assert sum(b["packets"] for b in img.backend_stats(svc.id).values()) == FLOWS
+
+    # a new backend: established flows stay where they are (the connection table) ...
+    svc.backends["10.20.5.4"] = Backend("10.20.5.4", 4)
+    apply(env, dp, img, svc)
+    assert backends_taken(env, dp, fr) == first
+    # ... while new flows reach it at its weight
+    fresh = backends_taken(env, dp, flow_frames(env, FLOWS, seed=2))
+    assert abs(fresh.count("10.20.5.4") / FLOWS - 0.5) <= 0.015
+    # drained: its connections stay, no new flow goes there
+    svc.backends[BE4[1]].weight = 0
+    apply(env, dp, img, svc)
+    assert backends_taken(env, dp, fr) == first
+    assert BE4[1] not in backends_taken(env, dp, flow_frames(env, 2000, seed=3))
+    # unhealthy: its flows move, every other flow stays
+    apply(env, dp, img, svc, {BE4[0]: False})
+    now = backends_taken(env, dp, fr)
+    for a, b in zip(first, now):
+        assert (b != BE4[0]) and (a == BE4[0] or a == b)
+    # removed: its slot's connections do not follow the slot to its next owner
+    del svc.backends[BE4[2]]
+    apply(env, dp, img, svc, {BE4[0]: False})
+    assert BE4[2] not in backends_taken(env, dp, fr)
+
+
+def test_no_affinity_and_same_table_on_every_router(env, lb_dp):
+    """Two routers with one definition send each flow to the same backend,
+    without state: the hash alone (no-affinity) on both."""
+    dp, img = lb_dp
+    svc = service("tcp", VIP4, 80, [(a, 1) for a in BE4], affinity=False)
+    apply(env, dp, img, svc)
+    fr = flow_frames(env, 5000, seed=5)
+    a = backends_taken(env, dp, fr)
+    with own_datapath(env, "lb2") as dp2:
+        img2 = LbImage(dp2)
+        with netns.entered(NS):
+            img2.set_config(DEFAULT_SRC4, DEFAULT_SRC6, 0)
+        # backends listed in another order: the table depends on the definition, not on the order
+        apply(env, dp2, img2, service("tcp", VIP4, 80, [(x, 1) for x in reversed(BE4)], affinity=False))
+        assert backends_taken(env, dp2, fr) == a
+    with netns.entered(NS):
+        assert not list(dp.maps["lb_conns"].keys()), "no-affinity learns nothing"
+
+
+def test_flood_switch(env, lb_dp):
+    """Above new-conn-limit new flows per second per CPU the table stops
+    learning; those flows still reach a backend, by the hash."""
+    dp, img = lb_dp
+    with netns.entered(NS):
+        img.set_config(DEFAULT_SRC4, DEFAULT_SRC6, 100)
+    svc = service("tcp", VIP4, 80, [(a, 1) for a in BE4])
+    apply(env, dp, img, svc)
+    n = 1000
+    cpus = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, {min(cpus)})    # one CPU's window
+    try:
+        backends_taken(env, dp, flow_frames(env, n, seed=7))
+    finally:
+        os.sched_setaffinity(0, cpus)
+    with netns.entered(NS):
+        learned = len(list(dp.maps["lb_conns"].keys()))
+    st = img.service_stats(svc.id)
+    # learning all n would take n / 100 one-second windows
+    assert learned >= 100 and st["unlearned"] == n - learned > 0, (learned, st)
+    assert st["flood_windows"] >= 1 and st["new_flows"] == n
+
+
+def test_restart_reads_the_maps_back(env, lb_dp):
+    """A second writer on the same maps (the agent after a restart) finds
+    every id, slot and range, and writing the same definition changes nothing."""
+    dp, img = lb_dp
+    svc = service("tcp", VIP4, 80, [(a, 1) for a in BE4])
+    apply(env, dp, img, svc)
+    fr = flow_frames(env, 3000, seed=9)
+    before = backends_taken(env, dp, fr)
+    with netns.entered(NS):
+        again = LbImage(dp)
+    assert again.placed[svc.id].slots == img.placed[svc.id].slots
+    assert again.placed[svc.id].table == img.placed[svc.id].table
+    base = again.placed[svc.id].ring_base
+    apply(env, dp, again, svc)
+    assert again.placed[svc.id].ring_base == base, "same table: not rewritten"
+    assert backends_taken(env, dp, fr) == before
+
+
+# --- the backend's decapsulation (decap.bpf.c) ------------------------------------------------
+
+def inner4():
+    return IP(src=CLIENT, dst=VIP4, ttl=50) / TCP(sport=40000, dport=80) / Raw(b"hello")
+
+
+def inner6():
+    return IPv6(src="fd01::2", dst=VIP6) / TCP(sport=40000, dport=443) / Raw(b"hello")
+
+
+ETH = Ether(dst="02:00:00:00:00:aa", src="02:00:00:00:00:bb")
+# (description, frame, XDP action, the frame that must come out (None: unchanged), counter)
+DECAP_CASES = [
+    ("IPv4 in IPv4", ETH / IP(src="172.16.1.2", dst="10.20.5.1", proto=4) / inner4(), XDP_PASS,
+     ETH / inner4(), "v4_in_v4"),
+    ("IPv6 in IPv4", ETH / IP(src="172.16.1.2", dst="10.20.5.1", proto=41) / inner6(), XDP_PASS,
+     ETH / inner6(), "v6_in_v4"),
+    ("IPv4 in IPv6", ETH / IPv6(src="100::1", dst=BE6, nh=4) / inner4(), XDP_PASS, ETH / inner4(), "v4_in_v6"),
+    ("IPv6 in IPv6", ETH / IPv6(src="100::1", dst=BE6, nh=41) / inner6(), XDP_PASS, ETH / inner6(), "v6_in_v6"),
+    ("plain TCP passes untouched", ETH / inner4(), XDP_PASS, None, None),
+    ("an outer fragment is the kernel's", ETH / IP(src="172.16.1.2", dst="10.20.5.1", proto=4, flags="MF") / inner4(),
+     XDP_PASS, None, None),
+    ("GRE is not ours", ETH / IP(src="172.16.1.2", dst="10.20.5.1", proto=47) / Raw(b"\0" * 24), XDP_PASS, None, None),
+]
+
+
+@pytest.fixture(scope="module")
+def decap_prog():
+    from bpfrouter.bpf import BpfObject
+    from tests.conftest import OBJECT
+    with BpfObject(str(OBJECT.with_name("decap.bpf.o"))) as obj:
+        obj.load()
+        yield obj.program("bpfrouter_decap"), obj.map("decap_stats", lo.u32, lo.u64)
+
+
+@pytest.mark.parametrize("case", DECAP_CASES, ids=[c[0] for c in DECAP_CASES])
+def test_decap_fixture(decap_prog, case):
+    from bpfrouter.lb.decap import DECAP_STATS
+    prog, stats = decap_prog
+    desc, frame, action, want, counter = case
+
+    def counts():
+        return [sum(v.value for v in stats.lookup(lo.u32(i))) for i in range(len(DECAP_STATS))]
+    before = counts()
+    res = prog.test_run(bytes(frame))
+    assert res.retval == action, desc
+    assert res.data == bytes(want if want is not None else frame), desc
+    moved = [DECAP_STATS[i] for i, (a, b) in enumerate(zip(before, counts())) if a != b]
+    assert moved == ([counter] if counter else []), desc
