@@ -198,6 +198,10 @@ def status(name, as_json, pretty):
         counts = ", ".join(f"{t} {n}" for t, n in (by_table or {}).items() if n)
         console.print(f"policy routing: {fam}: {why}" + (f"; packets by table: {counts}" if counts else ""),
                       markup=False, soft_wrap=True)
+    if (lb := ag.get("lb")) and lb["services"]:
+        states = ", ".join(f"{n} {s}" for s, n in sorted(lb["backends"].items()))
+        console.print(f"load balancer: {lb['services']} services ({lb['nat']} nat), backends: {states or 'none'} "
+                      f"(`bpfrouter service show`)", markup=False)
     if ag.get("tables"):
         console.print("tables: " + ", ".join(f"{t} ({n['ipv4']} IPv4 + {n['ipv6']} IPv6 routes)"
                                              for t, n in ag["tables"].items()))
@@ -696,13 +700,18 @@ lab_name = click.option("--lab", "lab_name", default="lab", show_default=True, h
 
 @lab.command("up")
 @lab_name
-def lab_up(lab_name):
+@click.option("--backends", type=click.IntRange(0, 8), default=0, show_default=True,
+              help="Backend hosts b1..bN behind the router, for services (docs/lb.md).")
+def lab_up(lab_name, backends):
     """Create the lab's namespaces and veth pairs (replacing a lab of the same name)."""
-    lb = Lab(lab_name)
+    lb = Lab(lab_name, backends)
     lb.up()
     console.print(f"lab {lab_name} up: h1 {lb.addr('h1')}/{lb.addr('h1', 6)} -- {lb.router_ns} -- "
                   f"h2 {lb.addr('h2')}/{lb.addr('h2', 6)}")
-    console.print(f"start the router: bpfrouter --netns {lb.router_ns} up r-eth0 r-eth1 --name {lab_name}")
+    for i in range(1, backends + 1):
+        console.print(f"  backend b{i} {lb.addr(f'b{i}')}/{lb.addr(f'b{i}', 6)} behind r-eth{i + 1}")
+    ports = " ".join(p for p, *_ in lb.router_ports())
+    console.print(f"start the router: bpfrouter --netns {lb.router_ns} up {ports} --name {lab_name}")
 
 
 @lab.command("down")

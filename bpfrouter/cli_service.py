@@ -43,14 +43,14 @@ def _check_words(args: tuple[str, ...], then: str) -> None:
 def service():
     """L4 load-balanced services: a VIP, port and protocol spread over
     backends by Maglev hashing, sent to them encapsulated (direct server
-    return). """
+    return) or translated (NAT)."""
 
 
 @service.command("add", context_settings={"ignore_unknown_options": True})
 @click.argument("args", nargs=-1, required=True)
 @name_option
 def service_add(args, name):
-    """Add a service: SERVICE [table-size PRIME] [no-affinity] [check tcp|http|udp|exec|none]
+    """Add a service: SERVICE [mode dsr|nat] [table-size PRIME] [no-affinity] [check tcp|http|udp|exec|none]
     [check-port P] [path /P] [status N] [payload TEXT] [expect TEXT] [command 'CMD']
     [interval S] [timeout S] [rise N] [fall N]. The check defaults to a TCP connect
     to the service's port every second (rise 2, fall 3)."""

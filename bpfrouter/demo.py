@@ -4,7 +4,8 @@ Builds the lab, starts bpfrouter in the router namespace, sends real traffic
 (ping and TCP, IPv4 and IPv6), and shows from the counters that XDP
 redirected the packets while the kernel forwarded none of them; then what
 happened to individual packets: events, a capture at the XDP hook, flows,
-top, explain and metrics."""
+top, explain and metrics; last, a load-balanced service over three HTTP
+backends, which keeps answering when one of them dies."""
 from __future__ import annotations
 
 import argparse
@@ -14,6 +15,7 @@ import shutil
 import subprocess
 import sys
 import time
+from collections import Counter
 
 from rich.console import Console
 from rich.rule import Rule
@@ -22,6 +24,8 @@ from .lab import Lab
 
 console = Console(highlight=False, soft_wrap=True)
 LAB = "demo"
+BACKENDS = 3
+VIP = "10.0.100.1"
 
 
 def sh(argv: list[str], show: bool = True, check: bool = True, display: list[str] | None = None,
@@ -111,17 +115,63 @@ def observe(lab: Lab) -> None:
             console.print(line, markup=False)
 
 
+def curl_spread(lab: Lab, n: int) -> Counter:
+    """n HTTP requests from h1 to the VIP, each on a connection of its own, 50 at a time."""
+    argv = ["curl", "-s", "--parallel", "--parallel-max", "50", "--max-time", "10", "-H", "Connection: close",
+            f"http://{VIP}/[1-{n}]"]
+    console.print(f"[bold cyan]$ ip netns exec {lab.ns('h1')} {shlex.join(argv)}[/]")
+    got = Counter(in_ns(lab, "h1", argv, show=False, check=False).split())
+    console.print(f"{sum(got.values())} of {n} requests answered: " +
+                  ", ".join(f"{b} {got[b]}" for b in sorted(got)), markup=False)
+    return got
+
+
+def load_balance(lab: Lab) -> None:
+    """A service over three HTTP backends: spread by weight, a backend's death."""
+    console.print(Rule("load balancing: a VIP over three HTTP backends"))
+    servers = {}
+    for i in range(1, BACKENDS + 1):
+        b = f"b{i}"
+        in_ns(lab, b, ["ip", "addr", "add", f"{VIP}/32", "dev", "lo"], show=i == 1)
+        bpfrouter("--netns", lab.ns(b), "decap", "attach", f"{b}-eth0", show=i == 1)
+        servers[b] = subprocess.Popen(lab.cmd(b, [sys.executable, "-m", "bpfrouter.labhttp", "serve", b, "80"]),
+                                      stdout=subprocess.PIPE, text=True)
+        servers[b].stdout.readline()
+    console.print("(each backend: the VIP on lo, the XDP decapsulation, an HTTP server answering its name)")
+    key = ["tcp", f"{VIP}:80"]
+    bpfrouter("service", "add", *key, "check", "http", "interval", "0.5", "fall", "2", "--name", LAB)
+    for i, w in zip(range(1, BACKENDS + 1), (1, 1, 2)):
+        bpfrouter("service", "backend", "add", *key, lab.addr(f"b{i}"), "weight", str(w), "--name", LAB)
+    curl_spread(lab, 400)
+    bpfrouter("service", "show", "--name", LAB)
+    console.print(f"[bold cyan]$ kill the HTTP server of b{BACKENDS}[/]")
+    servers.pop(f"b{BACKENDS}").kill()
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < 20:
+        s = json.loads(bpfrouter("service", "show", "-j", "--name", LAB, show=False))[0]
+        if any(b["state"] == "unhealthy" for b in s["backends"]):
+            break
+        time.sleep(0.05)
+    console.print(f"the agent's health check marked it unhealthy after {time.monotonic() - t0:.1f} s "
+                  f"(interval 0.5 s x fall 2)")
+    curl_spread(lab, 200)
+    bpfrouter("service", "log", "--name", LAB)
+    for p in servers.values():
+        p.kill()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--keep", action="store_true", help="leave the lab and router up at the end")
     args = ap.parse_args()
-    lab = Lab(LAB)
+    lab = Lab(LAB, BACKENDS)
     console.print(Rule("bpfrouter demo"))
-    console.print("A lab of three network namespaces: h1 -- router -- h2, on two IPv4/IPv6 subnets.\n")
-    bpfrouter("lab", "up", "--lab", LAB)
+    console.print("A lab of network namespaces: h1 -- router -- h2, on two IPv4/IPv6 subnets, and three "
+                  "backend hosts behind the router.\n")
+    bpfrouter("lab", "up", "--lab", LAB, "--backends", str(BACKENDS))
     try:
-        console.print(Rule("start the router: XDP on both router interfaces"))
-        bpfrouter("--netns", lab.router_ns, "up", "r-eth0", "r-eth1", "--name", LAB)
+        console.print(Rule("start the router: XDP on the router's interfaces"))
+        bpfrouter("--netns", lab.router_ns, "up", *(p for p, *_ in lab.router_ports()), "--name", LAB)
         console.print(Rule("real traffic across the router"))
         fwd0 = lab.kernel_forwarded()
         in_ns(lab, "h1", ["ping", "-c", "3", "-i", "0.2", lab.addr("h2")])
@@ -148,6 +198,7 @@ def main() -> None:
         bpfrouter("route", "add", "blackhole", "10.66.0.0/16", "--name", LAB)
         bpfrouter("route", "show", "-4", "--name", LAB)
         observe(lab)
+        load_balance(lab)
     finally:
         if args.keep:
             console.print(Rule("left running"))

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from . import netns
 from .agent.client import stop_agent
 from .datapath import Datapath, DatapathError, RouterMeta, running_routers
+from .lb.decap import forget_namespace
 
 IFA_F_NODAD = 0x02
 
@@ -120,6 +121,11 @@ class Lab:
             })
         netns.run_in(self.router_ns, _sysctl, {"net.ipv4.ip_forward": "1",
                                                "net.ipv6.conf.all.forwarding": "1"})
+        if self.backends:
+            # backends answer clients from the VIP, which the router has no route
+            # back to: no reverse-path filter (the kernel takes max(all, port))
+            netns.run_in(self.router_ns, _sysctl, {"net.ipv4.conf.all.rp_filter": "0",
+                                                   "net.ipv4.conf.default.rp_filter": "0"})
         with IPRoute(netns=self.router_ns) as ipr:
             for ifname, peer_node, peer_ifname, addrs in self.router_ports():
                 ipr.link("add", ifname=ifname, kind="veth",
@@ -152,7 +158,7 @@ class Lab:
             if meta.netns == self.router_ns:
                 stop_agent(router)
                 try:
-                    Datapath.open(router).destroy()
+                    Datapath.remove(router)
                 except DatapathError:
                     pass
                 shutil.rmtree(RouterMeta.path(router).parent, ignore_errors=True)
@@ -167,6 +173,7 @@ class Lab:
                         pass
             if netns.exists(ns):
                 from pyroute2 import netns as pr_netns
+                forget_namespace(netns.path(ns))
                 pr_netns.remove(ns)
 
     def link(self, node: str, ifname: str) -> tuple[int, bytes]:

@@ -53,6 +53,9 @@ REASON_TEXT: dict[Reason, str] = {
     Reason.PASS_POLICY: 'rules or VRFs could route this port and family other than by main alone',
     Reason.PASS_TRIM_FAILED: ('bytes past the IP packet could not be cut (bpf_xdp_adjust_tail refused): '
                               'the kernel trims them'),
+    Reason.PASS_LB_FRAGMENT: "a fragment to a service's VIP: no ports to pick a backend by, the kernel decides",
+    Reason.PASS_LB_ENCAP_FAILED: ("the frame could not grow for the load balancer's outer header "
+                                  "(bpf_xdp_adjust_head refused)"),
     Reason.DROP_BLACKHOLE: 'blackhole route',
     Reason.DROP_MARTIAN_SOURCE: ('martian source: multicast, limited broadcast, 0.0.0.0, 127/8 without '
                                  'route_localnet, a local or broadcast address with rp_filter on (IPv6: '
@@ -66,6 +69,11 @@ REASON_TEXT: dict[Reason, str] = {
     Reason.DROP_BAD_IHL: 'IPv4 header length below 5 words',
     Reason.DROP_BAD_TOTAL_LEN: 'IPv4 total length / IPv6 payload length inconsistent with header or frame',
     Reason.DROP_BAD_CHECKSUM: 'IPv4 header checksum wrong (RFC 1812 5.2.2; the kernel drops it in ip_rcv)',
+    Reason.DROP_LB_NO_BACKEND: ("a service's packet and no backend takes new flows (all unhealthy, drained or "
+                                "removed)"),
+    Reason.DROP_LB_NAT_PORTS: "a NAT service's new flow found no free translated source port",
+    Reason.DROP_LB_NAT_UNROUTED: ("translated to the router's own source, and the fast path cannot send it (no "
+                                  "neighbor yet, over the MTU, ...): the router's kernel would drop it as a martian"),
 }
 XDP_ACTIONS = {0: "aborted", 1: "drop", 2: "pass", 3: "tx", 4: "redirect"}
 

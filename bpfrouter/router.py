@@ -112,7 +112,7 @@ def up(ifnames: list[str], name: str = DEFAULT_NAME, fib_mode: str = "bpf",
 def down(name: str) -> None:
     stop_agent(name)
     try:
-        Datapath.open(name).destroy()
+        Datapath.remove(name)
     finally:
         shutil.rmtree(RouterMeta.path(name).parent, ignore_errors=True)
 
@@ -133,7 +133,7 @@ def status(meta: RouterMeta) -> dict:
             try:
                 info = request(meta.name, "ping", timeout=5)
                 agent.update({k: info.get(k) for k in ("events", "resyncs", "enobufs", "last_resync", "fib_full",
-                                                       "policy")})
+                                                       "policy", "lb")})
                 agent["tables"] = (info.get("fib") or {}).get("tables", {})  # routes of tables besides main
                 agent["rule_packets"] = rule_packets_by_table(meta.name, agent.get("policy") or {})
             except AgentUnavailable:

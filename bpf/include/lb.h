@@ -33,6 +33,7 @@ struct lb_service_key {
 };
 
 #define LB_SVC_F_NO_AFFINITY 1  /* the hash alone: no connection table */
+#define LB_SVC_F_NAT 2          /* NAT to the backend (else: encapsulation, direct server return) */
 
 struct lb_service {
 	__u32 id;               /* its counters' index */
@@ -71,6 +72,7 @@ struct lb_backend {
 	__u16 reserved;
 	__u32 service;          /* its service's id */
 	__u32 gen;              /* bumped each time the slot is given out; connections carry it */
+	__u8 nat_src[16];       /* NAT: the router's address toward it, the clients' translated source */
 };
 
 struct {
@@ -100,6 +102,8 @@ struct lb_conn_key {
 struct lb_conn {
 	__u32 backend;          /* slot */
 	__u32 gen;              /* the slot's gen when learned */
+	__be16 nat_port;        /* NAT: the flow's translated source port, 0: none yet */
+	__u16 reserved;
 };
 
 /* Per-CPU LRU lists (BPF_F_NO_COMMON_LRU), as Katran keeps one table per
@@ -118,7 +122,7 @@ struct lb_config {
 	__be32 src4_hostmask;
 	__u8 src6[16];          /* outer IPv6 source: its first 12 bytes, then the hash */
 	__u32 new_conn_limit;   /* new connections per second per CPU the table learns; 0: no limit */
-	__u32 reserved;
+	__u32 nat_services;     /* services in NAT mode: replies are looked up only when there are some */
 };
 
 struct {
@@ -128,6 +132,33 @@ struct {
 	__type(value, struct lb_config);
 } lb_config SEC(".maps");
 
+/* NAT: a translated flow as its replies come back from the backend. */
+struct lb_nat_key {
+	__u8 backend[16];       /* the reply's source */
+	__u8 nat_src[16];       /* its destination: the router's address */
+	__be16 backend_port;
+	__be16 nat_port;
+	__u8 proto;
+	__u8 family;
+	__u16 reserved;
+};
+
+struct lb_nat {
+	__u8 client[16];
+	__u8 vip[16];
+	__be16 client_port;
+	__be16 vip_port;
+	__u32 service;          /* its counters */
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, MAX_LB_CONNS);
+	__uint(map_flags, BPF_F_NO_COMMON_LRU);
+	__type(key, struct lb_nat_key);
+	__type(value, struct lb_nat);
+} lb_nat SEC(".maps");
+
 /* Per service, per CPU. */
 struct lb_stat {
 	__u64 packets;
@@ -136,6 +167,8 @@ struct lb_stat {
 	__u64 unlearned;        /* new flows the table did not learn: over the flood limit */
 	__u64 no_backend;       /* dropped: the ring is empty */
 	__u64 flood_windows;    /* one-second windows that went over the limit */
+	__u64 replies;          /* NAT: replies translated back to the client */
+	__u64 nat_port_busy;    /* NAT: dropped, no free translated port found for a new flow */
 };
 
 struct {

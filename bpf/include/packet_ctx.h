@@ -28,7 +28,8 @@
 #define PCTX_F_IP_OPTIONS 1     /* IPv4 header carries options */
 #define PCTX_F_HOP_BY_HOP 2     /* IPv6 hop-by-hop header present */
 #define PCTX_F_FRAGMENT 4       /* an IP fragment */
-#define PCTX_F_LB 8             /* encapsulated by the load balancer (stages/lb.h): the router's own packet */
+#define PCTX_F_LB 8             /* encapsulated or translated by the load balancer (stages/lb.h) */
+#define PCTX_F_LB_SNAT 16       /* ... to the router's own source: the kernel would not forward it */
 
 struct packet_ctx {
 	__u32 len;              /* frame length */

@@ -76,6 +76,9 @@ static __always_inline void record(struct xdp_md *ctx, const struct packet_ctx *
  * should see it (not a probe). */
 static __always_inline int decided(struct xdp_md *ctx, struct packet_ctx *pc, int reason)
 {
+	/* the router's kernel drops what comes in with its own source as a martian */
+	if ((pc->flags & PCTX_F_LB_SNAT) && reason > REASON_FWD_IPV6 && reason < REASON_DROP_BLACKHOLE)
+		reason = REASON_DROP_LB_NAT_UNROUTED;
 	pc->reason = reason;
 	if (reason > REASON_FWD_IPV6)
 		pc->action = reason_action(reason);

@@ -17,8 +17,9 @@ static __always_inline int kernel_policy_stage(struct xdp_md *ctx, struct packet
 
 	if (reason >= 0)
 		return reason;
-	/* the load balancer's encapsulation: the router sends it, as IPVS
-	 * does from the output path, which these input checks are not for */
+	/* the load balancer's encapsulation or translation: the router sends
+	 * it, as IPVS does from the output path, which these input checks are
+	 * not for */
 	if (pc->flags & PCTX_F_LB)
 		return STAGE_NEXT;
 	return kernel_policy(ctx, &p, pc->iface_flags, &pc->res);

@@ -1,9 +1,11 @@
 /* Stage lb: the L4 load balancer (include/lb.h). A TCP or UDP packet to
  * a service's VIP and port gets its flow's backend and leaves encapsulated
- * to it (include/encap.h); the outer packet is then routed like any other
- * (fib, from local and main: the router sends it, as IPVS's tunnel does
- * from the output path). Everything else goes on to routing. Entry sends
- * only families with services here. */
+ * to it (include/encap.h), or, for a NAT service, translated to it
+ * (include/nat.h: the backend's address, the router's source); a reply to
+ * a translated flow is translated back to the client. The packet is then
+ * routed like any other (fib, from local and main: the router sends it,
+ * as IPVS does from the output path). Everything else goes on to routing.
+ * Entry sends only families with services here. */
 #ifndef BPFROUTER_STAGE_LB_H
 #define BPFROUTER_STAGE_LB_H
 
@@ -11,6 +13,7 @@
 #include "../include/counters.h"
 #include "../include/lb.h"
 #include "../include/encap.h"
+#include "../include/nat.h"
 
 /* The flow's key from the packet; 0 when it has none to balance on. */
 static __always_inline int lb_flow_key(const struct pkt *p, struct lb_conn_key *k)
@@ -98,7 +101,8 @@ static __always_inline __u32 lb_pick(const struct packet_ctx *pc, const struct l
 	if (c) {                /* its backend left: the flow moves, and stays moved */
 		c->backend = *slot;
 		c->gen = be->gen;
-	} else if (lb_may_learn(cfg, st)) {
+		c->nat_port = 0;
+	} else if ((svc->flags & LB_SVC_F_NAT) || lb_may_learn(cfg, st)) {  /* NAT needs the state */
 		fresh.backend = *slot;
 		fresh.gen = be->gen;
 		bpf_map_update_elem(&lb_conns, k, &fresh, BPF_ANY);
@@ -106,6 +110,96 @@ static __always_inline __u32 lb_pick(const struct packet_ctx *pc, const struct l
 		st->unlearned++;
 	}
 	return *slot;
+}
+
+#define NAT_PORT_TRIES 4
+#define NAT_PORT_FIRST 1024
+
+/* NAT: the flow's translated source port, from its connection entry, or
+ * a new one whose reply key is free; 0 when none is (counted). */
+static __always_inline __be16 lb_nat_port(const struct packet_ctx *pc, const struct lb_conn_key *k,
+					  const struct lb_backend *be, __u32 svc_id, __u32 hash, struct lb_stat *st)
+{
+	struct lb_conn *c = bpf_map_lookup_elem(&lb_conns, k);
+	struct lb_nat_key nk = {};
+	struct lb_nat rev = {};
+
+	if (pc->probe)          /* a probe learns nothing: any port shows the translation */
+		return c && c->nat_port ? c->nat_port : bpf_htons(NAT_PORT_FIRST);
+	if (!c)
+		return 0;
+	if (c->nat_port)
+		return c->nat_port;
+	__builtin_memcpy(nk.backend, be->addr, 16);
+	__builtin_memcpy(nk.nat_src, be->nat_src, 16);
+	nk.backend_port = k->dport;
+	nk.proto = k->proto;
+	nk.family = k->family;
+	__builtin_memcpy(rev.client, k->saddr, 16);
+	__builtin_memcpy(rev.vip, k->daddr, 16);
+	rev.client_port = k->sport;
+	rev.vip_port = k->dport;
+	rev.service = svc_id;
+#pragma unroll
+	for (int i = 0; i < NAT_PORT_TRIES; i++) {
+		nk.nat_port = bpf_htons(NAT_PORT_FIRST + (hash + i * 40503U) % (65536 - NAT_PORT_FIRST));
+		if (!bpf_map_update_elem(&lb_nat, &nk, &rev, BPF_NOEXIST)) {
+			c->nat_port = nk.nat_port;
+			return nk.nat_port;
+		}
+	}
+	st->nat_port_busy++;
+	return 0;
+}
+
+/* NAT, client to backend: the router's address and the flow's port as the
+ * source, the backend as the destination (same port). */
+static __always_inline int lb_nat_forward(struct packet_ctx *pc, struct pkt *p, const struct lb_conn_key *k,
+					  const struct lb_backend *be, __be16 port)
+{
+	struct nat_rewrite to = {};
+
+	__builtin_memcpy(to.saddr, be->nat_src, 16);
+	__builtin_memcpy(to.daddr, be->addr, 16);
+	to.sport = port;
+	to.dport = k->dport;
+	if (nat_rewrite(p, &to))
+		return REASON_PASS_LB_ENCAP_FAILED;
+	pc->flags |= PCTX_F_LB | PCTX_F_LB_SNAT;
+	return STAGE_TO_FIB;
+}
+
+/* NAT, backend to client: a reply to a translated flow goes back with the
+ * VIP as its source. STAGE_NEXT: not one. */
+static __always_inline int lb_nat_reply(struct packet_ctx *pc, struct pkt *p, const struct lb_conn_key *k)
+{
+	struct lb_nat_key nk = {};
+	struct nat_rewrite to = {};
+	struct lb_nat *rev;
+	struct lb_stat *st;
+
+	__builtin_memcpy(nk.backend, k->saddr, 16);
+	__builtin_memcpy(nk.nat_src, k->daddr, 16);
+	nk.backend_port = k->sport;
+	nk.nat_port = k->dport;
+	nk.proto = k->proto;
+	nk.family = k->family;
+	rev = bpf_map_lookup_elem(&lb_nat, &nk);
+	if (!rev)
+		return STAGE_NEXT;
+	__builtin_memcpy(to.saddr, rev->vip, 16);
+	__builtin_memcpy(to.daddr, rev->client, 16);
+	to.sport = rev->vip_port;
+	to.dport = rev->client_port;
+	if (!pc->probe) {
+		st = bpf_map_lookup_elem(&lb_service_stats, &rev->service);
+		if (st)
+			st->replies++;
+	}
+	if (nat_rewrite(p, &to))
+		return REASON_PASS_LB_ENCAP_FAILED;
+	pc->flags |= PCTX_F_LB;
+	return STAGE_TO_FIB;
 }
 
 static __always_inline int lb_stage(struct xdp_md *ctx, struct packet_ctx *pc)
@@ -129,8 +223,16 @@ static __always_inline int lb_stage(struct xdp_md *ctx, struct packet_ctx *pc)
 	}
 	svc = lb_service_of(&k);
 	cfg = bpf_map_lookup_elem(&lb_config, &zero);
-	if (!svc || !cfg)
+	if (!cfg)
 		return route_start(pc, !!p.ip4);
+	if (!svc) {
+		if (cfg->nat_services) {
+			reason = lb_nat_reply(pc, &p, &k);
+			if (reason != STAGE_NEXT)
+				return reason;
+		}
+		return route_start(pc, !!p.ip4);
+	}
 	st = pc->probe ? &none : bpf_map_lookup_elem(&lb_service_stats, &svc->id);
 	if (!st)
 		st = &none;
@@ -149,6 +251,13 @@ static __always_inline int lb_stage(struct xdp_md *ctx, struct packet_ctx *pc)
 			bc->packets++;
 			bc->bytes += pc->len;
 		}
+	}
+	if (svc->flags & LB_SVC_F_NAT) {
+		__be16 port = lb_nat_port(pc, &k, be, svc->id, hash, st);
+
+		if (!port)
+			return REASON_DROP_LB_NAT_PORTS;
+		return lb_nat_forward(pc, &p, &k, be, port);
 	}
 	grow = lb_encapsulate(ctx, &p, be, cfg, hash);
 	if (!grow)

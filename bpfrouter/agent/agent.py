@@ -605,7 +605,7 @@ class Agent:
             raise ApiError("the agent is still syncing with the kernel; try again shortly")
         if op == "ping":  # without the lock: a resync's dump holds it, and status must not wait
             return {"pid": os.getpid(), "ready": True, **self.stats, "fib": self.fib.sizes(),
-                    "fib_full": self.fib.full_status()}
+                    "fib_full": self.fib.full_status(), "lb": self.lb.summary()}
         with self.lock:
             if op in ("route_add", "route_replace"):
                 spec = parse_route(args, req.get("family"))
@@ -735,6 +735,8 @@ class Agent:
         try:
             while not self.stop.wait(1.0):
                 self._release_stale_capture()
+                with self.lock:
+                    self.lb.check_flood()
                 if self.fib.left_out and self.fib.deletions != deletions \
                         and time.monotonic() - retried >= RETRY_LEFT_OUT_SECONDS:
                     retried = time.monotonic()

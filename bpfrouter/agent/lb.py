@@ -12,6 +12,9 @@ import time
 from collections import Counter, deque
 from pathlib import Path
 
+from pyroute2 import IPRoute
+from pyroute2.netlink.exceptions import NetlinkError
+
 from ..lb.health import HealthMonitor, Target
 from ..lb.image import DEFAULT_SRC4, DEFAULT_SRC6, LbError, LbImage
 from ..lb.maglev import MaglevError
@@ -35,6 +38,7 @@ class Balancer:
         self.health = HealthMonitor(self._health_changed)
         self.changes: deque[dict] = deque(maxlen=RECENT_CHANGES)
         self.transitions: Counter[tuple[str, str, str]] = Counter()  # (service, backend, to) -> count
+        self.flood_seen: dict[ServiceId, int] = {}  # flood_windows at the last check
 
     # --- state across restarts ----------------------------------------------------------------
     def load(self) -> None:
@@ -72,8 +76,29 @@ class Balancer:
     def _healthy(self, svc: Service) -> dict[str, bool]:
         return {a: self.health.healthy(svc.id, a) for a in svc.backends}
 
+    def _nat_sources(self, svc: Service) -> dict[str, str] | None:
+        """NAT: the router's source address toward each backend (its route's
+        preferred source, as the kernel would pick it)."""
+        if svc.mode != "nat":
+            return None
+        out = {}
+        with IPRoute() as ipr:
+            for a in svc.backends:
+                if ipaddress.ip_address(a).version != svc.id.addr.version:
+                    raise ServiceError(f"mode nat translates within a family: backend {a} is not IPv"
+                                       f"{svc.id.addr.version} like {svc.id.vip}")
+                try:
+                    src = ipr.route("get", dst=a)[0].get_attr("RTA_PREFSRC")
+                except NetlinkError as e:
+                    raise ServiceError(f"no route to backend {a} ({e.args[1] if len(e.args) > 1 else e}): "
+                                       f"NAT needs the router's source toward it") from None
+                if not src:
+                    raise ServiceError(f"the route to backend {a} has no source address of the router")
+                out[a] = src
+        return out
+
     def _apply(self, svc: Service) -> None:
-        p = self.image.apply(svc, self._healthy(svc))
+        p = self.image.apply(svc, self._healthy(svc), self._nat_sources(svc))
         if p.moved is not None:
             log.info("service %s: table changed, %.2f%% of flows moved", svc.id, 100 * p.moved)
 
@@ -230,7 +255,7 @@ class Balancer:
                                  "health": t.last if t else "not checked", "share": loads.get(a, 0.0),
                                  **per_backend.get(a, {"packets": 0, "bytes": 0})})
             out.append({
-                "service": str(sid), "proto": sid.proto, "vip": sid.vip, "port": sid.port,
+                "service": str(sid), "proto": sid.proto, "vip": sid.vip, "port": sid.port, "mode": svc.mode,
                 "table_size": p.ring_size if p else 0, "affinity": svc.affinity,
                 "check": {k: v for k, v in svc.check.__dict__.items()},
                 "max_over_avg_load": ratio,
@@ -238,6 +263,29 @@ class Balancer:
                 "stats": stats, "backends": backends,
             })
         return out
+
+    def summary(self) -> dict:
+        """For status: services by mode, backends by state."""
+        states = Counter("unhealthy" if not self.health.healthy(sid, a) else "draining" if b.weight == 0
+                         else "active" for sid, svc in self.services.items() for a, b in svc.backends.items())
+        return {"services": len(self.services),
+                "nat": sum(1 for s in self.services.values() if s.mode == "nat"), "backends": dict(states)}
+
+    def check_flood(self) -> None:
+        """Log and note each service whose connection table stopped learning
+        (the flood switch) since the last call; caller holds the lock."""
+        for sid in self.services:
+            if sid not in self.image.placed:
+                continue
+            st = self.image.service_stats(sid)
+            seen = self.flood_seen.get(sid)
+            self.flood_seen[sid] = st["flood_windows"]
+            if seen is not None and st["flood_windows"] > seen:
+                n = st["flood_windows"] - seen
+                self._note(sid, f"flood switch: {n} CPU-second(s) over new-conn-limit "
+                                f"{self.settings['new_conn_limit']}, flows balanced by the hash alone")
+                log.warning("service %s: new connections over the limit in %d CPU-second(s); the connection "
+                            "table stopped learning there", sid, n)
 
     def stop(self) -> None:
         self.health.stop_all()

@@ -62,6 +62,7 @@ MAPS: dict[str, tuple[type, type | None]] = {
     "lb_backends": (ctypes.c_uint32, lo.LbBackend),
     "lb_ring": (ctypes.c_uint32, ctypes.c_uint32),
     "lb_conns": (lo.LbConnKey, lo.LbConn),
+    "lb_nat": (lo.LbNatKey, lo.LbNat),
     "lb_config": (ctypes.c_uint32, lo.LbConfig),
     "lb_service_stats": (ctypes.c_uint32, lo.LbStat),
     "lb_backend_stats": (ctypes.c_uint32, lo.Counter),
@@ -268,8 +269,30 @@ class Datapath:
         if object_path:
             lo.check_layouts(object_path)
         prog = Program.pinned(str(pin_dir / PROGRAM))
-        maps = {m: Map.pinned(str(pin_dir / m), kt, vt) for m, (kt, vt) in MAPS.items()}
+        maps: dict[str, Map] = {}
+        try:
+            for m, (kt, vt) in MAPS.items():
+                maps[m] = Map.pinned(str(pin_dir / m), kt, vt)
+        except BpfError as e:
+            prog.close()
+            for mp in maps.values():
+                mp.close()
+            raise DatapathError(f"router {name!r} was loaded by another version of bpfrouter ({e}): "
+                                f"`bpfrouter down --name {name}` and up again") from None
         return cls(name, prog, maps, object_path or "")
+
+    @classmethod
+    def remove(cls, name: str) -> None:
+        """Detach and unpin a router, also one another version loaded (whose
+        maps this one cannot open): its pins go, and with them its links."""
+        try:
+            dp = cls.open(name)
+        except DatapathError:
+            if not (cls.pin_dir(validate_name(name)) / PROGRAM).exists():
+                raise
+            shutil.rmtree(cls.pin_dir(name), ignore_errors=True)
+            return
+        dp.destroy()
 
     def close(self) -> None:
         for m in self.maps.values():

@@ -71,6 +71,8 @@ class Reason(enum.IntEnum):
     DROP_BAD_TOTAL_LEN = enum.auto()
     DROP_BAD_CHECKSUM = enum.auto()
     DROP_LB_NO_BACKEND = enum.auto()
+    DROP_LB_NAT_PORTS = enum.auto()
+    DROP_LB_NAT_UNROUTED = enum.auto()
 
     @property
     def verdict(self) -> str:
@@ -298,6 +300,7 @@ MAX_LB_BACKENDS = 65536
 MAX_LB_RING = 1 << 22
 LB_HASH_SEED = 0x62706672
 LB_SVC_F_NO_AFFINITY = 1
+LB_SVC_F_NAT = 2
 LB_BE_F_CONNS = 1
 
 
@@ -315,7 +318,7 @@ class LbVipKey(ctypes.Structure):
 
 class LbBackend(ctypes.Structure):
     _fields_ = [("addr", u8 * 16), ("family", u8), ("flags", u8), ("reserved", u16), ("service", u32),
-                ("gen", u32)]
+                ("gen", u32), ("nat_src", u8 * 16)]
 
 
 class LbConnKey(ctypes.Structure):
@@ -324,17 +327,26 @@ class LbConnKey(ctypes.Structure):
 
 
 class LbConn(ctypes.Structure):
-    _fields_ = [("backend", u32), ("gen", u32)]
+    _fields_ = [("backend", u32), ("gen", u32), ("nat_port", u16), ("reserved", u16)]
+
+
+class LbNatKey(ctypes.Structure):
+    _fields_ = [("backend", u8 * 16), ("nat_src", u8 * 16), ("backend_port", u16), ("nat_port", u16),
+                ("proto", u8), ("family", u8), ("reserved", u16)]
+
+
+class LbNat(ctypes.Structure):
+    _fields_ = [("client", u8 * 16), ("vip", u8 * 16), ("client_port", u16), ("vip_port", u16), ("service", u32)]
 
 
 class LbConfig(ctypes.Structure):
     _fields_ = [("src4", u8 * 4), ("src4_hostmask", u8 * 4), ("src6", u8 * 16), ("new_conn_limit", u32),
-                ("reserved", u32)]
+                ("nat_services", u32)]
 
 
 class LbStat(ctypes.Structure):
     _fields_ = [("packets", u64), ("bytes", u64), ("new_flows", u64), ("unlearned", u64), ("no_backend", u64),
-                ("flood_windows", u64)]
+                ("flood_windows", u64), ("replies", u64), ("nat_port_busy", u64)]
 
 
 class ObsStat(enum.IntEnum):
@@ -418,6 +430,8 @@ STRUCTS: dict[str, type[ctypes.Structure]] = {
     "lb_backend": LbBackend,
     "lb_conn_key": LbConnKey,
     "lb_conn": LbConn,
+    "lb_nat_key": LbNatKey,
+    "lb_nat": LbNat,
     "lb_config": LbConfig,
     "lb_stat": LbStat,
     "table4_key": Table4Key,

@@ -92,6 +92,17 @@ def attach(dev: str, object_path: str | None = None) -> str:
         obj.close()
 
 
+def forget_namespace(ns_path: str) -> None:
+    """Remove the pins of every decapsulation in a network namespace about
+    to go (its links go with the devices; the pins would stay)."""
+    try:
+        ino = os.stat(ns_path).st_ino
+    except OSError:
+        return
+    for d in (PIN_ROOT / "decap").glob(f"{ino}-*"):
+        shutil.rmtree(d, ignore_errors=True)
+
+
 def detach(dev: str) -> None:
     d = pin_dir(dev)
     if not (d / "link").exists():

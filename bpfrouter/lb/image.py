@@ -31,6 +31,10 @@ class LbError(Exception):
     pass
 
 
+def service_flags(svc: Service) -> int:
+    return (0 if svc.affinity else lo.LB_SVC_F_NO_AFFINITY) | (lo.LB_SVC_F_NAT if svc.mode == "nat" else 0)
+
+
 def service_key(sid: ServiceId) -> lo.LbServiceKey:
     a = sid.addr
     k = lo.LbServiceKey(port=int.from_bytes(sid.port.to_bytes(2, "big"), "little"), proto=PROTOS[sid.proto],
@@ -63,6 +67,7 @@ class LbImage:
         self.ring, self.config = m["lb_ring"], m["lb_config"]
         self.service_counters, self.backend_counters = m["lb_service_stats"], m["lb_backend_stats"]
         self.placed: dict[ServiceId, Placed] = {}
+        self.nat: set[ServiceId] = set()        # services in NAT mode
         self.gens: dict[int, int] = {}          # slot -> its generation
         self.free_ranges: list[tuple[int, int]] = [(0, lo.MAX_LB_RING)]
         self.retired: list[tuple[int, tuple[int, int]]] = []  # (grace tag, range)
@@ -79,6 +84,8 @@ class LbImage:
             port = int.from_bytes(int(k.port).to_bytes(2, "little"), "big")
             sid = ServiceId(proto, str(a), port)
             p = Placed(v.id, v.ring_base, v.ring_size)
+            if v.flags & lo.LB_SVC_F_NAT:
+                self.nat.add(sid)
             for slot, gen in self.gens.items():
                 be = self.backends.lookup(u32(slot))
                 if be.service == v.id and be.gen == gen:
@@ -152,10 +159,11 @@ class LbImage:
         raise LbError(f"at most {lo.MAX_LB_BACKENDS - 1} backends over all services")
 
     # --- writing a service --------------------------------------------------------------------
-    def apply(self, svc: Service, healthy: dict[str, bool]) -> Placed:
+    def apply(self, svc: Service, healthy: dict[str, bool], nat_sources: dict[str, str] | None = None) -> Placed:
         """Write a service as it is now: its backends (healthy ones take
         new flows at their weight, drained ones keep their connections) and
-        its table, when that changed."""
+        its table, when that changed. nat_sources: for a NAT service, the
+        router's address toward each backend."""
         p = self.placed.get(svc.id)
         if p is None:
             p = self.placed[svc.id] = Placed(self._new_id())
@@ -170,7 +178,7 @@ class LbImage:
         table = [addrs[i] if i >= 0 else None for i in maglev.build(members, size)] if live else []
         # backends first: a new table may name them
         for a in addrs:
-            self._write_backend(p, a, svc.id, healthy.get(a, True))
+            self._write_backend(p, a, healthy.get(a, True), (nat_sources or {}).get(a))
         if table != p.table:
             old = p.table
             base = self._alloc_range(size) if table else 0
@@ -178,27 +186,38 @@ class LbImage:
                 slots = [p.slots[a] for a in table]
                 self.ring.update_batch(list(zip((u32(base + i) for i in range(size)), (u32(s) for s in slots))))
             self.services.update(service_key(svc.id), lo.LbService(
-                id=p.id, ring_base=base, ring_size=size if table else 0,
-                flags=0 if svc.affinity else lo.LB_SVC_F_NO_AFFINITY))
+                id=p.id, ring_base=base, ring_size=size if table else 0, flags=service_flags(svc)))
             self._free_range(p.ring_base, p.ring_size)
             p.moved = maglev.moved(old, table) if old and table else None
             p.ring_base, p.ring_size, p.table = base, size if table else 0, table
         else:
             self.services.update(service_key(svc.id), lo.LbService(
-                id=p.id, ring_base=p.ring_base, ring_size=p.ring_size,
-                flags=0 if svc.affinity else lo.LB_SVC_F_NO_AFFINITY))
+                id=p.id, ring_base=p.ring_base, ring_size=p.ring_size, flags=service_flags(svc)))
         for a in gone:     # after the table no longer names them
             self._free_slot(p.slots.pop(a))
         self._write_vips()
+        self._set_nat(svc.id, svc.mode == "nat")
         return p
 
-    def _write_backend(self, p: Placed, addr: str, sid: ServiceId, healthy: bool) -> None:
+    def _write_backend(self, p: Placed, addr: str, healthy: bool, nat_src: str | None) -> None:
         a = ipaddress.ip_address(addr)
         slot = p.slots[addr]
         be = lo.LbBackend(family=a.version, flags=lo.LB_BE_F_CONNS if healthy else 0, service=p.id,
                           gen=self.gens[slot])
         ctypes.memmove(be.addr, a.packed, len(a.packed))
+        if nat_src:
+            src = ipaddress.ip_address(nat_src).packed
+            ctypes.memmove(be.nat_src, src, len(src))
         self.backends.update(u32(slot), be)
+
+    def _set_nat(self, sid: ServiceId, on: bool) -> None:
+        """Replies are looked up while any service is in NAT mode."""
+        before = len(self.nat)
+        (self.nat.add if on else self.nat.discard)(sid)
+        if len(self.nat) != before:
+            c = self.config.lookup(u32(0))
+            c.nat_services = len(self.nat)
+            self.config.update(u32(0), c)
 
     def _free_slot(self, slot: int) -> None:
         """No service's any more; its generation stays, for the next owner's."""
@@ -213,6 +232,7 @@ class LbImage:
         for slot in p.slots.values():
             self._free_slot(slot)
         self._write_vips()
+        self._set_nat(sid, False)
 
     def _write_vips(self) -> None:
         want: dict[tuple, int] = {}
@@ -234,7 +254,7 @@ class LbImage:
 
     # --- settings and counters ----------------------------------------------------------------
     def set_config(self, src4, src6, new_conn_limit: int) -> None:
-        c = lo.LbConfig(new_conn_limit=new_conn_limit)
+        c = lo.LbConfig(new_conn_limit=new_conn_limit, nat_services=len(self.nat))
         ctypes.memmove(c.src4, src4.network_address.packed, 4)
         ctypes.memmove(c.src4_hostmask, src4.hostmask.packed, 4)
         ctypes.memmove(c.src6, src6.network_address.packed, 16)

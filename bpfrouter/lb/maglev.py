@@ -74,7 +74,8 @@ def build(members: list[Member], size: int) -> list[int]:
     """The table: for each slot, the index of its member in `members`; -1
     everywhere when there is none."""
     table = [-1] * size
-    live = [(i, m) for i, m in enumerate(members) if m.weight > 0]
+    # turns go in key order, so the table does not depend on the list's order
+    live = sorted(((i, m) for i, m in enumerate(members) if m.weight > 0), key=lambda x: x[1].key)
     if not live:
         return table
     top = max(m.weight for _, m in live)
@@ -110,9 +111,8 @@ def shares(table: list[int], count: int) -> list[float]:
 
 
 def moved(old: list[str | None], new: list[str | None]) -> float:
-    """The share of flows whose backend changed between two tables (by key),
-    0.0 for tables of different sizes compared slot by slot is wrong: then
-    every flow may move, reported as 1.0."""
+    """The share of flows whose backend changed between two tables (by key);
+    1.0 between tables of different sizes, where any flow may move."""
     if len(old) != len(new):
         return 1.0
     return sum(a != b for a, b in zip(old, new)) / len(new) if new else 0.0

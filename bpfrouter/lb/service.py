@@ -13,6 +13,7 @@ from . import maglev
 
 PROTOS = {"tcp": 6, "udp": 17}
 CHECK_KINDS = ("tcp", "http", "udp", "exec", "none")
+MODES = ("dsr", "nat")
 MAX_WEIGHT = 65535
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
@@ -99,17 +100,18 @@ class Service:
     table_size: int | None = None   # None: chosen from the backend count (maglev.table_size)
     affinity: bool = True           # the connection table keeps flows on their backend
     check: Check = field(default_factory=Check)
+    mode: str = "dsr"               # dsr: encapsulated, the backend answers the client; nat: translated both ways
 
     def to_json(self) -> dict:
         return {"proto": self.id.proto, "vip": self.id.vip, "port": self.id.port,
                 "backends": [asdict(b) for b in self.backends.values()], "table_size": self.table_size,
-                "affinity": self.affinity, "check": asdict(self.check)}
+                "affinity": self.affinity, "check": asdict(self.check), "mode": self.mode}
 
     @classmethod
     def from_json(cls, d: dict) -> "Service":
         return cls(ServiceId(d["proto"], d["vip"], d["port"]),
                    {b["addr"]: Backend(**b) for b in d["backends"]}, d.get("table_size"),
-                   d.get("affinity", True), Check(**d.get("check", {})))
+                   d.get("affinity", True), Check(**d.get("check", {})), d.get("mode", "dsr"))
 
 
 def _number(words: list[str], i: int, name: str, lo: float, hi: float, kind=int):
@@ -131,7 +133,7 @@ def _value(words: list[str], i: int, name: str) -> str:
 
 
 def apply_options(svc: Service, words: list[str]) -> None:
-    """Service options: table-size N, no-affinity | affinity, and the health
+    """Service options: mode dsr|nat, table-size N, no-affinity | affinity, and the health
     check: check tcp|http|udp|exec|none, check-port P, path P, status N,
     payload S, expect S, command 'CMD ...', interval S, timeout S, rise N, fall N."""
     c = svc.check
@@ -139,7 +141,14 @@ def apply_options(svc: Service, words: list[str]) -> None:
     while i < len(words):
         w = words[i]
         if w == "table-size":
-            svc.table_size = maglev.check_size(_number(words, i, w, 2, 1 << 22))
+            try:
+                svc.table_size = maglev.check_size(_number(words, i, w, 2, 1 << 22))
+            except maglev.MaglevError as e:
+                raise ServiceError(str(e)) from None
+        elif w == "mode":
+            svc.mode = _value(words, i, w)
+            if svc.mode not in MODES:
+                raise ServiceError(f"mode {svc.mode!r}: dsr (encapsulation) or nat")
         elif w in ("no-affinity", "affinity"):
             svc.affinity = w == "affinity"
             i += 1
@@ -179,6 +188,8 @@ def apply_options(svc: Service, words: list[str]) -> None:
         else:
             raise ServiceError(f"unknown service option {w!r}")
         i += 2
+    if svc.mode == "nat" and not svc.affinity:
+        raise ServiceError("mode nat keeps each flow's translation in the connection table: no-affinity cannot be")
     if c.kind == "exec" and not c.command:
         raise ServiceError("check exec needs `command 'CMD ...'`")
     if c.kind == "udp" and not c.payload:

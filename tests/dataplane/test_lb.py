@@ -56,6 +56,12 @@ def lb(env):
                         service("tcp", VIP4, 83, [(BE4[0], 1)])):
                 img.apply(svc, {})
                 sids.append(svc.id)
+            for svc, nat_src in ((service("tcp", VIP4, 90, [(BE4[0], 1)], mode="nat"), "10.2.0.1"),
+                                 (service("udp", VIP4, 90, [(BE4[0], 1)], mode="nat"), "10.2.0.1"),
+                                 (service("tcp", VIP6, 90, [(BE6, 1)], mode="nat"), "fd02::1"),
+                                 (service("tcp", VIP4, 92, [("10.2.0.77", 1)], mode="nat"), "10.2.0.1")):
+                img.apply(svc, {}, {a: nat_src for a in svc.backends})
+                sids.append(svc.id)
             img.apply(service("tcp", VIP4, 81, [(BE4[2], 1)]), {BE4[2]: False})  # unhealthy: no backend
         for m in images:
             Interfaces(env.dps[m]).set_lb_flags(images[m].families())
@@ -142,6 +148,64 @@ def test_no_neigh_pass_carries_the_encapsulation(env, lb):
     r = run_packet(env, "bpf", sent)
     o = Ether(r.out)[IP]
     assert o.dst == "10.2.0.77" and o.proto == 4 and bytes(o.payload) == bytes(Ether(sent).payload)
+
+
+# --- NAT ----------------------------------------------------------------------------------------
+
+def checksums_valid(pkt) -> None:
+    """Every checksum scapy computes equals the one in the packet."""
+    raw = bytes(pkt)
+    again = pkt.copy()
+    for layer in (IP, TCP, UDP):
+        if layer in again:
+            del again[layer].chksum
+    assert bytes(Ether(bytes(again))) == raw, "a checksum is wrong"
+
+
+NAT_CASES = [("tcp", 4, "10.20.7.7", VIP4, BE4[0], "10.2.0.1"), ("udp", 4, "10.20.7.7", VIP4, BE4[0], "10.2.0.1"),
+             ("tcp", 6, "fd20::7:7", VIP6, BE6, "fd02::1")]
+
+
+@pytest.mark.parametrize("mode", ["bpf", "kernel"])
+@pytest.mark.parametrize("case", NAT_CASES, ids=[f"{c[0]}{c[1]}" for c in NAT_CASES])
+def test_nat_both_ways(env, lb, mode, case):
+    """A client's packet leaves with the router's source and a port of its
+    own to the backend; the backend's reply to that port leaves with the
+    VIP's address and port to the client; checksums stay valid both ways."""
+    proto, v, client, vip, backend, nat_src = case
+    L4 = TCP if proto == "tcp" else UDP
+    IPX = IP if v == 4 else IPv6
+    hdr = (IPX(src=client, dst=vip, ttl=50) if v == 4 else IPX(src=client, dst=vip, hlim=50))
+    sent = Ether(dst=env.if0_mac, src="02:00:00:00:01:01") / hdr / L4(sport=40001, dport=90) / Raw(b"request")
+    r = run_packet(env, mode, bytes(sent))
+    assert (r.action, r.reason.name) == (XDP_REDIRECT, f"FWD_IPV{v}")
+    out = Ether(r.out)
+    assert (out[IPX].src, out[IPX].dst, out[L4].dport) == (nat_src, backend, 90)
+    port = out[L4].sport
+    assert port >= 1024 and bytes(out[L4].payload) == b"request"
+    checksums_valid(out)
+    # the same flow again: the same translation
+    assert Ether(run_packet(env, mode, bytes(sent)).out)[L4].sport == port
+    reply = Ether(dst=env.if1_mac, src=MAC_GW if v == 4 else MAC_GW6) / \
+        IPX(src=backend, dst=nat_src) / L4(sport=90, dport=port) / Raw(b"response")
+    r = run_packet(env, mode, bytes(reply), iif="dpt1")
+    assert (r.action, r.reason.name) == (XDP_REDIRECT, f"FWD_IPV{v}")
+    back = Ether(r.out)
+    assert (back[IPX].src, back[IPX].dst, back[L4].sport, back[L4].dport) == (vip, client, 90, 40001)
+    assert bytes(back[L4].payload) == b"response"
+    checksums_valid(back)
+    # to the router's address on a port no flow was given: not translated, routed as it is
+    stray = Ether(dst=env.if1_mac, src=MAC_GW) / IPX(src=backend, dst=nat_src) / L4(sport=90, dport=port ^ 1)
+    r = run_packet(env, mode, bytes(stray), iif="dpt1")
+    assert (Ether(r.out)[IPX].src, Ether(r.out)[IPX].dst) == (backend, nat_src)
+
+
+def test_nat_to_an_unresolved_backend_is_dropped_counted(env, lb):
+    """The router's kernel would drop a packet with its own source: the
+    fast path drops and counts it instead (the health checks resolve the
+    backend's neighbor)."""
+    r = run_packet(env, "bpf", bytes(frames(env, tcp4(92))))
+    assert (r.action, r.reason.name) == (XDP_DROP, "DROP_LB_NAT_UNROUTED")
 
 
 # --- many flows ---------------------------------------------------------------------------------

@@ -1,6 +1,7 @@
 """`make demo`, the README's main command, run whole: every step it shows
-succeeds, XDP forwards the traffic rather than the kernel, and the lab is
-gone afterwards."""
+succeeds, XDP forwards the traffic rather than the kernel, the service
+answers every request through a backend's death, and the lab is gone
+afterwards."""
 from __future__ import annotations
 
 import re
@@ -22,5 +23,9 @@ def test_the_demo_runs_and_xdp_forwards_its_traffic():
     # two iperf runs: tens of thousands of packets; the kernel only sees each neighbor's first packets
     assert xdp > 10_000 and kernel < 20, (xdp, kernel)
     assert "drop blackhole" in out and "lab demo down" in out
+    # the service: every request answered, by all three backends, then by the two left alive
+    spread = re.findall(r"(\d+) of (\d+) requests answered: (.*)", out)
+    assert len(spread) == 2 and all(a == b for a, b, _ in spread), spread
+    assert spread[0][2].count(" ") == 5 and "b3" not in spread[1][2], spread
     left = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
     assert not re.search(r"^demo-", left, re.M), left

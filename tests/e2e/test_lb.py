@@ -4,7 +4,7 @@ hold the VIP on lo and decapsulate with bpfrouter's XDP decap (this
 kernel has no ipip device), curl opening hundreds of connections from h1,
 keep-alive connections held across changes, health checks by the agent.
 
-- requests spread by weight (IPv4 and IPv6);
+- requests spread by weight (IPv4 and IPv6), in DSR and in NAT mode;
 - a backend killed: once the agent marks it unhealthy, every new
   connection succeeds, and the connections held on the other backends
   keep working; it comes back when its server does;
@@ -147,6 +147,26 @@ def test_ipv6_service(lb_lab):
     decap = json.loads(bpfrouter_cmd("decap", "show", "b1-eth0", "-j", netns=ll.lab.ns("b1")).stdout)
     assert decap["v6_in_v6"] >= got["b1"]
     ll.lr.cli("service", "del", "tcp", f"[{VIP6}]:80")
+
+
+def test_nat_service(lb_lab):
+    """NAT mode: the backends see the router's address, answer it, and
+    the router translates the answers back; no decapsulation involved."""
+    ll = lb_lab
+    vip = "10.0.100.2"
+    ll.lr.cli("service", "add", "tcp", f"{vip}:80", "mode", "nat", *CHECK)
+    for b in ("b1", "b2"):
+        ll.lr.cli("service", "backend", "add", "tcp", f"{vip}:80", ll.addr(b))
+    got = ll.curl(f"http://{vip}", n=200)
+    assert sum(got.values()) == 200 and set(got) == {"b1", "b2"}, got
+    s = ll.service(f"tcp {vip}:80")
+    assert s["mode"] == "nat" and s["stats"]["replies"] >= 200 and s["stats"]["nat_port_busy"] == 0
+    held = ll.hold(f"http://{vip}", 20)
+    try:
+        assert held.again() == held.first
+    finally:
+        held.close()
+    ll.lr.cli("service", "del", "tcp", f"{vip}:80")
 
 
 def test_backend_death_and_return(lb_lab):

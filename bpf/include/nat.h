@@ -1,0 +1,100 @@
+/* Address and port translation for the load balancer's NAT mode: a
+ * packet's source and destination addresses and ports rewritten in place,
+ * with the IPv4 header checksum and the TCP or UDP checksum (which covers
+ * the addresses through its pseudo-header) updated incrementally (RFC
+ * 1624). One's complement sums do not depend on byte order, so the words
+ * are summed as they lie in the packet. */
+#ifndef BPFROUTER_NAT_H
+#define BPFROUTER_NAT_H
+
+#include "common.h"
+#include "parse.h"
+
+static __always_inline __u32 csum_fold32(__u32 sum)
+{
+	sum = (sum & 0xffff) + (sum >> 16);
+	return (sum & 0xffff) + (sum >> 16);
+}
+
+/* ~sum of the 16-bit words of `from` plus those of `to`, into a running sum. */
+static __always_inline __u32 csum_diff_words(__u32 sum, const __u16 *from, const __u16 *to, int words)
+{
+#pragma unroll
+	for (int i = 0; i < 8; i++) {
+		if (i >= words)
+			break;
+		sum += (__u16)~from[i] + to[i];
+	}
+	return sum;
+}
+
+static __always_inline __u16 csum_apply(__u16 check, __u32 diff)
+{
+	return ~csum_fold32((__u16)~check + csum_fold32(diff)) & 0xffff;
+}
+
+struct nat_rewrite {
+	__u8 saddr[16];
+	__u8 daddr[16];
+	__be16 sport;
+	__be16 dport;
+};
+
+/* Rewrites the packet's addresses and ports to `to`. l4 is its TCP or UDP
+ * header (the parser checked it is whole: 20 or 8 bytes). */
+static __always_inline int nat_rewrite(struct pkt *p, const struct nat_rewrite *to)
+{
+	__u16 *sum4 = NULL, *l4sum = NULL;
+	__u32 diff = 0, l4diff;
+	int words;
+	__u16 *src, *dst, *ports = p->l4;
+
+	if (!p->l4)
+		return -1;
+	if (p->l4_proto == IPPROTO_TCP) {
+		if (p->l4 + 20 > p->data_end)
+			return -1;
+		l4sum = p->l4 + 16;
+	} else if (p->l4_proto == IPPROTO_UDP) {
+		if (p->l4 + 8 > p->data_end)
+			return -1;
+		l4sum = p->l4 + 6;
+	} else {
+		return -1;
+	}
+	if (p->ip4) {
+		src = (__u16 *)&p->ip4->saddr;
+		dst = (__u16 *)&p->ip4->daddr;
+		sum4 = (__u16 *)&p->ip4->check;
+		words = 2;
+	} else if (p->ip6) {
+		src = (__u16 *)&p->ip6->saddr;
+		dst = (__u16 *)&p->ip6->daddr;
+		words = 8;
+	} else {
+		return -1;
+	}
+	diff = csum_diff_words(diff, src, (const __u16 *)to->saddr, words);
+	diff = csum_diff_words(diff, dst, (const __u16 *)to->daddr, words);
+	l4diff = diff + (__u16)~ports[0] + (__u16)to->sport + (__u16)~ports[1] + (__u16)to->dport;
+	if (sum4)
+		*sum4 = csum_apply(*sum4, diff);
+	/* an IPv4 UDP checksum of 0 is none: it stays none */
+	if (!(p->l4_proto == IPPROTO_UDP && p->ip4 && *l4sum == 0)) {
+		*l4sum = csum_apply(*l4sum, l4diff);
+		if (p->l4_proto == IPPROTO_UDP && *l4sum == 0)
+			*l4sum = 0xffff;
+	}
+	if (words == 2) {
+		__builtin_memcpy(src, to->saddr, 4);
+		__builtin_memcpy(dst, to->daddr, 4);
+	} else {
+		__builtin_memcpy(src, to->saddr, 16);
+		__builtin_memcpy(dst, to->daddr, 16);
+	}
+	ports[0] = to->sport;
+	ports[1] = to->dport;
+	return 0;
+}
+
+#endif
