@@ -75,9 +75,11 @@ struct lb_backend {
 	__u8 nat_src[16];       /* NAT: the router's address toward it, the clients' translated source */
 };
 
+/* mmapable: a restarted agent reads every slot's generation at once */
 struct {
 	__uint(type, BPF_MAP_TYPE_ARRAY);
 	__uint(max_entries, MAX_LB_BACKENDS);
+	__uint(map_flags, BPF_F_MMAPABLE);
 	__type(key, __u32);
 	__type(value, struct lb_backend);
 } lb_backends SEC(".maps");

@@ -17,6 +17,8 @@ import ctypes
 import ipaddress
 from dataclasses import dataclass, field
 
+import numpy as np
+
 from ..datapath import layout as lo
 from ..grace import GRACE
 from . import maglev
@@ -75,9 +77,14 @@ class LbImage:
 
     # --- reading back what an earlier agent wrote ---------------------------------------------
     def _recover(self) -> None:
-        for k, v in self.backends.lookup_batch():
-            if v.gen:
-                self.gens[k.value] = v.gen
+        stride = (ctypes.sizeof(lo.LbBackend) + 7) & ~7
+        mm = self.backends.mmap()
+        try:
+            gens = np.frombuffer(mm, np.uint32)[:lo.MAX_LB_BACKENDS * stride // 4] \
+                .reshape(lo.MAX_LB_BACKENDS, stride // 4)[:, lo.LbBackend.gen.offset // 4].copy()
+        finally:
+            mm.close()
+        self.gens = {int(i): int(gens[i]) for i in np.flatnonzero(gens)}
         for k, v in self.services.lookup_batch():
             a = ipaddress.ip_address(bytes(k.addr[:4 if k.family == 4 else 16]))
             proto = next(p for p, n in PROTOS.items() if n == k.proto)
