@@ -576,7 +576,7 @@ def report(r: dict, saved: Path) -> None:
             print(f"  {x['case']:34} {x['floor']:6.1f} {x['bpfrouter']:9.1f} {plain:13.1f} "
                   f"{x['bpfrouter'] - plain:6.1f}")
         print("  (plain forward: the hot forward of the same family above; new flow: 1M clients over a table "
-              "that holds\n   half of them per CPU, so each packet misses, learns and evicts. IPVS: not in this "
+              "that holds\n   an eighth of them per CPU, so each packet misses, learns and evicts. IPVS: not in this "
               "kernel, CONFIG_IP_VS unset)")
     mg = r.get("maglev")
     if mg:

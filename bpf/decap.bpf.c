@@ -4,10 +4,33 @@
  * IPv4 or IPv6 header the load balancer added (include/encap.h) and hands
  * the client's packet to the kernel, which delivers it to the VIP on lo.
  * For backends whose kernel has no ipip or ip6tnl device (or to skip the
- * tunnel device's cost, as Katran's decap program does). Everything else
- * passes untouched. */
+ * tunnel device's cost, as Katran's decap program does). Only outer
+ * sources inside the load balancer's encapsulation prefixes are taken, so
+ * nobody else can slip a packet with a forged inner source in (set at
+ * attach: `decap attach --from`). Everything else passes untouched. */
 #include "include/common.h"
 #include "include/parse.h"
+
+/* Outer sources taken: IPv4 under a mask, IPv6 by its first 12 bytes (a
+ * /96: the load balancer puts the flow hash in the last 4). */
+const volatile __be32 decap_src4 = 0;
+const volatile __be32 decap_mask4 = 0xffffffff;     /* nothing, until the loader says */
+const volatile __u8 decap_src6[12] = {};
+const volatile __u8 decap_any6 = 0;                /* 1: any IPv6 outer source */
+const volatile __u8 decap_no6 = 1;                 /* 1: no IPv6 outer source */
+
+static __always_inline int src6_ok(const struct ipv6hdr *o)
+{
+	if (decap_any6)
+		return 1;
+	if (decap_no6)
+		return 0;
+#pragma unroll
+	for (int i = 0; i < 12; i++)
+		if (o->saddr.in6_u.u6_addr8[i] != decap_src6[i])
+			return 0;
+	return 1;
+}
 
 enum decap_stat {
 	DECAP_V4_IN_V4 = 0,
@@ -15,6 +38,7 @@ enum decap_stat {
 	DECAP_V4_IN_V6,
 	DECAP_V6_IN_V6,
 	DECAP_FAILED,           /* the frame could not shrink: passed as it came */
+	DECAP_FOREIGN,          /* an outer source outside the prefixes: passed as it came */
 	DECAP_STAT_MAX,
 };
 
@@ -54,6 +78,10 @@ int bpfrouter_decap(struct xdp_md *ctx)
 		inner = o->protocol;
 		outer = sizeof(*o);
 		stat = inner == IPPROTO_IPIP ? DECAP_V4_IN_V4 : DECAP_V6_IN_V4;
+		if ((inner == IPPROTO_IPIP || inner == IPPROTO_IPV6) && (o->saddr & decap_mask4) != decap_src4) {
+			decap_count(DECAP_FOREIGN);
+			return XDP_PASS;
+		}
 	} else if (eth->h_proto == bpf_htons(ETH_P_IPV6)) {
 		struct ipv6hdr *o = (void *)(eth + 1);
 
@@ -62,6 +90,10 @@ int bpfrouter_decap(struct xdp_md *ctx)
 		inner = o->nexthdr;
 		outer = sizeof(*o);
 		stat = inner == IPPROTO_IPIP ? DECAP_V4_IN_V6 : DECAP_V6_IN_V6;
+		if ((inner == IPPROTO_IPIP || inner == IPPROTO_IPV6) && !src6_ok(o)) {
+			decap_count(DECAP_FOREIGN);
+			return XDP_PASS;
+		}
 	} else {
 		return XDP_PASS;
 	}

@@ -8,7 +8,7 @@ from . import router
 from .agent.client import request
 from .cli import cli, console, emit_json, json_options, name_option
 from .lb.maglev import MaglevError
-from .lb.service import Service, ServiceError, apply_options, parse_addr, parse_service_id, parse_weight
+from .lb.service import BACKEND_USAGE, Service, ServiceError, apply_options, parse_backend_change, parse_service_id
 
 SERVICE_HELP = ("SERVICE is PROTO VIP[:PORT]: `tcp 10.0.0.100:80`, `udp [2001:db8::53]:53`, `tcp 10.0.0.100` "
                 "(every port).")
@@ -24,15 +24,14 @@ def _ask(name: str | None, op: str, args: list[str]) -> dict:
 
 def _check_words(args: tuple[str, ...], then: str) -> None:
     """Syntax first, so a typo is one line even without an agent. `then`:
-    what follows the service: options, a backend, or nothing."""
+    what follows the service: options, a backend change (add, del, weight,
+    drain), or nothing."""
     try:
         sid, rest = parse_service_id(list(args))
         if then == "options":
             apply_options(Service(sid), rest)
-        elif then == "backend":
-            if not rest:
-                raise ServiceError("which backend? give its address after the service")
-            parse_addr(rest[0], "backend")
+        elif then in BACKEND_USAGE:
+            parse_backend_change(then, rest)
         elif rest:
             raise ServiceError(f"unexpected {' '.join(rest)!r} after the service")
     except (ServiceError, MaglevError) as e:
@@ -86,26 +85,20 @@ def backend():
     """A service's backends."""
 
 
-def _backend_command(op: str, usage: str, help_text: str) -> None:
-    @backend.command(op, help=f"{help_text}\n\nUsage: SERVICE {usage}. " + SERVICE_HELP,
+def _backend_command(op: str, help_text: str) -> None:
+    @backend.command(op, help=f"{help_text}\n\nUsage: SERVICE {BACKEND_USAGE[op]}. " + SERVICE_HELP,
                      context_settings={"ignore_unknown_options": True})
     @click.argument("args", nargs=-1, required=True)
     @name_option
     def cmd(args, name):
-        _check_words(args, "backend")
-        if op == "add":
-            try:
-                parse_weight(list(args[3:]))
-            except ServiceError as e:
-                raise click.ClickException(str(e)) from None
+        _check_words(args, op)
         _ask(name, f"backend_{op}", list(args))
 
 
-_backend_command("add", "ADDR [weight N]", "Add a backend (weight 1 by default); it takes new flows at once.")
-_backend_command("del", "ADDR", "Remove a backend: its flows move to the others.")
-_backend_command("weight", "ADDR N", "Set a backend's weight (0: drain).")
-_backend_command("drain", "ADDR", "Drain a backend (weight 0): its established connections stay, new ones "
-                 "go elsewhere.")
+_backend_command("add", "Add a backend (weight 1 by default); it takes new flows at once.")
+_backend_command("del", "Remove a backend: its flows move to the others.")
+_backend_command("weight", "Set a backend's weight (0: drain).")
+_backend_command("drain", "Drain a backend (weight 0): its established connections stay, new ones go elsewhere.")
 
 
 @service.command("show")
@@ -146,11 +139,14 @@ def decap():
 
 @decap.command("attach")
 @click.argument("dev")
-def decap_attach(dev):
-    """Decapsulate IPIP and IPv6-in-IPv6 arriving on DEV."""
-    from .lb.decap import DecapError, attach
+@click.option("--from", "sources", multiple=True, metavar="PREFIX",
+              help="Outer sources to take: the load balancer's encap-source, an IPv4 prefix and an IPv6 /96 "
+                   "(default 172.16.0.0/16 and 100::/96, its defaults), or `any`. Others pass untouched.")
+def decap_attach(dev, sources):
+    """Decapsulate IPIP and IPv6-in-IPv6 arriving on DEV from the load balancer."""
+    from .lb.decap import DEFAULT_FROM, DecapError, attach
     try:
-        mode = attach(dev)
+        mode = attach(dev, sources=list(sources) or list(DEFAULT_FROM))
     except DecapError as e:
         raise click.ClickException(str(e)) from None
     console.print(f"{dev}: decapsulating ({mode} XDP)", markup=False)

@@ -43,8 +43,9 @@ static __always_inline int inner_ip(const struct pkt *p, __u32 *len, __u8 *ds)
 
 /* Puts the outer header in front of the IP packet at l3_off (14: no VLAN
  * tag). Returns the bytes added, or 0 when the frame cannot grow. The
- * outer IPv4 header leaves DF clear, as IPVS's tunnel does for a packet
- * without it: one over the egress MTU is the kernel's to fragment. */
+ * outer IPv4 header leaves DF clear: one over the egress MTU is the
+ * kernel's to fragment, and its id is random, so fragments of different
+ * packets are not put together (RFC 6864). */
 static __always_inline int lb_encapsulate(struct xdp_md *ctx, const struct pkt *p, const struct lb_backend *be,
 					  const struct lb_config *cfg, __u32 hash)
 {
@@ -74,7 +75,7 @@ static __always_inline int lb_encapsulate(struct xdp_md *ctx, const struct pkt *
 		o->ihl = 5;
 		o->tos = ds;
 		o->tot_len = bpf_htons(inner_len + sizeof(*o));
-		o->id = 0;
+		o->id = bpf_get_prandom_u32() & 0xffff;
 		o->frag_off = 0;
 		o->ttl = OUTER_TTL;
 		o->protocol = inner == 4 ? IPPROTO_IPIP : IPPROTO_IPV6;

@@ -22,7 +22,7 @@
 #define MAX_LB_SERVICES 1024    /* service ids 1..MAX-1 */
 #define MAX_LB_BACKENDS 65536   /* backend slots of every service; 0: none */
 #define MAX_LB_RING (1 << 22)   /* every service's Maglev table together */
-#define MAX_LB_CONNS (1 << 20)
+#define MAX_LB_CONNS (1 << 18)  /* the connection and NAT tables: LRU maps are preallocated */
 #define LB_HASH_SEED 0x62706672U
 
 struct lb_service_key {
@@ -165,8 +165,9 @@ struct {
 struct lb_stat {
 	__u64 packets;
 	__u64 bytes;
-	__u64 new_flows;        /* flows without a connection entry, picked from the ring */
-	__u64 unlearned;        /* new flows the table did not learn: over the flood limit */
+	__u64 new_flows;        /* packets given a backend by the ring: a flow's first, or any of an unlearned
+				 * flow or a no-affinity service */
+	__u64 unlearned;        /* such packets the table did not learn: over the flood limit */
 	__u64 no_backend;       /* dropped: the ring is empty */
 	__u64 flood_windows;    /* one-second windows that went over the limit */
 	__u64 replies;          /* NAT: replies translated back to the client */

@@ -112,11 +112,31 @@ static __always_inline __u32 lb_pick(const struct packet_ctx *pc, const struct l
 	return *slot;
 }
 
+/* Translated ports: below the kernel's default ephemeral range (32768 on),
+ * so the router's own connections to a backend (its health checks) never
+ * share a reply key with a translated flow. */
 #define NAT_PORT_TRIES 4
 #define NAT_PORT_FIRST 1024
+#define NAT_PORT_END 32768
+
+static __always_inline int addr16_equal(const __u8 *a, const __u8 *b)
+{
+	const __u32 *x = (const __u32 *)a, *y = (const __u32 *)b;
+
+	return x[0] == y[0] && x[1] == y[1] && x[2] == y[2] && x[3] == y[3];
+}
+
+static __always_inline int lb_nat_same_flow(const struct lb_nat *rev, const struct lb_conn_key *k)
+{
+	return addr16_equal(rev->client, k->saddr) && addr16_equal(rev->vip, k->daddr) &&
+	       rev->client_port == k->sport && rev->vip_port == k->dport;
+}
 
 /* NAT: the flow's translated source port, from its connection entry, or
- * a new one whose reply key is free; 0 when none is (counted). */
+ * a new one whose reply key is free (or already this flow's: its
+ * connection entry was evicted, not its way back); 0 when none is
+ * (counted). An established flow's reply entry is looked up too, which
+ * keeps it fresh in its LRU while only the client sends. */
 static __always_inline __be16 lb_nat_port(const struct packet_ctx *pc, const struct lb_conn_key *k,
 					  const struct lb_backend *be, __u32 svc_id, __u32 hash, struct lb_stat *st)
 {
@@ -128,8 +148,6 @@ static __always_inline __be16 lb_nat_port(const struct packet_ctx *pc, const str
 		return c && c->nat_port ? c->nat_port : bpf_htons(NAT_PORT_FIRST);
 	if (!c)
 		return 0;
-	if (c->nat_port)
-		return c->nat_port;
 	__builtin_memcpy(nk.backend, be->addr, 16);
 	__builtin_memcpy(nk.nat_src, be->nat_src, 16);
 	nk.backend_port = k->dport;
@@ -140,10 +158,21 @@ static __always_inline __be16 lb_nat_port(const struct packet_ctx *pc, const str
 	rev.client_port = k->sport;
 	rev.vip_port = k->dport;
 	rev.service = svc_id;
+	if (c->nat_port) {
+		nk.nat_port = c->nat_port;
+		if (!bpf_map_lookup_elem(&lb_nat, &nk))   /* evicted: the way back again */
+			bpf_map_update_elem(&lb_nat, &nk, &rev, BPF_ANY);
+		return c->nat_port;
+	}
 #pragma unroll
 	for (int i = 0; i < NAT_PORT_TRIES; i++) {
-		nk.nat_port = bpf_htons(NAT_PORT_FIRST + (hash + i * 40503U) % (65536 - NAT_PORT_FIRST));
-		if (!bpf_map_update_elem(&lb_nat, &nk, &rev, BPF_NOEXIST)) {
+		struct lb_nat *taken;
+
+		nk.nat_port = bpf_htons(NAT_PORT_FIRST + (hash + i * 40503U) % (NAT_PORT_END - NAT_PORT_FIRST));
+		taken = bpf_map_lookup_elem(&lb_nat, &nk);
+		if (taken && !lb_nat_same_flow(taken, k))
+			continue;
+		if (taken || !bpf_map_update_elem(&lb_nat, &nk, &rev, BPF_NOEXIST)) {
 			c->nat_port = nk.nat_port;
 			return nk.nat_port;
 		}
@@ -208,10 +237,10 @@ static __always_inline int lb_stage(struct xdp_md *ctx, struct packet_ctx *pc)
 	struct lb_service *svc;
 	struct lb_backend *be;
 	struct lb_config *cfg;
-	struct lb_stat *st, none = {};
+	struct lb_stat *st;
 	struct counter *bc;
 	struct pkt p = {};
-	__u32 zero = 0, hash, slot, grow;
+	__u32 zero = 0, hash, slot, grow, svc_slot;
 	int reason = pkt_restore(ctx, pc, &p);
 
 	if (reason >= 0)
@@ -233,9 +262,12 @@ static __always_inline int lb_stage(struct xdp_md *ctx, struct packet_ctx *pc)
 		}
 		return route_start(pc, !!p.ip4);
 	}
-	st = pc->probe ? &none : bpf_map_lookup_elem(&lb_service_stats, &svc->id);
+	/* a probe counts into slot 0, which no service has (a stack copy would
+	 * take stack the inlined single program lacks) */
+	svc_slot = pc->probe ? 0 : svc->id;
+	st = bpf_map_lookup_elem(&lb_service_stats, &svc_slot);
 	if (!st)
-		st = &none;
+		return route_start(pc, !!p.ip4);
 	hash = lb_flow_hash(&k);
 	slot = lb_pick(pc, &k, svc, cfg, st, hash);
 	be = slot ? bpf_map_lookup_elem(&lb_backends, &slot) : NULL;

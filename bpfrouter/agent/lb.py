@@ -7,6 +7,7 @@ from __future__ import annotations
 import ipaddress
 import json
 import logging
+import os
 import threading
 import time
 from collections import Counter, deque
@@ -18,8 +19,8 @@ from pyroute2.netlink.exceptions import NetlinkError
 from ..lb.health import HealthMonitor, Target
 from ..lb.image import DEFAULT_SRC4, DEFAULT_SRC6, LbError, LbImage
 from ..lb.maglev import MaglevError
-from ..lb.service import Backend, Service, ServiceError, ServiceId, apply_options, parse_addr, parse_service_id, \
-    parse_weight
+from ..lb.service import Backend, Service, ServiceError, ServiceId, apply_options, parse_backend_change, \
+    parse_service_id
 
 log = logging.getLogger("bpfrouter.lb")
 DEFAULT_NEW_CONN_LIMIT = 0      # new connections per second per CPU; 0: the table learns every flow
@@ -42,29 +43,53 @@ class Balancer:
 
     # --- state across restarts ----------------------------------------------------------------
     def load(self) -> None:
-        """The saved services, written again: the same definitions give the
-        same tables, so the maps do not change and no flow moves."""
+        """The saved services, written again: the same definitions and
+        health (as the maps kept it) give the same tables, so the maps do
+        not change and no flow moves. A service that cannot be written is
+        logged and left out; a damaged file is kept aside: neither stops
+        the agent, whose routing does not depend on them."""
         try:
             saved = json.loads(self.path.read_text())
         except FileNotFoundError:
             saved = {}
-        self.settings.update(saved.get("settings", {}))
-        self._write_settings()
+        except (OSError, ValueError) as e:
+            aside = self.path.with_suffix(".damaged")
+            self.path.replace(aside)
+            log.error("services: %s is unreadable (%s), kept as %s; starting without services", self.path, e, aside)
+            saved = {}
+        try:
+            self.settings.update(saved.get("settings", {}))
+            self._write_settings()
+        except (ValueError, TypeError, KeyError) as e:
+            log.error("services: bad settings in %s (%s); using the defaults", self.path, e)
         for d in saved.get("services", []):
-            svc = Service.from_json(d)
+            try:
+                svc = Service.from_json(d)
+            except (ValueError, TypeError, KeyError) as e:
+                log.error("services: left out an unreadable service in %s: %s", self.path, e)
+                continue
             self.services[svc.id] = svc
         for sid in [s for s in self.image.placed if s not in self.services]:
             self.image.remove(sid)      # left by a run that did not save
-        for svc in self.services.values():
-            self._apply(svc)
+        for svc in list(self.services.values()):
+            for a in svc.backends:      # as the maps kept it: unhealthy stays so until checked healthy
+                self.health.seed(svc.id, a, self.image.takes_connections(svc.id, a))
+            try:
+                self._apply(svc)
+            except (ServiceError, LbError, MaglevError) as e:
+                log.error("services: %s left out of the fast path: %s", svc.id, e)
+                self._note(svc.id, f"left out on start: {e}")
             self._watch(svc)
         self.on_families(self.image.families())
 
     def _save(self) -> None:
         tmp = self.path.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"settings": self.settings,
-                                   "services": [s.to_json() for s in sorted(self.services.values(),
-                                                                           key=lambda s: s.id)]}, indent=1))
+        with open(tmp, "w") as f:
+            json.dump({"settings": self.settings,
+                       "services": [s.to_json() for s in sorted(self.services.values(), key=lambda s: s.id)]},
+                      f, indent=1)
+            f.flush()
+            os.fsync(f.fileno())
         tmp.replace(self.path)
 
     def _write_settings(self) -> None:
@@ -84,9 +109,6 @@ class Balancer:
         out = {}
         with IPRoute() as ipr:
             for a in svc.backends:
-                if ipaddress.ip_address(a).version != svc.id.addr.version:
-                    raise ServiceError(f"mode nat translates within a family: backend {a} is not IPv"
-                                       f"{svc.id.addr.version} like {svc.id.vip}")
                 try:
                     src = ipr.route("get", dst=a)[0].get_attr("RTA_PREFSRC")
                 except NetlinkError as e:
@@ -171,28 +193,20 @@ class Balancer:
             self._note(svc.id, "deleted")
         elif op in ("backend_add", "backend_del", "backend_weight", "backend_drain"):
             svc, rest = self._service(args)
-            if not rest:
-                raise ServiceError("which backend? give its address after the service")
-            addr = str(parse_addr(rest[0], "backend"))
+            verb = op.split("_")[1]
+            addr, weight = parse_backend_change(verb, rest)
+            if verb == "add" and addr in svc.backends:
+                raise ServiceError(f"backend {addr} of {svc.id} already exists; `backend weight` changes its weight")
+            if verb != "add" and addr not in svc.backends:
+                raise ServiceError(f"{svc.id} has no backend {addr}")
+            if svc.mode == "nat" and ipaddress.ip_address(addr).version != svc.id.addr.version:
+                raise ServiceError(f"mode nat translates within a family: backend {addr} is not IPv"
+                                   f"{svc.id.addr.version} like {svc.id.vip}")
             before = {a: Backend(b.addr, b.weight) for a, b in svc.backends.items()}
-            if op == "backend_add":
-                if addr in svc.backends:
-                    raise ServiceError(f"backend {addr} of {svc.id} already exists; "
-                                       f"`backend weight` changes its weight")
-                svc.backends[addr] = Backend(addr, parse_weight(rest[1:]))
+            if weight is None:
+                del svc.backends[addr]
             else:
-                if addr not in svc.backends:
-                    raise ServiceError(f"{svc.id} has no backend {addr}")
-                if op == "backend_del":
-                    del svc.backends[addr]
-                elif op == "backend_drain":
-                    svc.backends[addr].weight = 0
-                else:
-                    if len(rest) != 2:
-                        raise ServiceError("`backend weight SERVICE ADDR N`")
-                    svc.backends[addr].weight = parse_weight(["weight", rest[1]])
-                if op != "backend_del" and len(rest) > (2 if op == "backend_weight" else 1):
-                    raise ServiceError(f"unexpected {' '.join(rest[2:])!r}")
+                svc.backends[addr] = Backend(addr, weight)
             try:
                 self._apply(svc)
             except Exception:
@@ -265,11 +279,12 @@ class Balancer:
         return out
 
     def summary(self) -> dict:
-        """For status: services by mode, backends by state."""
+        """For status (without the lock: from a snapshot): services by mode, backends by state."""
+        services = list(self.services.items())
         states = Counter("unhealthy" if not self.health.healthy(sid, a) else "draining" if b.weight == 0
-                         else "active" for sid, svc in self.services.items() for a, b in svc.backends.items())
-        return {"services": len(self.services),
-                "nat": sum(1 for s in self.services.values() if s.mode == "nat"), "backends": dict(states)}
+                         else "active" for sid, svc in services for a, b in list(svc.backends.items()))
+        return {"services": len(services), "nat": sum(1 for _, s in services if s.mode == "nat"),
+                "backends": dict(states)}
 
     def check_flood(self) -> None:
         """Log and note each service whose connection table stopped learning

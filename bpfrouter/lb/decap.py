@@ -5,7 +5,9 @@ pinned under /sys/fs/bpf/bpfrouter/decap/<netns inode>-<ifindex>, so the
 attachment outlives the command, and `show`/`detach` find it again."""
 from __future__ import annotations
 
+import ctypes
 import errno
+import ipaddress
 import os
 import shutil
 import socket
@@ -15,7 +17,9 @@ from ..bpf import BpfError, BpfObject, Link, Map, XDP_FLAGS_DRV_MODE, XDP_FLAGS_
 from ..datapath.datapath import PIN_ROOT, check_bpffs, default_object as router_object
 from ..datapath import layout as lo
 
-DECAP_STATS = ("v4_in_v4", "v6_in_v4", "v4_in_v6", "v6_in_v6", "failed")
+DECAP_STATS = ("v4_in_v4", "v6_in_v4", "v4_in_v6", "v6_in_v6", "failed", "foreign")
+# the load balancer's default outer sources (lb/image.py's DEFAULT_SRC4/6)
+DEFAULT_FROM = ("172.16.0.0/16", "100::/96")
 PROGRAM = "bpfrouter_decap"
 
 
@@ -55,8 +59,45 @@ def _drop_stale(d: Path, ifindex: int) -> None:
         shutil.rmtree(d, ignore_errors=True)
 
 
-def attach(dev: str, object_path: str | None = None) -> str:
-    """Attach the decapsulation program to `dev`; returns the XDP mode."""
+def parse_from(prefixes: list[str]) -> tuple[ipaddress.IPv4Network | None, ipaddress.IPv6Network | str | None]:
+    """The outer sources a backend takes: an IPv4 prefix, an IPv6 /96, or
+    `any` (every source: only where nobody else can reach the backend)."""
+    v4 = v6 = None
+    for text in prefixes:
+        if text == "any":
+            return ipaddress.ip_network("0.0.0.0/0"), "any"
+        try:
+            net = ipaddress.ip_network(text)
+        except ValueError as e:
+            raise DecapError(f"--from {text!r}: {e}") from None
+        if net.version == 4:
+            v4 = net
+        elif net.prefixlen != 96:
+            raise DecapError(f"--from {text}: an IPv6 /96, as the load balancer's encap-source (the flow hash "
+                             f"fills the rest)")
+        else:
+            v6 = net
+    return v4, v6
+
+
+def configure(obj: BpfObject, sources: list[str]) -> None:
+    """The outer sources into the program's read-only data, before load."""
+    v4, v6 = parse_from(sources)
+    if v4 is not None:
+        obj.set_rodata("decap_src4", ctypes.c_uint32(int.from_bytes(v4.network_address.packed, "little")))
+        obj.set_rodata("decap_mask4", ctypes.c_uint32(int.from_bytes(v4.netmask.packed, "little")))
+    if v6 == "any":
+        obj.set_rodata("decap_any6", ctypes.c_uint8(1))
+    elif v6 is not None:
+        obj.set_rodata("decap_src6", (ctypes.c_uint8 * 12)(*v6.network_address.packed[:12]))
+        obj.set_rodata("decap_no6", ctypes.c_uint8(0))
+
+
+def attach(dev: str, object_path: str | None = None, sources: list[str] = DEFAULT_FROM) -> str:
+    """Attach the decapsulation program to `dev`, taking outer sources in
+    `sources` (prefixes, or "any"); returns the XDP mode."""
+    sources = list(sources)
+    parse_from(sources)
     check_bpffs()
     d = pin_dir(dev)
     _drop_stale(d, _ifindex(dev))
@@ -65,6 +106,7 @@ def attach(dev: str, object_path: str | None = None) -> str:
     idx = _ifindex(dev)
     obj = BpfObject(object_path or default_object())
     try:
+        configure(obj, sources)
         obj.load()
         prog = obj.program(PROGRAM)
         link = None

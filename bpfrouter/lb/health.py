@@ -77,7 +77,13 @@ class HealthMonitor:
         self.on_change = on_change
         self.targets: dict[tuple, Target] = {}
         self.threads: dict[tuple, threading.Event] = {}
+        self.seeded: dict[tuple, bool] = {}     # the health a backend starts its checks with
         self.lock = threading.Lock()
+
+    def seed(self, service, addr: str, healthy: bool) -> None:
+        """Start (service, addr)'s checks from `healthy` (what an earlier
+        agent found), not from healthy."""
+        self.seeded[(service, addr)] = healthy
 
     def watch(self, service, addr: str, port: int, check: Check) -> None:
         """Probe (service, addr) with `check`; re-watching with another check restarts it."""
@@ -90,7 +96,7 @@ class HealthMonitor:
             if check.kind == "none":
                 self.targets.pop(key, None)
                 return
-            t = Target(service, addr, port, check, healthy=t.healthy if t else True)
+            t = Target(service, addr, port, check, healthy=t.healthy if t else self.seeded.pop(key, True))
             self.targets[key] = t
             stop = self.threads[key] = threading.Event()
         threading.Thread(target=self._run, args=(t, stop), name=f"health {addr}", daemon=True).start()
@@ -115,7 +121,7 @@ class HealthMonitor:
 
     def healthy(self, service, addr: str) -> bool:
         t = self.targets.get((service, addr))
-        return t.healthy if t else True
+        return t.healthy if t else self.seeded.get((service, addr), True)
 
     def stop_all(self) -> None:
         with self.lock:
@@ -138,6 +144,7 @@ class HealthMonitor:
                     t.healthy, t.streak, t.changed_at = ok, 0, time.time()
                     try:
                         self.on_change(t)
-                    except Exception:  # the agent's business; the checks go on
+                    except Exception:  # not applied: the next probe tries again
+                        t.healthy = not ok
                         log.exception("applying a health change failed")
             stop.wait(max(0.0, c.interval - (time.monotonic() - started)))

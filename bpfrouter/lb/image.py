@@ -252,6 +252,13 @@ class LbImage:
         for (fam, packed), n in want.items():
             self.vips.update(vip_key(ipaddress.ip_address(packed)), u32(n))
 
+    def takes_connections(self, sid: ServiceId, addr: str) -> bool:
+        """Whether the backend's entry takes connections (healthy, or draining)."""
+        p = self.placed.get(sid)
+        if p is None or addr not in p.slots:
+            return True
+        return bool(self.backends.lookup(u32(p.slots[addr])).flags & lo.LB_BE_F_CONNS)
+
     def families(self) -> int:
         """The IFACE_F_LB* bits: families with a service."""
         bits = 0

@@ -198,6 +198,9 @@ def apply_options(svc: Service, words: list[str]) -> None:
         raise ServiceError(f"a service on every port needs `check-port P` for its {c.kind} check")
     if svc.id.proto == "udp" and c.kind in ("tcp", "http") and "check" not in words:
         c.kind = "udp" if c.payload else "none"
+    if svc.mode == "nat" and c.kind == "none":
+        raise ServiceError("mode nat needs a health check (its probes also keep each backend's neighbor "
+                           "resolved, which translated packets cannot leave to the kernel)")
 
 
 def parse_weight(words: list[str]) -> int:
@@ -207,3 +210,24 @@ def parse_weight(words: list[str]) -> int:
     if words[0] != "weight" or len(words) != 2:
         raise ServiceError(f"unexpected {' '.join(words)!r}: only `weight N` may follow the backend")
     return _number(words, 0, "weight", 0, MAX_WEIGHT)
+
+
+BACKEND_USAGE = {"add": "ADDR [weight N]", "del": "ADDR", "weight": "ADDR N", "drain": "ADDR"}
+
+
+def parse_backend_change(op: str, words: list[str]) -> tuple[str, int | None]:
+    """`backend OP` words after the service: the backend's address and its
+    new weight (None: removed), all checked before anything changes."""
+    if not words:
+        raise ServiceError(f"which backend? `backend {op} SERVICE {BACKEND_USAGE[op]}`")
+    addr = str(parse_addr(words[0], "backend"))
+    rest = words[1:]
+    if op == "add":
+        return addr, parse_weight(rest)
+    if op == "weight":
+        if len(rest) != 1:
+            raise ServiceError(f"`backend weight SERVICE {BACKEND_USAGE['weight']}`")
+        return addr, parse_weight(["weight", rest[0]])
+    if rest:
+        raise ServiceError(f"unexpected {' '.join(rest)!r} after the backend: `backend {op} SERVICE ADDR`")
+    return addr, 0 if op == "drain" else None

@@ -85,6 +85,12 @@ class Held:
         self.proc.kill()
         self.proc.wait()
 
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
 
 @pytest.fixture(scope="module")
 def lb_lab():
@@ -161,19 +167,15 @@ def test_nat_service(lb_lab):
     assert sum(got.values()) == 200 and set(got) == {"b1", "b2"}, got
     s = ll.service(f"tcp {vip}:80")
     assert s["mode"] == "nat" and s["stats"]["replies"] >= 200 and s["stats"]["nat_port_busy"] == 0
-    held = ll.hold(f"http://{vip}", 20)
-    try:
+    with ll.hold(f"http://{vip}", 20) as held:
         assert held.again() == held.first
-    finally:
-        held.close()
     ll.lr.cli("service", "del", "tcp", f"{vip}:80")
 
 
 def test_backend_death_and_return(lb_lab):
     ll = lb_lab
     key = "tcp 10.0.100.1:80"
-    held = ll.hold(f"http://{VIP}", 60)
-    try:
+    with ll.hold(f"http://{VIP}", 60) as held:
         assert set(held.first) == {"b1", "b2", "b3"}, held.first
         killed_at = time.monotonic()
         ll.kill_server("b3")
@@ -193,46 +195,46 @@ def test_backend_death_and_return(lb_lab):
         ll.start_server("b3")
         assert wait_for(lambda: ll.backend_state(key, ll.addr("b3")) == "active", timeout=30, interval=0.05)
         assert "b3" in ll.curl(f"http://{VIP}", n=200)
-    finally:
-        held.close()
 
 
 def test_backend_added_keeps_connections(lb_lab):
     ll = lb_lab
-    held = ll.hold(f"http://{VIP}", 60)
-    try:
+    with ll.hold(f"http://{VIP}", 60) as held:
         ll.lr.cli("service", "backend", "add", "tcp", f"{VIP}:80", ll.addr("b4"), "weight", "4")
         s = ll.service("tcp 10.0.100.1:80")
         assert 0 < s["moved_last_change"] < 1
         assert held.again() == held.first, "an established connection moved"
         assert "b4" in ll.curl(f"http://{VIP}", n=100)
         # drained: held connections on it keep working, no new one goes there
-        held4 = ll.hold(f"http://{VIP}", 30)
-        try:
+        with ll.hold(f"http://{VIP}", 30) as held4:
             assert "b4" in held4.first
             ll.lr.cli("service", "backend", "drain", "tcp", f"{VIP}:80", ll.addr("b4"))
             assert held4.again() == held4.first
             assert "b4" not in ll.curl(f"http://{VIP}", n=100)
-        finally:
-            held4.close()
-    finally:
-        held.close()
+
+
+def definitions(services: list[dict]) -> list:
+    """What a restart must keep of each service: its definition, its
+    backends' states and their shares of the table."""
+    return [(s["service"], s["mode"], s["table_size"], s["check"],
+             [(b["address"], b["weight"], b["state"], b["share"]) for b in s["backends"]]) for s in services]
 
 
 def test_agent_restart_keeps_services_and_connections(lb_lab):
+    """Services, tables and health as the maps kept them: a backend that
+    was unhealthy stays out of the table until its checks say otherwise."""
     ll = lb_lab
-    held = ll.hold(f"http://{VIP}", 30)
-    try:
+    key = "tcp 10.0.100.1:80"
+    ll.kill_server("b2")
+    assert wait_for(lambda: ll.backend_state(key, ll.addr("b2")) == "unhealthy", timeout=30, interval=0.05)
+    with ll.hold(f"http://{VIP}", 30) as held:
         before = ll.lr.json("service", "show")
         ll.lr.cli("agent", "stop")
         ll.lr.cli("agent", "start")
-        after = ll.lr.json("service", "show")
-        assert [(s["service"], [(b["address"], b["weight"]) for b in s["backends"]], s["table_size"])
-                for s in after] == [(s["service"], [(b["address"], b["weight"]) for b in s["backends"]],
-                                     s["table_size"]) for s in before]
+        assert definitions(ll.lr.json("service", "show")) == definitions(before)
         assert held.again() == held.first
-    finally:
-        held.close()
+    ll.start_server("b2")
+    assert wait_for(lambda: ll.backend_state(key, ll.addr("b2")) == "active", timeout=30, interval=0.05)
 
 
 def test_bad_input_is_refused_in_one_line(lb_lab):
@@ -246,8 +248,10 @@ def test_bad_input_is_refused_in_one_line(lb_lab):
                  ["service", "backend", "add", "tcp", f"{VIP}:80", "10.0.11.2"],
                  ["service", "backend", "weight", "tcp", f"{VIP}:80", "10.0.11.2", "-3"],
                  ["service", "backend", "del", "tcp", f"{VIP}:81", "10.0.11.2"],
+                 ["service", "backend", "drain", "tcp", f"{VIP}:80", "10.0.11.2", "now"],
+                 ["service", "add", "udp", "10.0.100.3:53", "mode", "nat"],
                  ["service", "del", "udp", f"{VIP}:80"],
                  ["service", "set", "encap-source", "10.0.0.0/33"]):
         p = ll.lr.cli(*args, check=False)
         assert p.returncode != 0 and p.stderr.count("\n") == 1 and "Traceback" not in p.stderr, (args, p.stderr)
-    assert [s["service"] for s in ll.lr.json("service", "show")] == [s["service"] for s in before]
+    assert definitions(ll.lr.json("service", "show")) == definitions(before)

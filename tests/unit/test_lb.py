@@ -94,6 +94,25 @@ def test_options_and_their_errors():
     udp = Service(ServiceId("udp", "10.0.0.1", 53))
     apply_options(udp, [])
     assert udp.check.kind == "none", "a UDP service is not TCP-checked by default"
+    for bad in (["mode", "nat"], ["mode", "nat", "check", "none"]):  # NAT needs its checks
+        with pytest.raises(ServiceError, match="health check"):
+            apply_options(Service(ServiceId("udp", "10.0.0.1", 53)), bad)
+    with pytest.raises(ServiceError, match="no-affinity"):
+        apply_options(Service(ServiceId("tcp", "10.0.0.1", 80)), ["mode", "nat", "no-affinity"])
+    with pytest.raises(ServiceError):
+        apply_options(Service(ServiceId("tcp", "10.0.0.1", 80)), ["mode", "fullnat"])
+
+
+def test_backend_changes():
+    from bpfrouter.lb.service import parse_backend_change
+    assert parse_backend_change("add", ["10.0.0.2", "weight", "3"]) == ("10.0.0.2", 3)
+    assert parse_backend_change("drain", ["10.0.0.2"]) == ("10.0.0.2", 0)
+    assert parse_backend_change("del", ["2001:db8::2"]) == ("2001:db8::2", None)
+    assert parse_backend_change("weight", ["10.0.0.2", "0"]) == ("10.0.0.2", 0)
+    for op, words in (("drain", ["10.0.0.2", "now"]), ("del", ["10.0.0.2", "x"]), ("weight", ["10.0.0.2"]),
+                      ("add", []), ("add", ["host"]), ("weight", ["10.0.0.2", "1", "2"])):
+        with pytest.raises(ServiceError):
+            parse_backend_change(op, words)
 
 
 def test_weights():
