@@ -97,4 +97,87 @@ static __always_inline int nat_rewrite(struct pkt *p, const struct nat_rewrite *
 	return 0;
 }
 
+/* The sum's change when a 16-bit word goes from `from` to `to`. */
+static __always_inline __u32 csum_word(__u32 sum, __u16 from, __u16 to)
+{
+	return sum + (__u16)~from + to;
+}
+
+/* An ICMP error about a translated packet, translated the same way: the
+ * outer destination to `to_dst`, the quoted packet's addresses and ports
+ * to `quoted` (and the quoted headers' checksums with them), and the ICMP
+ * checksum for all of it (ICMPv6's covers the outer addresses too). q: the
+ * quoted IP header, ports: its L4 ports (both bounds-checked by the
+ * caller, 20 or 40 bytes and 4). */
+static __always_inline void nat_rewrite_icmp(struct pkt *p, void *q, __u16 *ports, const __u8 *to_dst,
+					      const struct nat_rewrite *quoted)
+{
+	void *end = p->data_end;
+	__u16 *icmp_sum = p->l4 + 2, *src, *dst, *qsum4 = NULL, *l4sum = NULL;
+	__u32 icmp = 0, outer = 0, addrs = 0, l4 = 0;
+	int words;
+	__u8 proto;
+
+	if (p->l4 + 4 > end)
+		return;
+	if (p->ip4) {
+		struct iphdr *in = q;
+
+		src = (__u16 *)&in->saddr;
+		dst = (__u16 *)&in->daddr;
+		qsum4 = (__u16 *)&in->check;
+		proto = in->protocol;
+		words = 2;
+		outer = csum_diff_words(0, (const __u16 *)&p->ip4->daddr, (const __u16 *)to_dst, 2);
+	} else if (p->ip6) {
+		struct ipv6hdr *in = q;
+
+		src = (__u16 *)&in->saddr;
+		dst = (__u16 *)&in->daddr;
+		proto = in->nexthdr;
+		words = 8;
+		outer = csum_diff_words(0, (const __u16 *)&p->ip6->daddr, (const __u16 *)to_dst, 8);
+	} else {
+		return;
+	}
+	addrs = csum_diff_words(addrs, src, (const __u16 *)quoted->saddr, words);
+	addrs = csum_diff_words(addrs, dst, (const __u16 *)quoted->daddr, words);
+	l4 = csum_word(addrs, ports[0], quoted->sport);
+	l4 = csum_word(l4, ports[1], quoted->dport);
+	icmp = l4;                      /* the quoted addresses and ports themselves */
+	if (proto == IPPROTO_UDP && (void *)(ports + 4) <= end)
+		l4sum = ports + 3;
+	else if (proto == IPPROTO_TCP && (void *)(ports + 9) <= end)
+		l4sum = ports + 8;
+	if (l4sum && !(proto == IPPROTO_UDP && p->ip4 && *l4sum == 0)) {
+		__u16 old = *l4sum, new = csum_apply(old, l4);
+
+		if (proto == IPPROTO_UDP && new == 0)
+			new = 0xffff;
+		icmp = csum_word(icmp, old, new);
+		*l4sum = new;
+	}
+	if (qsum4) {
+		__u16 old = *qsum4, new = csum_apply(old, addrs);
+
+		icmp = csum_word(icmp, old, new);
+		*qsum4 = new;
+	}
+	if (p->ip6)
+		icmp += outer;          /* ICMPv6's pseudo-header */
+	*icmp_sum = csum_apply(*icmp_sum, icmp);
+	if (p->ip4) {
+		p->ip4->check = csum_apply(p->ip4->check, outer);
+		__builtin_memcpy(&p->ip4->daddr, to_dst, 4);
+		__builtin_memcpy(src, quoted->saddr, 4);
+		__builtin_memcpy(dst, quoted->daddr, 4);
+	} else if (p->ip6) {
+		__builtin_memcpy(&p->ip6->daddr, to_dst, 16);
+		__builtin_memcpy(src, quoted->saddr, 16);
+		__builtin_memcpy(dst, quoted->daddr, 16);
+	}
+	ports[0] = quoted->sport;
+	ports[1] = quoted->dport;
+}
+
 #endif

@@ -14,8 +14,89 @@
 #include "../include/lb.h"
 #include "../include/encap.h"
 #include "../include/nat.h"
+#include "../include/kernelpolicy.h"
 
-/* The flow's key from the packet; 0 when it has none to balance on. */
+/* Per-CPU room for the NAT path's keys and rewrites: on the stack they
+ * would not fit the single program's 512 bytes. A stage runs to its end
+ * on its CPU, so the slot is this packet's while it is used. */
+struct lb_scratch {
+	struct lb_nat_key nk;
+	struct lb_nat rev;
+	struct nat_rewrite to;
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct lb_scratch);
+} lb_scratch SEC(".maps");
+
+static __always_inline struct lb_scratch *lb_scratch_get(void)
+{
+	__u32 zero = 0;
+	struct lb_scratch *sc = bpf_map_lookup_elem(&lb_scratch, &zero);
+
+	if (sc)
+		__builtin_memset(sc, 0, sizeof(*sc));
+	return sc;
+}
+
+/* A client's packet from a martian source is dropped before it is
+ * balanced, as the kernel drops it before IPVS sees it. */
+static __always_inline int lb_martian_source(const struct pkt *p, __u32 flags)
+{
+	if (p->ip4)
+		return martian4(bpf_ntohl(p->ip4->saddr), bpf_ntohl(p->ip4->daddr), flags) ==
+		       REASON_DROP_MARTIAN_SOURCE;
+	if (p->ip6)
+		return ipv6_is_loopback(&p->ip6->saddr) || ipv6_is_unspecified(&p->ip6->saddr) ||
+		       p->ip6->saddr.in6_u.u6_addr8[0] == 0xFF;
+	return 0;
+}
+
+#define LB_FLOW 1               /* the packet is the flow's */
+#define LB_ICMP_ERROR 2         /* an ICMP error about the flow's packet from the VIP */
+
+/* An ICMP error (unreachable, packet too big, time exceeded, parameter
+ * problem) quoting a packet from a VIP to its client: the key of the
+ * client's flow it is about, as Katran finds it, so it reaches the
+ * backend that sent that packet. */
+static __always_inline int lb_icmp_quoted_key(const struct pkt *p, struct lb_conn_key *k)
+{
+	void *q = p->l4 + 8, *end = p->data_end;
+	__u8 type = *(__u8 *)p->l4;
+	__be16 *ports;
+
+	if (p->ip4) {
+		struct iphdr *in = q;
+
+		if ((type != 3 && type != 11 && type != 12) || (void *)(in + 1) > end || in->version != 4 ||
+		    (in->frag_off & bpf_htons(0x1FFF)))
+			return 0;
+		ports = q + ((in->ihl & 0xf) << 2);
+		__builtin_memcpy(k->saddr, &in->daddr, 4);
+		__builtin_memcpy(k->daddr, &in->saddr, 4);
+		k->proto = in->protocol;
+	} else {
+		struct ipv6hdr *in = q;
+
+		if (type < 1 || type > 4 || (void *)(in + 1) > end)
+			return 0;
+		ports = (void *)(in + 1);
+		__builtin_memcpy(k->saddr, &in->daddr, 16);
+		__builtin_memcpy(k->daddr, &in->saddr, 16);
+		k->proto = in->nexthdr;
+	}
+	if ((k->proto != IPPROTO_TCP && k->proto != IPPROTO_UDP) || (void *)(ports + 2) > end)
+		return 0;
+	k->sport = ports[1];
+	k->dport = ports[0];
+	return LB_ICMP_ERROR;
+}
+
+/* The flow's key from the packet: LB_FLOW, LB_ICMP_ERROR, or 0 when it
+ * has none to balance on. */
 static __always_inline int lb_flow_key(const struct pkt *p, struct lb_conn_key *k)
 {
 	if (p->ip4) {
@@ -30,13 +111,17 @@ static __always_inline int lb_flow_key(const struct pkt *p, struct lb_conn_key *
 		return 0;
 	}
 	k->proto = p->l4_proto;
-	if ((p->l4_proto != IPPROTO_TCP && p->l4_proto != IPPROTO_UDP) || !p->l4 || p->fragment)
+	if (!p->l4 || p->fragment)
+		return 0;
+	if ((p->ip4 && p->l4_proto == IPPROTO_ICMP) || (p->ip6 && p->l4_proto == IPPROTO_ICMPV6))
+		return lb_icmp_quoted_key(p, k);
+	if (p->l4_proto != IPPROTO_TCP && p->l4_proto != IPPROTO_UDP)
 		return 0;
 	if (p->l4 + 4 > p->data_end)
 		return 0;
 	k->sport = ((__be16 *)p->l4)[0];
 	k->dport = ((__be16 *)p->l4)[1];
-	return 1;
+	return LB_FLOW;
 }
 
 /* Is the destination a VIP at all (for what carries no ports to match)? */
@@ -66,9 +151,9 @@ static __always_inline struct lb_service *lb_service_of(const struct lb_conn_key
 }
 
 /* The flow's backend: its connection's while that backend takes the
- * service's connections, else the ring's, learned unless flooding.
- * Returns the slot, 0 for none. */
-static __always_inline __u32 lb_pick(const struct packet_ctx *pc, const struct lb_conn_key *k,
+ * service's connections, else the ring's, learned unless flooding (or
+ * `learn` is 0: a probe, an ICMP error). Returns the slot, 0 for none. */
+static __always_inline __u32 lb_pick(int learn, const struct lb_conn_key *k,
 				     const struct lb_service *svc, const struct lb_config *cfg,
 				     struct lb_stat *st, __u32 hash)
 {
@@ -93,7 +178,7 @@ static __always_inline __u32 lb_pick(const struct packet_ctx *pc, const struct l
 	be = lb_backend_of(*slot, svc->id);
 	if (!be)
 		return 0;
-	if (pc->probe)
+	if (!learn)
 		return *slot;
 	st->new_flows++;
 	if (svc->flags & LB_SVC_F_NO_AFFINITY)
@@ -141,40 +226,44 @@ static __always_inline __be16 lb_nat_port(const struct packet_ctx *pc, const str
 					  const struct lb_backend *be, __u32 svc_id, __u32 hash, struct lb_stat *st)
 {
 	struct lb_conn *c = bpf_map_lookup_elem(&lb_conns, k);
-	struct lb_nat_key nk = {};
-	struct lb_nat rev = {};
+	struct lb_scratch *sc;
+	struct lb_nat_key *nk;
+	struct lb_nat *rev;
 
 	if (pc->probe)          /* a probe learns nothing: any port shows the translation */
 		return c && c->nat_port ? c->nat_port : bpf_htons(NAT_PORT_FIRST);
-	if (!c)
+	sc = lb_scratch_get();
+	if (!c || !sc)
 		return 0;
-	__builtin_memcpy(nk.backend, be->addr, 16);
-	__builtin_memcpy(nk.nat_src, be->nat_src, 16);
-	nk.backend_port = k->dport;
-	nk.proto = k->proto;
-	nk.family = k->family;
-	__builtin_memcpy(rev.client, k->saddr, 16);
-	__builtin_memcpy(rev.vip, k->daddr, 16);
-	rev.client_port = k->sport;
-	rev.vip_port = k->dport;
-	rev.service = svc_id;
+	nk = &sc->nk;
+	rev = &sc->rev;
+	__builtin_memcpy(nk->backend, be->addr, 16);
+	__builtin_memcpy(nk->nat_src, be->nat_src, 16);
+	nk->backend_port = k->dport;
+	nk->proto = k->proto;
+	nk->family = k->family;
+	__builtin_memcpy(rev->client, k->saddr, 16);
+	__builtin_memcpy(rev->vip, k->daddr, 16);
+	rev->client_port = k->sport;
+	rev->vip_port = k->dport;
+	rev->service = svc_id;
 	if (c->nat_port) {
-		nk.nat_port = c->nat_port;
-		if (!bpf_map_lookup_elem(&lb_nat, &nk))   /* evicted: the way back again */
-			bpf_map_update_elem(&lb_nat, &nk, &rev, BPF_ANY);
+		nk->nat_port = c->nat_port;
+		if (!bpf_map_lookup_elem(&lb_nat, nk))    /* evicted: the way back again */
+			bpf_map_update_elem(&lb_nat, nk, rev, BPF_ANY);
 		return c->nat_port;
 	}
 #pragma unroll
 	for (int i = 0; i < NAT_PORT_TRIES; i++) {
 		struct lb_nat *taken;
 
-		nk.nat_port = bpf_htons(NAT_PORT_FIRST + (hash + i * 40503U) % (NAT_PORT_END - NAT_PORT_FIRST));
-		taken = bpf_map_lookup_elem(&lb_nat, &nk);
+		nk->nat_port = bpf_htons(NAT_PORT_FIRST + (hash + i * 40503U) % (NAT_PORT_END - NAT_PORT_FIRST));
+		taken = bpf_map_lookup_elem(&lb_nat, nk);
 		if (taken && !lb_nat_same_flow(taken, k))
 			continue;
-		if (taken || !bpf_map_update_elem(&lb_nat, &nk, &rev, BPF_NOEXIST)) {
-			c->nat_port = nk.nat_port;
-			return nk.nat_port;
+		if (taken || !bpf_map_update_elem(&lb_nat, nk, rev, BPF_NOEXIST)) {
+			c->nat_port = nk->nat_port;
+			return nk->nat_port;
 		}
 	}
 	st->nat_port_busy++;
@@ -186,15 +275,76 @@ static __always_inline __be16 lb_nat_port(const struct packet_ctx *pc, const str
 static __always_inline int lb_nat_forward(struct packet_ctx *pc, struct pkt *p, const struct lb_conn_key *k,
 					  const struct lb_backend *be, __be16 port)
 {
-	struct nat_rewrite to = {};
+	struct lb_scratch *sc = lb_scratch_get();
+	struct nat_rewrite *to;
 
-	__builtin_memcpy(to.saddr, be->nat_src, 16);
-	__builtin_memcpy(to.daddr, be->addr, 16);
-	to.sport = port;
-	to.dport = k->dport;
-	if (nat_rewrite(p, &to))
+	if (!sc)
+		return REASON_PASS_LB_ENCAP_FAILED;
+	to = &sc->to;
+	__builtin_memcpy(to->saddr, be->nat_src, 16);
+	__builtin_memcpy(to->daddr, be->addr, 16);
+	to->sport = port;
+	to->dport = k->dport;
+	if (nat_rewrite(p, to))
 		return REASON_PASS_LB_ENCAP_FAILED;
 	pc->flags |= PCTX_F_LB | PCTX_F_LB_SNAT;
+	return STAGE_TO_FIB;
+}
+
+/* The translated flow a packet from a backend to the router belongs to. */
+static __always_inline struct lb_nat *lb_nat_of_reply(struct lb_scratch *sc, const struct lb_conn_key *k)
+{
+	struct lb_nat_key *nk = &sc->nk;
+
+	__builtin_memcpy(nk->backend, k->saddr, 16);
+	__builtin_memcpy(nk->nat_src, k->daddr, 16);
+	nk->backend_port = k->sport;
+	nk->nat_port = k->dport;
+	nk->proto = k->proto;
+	nk->family = k->family;
+	return bpf_map_lookup_elem(&lb_nat, nk);
+}
+
+/* NAT: an ICMP error to the router's address about a translated packet
+ * toward a backend (the backend's port unreachable, a hop's fragmentation
+ * needed) goes to the client, about the packet the client sent. k: the
+ * quoted packet's flow, reversed (lb_icmp_quoted_key). STAGE_NEXT: not
+ * about a translated flow. */
+static __always_inline int lb_nat_icmp_back(struct packet_ctx *pc, struct pkt *p, const struct lb_conn_key *k)
+{
+	struct lb_scratch *sc = lb_scratch_get();
+	void *q = p->l4 + 8, *end = p->data_end;
+	struct nat_rewrite *to;
+	struct lb_nat *rev;
+	__u16 *ports;
+
+	if (!sc)
+		return STAGE_NEXT;
+	rev = lb_nat_of_reply(sc, k);
+	if (!rev)
+		return STAGE_NEXT;
+	to = &sc->to;
+	if (p->ip4) {
+		struct iphdr *in = q;
+
+		if ((void *)(in + 1) > end)
+			return STAGE_NEXT;
+		ports = q + ((in->ihl & 0xf) << 2);
+	} else {
+		struct ipv6hdr *in = q;
+
+		if ((void *)(in + 1) > end)
+			return STAGE_NEXT;
+		ports = (void *)(in + 1);
+	}
+	if ((void *)(ports + 2) > end)
+		return STAGE_NEXT;
+	__builtin_memcpy(to->saddr, rev->client, 16);
+	__builtin_memcpy(to->daddr, rev->vip, 16);
+	to->sport = rev->client_port;
+	to->dport = rev->vip_port;
+	nat_rewrite_icmp(p, q, ports, rev->client, to);
+	pc->flags |= PCTX_F_LB;
 	return STAGE_TO_FIB;
 }
 
@@ -202,30 +352,27 @@ static __always_inline int lb_nat_forward(struct packet_ctx *pc, struct pkt *p, 
  * VIP as its source. STAGE_NEXT: not one. */
 static __always_inline int lb_nat_reply(struct packet_ctx *pc, struct pkt *p, const struct lb_conn_key *k)
 {
-	struct lb_nat_key nk = {};
-	struct nat_rewrite to = {};
+	struct lb_scratch *sc = lb_scratch_get();
+	struct nat_rewrite *to;
 	struct lb_nat *rev;
 	struct lb_stat *st;
 
-	__builtin_memcpy(nk.backend, k->saddr, 16);
-	__builtin_memcpy(nk.nat_src, k->daddr, 16);
-	nk.backend_port = k->sport;
-	nk.nat_port = k->dport;
-	nk.proto = k->proto;
-	nk.family = k->family;
-	rev = bpf_map_lookup_elem(&lb_nat, &nk);
+	if (!sc)
+		return STAGE_NEXT;
+	rev = lb_nat_of_reply(sc, k);
 	if (!rev)
 		return STAGE_NEXT;
-	__builtin_memcpy(to.saddr, rev->vip, 16);
-	__builtin_memcpy(to.daddr, rev->client, 16);
-	to.sport = rev->vip_port;
-	to.dport = rev->client_port;
+	to = &sc->to;
+	__builtin_memcpy(to->saddr, rev->vip, 16);
+	__builtin_memcpy(to->daddr, rev->client, 16);
+	to->sport = rev->vip_port;
+	to->dport = rev->client_port;
 	if (!pc->probe) {
 		st = bpf_map_lookup_elem(&lb_service_stats, &rev->service);
 		if (st)
 			st->replies++;
 	}
-	if (nat_rewrite(p, &to))
+	if (nat_rewrite(p, to))
 		return REASON_PASS_LB_ENCAP_FAILED;
 	pc->flags |= PCTX_F_LB;
 	return STAGE_TO_FIB;
@@ -241,11 +388,13 @@ static __always_inline int lb_stage(struct xdp_md *ctx, struct packet_ctx *pc)
 	struct counter *bc;
 	struct pkt p = {};
 	__u32 zero = 0, hash, slot, grow, svc_slot;
+	int kind;
 	int reason = pkt_restore(ctx, pc, &p);
 
 	if (reason >= 0)
 		return reason;
-	if (!lb_flow_key(&p, &k)) {
+	kind = lb_flow_key(&p, &k);
+	if (!kind) {
 		if (k.family && (p.fragment || k.proto == IPPROTO_FRAGMENT) && lb_is_vip(&k))
 			return REASON_PASS_LB_FRAGMENT;
 		return route_start(pc, !!p.ip4);
@@ -254,6 +403,14 @@ static __always_inline int lb_stage(struct xdp_md *ctx, struct packet_ctx *pc)
 	cfg = bpf_map_lookup_elem(&lb_config, &zero);
 	if (!cfg)
 		return route_start(pc, !!p.ip4);
+	if (kind == LB_ICMP_ERROR && (!svc || (svc->flags & LB_SVC_F_NAT))) {
+		if (!svc && cfg->nat_services) {
+			reason = lb_nat_icmp_back(pc, &p, &k);
+			if (reason != STAGE_NEXT)
+				return reason;
+		}
+		return route_start(pc, !!p.ip4);    /* about no flow of ours */
+	}
 	if (!svc) {
 		if (cfg->nat_services) {
 			reason = lb_nat_reply(pc, &p, &k);
@@ -262,6 +419,8 @@ static __always_inline int lb_stage(struct xdp_md *ctx, struct packet_ctx *pc)
 		}
 		return route_start(pc, !!p.ip4);
 	}
+	if (kind == LB_FLOW && lb_martian_source(&p, pc->iface_flags))
+		return REASON_DROP_MARTIAN_SOURCE;
 	/* a probe counts into slot 0, which no service has (a stack copy would
 	 * take stack the inlined single program lacks) */
 	svc_slot = pc->probe ? 0 : svc->id;
@@ -269,7 +428,7 @@ static __always_inline int lb_stage(struct xdp_md *ctx, struct packet_ctx *pc)
 	if (!st)
 		return route_start(pc, !!p.ip4);
 	hash = lb_flow_hash(&k);
-	slot = lb_pick(pc, &k, svc, cfg, st, hash);
+	slot = lb_pick(!pc->probe && kind == LB_FLOW, &k, svc, cfg, st, hash);
 	be = slot ? bpf_map_lookup_elem(&lb_backends, &slot) : NULL;
 	if (!be) {
 		st->no_backend++;

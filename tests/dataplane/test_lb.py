@@ -17,8 +17,8 @@ import struct
 from collections import Counter
 
 import pytest
-from scapy.layers.inet import IP, TCP, UDP
-from scapy.layers.inet6 import IPv6
+from scapy.layers.inet import ICMP, IP, TCP, UDP
+from scapy.layers.inet6 import ICMPv6DestUnreach, ICMPv6PacketTooBig, IPv6
 from scapy.layers.l2 import Ether
 from scapy.packet import Raw
 
@@ -125,6 +125,19 @@ CASES = [
      (XDP_REDIRECT, "FWD_IPV4"), encapsulated(4, BE4[1], 4)),
     ("a fragment to a VIP is the kernel's", lambda: tcp4(80, frag="MF"),
      (XDP_PASS, "PASS_LB_FRAGMENT"), None),
+    ("fragmentation needed about the VIP's reply goes to the flow's backend",
+     lambda: bytes(Ether() / IP(src="10.20.1.1", dst=VIP4) / ICMP(type=3, code=4, nexthopmtu=1400) /
+                   IP(src=VIP4, dst=CLIENT, ttl=60) / TCP(sport=80, dport=40000, flags="SA")),
+     (XDP_REDIRECT, "FWD_IPV4"), encapsulated(4, BE4[0], 4)),
+    ("packet too big about the VIP's reply goes to the flow's backend",
+     lambda: bytes(Ether() / IPv6(src="fd20::1:1", dst=VIP6) / ICMPv6PacketTooBig(mtu=1280) /
+                   IPv6(src=VIP6, dst="fd01::2") / TCP(sport=443, dport=1000, flags="SA")),
+     (XDP_REDIRECT, "FWD_IPV6"), encapsulated(6, BE6, 6)),
+    ("a martian source to a VIP is dropped, as the kernel drops it before IPVS",
+     lambda: bytes(Ether() / IP(src="127.0.0.9", dst=VIP4) / TCP(sport=1, dport=80)),
+     (XDP_DROP, "DROP_MARTIAN_SOURCE"), None),
+    ("an echo request to a VIP is routed", lambda: bytes(Ether() / IP(src=CLIENT, dst=VIP4) / ICMP()),
+     (XDP_REDIRECT, "FWD_IPV4"), lambda env, sent, out: Ether(out)[IP].proto == 1 or pytest.fail("encapsulated")),
     ("service whose only backend is unhealthy", lambda: tcp4(81),
      (XDP_DROP, "DROP_LB_NO_BACKEND"), None),
     ("backend's neighbor unresolved: the encapsulated packet is the kernel's", lambda: tcp4(82),
@@ -195,6 +208,30 @@ def test_nat_both_ways(env, lb, mode, case):
     assert (back[IPX].src, back[IPX].dst, back[L4].sport, back[L4].dport) == (vip, client, 90, 40001)
     assert bytes(back[L4].payload) == b"response"
     checksums_valid(back)
+    # an ICMP error about the translated packet, from the backend to the
+    # router: to the client, about the packet the client sent
+    ICMPX = ICMP(type=3, code=3) if v == 4 else ICMPv6DestUnreach(code=4)
+    err = Ether(dst=env.if1_mac, src=MAC_GW if v == 4 else MAC_GW6) / IPX(src=backend, dst=nat_src) / ICMPX / \
+        bytes(out[IPX])
+    r = run_packet(env, mode, bytes(err), iif="dpt1")
+    assert (r.action, r.reason.name) == (XDP_REDIRECT, f"FWD_IPV{v}")
+    got = Ether(r.out)
+    assert (got[IPX].src, got[IPX].dst) == (backend, client)
+    as_sent = Ether(bytes(sent))[IPX].copy()   # what the client sent, as the backend got it: one hop older
+    if v == 4:
+        as_sent.ttl -= 1
+        del as_sent.chksum
+    else:
+        as_sent.hlim -= 1
+    icmp_layer = ICMP if v == 4 else ICMPv6DestUnreach
+    assert bytes(got[icmp_layer].payload) == bytes(as_sent.__class__(bytes(as_sent))), "the quoted packet"
+    again = got.copy()
+    if v == 4:
+        del again[ICMP].chksum
+        del again[IP].chksum
+    else:
+        del again[icmp_layer].cksum
+    assert bytes(Ether(bytes(again))) == bytes(got), "outer and ICMP checksums"
     # to the router's address on a port no flow was given: not translated, routed as it is
     stray = Ether(dst=env.if1_mac, src=MAC_GW) / IPX(src=backend, dst=nat_src) / L4(sport=90, dport=port ^ 1)
     r = run_packet(env, mode, bytes(stray), iif="dpt1")

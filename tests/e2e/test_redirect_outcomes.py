@@ -15,6 +15,7 @@ import sys
 import pytest
 
 from bpfrouter import xmit
+from bpfrouter.bpf import Link
 from bpfrouter.datapath import PIN_ROOT, Datapath
 from bpfrouter.lab import Lab
 from bpfrouter.observe import read_counters
@@ -115,9 +116,12 @@ def test_redirects_into_a_peer_without_napi_are_counted_lost(lab):
     # pinned with the router (they count while no agent runs), gone with `down`
     pins = {p.name for p in (PIN_ROOT / lab.name).iterdir()}
     assert {"xmit_counters", "tp_xmit_devmap_xmit", "tp_xmit_redirect_err", "tp_xmit_exception"} <= pins
-    ids = subprocess.run(["bpftool", "-j", "prog", "show"], capture_output=True, text=True, check=True).stdout
-    mine = [p["id"] for p in json.loads(ids) if p.get("name", "").startswith("xmit_")]
-    assert len(mine) >= 3
+    mine = []  # this router's tracepoint programs (others may run beside it), through its pinned links
+    for pin in sorted((PIN_ROOT / lab.name).glob("tp_xmit_*")):
+        link = Link.pinned(str(pin))
+        mine.append(link.info().prog_id)
+        link.close()
+    assert len(mine) == 3
     c.dp.close()
     bpfrouter_cmd("down", "--name", lab.name, check=True)
     left = {p["id"] for p in json.loads(subprocess.run(["bpftool", "-j", "prog", "show"], capture_output=True,
