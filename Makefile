@@ -19,13 +19,9 @@ build/%.bpf.o: bpf/%.bpf.c $(BPF_HDRS) bpf/router.bpf.c
 	@mkdir -p build
 	$(CLANG) $(BPF_CFLAGS) -c $< -o $@
 
-# Two workers: the end-to-end tests, which wait on namespaces and daemons more
-# than they compute, one after another on one (tests/e2e/conftest.py groups
-# them); the data-plane and unit tests beside them on the other.
-TEST_WORKERS ?= 2
 test: deps
 	@$(MAKE) --no-print-directory build
-	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadgroup $(PYTEST_ARGS)
+	@PY=$(PY) scripts/run-tests.sh $(PYTEST_ARGS)
 
 test-unit test-dataplane test-e2e: deps
 	@$(MAKE) --no-print-directory build

@@ -43,6 +43,13 @@ def serve(name: str, port: int) -> None:
             self.socket.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
             super().server_bind()
 
+        def handle_error(self, request, client_address):
+            """A client that went away (a reset, a closed pipe) is no error
+            worth a traceback; anything else is one line."""
+            err = sys.exc_info()[1]
+            if not isinstance(err, (ConnectionResetError, BrokenPipeError)):
+                print(f"labhttp: {client_address[0]}: {type(err).__name__}: {err}", file=sys.stderr)
+
     srv = Server(("::", port), Handler)
     print("listening", flush=True)
     srv.serve_forever()

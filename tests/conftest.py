@@ -47,12 +47,6 @@ def pytest_collection_modifyitems(config, items):
                     returncode=1)
     for item in bpf_items:
         item.add_marker(needs_bpf)
-    # With pytest-xdist (`make test`: -n 2 --dist loadgroup), the end-to-end
-    # tests run one after another on one worker: they share module-scoped
-    # labs and the demo's fixed names; the rest spreads over the others.
-    for item in items:
-        if "/e2e/" in str(item.fspath):
-            item.add_marker(pytest.mark.xdist_group("lab"))
 
 
 @pytest.hookimpl(wrapper=True)

@@ -291,10 +291,17 @@ static __always_inline int lb_nat_forward(struct packet_ctx *pc, struct pkt *p, 
 	return STAGE_TO_FIB;
 }
 
-/* The translated flow a packet from a backend to the router belongs to. */
-static __always_inline struct lb_nat *lb_nat_of_reply(struct lb_scratch *sc, const struct lb_conn_key *k)
+/* The translated flow a packet from a backend to the router belongs to
+ * (NULL: none), and the scratch room to rewrite it with. */
+static __always_inline struct lb_nat *lb_nat_of_reply(const struct lb_conn_key *k, struct lb_scratch **scp)
 {
-	struct lb_nat_key *nk = &sc->nk;
+	struct lb_scratch *sc = lb_scratch_get();
+	struct lb_nat_key *nk;
+
+	if (!sc)
+		return NULL;
+	*scp = sc;
+	nk = &sc->nk;
 
 	__builtin_memcpy(nk->backend, k->saddr, 16);
 	__builtin_memcpy(nk->nat_src, k->daddr, 16);
@@ -312,16 +319,13 @@ static __always_inline struct lb_nat *lb_nat_of_reply(struct lb_scratch *sc, con
  * about a translated flow. */
 static __always_inline int lb_nat_icmp_back(struct packet_ctx *pc, struct pkt *p, const struct lb_conn_key *k)
 {
-	struct lb_scratch *sc = lb_scratch_get();
 	void *q = p->l4 + 8, *end = p->data_end;
+	struct lb_scratch *sc = NULL;
+	struct lb_nat *rev = lb_nat_of_reply(k, &sc);
 	struct nat_rewrite *to;
-	struct lb_nat *rev;
 	__u16 *ports;
 
-	if (!sc)
-		return STAGE_NEXT;
-	rev = lb_nat_of_reply(sc, k);
-	if (!rev)
+	if (!rev || !sc)
 		return STAGE_NEXT;
 	to = &sc->to;
 	if (p->ip4) {
@@ -352,15 +356,12 @@ static __always_inline int lb_nat_icmp_back(struct packet_ctx *pc, struct pkt *p
  * VIP as its source. STAGE_NEXT: not one. */
 static __always_inline int lb_nat_reply(struct packet_ctx *pc, struct pkt *p, const struct lb_conn_key *k)
 {
-	struct lb_scratch *sc = lb_scratch_get();
+	struct lb_scratch *sc = NULL;
+	struct lb_nat *rev = lb_nat_of_reply(k, &sc);
 	struct nat_rewrite *to;
-	struct lb_nat *rev;
 	struct lb_stat *st;
 
-	if (!sc)
-		return STAGE_NEXT;
-	rev = lb_nat_of_reply(sc, k);
-	if (!rev)
+	if (!rev || !sc)
 		return STAGE_NEXT;
 	to = &sc->to;
 	__builtin_memcpy(to->saddr, rev->vip, 16);

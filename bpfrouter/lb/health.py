@@ -34,7 +34,9 @@ def probe(check: Check, addr: str, port: int) -> tuple[bool, str]:
             conn = http.client.HTTPConnection(addr, port, timeout=check.timeout)
             try:
                 conn.request("GET", check.path, headers={"User-Agent": "bpfrouter-health"})
-                status = conn.getresponse().status
+                resp = conn.getresponse()
+                resp.read()     # all of it: closing with unread bytes would reset the connection
+                status = resp.status
             finally:
                 conn.close()
             return status == check.status, f"HTTP {status}"
