@@ -142,6 +142,38 @@ def frame_summary(frame: bytes) -> str:
         return f"{len(frame)} bytes (not decodable)"
 
 
+def _ip_header(f: bytes, off: int):
+    """(family, protocol, source, destination, header length) of the IP header at off, or None."""
+    if len(f) > off and f[off] >> 4 == 4 and len(f) >= off + 20:
+        return 4, f[off + 9], ipaddress.ip_address(f[off + 12:off + 16]), ipaddress.ip_address(f[off + 16:off + 20]), \
+            (f[off] & 15) * 4
+    if len(f) > off and f[off] >> 4 == 6 and len(f) >= off + 40:
+        return 6, f[off + 6], ipaddress.ip_address(f[off + 8:off + 24]), ipaddress.ip_address(f[off + 24:off + 40]), 40
+    return None
+
+
+ENCAP_NAMES = {(4, 4): "IPIP", (4, 6): "IPv6 in IPv4", (6, 4): "IPv4 in IPv6", (6, 6): "IPv6 in IPv6"}
+
+
+def lb_decision(frame: bytes, output: bytes, l3_off: int) -> dict | None:
+    """What the load balancer did to a redirected packet, read off the frame
+    that left (the lb stage takes untagged frames only): an outer header in
+    front of the client's packet (dsr), or its addresses rewritten (nat)."""
+    a, b = _ip_header(frame, l3_off), _ip_header(output, 14)
+    if not a or not b:
+        return None
+    inner = _ip_header(output, 14 + b[4])
+    if b[1] in (4, 41) and inner and output[14 + b[4]:14 + b[4] + 20] == frame[l3_off:l3_off + 20]:
+        return {"mode": "dsr", "backend": str(b[3]), "encap": ENCAP_NAMES[(b[0], a[0])],
+                "outer_source": str(b[2])}
+    if b[0] == a[0] and b[1] == a[1] and (b[2], b[3]) != (a[2], a[3]):
+        l4 = output[14 + b[4]:]
+        return {"mode": "nat", "backend": str(b[3]), "source": str(b[2]),
+                "source_port": int.from_bytes(l4[0:2], "big") if len(l4) >= 4 else None,
+                "backend_port": int.from_bytes(l4[2:4], "big") if len(l4) >= 4 else None}
+    return None
+
+
 def explain(dp: Datapath, frame: bytes, iif: int, fib_mode: str, fib_impl: str) -> dict:
     """The decision path of `frame` arriving on `iif`, as a JSON-ready dict."""
     out, res = run_probe(dp, frame, iif)
@@ -160,14 +192,19 @@ def explain(dp: Datapath, frame: bytes, iif: int, fib_mode: str, fib_impl: str) 
         src = ipaddress.ip_address(frame[out.l3_off + a:out.l3_off + a + n])
         dst = ipaddress.ip_address(frame[out.l3_off + a + n:out.l3_off + a + 2 * n])
         parse.update(src=str(src), dst=str(dst), ttl=frame[out.l3_off + (8 if family == 4 else 7)])
-    if out.l4_off:
-        name = L4_NAMES.get(out.l4_proto, str(out.l4_proto))
+    lb = lb_decision(frame, res.data, out.l3_off) if reason.verdict == "redirect" and out.l3_off else None
+    l4_off, l4_proto = out.l4_off, out.l4_proto
+    if lb and lb["mode"] == "dsr":  # the context describes the outer packet: the client's, from its own header
+        hdr = _ip_header(frame, out.l3_off)
+        l4_off, l4_proto = out.l3_off + hdr[4], hdr[1]
+    if l4_off:
+        name = L4_NAMES.get(l4_proto, str(l4_proto))
         layers.append(name)
-        parse.update(l4_offset=out.l4_off, proto=name)
-        l4 = frame[out.l4_off:]
-        if out.l4_proto in (6, 17) and len(l4) >= 4:
+        parse.update(l4_offset=l4_off, proto=name)
+        l4 = frame[l4_off:]
+        if l4_proto in (6, 17) and len(l4) >= 4:
             parse.update(sport=int.from_bytes(l4[0:2], "big"), dport=int.from_bytes(l4[2:4], "big"))
-        if out.l4_proto == 6 and len(l4) >= 14:
+        if l4_proto == 6 and len(l4) >= 14:
             parse["tcp_flags"] = tcp_flags_str(l4[13])
     parse["layers"] = layers
     result: dict = {
@@ -177,6 +214,7 @@ def explain(dp: Datapath, frame: bytes, iif: int, fib_mode: str, fib_impl: str) 
         "xdp_action": XDP_ACTIONS.get(res.retval, str(res.retval)),
         "egress": ifname(out.egress_ifindex) if out.egress_ifindex else None, "output": None,
     }
+    result["lb"] = lb
     rule = rule_choice(dp, out, family) if out.l3_off else None
     result["rule"] = rule
     if out.route_type or reason in (lo.Reason.PASS_FIB_MISS,):
@@ -187,8 +225,9 @@ def explain(dp: Datapath, frame: bytes, iif: int, fib_mode: str, fib_impl: str) 
             table = rule["table"] if rule and rule["table"] not in (None, "main", "local") else \
                 "local" if rtype == "local" else "main"
             fib.update(type=rtype, table=table)
-            if out.route_proto and dst is not None:
-                fib["prefix"] = str(ipaddress.ip_network(f"{dst}/{out.prefixlen}", strict=False))
+            routed = ipaddress.ip_address(lb["backend"]) if lb else dst  # the balanced packet goes to its backend
+            if out.route_proto and routed is not None:
+                fib["prefix"] = str(ipaddress.ip_network(f"{routed}/{out.prefixlen}", strict=False))
                 fib["proto"] = lo.proto_name(out.route_proto)
         result["fib"] = fib
     result["ecmp"] = ecmp_choice(dp, out)
@@ -198,7 +237,7 @@ def explain(dp: Datapath, frame: bytes, iif: int, fib_mode: str, fib_impl: str) 
         result["nexthop"] = {"id": out.nh_id, "gateway": str(nh.gateway) if nh and nh.gateway else None,
                              "dev": ifname(nh.ifindex) if nh else None}
         if nh is not None:
-            via = nh.gateway if nh.gateway else dst
+            via = nh.gateway if nh.gateway else ipaddress.ip_address(lb["backend"]) if lb else dst
             result["neighbor"] = {"address": str(via) if via else None, "found": bool(out.flags & lo.PROBE_F_NEIGH),
                                   "lladdr": mac_str(res.data[0:6]) if reason.verdict == "redirect" else None}
     if reason.verdict == "redirect":
@@ -219,6 +258,11 @@ def explain_lines(r: dict) -> list[str]:
         if p.get("tcp_flags"):
             parse += f" [{p['tcp_flags']}]"
     lines.append(f"parse    {parse}")
+    if r.get("lb"):
+        b = r["lb"]
+        lines.append(f"lb       {p.get('proto')} {p['dst']}.{p.get('dport')}: backend {b['backend']}, " +
+                     (f"dsr ({b['encap']}, outer source {b['outer_source']})" if b["mode"] == "dsr" else
+                      f"nat (source {b['source']}.{b['source_port']})"))
     if r.get("rule"):
         lines.append(f"rule     {rule_text(r['rule'])}")
     if r["fib"]:

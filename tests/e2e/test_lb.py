@@ -140,6 +140,13 @@ def test_requests_spread_by_weight(lb_lab):
     assert abs(s["max_over_avg_load"] - 1) < 0.05
     decap = json.loads(bpfrouter_cmd("decap", "show", "b2-eth0", "-j", netns=ll.lab.ns("b2")).stdout)
     assert decap["v4_in_v4"] >= got["b2"] and decap["failed"] == 0
+    # explain names the backend the flow gets, and routes the outer packet to it
+    flow = ["tcp", f"{ll.addr('h1')}:40000", ">", f"{VIP}:80", "iif", "r-eth0"]
+    ex = ll.lr.json("explain", *flow)
+    backends = {ll.addr(b): b for b in ("b1", "b2", "b3")}
+    assert ex["lb"]["mode"] == "dsr" and ex["lb"]["backend"] in backends and ex["lb"]["encap"] == "IPIP", ex
+    assert ex["fib"]["prefix"] == f"{ex['lb']['backend'].rsplit('.', 1)[0]}.0/24" and ex["parse"]["dport"] == 80
+    assert f"lb       tcp {VIP}.80: backend {ex['lb']['backend']}, dsr (IPIP" in ll.lr.cli("explain", *flow).stdout
     # the router counts what it sent to each backend
     by_addr = {b["address"]: b["packets"] for b in s["backends"]}
     assert all(by_addr[ll.addr(b)] > 0 for b in ("b1", "b2", "b3"))
@@ -167,6 +174,10 @@ def test_nat_service(lb_lab):
     assert sum(got.values()) == 200 and set(got) == {"b1", "b2"}, got
     s = ll.service(f"tcp {vip}:80")
     assert s["mode"] == "nat" and s["stats"]["replies"] >= 200 and s["stats"]["nat_port_busy"] == 0
+    ex = ll.lr.json("explain", "tcp", f"{ll.addr('h1')}:40000", ">", f"{vip}:80", "iif", "r-eth0")
+    lb = ex["lb"]
+    assert lb["mode"] == "nat" and lb["backend"] in (ll.addr("b1"), ll.addr("b2")) and lb["backend_port"] == 80, ex
+    assert lb["source"] == lb["backend"].rsplit(".", 1)[0] + ".1" and 1024 <= lb["source_port"] < 32768
     with ll.hold(f"http://{vip}", 20) as held:
         assert held.again() == held.first
     ll.lr.cli("service", "del", "tcp", f"{vip}:80")
