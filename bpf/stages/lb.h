@@ -152,10 +152,11 @@ static __always_inline struct lb_service *lb_service_of(const struct lb_conn_key
 
 /* The flow's backend: its connection's while that backend takes the
  * service's connections, else the ring's, learned unless flooding (or
- * `learn` is 0: a probe, an ICMP error). Returns the slot, 0 for none. */
+ * `learn` is 0: a probe, an ICMP error). Returns the slot, 0 for none;
+ * *conn: the connection entry it found (NULL: none, or a new one). */
 static __always_inline __u32 lb_pick(int learn, const struct lb_conn_key *k,
 				     const struct lb_service *svc, const struct lb_config *cfg,
-				     struct lb_stat *st, __u32 hash)
+				     struct lb_stat *st, __u32 hash, struct lb_conn **conn)
 {
 	struct lb_conn *c = NULL, fresh = {};
 	struct lb_backend *be;
@@ -163,6 +164,7 @@ static __always_inline __u32 lb_pick(int learn, const struct lb_conn_key *k,
 
 	if (!(svc->flags & LB_SVC_F_NO_AFFINITY)) {
 		c = bpf_map_lookup_elem(&lb_conns, k);
+		*conn = c;
 		if (c) {
 			be = lb_backend_of(c->backend, svc->id);
 			if (be && be->gen == c->gen && (be->flags & LB_BE_F_CONNS))
@@ -188,6 +190,7 @@ static __always_inline __u32 lb_pick(int learn, const struct lb_conn_key *k,
 		c->gen = be->gen;
 		c->nat_port = 0;
 	} else if ((svc->flags & LB_SVC_F_NAT) || lb_may_learn(cfg, st)) {  /* NAT needs the state */
+		*conn = NULL;
 		fresh.backend = *slot;
 		fresh.gen = be->gen;
 		bpf_map_update_elem(&lb_conns, k, &fresh, BPF_ANY);
@@ -217,19 +220,22 @@ static __always_inline int lb_nat_same_flow(const struct lb_nat *rev, const stru
 	       rev->client_port == k->sport && rev->vip_port == k->dport;
 }
 
-/* NAT: the flow's translated source port, from its connection entry, or
- * a new one whose reply key is free (or already this flow's: its
- * connection entry was evicted, not its way back); 0 when none is
- * (counted). An established flow's reply entry is looked up too, which
- * keeps it fresh in its LRU while only the client sends. */
+/* NAT: the flow's translated source port, from its connection entry c
+ * (lb_pick's; NULL: just learned, looked up here), or a new one whose
+ * reply key is free (or already this flow's: its connection entry was
+ * evicted, not its way back); 0 when none is (counted). An established
+ * flow's reply entry is looked up too, which keeps it fresh in its LRU
+ * while only the client sends. */
 static __always_inline __be16 lb_nat_port(const struct packet_ctx *pc, const struct lb_conn_key *k,
-					  const struct lb_backend *be, __u32 svc_id, __u32 hash, struct lb_stat *st)
+					  struct lb_conn *c, const struct lb_backend *be, __u32 svc_id, __u32 hash,
+					  struct lb_stat *st)
 {
-	struct lb_conn *c = bpf_map_lookup_elem(&lb_conns, k);
 	struct lb_scratch *sc;
 	struct lb_nat_key *nk;
 	struct lb_nat *rev;
 
+	if (!c)
+		c = bpf_map_lookup_elem(&lb_conns, k);
 	if (pc->probe)          /* a probe learns nothing: any port shows the translation */
 		return c && c->nat_port ? c->nat_port : bpf_htons(NAT_PORT_FIRST);
 	sc = lb_scratch_get();
@@ -389,6 +395,7 @@ static __always_inline int lb_stage(struct xdp_md *ctx, struct packet_ctx *pc)
 	struct counter *bc;
 	struct pkt p = {};
 	__u32 zero = 0, hash, slot, grow, svc_slot;
+	struct lb_conn *conn = NULL;
 	int kind;
 	int reason = pkt_restore(ctx, pc, &p);
 
@@ -429,7 +436,7 @@ static __always_inline int lb_stage(struct xdp_md *ctx, struct packet_ctx *pc)
 	if (!st)
 		return route_start(pc, !!p.ip4);
 	hash = lb_flow_hash(&k);
-	slot = lb_pick(!pc->probe && kind == LB_FLOW, &k, svc, cfg, st, hash);
+	slot = lb_pick(!pc->probe && kind == LB_FLOW, &k, svc, cfg, st, hash, &conn);
 	be = slot ? bpf_map_lookup_elem(&lb_backends, &slot) : NULL;
 	if (!be) {
 		st->no_backend++;
@@ -445,7 +452,7 @@ static __always_inline int lb_stage(struct xdp_md *ctx, struct packet_ctx *pc)
 		}
 	}
 	if (svc->flags & LB_SVC_F_NAT) {
-		__be16 port = lb_nat_port(pc, &k, be, svc->id, hash, st);
+		__be16 port = lb_nat_port(pc, &k, conn, be, svc->id, hash, st);
 
 		if (!port)
 			return REASON_DROP_LB_NAT_PORTS;

@@ -11,6 +11,7 @@ import os
 import threading
 import time
 from collections import Counter, deque
+from dataclasses import asdict
 from pathlib import Path
 
 from pyroute2 import IPRoute
@@ -271,7 +272,7 @@ class Balancer:
             out.append({
                 "service": str(sid), "proto": sid.proto, "vip": sid.vip, "port": sid.port, "mode": svc.mode,
                 "table_size": p.ring_size if p else 0, "affinity": svc.affinity,
-                "check": {k: v for k, v in svc.check.__dict__.items()},
+                "check": asdict(svc.check),
                 "max_over_avg_load": ratio,
                 "moved_last_change": p.moved if p else None,
                 "stats": stats, "backends": backends,

@@ -103,11 +103,9 @@ class HealthMonitor:
             stop = self.threads[key] = threading.Event()
         threading.Thread(target=self._run, args=(t, stop), name=f"health {addr}", daemon=True).start()
 
-    def unwatch(self, service, addr: str | None = None) -> None:
-        with self.lock:
-            for key in [k for k in self.targets if k[0] == service and (addr is None or k[1] == addr)]:
-                self._stop(key)
-                self.targets.pop(key, None)
+    def unwatch(self, service) -> None:
+        """Stop probing every backend of the service."""
+        self.unwatch_except(service, set())
 
     def unwatch_except(self, service, addrs: set[str]) -> None:
         """Stop probing the service's backends not in `addrs`."""

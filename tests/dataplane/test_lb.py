@@ -27,6 +27,7 @@ from bpfrouter.datapath import layout as lo
 from bpfrouter.interfaces import Interfaces
 from bpfrouter.lb.image import DEFAULT_SRC4, DEFAULT_SRC6, LbImage
 from bpfrouter.lb.service import Backend, Service, ServiceId
+from bpfrouter.packet import inet_checksum
 
 from .harness import MAC_GW, MAC_GW6, NS, XDP_DROP, XDP_PASS, XDP_REDIRECT, own_datapath, run_packet
 
@@ -262,9 +263,7 @@ def flow_frames(env, n, seed, vip=VIP4, dport=80):
         struct.pack_into("!I", f, 26, 0x0B000000 | rng.getrandbits(24))
         struct.pack_into("!H", f, 34, rng.randrange(1024, 65536))
         f[24:26] = b"\0\0"
-        words = sum(struct.unpack_from("!10H", f, 14))
-        words = (words & 0xFFFF) + (words >> 16)
-        struct.pack_into("!H", f, 24, ~((words & 0xFFFF) + (words >> 16)) & 0xFFFF)
+        struct.pack_into("!H", f, 24, inet_checksum(bytes(f[14:34])))
         out.append(bytes(f))
     return out
 
