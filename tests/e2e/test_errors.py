@@ -27,7 +27,11 @@ def lab():
 
 
 def pins() -> set[str]:
-    return set(os.listdir(PIN_ROOT)) if PIN_ROOT.exists() else set()
+    """Routers pinned by this process's tests. The data-plane tests, run
+    beside these by `make test`, pin and unpin their own bpfr-dpt-PID
+    routers at any moment."""
+    names = set(os.listdir(PIN_ROOT)) if PIN_ROOT.exists() else set()
+    return {n for n in names if not n.startswith("bpfr-dpt-")}
 
 
 @pytest.mark.parametrize("args,fragments", [
