@@ -120,7 +120,8 @@ def service_show(name, as_json, pretty):
         console.print(f"{s['service']}  table {s['table_size']}, max/avg load {s['max_over_avg_load']:.3f}{moved}; "
                       f"{st.get('packets', 0)} packets, {st.get('new_flows', 0)} new flows"
                       + (f", {st['no_backend']} dropped (no backend)" if st.get("no_backend") else "")
-                      + (f", {st['unlearned']} not learned (flood)" if st.get("unlearned") else ""),
+                      + (f", {st['unlearned']} not learned (flood)" if st.get("unlearned") else "")
+                      + (f", {st['too_big']} answered too big" if st.get("too_big") else ""),
                       markup=False)
         c = s["check"]
         console.print(f"  check {c['kind']}" + ("" if c["kind"] == "none" else

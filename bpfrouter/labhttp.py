@@ -2,7 +2,8 @@
 inside lab namespaces:
 
     python -m bpfrouter.labhttp serve NAME PORT
-        answers every GET with NAME and a newline, keep-alive, many at once
+        answers every GET with NAME and a newline, every POST with NAME and
+        the byte count of its body; keep-alive, many at once
     python -m bpfrouter.labhttp hold URL N
         opens N keep-alive connections and GETs URL on each, prints the
         answers as a JSON list; then, for each line read from stdin, GETs
@@ -29,6 +30,14 @@ def serve(name: str, port: int) -> None:
             self.send_header("Content-Length", str(len(body)))
             self.end_headers()
             self.wfile.write(body)
+
+        def do_POST(self):
+            got = len(self.rfile.read(int(self.headers.get("Content-Length", 0))))
+            answer = f"{name} {got}\n".encode()
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(answer)))
+            self.end_headers()
+            self.wfile.write(answer)
 
         def log_message(self, *args):
             pass

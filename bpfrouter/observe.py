@@ -74,6 +74,8 @@ REASON_TEXT: dict[Reason, str] = {
     Reason.DROP_LB_NAT_PORTS: "a NAT service's new flow found no free translated source port",
     Reason.DROP_LB_NAT_UNROUTED: ("translated to the router's own source, and the fast path cannot send it (no "
                                   "neighbor yet, over the MTU, ...): the router's kernel would drop it as a martian"),
+    Reason.DROP_LB_ANSWER_FAILED: ("a DSR packet over the MTU toward its backend, whose ICMP answer to the "
+                                   "client could not be finished once the frame was reshaped"),
 }
 XDP_ACTIONS = {0: "aborted", 1: "drop", 2: "pass", 3: "tx", 4: "redirect"}
 

@@ -8,22 +8,10 @@
 
 #include "common.h"
 #include "parse.h"
+#include "csum.h"
 #include "lb.h"
 
 #define OUTER_TTL 64
-
-static __always_inline __u16 csum_fold_ipv4(const struct iphdr *iph)
-{
-	const __u16 *w = (const __u16 *)iph;
-	__u32 sum = 0;
-
-#pragma unroll
-	for (int i = 0; i < (int)(sizeof(*iph) / 2); i++)
-		sum += w[i];
-	sum = (sum & 0xffff) + (sum >> 16);
-	sum = (sum & 0xffff) + (sum >> 16);
-	return ~sum & 0xffff;
-}
 
 /* The inner packet's IP length and DS field, from its header. */
 static __always_inline int inner_ip(const struct pkt *p, __u32 *len, __u8 *ds)
@@ -82,7 +70,7 @@ static __always_inline int lb_encapsulate(struct xdp_md *ctx, const struct pkt *
 		o->check = 0;
 		o->saddr = cfg->src4 | (bpf_htonl(hash) & cfg->src4_hostmask);
 		__builtin_memcpy(&o->daddr, be->addr, 4);
-		o->check = csum_fold_ipv4(o);
+		o->check = ipv4_csum(o);
 	} else {
 		struct ethhdr *e = data;
 		struct ipv6hdr *o = data + sizeof(*e);

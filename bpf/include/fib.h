@@ -29,6 +29,7 @@ struct fib_result {
 	__u32 group;            /* RTYPE_MULTIPATH: the route's next-hop group (nexthop.h) */
 	__u32 hash;             /* RTYPE_MULTIPATH: the flow's hash */
 	__u32 bucket;           /* RTYPE_MULTIPATH: the bucket taken */
+	__u32 mtu;              /* REASON_PASS_FRAG_NEEDED: the egress MTU */
 };
 
 static __always_inline __u32 pkt_l3_len(const struct pkt *p)
@@ -107,8 +108,10 @@ static __always_inline int nexthop_resolve(const struct pkt *p, struct fib_resul
 	out = iface_lookup(nh->ifindex);
 	if (!out)
 		return REASON_PASS_EGRESS_UNMANAGED;
-	if (pkt_l3_len(p) > out->mtu)
+	if (pkt_l3_len(p) > out->mtu) {
+		res->mtu = out->mtu;
 		return REASON_PASS_FRAG_NEEDED;
+	}
 
 	nk.ifindex = nh->ifindex;
 	if (nh->flags & NEXTHOP_F_GATEWAY) {
@@ -251,6 +254,7 @@ static __always_inline int fib_lookup_kernel(struct xdp_md *ctx, const struct pk
 		return REASON_PASS_NO_NEIGH;
 	case BPF_FIB_LKUP_RET_FRAG_NEEDED:
 		res->route_type = RTYPE_UNICAST;
+		res->mtu = params.mtu_result;
 		return REASON_PASS_FRAG_NEEDED;
 	default:        /* local delivery, no route, forwarding disabled, ... */
 		return REASON_PASS_KERNEL_NOT_FWDED;

@@ -9,12 +9,7 @@
 
 #include "common.h"
 #include "parse.h"
-
-static __always_inline __u32 csum_fold32(__u32 sum)
-{
-	sum = (sum & 0xffff) + (sum >> 16);
-	return (sum & 0xffff) + (sum >> 16);
-}
+#include "csum.h"
 
 /* ~sum of the 16-bit words of `from` plus those of `to`, into a running sum. */
 static __always_inline __u32 csum_diff_words(__u32 sum, const __u16 *from, const __u16 *to, int words)

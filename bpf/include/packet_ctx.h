@@ -30,6 +30,7 @@
 #define PCTX_F_FRAGMENT 4       /* an IP fragment */
 #define PCTX_F_LB 8             /* encapsulated or translated by the load balancer (stages/lb.h) */
 #define PCTX_F_LB_SNAT 16       /* ... to the router's own source: the kernel would not forward it */
+#define PCTX_F_LB_ENCAP 32      /* ... encapsulated for DSR: over the MTU, answered (lb_toobig.h) */
 
 struct packet_ctx {
 	__u32 len;              /* frame length */
@@ -52,6 +53,7 @@ struct packet_ctx {
 	__u16 rule_next;        /* where the rule walk goes on */
 	__u8 rounds;            /* policy stage runs so far */
 	__u8 bank;              /* the rule bank of the first round */
+	__u16 lb_service;       /* PCTX_F_LB_ENCAP: the service's id, for its counters */
 	struct fib_result res;
 };
 

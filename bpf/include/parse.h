@@ -7,6 +7,7 @@
 #define BPFROUTER_PARSE_H
 
 #include "common.h"
+#include "csum.h"
 #include "consts.h"
 
 #define ETH_P_8021AD_ 0x88A8
@@ -68,21 +69,6 @@ static __always_inline void parse_l4(struct pkt *p, void *l4, __u32 l4_len, __u8
 	}
 	p->l4 = l4;
 	p->l4_off = l4 - p->data;
-}
-
-/* RFC 1812 5.2.2: a router verifies the header checksum (the kernel in
- * ip_rcv_core). Only option-less headers: those with options go to the
- * kernel, which checks them. */
-static __always_inline int ipv4_csum_ok(const struct iphdr *iph)
-{
-	const __u32 *w = (const __u32 *)iph;
-	__u64 sum = (__u64)w[0] + w[1] + w[2] + w[3] + w[4];
-
-	sum = (sum & 0xffffffff) + (sum >> 32);
-	sum = (sum & 0xffff) + (sum >> 16);
-	sum = (sum & 0xffff) + (sum >> 16);
-	sum = (sum & 0xffff) + (sum >> 16);
-	return sum == 0xffff;
 }
 
 /* Returns -1 when the IP header is valid (the kernel would process the

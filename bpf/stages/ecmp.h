@@ -10,6 +10,7 @@
 #include "../include/packet_ctx.h"
 #include "../include/fib.h"
 #include "../include/nexthop.h"
+#include "../include/lb_toobig.h"
 
 static __always_inline int ecmp_stage(struct xdp_md *ctx, struct packet_ctx *pc)
 {
@@ -28,6 +29,10 @@ static __always_inline int ecmp_stage(struct xdp_md *ctx, struct packet_ctx *pc)
 	if (!nh_id)
 		return REASON_PASS_NEXTHOP_INVALID;
 	reason = nexthop_resolve(&p, res, nh_id, pc->probe);
+#ifndef BPFROUTER_SINGLE_PROGRAM
+	if (reason == REASON_PASS_FRAG_NEEDED)
+		return lb_answer_too_big(ctx, pc, reason);
+#endif
 	return reason <= REASON_FWD_IPV6 ? -1 : reason;
 }
 

@@ -10,6 +10,7 @@
 #include "../include/packet_ctx.h"
 #include "../include/fib.h"
 #include "../include/rules.h"
+#include "../include/lb_toobig.h"
 
 /* fib_rules_lookup goes on to the next rule when the rule's table has no
  * route, a throw route, or a result the rule suppresses; errors
@@ -123,6 +124,10 @@ static __always_inline int fib_stage(struct xdp_md *ctx, struct packet_ctx *pc)
 		reason = fib_lookup_rule(&p, pc);
 	else
 		reason = fib_lookup_bpf(&p, &pc->res, pc->probe);
+#ifndef BPFROUTER_SINGLE_PROGRAM    /* the answer goes round to fib again: a tail call */
+	if (reason == REASON_PASS_FRAG_NEEDED)
+		return lb_answer_too_big(ctx, pc, reason);
+#endif
 	if (reason > REASON_FWD_IPV6 || reason == STAGE_TO_POLICY)
 		return reason;
 	/* the ecmp stage follows (list.h): only a multipath route needs it */

@@ -465,7 +465,8 @@ static __always_inline int lb_stage(struct xdp_md *ctx, struct packet_ctx *pc)
 	pc->l3_proto = be->family == 4 ? ETH_P_IP : ETH_P_IPV6;
 	pc->l4_off = pc->l3_off + grow;
 	pc->l4_proto = k.family == 4 ? IPPROTO_IPIP : IPPROTO_IPV6;
-	pc->flags = PCTX_F_LB;
+	pc->flags = PCTX_F_LB | PCTX_F_LB_ENCAP;
+	pc->lb_service = svc->id;
 	return STAGE_TO_FIB;
 }
 

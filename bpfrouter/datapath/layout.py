@@ -73,6 +73,7 @@ class Reason(enum.IntEnum):
     DROP_LB_NO_BACKEND = enum.auto()
     DROP_LB_NAT_PORTS = enum.auto()
     DROP_LB_NAT_UNROUTED = enum.auto()
+    DROP_LB_ANSWER_FAILED = enum.auto()
 
     @property
     def verdict(self) -> str:
@@ -346,7 +347,8 @@ class LbConfig(ctypes.Structure):
 
 class LbStat(ctypes.Structure):
     _fields_ = [("packets", u64), ("bytes", u64), ("new_flows", u64), ("unlearned", u64), ("no_backend", u64),
-                ("flood_windows", u64), ("replies", u64), ("nat_port_busy", u64)]
+                ("flood_windows", u64), ("replies", u64), ("nat_port_busy", u64),
+                ("too_big", u64)]
 
 
 class ObsStat(enum.IntEnum):

@@ -55,7 +55,8 @@ def lb(env):
                         service("tcp", VIP4, 8080, [(BE6, 1)]),          # IPv4 inside IPv6
                         service("tcp", VIP4, 81, [(BE4[2], 1)]),
                         service("tcp", VIP4, 82, [("10.2.0.77", 1)]),    # connected, no neighbor
-                        service("tcp", VIP4, 83, [(BE4[0], 1)])):
+                        service("tcp", VIP4, 83, [(BE4[0], 1)]),
+                        service("tcp", VIP4, 84, [("10.40.5.1", 1)])):   # multipath route (ecmp stage)
                 img.apply(svc, {})
                 sids.append(svc.id)
             for svc, nat_src in ((service("tcp", VIP4, 90, [(BE4[0], 1)], mode="nat"), "10.2.0.1"),
@@ -163,6 +164,88 @@ def test_no_neigh_pass_carries_the_encapsulation(env, lb):
     r = run_packet(env, "bpf", sent)
     o = Ether(r.out)[IP]
     assert o.dst == "10.2.0.77" and o.proto == 4 and bytes(o.payload) == bytes(Ether(sent).payload)
+
+
+# --- over the MTU once encapsulated -------------------------------------------------------------
+
+# dpt1, toward every backend, has MTU 1400. The client sits behind dpt1 too
+# (10.20/16, fd20::/32), where its neighbor is known, so the answer leaves.
+CLIENT4_FAR, CLIENT6_FAR = "10.20.7.8", "fd20::7:8"
+
+
+def big4(dport, df=True, tos=0x2b, size=1390):
+    ip = IP(src=CLIENT4_FAR, dst=VIP4, ttl=50, tos=tos, flags="DF" if df else 0, id=4321)
+    return bytes(Ether() / ip / TCP(sport=40100, dport=dport, flags="A") / Raw(b"d" * (size - 40)))
+
+
+def big6(size=1380):
+    ip = IPv6(src=CLIENT6_FAR, dst=VIP6, hlim=50, tc=0x2b, fl=0x12345)
+    return bytes(Ether() / ip / TCP(sport=40100, dport=443, flags="A") / Raw(b"d" * (size - 60)))
+
+
+def answered(family, mtu):
+    """The client's answer, as the kernel's icmp_send / icmpv6_send build
+    it (fields checked against the kernel's own forward path: tos 0xC0 with
+    the quoted RT_TOS bits, no DF, 576 or 1280 bytes in all, the packet
+    quoted as it arrived), from the VIP, one hop old (it was routed)."""
+    def check(env, sent, out):
+        pkt = Ether(out)
+        client_pkt = bytes(Ether(sent).payload)
+        if family == 4:
+            ip = pkt[IP]
+            assert (ip.src, ip.dst, ip.proto, ip.len, ip.ttl, ip.flags, ip.tos) == \
+                (VIP4, CLIENT4_FAR, 1, 576, 63, 0, 0xC0 | (0x2b & 0x1E))
+            icmp = ip[ICMP]
+            assert (icmp.type, icmp.code, icmp.nexthopmtu) == (3, 4, mtu)
+            assert bytes(icmp)[8:] == client_pkt[:548], "the quote: the client's packet as it arrived"
+            again = pkt.copy()
+            del again[IP].chksum
+            del again[ICMP].chksum
+        else:
+            ip = pkt[IPv6]
+            assert (ip.src, ip.dst, ip.nh, ip.plen, ip.hlim, ip.tc) == (VIP6, CLIENT6_FAR, 58, 1240, 63, 0)
+            icmp = ip[ICMPv6PacketTooBig]
+            assert (icmp.code, icmp.mtu) == (0, mtu)
+            assert bytes(icmp)[8:] == client_pkt[:1232], "the quote: the client's packet as it arrived"
+            again = pkt.copy()
+            del again[ICMPv6PacketTooBig].cksum
+        assert bytes(Ether(bytes(again))) == bytes(pkt), "IP and ICMP checksums"
+        assert len(out) == 14 + (576 if family == 4 else 1280)
+    return check
+
+
+TCP4_80, TCP4_84, TCP4_8080, TCP6_443 = (ServiceId("tcp", VIP4, 80), ServiceId("tcp", VIP4, 84),
+                                         ServiceId("tcp", VIP4, 8080), ServiceId("tcp", VIP6, 443))
+# (description, frame, its service, (action, reason), check, answered with ICMP)
+TOO_BIG_CASES = [
+    ("IPv4 with DF, IPIP: fragmentation needed, MTU less 20", lambda: big4(80), TCP4_80,
+     (XDP_REDIRECT, "FWD_IPV4"), answered(4, 1380), True),
+    ("IPv4 with DF, in IPv6: fragmentation needed, MTU less 40", lambda: big4(8080), TCP4_8080,
+     (XDP_REDIRECT, "FWD_IPV4"), answered(4, 1360), True),
+    ("IPv6, in IPv6: packet too big, MTU less 40", big6, TCP6_443,
+     (XDP_REDIRECT, "FWD_IPV6"), answered(6, 1360), True),
+    ("IPv4 with DF to a backend over a multipath route (the ecmp stage's MTU check)", lambda: big4(84), TCP4_84,
+     (XDP_REDIRECT, "FWD_IPV4"), answered(4, 1380), True),
+    ("IPv4 without DF: the kernel fragments the outer packet", lambda: big4(80, df=False), TCP4_80,
+     (XDP_PASS, "PASS_FRAG_NEEDED"), None, False),
+    ("IPv4 with DF, 10 bytes under: encapsulated and sent", lambda: big4(80, size=1380), TCP4_80,
+     (XDP_REDIRECT, "FWD_IPV4"), encapsulated(4, BE4[0], 4), False),
+]
+
+
+@pytest.mark.parametrize("mode", ["bpf", "kernel"])
+@pytest.mark.parametrize("case", TOO_BIG_CASES, ids=[c[0] for c in TOO_BIG_CASES])
+def test_over_the_mtu_once_encapsulated(env, lb, mode, case):
+    """A DSR packet over the MTU toward its backend once encapsulated gets
+    the answer IPVS gives (the kernel's ICMP, from the VIP), counted."""
+    desc, frame, sid, (action, reason), check, answers = case
+    before = lb[mode].service_stats(sid)["too_big"]
+    sent = bytes(frames(env, frame()))
+    r = run_packet(env, mode, sent)
+    assert (r.action, r.reason.name) == (action, reason), desc
+    if check:
+        check(env, sent, r.out)
+    assert lb[mode].service_stats(sid)["too_big"] - before == int(answers)
 
 
 # --- NAT ----------------------------------------------------------------------------------------

@@ -9,6 +9,9 @@ keep-alive connections held across changes, health checks by the agent.
   connection succeeds, and the connections held on the other backends
   keep working; it comes back when its server does;
 - a backend added: every held connection stays where it was;
+- uploads whose packets are over the MTU once encapsulated arrive whole:
+  the router answers with ICMP from the VIP and the client's TCP lowers
+  its segment size;
 - an agent restart keeps services and connections;
 - bad input is refused in one line, with nothing applied."""
 from __future__ import annotations
@@ -160,6 +163,34 @@ def test_ipv6_service(lb_lab):
     decap = json.loads(bpfrouter_cmd("decap", "show", "b1-eth0", "-j", netns=ll.lab.ns("b1")).stdout)
     assert decap["v6_in_v6"] >= got["b1"]
     ll.lr.cli("service", "del", "tcp", f"[{VIP6}]:80")
+
+
+def test_uploads_over_the_encapsulated_mtu(lb_lab, tmp_path):
+    """h1's segments fill its 1500-byte path, and the outer header makes
+    them 20 (IPv4) or 40 (IPv6) bytes too long for the link to the
+    backends: the router answers fragmentation needed / packet too big
+    from the VIP, h1 lowers its path MTU to the VIP, and every upload
+    arrives whole."""
+    ll = lb_lab
+    vip, vip6 = "10.0.100.2", "fd00:100::2"
+    for b in ("b1", "b2"):
+        ll.lab.run(b, ["ip", "addr", "add", f"{vip}/32", "dev", "lo"], check=True)
+        ll.lab.run(b, ["ip", "addr", "add", f"{vip6}/128", "dev", "lo"], check=True)
+    body = tmp_path / "upload"
+    body.write_bytes(os.urandom(300_000))
+    for v, key, url, mtu in ((4, ["tcp", f"{vip}:80"], f"http://{vip}/up", 1480),
+                             (6, ["tcp", f"[{vip6}]:80"], f"http://[{vip6}]/up", 1460)):
+        add_service(ll, key, {"b1": 1, "b2": 1}, v=v)
+        for _ in range(5):
+            p = ll.lab.run("h1", ["curl", f"-{v}", "-s", "--max-time", "20", "-H", "Expect:",
+                                  "--data-binary", f"@{body}", url], timeout=60)
+            assert p.stdout.split()[1:] == ["300000"], f"IPv{v} upload: {p.stdout!r} {p.stderr!r}"
+        s = ll.service(" ".join(key))
+        assert s["stats"]["too_big"] >= 1, s["stats"]
+        assert f"{s['stats']['too_big']} answered too big" in ll.lr.cli("service", "show").stdout
+        route = ll.lab.run("h1", ["ip", f"-{v}", "route", "get", vip if v == 4 else vip6], check=True).stdout
+        assert f"mtu {mtu}" in route, route
+        ll.lr.cli("service", "del", *key)
 
 
 def test_nat_service(lb_lab):

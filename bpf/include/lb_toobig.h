@@ -1,0 +1,185 @@
+/* The load balancer's answer to a client whose packet, once encapsulated
+ * for its backend (encap.h), is over the egress MTU: what IPVS answers
+ * from its tunnel transmit (ensure_mtu_is_adequate), with the kernel's own
+ * icmp_send and icmpv6_send fields. An IPv4 packet with DF and any IPv6
+ * packet get ICMP fragmentation needed or packet too big from the VIP,
+ * with the egress MTU less the outer header, quoting the client's packet
+ * as it arrived (576 bytes in all for IPv4, 1280 for IPv6). The answer is
+ * then routed to the client like a packet the router sends. An IPv4
+ * packet without DF stays the kernel's to fragment (the outer header's DF
+ * is clear), as does what the answer cannot be built for (counted
+ * frag_needed, as before). */
+#ifndef BPFROUTER_LB_TOOBIG_H
+#define BPFROUTER_LB_TOOBIG_H
+
+#include "common.h"
+#include "consts.h"
+#include "packet_ctx.h"
+#include "lb.h"
+#include "csum.h"
+
+#define ICMP4_ANSWER_MAX 576            /* RFC 1812 4.3.2.3, icmp_send */
+#define ICMP6_ANSWER_MAX 1280           /* RFC 4443 2.4 (c), icmpv6_send */
+#define ICMP4_QUOTE (ICMP4_ANSWER_MAX - 20 - 8)
+#define ICMP6_QUOTE (ICMP6_ANSWER_MAX - 40 - 8)
+#define ICMP4_TOS_CONTROL 0xC0          /* IPTOS_PREC_INTERNETCONTROL, with the quoted TOS bits (RT_TOS) */
+#define IPV4_MIN_MTU 68
+#define IPV6_MIN_MTU 1280
+#define ANSWER_TTL 64                   /* the kernel's default ip_default_ttl, hop_limit */
+
+/* Reshapes the frame into Ethernet, an IP header of `ip_len` bytes, the
+ * ICMP header and `quote` bytes of the client's packet, which starts at
+ * 14 + outer. Returns 0, 1 when the frame could not be changed, -1 when it
+ * was changed and could not be finished. */
+static __always_inline int toobig_reshape(struct xdp_md *ctx, int outer, int ip_len, int quote)
+{
+	int len;
+
+	if (bpf_xdp_adjust_head(ctx, outer - (ip_len + 8)))
+		return 1;
+	len = (int)(ctx->data_end - ctx->data);
+	if (bpf_xdp_adjust_tail(ctx, (int)(sizeof(struct ethhdr) + ip_len + 8 + quote) - len))
+		return -1;
+	return 0;
+}
+
+static __always_inline int toobig4(struct xdp_md *ctx, int outer, __u32 mtu)
+{
+	void *data = (void *)(long)ctx->data, *end = (void *)(long)ctx->data_end;
+	struct iphdr *in = data + sizeof(struct ethhdr) + outer, *ip;
+	__be32 client, vip;
+	struct ethhdr *eth;
+	__u8 *icmp;
+	__u64 sum;
+	__u8 tos;
+	int rc;
+
+	if ((void *)(in + 1) > end || !(in->frag_off & bpf_htons(0x4000)) ||
+	    (in->frag_off & bpf_htons(0x3FFF)) || bpf_ntohs(in->tot_len) < ICMP4_QUOTE ||
+	    mtu < IPV4_MIN_MTU || mtu > 0xFFFF)
+		return 0;
+	if (in->protocol != IPPROTO_TCP && in->protocol != IPPROTO_UDP)
+		return 0;       /* an ICMP error is not answered with one */
+	client = in->saddr;
+	vip = in->daddr;
+	tos = ICMP4_TOS_CONTROL | (in->tos & 0x1E);
+	rc = toobig_reshape(ctx, outer, sizeof(struct iphdr), ICMP4_QUOTE);
+	if (rc)
+		return rc > 0 ? 0 : -1;
+	data = (void *)(long)ctx->data;
+	end = (void *)(long)ctx->data_end;
+	eth = data;
+	ip = data + sizeof(*eth);
+	icmp = (void *)(ip + 1);
+	if (icmp + 8 + ICMP4_QUOTE > (__u8 *)end)
+		return -1;
+	eth->h_proto = bpf_htons(ETH_P_IP);
+	ip->version = 4;
+	ip->ihl = 5;
+	ip->tos = tos;
+	ip->tot_len = bpf_htons(ICMP4_ANSWER_MAX);
+	ip->id = bpf_get_prandom_u32() & 0xffff;
+	ip->frag_off = 0;
+	ip->ttl = ANSWER_TTL;
+	ip->protocol = IPPROTO_ICMP;
+	ip->check = 0;
+	ip->saddr = vip;
+	ip->daddr = client;
+	ip->check = ipv4_csum(ip);
+	*(__be32 *)icmp = bpf_htonl(0x03040000);        /* destination unreachable, fragmentation needed */
+	*(__be32 *)(icmp + 4) = bpf_htonl(mtu);         /* unused, next-hop MTU */
+	sum = bpf_csum_diff(NULL, 0, (void *)icmp, 512, 0);
+	sum += bpf_csum_diff(NULL, 0, (void *)icmp + 512, 8 + ICMP4_QUOTE - 512, 0);
+	*(__u16 *)(icmp + 2) = ~csum_fold64(sum) & 0xffff;
+	return 4;
+}
+
+static __always_inline int toobig6(struct xdp_md *ctx, int outer, __u32 mtu)
+{
+	void *data = (void *)(long)ctx->data, *end = (void *)(long)ctx->data_end;
+	struct ipv6hdr *in = data + sizeof(struct ethhdr) + outer, *ip;
+	struct in6_addr client, vip;
+	struct ethhdr *eth;
+	__u8 *icmp;
+	__u64 sum = 0;
+	int rc;
+
+	if ((void *)(in + 1) > end || bpf_ntohs(in->payload_len) + sizeof(*in) < ICMP6_QUOTE ||
+	    mtu < IPV6_MIN_MTU)
+		return 0;
+	if (in->nexthdr != IPPROTO_TCP && in->nexthdr != IPPROTO_UDP)
+		return 0;       /* an ICMP error is not answered with one (nor a packet with extension headers) */
+	client = in->saddr;
+	vip = in->daddr;
+	rc = toobig_reshape(ctx, outer, sizeof(struct ipv6hdr), ICMP6_QUOTE);
+	if (rc)
+		return rc > 0 ? 0 : -1;
+	data = (void *)(long)ctx->data;
+	end = (void *)(long)ctx->data_end;
+	eth = data;
+	ip = data + sizeof(*eth);
+	icmp = (void *)(ip + 1);
+	if (icmp + 8 + ICMP6_QUOTE > (__u8 *)end)
+		return -1;
+	eth->h_proto = bpf_htons(ETH_P_IPV6);
+	*(__be32 *)ip = bpf_htonl(0x60000000U);
+	ip->payload_len = bpf_htons(8 + ICMP6_QUOTE);
+	ip->nexthdr = IPPROTO_ICMPV6;
+	ip->hop_limit = ANSWER_TTL;
+	ip->saddr = vip;
+	ip->daddr = client;
+	*(__be32 *)icmp = bpf_htonl(0x02000000);        /* packet too big */
+	*(__be32 *)(icmp + 4) = bpf_htonl(mtu);
+	/* the pseudo-header: addresses, upper-layer length, next header */
+#pragma unroll
+	for (int i = 0; i < 4; i++)
+		sum += vip.in6_u.u6_addr32[i] + (__u64)client.in6_u.u6_addr32[i];
+	sum += bpf_htonl(8 + ICMP6_QUOTE) + (__u64)bpf_htonl(IPPROTO_ICMPV6);
+	sum += bpf_csum_diff(NULL, 0, (void *)icmp, 512, 0);
+	sum += bpf_csum_diff(NULL, 0, (void *)icmp + 512, 512, 0);
+	sum += bpf_csum_diff(NULL, 0, (void *)icmp + 1024, 8 + ICMP6_QUOTE - 1024, 0);
+	*(__u16 *)(icmp + 2) = ~csum_fold64(sum) & 0xffff;
+	return 6;
+}
+
+/* After the fib or ecmp stage found `reason`: a DSR packet over the egress
+ * MTU (res.mtu) becomes the answer to its client and goes back to
+ * routing (STAGE_TO_FIB); anything else keeps its reason. */
+static __always_inline int lb_answer_too_big(struct xdp_md *ctx, struct packet_ctx *pc, int reason)
+{
+	int outer = pc->l4_off - pc->l3_off, family;
+	__u32 mtu = pc->res.mtu;
+	struct lb_stat *st;
+	__u32 svc = pc->lb_service;
+
+	if (reason != REASON_PASS_FRAG_NEEDED || !(pc->flags & PCTX_F_LB_ENCAP) || pc->probe ||
+	    pc->l3_off != sizeof(struct ethhdr) || (outer != sizeof(struct iphdr) && outer != sizeof(struct ipv6hdr)) ||
+	    mtu <= (__u32)outer)
+		return reason;
+	mtu -= outer;
+	/* constant offsets: the verifier cannot follow one computed from the context */
+	if (outer == sizeof(struct iphdr))
+		family = pc->l4_proto == IPPROTO_IPIP ? toobig4(ctx, sizeof(struct iphdr), mtu)
+						      : toobig6(ctx, sizeof(struct iphdr), mtu);
+	else
+		family = pc->l4_proto == IPPROTO_IPIP ? toobig4(ctx, sizeof(struct ipv6hdr), mtu)
+						      : toobig6(ctx, sizeof(struct ipv6hdr), mtu);
+	if (family < 0)         /* the frame was changed and could not be finished: nothing to send */
+		return REASON_DROP_LB_ANSWER_FAILED;
+	if (!family)
+		return reason;
+	st = bpf_map_lookup_elem(&lb_service_stats, &svc);
+	if (st)
+		st->too_big++;
+	/* routed like the router's own packet: local and main, no input checks */
+	pc->l3_proto = family == 4 ? ETH_P_IP : ETH_P_IPV6;
+	pc->l4_off = pc->l3_off + (family == 4 ? sizeof(struct iphdr) : sizeof(struct ipv6hdr));
+	pc->l4_proto = family == 4 ? IPPROTO_ICMP : IPPROTO_ICMPV6;
+	pc->flags = PCTX_F_LB;
+	pc->rounds = 0;
+	pc->table = 0;
+	__builtin_memset(&pc->res, 0, sizeof(pc->res));
+	return STAGE_TO_FIB;
+}
+
+#endif
