@@ -29,7 +29,7 @@ from bpfrouter.ecmp import NexthopGroup, mirror_hash_config
 from bpfrouter.fib import Fib, Nexthop, Route, RouteType
 from bpfrouter.neighbors import Neighbors
 from bpfrouter.observe import probe, read_counters
-from bpfrouter.packet import udp_probe
+from bpfrouter.packet import inet_checksum, udp_probe
 
 from .harness import NS, XDP_REDIRECT, kernel_rib, own_datapath
 
@@ -86,9 +86,7 @@ def flow_frames(mac: bytes, flow_list):
         f = bytearray(template)
         struct.pack_into("!IIHH", f, 26, src, dst, sport, dport)
         f[24:26] = b"\0\0"
-        words = sum(struct.unpack_from("!10H", f, 14))
-        words = (words & 0xFFFF) + (words >> 16)
-        struct.pack_into("!H", f, 24, ~((words & 0xFFFF) + (words >> 16)) & 0xFFFF)
+        struct.pack_into("!H", f, 24, inet_checksum(bytes(f[14:34])))
         yield bytes(f)
 
 
