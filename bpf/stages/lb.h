@@ -318,6 +318,32 @@ static __always_inline struct lb_nat *lb_nat_of_reply(const struct lb_conn_key *
 	return bpf_map_lookup_elem(&lb_nat, nk);
 }
 
+/* The quoted packet of an ICMP error: its IP header (*qp) and its L4
+ * ports, bounds-checked; NULL when it is cut short. */
+static __always_inline __u16 *icmp_quoted_ports(const struct pkt *p, void **qp)
+{
+	void *q = p->l4 + 8, *end = p->data_end;
+	__u16 *ports;
+
+	if (p->ip4) {
+		struct iphdr *in = q;
+
+		if ((void *)(in + 1) > end)
+			return NULL;
+		ports = q + ((in->ihl & 0xf) << 2);
+	} else {
+		struct ipv6hdr *in = q;
+
+		if ((void *)(in + 1) > end)
+			return NULL;
+		ports = (void *)(in + 1);
+	}
+	if ((void *)(ports + 2) > end)
+		return NULL;
+	*qp = q;
+	return ports;
+}
+
 /* NAT: an ICMP error to the router's address about a translated packet
  * toward a backend (the backend's port unreachable, a hop's fragmentation
  * needed) goes to the client, about the packet the client sent. k: the
@@ -325,35 +351,58 @@ static __always_inline struct lb_nat *lb_nat_of_reply(const struct lb_conn_key *
  * about a translated flow. */
 static __always_inline int lb_nat_icmp_back(struct packet_ctx *pc, struct pkt *p, const struct lb_conn_key *k)
 {
-	void *q = p->l4 + 8, *end = p->data_end;
 	struct lb_scratch *sc = NULL;
 	struct lb_nat *rev = lb_nat_of_reply(k, &sc);
 	struct nat_rewrite *to;
 	__u16 *ports;
+	void *q;
 
 	if (!rev || !sc)
 		return STAGE_NEXT;
-	to = &sc->to;
-	if (p->ip4) {
-		struct iphdr *in = q;
-
-		if ((void *)(in + 1) > end)
-			return STAGE_NEXT;
-		ports = q + ((in->ihl & 0xf) << 2);
-	} else {
-		struct ipv6hdr *in = q;
-
-		if ((void *)(in + 1) > end)
-			return STAGE_NEXT;
-		ports = (void *)(in + 1);
-	}
-	if ((void *)(ports + 2) > end)
+	ports = icmp_quoted_ports(p, &q);
+	if (!ports)
 		return STAGE_NEXT;
+	to = &sc->to;
 	__builtin_memcpy(to->saddr, rev->client, 16);
 	__builtin_memcpy(to->daddr, rev->vip, 16);
 	to->sport = rev->client_port;
 	to->dport = rev->vip_port;
 	nat_rewrite_icmp(p, q, ports, rev->client, to);
+	pc->flags |= PCTX_F_LB;
+	return STAGE_TO_FIB;
+}
+
+/* NAT: an ICMP error to a VIP about one of its replies to a client (a hop
+ * on the client's side: fragmentation needed) goes to the backend that
+ * sent the reply, about the packet it sent (to the router's address and
+ * the flow's port), as IPVS translates it (ip_vs_nat_icmp); the sender
+ * stays the source. k: the client's flow (lb_icmp_quoted_key). STAGE_NEXT:
+ * no translated flow of the service has it. */
+static __always_inline int lb_nat_icmp_forward(struct packet_ctx *pc, struct pkt *p, const struct lb_conn_key *k,
+					       const struct lb_service *svc)
+{
+	struct lb_conn *c = bpf_map_lookup_elem(&lb_conns, k);
+	struct lb_scratch *sc;
+	struct lb_backend *be;
+	struct nat_rewrite *to;
+	__u16 *ports;
+	void *q;
+
+	if (!c || !c->nat_port)
+		return STAGE_NEXT;
+	be = lb_backend_of(c->backend, svc->id);
+	if (!be || be->gen != c->gen)
+		return STAGE_NEXT;
+	ports = icmp_quoted_ports(p, &q);
+	sc = lb_scratch_get();
+	if (!ports || !sc)
+		return STAGE_NEXT;
+	to = &sc->to;
+	__builtin_memcpy(to->saddr, be->addr, 16);
+	__builtin_memcpy(to->daddr, be->nat_src, 16);
+	to->sport = k->dport;
+	to->dport = c->nat_port;
+	nat_rewrite_icmp(p, q, ports, be->addr, to);
 	pc->flags |= PCTX_F_LB;
 	return STAGE_TO_FIB;
 }
@@ -412,11 +461,14 @@ static __always_inline int lb_stage(struct xdp_md *ctx, struct packet_ctx *pc)
 	if (!cfg)
 		return route_start(pc, !!p.ip4);
 	if (kind == LB_ICMP_ERROR && (!svc || (svc->flags & LB_SVC_F_NAT))) {
-		if (!svc && cfg->nat_services) {
+		if (svc)
+			reason = lb_nat_icmp_forward(pc, &p, &k, svc);
+		else if (cfg->nat_services)
 			reason = lb_nat_icmp_back(pc, &p, &k);
-			if (reason != STAGE_NEXT)
-				return reason;
-		}
+		else
+			reason = STAGE_NEXT;
+		if (reason != STAGE_NEXT)
+			return reason;
 		return route_start(pc, !!p.ip4);    /* about no flow of ours */
 	}
 	if (!svc) {

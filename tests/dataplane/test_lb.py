@@ -269,7 +269,8 @@ NAT_CASES = [("tcp", 4, "10.20.7.7", VIP4, BE4[0], "10.2.0.1"), ("udp", 4, "10.2
 def test_nat_both_ways(env, lb, mode, case):
     """A client's packet leaves with the router's source and a port of its
     own to the backend; the backend's reply to that port leaves with the
-    VIP's address and port to the client; checksums stay valid both ways."""
+    VIP's address and port to the client; ICMP errors about either go to
+    the other side, about what that side sent; checksums stay valid."""
     proto, v, client, vip, backend, nat_src = case
     L4 = TCP if proto == "tcp" else UDP
     IPX = IP if v == 4 else IPv6
@@ -309,6 +310,30 @@ def test_nat_both_ways(env, lb, mode, case):
         as_sent.hlim -= 1
     icmp_layer = ICMP if v == 4 else ICMPv6DestUnreach
     assert bytes(got[icmp_layer].payload) == bytes(as_sent.__class__(bytes(as_sent))), "the quoted packet"
+    again = got.copy()
+    if v == 4:
+        del again[ICMP].chksum
+        del again[IP].chksum
+    else:
+        del again[icmp_layer].cksum
+    assert bytes(Ether(bytes(again))) == bytes(got), "outer and ICMP checksums"
+    # an ICMP error from the client's side about the VIP's reply (a hop's
+    # fragmentation needed): to the backend, about the reply it sent
+    hop = "10.20.1.1" if v == 4 else "fd20::1:1"
+    ICMPC = ICMP(type=3, code=4, nexthopmtu=1300) if v == 4 else ICMPv6PacketTooBig(mtu=1280)
+    err = Ether(dst=env.if0_mac, src="02:00:00:00:01:01") / IPX(src=hop, dst=vip) / ICMPC / bytes(back[IPX])
+    r = run_packet(env, mode, bytes(err))
+    assert (r.action, r.reason.name) == (XDP_REDIRECT, f"FWD_IPV{v}")
+    got = Ether(r.out)
+    assert (got[IPX].src, got[IPX].dst) == (hop, backend)
+    as_replied = reply[IPX].copy()     # what the backend sent, one hop older (the router forwarded it)
+    if v == 4:
+        as_replied.ttl -= 1
+        del as_replied.chksum
+    else:
+        as_replied.hlim -= 1
+    icmp_layer = ICMP if v == 4 else ICMPv6PacketTooBig
+    assert bytes(got[icmp_layer].payload) == bytes(as_replied.__class__(bytes(as_replied))), "the quoted reply"
     again = got.copy()
     if v == 4:
         del again[ICMP].chksum
