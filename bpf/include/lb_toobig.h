@@ -17,6 +17,7 @@
 #include "packet_ctx.h"
 #include "lb.h"
 #include "csum.h"
+#include "nat.h"
 
 #define ICMP4_ANSWER_MAX 576            /* RFC 1812 4.3.2.3, icmp_send */
 #define ICMP6_ANSWER_MAX 1280           /* RFC 4443 2.4 (c), icmpv6_send */
@@ -142,28 +143,90 @@ static __always_inline int toobig6(struct xdp_md *ctx, int outer, __u32 mtu)
 	return 6;
 }
 
-/* After the fib or ecmp stage found `reason`: a DSR packet over the egress
- * MTU (res.mtu) becomes the answer to its client and goes back to
- * routing (STAGE_TO_FIB); anything else keeps its reason. */
+/* NAT: the translated packet back to what the client sent (the answer
+ * quotes that, as IPVS answers before it translates); its service's id,
+ * or -1 when the flow's way back is gone. */
+static __always_inline int nat_untranslate(struct xdp_md *ctx, const struct packet_ctx *pc)
+{
+	struct lb_nat_key nk = {};
+	struct nat_rewrite to;
+	struct lb_nat *rev;
+	struct pkt p = {};
+	__u16 *ports;
+
+	if (pkt_restore(ctx, pc, &p) >= 0 || !p.l4 || p.l4 + 4 > p.data_end)
+		return -1;
+	/* nat_rewrite's copies are IPv6-sized to the verifier, whichever the family
+	 * (it does not tie them to it); a packet over an MTU is longer anyway */
+	if (p.data + sizeof(struct ethhdr) + sizeof(struct ipv6hdr) > p.data_end)
+		return -1;
+	ports = p.l4;
+	if (p.ip4) {
+		__builtin_memcpy(nk.backend, &p.ip4->daddr, 4);
+		__builtin_memcpy(nk.nat_src, &p.ip4->saddr, 4);
+		nk.family = 4;
+	} else if (p.ip6) {
+		__builtin_memcpy(nk.backend, &p.ip6->daddr, 16);
+		__builtin_memcpy(nk.nat_src, &p.ip6->saddr, 16);
+		nk.family = 6;
+	} else {
+		return -1;
+	}
+	nk.backend_port = ports[1];
+	nk.nat_port = ports[0];
+	nk.proto = p.l4_proto;
+	rev = bpf_map_lookup_elem(&lb_nat, &nk);
+	if (!rev)
+		return -1;
+	__builtin_memcpy(to.saddr, rev->client, 16);
+	__builtin_memcpy(to.daddr, rev->vip, 16);
+	to.sport = rev->client_port;
+	to.dport = rev->vip_port;
+	if (nat_rewrite(&p, &to))
+		return -1;
+	return rev->service;
+}
+
+/* DSR: the answer about the packet inside the outer header (20 or 40
+ * bytes; constant offsets, which the verifier follows where one computed
+ * from the context it cannot). */
+static __always_inline int dsr_too_big(struct xdp_md *ctx, const struct packet_ctx *pc, __u32 mtu)
+{
+	int outer = pc->l4_off - pc->l3_off, inner4 = pc->l4_proto == IPPROTO_IPIP;
+
+	if (outer == sizeof(struct iphdr) && mtu > sizeof(struct iphdr))
+		return inner4 ? toobig4(ctx, sizeof(struct iphdr), mtu - sizeof(struct iphdr))
+			      : toobig6(ctx, sizeof(struct iphdr), mtu - sizeof(struct iphdr));
+	if (outer == sizeof(struct ipv6hdr) && mtu > sizeof(struct ipv6hdr))
+		return inner4 ? toobig4(ctx, sizeof(struct ipv6hdr), mtu - sizeof(struct ipv6hdr))
+			      : toobig6(ctx, sizeof(struct ipv6hdr), mtu - sizeof(struct ipv6hdr));
+	return 0;
+}
+
+/* After the fib or ecmp stage found `reason`: a packet of a service over
+ * the egress MTU (res.mtu) becomes the answer to its client and goes back
+ * to routing (STAGE_TO_FIB); anything else keeps its reason. DSR: the
+ * MTU less the outer header. NAT: the translation is undone first (a
+ * translated packet the kernel cannot have: decided() drops it). */
 static __always_inline int lb_answer_too_big(struct xdp_md *ctx, struct packet_ctx *pc, int reason)
 {
-	int outer = pc->l4_off - pc->l3_off, family;
-	__u32 mtu = pc->res.mtu;
-	struct lb_stat *st;
 	__u32 svc = pc->lb_service;
+	struct lb_stat *st;
+	int family;
 
-	if (reason != REASON_PASS_FRAG_NEEDED || !(pc->flags & PCTX_F_LB_ENCAP) || pc->probe ||
-	    pc->l3_off != sizeof(struct ethhdr) || (outer != sizeof(struct iphdr) && outer != sizeof(struct ipv6hdr)) ||
-	    mtu <= (__u32)outer)
+	if (reason != REASON_PASS_FRAG_NEEDED || !(pc->flags & (PCTX_F_LB_ENCAP | PCTX_F_LB_SNAT)) || pc->probe ||
+	    pc->l3_off != sizeof(struct ethhdr))
 		return reason;
-	mtu -= outer;
-	/* constant offsets: the verifier cannot follow one computed from the context */
-	if (outer == sizeof(struct iphdr))
-		family = pc->l4_proto == IPPROTO_IPIP ? toobig4(ctx, sizeof(struct iphdr), mtu)
-						      : toobig6(ctx, sizeof(struct iphdr), mtu);
-	else
-		family = pc->l4_proto == IPPROTO_IPIP ? toobig4(ctx, sizeof(struct ipv6hdr), mtu)
-						      : toobig6(ctx, sizeof(struct ipv6hdr), mtu);
+	if (pc->flags & PCTX_F_LB_SNAT) {
+		int id = nat_untranslate(ctx, pc);
+
+		if (id < 0)
+			return reason;
+		svc = id;
+		family = pc->l3_proto == ETH_P_IP ? toobig4(ctx, 0, pc->res.mtu) : toobig6(ctx, 0, pc->res.mtu);
+	} else {
+		family = dsr_too_big(ctx, pc, pc->res.mtu);
+	}
 	if (family < 0)         /* the frame was changed and could not be finished: nothing to send */
 		return REASON_DROP_LB_ANSWER_FAILED;
 	if (!family)

@@ -178,9 +178,9 @@ def big4(dport, df=True, tos=0x2b, size=1390):
     return bytes(Ether() / ip / TCP(sport=40100, dport=dport, flags="A") / Raw(b"d" * (size - 40)))
 
 
-def big6(size=1380):
+def big6(dport=443, size=1380):
     ip = IPv6(src=CLIENT6_FAR, dst=VIP6, hlim=50, tc=0x2b, fl=0x12345)
-    return bytes(Ether() / ip / TCP(sport=40100, dport=443, flags="A") / Raw(b"d" * (size - 60)))
+    return bytes(Ether() / ip / TCP(sport=40100, dport=dport, flags="A") / Raw(b"d" * (size - 60)))
 
 
 def answered(family, mtu):
@@ -216,6 +216,7 @@ def answered(family, mtu):
 
 TCP4_80, TCP4_84, TCP4_8080, TCP6_443 = (ServiceId("tcp", VIP4, 80), ServiceId("tcp", VIP4, 84),
                                          ServiceId("tcp", VIP4, 8080), ServiceId("tcp", VIP6, 443))
+NAT4_90, NAT6_90 = ServiceId("tcp", VIP4, 90), ServiceId("tcp", VIP6, 90)
 # (description, frame, its service, (action, reason), check, answered with ICMP)
 TOO_BIG_CASES = [
     ("IPv4 with DF, IPIP: fragmentation needed, MTU less 20", lambda: big4(80), TCP4_80,
@@ -230,6 +231,12 @@ TOO_BIG_CASES = [
      (XDP_PASS, "PASS_FRAG_NEEDED"), None, False),
     ("IPv4 with DF, 10 bytes under: encapsulated and sent", lambda: big4(80, size=1380), TCP4_80,
      (XDP_REDIRECT, "FWD_IPV4"), encapsulated(4, BE4[0], 4), False),
+    ("NAT, IPv4 with DF: fragmentation needed about the untranslated packet", lambda: big4(90, size=1410), NAT4_90,
+     (XDP_REDIRECT, "FWD_IPV4"), answered(4, 1400), True),
+    ("NAT, IPv6: packet too big about the untranslated packet", lambda: big6(90, size=1410), NAT6_90,
+     (XDP_REDIRECT, "FWD_IPV6"), answered(6, 1400), True),
+    ("NAT, IPv4 without DF: dropped, counted (the router's kernel would not send it)",
+     lambda: big4(90, df=False, size=1410), NAT4_90, (XDP_DROP, "DROP_LB_NAT_UNROUTED"), None, False),
 ]
 
 
