@@ -153,8 +153,8 @@ LB_STATS = {  # lb_stat field -> (metric, help)
                   "new-conn-limit (the flood switch)."),
     "flood_windows": ("bpfrouter_lb_flood_windows", "One-second windows of a CPU that went over new-conn-limit."),
     "no_backend": ("bpfrouter_lb_no_backend_drops", "Packets dropped: no backend takes new flows."),
-    "too_big": ("bpfrouter_lb_too_big_answers", "Packets over the MTU once encapsulated, answered with ICMP "
-                "fragmentation needed or packet too big from the VIP."),
+    "too_big": ("bpfrouter_lb_too_big_answers", "Packets over the MTU toward their backend (once encapsulated, "
+                "or translated), answered with ICMP fragmentation needed or packet too big from the VIP."),
 }
 
 

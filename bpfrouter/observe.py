@@ -74,7 +74,7 @@ REASON_TEXT: dict[Reason, str] = {
     Reason.DROP_LB_NAT_PORTS: "a NAT service's new flow found no free translated source port",
     Reason.DROP_LB_NAT_UNROUTED: ("translated to the router's own source, and the fast path cannot send it (no "
                                   "neighbor yet, over the MTU, ...): the router's kernel would drop it as a martian"),
-    Reason.DROP_LB_ANSWER_FAILED: ("a DSR packet over the MTU toward its backend, whose ICMP answer to the "
+    Reason.DROP_LB_ANSWER_FAILED: ("a service's packet over the MTU toward its backend, whose ICMP answer to the "
                                    "client could not be finished once the frame was reshaped"),
 }
 XDP_ACTIONS = {0: "aborted", 1: "drop", 2: "pass", 3: "tx", 4: "redirect"}
@@ -226,5 +226,6 @@ def probe(dp: Datapath, dst, iif: int, iif_mac: bytes, src=None, ttl: int = 64, 
     d.rule = rule_choice(dp, out, dst.version)
     if d.verdict == "redirect" and len(res.data) >= 14:
         d.dmac, d.smac = mac_str(res.data[0:6]), mac_str(res.data[6:12])
-        d.ttl_out = res.data[22] if dst.version == 4 else res.data[21]
+        # the frame's own family: a service's outer header may be the other one
+        d.ttl_out = res.data[22] if res.data[12:14] == b"\x08\x00" else res.data[21]
     return d

@@ -68,7 +68,7 @@ enum reason {
 	REASON_DROP_LB_NO_BACKEND,      /* a service's packet, no backend takes new flows */
 	REASON_DROP_LB_NAT_PORTS,       /* NAT: no free translated port for a new flow */
 	REASON_DROP_LB_NAT_UNROUTED,    /* NAT: translated to the router's source, and the fast path cannot send it */
-	REASON_DROP_LB_ANSWER_FAILED,   /* the ICMP answer to an oversize DSR packet could not be finished */
+	REASON_DROP_LB_ANSWER_FAILED,   /* the ICMP answer to a service's oversize packet could not be finished */
 	REASON_MAX,
 };
 

@@ -172,7 +172,7 @@ struct lb_stat {
 	__u64 flood_windows;    /* one-second windows that went over the limit */
 	__u64 replies;          /* NAT: replies translated back to the client */
 	__u64 nat_port_busy;    /* NAT: dropped, no free translated port found for a new flow */
-	__u64 too_big;          /* DSR: over the MTU once encapsulated, answered with ICMP (lb_toobig.h) */
+	__u64 too_big;          /* over the MTU toward the backend, answered with ICMP (lb_toobig.h); in packets too */
 };
 
 struct {

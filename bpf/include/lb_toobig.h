@@ -34,13 +34,25 @@
  * was changed and could not be finished. */
 static __always_inline int toobig_reshape(struct xdp_md *ctx, int outer, int ip_len, int quote)
 {
+	void *data = (void *)(long)ctx->data, *end = (void *)(long)ctx->data_end;
+	struct ethhdr eth;
 	int len;
 
+	/* the Ethernet header moves with the frame's start: a passed answer
+	 * must still be addressed to the router */
+	if (data + sizeof(eth) > end)
+		return 1;
+	__builtin_memcpy(&eth, data, sizeof(eth));
 	if (bpf_xdp_adjust_head(ctx, outer - (ip_len + 8)))
 		return 1;
 	len = (int)(ctx->data_end - ctx->data);
 	if (bpf_xdp_adjust_tail(ctx, (int)(sizeof(struct ethhdr) + ip_len + 8 + quote) - len))
 		return -1;
+	data = (void *)(long)ctx->data;
+	end = (void *)(long)ctx->data_end;
+	if (data + sizeof(eth) > end)
+		return -1;
+	__builtin_memcpy(data, &eth, sizeof(eth));
 	return 0;
 }
 
@@ -154,24 +166,35 @@ static __always_inline int nat_untranslate(struct xdp_md *ctx, const struct pack
 	struct pkt p = {};
 	__u16 *ports;
 
-	if (pkt_restore(ctx, pc, &p) >= 0 || !p.l4 || p.l4 + 4 > p.data_end)
+	/* constant offsets (l3 at 14, checked by the caller; no IPv4 options,
+	 * which the kernel handles before a service sees them), and room for
+	 * an IPv6 header whatever the family: nat_rewrite's copies are that
+	 * long to the verifier, which does not tie them to the family */
+	p.data = (void *)(long)ctx->data;
+	p.data_end = (void *)(long)ctx->data_end;
+	if (p.data + sizeof(struct ethhdr) + sizeof(struct ipv6hdr) + 20 > p.data_end)
 		return -1;
-	/* nat_rewrite's copies are IPv6-sized to the verifier, whichever the family
-	 * (it does not tie them to it); a packet over an MTU is longer anyway */
-	if (p.data + sizeof(struct ethhdr) + sizeof(struct ipv6hdr) > p.data_end)
-		return -1;
-	ports = p.l4;
-	if (p.ip4) {
+	p.eth = p.data;
+	p.l3_off = sizeof(struct ethhdr);
+	p.l4_proto = pc->l4_proto;
+	if (pc->l3_proto == ETH_P_IP) {
+		p.ip4 = p.data + sizeof(struct ethhdr);
+		if (p.ip4->ihl != 5)
+			return -1;
+		p.l4 = (void *)(p.ip4 + 1);
 		__builtin_memcpy(nk.backend, &p.ip4->daddr, 4);
 		__builtin_memcpy(nk.nat_src, &p.ip4->saddr, 4);
 		nk.family = 4;
-	} else if (p.ip6) {
+	} else {
+		p.ip6 = p.data + sizeof(struct ethhdr);
+		p.l4 = p.data + (pc->l4_off & 0x3ff);
+		if (p.l4 + 4 > p.data_end)
+			return -1;
 		__builtin_memcpy(nk.backend, &p.ip6->daddr, 16);
 		__builtin_memcpy(nk.nat_src, &p.ip6->saddr, 16);
 		nk.family = 6;
-	} else {
-		return -1;
 	}
+	ports = p.l4;
 	nk.backend_port = ports[1];
 	nk.nat_port = ports[0];
 	nk.proto = p.l4_proto;
@@ -214,8 +237,15 @@ static __always_inline int lb_answer_too_big(struct xdp_md *ctx, struct packet_c
 	struct lb_stat *st;
 	int family;
 
+	struct iface *in;
+
 	if (reason != REASON_PASS_FRAG_NEEDED || !(pc->flags & (PCTX_F_LB_ENCAP | PCTX_F_LB_SNAT)) || pc->probe ||
 	    pc->l3_off != sizeof(struct ethhdr))
+		return reason;
+	/* more than the ingress MTU arrived: a GRO aggregate (generic XDP), whose
+	 * segments may each fit; the kernel segments it (IPVS: !skb_is_gso) */
+	in = iface_lookup(ctx->ingress_ifindex);
+	if (!in || pc->len - pc->l3_off > in->mtu)
 		return reason;
 	if (pc->flags & PCTX_F_LB_SNAT) {
 		int id = nat_untranslate(ctx, pc);
@@ -238,7 +268,7 @@ static __always_inline int lb_answer_too_big(struct xdp_md *ctx, struct packet_c
 	pc->l3_proto = family == 4 ? ETH_P_IP : ETH_P_IPV6;
 	pc->l4_off = pc->l3_off + (family == 4 ? sizeof(struct iphdr) : sizeof(struct ipv6hdr));
 	pc->l4_proto = family == 4 ? IPPROTO_ICMP : IPPROTO_ICMPV6;
-	pc->flags = PCTX_F_LB;
+	pc->flags = PCTX_F_LB | PCTX_F_ORIGINATED;
 	pc->rounds = 0;
 	pc->table = 0;
 	__builtin_memset(&pc->res, 0, sizeof(pc->res));

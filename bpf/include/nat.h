@@ -23,6 +23,20 @@ static __always_inline __u32 csum_diff_words(__u32 sum, const __u16 *from, const
 	return sum;
 }
 
+/* The same for a pair of addresses going from (src, dst) to (to_src,
+ * to_dst): 2 words each (IPv4) or 8 (IPv6), a constant on each path, as
+ * the verifier bounds the reads by it. */
+static __always_inline __u32 csum_diff_addrs(__u32 sum, const __u16 *src, const __u16 *dst, const __u8 *to_src,
+					     const __u8 *to_dst, int words)
+{
+	if (words == 2) {
+		sum = csum_diff_words(sum, src, (const __u16 *)to_src, 2);
+		return csum_diff_words(sum, dst, (const __u16 *)to_dst, 2);
+	}
+	sum = csum_diff_words(sum, src, (const __u16 *)to_src, 8);
+	return csum_diff_words(sum, dst, (const __u16 *)to_dst, 8);
+}
+
 static __always_inline __u16 csum_apply(__u16 check, __u32 diff)
 {
 	return ~csum_fold32((__u16)~check + csum_fold32(diff)) & 0xffff;
@@ -69,8 +83,7 @@ static __always_inline int nat_rewrite(struct pkt *p, const struct nat_rewrite *
 	} else {
 		return -1;
 	}
-	diff = csum_diff_words(diff, src, (const __u16 *)to->saddr, words);
-	diff = csum_diff_words(diff, dst, (const __u16 *)to->daddr, words);
+	diff = csum_diff_addrs(diff, src, dst, to->saddr, to->daddr, words);
 	l4diff = diff + (__u16)~ports[0] + (__u16)to->sport + (__u16)~ports[1] + (__u16)to->dport;
 	if (sum4)
 		*sum4 = csum_apply(*sum4, diff);
@@ -99,13 +112,13 @@ static __always_inline __u32 csum_word(__u32 sum, __u16 from, __u16 to)
 }
 
 /* An ICMP error about a translated packet, translated the same way: the
- * outer destination to `to_dst`, the quoted packet's addresses and ports
- * to `quoted` (and the quoted headers' checksums with them), and the ICMP
- * checksum for all of it (ICMPv6's covers the outer addresses too). q: the
- * quoted IP header, ports: its L4 ports (both bounds-checked by the
- * caller, 20 or 40 bytes and 4). */
-static __always_inline void nat_rewrite_icmp(struct pkt *p, void *q, __u16 *ports, const __u8 *to_dst,
-					      const struct nat_rewrite *quoted)
+ * outer addresses to `to_src` and `to_dst`, the quoted packet's addresses
+ * and ports to `quoted` (and the quoted headers' checksums with them), and
+ * the ICMP checksum for all of it (ICMPv6's covers the outer addresses
+ * too). q: the quoted IP header, ports: its L4 ports (both bounds-checked
+ * by the caller, 20 or 40 bytes and 4). */
+static __always_inline void nat_rewrite_icmp(struct pkt *p, void *q, __u16 *ports, const __u8 *to_src,
+					      const __u8 *to_dst, const struct nat_rewrite *quoted)
 {
 	void *end = p->data_end;
 	__u16 *icmp_sum = p->l4 + 2, *src, *dst, *qsum4 = NULL, *l4sum = NULL;
@@ -123,7 +136,8 @@ static __always_inline void nat_rewrite_icmp(struct pkt *p, void *q, __u16 *port
 		qsum4 = (__u16 *)&in->check;
 		proto = in->protocol;
 		words = 2;
-		outer = csum_diff_words(0, (const __u16 *)&p->ip4->daddr, (const __u16 *)to_dst, 2);
+		outer = csum_diff_addrs(0, (const __u16 *)&p->ip4->saddr, (const __u16 *)&p->ip4->daddr, to_src,
+					to_dst, 2);
 	} else if (p->ip6) {
 		struct ipv6hdr *in = q;
 
@@ -131,12 +145,12 @@ static __always_inline void nat_rewrite_icmp(struct pkt *p, void *q, __u16 *port
 		dst = (__u16 *)&in->daddr;
 		proto = in->nexthdr;
 		words = 8;
-		outer = csum_diff_words(0, (const __u16 *)&p->ip6->daddr, (const __u16 *)to_dst, 8);
+		outer = csum_diff_addrs(0, (const __u16 *)&p->ip6->saddr, (const __u16 *)&p->ip6->daddr, to_src,
+					to_dst, 8);
 	} else {
 		return;
 	}
-	addrs = csum_diff_words(addrs, src, (const __u16 *)quoted->saddr, words);
-	addrs = csum_diff_words(addrs, dst, (const __u16 *)quoted->daddr, words);
+	addrs = csum_diff_addrs(addrs, src, dst, quoted->saddr, quoted->daddr, words);
 	l4 = csum_word(addrs, ports[0], quoted->sport);
 	l4 = csum_word(l4, ports[1], quoted->dport);
 	icmp = l4;                      /* the quoted addresses and ports themselves */
@@ -163,10 +177,12 @@ static __always_inline void nat_rewrite_icmp(struct pkt *p, void *q, __u16 *port
 	*icmp_sum = csum_apply(*icmp_sum, icmp);
 	if (p->ip4) {
 		p->ip4->check = csum_apply(p->ip4->check, outer);
+		__builtin_memcpy(&p->ip4->saddr, to_src, 4);
 		__builtin_memcpy(&p->ip4->daddr, to_dst, 4);
 		__builtin_memcpy(src, quoted->saddr, 4);
 		__builtin_memcpy(dst, quoted->daddr, 4);
 	} else if (p->ip6) {
+		__builtin_memcpy(&p->ip6->saddr, to_src, 16);
 		__builtin_memcpy(&p->ip6->daddr, to_dst, 16);
 		__builtin_memcpy(src, quoted->saddr, 16);
 		__builtin_memcpy(dst, quoted->daddr, 16);

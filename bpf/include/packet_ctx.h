@@ -31,6 +31,7 @@
 #define PCTX_F_LB 8             /* encapsulated or translated by the load balancer (stages/lb.h) */
 #define PCTX_F_LB_SNAT 16       /* ... to the router's own source: the kernel would not forward it */
 #define PCTX_F_LB_ENCAP 32      /* ... encapsulated for DSR: over the MTU, answered (lb_toobig.h) */
+#define PCTX_F_ORIGINATED 64    /* the router's own header (an outer one, an ICMP answer): leaves with its TTL */
 
 struct packet_ctx {
 	__u32 len;              /* frame length */

@@ -36,9 +36,13 @@ static __always_inline __u32 bytes_past_ip(const struct pkt *p)
 	return frame > ip_end ? frame - ip_end : 0;
 }
 
-static __always_inline void rewrite_forward(struct pkt *p, const struct fib_result *res)
+/* forwarded: the TTL goes down; a header the router wrote itself leaves
+ * with the TTL it was given, as the kernel's output path sends it */
+static __always_inline void rewrite_forward(struct pkt *p, const struct fib_result *res, int forwarded)
 {
-	if (p->ip4)
+	if (!forwarded)
+		;
+	else if (p->ip4)
 		ipv4_decrease_ttl(p->ip4);
 	else if (p->ip6)
 		p->ip6->hop_limit--;

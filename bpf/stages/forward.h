@@ -23,7 +23,7 @@ static __always_inline int forward_stage(struct xdp_md *ctx, struct packet_ctx *
 		if (reason >= 0)
 			return reason;
 	}
-	rewrite_forward(&p, &pc->res);
+	rewrite_forward(&p, &pc->res, !(pc->flags & PCTX_F_ORIGINATED));
 	pc->action = bpf_redirect_map(&tx_ports, pc->res.egress_ifindex, 0);
 	return p.ip4 ? REASON_FWD_IPV4 : REASON_FWD_IPV6;
 }

@@ -72,7 +72,7 @@ static __always_inline int lb_icmp_quoted_key(const struct pkt *p, struct lb_con
 		struct iphdr *in = q;
 
 		if ((type != 3 && type != 11 && type != 12) || (void *)(in + 1) > end || in->version != 4 ||
-		    (in->frag_off & bpf_htons(0x1FFF)))
+		    in->ihl < 5 || (in->frag_off & bpf_htons(0x1FFF)))
 			return 0;
 		ports = q + ((in->ihl & 0xf) << 2);
 		__builtin_memcpy(k->saddr, &in->daddr, 4);
@@ -328,7 +328,7 @@ static __always_inline __u16 *icmp_quoted_ports(const struct pkt *p, void **qp)
 	if (p->ip4) {
 		struct iphdr *in = q;
 
-		if ((void *)(in + 1) > end)
+		if ((void *)(in + 1) > end || in->ihl < 5)
 			return NULL;
 		ports = q + ((in->ihl & 0xf) << 2);
 	} else {
@@ -346,7 +346,8 @@ static __always_inline __u16 *icmp_quoted_ports(const struct pkt *p, void **qp)
 
 /* NAT: an ICMP error to the router's address about a translated packet
  * toward a backend (the backend's port unreachable, a hop's fragmentation
- * needed) goes to the client, about the packet the client sent. k: the
+ * needed) goes to the client from the VIP, about the packet the client
+ * sent, as IPVS translates it (ip_vs_nat_icmp, outward). k: the
  * quoted packet's flow, reversed (lb_icmp_quoted_key). STAGE_NEXT: not
  * about a translated flow. */
 static __always_inline int lb_nat_icmp_back(struct packet_ctx *pc, struct pkt *p, const struct lb_conn_key *k)
@@ -367,7 +368,7 @@ static __always_inline int lb_nat_icmp_back(struct packet_ctx *pc, struct pkt *p
 	__builtin_memcpy(to->daddr, rev->vip, 16);
 	to->sport = rev->client_port;
 	to->dport = rev->vip_port;
-	nat_rewrite_icmp(p, q, ports, rev->client, to);
+	nat_rewrite_icmp(p, q, ports, rev->vip, rev->client, to);
 	pc->flags |= PCTX_F_LB;
 	return STAGE_TO_FIB;
 }
@@ -375,8 +376,10 @@ static __always_inline int lb_nat_icmp_back(struct packet_ctx *pc, struct pkt *p
 /* NAT: an ICMP error to a VIP about one of its replies to a client (a hop
  * on the client's side: fragmentation needed) goes to the backend that
  * sent the reply, about the packet it sent (to the router's address and
- * the flow's port), as IPVS translates it (ip_vs_nat_icmp); the sender
- * stays the source. k: the client's flow (lb_icmp_quoted_key). STAGE_NEXT:
+ * the flow's port), as IPVS translates it (ip_vs_nat_icmp, inward). Its
+ * source becomes the router's address toward the backend too: the
+ * backend of a source-translated service need not have a route to the
+ * client's side. k: the client's flow (lb_icmp_quoted_key). STAGE_NEXT:
  * no translated flow of the service has it. */
 static __always_inline int lb_nat_icmp_forward(struct packet_ctx *pc, struct pkt *p, const struct lb_conn_key *k,
 					       const struct lb_service *svc)
@@ -402,7 +405,7 @@ static __always_inline int lb_nat_icmp_forward(struct packet_ctx *pc, struct pkt
 	__builtin_memcpy(to->daddr, be->nat_src, 16);
 	to->sport = k->dport;
 	to->dport = c->nat_port;
-	nat_rewrite_icmp(p, q, ports, be->addr, to);
+	nat_rewrite_icmp(p, q, ports, be->nat_src, be->addr, to);
 	pc->flags |= PCTX_F_LB;
 	return STAGE_TO_FIB;
 }
@@ -517,7 +520,7 @@ static __always_inline int lb_stage(struct xdp_md *ctx, struct packet_ctx *pc)
 	pc->l3_proto = be->family == 4 ? ETH_P_IP : ETH_P_IPV6;
 	pc->l4_off = pc->l3_off + grow;
 	pc->l4_proto = k.family == 4 ? IPPROTO_IPIP : IPPROTO_IPV6;
-	pc->flags = PCTX_F_LB | PCTX_F_LB_ENCAP;
+	pc->flags = PCTX_F_LB | PCTX_F_LB_ENCAP | PCTX_F_ORIGINATED;
 	pc->lb_service = svc->id;
 	return STAGE_TO_FIB;
 }

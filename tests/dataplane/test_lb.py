@@ -93,7 +93,7 @@ def encapsulated(outer_family, backend, inner_family):
         if outer_family == 4:
             o = pkt[IP]
             assert o.dst == backend and ipaddress.ip_address(o.src) in DEFAULT_SRC4
-            assert o.proto == (4 if inner_family == 4 else 41) and o.ttl == 63 and o.flags == 0
+            assert o.proto == (4 if inner_family == 4 else 41) and o.ttl == 64 and o.flags == 0
             assert o.len == 20 + len(inner_sent)
             sum_sent = o.chksum
             del o.chksum
@@ -103,7 +103,7 @@ def encapsulated(outer_family, backend, inner_family):
         else:
             o = pkt[IPv6]
             assert o.dst == backend and ipaddress.ip_address(o.src) in DEFAULT_SRC6
-            assert o.nh == (4 if inner_family == 4 else 41) and o.hlim == 63 and o.plen == len(inner_sent)
+            assert o.nh == (4 if inner_family == 4 else 41) and o.hlim == 64 and o.plen == len(inner_sent)
             assert pkt.dst == MAC_GW6 and pkt.src == env.if1_mac
             assert bytes(o.payload) == inner_sent
     return check
@@ -173,8 +173,8 @@ def test_no_neigh_pass_carries_the_encapsulation(env, lb):
 CLIENT4_FAR, CLIENT6_FAR = "10.20.7.8", "fd20::7:8"
 
 
-def big4(dport, df=True, tos=0x2b, size=1390):
-    ip = IP(src=CLIENT4_FAR, dst=VIP4, ttl=50, tos=tos, flags="DF" if df else 0, id=4321)
+def big4(dport, df=True, tos=0x2b, size=1390, client=CLIENT4_FAR):
+    ip = IP(src=client, dst=VIP4, ttl=50, tos=tos, flags="DF" if df else 0, id=4321)
     return bytes(Ether() / ip / TCP(sport=40100, dport=dport, flags="A") / Raw(b"d" * (size - 40)))
 
 
@@ -183,18 +183,23 @@ def big6(dport=443, size=1380):
     return bytes(Ether() / ip / TCP(sport=40100, dport=dport, flags="A") / Raw(b"d" * (size - 60)))
 
 
-def answered(family, mtu):
+def answered(family, mtu, client=None, passed=False):
     """The client's answer, as the kernel's icmp_send / icmpv6_send build
     it (fields checked against the kernel's own forward path: tos 0xC0 with
-    the quoted RT_TOS bits, no DF, 576 or 1280 bytes in all, the packet
-    quoted as it arrived), from the VIP, one hop old (it was routed)."""
+    the quoted RT_TOS bits, no DF, TTL 64, 576 or 1280 bytes in all, the
+    packet quoted as it arrived), from the VIP; sent to the client's
+    next hop, or (passed) still addressed to the router."""
     def check(env, sent, out):
         pkt = Ether(out)
         client_pkt = bytes(Ether(sent).payload)
+        if passed:
+            assert (pkt.dst, pkt.src) == (Ether(sent).dst, Ether(sent).src), "a passed answer is the router's"
+        else:
+            assert (pkt.dst, pkt.src) == (MAC_GW if family == 4 else MAC_GW6, env.if1_mac)
         if family == 4:
             ip = pkt[IP]
             assert (ip.src, ip.dst, ip.proto, ip.len, ip.ttl, ip.flags, ip.tos) == \
-                (VIP4, CLIENT4_FAR, 1, 576, 63, 0, 0xC0 | (0x2b & 0x1E))
+                (VIP4, client or CLIENT4_FAR, 1, 576, 64, 0, 0xC0 | (0x2b & 0x1E))
             icmp = ip[ICMP]
             assert (icmp.type, icmp.code, icmp.nexthopmtu) == (3, 4, mtu)
             assert bytes(icmp)[8:] == client_pkt[:548], "the quote: the client's packet as it arrived"
@@ -203,7 +208,7 @@ def answered(family, mtu):
             del again[ICMP].chksum
         else:
             ip = pkt[IPv6]
-            assert (ip.src, ip.dst, ip.nh, ip.plen, ip.hlim, ip.tc) == (VIP6, CLIENT6_FAR, 58, 1240, 63, 0)
+            assert (ip.src, ip.dst, ip.nh, ip.plen, ip.hlim, ip.tc) == (VIP6, client or CLIENT6_FAR, 58, 1240, 64, 0)
             icmp = ip[ICMPv6PacketTooBig]
             assert (icmp.code, icmp.mtu) == (0, mtu)
             assert bytes(icmp)[8:] == client_pkt[:1232], "the quote: the client's packet as it arrived"
@@ -231,6 +236,11 @@ TOO_BIG_CASES = [
      (XDP_PASS, "PASS_FRAG_NEEDED"), None, False),
     ("IPv4 with DF, 10 bytes under: encapsulated and sent", lambda: big4(80, size=1380), TCP4_80,
      (XDP_REDIRECT, "FWD_IPV4"), encapsulated(4, BE4[0], 4), False),
+    ("the answer to a client whose neighbor is unresolved: passed, addressed to the router",
+     lambda: big4(80, client="10.2.0.78"), TCP4_80, (XDP_PASS, "PASS_NO_NEIGH"),
+     answered(4, 1380, "10.2.0.78", passed=True), True),
+    ("more than the ingress MTU (a GRO aggregate under generic XDP): not answered, the kernel's",
+     lambda: big4(80, size=1600), TCP4_80, (XDP_PASS, "PASS_FRAG_NEEDED"), None, False),
     ("NAT, IPv4 with DF: fragmentation needed about the untranslated packet", lambda: big4(90, size=1410), NAT4_90,
      (XDP_REDIRECT, "FWD_IPV4"), answered(4, 1400), True),
     ("NAT, IPv6: packet too big about the untranslated packet", lambda: big6(90, size=1410), NAT6_90,
@@ -308,7 +318,7 @@ def test_nat_both_ways(env, lb, mode, case):
     r = run_packet(env, mode, bytes(err), iif="dpt1")
     assert (r.action, r.reason.name) == (XDP_REDIRECT, f"FWD_IPV{v}")
     got = Ether(r.out)
-    assert (got[IPX].src, got[IPX].dst) == (backend, client)
+    assert (got[IPX].src, got[IPX].dst) == (vip, client)
     as_sent = Ether(bytes(sent))[IPX].copy()   # what the client sent, as the backend got it: one hop older
     if v == 4:
         as_sent.ttl -= 1
@@ -332,7 +342,7 @@ def test_nat_both_ways(env, lb, mode, case):
     r = run_packet(env, mode, bytes(err))
     assert (r.action, r.reason.name) == (XDP_REDIRECT, f"FWD_IPV{v}")
     got = Ether(r.out)
-    assert (got[IPX].src, got[IPX].dst) == (hop, backend)
+    assert (got[IPX].src, got[IPX].dst) == (nat_src, backend)
     as_replied = reply[IPX].copy()     # what the backend sent, one hop older (the router forwarded it)
     if v == 4:
         as_replied.ttl -= 1

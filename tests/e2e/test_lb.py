@@ -173,24 +173,31 @@ def test_uploads_over_the_encapsulated_mtu(lb_lab, tmp_path):
     arrives whole."""
     ll = lb_lab
     vip, vip6 = "10.0.100.2", "fd00:100::2"
-    for b in ("b1", "b2"):
-        ll.lab.run(b, ["ip", "addr", "add", f"{vip}/32", "dev", "lo"], check=True)
-        ll.lab.run(b, ["ip", "addr", "add", f"{vip6}/128", "dev", "lo"], check=True)
+    lo_addrs = [(b, a) for b in ("b1", "b2") for a in (f"{vip}/32", f"{vip6}/128")]
     body = tmp_path / "upload"
     body.write_bytes(os.urandom(300_000))
-    for v, key, url, mtu in ((4, ["tcp", f"{vip}:80"], f"http://{vip}/up", 1480),
-                             (6, ["tcp", f"[{vip6}]:80"], f"http://[{vip6}]/up", 1460)):
-        add_service(ll, key, {"b1": 1, "b2": 1}, v=v)
-        for _ in range(5):
-            p = ll.lab.run("h1", ["curl", f"-{v}", "-s", "--max-time", "20", "-H", "Expect:",
-                                  "--data-binary", f"@{body}", url], timeout=60)
-            assert p.stdout.split()[1:] == ["300000"], f"IPv{v} upload: {p.stdout!r} {p.stderr!r}"
-        s = ll.service(" ".join(key))
-        assert s["stats"]["too_big"] >= 1, s["stats"]
-        assert f"{s['stats']['too_big']} answered too big" in ll.lr.cli("service", "show").stdout
-        route = ll.lab.run("h1", ["ip", f"-{v}", "route", "get", vip if v == 4 else vip6], check=True).stdout
-        assert f"mtu {mtu}" in route, route
-        ll.lr.cli("service", "del", *key)
+    try:
+        for b, a in lo_addrs:
+            ll.lab.run(b, ["ip", "addr", "add", a, "dev", "lo"], check=True)
+        for v, key, url, mtu in ((4, ["tcp", f"{vip}:80"], f"http://{vip}/up", 1480),
+                                 (6, ["tcp", f"[{vip6}]:80"], f"http://[{vip6}]/up", 1460)):
+            add_service(ll, key, {"b1": 1, "b2": 1}, v=v)
+            try:
+                for _ in range(5):
+                    p = ll.lab.run("h1", ["curl", f"-{v}", "-s", "--max-time", "20", "-H", "Expect:",
+                                          "--data-binary", f"@{body}", url], timeout=60)
+                    assert p.stdout.split()[1:] == ["300000"], f"IPv{v} upload: {p.stdout!r} {p.stderr!r}"
+                s = ll.service(" ".join(key))
+                assert s["stats"]["too_big"] >= 1, s["stats"]
+                assert f"{s['stats']['too_big']} answered too big" in ll.lr.cli("service", "show").stdout
+                route = ll.lab.run("h1", ["ip", f"-{v}", "route", "get", url.split("/")[2].strip("[]")],
+                                   check=True).stdout
+                assert f"mtu {mtu}" in route, route
+            finally:
+                ll.lr.cli("service", "del", *key, check=False)
+    finally:
+        for b, a in lo_addrs:
+            ll.lab.run(b, ["ip", "addr", "del", a, "dev", "lo"])
 
 
 def test_nat_service(lb_lab):
