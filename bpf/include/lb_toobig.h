@@ -1,14 +1,20 @@
-/* The load balancer's answer to a client whose packet, once encapsulated
- * for its backend (encap.h), is over the egress MTU: what IPVS answers
- * from its tunnel transmit (ensure_mtu_is_adequate), with the kernel's own
- * icmp_send and icmpv6_send fields. An IPv4 packet with DF and any IPv6
- * packet get ICMP fragmentation needed or packet too big from the VIP,
- * with the egress MTU less the outer header, quoting the client's packet
- * as it arrived (576 bytes in all for IPv4, 1280 for IPv6). The answer is
- * then routed to the client like a packet the router sends. An IPv4
- * packet without DF stays the kernel's to fragment (the outer header's DF
- * is clear), as does what the answer cannot be built for (counted
- * frag_needed, as before). */
+/* The load balancer's answer to a client whose packet is over the egress
+ * MTU toward its backend, once encapsulated (encap.h) or translated
+ * (nat.h): what IPVS answers from its transmit (ensure_mtu_is_adequate),
+ * with the kernel's own icmp_send and icmpv6_send fields. An IPv4 packet
+ * with DF and any IPv6 packet get ICMP fragmentation needed or packet too
+ * big from the VIP, with the egress MTU less the outer header, quoting the
+ * client's packet as it arrived (576 bytes in all for IPv4, 1280 for
+ * IPv6). The answer is then routed to the client like a packet the router
+ * sends. An IPv4 packet without DF stays the kernel's to fragment (the
+ * outer header's DF is clear), as does what the answer cannot be built
+ * for (counted frag_needed, as before).
+ *
+ * In three steps, so that nothing changes until the answer is certain:
+ * the client's packet is checked where it lies (after the outer header of
+ * any length, IPIP or GUE), then the outer header is stripped (or the
+ * translation undone), then the answer is built around the packet, which
+ * now starts right after the Ethernet header. */
 #ifndef BPFROUTER_LB_TOOBIG_H
 #define BPFROUTER_LB_TOOBIG_H
 
@@ -28,26 +34,42 @@
 #define IPV6_MIN_MTU 1280
 #define ANSWER_TTL 64                   /* the kernel's default ip_default_ttl, hop_limit */
 
-/* Reshapes the frame into Ethernet, an IP header of `ip_len` bytes, the
- * ICMP header and `quote` bytes of the client's packet, which starts at
- * 14 + outer. Returns 0, 1 when the frame could not be changed, -1 when it
- * was changed and could not be finished. */
-static __always_inline int toobig_reshape(struct xdp_md *ctx, int outer, int ip_len, int quote)
+/* The client's packet at `off` (the outer header's end, < 128): 4 or 6
+ * when it is one to answer with the MTU `mtu`, else 0. */
+static __always_inline int toobig_answerable(struct xdp_md *ctx, __u32 off, __u32 mtu)
 {
 	void *data = (void *)(long)ctx->data, *end = (void *)(long)ctx->data_end;
-	struct ethhdr eth;
-	int len;
+	void *at = data + (off & 0x7f);
+	struct iphdr *in4 = at;
+	struct ipv6hdr *in6 = at;
 
-	/* the Ethernet header moves with the frame's start: a passed answer
-	 * must still be addressed to the router */
+	if ((void *)(in6 + 1) > end)
+		return 0;
+	if (in4->version == 4)
+		return in4->ihl == 5 && (in4->frag_off & bpf_htons(0x4000)) && !(in4->frag_off & bpf_htons(0x3FFF)) &&
+		       bpf_ntohs(in4->tot_len) >= ICMP4_QUOTE && mtu >= IPV4_MIN_MTU && mtu <= 0xFFFF &&
+		       (in4->protocol == IPPROTO_TCP || in4->protocol == IPPROTO_UDP) ? 4 : 0;
+	/* not about an ICMP error, nor through extension headers */
+	return in6->version == 6 && bpf_ntohs(in6->payload_len) + sizeof(*in6) >= ICMP6_QUOTE &&
+	       mtu >= IPV6_MIN_MTU && (in6->nexthdr == IPPROTO_TCP || in6->nexthdr == IPPROTO_UDP) ? 6 : 0;
+}
+
+/* Moves the frame's start by `delta` bytes (bpf_xdp_adjust_head), keeping
+ * its Ethernet header: a passed answer must still be addressed to the
+ * router. Returns 0, 1 when the frame is unchanged, -1 when it was changed
+ * and could not be finished. */
+static __always_inline int move_start(struct xdp_md *ctx, int delta)
+{
+	/* read afresh: the compiler would otherwise drop the check below as
+	 * implied by an earlier one the verifier cannot relate to it */
+	void *data = (void *)(long)*(volatile __u32 *)&ctx->data, *end = (void *)(long)ctx->data_end;
+	struct ethhdr eth;
+
 	if (data + sizeof(eth) > end)
 		return 1;
 	__builtin_memcpy(&eth, data, sizeof(eth));
-	if (bpf_xdp_adjust_head(ctx, outer - (ip_len + 8)))
+	if (bpf_xdp_adjust_head(ctx, delta))
 		return 1;
-	len = (int)(ctx->data_end - ctx->data);
-	if (bpf_xdp_adjust_tail(ctx, (int)(sizeof(struct ethhdr) + ip_len + 8 + quote) - len))
-		return -1;
 	data = (void *)(long)ctx->data;
 	end = (void *)(long)ctx->data_end;
 	if (data + sizeof(eth) > end)
@@ -56,29 +78,38 @@ static __always_inline int toobig_reshape(struct xdp_md *ctx, int outer, int ip_
 	return 0;
 }
 
-static __always_inline int toobig4(struct xdp_md *ctx, int outer, __u32 mtu)
+/* Room for the IP header (`ip_len`) and the ICMP header in front of the
+ * client's packet (right after Ethernet), cut to `quote` bytes of it.
+ * Returns 0 or -1 (the frame changed, not finished). */
+static __always_inline int toobig_reshape(struct xdp_md *ctx, int ip_len, int quote)
+{
+	int len;
+
+	if (move_start(ctx, -(ip_len + 8)))
+		return -1;
+	len = (int)(ctx->data_end - ctx->data);
+	if (bpf_xdp_adjust_tail(ctx, (int)(sizeof(struct ethhdr) + ip_len + 8 + quote) - len))
+		return -1;
+	return 0;
+}
+
+static __always_inline int toobig4(struct xdp_md *ctx, __u32 mtu)
 {
 	void *data = (void *)(long)ctx->data, *end = (void *)(long)ctx->data_end;
-	struct iphdr *in = data + sizeof(struct ethhdr) + outer, *ip;
+	struct iphdr *in = data + sizeof(struct ethhdr), *ip;
 	__be32 client, vip;
 	struct ethhdr *eth;
 	__u8 *icmp;
 	__u64 sum;
 	__u8 tos;
-	int rc;
 
-	if ((void *)(in + 1) > end || !(in->frag_off & bpf_htons(0x4000)) ||
-	    (in->frag_off & bpf_htons(0x3FFF)) || bpf_ntohs(in->tot_len) < ICMP4_QUOTE ||
-	    mtu < IPV4_MIN_MTU || mtu > 0xFFFF)
-		return 0;
-	if (in->protocol != IPPROTO_TCP && in->protocol != IPPROTO_UDP)
-		return 0;       /* an ICMP error is not answered with one */
+	if ((void *)(in + 1) > end)
+		return -1;
 	client = in->saddr;
 	vip = in->daddr;
 	tos = ICMP4_TOS_CONTROL | (in->tos & 0x1E);
-	rc = toobig_reshape(ctx, outer, sizeof(struct iphdr), ICMP4_QUOTE);
-	if (rc)
-		return rc > 0 ? 0 : -1;
+	if (toobig_reshape(ctx, sizeof(struct iphdr), ICMP4_QUOTE))
+		return -1;
 	data = (void *)(long)ctx->data;
 	end = (void *)(long)ctx->data_end;
 	eth = data;
@@ -107,26 +138,21 @@ static __always_inline int toobig4(struct xdp_md *ctx, int outer, __u32 mtu)
 	return 4;
 }
 
-static __always_inline int toobig6(struct xdp_md *ctx, int outer, __u32 mtu)
+static __always_inline int toobig6(struct xdp_md *ctx, __u32 mtu)
 {
 	void *data = (void *)(long)ctx->data, *end = (void *)(long)ctx->data_end;
-	struct ipv6hdr *in = data + sizeof(struct ethhdr) + outer, *ip;
+	struct ipv6hdr *in = data + sizeof(struct ethhdr), *ip;
 	struct in6_addr client, vip;
 	struct ethhdr *eth;
 	__u8 *icmp;
 	__u64 sum = 0;
-	int rc;
 
-	if ((void *)(in + 1) > end || bpf_ntohs(in->payload_len) + sizeof(*in) < ICMP6_QUOTE ||
-	    mtu < IPV6_MIN_MTU)
-		return 0;
-	if (in->nexthdr != IPPROTO_TCP && in->nexthdr != IPPROTO_UDP)
-		return 0;       /* an ICMP error is not answered with one (nor a packet with extension headers) */
+	if ((void *)(in + 1) > end)
+		return -1;
 	client = in->saddr;
 	vip = in->daddr;
-	rc = toobig_reshape(ctx, outer, sizeof(struct ipv6hdr), ICMP6_QUOTE);
-	if (rc)
-		return rc > 0 ? 0 : -1;
+	if (toobig_reshape(ctx, sizeof(struct ipv6hdr), ICMP6_QUOTE))
+		return -1;
 	data = (void *)(long)ctx->data;
 	end = (void *)(long)ctx->data_end;
 	eth = data;
@@ -210,22 +236,6 @@ static __always_inline int nat_untranslate(struct xdp_md *ctx, const struct pack
 	return rev->service;
 }
 
-/* DSR: the answer about the packet inside the outer header (20 or 40
- * bytes; constant offsets, which the verifier follows where one computed
- * from the context it cannot). */
-static __always_inline int dsr_too_big(struct xdp_md *ctx, const struct packet_ctx *pc, __u32 mtu)
-{
-	int outer = pc->l4_off - pc->l3_off, inner4 = pc->l4_proto == IPPROTO_IPIP;
-
-	if (outer == sizeof(struct iphdr) && mtu > sizeof(struct iphdr))
-		return inner4 ? toobig4(ctx, sizeof(struct iphdr), mtu - sizeof(struct iphdr))
-			      : toobig6(ctx, sizeof(struct iphdr), mtu - sizeof(struct iphdr));
-	if (outer == sizeof(struct ipv6hdr) && mtu > sizeof(struct ipv6hdr))
-		return inner4 ? toobig4(ctx, sizeof(struct ipv6hdr), mtu - sizeof(struct ipv6hdr))
-			      : toobig6(ctx, sizeof(struct ipv6hdr), mtu - sizeof(struct ipv6hdr));
-	return 0;
-}
-
 /* After the fib or ecmp stage found `reason`: a packet of a service over
  * the egress MTU (res.mtu) becomes the answer to its client and goes back
  * to routing (STAGE_TO_FIB); anything else keeps its reason. DSR: the
@@ -233,11 +243,10 @@ static __always_inline int dsr_too_big(struct xdp_md *ctx, const struct packet_c
  * translated packet the kernel cannot have: decided() drops it). */
 static __always_inline int lb_answer_too_big(struct xdp_md *ctx, struct packet_ctx *pc, int reason)
 {
-	__u32 svc = pc->lb_service;
+	__u32 svc = pc->lb_service, mtu = pc->res.mtu, outer = 0;
 	struct lb_stat *st;
-	int family;
-
 	struct iface *in;
+	int family;
 
 	if (reason != REASON_PASS_FRAG_NEEDED || !(pc->flags & (PCTX_F_LB_ENCAP | PCTX_F_LB_SNAT)) || pc->probe ||
 	    pc->l3_off != sizeof(struct ethhdr))
@@ -247,20 +256,26 @@ static __always_inline int lb_answer_too_big(struct xdp_md *ctx, struct packet_c
 	in = iface_lookup(ctx->ingress_ifindex);
 	if (!in || pc->len - pc->l3_off > in->mtu)
 		return reason;
-	if (pc->flags & PCTX_F_LB_SNAT) {
+	if (pc->flags & PCTX_F_LB_ENCAP) {
+		outer = pc->l4_off - pc->l3_off;        /* the client's packet follows the outer header */
+		if (pc->l4_off > 127 || outer >= mtu)
+			return reason;
+	}
+	family = toobig_answerable(ctx, pc->l3_off + outer, mtu - outer);
+	if (!family)
+		return reason;
+	if (outer) {
+		if (move_start(ctx, outer))
+			return REASON_DROP_LB_ANSWER_FAILED;
+	} else {
 		int id = nat_untranslate(ctx, pc);
 
 		if (id < 0)
 			return reason;
 		svc = id;
-		family = pc->l3_proto == ETH_P_IP ? toobig4(ctx, 0, pc->res.mtu) : toobig6(ctx, 0, pc->res.mtu);
-	} else {
-		family = dsr_too_big(ctx, pc, pc->res.mtu);
 	}
-	if (family < 0)         /* the frame was changed and could not be finished: nothing to send */
-		return REASON_DROP_LB_ANSWER_FAILED;
-	if (!family)
-		return reason;
+	if ((family == 4 ? toobig4(ctx, mtu - outer) : toobig6(ctx, mtu - outer)) < 0)
+		return REASON_DROP_LB_ANSWER_FAILED;    /* the frame changed: nothing to send */
 	st = bpf_map_lookup_elem(&lb_service_stats, &svc);
 	if (st)
 		st->too_big++;
