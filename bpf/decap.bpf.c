@@ -7,7 +7,9 @@
  * tunnel device's cost, as Katran's decap program does). Only outer
  * sources inside the load balancer's encapsulation prefixes are taken, so
  * nobody else can slip a packet with a forged inner source in (set at
- * attach: `decap attach --from`). Everything else passes untouched. */
+ * attach: `decap attach --from`). GUE (variant 1: the IP packet right
+ * after a UDP header to the GUE port, `decap attach --gue-port`) is
+ * stripped the same way. Everything else passes untouched. */
 #include "include/common.h"
 #include "include/parse.h"
 
@@ -18,6 +20,7 @@ const volatile __be32 decap_mask4 = 0xffffffff;     /* nothing, until the loader
 const volatile __u8 decap_src6[12] = {};
 const volatile __u8 decap_any6 = 0;                /* 1: any IPv6 outer source */
 const volatile __u8 decap_no6 = 1;                 /* 1: no IPv6 outer source */
+const volatile __be16 decap_gue_port = 0;          /* 0: no GUE */
 
 static __always_inline int src6_ok(const struct ipv6hdr *o)
 {
@@ -39,6 +42,7 @@ enum decap_stat {
 	DECAP_V6_IN_V6,
 	DECAP_FAILED,           /* the frame could not shrink: passed as it came */
 	DECAP_FOREIGN,          /* an outer source outside the prefixes: passed as it came */
+	DECAP_GUE,              /* of the decapsulated, those in GUE */
 	DECAP_STAT_MAX,
 };
 
@@ -59,6 +63,26 @@ static __always_inline void decap_count(__u32 stat)
 		(*n)++;
 }
 
+/* A GUE header after the outer IP header at `o` (`outer` bytes): the
+ * inner protocol (IPIP or IPV6, by the first nibble, as variant 1 says),
+ * *outer grown by the UDP header; 0 when it is not GUE to our port. */
+static __always_inline __u8 gue_inner(void *o, void *end, __u32 *outer)
+{
+	struct udphdr *u = o + *outer;
+	__u8 *first = (void *)(u + 1);
+
+	if (!decap_gue_port || (void *)(first + 1) > end || u->dest != decap_gue_port)
+		return 0;
+	*outer += sizeof(*u);
+	switch (*first >> 4) {
+	case 4:
+		return IPPROTO_IPIP;
+	case 6:
+		return IPPROTO_IPV6;
+	}
+	return 0;
+}
+
 SEC("xdp")
 int bpfrouter_decap(struct xdp_md *ctx)
 {
@@ -66,7 +90,7 @@ int bpfrouter_decap(struct xdp_md *ctx)
 	void *end = (void *)(long)ctx->data_end;
 	struct ethhdr *eth = data, copy;
 	__u32 outer, stat;
-	__u8 inner;
+	__u8 inner, gue = 0;
 
 	if ((void *)(eth + 1) > end)
 		return XDP_PASS;
@@ -77,6 +101,10 @@ int bpfrouter_decap(struct xdp_md *ctx)
 			return XDP_PASS;   /* options or a fragment: the kernel's */
 		inner = o->protocol;
 		outer = sizeof(*o);
+		if (inner == IPPROTO_UDP) {
+			inner = gue_inner(o, end, &outer);
+			gue = 1;
+		}
 		stat = inner == IPPROTO_IPIP ? DECAP_V4_IN_V4 : DECAP_V6_IN_V4;
 		if ((inner == IPPROTO_IPIP || inner == IPPROTO_IPV6) && (o->saddr & decap_mask4) != decap_src4) {
 			decap_count(DECAP_FOREIGN);
@@ -89,6 +117,10 @@ int bpfrouter_decap(struct xdp_md *ctx)
 			return XDP_PASS;
 		inner = o->nexthdr;
 		outer = sizeof(*o);
+		if (inner == IPPROTO_UDP) {
+			inner = gue_inner(o, end, &outer);
+			gue = 1;
+		}
 		stat = inner == IPPROTO_IPIP ? DECAP_V4_IN_V6 : DECAP_V6_IN_V6;
 		if ((inner == IPPROTO_IPIP || inner == IPPROTO_IPV6) && !src6_ok(o)) {
 			decap_count(DECAP_FOREIGN);
@@ -114,6 +146,8 @@ int bpfrouter_decap(struct xdp_md *ctx)
 	}
 	__builtin_memcpy(eth, &copy, sizeof(copy));
 	decap_count(stat);
+	if (gue)
+		decap_count(DECAP_GUE);
 	return XDP_PASS;
 }
 

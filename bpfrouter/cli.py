@@ -26,7 +26,7 @@ from .packet import mac_str
 from .routespec import RouteSpecError, parse_address, parse_route
 
 # Not on a terminal (a pipe, a log), tables keep their rows on one line.
-console = Console(highlight=False, soft_wrap=True, width=None if sys.stdout.isatty() else 200)
+console = Console(highlight=False, emoji=False, soft_wrap=True, width=None if sys.stdout.isatty() else 200)
 USER_ERRORS = (DatapathError, BpfError, AgentUnavailable, AgentRunning, NetnsError, RouteSpecError,
                LayoutMismatch, InterfaceError, LabError)
 

@@ -8,7 +8,8 @@ from . import router
 from .agent.client import request
 from .cli import cli, console, emit_json, json_options, name_option
 from .lb.maglev import MaglevError
-from .lb.service import BACKEND_USAGE, Service, ServiceError, apply_options, parse_backend_change, parse_service_id
+from .lb.service import BACKEND_USAGE, GUE_PORT, Service, ServiceError, apply_options, parse_backend_change, \
+    parse_service_id
 
 SERVICE_HELP = ("SERVICE is PROTO VIP[:PORT]: `tcp 10.0.0.100:80`, `udp [2001:db8::53]:53`, `tcp 10.0.0.100` "
                 "(every port).")
@@ -74,7 +75,8 @@ def service_set(args, name):
     prefix, default 172.16.0.0/16, or IPv6 /96, default 100::/96: the flow
     hash fills its host bits) and new-conn-limit N (new connections per
     second per CPU the connection table learns; above it, the hash alone
-    decides; 0: no limit)."""
+    decides; 0: no limit) and gue-port P (the UDP port of `encap gue`
+    services, default 6080)."""
     resp = _ask(name, "lb_set", list(args))
     for k, v in resp["settings"].items():
         console.print(f"{k.replace('_', '-')} {v}", markup=False)
@@ -117,7 +119,8 @@ def service_show(name, as_json, pretty):
         moved = f", last change moved {100 * s['moved_last_change']:.2f}% of flows" \
             if s["moved_last_change"] is not None else ""
         st = s["stats"]
-        console.print(f"{s['service']}  table {s['table_size']}, max/avg load {s['max_over_avg_load']:.3f}{moved}; "
+        mode = s["mode"] + (f" {s['encap']}" if s.get("encap") else "")
+        console.print(f"{s['service']}  {mode}, table {s['table_size']}, max/avg load {s['max_over_avg_load']:.3f}{moved}; "
                       f"{st.get('packets', 0)} packets, {st.get('new_flows', 0)} new flows"
                       + (f", {st['no_backend']} dropped (no backend)" if st.get("no_backend") else "")
                       + (f", {st['unlearned']} not learned (flood)" if st.get("unlearned") else "")
@@ -143,11 +146,13 @@ def decap():
 @click.option("--from", "sources", multiple=True, metavar="PREFIX",
               help="Outer sources to take: the load balancer's encap-source, an IPv4 prefix and an IPv6 /96 "
                    "(default 172.16.0.0/16 and 100::/96, its defaults), or `any`. Others pass untouched.")
-def decap_attach(dev, sources):
-    """Decapsulate IPIP and IPv6-in-IPv6 arriving on DEV from the load balancer."""
+@click.option("--gue-port", type=click.IntRange(0, 65535), default=GUE_PORT, show_default=True,
+              help="The load balancer's gue-port: GUE to it is decapsulated too (0: no GUE).")
+def decap_attach(dev, sources, gue_port):
+    """Decapsulate IPIP, IPv6-in-IPv6 (and their GUE) arriving on DEV from the load balancer."""
     from .lb.decap import DEFAULT_FROM, DecapError, attach
     try:
-        mode = attach(dev, sources=list(sources) or list(DEFAULT_FROM))
+        mode = attach(dev, sources=list(sources) or list(DEFAULT_FROM), gue_port=gue_port)
     except DecapError as e:
         raise click.ClickException(str(e)) from None
     console.print(f"{dev}: decapsulating ({mode} XDP)", markup=False)

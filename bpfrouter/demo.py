@@ -22,7 +22,7 @@ from rich.rule import Rule
 
 from .lab import Lab
 
-console = Console(highlight=False, soft_wrap=True)
+console = Console(highlight=False, emoji=False, soft_wrap=True)
 LAB = "demo"
 BACKENDS = 3
 VIP = "10.0.100.1"

@@ -157,15 +157,20 @@ ENCAP_NAMES = {(4, 4): "IPIP", (4, 6): "IPv6 in IPv4", (6, 4): "IPv4 in IPv6", (
 
 def lb_decision(frame: bytes, output: bytes, l3_off: int) -> dict | None:
     """What the load balancer did to a redirected packet, read off the frame
-    that left (the lb stage takes untagged frames only): an outer header in
-    front of the client's packet (dsr), or its addresses rewritten (nat)."""
+    that left (the lb stage takes untagged frames only): an outer header
+    (and for GUE a UDP header) in front of the client's packet (dsr), or its
+    addresses rewritten (nat)."""
     a, b = _ip_header(frame, l3_off), _ip_header(output, 14)
     if not a or not b:
         return None
-    inner = _ip_header(output, 14 + b[4])
-    if b[1] in (4, 41) and inner and output[14 + b[4]:14 + b[4] + 20] == frame[l3_off:l3_off + 20]:
-        return {"mode": "dsr", "backend": str(b[3]), "encap": ENCAP_NAMES[(b[0], a[0])],
-                "outer_source": str(b[2])}
+    gue = 8 if b[1] == 17 else 0
+    inner_off = 14 + b[4] + gue
+    if (b[1] in (4, 41) or gue) and output[inner_off:inner_off + 20] == frame[l3_off:l3_off + 20]:
+        d = {"mode": "dsr", "backend": str(b[3]), "encap": ENCAP_NAMES[(b[0], a[0])] + (" in GUE" if gue else ""),
+             "outer_source": str(b[2])}
+        if gue:
+            d["outer_ports"] = [int.from_bytes(output[14 + b[4] + i:16 + b[4] + i], "big") for i in (0, 2)]
+        return d
     if b[0] == a[0] and b[1] == a[1] and (b[2], b[3]) != (a[2], a[3]):
         l4 = output[14 + b[4]:]
         return {"mode": "nat", "backend": str(b[3]), "source": str(b[2]),

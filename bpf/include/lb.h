@@ -34,6 +34,7 @@ struct lb_service_key {
 
 #define LB_SVC_F_NO_AFFINITY 1  /* the hash alone: no connection table */
 #define LB_SVC_F_NAT 2          /* NAT to the backend (else: encapsulation, direct server return) */
+#define LB_SVC_F_GUE 4          /* DSR in GUE (UDP, variant 1: the IP packet right after the UDP header) */
 
 struct lb_service {
 	__u32 id;               /* its counters' index */
@@ -125,6 +126,8 @@ struct lb_config {
 	__u8 src6[16];          /* outer IPv6 source: its first 12 bytes, then the hash */
 	__u32 new_conn_limit;   /* new connections per second per CPU the table learns; 0: no limit */
 	__u32 nat_services;     /* services in NAT mode: replies are looked up only when there are some */
+	__be16 gue_port;        /* GUE services' outer UDP destination port */
+	__u16 reserved;
 };
 
 struct {

@@ -513,7 +513,7 @@ static __always_inline int lb_stage(struct xdp_md *ctx, struct packet_ctx *pc)
 			return REASON_DROP_LB_NAT_PORTS;
 		return lb_nat_forward(pc, &p, &k, be, port);
 	}
-	grow = lb_encapsulate(ctx, &p, be, cfg, hash);
+	grow = lb_encapsulate(ctx, &p, be, cfg, hash, svc->flags & LB_SVC_F_GUE);
 	if (!grow)
 		return REASON_PASS_LB_ENCAP_FAILED;
 	/* pc->len stays the received frame's: the ingress counters count what came in */

@@ -20,8 +20,8 @@ from pyroute2.netlink.exceptions import NetlinkError
 from ..lb.health import HealthMonitor, Target
 from ..lb.image import DEFAULT_SRC4, DEFAULT_SRC6, LbError, LbImage
 from ..lb.maglev import MaglevError
-from ..lb.service import Backend, Service, ServiceError, ServiceId, apply_options, parse_backend_change, \
-    parse_service_id
+from ..lb.service import GUE_PORT, Backend, Service, ServiceError, ServiceId, apply_options, \
+    parse_backend_change, parse_service_id
 
 log = logging.getLogger("bpfrouter.lb")
 DEFAULT_NEW_CONN_LIMIT = 0      # new connections per second per CPU; 0: the table learns every flow
@@ -36,7 +36,7 @@ class Balancer:
         self.on_families = on_families      # called with the IFACE_F_LB* bits after each change
         self.services: dict[ServiceId, Service] = {}
         self.settings = {"encap_source4": str(DEFAULT_SRC4), "encap_source6": str(DEFAULT_SRC6),
-                         "new_conn_limit": DEFAULT_NEW_CONN_LIMIT}
+                         "new_conn_limit": DEFAULT_NEW_CONN_LIMIT, "gue_port": GUE_PORT}
         self.health = HealthMonitor(self._health_changed)
         self.changes: deque[dict] = deque(maxlen=RECENT_CHANGES)
         self.transitions: Counter[tuple[str, str, str]] = Counter()  # (service, backend, to) -> count
@@ -96,7 +96,7 @@ class Balancer:
     def _write_settings(self) -> None:
         self.image.set_config(ipaddress.ip_network(self.settings["encap_source4"]),
                               ipaddress.ip_network(self.settings["encap_source6"]),
-                              int(self.settings["new_conn_limit"]))
+                              int(self.settings["new_conn_limit"]), int(self.settings["gue_port"]))
 
     # --- applying -----------------------------------------------------------------------------
     def _healthy(self, svc: Service) -> dict[str, bool]:
@@ -223,10 +223,10 @@ class Balancer:
         return {"services": self.report()}
 
     def _set(self, args: list[str]) -> dict:
-        """lb settings: encap-source PREFIX (IPv4, IPv6), new-conn-limit N."""
+        """lb settings: encap-source PREFIX (IPv4, IPv6), new-conn-limit N, gue-port P."""
         new = dict(self.settings)
         if len(args) % 2:
-            raise ServiceError("settings are NAME VALUE pairs: encap-source PREFIX, new-conn-limit N")
+            raise ServiceError("settings are NAME VALUE pairs: encap-source PREFIX, new-conn-limit N, gue-port P")
         for name, value in zip(args[::2], args[1::2]):
             if name == "encap-source":
                 try:
@@ -240,8 +240,12 @@ class Balancer:
                 if not value.isdigit() or int(value) > 1 << 31:
                     raise ServiceError(f"new-conn-limit {value!r}: connections per second per CPU, 0 for none")
                 new["new_conn_limit"] = int(value)
+            elif name == "gue-port":
+                if not value.isdigit() or not 1 <= int(value) <= 65535:
+                    raise ServiceError(f"gue-port {value!r}: a UDP port, 1 to 65535")
+                new["gue_port"] = int(value)
             else:
-                raise ServiceError(f"unknown setting {name!r}: encap-source, new-conn-limit")
+                raise ServiceError(f"unknown setting {name!r}: encap-source, new-conn-limit, gue-port")
         self.settings = new
         self._write_settings()
         self._save()
@@ -271,7 +275,7 @@ class Balancer:
                                  **per_backend.get(a, {"packets": 0, "bytes": 0})})
             out.append({
                 "service": str(sid), "proto": sid.proto, "vip": sid.vip, "port": sid.port, "mode": svc.mode,
-                "table_size": p.ring_size if p else 0, "affinity": svc.affinity,
+                "encap": svc.encap if svc.mode == "dsr" else None, "table_size": p.ring_size if p else 0, "affinity": svc.affinity,
                 "check": asdict(svc.check),
                 "max_over_avg_load": ratio,
                 "moved_last_change": p.moved if p else None,

@@ -302,6 +302,7 @@ MAX_LB_RING = 1 << 22
 LB_HASH_SEED = 0x62706672
 LB_SVC_F_NO_AFFINITY = 1
 LB_SVC_F_NAT = 2
+LB_SVC_F_GUE = 4
 LB_BE_F_CONNS = 1
 
 
@@ -342,7 +343,7 @@ class LbNat(ctypes.Structure):
 
 class LbConfig(ctypes.Structure):
     _fields_ = [("src4", u8 * 4), ("src4_hostmask", u8 * 4), ("src6", u8 * 16), ("new_conn_limit", u32),
-                ("nat_services", u32)]
+                ("nat_services", u32), ("gue_port", u8 * 2), ("reserved", u16)]
 
 
 class LbStat(ctypes.Structure):

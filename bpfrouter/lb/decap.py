@@ -16,8 +16,9 @@ from pathlib import Path
 from ..bpf import BpfError, BpfObject, Link, Map, XDP_FLAGS_DRV_MODE, XDP_FLAGS_SKB_MODE, pin_object
 from ..datapath.datapath import PIN_ROOT, check_bpffs, default_object as router_object
 from ..datapath import layout as lo
+from .service import GUE_PORT
 
-DECAP_STATS = ("v4_in_v4", "v6_in_v4", "v4_in_v6", "v6_in_v6", "failed", "foreign")
+DECAP_STATS = ("v4_in_v4", "v6_in_v4", "v4_in_v6", "v6_in_v6", "failed", "foreign", "gue")
 # the load balancer's default outer sources (lb/image.py's DEFAULT_SRC4/6)
 DEFAULT_FROM = ("172.16.0.0/16", "100::/96")
 PROGRAM = "bpfrouter_decap"
@@ -80,9 +81,10 @@ def parse_from(prefixes: list[str]) -> tuple[ipaddress.IPv4Network | None, ipadd
     return v4, v6
 
 
-def configure(obj: BpfObject, sources: list[str]) -> None:
-    """The outer sources into the program's read-only data, before load."""
+def configure(obj: BpfObject, sources: list[str], gue_port: int = GUE_PORT) -> None:
+    """The outer sources and the GUE port (0: none) into the program's read-only data, before load."""
     v4, v6 = parse_from(sources)
+    obj.set_rodata("decap_gue_port", ctypes.c_uint16(int.from_bytes(gue_port.to_bytes(2, "big"), "little")))
     if v4 is not None:
         obj.set_rodata("decap_src4", ctypes.c_uint32(int.from_bytes(v4.network_address.packed, "little")))
         obj.set_rodata("decap_mask4", ctypes.c_uint32(int.from_bytes(v4.netmask.packed, "little")))
@@ -93,7 +95,8 @@ def configure(obj: BpfObject, sources: list[str]) -> None:
         obj.set_rodata("decap_no6", ctypes.c_uint8(0))
 
 
-def attach(dev: str, object_path: str | None = None, sources: list[str] = DEFAULT_FROM) -> str:
+def attach(dev: str, object_path: str | None = None, sources: list[str] = DEFAULT_FROM,
+           gue_port: int = GUE_PORT) -> str:
     """Attach the decapsulation program to `dev`, taking outer sources in
     `sources` (prefixes, or "any"); returns the XDP mode."""
     sources = list(sources)
@@ -106,7 +109,7 @@ def attach(dev: str, object_path: str | None = None, sources: list[str] = DEFAUL
     idx = _ifindex(dev)
     obj = BpfObject(object_path or default_object())
     try:
-        configure(obj, sources)
+        configure(obj, sources, gue_port)
         obj.load()
         prog = obj.program(PROGRAM)
         link = None

@@ -22,7 +22,7 @@ import numpy as np
 from ..datapath import layout as lo
 from ..grace import GRACE
 from . import maglev
-from .service import PROTOS, Service, ServiceId
+from .service import GUE_PORT, PROTOS, Service, ServiceId
 
 u32 = lo.u32
 DEFAULT_SRC4 = ipaddress.ip_network("172.16.0.0/16")   # Katran's IPIP source range
@@ -34,7 +34,8 @@ class LbError(Exception):
 
 
 def service_flags(svc: Service) -> int:
-    return (0 if svc.affinity else lo.LB_SVC_F_NO_AFFINITY) | (lo.LB_SVC_F_NAT if svc.mode == "nat" else 0)
+    return (0 if svc.affinity else lo.LB_SVC_F_NO_AFFINITY) | (lo.LB_SVC_F_NAT if svc.mode == "nat" else 0) | \
+        (lo.LB_SVC_F_GUE if svc.encap == "gue" else 0)
 
 
 def service_key(sid: ServiceId) -> lo.LbServiceKey:
@@ -267,8 +268,9 @@ class LbImage:
         return bits
 
     # --- settings and counters ----------------------------------------------------------------
-    def set_config(self, src4, src6, new_conn_limit: int) -> None:
+    def set_config(self, src4, src6, new_conn_limit: int, gue_port: int = GUE_PORT) -> None:
         c = lo.LbConfig(new_conn_limit=new_conn_limit, nat_services=len(self.nat))
+        ctypes.memmove(c.gue_port, gue_port.to_bytes(2, "big"), 2)
         ctypes.memmove(c.src4, src4.network_address.packed, 4)
         ctypes.memmove(c.src4_hostmask, src4.hostmask.packed, 4)
         ctypes.memmove(c.src6, src6.network_address.packed, 16)

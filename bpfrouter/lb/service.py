@@ -14,6 +14,8 @@ from . import maglev
 PROTOS = {"tcp": 6, "udp": 17}
 CHECK_KINDS = ("tcp", "http", "udp", "exec", "none")
 MODES = ("dsr", "nat")
+ENCAPS = ("ipip", "gue")
+GUE_PORT = 6080                 # the GUE services' outer UDP port unless set (Katran's)
 MAX_WEIGHT = 65535
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
@@ -101,17 +103,19 @@ class Service:
     affinity: bool = True           # the connection table keeps flows on their backend
     check: Check = field(default_factory=Check)
     mode: str = "dsr"               # dsr: encapsulated, the backend answers the client; nat: translated both ways
+    encap: str = "ipip"             # dsr's encapsulation: ipip (IPIP, IPv6-in-IPv6, ...) or gue (the same in UDP)
 
     def to_json(self) -> dict:
         return {"proto": self.id.proto, "vip": self.id.vip, "port": self.id.port,
                 "backends": [asdict(b) for b in self.backends.values()], "table_size": self.table_size,
-                "affinity": self.affinity, "check": asdict(self.check), "mode": self.mode}
+                "affinity": self.affinity, "check": asdict(self.check), "mode": self.mode, "encap": self.encap}
 
     @classmethod
     def from_json(cls, d: dict) -> "Service":
         return cls(ServiceId(d["proto"], d["vip"], d["port"]),
                    {b["addr"]: Backend(**b) for b in d["backends"]}, d.get("table_size"),
-                   d.get("affinity", True), Check(**d.get("check", {})), d.get("mode", "dsr"))
+                   d.get("affinity", True), Check(**d.get("check", {})), d.get("mode", "dsr"),
+                   d.get("encap", "ipip"))
 
 
 def _number(words: list[str], i: int, name: str, lo: float, hi: float, kind=int):
@@ -133,7 +137,7 @@ def _value(words: list[str], i: int, name: str) -> str:
 
 
 def apply_options(svc: Service, words: list[str]) -> None:
-    """Service options: mode dsr|nat, table-size N, no-affinity | affinity, and the health
+    """Service options: mode dsr|nat, encap ipip|gue (dsr), table-size N, no-affinity | affinity, and the health
     check: check tcp|http|udp|exec|none, check-port P, path P, status N,
     payload S, expect S, command 'CMD ...', interval S, timeout S, rise N, fall N."""
     c = svc.check
@@ -149,6 +153,10 @@ def apply_options(svc: Service, words: list[str]) -> None:
             svc.mode = _value(words, i, w)
             if svc.mode not in MODES:
                 raise ServiceError(f"mode {svc.mode!r}: dsr (encapsulation) or nat")
+        elif w == "encap":
+            svc.encap = _value(words, i, w)
+            if svc.encap not in ENCAPS:
+                raise ServiceError(f"encap {svc.encap!r}: ipip (IP in IP) or gue (IP in UDP)")
         elif w in ("no-affinity", "affinity"):
             svc.affinity = w == "affinity"
             i += 1
@@ -188,6 +196,8 @@ def apply_options(svc: Service, words: list[str]) -> None:
         else:
             raise ServiceError(f"unknown service option {w!r}")
         i += 2
+    if svc.mode == "nat" and svc.encap != "ipip":
+        raise ServiceError("encap is dsr's: a nat service translates, it does not encapsulate")
     if svc.mode == "nat" and not svc.affinity:
         raise ServiceError("mode nat keeps each flow's translation in the connection table: no-affinity cannot be")
     if c.kind == "exec" and not c.command:

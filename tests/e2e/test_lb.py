@@ -165,6 +165,41 @@ def test_ipv6_service(lb_lab):
     ll.lr.cli("service", "del", "tcp", f"[{VIP6}]:80")
 
 
+def test_gue_service(lb_lab):
+    """encap gue: the same requests in GUE (UDP to the gue-port, the flow's
+    hash in the source port), decapsulated on the backends by the same XDP
+    program, IPv4 and IPv6."""
+    ll = lb_lab
+    vip, vip6 = "10.0.100.3", "fd00:100::3"
+    lo_addrs = [(b, a) for b in ("b1", "b2") for a in (f"{vip}/32", f"{vip6}/128")]
+    try:
+        for b, a in lo_addrs:
+            ll.lab.run(b, ["ip", "addr", "add", a, "dev", "lo"], check=True)
+        for v, key, url, n in ((4, ["tcp", f"{vip}:80"], f"http://{vip}", 200),
+                               (6, ["tcp", f"[{vip6}]:80"], f"http://[{vip6}]", 100)):
+            before = {b: json.loads(bpfrouter_cmd("decap", "show", f"{b}-eth0", "-j", netns=ll.lab.ns(b)).stdout)
+                      for b in ("b1", "b2")}
+            ll.lr.cli("service", "add", *key, "encap", "gue", *CHECK)
+            try:
+                for b in ("b1", "b2"):
+                    ll.lr.cli("service", "backend", "add", *key, ll.addr(b, v))
+                got = ll.curl(url, n=n, family=f"-{v}")
+                assert sum(got.values()) == n and set(got) == {"b1", "b2"}, got
+                for b in ("b1", "b2"):
+                    after = json.loads(bpfrouter_cmd("decap", "show", f"{b}-eth0", "-j", netns=ll.lab.ns(b)).stdout)
+                    assert after["gue"] - before[b]["gue"] >= got[b], (b, before[b], after)
+                assert ll.service(" ".join(key))["encap"] == "gue"
+                assert f"{' '.join(key)}  dsr gue, table" in ll.lr.cli("service", "show").stdout
+                ex = ll.lr.json("explain", "tcp", f"{ll.addr('h1', v)}:40000" if v == 4 else
+                                f"[{ll.addr('h1', v)}]:40000", ">", key[1], "iif", "r-eth0")
+                assert ex["lb"]["encap"].endswith("in GUE") and ex["lb"]["outer_ports"][1] == 6080, ex["lb"]
+            finally:
+                ll.lr.cli("service", "del", *key, check=False)
+    finally:
+        for b, a in lo_addrs:
+            ll.lab.run(b, ["ip", "addr", "del", a, "dev", "lo"])
+
+
 def test_uploads_over_the_encapsulated_mtu(lb_lab, tmp_path):
     """h1's segments fill its 1500-byte path, and the outer header makes
     them 20 (IPv4) or 40 (IPv6) bytes too long for the link to the

@@ -101,6 +101,13 @@ def test_options_and_their_errors():
         apply_options(Service(ServiceId("tcp", "10.0.0.1", 80)), ["mode", "nat", "no-affinity"])
     with pytest.raises(ServiceError):
         apply_options(Service(ServiceId("tcp", "10.0.0.1", 80)), ["mode", "fullnat"])
+    gue = Service(ServiceId("tcp", "10.0.0.1", 80))
+    apply_options(gue, ["encap", "gue"])
+    assert (gue.mode, gue.encap) == ("dsr", "gue") and Service.from_json(gue.to_json()) == gue
+    with pytest.raises(ServiceError, match="ipip.*gue"):
+        apply_options(Service(ServiceId("tcp", "10.0.0.1", 80)), ["encap", "vxlan"])
+    with pytest.raises(ServiceError, match="encap is dsr's"):
+        apply_options(Service(ServiceId("tcp", "10.0.0.1", 80)), ["mode", "nat", "encap", "gue"])
 
 
 def test_backend_changes():
