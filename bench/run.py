@@ -201,9 +201,17 @@ def bench_lb(lab: Lab, hot: dict, packets: int, rounds: int) -> list[dict]:
     and a new flow each packet (1M sources, over what the connection table
     holds per CPU, so every packet misses, learns and evicts). Each row
     checks that every router run balanced every packet (the service's
-    counter) and forwarded it (the port's)."""
+    counter) and forwarded it (the port's). Then what the services cost
+    the rest of the family's traffic: the hot forward again, beside them,
+    checked to be balanced by none."""
     services = add_bench_services(lab)
     rows = []
+    before = lb_packets(services[4])
+    case = Case("IPv4 forward beside services", 4, ipaddress.ip_address(lab.addr("h2")).packed, hot,
+                lo.Reason.FWD_IPV4, lo.Reason.FWD_IPV4)
+    rows.append(run_case(case, lab, packets, rounds))
+    if lb_packets(services[4]) != before:
+        raise BenchError("the forward beside services was balanced")
     new_sources = (np.arange(1 << 20, dtype=">u4") + (11 << 24)).tobytes()
     for label, v, srcs in (("IPv4 VIP, established flow", 4, ipaddress.ip_address(lab.addr("h1")).packed),
                            ("IPv4 VIP, a new flow each packet", 4, new_sources),
@@ -566,10 +574,10 @@ def report(r: dict, saved: Path) -> None:
             print(f"  (1000 rules cost {by_rules[1000]['bpfrouter'] / by_rules[10]['bpfrouter']:.2f}x what 10 cost; "
                   "target <= 2x. The rule walk is classified by per-field bit vectors)")
     fwd = {x["case"]: x for x in rows}
-    vip = [x for x in rows if "VIP" in x["case"]]
+    vip = [x for x in rows if "VIP" in x["case"] or "beside services" in x["case"]]
     if vip:
         print("\nthe load balancer: a VIP's packet (Maglev, connection table, IPIP/IPv6 encapsulation, then the "
-              "route to its backend), ns per packet:")
+              "route to its backend), and a packet\nto another address of a family with services, ns per packet:")
         print(f"  {'case':34} {'floor':>6} {'bpfrouter':>9} {'plain forward':>13} {'extra':>6}")
         for x in vip:
             plain = fwd["hot IPv4 forward" if "IPv4" in x["case"] else "hot IPv6 forward"]["bpfrouter"]

@@ -50,8 +50,14 @@ struct {
 	__type(value, struct lb_service);
 } lb_services SEC(".maps");
 
-/* Addresses that are a VIP of some service, with how many: a fragment
- * (no ports to match) to one is the kernel's. */
+/* The addresses the lb stage must see, and what they are (LB_ADDR_*):
+ * a service's VIP (a fragment to one, without ports to match, is the
+ * kernel's), or a NAT service's source toward a backend (its replies come
+ * back to it). Entry sends a packet to the stage only when its destination
+ * is one, so other traffic of a family with services pays one lookup. */
+#define LB_ADDR_VIP 1
+#define LB_ADDR_NAT_SOURCE 2
+
 struct lb_vip_key {
 	__u8 addr[16];
 	__u32 family;
@@ -255,6 +261,26 @@ static __always_inline int lb_may_learn(const struct lb_config *cfg, struct lb_s
 }
 
 /* The backend in a slot, if it takes this service's flows. */
+/* What the destination of the parsed packet is to the load balancer
+ * (LB_ADDR_*), 0: nothing. */
+static __always_inline __u32 lb_addr_kind(const struct pkt *p)
+{
+	struct lb_vip_key k = {};
+	__u32 *kind;
+
+	if (p->ip4) {
+		__builtin_memcpy(k.addr, &p->ip4->daddr, 4);
+		k.family = 4;
+	} else if (p->ip6) {
+		__builtin_memcpy(k.addr, &p->ip6->daddr, 16);
+		k.family = 6;
+	} else {
+		return 0;
+	}
+	kind = bpf_map_lookup_elem(&lb_vips, &k);
+	return kind ? *kind : 0;
+}
+
 static __always_inline struct lb_backend *lb_backend_of(__u32 slot, __u32 service)
 {
 	struct lb_backend *be;

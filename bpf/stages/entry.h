@@ -9,6 +9,7 @@
 #include "../include/iface.h"
 #include "../include/classify.h"
 #include "../include/probe.h"
+#include "../include/lb.h"
 
 /* Returns -1 to go on to the next stage, else the packet's reason. */
 static __always_inline int entry_stage(struct xdp_md *ctx, struct packet_ctx *pc)
@@ -41,8 +42,9 @@ static __always_inline int entry_stage(struct xdp_md *ctx, struct packet_ctx *pc
 	reason = classify(&p, in);
 	if (reason >= 0)
 		return reason;
-	/* the lb stage follows (list.h): only a family with services needs it */
-	if (in->flags & (p.ip4 ? IFACE_F_LB4 : IFACE_F_LB6))
+	/* the lb stage follows (list.h): only a family with services needs it,
+	 * and only for the addresses it serves */
+	if ((in->flags & (p.ip4 ? IFACE_F_LB4 : IFACE_F_LB6)) && lb_addr_kind(&p))
 		return STAGE_NEXT;
 	return route_start(pc, !!p.ip4);
 }

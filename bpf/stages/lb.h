@@ -124,16 +124,6 @@ static __always_inline int lb_flow_key(const struct pkt *p, struct lb_conn_key *
 	return LB_FLOW;
 }
 
-/* Is the destination a VIP at all (for what carries no ports to match)? */
-static __always_inline int lb_is_vip(const struct lb_conn_key *k)
-{
-	struct lb_vip_key v = {};
-
-	__builtin_memcpy(v.addr, k->daddr, 16);
-	v.family = k->family;
-	return bpf_map_lookup_elem(&lb_vips, &v) != NULL;
-}
-
 static __always_inline struct lb_service *lb_service_of(const struct lb_conn_key *k)
 {
 	struct lb_service_key sk = {};
@@ -455,7 +445,7 @@ static __always_inline int lb_stage(struct xdp_md *ctx, struct packet_ctx *pc)
 		return reason;
 	kind = lb_flow_key(&p, &k);
 	if (!kind) {
-		if (k.family && (p.fragment || k.proto == IPPROTO_FRAGMENT) && lb_is_vip(&k))
+		if (k.family && (p.fragment || k.proto == IPPROTO_FRAGMENT) && (lb_addr_kind(&p) & LB_ADDR_VIP))
 			return REASON_PASS_LB_FRAGMENT;
 		return route_start(pc, !!p.ip4);
 	}

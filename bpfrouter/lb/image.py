@@ -61,6 +61,7 @@ class Placed:
     slots: dict[str, int] = field(default_factory=dict)   # backend address -> slot
     table: list[str | None] = field(default_factory=list)  # per ring entry: the backend's address
     moved: float | None = None      # share of flows the last table change moved
+    nat_sources: set[str] = field(default_factory=set)    # NAT: the router's addresses toward the backends
 
 
 class LbImage:
@@ -99,6 +100,8 @@ class LbImage:
                 if be.service == v.id and be.gen == gen:
                     addr = ipaddress.ip_address(bytes(be.addr[:4 if be.family == 4 else 16]))
                     p.slots[str(addr)] = slot
+                    if v.flags & lo.LB_SVC_F_NAT:
+                        p.nat_sources.add(str(ipaddress.ip_address(bytes(be.nat_src[:4 if be.family == 4 else 16]))))
             by_slot = {s: a for a, s in p.slots.items()}
             if v.ring_size:
                 entries = [self.ring.lookup(u32(v.ring_base + i)).value for i in range(v.ring_size)]
@@ -203,6 +206,8 @@ class LbImage:
                 id=p.id, ring_base=p.ring_base, ring_size=p.ring_size, flags=service_flags(svc)))
         for a in gone:     # after the table no longer names them
             self._free_slot(p.slots.pop(a))
+        p.nat_sources = {(nat_sources or {})[a] for a in svc.backends if (nat_sources or {}).get(a)} \
+            if svc.mode == "nat" else set()
         self._write_vips()
         self._set_nat(svc.id, svc.mode == "nat")
         return p
@@ -243,15 +248,19 @@ class LbImage:
         self._set_nat(sid, False)
 
     def _write_vips(self) -> None:
+        """The addresses the lb stage must see (lb_vips): VIPs, NAT sources."""
         want: dict[tuple, int] = {}
-        for sid in self.placed:
-            k = (sid.addr.version, sid.addr.packed)
-            want[k] = want.get(k, 0) + 1
-        have = {(k.family, bytes(k.addr[:4 if k.family == 4 else 16])) for k in self.vips.keys()}
-        for fam, packed in have - set(want):
+        for sid, p in self.placed.items():
+            for a, kind in ((sid.addr, lo.LB_ADDR_VIP), *((ipaddress.ip_address(s), lo.LB_ADDR_NAT_SOURCE)
+                                                          for s in p.nat_sources)):
+                k = (a.version, a.packed)
+                want[k] = want.get(k, 0) | kind
+        have = {(k.family, bytes(k.addr[:4 if k.family == 4 else 16])): v.value for k, v in self.vips.lookup_batch()}
+        for fam, packed in set(have) - set(want):
             self.vips.delete(vip_key(ipaddress.ip_address(packed)))
-        for (fam, packed), n in want.items():
-            self.vips.update(vip_key(ipaddress.ip_address(packed)), u32(n))
+        for (fam, packed), kind in want.items():
+            if have.get((fam, packed)) != kind:
+                self.vips.update(vip_key(ipaddress.ip_address(packed)), u32(kind))
 
     def takes_connections(self, sid: ServiceId, addr: str) -> bool:
         """Whether the backend's entry takes connections (healthy, or draining)."""
