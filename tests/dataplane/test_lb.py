@@ -294,6 +294,29 @@ def checksums_valid(pkt) -> None:
     assert bytes(Ether(bytes(again))) == raw, "a checksum is wrong"
 
 
+def icmp_translated(out: bytes, addrs: tuple, quoted, icmp_layer) -> None:
+    """An ICMP error the NAT translated: its outer addresses, the packet it
+    quotes (`quoted` one hop older: the router forwarded it), and every
+    checksum (outer, quoted, ICMP) as scapy computes it."""
+    got = Ether(out)
+    ipx = IP if IP in got else IPv6
+    assert (got[ipx].src, got[ipx].dst) == addrs
+    older = quoted.copy()
+    if ipx is IP:
+        older.ttl -= 1
+        del older.chksum
+    else:
+        older.hlim -= 1
+    assert bytes(got[icmp_layer].payload) == bytes(older.__class__(bytes(older))), "the quoted packet"
+    again = got.copy()
+    if ipx is IP:
+        del again[ICMP].chksum
+        del again[IP].chksum
+    else:
+        del again[icmp_layer].cksum
+    assert bytes(Ether(bytes(again))) == bytes(got), "outer and ICMP checksums"
+
+
 NAT_CASES = [("tcp", 4, "10.20.7.7", VIP4, BE4[0], "10.2.0.1"), ("udp", 4, "10.20.7.7", VIP4, BE4[0], "10.2.0.1"),
              ("tcp", 6, "fd20::7:7", VIP6, BE6, "fd02::1")]
 
@@ -334,23 +357,8 @@ def test_nat_both_ways(env, lb, mode, case):
         bytes(out[IPX])
     r = run_packet(env, mode, bytes(err), iif="dpt1")
     assert (r.action, r.reason.name) == (XDP_REDIRECT, f"FWD_IPV{v}")
-    got = Ether(r.out)
-    assert (got[IPX].src, got[IPX].dst) == (vip, client)
-    as_sent = Ether(bytes(sent))[IPX].copy()   # what the client sent, as the backend got it: one hop older
-    if v == 4:
-        as_sent.ttl -= 1
-        del as_sent.chksum
-    else:
-        as_sent.hlim -= 1
-    icmp_layer = ICMP if v == 4 else ICMPv6DestUnreach
-    assert bytes(got[icmp_layer].payload) == bytes(as_sent.__class__(bytes(as_sent))), "the quoted packet"
-    again = got.copy()
-    if v == 4:
-        del again[ICMP].chksum
-        del again[IP].chksum
-    else:
-        del again[icmp_layer].cksum
-    assert bytes(Ether(bytes(again))) == bytes(got), "outer and ICMP checksums"
+    # what the client sent, as the backend got it
+    icmp_translated(r.out, (vip, client), Ether(bytes(sent))[IPX], ICMP if v == 4 else ICMPv6DestUnreach)
     # an ICMP error from the client's side about the VIP's reply (a hop's
     # fragmentation needed): to the backend, about the reply it sent
     hop = "10.20.1.1" if v == 4 else "fd20::1:1"
@@ -358,23 +366,7 @@ def test_nat_both_ways(env, lb, mode, case):
     err = Ether(dst=env.if0_mac, src="02:00:00:00:01:01") / IPX(src=hop, dst=vip) / ICMPC / bytes(back[IPX])
     r = run_packet(env, mode, bytes(err))
     assert (r.action, r.reason.name) == (XDP_REDIRECT, f"FWD_IPV{v}")
-    got = Ether(r.out)
-    assert (got[IPX].src, got[IPX].dst) == (nat_src, backend)
-    as_replied = reply[IPX].copy()     # what the backend sent, one hop older (the router forwarded it)
-    if v == 4:
-        as_replied.ttl -= 1
-        del as_replied.chksum
-    else:
-        as_replied.hlim -= 1
-    icmp_layer = ICMP if v == 4 else ICMPv6PacketTooBig
-    assert bytes(got[icmp_layer].payload) == bytes(as_replied.__class__(bytes(as_replied))), "the quoted reply"
-    again = got.copy()
-    if v == 4:
-        del again[ICMP].chksum
-        del again[IP].chksum
-    else:
-        del again[icmp_layer].cksum
-    assert bytes(Ether(bytes(again))) == bytes(got), "outer and ICMP checksums"
+    icmp_translated(r.out, (nat_src, backend), reply[IPX], ICMP if v == 4 else ICMPv6PacketTooBig)
     # to the router's address on a port no flow was given: not translated, routed as it is
     stray = Ether(dst=env.if1_mac, src=MAC_GW) / IPX(src=backend, dst=nat_src) / L4(sport=90, dport=port ^ 1)
     r = run_packet(env, mode, bytes(stray), iif="dpt1")
