@@ -212,7 +212,8 @@ def bench_lb(lab: Lab, hot: dict, packets: int, rounds: int) -> list[dict]:
     rows.append(run_case(case, lab, packets, rounds))
     if lb_packets(services[4]) != before:
         raise BenchError("the forward beside services was balanced")
-    new_sources = (np.arange(1 << 20, dtype=">u4") + (11 << 24)).tobytes()
+    # network order (a sum's dtype is native: the order is set after it)
+    new_sources = (np.arange(1 << 20, dtype=np.uint32) + (11 << 24)).astype(">u4").tobytes()
     for label, v, srcs in (("IPv4 VIP, established flow", 4, ipaddress.ip_address(lab.addr("h1")).packed),
                            ("IPv4 VIP, a new flow each packet", 4, new_sources),
                            ("IPv6 VIP, established flow", 6, ipaddress.ip_address(lab.addr("h1", 6)).packed)):
