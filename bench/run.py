@@ -201,9 +201,9 @@ def bench_lb(lab: Lab, hot: dict, packets: int, rounds: int) -> list[dict]:
     and a new flow each packet (1M sources, over what the connection table
     holds per CPU, so every packet misses, learns and evicts). Each row
     checks that every router run balanced every packet (the service's
-    counter) and forwarded it (the port's). Then what the services cost
-    the rest of the family's traffic: the hot forward again, beside them,
-    checked to be balanced by none."""
+    counter) and forwarded it (the port's). First, what the services cost
+    the rest of the family's traffic: the hot forward again, beside them
+    (its packets are checked to be balanced by none)."""
     services = add_bench_services(lab)
     rows = []
     before = lb_packets(services[4])

@@ -50,8 +50,8 @@ def service():
 @click.argument("args", nargs=-1, required=True)
 @name_option
 def service_add(args, name):
-    """Add a service: SERVICE [mode dsr|nat] [table-size PRIME] [no-affinity] [check tcp|http|udp|exec|none]
-    [check-port P] [path /P] [status N] [payload TEXT] [expect TEXT] [command 'CMD']
+    """Add a service: SERVICE [mode dsr|nat] [encap ipip|gue] [table-size PRIME] [no-affinity]
+    [check tcp|http|udp|exec|none] [check-port P] [path /P] [status N] [payload TEXT] [expect TEXT] [command 'CMD']
     [interval S] [timeout S] [rise N] [fall N]. The check defaults to a TCP connect
     to the service's port every second (rise 2, fall 3)."""
     _check_words(args, "options")

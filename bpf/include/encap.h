@@ -7,7 +7,7 @@
  * header, as Katran sends it) carries the hash in the UDP source port
  * too, for NICs that spread UDP by ports but not IPIP; its UDP checksum
  * is 0, which IPv6 allows for tunnels (RFC 6935, 6936: the receiver must
- * take it, as a fou device with udp6zerocsumrx or `bpfrouter decap` do). */
+ * take it, as `bpfrouter decap` does). */
 #ifndef BPFROUTER_ENCAP_H
 #define BPFROUTER_ENCAP_H
 

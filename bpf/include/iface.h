@@ -19,8 +19,8 @@ enum iface_flag {
 	IFACE_F_ROUTE_LOCALNET = 1 << 5,   /* all or port */
 	IFACE_F_NO_ADDR4 = 1 << 6,         /* the port has no IPv4 address */
 	IFACE_F_SOURCE_UNSURE = 1 << 7,    /* the FIB mirror cannot check sources (kernelpolicy.h) */
-	/* The family has services (include/lb.h): entry sends its packets
-	 * through the lb stage. */
+	/* The family has services (include/lb.h): entry sends its packets to
+	 * the load balancer's addresses (lb_vips) through the lb stage. */
 	IFACE_F_LB4 = 1 << 8,
 	IFACE_F_LB6 = 1 << 9,
 	/* The family has rules to walk (include/rules.h): entry sends its

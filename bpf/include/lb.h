@@ -65,7 +65,7 @@ struct lb_vip_key {
 
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
-	__uint(max_entries, MAX_LB_SERVICES);
+	__uint(max_entries, 2 * MAX_LB_SERVICES);      /* VIPs and NAT sources */
 	__type(key, struct lb_vip_key);
 	__type(value, __u32);
 } lb_vips SEC(".maps");
@@ -260,7 +260,6 @@ static __always_inline int lb_may_learn(const struct lb_config *cfg, struct lb_s
 	return 1;
 }
 
-/* The backend in a slot, if it takes this service's flows. */
 /* What the destination of the parsed packet is to the load balancer
  * (LB_ADDR_*), 0: nothing. */
 static __always_inline __u32 lb_addr_kind(const struct pkt *p)
@@ -281,6 +280,7 @@ static __always_inline __u32 lb_addr_kind(const struct pkt *p)
 	return kind ? *kind : 0;
 }
 
+/* The backend in a slot, if it takes this service's flows. */
 static __always_inline struct lb_backend *lb_backend_of(__u32 slot, __u32 service)
 {
 	struct lb_backend *be;

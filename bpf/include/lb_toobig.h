@@ -265,8 +265,10 @@ static __always_inline int lb_answer_too_big(struct xdp_md *ctx, struct packet_c
 	if (!family)
 		return reason;
 	if (outer) {
-		if (move_start(ctx, outer))
-			return REASON_DROP_LB_ANSWER_FAILED;
+		int rc = move_start(ctx, outer);
+
+		if (rc)
+			return rc > 0 ? reason : REASON_DROP_LB_ANSWER_FAILED;
 	} else {
 		int id = nat_untranslate(ctx, pc);
 

@@ -5,7 +5,10 @@
  * a translated flow is translated back to the client. The packet is then
  * routed like any other (fib, from local and main: the router sends it,
  * as IPVS does from the output path). Everything else goes on to routing.
- * Entry sends only families with services here. */
+ * Entry sends here only packets of a family with services, to an address
+ * the load balancer serves (a VIP, a NAT source: lb_vips). A GUE packet's
+ * context says IPIP or IPV6 (l4_off: the client's packet), not UDP: the
+ * kernel FIB's multipath hash and port rules do not see its UDP ports. */
 #ifndef BPFROUTER_STAGE_LB_H
 #define BPFROUTER_STAGE_LB_H
 

@@ -20,7 +20,8 @@
 #include "forward.h"
 #include "observe.h"
 
-/* entry goes to lb only for a family with services; routing starts
+/* entry goes to lb only for a family with services, to an address the
+ * load balancer serves (include/lb.h: lb_vips); routing starts
  * (route_start: policy for a family with rules to walk, else fib) from
  * entry, or from lb for what it does not take; fib goes back to policy
  * (STAGE_TO_POLICY) when a rule's table does not decide, and skips ecmp

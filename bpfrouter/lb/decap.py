@@ -164,6 +164,8 @@ def stats(dev: str) -> dict[str, int]:
         raise DecapError(f"{dev} does not decapsulate")
     m = Map.pinned(str(d / "decap_stats"), lo.u32, lo.u64)
     try:
-        return {name: sum(v.value for v in m.lookup(lo.u32(i))) for i, name in enumerate(DECAP_STATS)}
+        # a program attached by an older version may count fewer kinds
+        return {name: sum(v.value for v in per_cpu) if (per_cpu := m.lookup(lo.u32(i))) is not None else 0
+                for i, name in enumerate(DECAP_STATS)}
     finally:
         m.close()

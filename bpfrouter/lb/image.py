@@ -100,7 +100,7 @@ class LbImage:
                 if be.service == v.id and be.gen == gen:
                     addr = ipaddress.ip_address(bytes(be.addr[:4 if be.family == 4 else 16]))
                     p.slots[str(addr)] = slot
-                    if v.flags & lo.LB_SVC_F_NAT:
+                    if v.flags & lo.LB_SVC_F_NAT and any(be.nat_src):
                         p.nat_sources.add(str(ipaddress.ip_address(bytes(be.nat_src[:4 if be.family == 4 else 16]))))
             by_slot = {s: a for a, s in p.slots.items()}
             if v.ring_size:

@@ -25,7 +25,7 @@ from scapy.packet import Raw
 from bpfrouter import netns
 from bpfrouter.datapath import layout as lo
 from bpfrouter.interfaces import Interfaces
-from bpfrouter.lb.image import DEFAULT_SRC4, DEFAULT_SRC6, LbImage
+from bpfrouter.lb.image import DEFAULT_SRC4, DEFAULT_SRC6, LbImage, vip_key
 from bpfrouter.lb.service import Backend, Service, ServiceId
 from bpfrouter.packet import inet_checksum
 
@@ -251,6 +251,8 @@ TOO_BIG_CASES = [
      (XDP_REDIRECT, "FWD_IPV4"), answered(4, 1372), True),
     ("GUE, IPv6: packet too big, MTU less 48", lambda: big6(444), GUE6_444,
      (XDP_REDIRECT, "FWD_IPV6"), answered(6, 1352), True),
+    ("GUE's 8 bytes count: 1375 bytes fit in IPIP (1395), not in GUE (1403)", lambda: big4(85, size=1375), GUE4_85,
+     (XDP_REDIRECT, "FWD_IPV4"), answered(4, 1372), True),
     ("IPv4 with DF, 10 bytes under: encapsulated and sent", lambda: big4(80, size=1380), TCP4_80,
      (XDP_REDIRECT, "FWD_IPV4"), encapsulated(4, BE4[0], 4), False),
     ("the answer to a client whose neighbor is unresolved: passed, addressed to the router",
@@ -532,6 +534,49 @@ def test_restart_reads_the_maps_back(env, lb_dp):
     assert backends_taken(env, dp, fr) == before
 
 
+def lb_addresses(dp) -> dict[str, int]:
+    """lb_vips: address -> what it is (LB_ADDR_*)."""
+    with netns.entered(NS):
+        return {str(ipaddress.ip_address(bytes(k.addr[:4 if k.family == 4 else 16]))): v.value
+                for k, v in dp.maps["lb_vips"].lookup_batch()}
+
+
+def test_the_load_balancers_addresses(env, lb_dp):
+    """lb_vips holds every VIP and every NAT source (where replies come
+    back), shared ones while any service uses them; a restarted writer
+    finds the NAT sources again; and entry sends the lb stage nothing
+    else: a service whose VIP is missing there is not balanced."""
+    dp, img = lb_dp
+    nat_a = service("tcp", VIP4, 90, [(BE4[0], 1)], mode="nat")
+    nat_b = service("tcp", VIP6, 90, [(BE6, 1)], mode="nat")
+    nat_c = service("udp", VIP4, 90, [(BE4[1], 1)], mode="nat")
+    dsr = service("tcp", VIP4, 80, [(BE4[2], 1)])
+    with netns.entered(NS):
+        img.apply(nat_a, {}, {BE4[0]: "10.2.0.1"})
+        img.apply(nat_b, {}, {BE6: "fd02::1"})
+        img.apply(nat_c, {}, {BE4[1]: "10.2.0.1"})
+        img.apply(dsr, {})
+        Interfaces(dp).set_lb_flags(img.families())
+    want = {VIP4: lo.LB_ADDR_VIP, VIP6: lo.LB_ADDR_VIP, "10.2.0.1": lo.LB_ADDR_NAT_SOURCE,
+            "fd02::1": lo.LB_ADDR_NAT_SOURCE}
+    assert lb_addresses(dp) == want
+    with netns.entered(NS):
+        img.remove(nat_a.id)
+    assert lb_addresses(dp) == want, "10.2.0.1 is still nat_c's"
+    with netns.entered(NS):
+        again = LbImage(dp)     # the agent after a restart
+        assert again.placed[nat_c.id].nat_sources == {"10.2.0.1"}
+        again.remove(nat_b.id)
+    assert lb_addresses(dp) == {VIP4: lo.LB_ADDR_VIP, "10.2.0.1": lo.LB_ADDR_NAT_SOURCE}
+    # without its address in lb_vips, the DSR service's packet is routed as it is
+    frame = bytes(frames(env, tcp4(80)))
+    assert backends_taken(env, dp, [frame]) == [BE4[2]]
+    with netns.entered(NS):
+        dp.maps["lb_vips"].delete(vip_key(ipaddress.ip_address(VIP4)))
+        res = dp.program.test_run(frame, ingress_ifindex=env.ifindex["dpt0"])
+    assert res.retval == XDP_REDIRECT and Ether(res.data)[IP].dst == VIP4 and Ether(res.data)[IP].proto == 6
+
+
 # --- the backend's decapsulation (decap.bpf.c) ------------------------------------------------
 
 def inner4():
@@ -571,6 +616,8 @@ DECAP_CASES = [
      UDP(sport=50000, dport=6080) / Raw(b"\x00\x00\x00\x00" + b"x" * 20), XDP_PASS, None, None),
     ("GUE from outside the encap prefix", ETH / IP(src="10.9.9.9", dst="10.20.5.1") /
      UDP(sport=50000, dport=6080, chksum=0) / inner4(), XDP_PASS, None, "foreign"),
+    ("GUE over IPv6 from outside the /96", ETH / IPv6(src="100::1:0:1", dst=BE6) /
+     UDP(sport=50000, dport=6080, chksum=0) / inner6(), XDP_PASS, None, "foreign"),
 ]
 
 
@@ -599,3 +646,18 @@ def test_decap_fixture(decap_prog, case):
     assert res.data == bytes(want if want is not None else frame), desc
     moved = [DECAP_STATS[i] for i, (a, b) in enumerate(zip(before, counts())) if a != b]
     assert moved == (counter.split() if counter else []), desc
+
+
+def test_decap_without_gue():
+    """--gue-port 0: GUE to the default port passes untouched."""
+    from bpfrouter.bpf import BpfObject
+    from tests.conftest import OBJECT
+    from bpfrouter.lb.decap import DEFAULT_FROM, configure
+    frame = bytes(ETH / IP(src="172.16.1.2", dst="10.20.5.1") / UDP(sport=50000, dport=6080, chksum=0) / inner4())
+    with BpfObject(str(OBJECT.with_name("decap.bpf.o"))) as obj:
+        configure(obj, list(DEFAULT_FROM), gue_port=0)
+        obj.load()
+        res = obj.program("bpfrouter_decap").test_run(frame)
+        stats = obj.map("decap_stats", lo.u32, lo.u64)
+        assert (res.retval, res.data) == (XDP_PASS, frame)
+        assert all(sum(v.value for v in stats.lookup(lo.u32(i))) == 0 for i in range(7))
