@@ -8,9 +8,10 @@ from .harness import setup_env, teardown_env
 def env():
     if BPF_SKIP:
         pytest.skip(BPF_SKIP)
-    e = setup_env(str(OBJECT))
-    yield e
-    teardown_env(e)
+    try:    # a set-up that fails half-way (a refused program) leaves nothing behind either
+        yield setup_env(str(OBJECT))
+    finally:
+        teardown_env()
 
 
 @pytest.fixture(params=["bpf", "lpm", "kernel"])
