@@ -103,7 +103,7 @@ int bpfrouter_decap(struct xdp_md *ctx)
 		outer = sizeof(*o);
 		if (inner == IPPROTO_UDP) {
 			inner = gue_inner(o, end, &outer);
-			gue = 1;
+			gue = !!inner;
 		}
 		stat = inner == IPPROTO_IPIP ? DECAP_V4_IN_V4 : DECAP_V6_IN_V4;
 		if ((inner == IPPROTO_IPIP || inner == IPPROTO_IPV6) && (o->saddr & decap_mask4) != decap_src4) {
@@ -119,7 +119,7 @@ int bpfrouter_decap(struct xdp_md *ctx)
 		outer = sizeof(*o);
 		if (inner == IPPROTO_UDP) {
 			inner = gue_inner(o, end, &outer);
-			gue = 1;
+			gue = !!inner;
 		}
 		stat = inner == IPPROTO_IPIP ? DECAP_V4_IN_V6 : DECAP_V6_IN_V6;
 		if ((inner == IPPROTO_IPIP || inner == IPPROTO_IPV6) && !src6_ok(o)) {

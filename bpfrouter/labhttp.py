@@ -25,19 +25,18 @@ def serve(name: str, port: int) -> None:
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
 
-        def do_GET(self):
+        def answer(self, text: bytes):
             self.send_response(200)
-            self.send_header("Content-Length", str(len(body)))
+            self.send_header("Content-Length", str(len(text)))
             self.end_headers()
-            self.wfile.write(body)
+            self.wfile.write(text)
+
+        def do_GET(self):
+            self.answer(body)
 
         def do_POST(self):
             got = len(self.rfile.read(int(self.headers.get("Content-Length", 0))))
-            answer = f"{name} {got}\n".encode()
-            self.send_response(200)
-            self.send_header("Content-Length", str(len(answer)))
-            self.end_headers()
-            self.wfile.write(answer)
+            self.answer(f"{name} {got}\n".encode())
 
         def log_message(self, *args):
             pass

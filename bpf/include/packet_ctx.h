@@ -55,6 +55,7 @@ struct packet_ctx {
 	__u8 rounds;            /* policy stage runs so far */
 	__u8 bank;              /* the rule bank of the first round */
 	__u16 lb_service;       /* PCTX_F_LB_ENCAP: the service's id, for its counters */
+	__u8 lb_addr;           /* what entry found the destination to be to the load balancer (LB_ADDR_*) */
 	struct fib_result res;
 };
 

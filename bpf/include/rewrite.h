@@ -40,11 +40,9 @@ static __always_inline __u32 bytes_past_ip(const struct pkt *p)
  * with the TTL it was given, as the kernel's output path sends it */
 static __always_inline void rewrite_forward(struct pkt *p, const struct fib_result *res, int forwarded)
 {
-	if (!forwarded)
-		;
-	else if (p->ip4)
+	if (forwarded && p->ip4)
 		ipv4_decrease_ttl(p->ip4);
-	else if (p->ip6)
+	else if (forwarded && p->ip6)
 		p->ip6->hop_limit--;
 	__builtin_memcpy(p->eth->h_dest, res->dmac, ETH_ALEN);
 	__builtin_memcpy(p->eth->h_source, res->smac, ETH_ALEN);

@@ -44,8 +44,11 @@ static __always_inline int entry_stage(struct xdp_md *ctx, struct packet_ctx *pc
 		return reason;
 	/* the lb stage follows (list.h): only a family with services needs it,
 	 * and only for the addresses it serves */
-	if ((in->flags & (p.ip4 ? IFACE_F_LB4 : IFACE_F_LB6)) && lb_addr_kind(&p))
-		return STAGE_NEXT;
+	if (in->flags & (p.ip4 ? IFACE_F_LB4 : IFACE_F_LB6)) {
+		pc->lb_addr = lb_addr_kind(&p);
+		if (pc->lb_addr)
+			return STAGE_NEXT;
+	}
 	return route_start(pc, !!p.ip4);
 }
 

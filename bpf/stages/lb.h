@@ -448,11 +448,11 @@ static __always_inline int lb_stage(struct xdp_md *ctx, struct packet_ctx *pc)
 		return reason;
 	kind = lb_flow_key(&p, &k);
 	if (!kind) {
-		if (k.family && (p.fragment || k.proto == IPPROTO_FRAGMENT) && (lb_addr_kind(&p) & LB_ADDR_VIP))
+		if (k.family && (p.fragment || k.proto == IPPROTO_FRAGMENT) && (pc->lb_addr & LB_ADDR_VIP))
 			return REASON_PASS_LB_FRAGMENT;
 		return route_start(pc, !!p.ip4);
 	}
-	svc = lb_service_of(&k);
+	svc = pc->lb_addr & LB_ADDR_VIP ? lb_service_of(&k) : NULL;  /* a NAT source has no service */
 	cfg = bpf_map_lookup_elem(&lb_config, &zero);
 	if (!cfg)
 		return route_start(pc, !!p.ip4);
